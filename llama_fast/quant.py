@@ -114,3 +114,25 @@ def quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: b
     q = torch.clamp(torch.round((wg - offset) / scale), 0, 15)
     return QuantizedWeight(pack_int4(q.reshape(n, k)), scale.squeeze(-1).to(scale_dtype),
                            offset.squeeze(-1).to(scale_dtype), 4, group_size)
+
+
+def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Stacks weights along N (output rows), e.g. q/k/v into one fused QKV weight. Groups run along K, so
+    this is exact; all parts must share bits, group size, K and scale dtype."""
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.bits, p.group_size, p.shape[1], p.scale.dtype) != (first.bits, first.group_size, first.shape[1],
+                                                                  first.scale.dtype):
+            raise ValueError("concat_rows: parts differ in bits, group size, K or scale dtype: "
+                             f"{[(q.bits, q.group_size, q.shape[1], q.scale.dtype) for q in parts]}")
+        if (p.offset is None) != (first.offset is None):
+            raise ValueError("concat_rows: some parts have offsets and some do not")
+    offset = None if first.offset is None else torch.cat([p.offset for p in parts])
+    return QuantizedWeight(torch.cat([p.qweight for p in parts]), torch.cat([p.scale for p in parts]), offset,
+                           first.bits, first.group_size)
+
+
+def slice_rows(qw: QuantizedWeight, start: int, end: int) -> QuantizedWeight:
+    """Rows start..end-1 of a quantized weight (the inverse of concat_rows, for saving fused weights)."""
+    offset = None if qw.offset is None else qw.offset[start:end]
+    return QuantizedWeight(qw.qweight[start:end], qw.scale[start:end], offset, qw.bits, qw.group_size)
