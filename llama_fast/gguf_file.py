@@ -1,0 +1,260 @@
+"""GGUF files (llama.cpp's format): config, tensors with HF names, quantized tensors loaded natively.
+
+The gguf package's GGUFReader memory-maps the file (nothing is unpickled). This module turns it into
+  * the fields of an HF config.json (`gguf_config`), from the `llama.*` and `tokenizer.ggml.*` metadata;
+  * a stream of (HF tensor name, tensor) pairs (`gguf_tensors`) the model's loader consumes one at a time.
+
+Tensor types: F32, F16 and BF16 give dense tensors. Q8_0, Q4_0 and Q4_1 give a llama_fast.quant
+QuantizedWeight holding the same numbers (no dequantize / requantize), each GGUF block being one group of 32:
+    Q8_0: fp16 d, int8 q           w = q * d           -> bits 8, scale d, no offset
+    Q4_0: fp16 d, 4-bit q          w = (q - 8) * d     -> bits 4, scale d, offset -8 d
+    Q4_1: fp16 d, fp16 m, 4-bit q  w = q * d + m       -> bits 4, scale d, offset m
+`QuantizedWeight.dequantize(torch.float32)` reproduces gguf.quants.dequantize bit for bit (for Q4_0,
+q*d - 8d equals (q-8)*d exactly: q*d is exact in fp32 since d has an 11-bit mantissa and q 4 bits).
+Scales stay fp16, their stored type, whatever dtype the model runs in, so nothing is rounded.
+With dequantize=True every tensor comes out dense in the requested dtype instead.
+
+Embeddings: a quantized token_embd is dequantized (a lookup table is not a matmul). A model without
+output.weight ties lm_head to that dense table. llama.cpp multiplies by the quantized matrix instead;
+the dequantized values are the same numbers, so the logits agree to accumulation order, and the model
+keeps a single copy of the table. An untied quantized output.weight stays native.
+
+Q/K rows: convert_hf_to_gguf.py permutes the rows of q_proj / k_proj within each head so that llama.cpp's
+interleaved-pair rotary works on them; we undo it (HF rotate_half convention). A row permutation moves
+whole rows of quantized blocks, so it is exact for the quantized types too.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from llama_fast.quant import QuantizedWeight, pack_int4
+
+# The GGUF quantized block: 32 weights; the header holds fp16 d (and fp16 m for Q4_1).
+BLOCK = 32
+_HEADER_BYTES = {"Q8_0": 2, "Q4_0": 2, "Q4_1": 4}
+_DENSE_TYPES = ("F32", "F16", "BF16")
+SUPPORTED_TYPES = _DENSE_TYPES + tuple(_HEADER_BYTES)
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Tensors llama.cpp writes that carry nothing the HF model needs (rotary tables are recomputed).
+_IGNORED = {"rope_freqs.weight"}
+
+
+class GGUFError(ValueError):
+    """A GGUF file we cannot read: malformed, truncated, or holding something we do not support."""
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """HF parameter name of a GGUF tensor name (None for tensors the model does not use)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name in _IGNORED or re.fullmatch(r"blk\.\d+\.attn_rot_embd(\.weight)?", gguf_name):
+        return None
+    m = _LAYER_RE.fullmatch(gguf_name)
+    if m is None or m.group(2) not in _LAYER_NAMES:
+        raise KeyError(gguf_name)
+    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+
+
+def open_gguf(path: str | os.PathLike):
+    """A GGUFReader over `path` (memory-mapped), every tensor checked to lie inside the file."""
+    import gguf  # runtime dependency, imported here so `import llama_fast` stays cheap
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors on bad bytes
+        raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    size = os.path.getsize(path)
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise GGUFError(f"{path}: truncated GGUF file: tensor {t.name} needs bytes "
+                            f"{t.data_offset}..{t.data_offset + t.n_bytes} but the file has {size}")
+    return reader
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def gguf_config(reader, path: str = "<gguf>") -> dict:
+    """The HF config.json fields of a Llama-architecture GGUF file."""
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise GGUFError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUF files are supported")
+
+    def need(key):
+        value = _field(reader, f"llama.{key}")
+        if value is None:
+            raise GGUFError(f"{path}: metadata key llama.{key} is missing")
+        return value
+
+    names = {t.name for t in reader.tensors}
+    n_heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    vocab = _field(reader, "llama.vocab_size")
+    if vocab is None:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = len(tokens.data) if tokens is not None else None
+    if vocab is None:
+        embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        if embd is None:
+            raise GGUFError(f"{path}: cannot tell the vocabulary size (no llama.vocab_size, tokens or token_embd)")
+        vocab = int(embd.shape[1])
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+        "head_dim": int(_field(reader, "llama.attention.key_length", hidden // n_heads)),
+        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
+        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(reader, path),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "mlp_bias": "blk.0.ffn_up.bias" in names,
+    }
+    rope_dim = _field(reader, "llama.rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != config["head_dim"]:
+        raise GGUFError(f"{path}: llama.rope.dimension_count={rope_dim} differs from head_dim "
+                        f"{config['head_dim']} (partial rotary is not a Llama model)")
+    for ours, theirs in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                         ("pad_token_id", "padding_token_id")):
+        value = _field(reader, f"tokenizer.ggml.{theirs}")
+        if value is not None:
+            config[ours] = int(value)
+    return config
+
+
+def _rope_scaling(reader, path: str) -> dict | None:
+    kind = _field(reader, "llama.rope.scaling.type")
+    factor = _field(reader, "llama.rope.scaling.factor")
+    if kind in (None, "none") and factor in (None, 1.0, 0.0):
+        return None
+    if kind == "linear" or (kind is None and factor):
+        return {"rope_type": "linear", "factor": float(factor)}
+    raise GGUFError(f"{path}: rope scaling type {kind!r} is not supported (only linear)")
+
+
+def _rows_unpermute(n_rows: int, n_heads: int) -> torch.Tensor:
+    """Row order that undoes convert_hf_to_gguf's permute (rows of head h interleaved pairwise):
+    hf_rows = gguf_rows[index]."""
+    half = n_rows // n_heads // 2
+    return torch.arange(n_rows).reshape(n_heads, half, 2).transpose(1, 2).reshape(n_rows)
+
+
+def _quantized(raw: torch.Tensor, kind: str, n: int, k: int) -> QuantizedWeight:
+    """uint8 [N, K/32 * block bytes] GGUF blocks -> QuantizedWeight (exact; see the module docstring)."""
+    header = _HEADER_BYTES[kind]
+    blocks = raw.reshape(n, k // BLOCK, -1)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1)
+    payload = blocks[..., header:]
+    if kind == "Q8_0":
+        return QuantizedWeight(payload.contiguous().view(torch.int8).reshape(n, k), d, None, 8, BLOCK)
+    # 4-bit: byte i of a block holds element i (low nibble) and element i + 16 (high nibble).
+    codes = torch.cat((payload & 0x0F, payload >> 4), dim=-1).reshape(n, k)
+    if kind == "Q4_1":
+        offset = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1)
+    else:  # Q4_0: offset -8 d; fp16 holds it exactly unless it overflows, then keep both in fp32.
+        if d.float().abs().max() * 8 > torch.finfo(torch.float16).max:
+            d = d.float()
+        offset = d * -8
+    return QuantizedWeight(pack_int4(codes), d, offset, 4, BLOCK)
+
+
+def _dense(data: np.ndarray, kind: str) -> torch.Tensor:
+    array = np.ascontiguousarray(data)
+    if kind == "BF16":
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array.copy())
+
+
+def gguf_tensor(reader_tensor, config: dict, dequantize: bool = False, dtype: torch.dtype = torch.float32,
+                path: str = "<gguf>") -> tuple[str, torch.Tensor | QuantizedWeight] | None:
+    """One GGUF tensor as (HF name, dense tensor in `dtype` or QuantizedWeight); None if the model does
+    not use it."""
+    t = reader_tensor
+    try:
+        name = hf_name(t.name)
+    except KeyError:
+        raise GGUFError(f"{path}: tensor {t.name} is not part of a Llama model") from None
+    if name is None:
+        return None
+    kind = t.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise GGUFError(f"{path}: tensor {t.name} has type {kind}; supported types are "
+                        f"{', '.join(SUPPORTED_TYPES)}")
+    shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+    if kind in _DENSE_TYPES:
+        value: torch.Tensor | QuantizedWeight = _dense(t.data, kind).reshape(shape)
+    else:
+        if len(shape) != 2:
+            raise GGUFError(f"{path}: quantized tensor {t.name} has shape {shape}; expected 2-D")
+        value = _quantized(torch.from_numpy(np.array(t.data, copy=True)), kind, *shape)
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    proj = name.split(".")[-2]
+    if proj in heads:
+        value = _take_rows(value, _rows_unpermute(shape[0], heads[proj]))
+    keep_native = (isinstance(value, QuantizedWeight) and not dequantize
+                   and name != "model.embed_tokens.weight")
+    if isinstance(value, QuantizedWeight) and not keep_native:
+        value = value.dequantize(torch.float32)
+    if isinstance(value, torch.Tensor):
+        value = value.to(dtype)
+    return name, value
+
+
+def _take_rows(value, index: torch.Tensor):
+    if isinstance(value, torch.Tensor):
+        return value[index]
+    offset = None if value.offset is None else value.offset[index]
+    return QuantizedWeight(value.qweight[index], value.scale[index], offset, value.bits, value.group_size)
+
+
+def gguf_tensors(reader, config: dict, dequantize: bool = False, dtype: torch.dtype = torch.float32,
+                 path: str = "<gguf>") -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """(HF name, tensor) for every tensor the model uses, one at a time (peak memory: one tensor)."""
+    for t in reader.tensors:
+        item = gguf_tensor(t, config, dequantize, dtype, path)
+        if item is not None:
+            yield item
+
+
+def read_gguf(path: str | os.PathLike, dequantize: bool = False, dtype: torch.dtype = torch.float32):
+    """-> (HF config dict, iterator of (HF name, tensor | QuantizedWeight))."""
+    path = os.fspath(path)
+    reader = open_gguf(path)
+    config = gguf_config(reader, path)
+    return config, gguf_tensors(reader, config, dequantize, dtype, path)
