@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from llama_fast import ops
-from llama_fast.quant import QuantizedWeight
+from llama_fast.quant import QuantizedWeight, quantize
 
 
 class Linear(nn.Module):
@@ -28,16 +28,45 @@ class Linear(nn.Module):
     def quantized(self) -> bool:
         return self.bits is not None
 
-    def set_quantized(self, qw: QuantizedWeight) -> None:
-        """Replaces the dense weight by `qw` (shape must match)."""
+    def set_quantized(self, qw: QuantizedWeight, name: str | None = None) -> None:
+        """Replaces the weight (dense or quantized) by `qw`, whose shape must match the layer's."""
+        name = name or "linear weight"
+        qw.check(name)
         if qw.shape != (self.out_features, self.in_features):
-            raise ValueError(f"quantized weight has shape {qw.shape}, layer expects "
+            raise ValueError(f"{name}: quantized weight has shape {qw.shape}, layer expects "
                              f"{(self.out_features, self.in_features)}")
         self.weight = None
-        self.register_buffer("qweight", qw.qweight)
-        self.register_buffer("scales", qw.scale)
-        self.register_buffer("offsets", qw.offset)
+        for buffer, value in (("qweight", qw.qweight), ("scales", qw.scale), ("offsets", qw.offset)):
+            self._buffers.pop(buffer, None)
+            self.register_buffer(buffer, value)
         self.bits, self.group_size = qw.bits, qw.group_size
+
+    def quantize_(self, bits: int, group_size: int = 128, symmetric: bool = False,
+                  scale_dtype: torch.dtype | None = None, name: str | None = None) -> "Linear":
+        """Quantizes the dense weight in place (round to nearest, see llama_fast.quant.quantize)."""
+        if self.quantized:
+            raise ValueError(f"{name or 'linear weight'} is already quantized (int{self.bits})")
+        self.set_quantized(quantize(self.weight.data, bits, group_size, symmetric, scale_dtype,
+                                    name=name or "linear weight"), name)
+        return self
+
+    def make_quantized_(self, bits: int, group_size: int, scale_dtype: torch.dtype, has_offset: bool,
+                        device=None) -> "Linear":
+        """Turns the layer into an (uninitialized) quantized one of the given format, so that a quantized
+        state dict (qweight / scales / offsets) can be loaded into it."""
+        n, k = self.out_features, self.in_features
+        if group_size in (-1, None):
+            group_size = k
+        device = device if device is not None else (self.weight.device if self.weight is not None
+                                                    else self.qweight.device)
+        codes = (torch.empty(n, k, dtype=torch.int8, device=device) if bits == 8
+                 else torch.empty(n, k // 2, dtype=torch.uint8, device=device))
+        if k % group_size:
+            raise ValueError(f"group_size {group_size} does not divide K={k}")
+        scale = torch.empty(n, k // group_size, dtype=scale_dtype, device=device)
+        offset = torch.empty_like(scale) if has_offset else None
+        self.set_quantized(QuantizedWeight(codes, scale, offset, bits, group_size))
+        return self
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.qweight, self.scales, self.offsets, self.bits, self.group_size)

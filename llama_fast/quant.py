@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_BITS = (4, 8)
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass
@@ -27,6 +28,49 @@ class QuantizedWeight:
     offset: torch.Tensor | None     # [N, K // group_size] or None (zero)
     bits: int
     group_size: int
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self, name: str = "quantized weight") -> None:
+        """Raises ValueError naming `name` if the parts do not form a valid weight of this format."""
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"{name}: bits must be 4 or 8, got {self.bits}")
+        code_dtype = torch.int8 if self.bits == 8 else torch.uint8
+        if self.qweight.dtype != code_dtype or self.qweight.dim() != 2:
+            raise ValueError(f"{name}: int{self.bits} codes must be a 2-D {code_dtype} tensor, got "
+                             f"{self.qweight.dtype} of shape {tuple(self.qweight.shape)}")
+        n, k = self.shape
+        if self.group_size <= 0 or k % self.group_size != 0:
+            raise ValueError(f"{name}: group_size {self.group_size} does not divide K={k}")
+        groups = (n, k // self.group_size)
+        for part, t in (("scale", self.scale), ("offset", self.offset)):
+            if t is None:
+                continue
+            if t.dtype not in SCALE_DTYPES:
+                raise ValueError(f"{name}: {part} must be fp16, bf16 or fp32, got {t.dtype}")
+            if tuple(t.shape) != groups:
+                raise ValueError(f"{name}: {part} has shape {tuple(t.shape)}, expected {groups} "
+                                 f"for a [{n}, {k}] weight in groups of {self.group_size}")
+        if self.offset is not None and self.offset.dtype != self.scale.dtype:
+            raise ValueError(f"{name}: offset dtype {self.offset.dtype} differs from scale dtype {self.scale.dtype}")
+
+    @classmethod
+    def from_parts(cls, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                   name: str = "quantized weight") -> "QuantizedWeight":
+        """Rebuilds a weight from its serialized tensors (bits from the code dtype, group size from the
+        number of scale columns), e.g. from a checkpoint's `qweight` / `scales` / `offsets`."""
+        if qweight.dtype not in (torch.int8, torch.uint8) or qweight.dim() != 2 or scale.dim() != 2:
+            raise ValueError(f"{name}: expected 2-D int8/uint8 codes and 2-D scales, got {qweight.dtype} "
+                             f"{tuple(qweight.shape)} and {tuple(scale.shape)}")
+        bits = 8 if qweight.dtype == torch.int8 else 4
+        k = qweight.shape[1] * (2 if bits == 4 else 1)
+        if scale.shape[1] == 0 or k % scale.shape[1] != 0:
+            raise ValueError(f"{name}: {scale.shape[1]} scale columns do not divide K={k}")
+        try:
+            return cls(qweight, scale, offset, bits, k // scale.shape[1])
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -42,6 +86,11 @@ class QuantizedWeight:
     def dtype(self) -> torch.dtype:
         """The dtype of the scales (and of the dequantized weight by default)."""
         return self.scale.dtype
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.qweight, self.scale, self.offset)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def unpack(self) -> torch.Tensor:
         """The integer codes q as int16 [N, K] (values 0..15 for int4, -128..127 for int8)."""
@@ -82,11 +131,20 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False,
              scale_dtype: torch.dtype | None = None, name: str = "weight") -> QuantizedWeight:
-    """Round-to-nearest group-wise quantization of w [N, K]. group_size=-1 or K means per channel."""
+    """Round-to-nearest group-wise quantization of a floating w [N, K]; group_size=-1 (or K) is per channel.
+
+    int4 asymmetric: offset = the group minimum, scale = range / 15, codes 0..15. int4 symmetric:
+    scale = absmax / 7, codes 1..15 around 8 (offset = -8 * scale). int8 is always symmetric (codes
+    -127..127, no offset), as the format defines. scale_dtype defaults to w's dtype. The offset is rounded
+    down and the scale up to scale_dtype, so the grid still covers the group and every element is within
+    scale / 2 of its dequantized value (up to fp32 rounding).
+    """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"{name}: bits must be 4 or 8, got {bits}")
     if w.dim() != 2:
         raise ValueError(f"{name}: quantize expects a 2-D weight [N, K], got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"{name}: quantize expects a floating-point weight, got {w.dtype}")
     n, k = w.shape
     if group_size in (-1, None):
         group_size = k
@@ -94,26 +152,40 @@ def quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: b
         raise ValueError(f"{name}: group_size {group_size} does not divide K={k}")
     if bits == 4 and k % 2 != 0:
         raise ValueError(f"{name}: int4 needs an even K, got K={k}")
-    scale_dtype = scale_dtype or (w.dtype if w.is_floating_point() else torch.float32)
+    scale_dtype = scale_dtype or w.dtype
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"{name}: scale_dtype must be fp16, bf16 or fp32, got {scale_dtype}")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{name}: cannot quantize a weight holding inf or nan")
     wg = w.float().reshape(n, k // group_size, group_size)
+
     if bits == 8 or symmetric:
         qmax = 127 if bits == 8 else 7
         absmax = wg.abs().amax(-1, keepdim=True)
-        scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax)).to(scale_dtype).float()
-        q = torch.clamp(torch.round(wg / scale), -qmax, qmax)
+        scale = _round_to(torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax)), scale_dtype, up=True)
+        q = torch.clamp(torch.round(wg / scale.float()), -qmax, qmax)
         if bits == 8:
-            return QuantizedWeight(q.reshape(n, k).to(torch.int8), scale.squeeze(-1).to(scale_dtype), None, 8,
-                                   group_size)
-        offset = (-8 * scale).squeeze(-1)
-        return QuantizedWeight(pack_int4((q + 8).reshape(n, k)), scale.squeeze(-1).to(scale_dtype),
-                               offset.to(scale_dtype), 4, group_size)
-    lo = wg.amin(-1, keepdim=True)
+            return QuantizedWeight(q.reshape(n, k).to(torch.int8), scale.squeeze(-1), None, 8, group_size)
+        offset = (scale.float() * -8).to(scale_dtype)  # exact: a power-of-two multiple
+        return QuantizedWeight(pack_int4((q + 8).reshape(n, k)), scale.squeeze(-1), offset.squeeze(-1), 4,
+                               group_size)
+
+    lo = _round_to(wg.amin(-1, keepdim=True), scale_dtype, up=False)
     hi = wg.amax(-1, keepdim=True)
-    scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi)).to(scale_dtype).float()
-    offset = lo.to(scale_dtype).float()
-    q = torch.clamp(torch.round((wg - offset) / scale), 0, 15)
-    return QuantizedWeight(pack_int4(q.reshape(n, k)), scale.squeeze(-1).to(scale_dtype),
-                           offset.squeeze(-1).to(scale_dtype), 4, group_size)
+    span = hi - lo.float()
+    scale = _round_to(torch.where(span > 0, span / 15, torch.ones_like(span)), scale_dtype, up=True)
+    q = torch.clamp(torch.round((wg - lo.float()) / scale.float()), 0, 15)
+    return QuantizedWeight(pack_int4(q.reshape(n, k)), scale.squeeze(-1), lo.squeeze(-1), 4, group_size)
+
+
+def _round_to(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """fp32 x -> dtype, rounded toward +inf (up) or -inf instead of to nearest."""
+    y = x.to(dtype)
+    wrong = y.float() < x if up else y.float() > x
+    if not wrong.any():
+        return y
+    toward = torch.full_like(y, float("inf") if up else float("-inf"))
+    return torch.where(wrong, torch.nextafter(y, toward), y)
 
 
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
