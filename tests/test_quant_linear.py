@@ -1,0 +1,85 @@
+"""ops.quant_linear's reference (dequantize, then matmul in fp32) and the quantized linear.Linear module."""
+import pytest
+import torch
+
+from llama_fast import ops
+from llama_fast.linear import Linear
+from llama_fast.quant import quantize
+
+
+def make(n, k, bits, group, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    return quantize(w, bits, group, scale_dtype=dtype)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, -1), (8, 64)])
+@pytest.mark.parametrize("rows,n,k", [(1, 7, 128), (7, 83, 256), (3, 769, 384)])
+def test_reference_equals_dense_matmul_fp32(bits, group, rows, n, k):
+    qw = make(n, k, bits, group)
+    x = torch.randn(rows, k)
+    bias = torch.randn(n)
+    exact = x.double() @ qw.dequantize(torch.float64).t() + bias.double()
+    out = ops.quant_linear(x, qw, bias, backend="torch")
+    assert out.dtype == torch.float32 and out.shape == (rows, n)
+    # fp32 accumulation over K products: a few ulps of the sum of |terms|.
+    terms = x.double().abs() @ qw.dequantize(torch.float64).abs().t() + bias.double().abs()
+    assert ((out.double() - exact).abs() <= terms * k * 2 ** -24).all()
+    # It is exactly the documented contract: x @ dequantize().T computed in fp32.
+    assert torch.equal(out, torch.nn.functional.linear(x, qw.dequantize(torch.float32), bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_low_precision_within_budget(dtype):
+    """The reference in bf16/fp16 (fp32 accumulation, one rounding) is at least as accurate as PyTorch's
+    own matmul of the dequantized weight in that dtype."""
+    qw = make(83, 512, 4, 64, dtype=dtype)
+    x = torch.randn(2, 5, 512).to(dtype)
+    oracle = x.double() @ qw.dequantize(torch.float64).t()
+    out = ops.quant_linear(x, qw, backend="torch")
+    assert out.dtype == dtype and out.shape == (2, 5, 83)
+    torch_err = (x @ qw.dequantize(dtype).t()).double().sub(oracle).abs().max()
+    ours_err = out.double().sub(oracle).abs().max()
+    assert ours_err <= torch_err * 1.01
+
+
+def test_linear_module_quantize_and_forward():
+    torch.manual_seed(0)
+    layer = Linear(256, 83, bias=True)
+    torch.nn.init.normal_(layer.weight, std=0.05)
+    torch.nn.init.normal_(layer.bias)
+    layer.backend = "torch"
+    x = torch.randn(4, 256)
+    dense = layer(x)
+    layer.quantize_(8, group_size=-1, name="model.layers.0.mlp.up_proj")
+    assert layer.quantized and layer.weight is None and (layer.bits, layer.group_size) == (8, 256)
+    assert "bits=8, group_size=256" in repr(layer)
+    sd = layer.state_dict()
+    assert set(sd) == {"qweight", "scales", "bias"}  # int8 has no offsets
+    out = layer(x)
+    assert torch.equal(out, torch.nn.functional.linear(x, layer.quantized_weight().dequantize(), layer.bias))
+    assert (out - dense).abs().max() < 0.02 * dense.abs().max()
+    with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj is already quantized"):
+        layer.quantize_(4, name="model.layers.0.mlp.up_proj")
+
+
+def test_linear_state_dict_round_trip():
+    src = Linear(128, 7)
+    torch.nn.init.normal_(src.weight)
+    src.quantize_(4, group_size=32, scale_dtype=torch.float16)
+    sd = src.state_dict()
+    assert set(sd) == {"qweight", "scales", "offsets"}
+    assert sd["qweight"].dtype == torch.uint8 and sd["qweight"].shape == (7, 64)
+    assert sd["scales"].shape == sd["offsets"].shape == (7, 4) and sd["scales"].dtype == torch.float16
+
+    dst = Linear(128, 7).make_quantized_(4, 32, torch.float16, has_offset=True)
+    dst.load_state_dict(sd)
+    assert torch.equal(dst.quantized_weight().dequantize(), src.quantized_weight().dequantize())
+    moved = dst.to(torch.float32)  # module .to() casts the floating buffers (the scales), not the codes
+    assert moved.scales.dtype == torch.float32 and moved.qweight.dtype == torch.uint8
+
+
+def test_linear_rejects_mismatched_quantized_weight():
+    layer = Linear(128, 7)
+    with pytest.raises(ValueError, match=r"o_proj.weight: quantized weight has shape \(7, 64\), layer expects \(7, 128\)"):
+        layer.set_quantized(make(7, 64, 4, 32), name="o_proj.weight")
