@@ -87,7 +87,7 @@ def open_gguf(path: str | os.PathLike):
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors on bad bytes
-        raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        raise GGUFError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
     size = os.path.getsize(path)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
