@@ -50,6 +50,19 @@ class Linear(nn.Module):
                                     name=name or "linear weight"), name)
         return self
 
+    def dequantize_(self, dtype: torch.dtype | None = None) -> "Linear":
+        """Turns a quantized layer back into a dense one (weight = qweight dequantized, in `dtype`, default
+        the bias's dtype or else the scales')."""
+        if not self.quantized:
+            return self
+        dtype = dtype or (self.bias.dtype if self.bias is not None else self.scales.dtype)
+        dense = self.quantized_weight().dequantize(dtype)
+        for buffer in ("qweight", "scales", "offsets"):
+            del self._buffers[buffer]
+        self.weight = nn.Parameter(dense, requires_grad=False)
+        self.bits = self.group_size = None
+        return self
+
     def make_quantized_(self, bits: int, group_size: int, scale_dtype: torch.dtype, has_offset: bool,
                         device=None) -> "Linear":
         """Turns the layer into an (uninitialized) quantized one of the given format, so that a quantized
@@ -79,3 +92,25 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         q = f", bits={self.bits}, group_size={self.group_size}" if self.quantized else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{q}"
+
+
+# Linear layers that model-wide quantization leaves dense unless asked: the output head (it may share its
+# weight with the embedding table, and its accuracy matters most) and the classification head.
+DENSE_BY_DEFAULT = ("lm_head", "score")
+
+
+def quantize_linears_(model: nn.Module, bits: int, group_size: int = 128, symmetric: bool = False,
+                      scale_dtype: torch.dtype | None = None, skip: tuple[str, ...] = DENSE_BY_DEFAULT) -> nn.Module:
+    """Quantizes every dense Linear of `model` in place, except modules whose last name is in `skip`."""
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and not module.quantized and name.rpartition(".")[2] not in skip:
+            module.quantize_(bits, group_size, symmetric, scale_dtype, name=f"{name}.weight")
+    return model
+
+
+def dequantize_linears_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Makes every quantized Linear of `model` dense again (in `dtype`), in place."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.dequantize_(dtype)
+    return model

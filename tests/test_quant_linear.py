@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from llama_fast import ops
-from llama_fast.linear import Linear
+from llama_fast.linear import Linear, dequantize_linears_, quantize_linears_
 from llama_fast.quant import quantize
 
 
@@ -83,3 +83,22 @@ def test_linear_rejects_mismatched_quantized_weight():
     layer = Linear(128, 7)
     with pytest.raises(ValueError, match=r"o_proj.weight: quantized weight has shape \(7, 64\), layer expects \(7, 128\)"):
         layer.set_quantized(make(7, 64, 4, 32), name="o_proj.weight")
+
+
+def test_model_wide_quantize_and_dequantize():
+    model = torch.nn.Module()
+    model.block = torch.nn.Module()
+    model.block.up = Linear(64, 32)
+    model.lm_head = Linear(64, 10)
+    for layer in (model.block.up, model.lm_head):
+        torch.nn.init.normal_(layer.weight)
+    dense_up = model.block.up.weight.detach().clone()
+    quantize_linears_(model, 4, group_size=32)
+    assert model.block.up.quantized and not model.lm_head.quantized  # the head stays dense by default
+    expected = model.block.up.quantized_weight().dequantize(torch.float32)
+    assert (expected - dense_up).abs().max() > 0
+    dequantize_linears_(model, torch.float32)
+    assert not model.block.up.quantized and set(model.block.up.state_dict()) == {"weight"}
+    assert torch.equal(model.block.up.weight, expected)
+    with pytest.raises(ValueError, match="block.up.weight: group_size 48 does not divide K=64"):
+        quantize_linears_(model, 4, group_size=48)
