@@ -106,13 +106,15 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--backend", default=None, help="ops backend (default: the best for the CPU)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (smoke test)")
+    parser.add_argument("--variants", nargs="*", default=None, help=f"subset of {list(RTN_VARIANTS)}")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality_smollm2.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     gguf = demo_gguf()
-    ids = token_ids(gguf, TEXT.read_text(encoding="utf-8"))
+    ids = token_ids(gguf, TEXT.read_text(encoding="utf-8"))[:args.max_tokens]
     results = {}
 
     def run(name, model, reference=None):
@@ -131,6 +133,8 @@ def main() -> None:
     run("gguf Q4_1 native", native, reference)
     del native
     for name, (bits, group) in RTN_VARIANTS.items():
+        if args.variants is not None and name not in args.variants:
+            continue
         model = quantize_linears_(copy.deepcopy(fp32), bits, group)
         run(name, model, reference)
         del model

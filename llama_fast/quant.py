@@ -94,20 +94,28 @@ class QuantizedWeight:
 
     def unpack(self) -> torch.Tensor:
         """The integer codes q as int16 [N, K] (values 0..15 for int4, -128..127 for int8)."""
+        return self._codes().to(torch.int16)
+
+    def _codes(self) -> torch.Tensor:
+        """The codes in their narrowest dtype: int8 [N, K], or uint8 [N, K] for int4."""
         if self.bits == 8:
-            return self.qweight.to(torch.int16)
-        low = (self.qweight & 0x0F).to(torch.int16)
-        high = (self.qweight >> 4).to(torch.int16)
-        return torch.stack((low, high), dim=-1).reshape(self.qweight.shape[0], -1)
+            return self.qweight
+        n, half = self.qweight.shape
+        codes = torch.empty(n, half, 2, dtype=torch.uint8, device=self.qweight.device)
+        torch.bitwise_and(self.qweight, 0x0F, out=codes[..., 0])   # even k: low nibble
+        torch.bitwise_right_shift(self.qweight, 4, out=codes[..., 1])  # odd k: high nibble
+        return codes.reshape(n, 2 * half)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """[N, K] dense weight, computed in fp32 and returned in `dtype` (default: the scales' dtype)."""
+        """[N, K] dense weight, q * scale + offset computed in fp32 (a multiply, then an add: no fma, so
+        GGUF tensors come out bit-identical to gguf's own dequantization), returned in `dtype` (default:
+        the scales' dtype)."""
         n, k = self.shape
         groups = k // self.group_size
-        q = self.unpack().float().reshape(n, groups, self.group_size)
-        w = q * self.scale.float().reshape(n, groups, 1)
+        w = self._codes().reshape(n, groups, self.group_size).float()
+        w.mul_(self.scale.float().unsqueeze(-1))
         if self.offset is not None:
-            w = w + self.offset.float().reshape(n, groups, 1)
+            w.add_(self.offset.float().unsqueeze(-1))
         return w.reshape(n, k).to(dtype or self.dtype)
 
     def to(self, *args, **kwargs) -> "QuantizedWeight":
