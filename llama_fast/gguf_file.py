@@ -258,3 +258,24 @@ def read_gguf(path: str | os.PathLike, dequantize: bool = False, dtype: torch.dt
     reader = open_gguf(path)
     config = gguf_config(reader, path)
     return config, gguf_tensors(reader, config, dequantize, dtype, path)
+
+
+def load_gguf(path: str | os.PathLike, dtype="auto", device="cpu", backend: str | None = None,
+              dequantize: bool = False, quantize: str | None = None, group_size: int = 128, cls=None):
+    """A model (`cls`, default LlamaForCausalLM) from a Llama GGUF file; what from_pretrained("x.gguf")
+    calls. dtype "auto" is float32 (GGUF records no compute dtype; its norms are F32). Q8_0 / Q4_0 / Q4_1
+    linear weights stay quantized (exact) unless dequantize=True; `quantize` applies to dense ones only."""
+    from llama_fast.config import LlamaConfig, dtype_from_name
+    from llama_fast.loading import load_tensors, meta_model
+
+    path = os.fspath(path)
+    if cls is None:
+        from llama_fast.modeling import LlamaForCausalLM as cls
+    reader = open_gguf(path)
+    config_dict = gguf_config(reader, path)
+    config = LlamaConfig.from_dict(config_dict)
+    torch_dtype = dtype_from_name("float32" if dtype in ("auto", None) else dtype)
+    model = meta_model(cls, config, torch_dtype, device)
+    load_tensors(model, gguf_tensors(reader, config_dict, dequantize, torch_dtype, path), path, quantize,
+                 group_size)
+    return model.set_backend(backend).eval()
