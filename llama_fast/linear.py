@@ -59,6 +59,7 @@ class Linear(nn.Module):
         dense = self.quantized_weight().dequantize(dtype)
         for buffer in ("qweight", "scales", "offsets"):
             del self._buffers[buffer]
+        self.__dict__.pop("_quantized_weight", None)
         self.weight = nn.Parameter(dense, requires_grad=False)
         self.bits = self.group_size = None
         return self
@@ -82,7 +83,13 @@ class Linear(nn.Module):
         return self
 
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, self.offsets, self.bits, self.group_size)
+        # Built once and reused while the buffers are the same tensors (module.to() replaces them): the
+        # forward of every decode step asks for it, and building one validates all its parts.
+        qw = self.__dict__.get("_quantized_weight")
+        if qw is None or qw.qweight is not self.qweight or qw.scale is not self.scales or qw.offset is not self.offsets:
+            qw = QuantizedWeight(self.qweight, self.scales, self.offsets, self.bits, self.group_size)
+            self.__dict__["_quantized_weight"] = qw
+        return qw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits is not None:
