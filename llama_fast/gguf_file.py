@@ -57,8 +57,6 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-# Tensors llama.cpp writes that carry nothing the HF model needs (rotary tables are recomputed).
-_IGNORED = {"rope_freqs.weight"}
 
 
 class GGUFError(ValueError):
@@ -69,7 +67,7 @@ def hf_name(gguf_name: str) -> str | None:
     """HF parameter name of a GGUF tensor name (None for tensors the model does not use)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
-    if gguf_name in _IGNORED or re.fullmatch(r"blk\.\d+\.attn_rot_embd(\.weight)?", gguf_name):
+    if re.fullmatch(r"blk\.\d+\.attn_rot_embd(\.weight)?", gguf_name):  # a rotary table, recomputed
         return None
     m = _LAYER_RE.fullmatch(gguf_name)
     if m is None or m.group(2) not in _LAYER_NAMES:
@@ -116,6 +114,10 @@ def gguf_config(reader, path: str = "<gguf>") -> dict:
         return value
 
     names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        # llama.cpp stores Llama 3.1-style rope scaling as per-frequency factors, not as parameters.
+        raise GGUFError(f"{path}: has rope_freqs.weight (Llama 3.1-style rope scaling factors), which is not "
+                        "supported; load the original HF checkpoint instead")
     n_heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
     vocab = _field(reader, "llama.vocab_size")

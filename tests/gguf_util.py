@@ -54,6 +54,8 @@ def random_state_dict(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def gguf_name(hf: str) -> str:
+    if not hf.startswith(("model.", "lm_head.")):
+        return hf  # already a GGUF name
     if hf in GLOBAL_NAMES:
         return GLOBAL_NAMES[hf]
     parts = hf.split(".")  # model.layers.N.<module>.<sub>.weight

@@ -183,3 +183,10 @@ def test_not_a_gguf_file(tmp_path):
         read_gguf(bad)
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
         read_gguf(tmp_path / "nope.gguf")
+
+
+def test_llama3_rope_factors_are_refused(tmp_path, tiny):
+    config, sd = tiny
+    path = write(tmp_path, config, {**sd, "rope_freqs.weight": np.ones(8, np.float32)})
+    with pytest.raises(GGUFError, match="m.gguf: has rope_freqs.weight"):
+        read_gguf(path)
