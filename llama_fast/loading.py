@@ -131,7 +131,8 @@ class TensorLoader:
         self.group_size = group_size
         self.targets, self.by_hf = _targets(model)
         self.tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-        self.bare = not hasattr(model, "model")    # LlamaModel: its names have no "model." prefix
+        from llama_fast.modeling import LlamaModel
+        self.bare = isinstance(model, LlamaModel)  # its names have no "model." prefix
 
     def _resolve(self, name: str):
         if name in self.by_hf:
