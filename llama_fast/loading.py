@@ -419,12 +419,13 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 
 def hf_state_items(model: nn.Module):
     """(transformers name, tensor view) of every parameter, fused weights split, a tied lm_head omitted."""
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and module.quantized:
+            raise NotImplementedError(f"save_pretrained of a quantized model is not supported yet ({name} is "
+                                      f"int{module.bits}); save the dense model and quantize on load")
     targets, _ = _targets(model)
-    for pname, target in targets.items():
+    for target in targets.values():
         owner = target.module
-        if isinstance(owner, Linear) and owner.quantized and target.attr == "weight":
-            raise NotImplementedError(f"save_pretrained of a quantized model is not supported yet ({pname} is "
-                                      f"int{owner.bits}); save the dense model and quantize on load")
         tensor = getattr(owner, target.attr)
         for hf, (r0, r1) in zip(target.parts, target.rows):
             yield hf, tensor[r0:r1] if len(target.parts) > 1 else tensor
@@ -432,12 +433,13 @@ def hf_state_items(model: nn.Module):
 
 def save_pretrained(model: nn.Module, directory) -> None:
     """config.json, model.safetensors, generation_config.json: a directory transformers loads."""
+    items = list(hf_state_items(model))     # views; raises before anything is written
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     config = model.config
     config.dtype = str(model.dtype).removeprefix("torch.")
     config.save_pretrained(directory)
-    write_safetensors(os.path.join(directory, SAFE_WEIGHTS), hf_state_items(model))
+    write_safetensors(os.path.join(directory, SAFE_WEIGHTS), items)
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     if config.pad_token_id is not None:
         gen["pad_token_id"] = config.pad_token_id
