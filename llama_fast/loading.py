@@ -10,6 +10,11 @@ With `quantize`, each linear layer is quantized as soon as its weight is complet
 its parts), so the peak is about the quantized model plus one layer. Embeddings, lm_head and score stay
 dense. Pickles (.bin / .pt) are refused: loading never unpickles.
 
+Quantized checkpoints: save_pretrained writes a quantized linear `x` as x.qweight, x.scales and (if it has
+offsets) x.offsets in the format of llama_fast.quant (bits and group size follow from the tensors' dtypes
+and shapes), and config.json gets a quantization_config {"quant_method": "llama_fast", "bits", "group_size",
+...}; from_pretrained reads them back unchanged. GGUF files go through llama_fast.gguf_file.load_gguf.
+
 The interface other formats use (GGUF does):
 
     load_tensors(model, named_tensors, source, quantize=None, group_size=128)
@@ -87,7 +92,8 @@ def _fused_parts(prefix: str, module: nn.Module) -> dict[str, list[tuple[str, in
         return {}
     out = {}
     for attr in ("weight", "bias"):
-        if getattr(getattr(module, fused), attr, None) is not None:
+        linear = getattr(module, fused)
+        if getattr(linear, attr, None) is not None or (attr == "weight" and linear.quantized):
             out[f"{prefix}{fused}.{attr}"] = [(f"{prefix}{name}.{attr}", rows) for name, rows in split]
     return out
 
@@ -99,17 +105,21 @@ def _targets(model: nn.Module) -> tuple[dict[str, _Target], dict[str, tuple[str,
     for prefix, module in modules.items():
         fused.update(_fused_parts(f"{prefix}." if prefix else "", module))
     targets, by_hf = {}, {}
-    for name, param in model.named_parameters():      # tied parameters appear once
+    # Parameters (tied ones appear once), and the weights of quantized linears, which are buffers.
+    weights = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    weights += [(f"{prefix}.weight", (m.out_features, m.in_features)) for prefix, m in modules.items()
+                if isinstance(m, Linear) and m.quantized]
+    for name, shape in weights:
         owner_name, _, attr = name.rpartition(".")
         owner = modules[owner_name]
-        parts = fused.get(name, [(name, param.shape[0])])
+        parts = fused.get(name, [(name, shape[0])])
         rows, start = [], 0
         for _, n in parts:
             rows.append((start, start + n))
             start += n
         quantizable = (isinstance(owner, Linear) and attr == "weight"
                        and owner_name.rpartition(".")[2] not in _DENSE_LINEARS)
-        targets[name] = _Target(owner, attr, tuple(param.shape), [p for p, _ in parts], rows, quantizable)
+        targets[name] = _Target(owner, attr, shape, [p for p, _ in parts], rows, quantizable)
         for i, (hf, _) in enumerate(parts):
             by_hf[hf] = (name, i)
     return targets, by_hf
@@ -243,10 +253,12 @@ def meta_model(cls, config: LlamaConfig, dtype: torch.dtype, device="cpu") -> nn
 
 # ---- from_pretrained ------------------------------------------------------------------------------------
 
-def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantize=None, group_size=128):
+def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantize=None, group_size=128,
+                    dequantize=False):
     """`cls` (LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification) from an HF directory or a GGUF
     file. dtype: "auto" (config's torch_dtype, float32 if absent), "float32", "bfloat16", "float16" or a
-    torch.dtype. backend: the ops backend (None: the best one for each op on the tensors' device)."""
+    torch.dtype. backend: the ops backend (None: the best one for each op on the tensors' device).
+    dequantize: load a GGUF file's quantized tensors as dense weights instead of natively."""
     check_backend_name(backend)
     if quantize is not None and quantize not in _QUANTIZE_BITS:
         raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
@@ -255,7 +267,8 @@ def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantiz
         raise FileNotFoundError(f"no such file or directory: {path}")
     gguf = _gguf_path(path)
     if gguf is not None:
-        model = _load_gguf(cls, gguf, dtype, device, quantize, group_size)
+        from llama_fast.gguf_file import load_gguf
+        model = load_gguf(gguf, dtype, device, None, dequantize, quantize, group_size, cls=cls)
     else:
         model = _load_hf_directory(cls, path, dtype, device, quantize, group_size)
     model.set_backend(backend)
@@ -281,16 +294,6 @@ def _gguf_path(path: str) -> str | None:
     return None
 
 
-def _load_gguf(cls, path: str, dtype, device, quantize, group_size):
-    from llama_fast.gguf_file import read_gguf
-    config_dict, _ = read_gguf(path, dequantize=True)   # metadata only; the tensor iterator is lazy
-    config = LlamaConfig.from_dict(config_dict)
-    torch_dtype = _resolve_dtype(dtype, config)
-    model = meta_model(cls, config, torch_dtype, device)
-    _, tensors = read_gguf(path, dequantize=False, dtype=torch_dtype)
-    return load_tensors(model, tensors, path, quantize, group_size)
-
-
 def _refuse_pickles(path: str) -> None:
     if os.path.isfile(path):
         names = [os.path.basename(path)]
@@ -312,6 +315,11 @@ def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
     torch_dtype = _resolve_dtype(dtype, config)
     model = meta_model(cls, config, torch_dtype, device)
     loader = TensorLoader(model, torch_dtype, device, quantize, group_size)
+    config_quant = getattr(config, "quantization_config", None)
+    if config_quant is not None and config_quant.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{path}: config.json has a quantization_config of method "
+                              f"{config_quant.get('quant_method')!r}; llama_fast reads only its own "
+                              f"({QUANT_METHOD!r}) quantized checkpoints")
     for file, names in files:
         _load_safetensors_file(loader, file, names)
     loader.finish(files[0][0] if len(files) == 1 else os.path.join(path, SAFE_INDEX))
@@ -359,14 +367,28 @@ def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | N
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     with handle as f:
         keys = set(f.keys())
-        for name in names if names is not None else sorted(keys):
+
+        def read(name):
             if name not in keys:
-                raise CheckpointError(f"{file}: tensor {name!r} listed in the index is not in the file")
+                raise CheckpointError(f"{file}: tensor {name!r} is not in the file")
             try:
-                tensor = f.get_tensor(name)
+                return f.get_tensor(name)
             except Exception as e:
                 raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
-            loader.add(name, tensor, file)
+
+        for name in names if names is not None else sorted(keys):
+            base, _, part = name.rpartition(".")
+            if part in _QUANT_PARTS[1:]:
+                continue                  # read with its qweight
+            if part == _QUANT_PARTS[0]:   # a quantized linear: qweight + scales (+ offsets), in one file
+                offsets = read(f"{base}.offsets") if f"{base}.offsets" in keys else None
+                try:
+                    value = QuantizedWeight.from_parts(read(name), read(f"{base}.scales"), offsets, name=base)
+                except ValueError as e:
+                    raise CheckpointError(f"{file}: {e}") from None
+                loader.add(f"{base}.weight", value, file)
+            else:
+                loader.add(name, read(name), file)
 
 
 def _check_safetensors_header(file: str) -> None:
@@ -414,18 +436,30 @@ def _read_generation_config(path: str) -> dict:
 
 # ---- save_pretrained ------------------------------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int8: "I8", torch.uint8: "U8"}
+# A quantized linear `x` is stored as x.qweight, x.scales and (when it has offsets) x.offsets, in the format
+# of llama_fast.quant; config.json's quantization_config says so (quant_method "llama_fast").
+QUANT_METHOD = "llama_fast"
+_QUANT_PARTS = ("qweight", "scales", "offsets")
 
 
 def hf_state_items(model: nn.Module):
-    """(transformers name, tensor view) of every parameter, fused weights split, a tied lm_head omitted."""
-    for name, module in model.named_modules():
-        if isinstance(module, Linear) and module.quantized:
-            raise NotImplementedError(f"save_pretrained of a quantized model is not supported yet ({name} is "
-                                      f"int{module.bits}); save the dense model and quantize on load")
+    """(transformers name, tensor view) of every parameter, fused weights split, a tied lm_head omitted;
+    a quantized linear `x` gives x.qweight, x.scales (and x.offsets)."""
     targets, _ = _targets(model)
     for target in targets.values():
         owner = target.module
+        if isinstance(owner, Linear) and owner.quantized and target.attr == "weight":
+            qw = owner.quantized_weight()
+            for hf, (r0, r1) in zip(target.parts, target.rows):
+                part = quant.slice_rows(qw, r0, r1)
+                base = hf.removesuffix(".weight")
+                yield f"{base}.qweight", part.qweight
+                yield f"{base}.scales", part.scale
+                if part.offset is not None:
+                    yield f"{base}.offsets", part.offset
+            continue
         tensor = getattr(owner, target.attr)
         for hf, (r0, r1) in zip(target.parts, target.rows):
             yield hf, tensor[r0:r1] if len(target.parts) > 1 else tensor
@@ -438,6 +472,9 @@ def save_pretrained(model: nn.Module, directory) -> None:
     os.makedirs(directory, exist_ok=True)
     config = model.config
     config.dtype = str(model.dtype).removeprefix("torch.")
+    config.quantization_config = quantization_config(model)
+    if config.quantization_config is None:
+        del config.quantization_config
     config.save_pretrained(directory)
     write_safetensors(os.path.join(directory, SAFE_WEIGHTS), items)
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
@@ -447,6 +484,22 @@ def save_pretrained(model: nn.Module, directory) -> None:
     with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(gen, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def quantization_config(model: nn.Module) -> dict | None:
+    """config.json's quantization_config for a model with quantized linears (None if it has none): the
+    format, and which bits / group sizes occur (each layer's own are read back from its tensors)."""
+    layers = [m for m in model.modules() if isinstance(m, Linear) and m.quantized]
+    if not layers:
+        return None
+    dense = sorted({name.rpartition(".")[2] for name, m in model.named_modules()
+                    if isinstance(m, Linear) and not m.quantized})
+    formats = sorted({(m.bits, m.group_size) for m in layers})
+    bits, group_size = max(formats, key=[(m.bits, m.group_size) for m in layers].count)
+    return {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size,
+            "formats": [{"bits": b, "group_size": g} for b, g in formats],
+            "scale_dtype": str(layers[0].scales.dtype).removeprefix("torch."),
+            "modules_not_converted": dense}
 
 
 def write_safetensors(file: str, items: Iterable[tuple[str, torch.Tensor]]) -> None:
