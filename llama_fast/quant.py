@@ -9,7 +9,12 @@ scale / offset: [N, K // g] in fp16, bf16 or fp32.
 
 This one form holds GGUF Q4_0 (offset = -8 * scale), Q4_1 (scale, min) and Q8_0 exactly, and AWQ/GPTQ zero
 points (offset = -zero * scale). Backends may repack to faster layouts at load time; this layout is what is
-serialized.
+serialized: a quantized linear `x` is saved as x.qweight / x.scales / x.offsets (llama_fast.loading), and
+GGUF files load into it without requantizing (llama_fast.gguf_file).
+
+quantize() is round to nearest: int4 asymmetric (offset = group min, scale = range / 15) or symmetric
+(codes 1..15 around 8); int8 symmetric (codes -127..127, no offset). linear.Linear holds the result as its
+qweight / scales / offsets buffers and runs it through ops.quant_linear.
 """
 from __future__ import annotations
 
