@@ -13,6 +13,10 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# Without CUDA_HOME torch guesses /usr/local and the link fails; prefer the standard toolkit location.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 
 def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
