@@ -162,7 +162,9 @@ def quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: b
     if group_size in (-1, None):
         group_size = k
     if group_size <= 0 or k % group_size != 0:
-        raise ValueError(f"{name}: group_size {group_size} does not divide K={k}")
+        hint = next((g for g in (128, 64, 32) if g < group_size and k % g == 0), None)
+        raise ValueError(f"{name}: group_size {group_size} does not divide K={k}"
+                         + (f" (group_size={hint} does)" if hint else ""))
     if bits == 4 and k % 2 != 0:
         raise ValueError(f"{name}: int4 needs an even K, got K={k}")
     scale_dtype = scale_dtype or w.dtype

@@ -168,3 +168,8 @@ def test_inconsistent_parts_are_rejected():
         QuantizedWeight(qw.qweight, qw.scale, qw.offset, 4, 48)
     with pytest.raises(ValueError, match="scale must be fp16, bf16 or fp32"):
         QuantizedWeight(qw.qweight, qw.scale.double(), None, 4, 32)
+
+
+def test_group_size_error_suggests_one_that_fits():
+    with pytest.raises(ValueError, match=r"qkv_proj.weight: group_size 128 does not divide K=576 \(group_size=64 does\)"):
+        quantize(torch.randn(4, 576), 4, 128, name="qkv_proj.weight")
