@@ -1,7 +1,7 @@
 // Attention on CUDA cores with the keys split across blocks (flash-decoding). Used for decode (few query rows
 // per kv head) and for fp32 everywhere.
 //
-// Grid (split, kv head x row block, batch). A block owns up to kRows query rows that all read the same kv head:
+// Grid (kv head x row block, split, batch). A block owns up to kRows query rows that all read the same kv head:
 // row r = qi * group + g (query qi of head kv_head * group + g), so with GQA one kv head's K/V tile is loaded into
 // shared memory once for its whole query group. It streams its split's keys in tiles of kTile with an online
 // softmax (csrc/common/softmax_math.h) and writes either the final rows (one split) or unnormalized partials
@@ -60,9 +60,9 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs
   __shared__ float k_s[kTile][D + 1];  // +1: lane j reading row j, column d hits bank (j + d) % 32
   __shared__ float v_s[kTile][D];
 
-  const int split = blockIdx.x, b = blockIdx.z;
+  const int split = blockIdx.y, b = blockIdx.z;
   const int group = a.hq / a.hkv;
-  const int kv_head = blockIdx.y / p.row_blocks, row0 = (blockIdx.y % p.row_blocks) * kRows;
+  const int kv_head = blockIdx.x / p.row_blocks, row0 = (blockIdx.x % p.row_blocks) * kRows;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   bool bad;
   const int kv_len = valid_keys(a, b, &bad);
@@ -208,7 +208,7 @@ void launch(const AttentionArgs& a, int num_splits, float* workspace, cudaStream
   const int64_t partial_rows = static_cast<int64_t>(a.batch) * a.hkv * p.rows * p.num_splits;
   float* partial_o = workspace;
   float* partial_ml = workspace + partial_rows * D;
-  const dim3 grid(p.num_splits, a.hkv * p.row_blocks, a.batch);
+  const dim3 grid(a.hkv * p.row_blocks, p.num_splits, a.batch);
   attention_split_kernel<T, D><<<grid, kThreads, 0, stream>>>(a, p, partial_o, partial_ml);
   if (p.num_splits > 1)
     attention_combine_kernel<T, D><<<dim3(p.rows, a.hkv, a.batch), D, 0, stream>>>(a, p, partial_o, partial_ml);

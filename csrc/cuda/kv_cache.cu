@@ -12,16 +12,21 @@ __global__ void __launch_bounds__(kThreads) store_kv_kernel(T* __restrict__ k_ca
                                                             const T* __restrict__ k, const T* __restrict__ v,
                                                             const Slot* __restrict__ slots, int64_t t,
                                                             int64_t slots_per_seq, int64_t row_elems) {
-  const int64_t token = blockIdx.x, b = token / t;
+  const int64_t b = blockIdx.y, token = b * t + blockIdx.x;  // grid (t, batch): no 64-bit division
   const int64_t slot = slots[token];
   if (slot < 0 || slot >= slots_per_seq) return;  // left padding (negative); overflow is checked on the host
   const int64_t dst = (b * slots_per_seq + slot) * row_elems, src = token * row_elems;
-  if constexpr (kVectorized) {
-    using V = Vec16<T>;
-    const int64_t n = row_elems / V::kN;
+  if constexpr (kVectorized) {  // 16-byte copies; the rows are copied bit for bit, so their type is irrelevant
+    constexpr int kPerVec = 16 / sizeof(T);
+    const int64_t n = row_elems / kPerVec;
+    const uint4* ks = reinterpret_cast<const uint4*>(k + src);
+    const uint4* vs = reinterpret_cast<const uint4*>(v + src);
+    uint4* kd = reinterpret_cast<uint4*>(k_cache + dst);
+    uint4* vd = reinterpret_cast<uint4*>(v_cache + dst);
+#pragma unroll 1  // a row is a few hundred bytes; unrolling only spends registers
     for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-      reinterpret_cast<V*>(k_cache + dst)[i] = reinterpret_cast<const V*>(k + src)[i];
-      reinterpret_cast<V*>(v_cache + dst)[i] = reinterpret_cast<const V*>(v + src)[i];
+      kd[i] = ks[i];
+      vd[i] = vs[i];
     }
   } else {
     for (int64_t i = threadIdx.x; i < row_elems; i += kThreads) {
@@ -36,7 +41,7 @@ void launch(void* kc, void* vc, const void* k, const void* v, const void* slots,
             int64_t slots_per_seq, int64_t row_elems, cudaStream_t stream) {
   const bool vectorized = row_elems % Vec16<T>::kN == 0 && aligned16(kc) && aligned16(vc) && aligned16(k) &&
                           aligned16(v);
-  const unsigned grid = static_cast<unsigned>(batch * t);
+  const dim3 grid(static_cast<unsigned>(t), static_cast<unsigned>(batch));
   auto run = [&](auto kernel) {
     kernel<<<grid, kThreads, 0, stream>>>(static_cast<T*>(kc), static_cast<T*>(vc), static_cast<const T*>(k),
                                           static_cast<const T*>(v), static_cast<const Slot*>(slots), t,

@@ -36,7 +36,7 @@ cudaError_t rotary(DType dt, const RotaryArgs& a, cudaStream_t stream);
 cudaError_t silu_and_mul(DType dt, const void* gate_up, void* out, int64_t rows, int64_t inter,
                          cudaStream_t stream);
 
-// kv_cache.cu. caches [batch, slots_per_seq, hkv * d]; k/v [batch, t, hkv * d]; slots [batch, t].
+// kv_cache.cu. caches [batch, slots_per_seq, hkv * d]; k/v [batch, t, hkv * d]; slots [batch, t]; batch < 65536.
 // Negative slots are skipped; slots >= slots_per_seq too (the Python cache checks overflow on the host).
 cudaError_t store_kv(DType dt, void* k_cache, void* v_cache, const void* k, const void* v, const void* slots,
                      bool slots_int64, int64_t batch, int64_t t, int64_t slots_per_seq, int64_t row_elems,

@@ -310,6 +310,7 @@ void store_kv_(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, cons
               ": k_cache and v_cache must be equal [B, S, Hkv, D], got ", k_cache.sizes(), " and ", v_cache.sizes());
   TORCH_CHECK(k_cache.size(0) == k.size(0) && k_cache.size(2) == k.size(2) && k_cache.size(3) == k.size(3), op,
               ": cache ", k_cache.sizes(), " does not match k ", k.sizes(), " in B, Hkv or D");
+  TORCH_CHECK(k.size(0) < 65536, op, ": batch ", k.size(0), " is too large (at most 65535)");
   check_index_tensor(slots, k, op, "slots");
   TORCH_CHECK(slots.dim() == 2 && slots.size(0) == k.size(0) && slots.size(1) == k.size(1), op, ": slots must be [",
               k.size(0), ", ", k.size(1), "], got ", slots.sizes());
