@@ -28,10 +28,18 @@ __device__ __forceinline__ void int8x4_codes(uint32_t word, float q[4]) {
   for (int i = 0; i < 4; ++i) q[i] = static_cast<float>(static_cast<int8_t>((word >> (8 * i)) & 0xFFu));
 }
 
-// 16 codes starting at element k of a row (k a multiple of 16): int4 reads 8 bytes, int8 16 bytes.
-template <int kBits>
-__device__ __forceinline__ void load_codes16(const uint8_t* row, int64_t k, float q[16]) {
-  if constexpr (kBits == 4) {
+// kCodes (16 or 32 for int4, 16 for int8) codes starting at element k of a row (k a multiple of kCodes):
+// int4 reads 8 or 16 bytes, int8 16 bytes, in one load.
+template <int kBits, int kCodes = 16>
+__device__ __forceinline__ void load_codes(const uint8_t* row, int64_t k, float* q) {
+  static_assert(kCodes == 16 || (kBits == 4 && kCodes == 32), "16 codes, or 32 int4 codes");
+  if constexpr (kBits == 4 && kCodes == 32) {
+    const uint4 w = *reinterpret_cast<const uint4*>(row + k / 2);
+    int4x8_codes(w.x, q);
+    int4x8_codes(w.y, q + 8);
+    int4x8_codes(w.z, q + 16);
+    int4x8_codes(w.w, q + 24);
+  } else if constexpr (kBits == 4) {
     const uint2 w = *reinterpret_cast<const uint2*>(row + k / 2);
     int4x8_codes(w.x, q);
     int4x8_codes(w.y, q + 8);

@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreads) quant_gemm_kernel(QuantLinearArgs a)
       uint32_t w[8] = {};
       if (wn < a.n) {
         float q[16];
-        load_codes16<kBits>(qrow, k0 + w_half, q);
+        load_codes<kBits>(qrow, k0 + w_half, q);
         const int64_t grp = (k0 + w_half) / a.group_size;
         const float s = to_float(scale[grp]), o = offset ? to_float(offset[grp]) : 0.0f;
 #pragma unroll

@@ -1,8 +1,9 @@
 // Weight-only quantized GEMV for decode (few activation rows): out[m, n] = sum_k x[m, k] * w[n, k] + bias[n].
 //
 // One warp per weight row n, up to kMaxRows activation rows per pass so the row's codes are read once for all
-// of them. The fast path (K and group_size multiples of 16, 16-byte aligned rows) gives each lane 16
-// consecutive codes per step, all in one group, so the dequantization folds into two sums:
+// of them. The fast path (K and group_size multiples of kCodes, 16-byte aligned rows) gives each lane kCodes
+// consecutive codes per step (32 int4 codes = one 16-byte load when the groups allow, else 16), all in one
+// group, so the dequantization folds into two sums:
 //   sum_k x_k (q_k s + o) = s * sum_k x_k q_k + o * sum_k x_k.
 // The general path decodes one element at a time with the quant_format.h definitions.
 #include <algorithm>
@@ -31,7 +32,8 @@ __device__ __forceinline__ void load_x16(const T* p, float x[16]) {
   }
 }
 
-template <typename T, int kBits, int kRows, bool kFast>
+// kCodes: codes per lane and step on the fast path; 0 selects the general path.
+template <typename T, int kBits, int kRows, int kCodes>
 __global__ void __launch_bounds__(kThreads) quant_gemv_kernel(QuantLinearArgs a) {
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows;
@@ -49,22 +51,25 @@ __global__ void __launch_bounds__(kThreads) quant_gemv_kernel(QuantLinearArgs a)
 #pragma unroll
   for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
 
-  if constexpr (kFast) {
-    for (int64_t k = lane * 16; k < a.k; k += 32 * 16) {
-      float q[16];
-      load_codes16<kBits>(row, k, q);
+  if constexpr (kCodes > 0) {
+    for (int64_t k = lane * kCodes; k < a.k; k += 32 * kCodes) {
+      float q[kCodes];
+      load_codes<kBits, kCodes>(row, k, q);
       const float s = to_float(scale[k / a.group_size]);
       const float o = offset ? to_float(offset[k / a.group_size]) : 0.0f;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         if (r >= rows) break;
-        float xv[16];
-        load_x16(x + r * a.k + k, xv);
         float dot = 0.0f, sum = 0.0f;
 #pragma unroll
-        for (int e = 0; e < 16; ++e) {
-          dot += xv[e] * q[e];
-          sum += xv[e];
+        for (int c = 0; c < kCodes; c += 16) {
+          float xv[16];
+          load_x16(x + r * a.k + k + c, xv);
+#pragma unroll
+          for (int e = 0; e < 16; ++e) {
+            dot += xv[e] * q[c + e];
+            sum += xv[e];
+          }
         }
         acc[r] += s * dot + o * sum;
       }
@@ -90,21 +95,22 @@ __global__ void __launch_bounds__(kThreads) quant_gemv_kernel(QuantLinearArgs a)
 }
 
 template <typename T, int kBits, int kRows>
-void launch_rows(const QuantLinearArgs& a, bool fast, cudaStream_t stream) {
+void launch_rows(const QuantLinearArgs& a, int codes, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(a.n, kWarps)), static_cast<unsigned>(ceil_div(a.m, kRows)));
-  if (fast) quant_gemv_kernel<T, kBits, kRows, true><<<grid, kThreads, 0, stream>>>(a);
-  else quant_gemv_kernel<T, kBits, kRows, false><<<grid, kThreads, 0, stream>>>(a);
+  if (codes == 32) quant_gemv_kernel<T, kBits, kRows, (kBits == 4 ? 32 : 16)><<<grid, kThreads, 0, stream>>>(a);
+  else if (codes == 16) quant_gemv_kernel<T, kBits, kRows, 16><<<grid, kThreads, 0, stream>>>(a);
+  else quant_gemv_kernel<T, kBits, kRows, 0><<<grid, kThreads, 0, stream>>>(a);
 }
 
 template <typename T, int kBits>
 void launch(const QuantLinearArgs& a, cudaStream_t stream) {
-  const int64_t row_bytes = kBits == 4 ? a.k / 2 : a.k;
-  const bool fast = a.k % 16 == 0 && a.group_size % 16 == 0 && row_bytes % 8 == 0 && aligned16(a.x) &&
-                    (reinterpret_cast<uintptr_t>(a.qweight) & 15u) == 0;
+  const bool aligned = aligned16(a.x) && aligned16(a.qweight);
+  const auto fits = [&](int codes) { return aligned && a.k % codes == 0 && a.group_size % codes == 0; };
+  const int codes = (kBits == 4 && fits(32)) ? 32 : (fits(16) ? 16 : 0);
   // Rows per pass: one for a single token, else the most that fit.
-  if (a.m == 1) launch_rows<T, kBits, 1>(a, fast, stream);
-  else if (a.m == 2) launch_rows<T, kBits, 2>(a, fast, stream);
-  else launch_rows<T, kBits, kMaxRows>(a, fast, stream);
+  if (a.m == 1) launch_rows<T, kBits, 1>(a, codes, stream);
+  else if (a.m == 2) launch_rows<T, kBits, 2>(a, codes, stream);
+  else launch_rows<T, kBits, kMaxRows>(a, codes, stream);
 }
 
 }  // namespace

@@ -29,7 +29,9 @@ def check(m_shape, n, k, bits, group, dtype, bias=False, symmetric=False):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [1, 2, 3, 7])
-@pytest.mark.parametrize("n,k,group", [(83, 576, 64), (1536, 576, 32), (576, 1536, 128), (7, 4096, 4096)])
+# K % 32 == 0 takes 32 int4 codes per lane and load; (64, 112, 16) the 16-code step.
+@pytest.mark.parametrize("n,k,group", [(83, 576, 64), (1536, 576, 32), (576, 1536, 128), (7, 4096, 4096),
+                                       (64, 112, 16)])
 def test_gemv_decode(dtype, bits, m, n, k, group):
     check((m,), n, k, bits, group, dtype, bias=(m == 3))
 
