@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(Attentio
     const int r = row0 + warp * 16 + g + 8 * h;
     const int qi = r / group, head = kv_head * group + r % group;
     qpos[h] = r < rows ? (a.causal ? kv_len - a.tq + qi : kv_len - 1) : -1;
-    const T* q_row = static_cast<const T*>(a.q) + ((static_cast<int64_t>(b) * a.tq + qi) * a.hq + head) * D;
+    const T* q_row = static_cast<const T*>(a.q) + b * a.q_stride_b + qi * a.q_stride_t + head * D;
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
       qf[c][h] = r < rows ? load2(q_row + c * 16 + 2 * t) : 0u;
@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(Attentio
       const int j = i / kVecsPerRow, c = (i % kVecsPerRow) * kVec, key = n0 + j;
       uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);  // 16 bytes: kVec elements
       if (key < key_end) {
-        const int64_t off = ((static_cast<int64_t>(b) * a.tk + key) * a.hkv + kv_head) * D + c;
+        const int64_t off = b * a.kv_stride_b + key * a.kv_stride_t + kv_head * D + c;
         kv = *reinterpret_cast<const uint4*>(k + off);
         vv = *reinterpret_cast<const uint4*>(v + off);
       }

@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs
     float v = 0.0f;
     if (r < p.rows) {
       const int qi = r / group, head = kv_head * group + r % group;
-      v = to_float(q[((static_cast<int64_t>(b) * a.tq + qi) * a.hq + head) * D + d]) * a.scale;
+      v = to_float(q[b * a.q_stride_b + qi * a.q_stride_t + head * D + d]) * a.scale;
     }
     q_s[i / D][d] = v;
   }
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs
       const int j = i / kVecsPerRow, c = (i % kVecsPerRow) * kVec, key = tile + j;
       Vec16<T> kv = {}, vv = {};
       if (key < key_end) {
-        const int64_t off = ((static_cast<int64_t>(b) * a.tk + key) * a.hkv + kv_head) * D + c;
+        const int64_t off = b * a.kv_stride_b + key * a.kv_stride_t + kv_head * D + c;
         kv = *reinterpret_cast<const Vec16<T>*>(k + off);
         vv = *reinterpret_cast<const Vec16<T>*>(v + off);
       }

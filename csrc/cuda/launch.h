@@ -42,7 +42,10 @@ cudaError_t store_kv(DType dt, void* k_cache, void* v_cache, const void* k, cons
                      bool slots_int64, int64_t batch, int64_t t, int64_t slots_per_seq, int64_t row_elems,
                      cudaStream_t stream);
 
-// attention_*.cu. q [b, tq, hq, d], k/v [b, tk, hkv, d], out like q; kv_lens [b] int32 or null (= tk).
+// attention_*.cu. q [b, tq, hq, d], k/v [b, tk, hkv, d], out [b, tq, hq, d] contiguous; kv_lens [b] int32 or
+// null (= tk). q, k and v may be strided along batch and token (q a slice of a fused qkv projection, k/v a
+// prefix of a static cache) but each token's heads are contiguous: element (b, t, h, e) of q sits at
+// b * q_stride_b + t * q_stride_t + h * d + e. Strides are multiples of 8 elements (16-byte loads).
 struct AttentionArgs {
   const void* q;
   const void* k;
@@ -52,6 +55,7 @@ struct AttentionArgs {
   int batch, tq, tk, hq, hkv, head_dim;
   bool causal;
   float scale;
+  int64_t q_stride_b, q_stride_t, kv_stride_b, kv_stride_t;  // elements; k and v share theirs
 };
 
 // Split-K flash-decoding (SIMT, any dtype, any tq): workspace holds the partials of the splits, sized by

@@ -173,11 +173,20 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const int64_t hq = q.size(2), hkv = k.size(2), d = q.size(3);
   TORCH_CHECK(hkv > 0 && hq % hkv == 0, op, ": query heads (", hq, ") must be a multiple of kv heads (", hkv, ")");
   TORCH_CHECK(d == 64 || d == 128, op, ": head_dim must be 64 or 128 for the CUDA kernels, got ", d);
+  // Each token's heads must be contiguous; batch and token strides are free (a slice of a fused qkv
+  // projection, a prefix of a static cache) but must keep the 16-byte vector loads aligned.
+  const int64_t vec = 16 / q.element_size();
   for (const auto* t : {&q, &k, &v}) {
     const char* name = t == &q ? "q" : (t == &k ? "k" : "v");
-    check_contiguous(*t, op, name);
+    TORCH_CHECK(t->stride(3) == 1 && (t->size(2) == 1 || t->stride(2) == d), op, ": ", name,
+                " must have contiguous heads (strides [*, *, ", d, ", 1]), got strides ", t->strides());
+    for (int dim = 0; dim < 2; ++dim)
+      TORCH_CHECK(t->size(dim) == 1 || t->stride(dim) % vec == 0, op, ": ", name, " stride ", t->stride(dim),
+                  " along dim ", dim, " must be a multiple of ", vec, " elements (16 bytes)");
     check_aligned16(*t, op, name);
   }
+  TORCH_CHECK(k.strides() == v.strides() || (k.size(0) == 1 && k.stride(1) == v.stride(1)), op,
+              ": k and v must have the same strides, got ", k.strides(), " and ", v.strides());
   TORCH_CHECK(q.size(1) < (1LL << 30) && k.size(1) < (1LL << 30) && q.size(0) < 65536 && hkv < 65536, op,
               ": sizes too large: q ", q.sizes(), ", k ", k.sizes());
   const int32_t* lens = nullptr;
@@ -191,11 +200,13 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     lens = kl.data_ptr<int32_t>();
   }
   const c10::cuda::CUDAGuard guard(q.device());
-  auto out = at::empty_like(q);
+  auto out = at::empty(q.sizes(), q.options());  // contiguous whatever q's strides
+  // A size-1 dimension's stride is never used.
+  auto stride = [](const at::Tensor& t, int dim) { return t.size(dim) == 1 ? int64_t{0} : t.stride(dim); };
   cuda::AttentionArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lens,
                         static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
                         static_cast<int>(hq), static_cast<int>(hkv), static_cast<int>(d), causal,
-                        static_cast<float>(scale)};
+                        static_cast<float>(scale), stride(q, 0), stride(q, 1), stride(k, 0), stride(k, 1)};
   if (cuda::attention_prefers_mma(dt, a)) {
     check_launch(cuda::attention_prefill_mma(dt, a, stream_of(q)), op);
     return out;

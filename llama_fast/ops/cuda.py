@@ -1,8 +1,8 @@
 """The "cuda" backend: hand-written CUDA kernels of llama_fast._C (csrc/cuda) for CUDA tensors.
 
 The C++ side checks every argument; this module only adapts the Python-level calling convention (defaults,
-QuantizedWeight fields) and makes inputs contiguous where a copy is cheap and a view is common (q/k/v sliced
-from a fused projection).
+QuantizedWeight fields) and copies inputs whose layout a kernel cannot take (the attention kernels take the
+model's strided q and cache prefixes as they are).
 """
 from __future__ import annotations
 
@@ -35,11 +35,22 @@ def rotary(q, k, positions, cos, sin):
     return q, k
 
 
+def _heads_contiguous(t):
+    """The kernels take any batch / token strides (a slice of the fused qkv output, a prefix of the static
+    cache: no copy) as long as each token's heads are contiguous; anything else is copied."""
+    if t.dim() == 4 and t.stride(3) == 1 and (t.shape[2] == 1 or t.stride(2) == t.shape[3]):
+        return t
+    return t.contiguous()
+
+
 def attention(q, k, v, causal=True, kv_lens=None, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if kv_lens is not None:
         kv_lens = kv_lens.to(device=q.device, dtype=torch.int32)
-    return torch.ops.llama_fast.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal, kv_lens, scale)
+    k, v = _heads_contiguous(k), _heads_contiguous(v)
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return torch.ops.llama_fast.attention(_heads_contiguous(q), k, v, causal, kv_lens, scale)
 
 
 def silu_and_mul(gate_up):

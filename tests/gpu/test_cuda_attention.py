@@ -88,6 +88,26 @@ def test_decode_and_prefill_kernels_agree(dtype):
     torch.testing.assert_close(full, rows, rtol=2 ** -6, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [1, 40])
+def test_model_layout_strided_q_and_cache_prefix(dtype, t):
+    # As the model calls it: q split from the fused qkv output, k/v the first kv_span slots of a static cache.
+    torch.manual_seed(7)
+    b, hq, hkv, d, slots, span = 3, 8, 2, 64, 256, 100
+    qkv = torch.randn(b, t, hq + 2 * hkv, d, device="cuda", dtype=dtype)
+    q = qkv[:, :, :hq]
+    k_cache = torch.randn(b, slots, hkv, d, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    k, v = k_cache[:, :span], v_cache[:, :span]
+    assert not q.is_contiguous() and not k.is_contiguous()
+    lens = torch.tensor([span, 57, t], device="cuda", dtype=torch.int32)
+    out = ops.attention(q, k, v, kv_lens=lens, backend="cuda")
+    oracle = reference.attention(q.float(), k.float(), v.float(), True, lens, d ** -0.5)
+    assert_matches(out, oracle, plain_attention(q, k, v, True, lens, d ** -0.5), f"strided attention {dtype}",
+                   fp32_rtol=1e-4, fp32_atol=1e-5)
+    assert out.is_contiguous()
+
+
 def test_out_of_range_kv_len_gives_nan_not_a_bad_read():
     q = torch.randn(2, 1, 4, 64, device="cuda", dtype=torch.half)
     k = torch.randn(2, 10, 4, 64, device="cuda", dtype=torch.half)
@@ -109,7 +129,7 @@ def test_bad_inputs_name_the_problem():
         att(q, k, k, True, torch.ones(2, device="cuda", dtype=torch.int32), 1.0)
     with pytest.raises(RuntimeError, match="v dtype"):
         att(q, k, k.half(), True, None, 1.0)
-    with pytest.raises(RuntimeError, match="q must be contiguous"):
+    with pytest.raises(RuntimeError, match="q must have contiguous heads"):
         att(q.transpose(1, 2), k, k, True, None, 1.0)
     with pytest.raises(RuntimeError, match="k must be a CUDA tensor"):
         att(q, k.cpu(), k, True, None, 1.0)
