@@ -65,6 +65,7 @@ void check_norm_args(const at::Tensor& x, const at::Tensor& weight, const char* 
   check_contiguous(weight, op, "weight");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), op, ": weight must be [", x.size(-1), "], got ",
               weight.sizes());
+  TORCH_CHECK(x.size(-1) == 0 || x.numel() / x.size(-1) < (1LL << 31), op, ": more than 2^31 - 1 rows");
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -120,6 +121,7 @@ void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::
   const int64_t d = q.size(3);
   TORCH_CHECK(d % 2 == 0 && d > 0, op, ": head_dim must be even and positive, got ", d);
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1, op, ": q and k must be contiguous along head_dim");
+  TORCH_CHECK(q.size(0) * q.size(1) < (1LL << 31), op, ": more than 2^31 - 1 tokens");
   check_index_tensor(positions, q, op, "positions");
   TORCH_CHECK(positions.dim() == 2 && positions.size(0) == q.size(0) && positions.size(1) == q.size(1), op,
               ": positions must be [", q.size(0), ", ", q.size(1), "], got ", positions.sizes());
@@ -286,6 +288,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [", n, "], got ", bias->sizes());
   }
   const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.numel() / k < 65535LL * 64, op, ": more than ", 65535LL * 64, " rows (the GEMM grid limit)");
   auto sizes = x.sizes().vec();
   sizes.back() = n;
   auto out = at::empty(sizes, x.options());
@@ -321,7 +324,8 @@ void store_kv_(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, cons
               ": k_cache and v_cache must be equal [B, S, Hkv, D], got ", k_cache.sizes(), " and ", v_cache.sizes());
   TORCH_CHECK(k_cache.size(0) == k.size(0) && k_cache.size(2) == k.size(2) && k_cache.size(3) == k.size(3), op,
               ": cache ", k_cache.sizes(), " does not match k ", k.sizes(), " in B, Hkv or D");
-  TORCH_CHECK(k.size(0) < 65536, op, ": batch ", k.size(0), " is too large (at most 65535)");
+  TORCH_CHECK(k.size(0) < 65536 && k.size(1) < (1LL << 31), op, ": k ", k.sizes(),
+              " is too large (batch at most 65535, tokens at most 2^31 - 1)");
   check_index_tensor(slots, k, op, "slots");
   TORCH_CHECK(slots.dim() == 2 && slots.size(0) == k.size(0) && slots.size(1) == k.size(1), op, ": slots must be [",
               k.size(0), ", ", k.size(1), "], got ", slots.sizes());

@@ -96,10 +96,18 @@ __global__ void __launch_bounds__(kThreads) quant_gemv_kernel(QuantLinearArgs a)
 
 template <typename T, int kBits, int kRows>
 void launch_rows(const QuantLinearArgs& a, int codes, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(a.n, kWarps)), static_cast<unsigned>(ceil_div(a.m, kRows)));
-  if (codes == 32) quant_gemv_kernel<T, kBits, kRows, (kBits == 4 ? 32 : 16)><<<grid, kThreads, 0, stream>>>(a);
-  else if (codes == 16) quant_gemv_kernel<T, kBits, kRows, 16><<<grid, kThreads, 0, stream>>>(a);
-  else quant_gemv_kernel<T, kBits, kRows, 0><<<grid, kThreads, 0, stream>>>(a);
+  // Row passes go on grid.y (at most 65535): longer inputs (fp32 prefill) are launched in slices.
+  constexpr int64_t kRowsPerLaunch = 65535LL * kRows;
+  for (int64_t m0 = 0; m0 < a.m; m0 += kRowsPerLaunch) {
+    QuantLinearArgs s = a;
+    s.m = a.m - m0 < kRowsPerLaunch ? a.m - m0 : kRowsPerLaunch;
+    s.x = static_cast<const T*>(a.x) + m0 * a.k;
+    s.out = static_cast<T*>(a.out) + m0 * a.n;
+    const dim3 grid(static_cast<unsigned>(ceil_div(a.n, kWarps)), static_cast<unsigned>(ceil_div(s.m, kRows)));
+    if (codes == 32) quant_gemv_kernel<T, kBits, kRows, (kBits == 4 ? 32 : 16)><<<grid, kThreads, 0, stream>>>(s);
+    else if (codes == 16) quant_gemv_kernel<T, kBits, kRows, 16><<<grid, kThreads, 0, stream>>>(s);
+    else quant_gemv_kernel<T, kBits, kRows, 0><<<grid, kThreads, 0, stream>>>(s);
+  }
 }
 
 template <typename T, int kBits>
@@ -117,7 +125,6 @@ void launch(const QuantLinearArgs& a, cudaStream_t stream) {
 
 cudaError_t quant_gemv(DType dt, const QuantLinearArgs& a, cudaStream_t stream) {
   if (a.m == 0 || a.n == 0) return cudaSuccess;
-  if (a.m > 65535LL * kMaxRows) return cudaErrorInvalidValue;
   LF_DISPATCH_DTYPE(dt, T, {
     if (a.bits == 4) launch<T, 4>(a, stream);
     else launch<T, 8>(a, stream);
