@@ -7,6 +7,7 @@
 // softmax (csrc/common/softmax_math.h) and writes either the final rows (one split) or unnormalized partials
 // (o, m, l) that attention_combine_kernel merges.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 #include "common/softmax_math.h"
@@ -214,11 +215,25 @@ void launch(const AttentionArgs& a, int num_splits, float* workspace, cudaStream
     attention_combine_kernel<T, D><<<dim3(p.rows, a.hkv, a.batch), D, 0, stream>>>(a, p, partial_o, partial_ml);
 }
 
+// The SM count of a device, queried once (called on every decode step).
+int multiprocessors(int device) {
+  static std::atomic<int> cached[64] = {};
+  if (device < 0 || device >= 64) device = 0;
+  int sms = cached[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
+      cudaGetLastError();  // clear it: a failed query only costs a default
+      sms = 108;
+    }
+    cached[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+
 }  // namespace
 
 int attention_num_splits(const AttentionArgs& a, int device) {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 108;
+  const int sms = multiprocessors(device);
   const int64_t blocks = static_cast<int64_t>(a.batch) * a.hkv * ceil_div(a.tq * (a.hq / a.hkv), kRows);
   const int64_t want = ceil_div(2 * sms, std::max<int64_t>(blocks, 1));  // about two waves of blocks
   const int64_t most = std::max<int64_t>(1, a.tk / kMinKeysPerSplit);
