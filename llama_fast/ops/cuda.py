@@ -43,7 +43,26 @@ def _heads_contiguous(t):
     return t.contiguous()
 
 
+# The head dims the CUDA attention kernels are compiled for.
+ATTENTION_HEAD_DIMS = (64, 128)
+
+
+def _fallback(op: str, device: torch.device):
+    """The next backend in line (Triton, else the reference) for shapes the CUDA kernels do not cover, so a
+    model with another head_dim still runs on the GPU rather than failing."""
+    from llama_fast.ops import _backend
+
+    for name in ("triton", "torch"):
+        try:
+            return _backend.resolve(op, name, device)
+        except _backend.BackendUnavailableError:
+            continue
+    raise _backend.BackendUnavailableError(f"no backend can run {op} on {device}")
+
+
 def attention(q, k, v, causal=True, kv_lens=None, scale=None):
+    if q.shape[-1] not in ATTENTION_HEAD_DIMS:
+        return _fallback("attention", q.device)(q, k, v, causal, kv_lens, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if kv_lens is not None:
         kv_lens = kv_lens.to(device=q.device, dtype=torch.int32)

@@ -108,6 +108,13 @@ def test_model_layout_strided_q_and_cache_prefix(dtype, t):
     assert out.is_contiguous()
 
 
+@pytest.mark.parametrize("d", [32, 96, 256])
+def test_other_head_dims_fall_back_to_another_backend(d):
+    # The kernels cover head_dim 64 and 128; ops.attention(backend="cuda") still answers for the others.
+    out = run_case(2, 5, 40, 8, 2, d, torch.bfloat16)
+    assert out.shape == (2, 5, 8, d)
+
+
 def test_out_of_range_kv_len_gives_nan_not_a_bad_read():
     q = torch.randn(2, 1, 4, 64, device="cuda", dtype=torch.half)
     k = torch.randn(2, 10, 4, 64, device="cuda", dtype=torch.half)
