@@ -178,6 +178,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   // Each token's heads must be contiguous; batch and token strides are free (a slice of a fused qkv
   // projection, a prefix of a static cache) but must keep the 16-byte vector loads aligned.
   const int64_t vec = 16 / q.element_size();
+  // A size-1 dimension's stride is never used.
+  auto stride = [](const at::Tensor& t, int dim) { return t.size(dim) == 1 ? int64_t{0} : t.stride(dim); };
   for (const auto* t : {&q, &k, &v}) {
     const char* name = t == &q ? "q" : (t == &k ? "k" : "v");
     TORCH_CHECK(t->stride(3) == 1 && (t->size(2) == 1 || t->stride(2) == d), op, ": ", name,
@@ -187,8 +189,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                   " along dim ", dim, " must be a multiple of ", vec, " elements (16 bytes)");
     check_aligned16(*t, op, name);
   }
-  TORCH_CHECK(k.strides() == v.strides() || (k.size(0) == 1 && k.stride(1) == v.stride(1)), op,
-              ": k and v must have the same strides, got ", k.strides(), " and ", v.strides());
+  TORCH_CHECK(stride(k, 0) == stride(v, 0) && stride(k, 1) == stride(v, 1), op,
+              ": k and v must have the same batch and token strides, got ", k.strides(), " and ", v.strides());
   TORCH_CHECK(q.size(1) < (1LL << 30) && k.size(1) < (1LL << 30) && q.size(0) < 65536 && hkv < 65536, op,
               ": sizes too large: q ", q.sizes(), ", k ", k.sizes());
   const int32_t* lens = nullptr;
@@ -203,8 +205,6 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   }
   const c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty(q.sizes(), q.options());  // contiguous whatever q's strides
-  // A size-1 dimension's stride is never used.
-  auto stride = [](const at::Tensor& t, int dim) { return t.size(dim) == 1 ? int64_t{0} : t.stride(dim); };
   cuda::AttentionArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lens,
                         static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
                         static_cast<int>(hq), static_cast<int>(hkv), static_cast<int>(d), causal,

@@ -67,7 +67,7 @@ def attention(q, k, v, causal=True, kv_lens=None, scale=None):
     if kv_lens is not None:
         kv_lens = kv_lens.to(device=q.device, dtype=torch.int32)
     k, v = _heads_contiguous(k), _heads_contiguous(v)
-    if k.stride() != v.stride():
+    if k.stride()[:2] != v.stride()[:2]:  # the kernels take one set of strides for both
         k, v = k.contiguous(), v.contiguous()
     return torch.ops.llama_fast.attention(_heads_contiguous(q), k, v, causal, kv_lens, scale)
 
