@@ -282,12 +282,11 @@ def _gguf_path(path: str) -> str | None:
 
 
 def _load_gguf(cls, path: str, dtype, device, quantize, group_size):
-    from llama_fast.gguf_file import read_gguf
-    config_dict, _ = read_gguf(path, dequantize=True)   # metadata only; the tensor iterator is lazy
+    from llama_fast.gguf_file import read_gguf    # the GGUF reader (metadata -> config, tensors -> HF names)
+    config_dict, tensors = read_gguf(path)        # the tensor iterator is lazy: one tensor at a time
     config = LlamaConfig.from_dict(config_dict)
     torch_dtype = _resolve_dtype(dtype, config)
     model = meta_model(cls, config, torch_dtype, device)
-    _, tensors = read_gguf(path, dequantize=False, dtype=torch_dtype)
     return load_tensors(model, tensors, path, quantize, group_size)
 
 

@@ -154,3 +154,19 @@ def test_bad_legacy_cache_is_an_error(model):
         model(_ids(1, 1), past_key_values=bad)
     with pytest.raises(ValueError, match="past_key_values has 1 layers, the model has 2"):
         model(_ids(1, 1), past_key_values=bad[:1])
+
+
+@torch.no_grad()
+def test_dynamic_rope_decode_past_max_position_matches_transformers(tmp_path):
+    # Dynamic NTK scaling recomputes the frequencies as the sequence grows past max_position_embeddings
+    # (keys already cached keep their old rotation): the same state machine as transformers'.
+    make_hf_model(tmp_path, dict(rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=16))
+    ref = load_hf(tmp_path)
+    ours = LlamaForCausalLM.from_pretrained(tmp_path)
+    ids = _ids(1, 24)
+    theirs = ref(ids[:, :14], use_cache=True)
+    mine = ours(ids[:, :14])
+    for t in range(14, 24):
+        theirs = ref(ids[:, t:t + 1], past_key_values=theirs.past_key_values, use_cache=True)
+        mine = ours(ids[:, t:t + 1], past_key_values=mine.past_key_values)
+        assert max_rel_diff(mine.logits, theirs.logits) <= 1e-4, f"step {t}"
