@@ -7,7 +7,8 @@
 Memory: the model is built on the meta device and each parameter is materialized when its tensors arrive,
 which are read one at a time from the memory-mapped safetensors files, so the weights never exist twice.
 With `quantize`, each linear layer is quantized as soon as its weight is complete (a fused one after all
-its parts), so the peak is about the quantized model plus one layer. Embeddings, lm_head and score stay
+its parts), so the peak is about the quantized model plus one layer. A layer whose input size K is not a
+multiple of group_size gets the largest power-of-two fraction of group_size (>= 32) that divides K. Embeddings, lm_head and score stay
 dense. Pickles (.bin / .pt) are refused: loading never unpickles.
 
 The interface other formats use (GGUF does):
@@ -204,7 +205,8 @@ class TensorLoader:
             target.received = dict.fromkeys(target.received, True)
         dense, target.buffer = target.buffer, None
         if self.bits is not None and target.quantizable:
-            owner.set_quantized(quant.quantize(dense, self.bits, self.group_size, name=pname))
+            group_size = _group_size_for(dense.shape[1], self.group_size, pname)
+            owner.set_quantized(quant.quantize(dense, self.bits, group_size, name=pname))
             return
         setattr(owner, attr, nn.Parameter(dense, requires_grad=False))
 
@@ -217,6 +219,20 @@ class TensorLoader:
             raise CheckpointError(f"{source}: {len(missing)} tensor(s) missing: {shown}")
         if self.tied and hasattr(self.model, "lm_head"):
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
+
+
+def _group_size_for(k: int, requested: int, name: str) -> int:
+    """`requested`, or for a layer whose K it does not divide (SmolLM2's K=576 with 128), the largest
+    power-of-two fraction of it that does, down to 32 (smaller groups: a little more accurate and larger)."""
+    if requested in (-1, None):
+        return k
+    group = requested
+    while k % group != 0 and group % 2 == 0 and group > 32:
+        group //= 2
+    if k % group != 0:
+        raise ValueError(f"{name}: group_size {requested} does not divide K={k}, and no power-of-two fraction "
+                         f"of it down to 32 does either; pass a group_size that divides {k}")
+    return group
 
 
 def load_tensors(model: nn.Module, named_tensors: Iterable, source: str, quantize: str | None = None,
