@@ -176,11 +176,13 @@ def left_padding(mask: torch.Tensor) -> torch.Tensor:
     if mask.dim() != 2:
         raise ValueError(f"attention_mask must be 2-D [batch, seq_len] (0 = padding); got {mask.dim()}-D "
                          f"shape {tuple(mask.shape)} (custom 4-D masks are not supported)")
-    m = mask.to(torch.int32) if mask.dtype == torch.bool else mask
-    if not bool(((m == 0) | (m == 1)).all()):
+    m = mask.to(torch.int32)
+    not_binary = ((m != 0) & (m != 1)).any()
+    holes = (m[:, 1:] < m[:, :-1]).any() if m.shape[1] > 1 else torch.zeros((), dtype=torch.bool)
+    not_binary, holes = torch.stack((not_binary, holes.to(not_binary.device))).tolist()   # one device sync
+    if not_binary:
         raise ValueError("attention_mask must contain only 0 and 1")
-    m = m.to(torch.int32)
-    if m.shape[1] > 1 and bool((m[:, 1:] < m[:, :-1]).any()):
+    if holes:
         raise ValueError("attention_mask has zeros after ones: only left padding is supported (pad tokens "
                          "before the text, as tokenizers do with padding_side='left'); holes and right padding "
                          "are not")

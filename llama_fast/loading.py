@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from llama_fast import quant
 from llama_fast.config import LlamaConfig, dtype_from_name
@@ -327,8 +328,10 @@ def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
     torch_dtype = _resolve_dtype(dtype, config)
     model = meta_model(cls, config, torch_dtype, device)
     loader = TensorLoader(model, torch_dtype, device, quantize, group_size)
-    for file, names in files:
-        _load_safetensors_file(loader, file, names)
+    # A progress bar on terminals only (tqdm's disable=None), for big checkpoints.
+    with tqdm(total=len(loader.by_hf), desc="Loading weights", unit="tensor", disable=None, leave=False) as bar:
+        for file, names in files:
+            _load_safetensors_file(loader, file, names, bar)
     loader.finish(files[0][0] if len(files) == 1 else os.path.join(path, SAFE_INDEX))
     model.generation_config = _read_generation_config(path)
     return model
@@ -365,7 +368,7 @@ def _safetensors_files(path: str) -> list[tuple[str, list[str] | None]]:
     raise CheckpointError(f"{path}: no {SAFE_WEIGHTS} or {SAFE_INDEX} found")
 
 
-def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | None) -> None:
+def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | None, bar=None) -> None:
     from safetensors import safe_open
     _check_safetensors_header(file)
     try:
@@ -382,6 +385,8 @@ def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | N
             except Exception as e:
                 raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
             loader.add(name, tensor, file)
+            if bar is not None:
+                bar.update()
 
 
 def _check_safetensors_header(file: str) -> None:

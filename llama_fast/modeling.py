@@ -177,6 +177,11 @@ class LlamaPreTrainedModel(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
+    def new_cache(self, batch_size: int, max_len: int, growable: bool = False) -> StaticCache:
+        """A KV cache for `batch_size` sequences of up to `max_len` tokens (prompt, left padding included, plus
+        new tokens), on the model's device and dtype; pass it as past_key_values."""
+        return StaticCache.for_model(self.config, batch_size, max_len, self.dtype, self.device, growable)
+
     def init_weights(self) -> None:
         """Random weights as transformers initializes them: normal(0, initializer_range), zero biases,
         unit norms."""
@@ -202,13 +207,8 @@ class LlamaModel(LlamaPreTrainedModel):
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
-    @property
-    def model(self):  # so the LlamaPreTrainedModel helpers find embed_tokens
-        return self
-
-    def new_cache(self, batch_size: int, max_len: int, growable: bool = False) -> StaticCache:
-        """A cache for `batch_size` sequences of up to `max_len` tokens, on the model's device and dtype."""
-        return StaticCache.for_model(self.config, batch_size, max_len, self.dtype, self.device, growable)
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
