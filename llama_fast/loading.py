@@ -260,10 +260,22 @@ def meta_model(cls, config: LlamaConfig, dtype: torch.dtype, device="cpu") -> nn
 
 # ---- from_pretrained ------------------------------------------------------------------------------------
 
-def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantize=None, group_size=128):
+def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantize=None, group_size=128,
+                    torch_dtype=None, device_map=None):
     """`cls` (LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification) from an HF directory or a GGUF
     file. dtype: "auto" (config's torch_dtype, float32 if absent), "float32", "bfloat16", "float16" or a
-    torch.dtype. backend: the ops backend (None: the best one for each op on the tensors' device)."""
+    torch.dtype. backend: the ops backend (None: the best one for each op on the tensors' device).
+    transformers' spellings work too: torch_dtype= for dtype, device_map="cpu" / "cuda:0" for device (one
+    device; the model is not split)."""
+    if torch_dtype is not None:
+        if dtype not in ("auto", None):
+            raise ValueError("pass dtype or torch_dtype, not both")
+        dtype = torch_dtype
+    if device_map is not None:
+        if not isinstance(device_map, (str, torch.device)) or str(device_map) in ("auto", "balanced", "sequential"):
+            raise ValueError(f"device_map={device_map!r}: llama_fast loads a model onto one device; pass "
+                             "device='cpu' or device='cuda'")
+        device = device_map
     check_backend_name(backend)
     if quantize is not None and quantize not in _QUANTIZE_BITS:
         raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")

@@ -248,6 +248,9 @@ class LlamaModel(LlamaPreTrainedModel):
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+            if input_ids.device != self.device:
+                raise ValueError(f"input_ids are on {input_ids.device}, the model on {self.device}; move them "
+                                 f"with .to({str(self.device)!r})")
             _check_token_ids(input_ids, self.config.vocab_size)
             hidden = F.embedding(input_ids, self.embed_tokens.weight)
         else:

@@ -121,3 +121,15 @@ def test_backend_argument(tmp_path):
     assert ours.model.layers[0].mlp.backend is None
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
         LlamaForCausalLM.from_pretrained(tmp_path, backend="tpu")
+
+
+def test_transformers_argument_spellings(tmp_path):
+    make_hf_model(tmp_path)
+    assert LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert LlamaForCausalLM.from_pretrained(tmp_path, device_map="cpu").device.type == "cpu"
+    with pytest.raises(ValueError, match="loads a model onto one device"):
+        LlamaForCausalLM.from_pretrained(tmp_path, device_map="auto")
+    with pytest.raises(ValueError, match="pass dtype or torch_dtype, not both"):
+        LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", torch_dtype=torch.bfloat16)
+    with pytest.raises(TypeError):
+        LlamaForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
