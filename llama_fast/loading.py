@@ -5,7 +5,8 @@
     model.save_pretrained(directory)
 
 Memory: the model is built on the meta device and each parameter is materialized when its tensors arrive,
-which are read one at a time from the memory-mapped safetensors files, so the weights never exist twice.
+read one at a time (llama_fast.safetensors_file), straight into the parameter when its dtype matches, so
+the weights never exist twice: the peak is the model plus one tensor being converted.
 With `quantize`, each linear layer is quantized as soon as its weight is complete (a fused one after all
 its parts), so the peak is about the quantized model plus one layer. A layer whose input size K is not a
 multiple of group_size gets the largest power-of-two fraction of group_size (>= 32) that divides K. Embeddings, lm_head and score stay
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -38,11 +38,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llama_fast import quant
+from llama_fast import quant, safetensors_file
 from llama_fast.config import LlamaConfig, dtype_from_name
 from llama_fast.linear import Linear
 from llama_fast.ops._backend import check_backend_name
 from llama_fast.quant import QuantizedWeight
+from llama_fast.safetensors_file import SafetensorsError, SafetensorsFile
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -152,6 +153,21 @@ class TensorLoader:
         # A bare LlamaModel ignores the heads of a ForCausalLM / ForSequenceClassification checkpoint.
         return (name == "lm_head.weight" and (self.tied or self.bare)) or (self.bare and name.startswith("score."))
 
+    def slot(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
+        """The memory a dense tensor `name` will end up in, when a reader can fill it directly (a CPU model
+        of the same dtype): passing the filled slot to `add` then costs no copy. None otherwise."""
+        found = self._resolve(name)
+        if found is None or dtype != self.dtype or self.device.type != "cpu":
+            return None
+        target = self.targets[found[0]]
+        r0, r1 = target.rows[found[1]]
+        if tuple(shape) != (r1 - r0,) + target.shape[1:] or any(
+                isinstance(v, QuantizedWeight) for v in target.received.values()):
+            return None
+        if target.buffer is None:
+            target.buffer = torch.empty(target.shape, dtype=self.dtype, device=self.device)
+        return target.buffer[r0:r1] if len(target.parts) > 1 else target.buffer
+
     def add(self, name: str, value, source: str) -> None:
         found = self._resolve(name)
         if found is None:
@@ -174,12 +190,11 @@ class TensorLoader:
         else:
             if not value.is_floating_point():
                 raise CheckpointError(f"{source}: tensor {name!r} has dtype {value.dtype}; expected floating point")
-            if len(target.parts) == 1:
-                target.buffer = value.to(device=self.device, dtype=self.dtype)
-            else:
-                if target.buffer is None:
-                    target.buffer = torch.empty(target.shape, dtype=self.dtype, device=self.device)
-                target.buffer[r0:r1].copy_(value)
+            if target.buffer is None:
+                target.buffer = torch.empty(target.shape, dtype=self.dtype, device=self.device)
+            destination = target.buffer[r0:r1] if len(target.parts) > 1 else target.buffer
+            if not _same_memory(value, destination):     # else a reader filled the slot already
+                destination.copy_(value)
             target.received[part] = True
         if len(target.received) == len(target.parts):
             self._materialize(pname, target)
@@ -220,6 +235,10 @@ class TensorLoader:
             raise CheckpointError(f"{source}: {len(missing)} tensor(s) missing: {shown}")
         if self.tied and hasattr(self.model, "lm_head"):
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
 
 
 def _group_size_for(k: int, requested: int, name: str) -> int:
@@ -381,55 +400,22 @@ def _safetensors_files(path: str) -> list[tuple[str, list[str] | None]]:
 
 
 def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | None, bar=None) -> None:
-    from safetensors import safe_open
-    _check_safetensors_header(file)
     try:
-        handle = safe_open(file, framework="pt", device="cpu")
-    except Exception as e:   # safetensors raises its own error types; name the file
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-    with handle as f:
-        keys = set(f.keys())
-        for name in names if names is not None else sorted(keys):
-            if name not in keys:
-                raise CheckpointError(f"{file}: tensor {name!r} listed in the index is not in the file")
-            try:
-                tensor = f.get_tensor(name)
-            except Exception as e:
-                raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
-            loader.add(name, tensor, file)
-            if bar is not None:
-                bar.update()
-
-
-def _check_safetensors_header(file: str) -> None:
-    """A truncated or corrupt file gets an error naming the file and the first tensor that does not fit,
-    before safetensors maps it."""
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise CheckpointError(f"{file}: truncated safetensors file: the header claims {header_len} bytes, "
-                                  f"the file has {size - 8} after the length")
+        st = SafetensorsFile(file)
+    except SafetensorsError as e:
+        raise CheckpointError(str(e)) from None
+    for name in names if names is not None else sorted(st.keys()):
+        if name not in st.entries:
+            raise CheckpointError(f"{file}: tensor {name!r} listed in the index is not in the file")
+        # Read straight into the parameter when no conversion is needed; else into a temporary.
+        out = loader.slot(name, st.shape(name), st.dtype(name))
         try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
-    data = size - 8 - header_len
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            end = int(info["data_offsets"][1])
-        except (KeyError, IndexError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: corrupt safetensors header entry for tensor {name!r}") from None
-        if end > data:
-            raise CheckpointError(f"{file}: truncated: tensor {name!r} ends at byte {end} of the data, "
-                                  f"which has only {data} bytes")
+            tensor = st.read(name, out)
+        except SafetensorsError as e:
+            raise CheckpointError(str(e)) from None
+        loader.add(name, tensor, file)
+        if bar is not None:
+            bar.update()
 
 
 def _read_generation_config(path: str) -> dict:
@@ -445,9 +431,6 @@ def _read_generation_config(path: str) -> dict:
 
 
 # ---- save_pretrained ------------------------------------------------------------------------------------
-
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-
 
 def hf_state_items(model: nn.Module):
     """(transformers name, tensor view) of every parameter, fused weights split, a tied lm_head omitted."""
@@ -471,7 +454,7 @@ def save_pretrained(model: nn.Module, directory) -> None:
     config = model.config
     config.dtype = str(model.dtype).removeprefix("torch.")
     config.save_pretrained(directory)
-    write_safetensors(os.path.join(directory, SAFE_WEIGHTS), items)
+    safetensors_file.write(os.path.join(directory, SAFE_WEIGHTS), items)
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     if config.pad_token_id is not None:
         gen["pad_token_id"] = config.pad_token_id
@@ -479,26 +462,3 @@ def save_pretrained(model: nn.Module, directory) -> None:
     with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(gen, f, indent=2, sort_keys=True)
         f.write("\n")
-
-
-def write_safetensors(file: str, items: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Streams tensors into a safetensors file one at a time (no second copy of the model in memory)."""
-    items = list(items)
-    header, offset = {}, 0
-    for name, t in items:
-        if t.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{name}: cannot save dtype {t.dtype}")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)     # the data starts 8-byte aligned, as safetensors writes it
-    tmp = file + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for _, t in items:
-            f.write(t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
-    os.replace(tmp, file)
