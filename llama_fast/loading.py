@@ -446,15 +446,28 @@ def hf_state_items(model: nn.Module):
             yield hf, tensor[r0:r1] if len(target.parts) > 1 else tensor
 
 
-def save_pretrained(model: nn.Module, directory) -> None:
-    """config.json, model.safetensors, generation_config.json: a directory transformers loads."""
+def save_pretrained(model: nn.Module, directory, max_shard_size: int | str = "50GB") -> None:
+    """config.json, the weights and generation_config.json: a directory transformers loads. The weights go to
+    model.safetensors, or, past max_shard_size (bytes, or "500MB" / "5GB" / "2GiB" as transformers spells it),
+    to model-0000i-of-0000n.safetensors shards with model.safetensors.index.json."""
     items = list(hf_state_items(model))     # views; raises before anything is written
+    shards = _shard(items, _size_in_bytes(max_shard_size))
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     config = model.config
     config.dtype = str(model.dtype).removeprefix("torch.")
     config.save_pretrained(directory)
-    safetensors_file.write(os.path.join(directory, SAFE_WEIGHTS), items)
+    names = ([SAFE_WEIGHTS] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    _remove_stale_weights(directory, keep=names)
+    for name, shard in zip(names, shards):
+        safetensors_file.write(os.path.join(directory, name), shard)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for _, t in items)},
+                 "weight_map": {tensor: name for name, shard in zip(names, shards) for tensor, _ in shard}}
+        with open(os.path.join(directory, SAFE_INDEX), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+            f.write("\n")
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     if config.pad_token_id is not None:
         gen["pad_token_id"] = config.pad_token_id
@@ -462,3 +475,37 @@ def save_pretrained(model: nn.Module, directory) -> None:
     with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(gen, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def _size_in_bytes(size: int | str) -> int:
+    """500 / "500MB" / "5GB" / "2GiB" -> bytes (KB/MB/GB decimal, KiB/MiB/GiB binary, as transformers)."""
+    if isinstance(size, int) and size > 0:
+        return size
+    units = {"GIB": 2 ** 30, "MIB": 2 ** 20, "KIB": 2 ** 10, "GB": 10 ** 9, "MB": 10 ** 6, "KB": 10 ** 3, "B": 1}
+    text = str(size).strip().upper()
+    for unit, scale in units.items():
+        if text.endswith(unit) and text[:-len(unit)].strip().isdigit() and int(text[:-len(unit)]) > 0:
+            return int(text[:-len(unit)]) * scale
+    raise ValueError(f"max_shard_size must be a positive number of bytes or a size like '5GB', got {size!r}")
+
+
+def _shard(items: list, limit: int) -> list[list]:
+    """Consecutive groups of (name, tensor) of at most `limit` bytes each (a bigger tensor alone)."""
+    shards, current, size = [], [], 0
+    for name, t in items:
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, t))
+        size += nbytes
+    return shards + [current] if current else shards or [[]]
+
+
+def _remove_stale_weights(directory: str, keep: list[str]) -> None:
+    """Weight files of an earlier save that the new one does not overwrite would confuse a loader."""
+    for name in os.listdir(directory):
+        stale = name == SAFE_INDEX or name == SAFE_WEIGHTS or (
+            name.startswith("model-") and "-of-" in name and name.endswith(".safetensors"))
+        if stale and name not in keep:
+            os.remove(os.path.join(directory, name))

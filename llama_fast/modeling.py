@@ -156,10 +156,11 @@ class LlamaPreTrainedModel(nn.Module):
         return from_pretrained(cls, path, dtype=dtype, device=device, backend=backend, quantize=quantize,
                                group_size=group_size, **kwargs)
 
-    def save_pretrained(self, directory) -> None:
-        """Writes config.json, model.safetensors (transformers' names) and generation_config.json."""
+    def save_pretrained(self, directory, max_shard_size: int | str = "50GB") -> None:
+        """Writes config.json, model.safetensors (transformers' names; sharded past max_shard_size) and
+        generation_config.json."""
         from llama_fast.loading import save_pretrained
-        save_pretrained(self, directory)
+        save_pretrained(self, directory, max_shard_size)
 
     def set_backend(self, backend: str | None):
         """The ops backend of every layer: "torch", "cpu", "triton", "cuda" or None (best for the device)."""
