@@ -15,8 +15,10 @@ IDS = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tensors")
-    make_hf_model(directory)
-    return LlamaConfig.from_pretrained(directory), load_file(directory / "model.safetensors")
+    reference = make_hf_model(directory)
+    with torch.no_grad():
+        logits = reference(IDS).logits
+    return LlamaConfig.from_pretrained(directory), load_file(directory / "model.safetensors"), logits
 
 
 def _logits(model):
@@ -39,14 +41,15 @@ def _load(config, items, **kwargs):
 
 
 def test_dense_items(checkpoint):
-    config, state = checkpoint
+    """Plain tensors in, the transformers model's logits out."""
+    config, state, expected = checkpoint
     model = _load(config, state.items())
-    for p in model.parameters():
-        assert p.device.type == "cpu"
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert max_rel_diff(_logits(model), expected) <= 1e-5
 
 
 def test_quantized_fused_parts_stay_quantized(checkpoint):
-    config, state = checkpoint
+    config, state, _ = checkpoint
     names = [n for n in state if "layers.0." in n and n.endswith("proj.weight")]
     values, dense = _with_quantized(state, names, bits=4)
     model = _load(config, values.items())
@@ -59,7 +62,7 @@ def test_quantized_fused_parts_stay_quantized(checkpoint):
 
 
 def test_quantize_leaves_given_quantized_weights_alone(checkpoint):
-    config, state = checkpoint
+    config, state, _ = checkpoint
     names = [n for n in state if "layers.0." in n and n.endswith("proj.weight")]
     values, _ = _with_quantized(state, names, bits=4)
     model = _load(config, values.items(), quantize="int8")
@@ -70,7 +73,7 @@ def test_quantize_leaves_given_quantized_weights_alone(checkpoint):
 
 
 def test_mixed_formats_are_dequantized(checkpoint):
-    config, state = checkpoint
+    config, state, _ = checkpoint
     values, dense = _with_quantized(state, ["model.layers.0.self_attn.q_proj.weight"], bits=4)
     values2, dense2 = _with_quantized(dense, ["model.layers.0.self_attn.k_proj.weight"], bits=8)
     values2["model.layers.0.self_attn.q_proj.weight"] = values["model.layers.0.self_attn.q_proj.weight"]
@@ -80,14 +83,14 @@ def test_mixed_formats_are_dequantized(checkpoint):
 
 
 def test_quantized_embedding_is_dequantized(checkpoint):
-    config, state = checkpoint
+    config, state, _ = checkpoint
     values, dense = _with_quantized(state, ["model.embed_tokens.weight"], bits=8)
     model = _load(config, values.items())
     assert torch.equal(model.model.embed_tokens.weight, dense["model.embed_tokens.weight"])
 
 
 def test_errors_name_the_source(checkpoint):
-    config, state = checkpoint
+    config, state, _ = checkpoint
     items = [(n, t) for n, t in state.items() if n != "model.norm.weight"]
     with pytest.raises(CheckpointError, match=r"test-source: 1 tensor\(s\) missing: 'model\.norm\.weight'"):
         _load(config, items)
@@ -103,7 +106,7 @@ def test_errors_name_the_source(checkpoint):
 def test_quantize_on_load_never_holds_all_dense_layers(checkpoint, monkeypatch):
     """When a layer is quantized, no other quantizable layer holds a dense weight: the peak is the quantized
     model plus the layer being quantized."""
-    config, state = checkpoint
+    config, state, _ = checkpoint
     model = meta_model(LlamaForCausalLM, config, torch.float32)
     linears = [m for name, m in model.named_modules() if isinstance(m, Linear) and name != "lm_head"]
     calls = []
