@@ -9,8 +9,8 @@ read one at a time (llama_fast.safetensors_file), straight into the parameter wh
 the weights never exist twice: the peak is the model plus one tensor being converted.
 With `quantize`, each linear layer is quantized as soon as its weight is complete (a fused one after all
 its parts), so the peak is about the quantized model plus one layer. A layer whose input size K is not a
-multiple of group_size gets the largest power-of-two fraction of group_size (>= 32) that divides K. Embeddings, lm_head and score stay
-dense. Pickles (.bin / .pt) are refused: loading never unpickles.
+multiple of group_size gets the largest power-of-two fraction of group_size (>= 32) that divides K.
+Embeddings, lm_head and score stay dense. Pickles (.bin / .pt) are refused: loading never unpickles.
 
 The interface other formats use (GGUF does):
 

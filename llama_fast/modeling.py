@@ -8,11 +8,12 @@ Weights are fused: `self_attn.qkv_proj` holds the rows [q; k; v] and `mlp.gate_u
 (one matmul each). llama_fast.loading maps transformers' names onto row ranges of these and back.
 
 Padding and the cache. The KV cache stores each sequence's real tokens compactly from slot 0. In a chunk of T
-tokens whose row b starts with p_b pad tokens (attention_mask zeros, left padding only), real token i goes
-to slot lengths[b] + i - p_b (pads to slot -1, which ops.store_kv skips), the keys valid for row b are then
-kv_lens[b] = lengths[b] + T - p_b, and ops.attention's bottom-right causal rule puts query i at position
-kv_lens[b] - T + i: exactly its slot. The rotary position of a real token is its slot (what transformers'
-generate computes as cumsum(attention_mask) - 1) unless position_ids says otherwise. Pad rows output zeros
+tokens whose row b starts with p_b pad tokens (attention_mask zeros, left padding only), the token in column
+i >= p_b goes to slot lengths[b] + i - p_b (pads to slot -1, which ops.store_kv skips), the keys valid for
+row b are then kv_lens[b] = lengths[b] + T - p_b, and ops.attention's bottom-right causal rule puts query i
+at position kv_lens[b] - T + i: exactly its slot. The rotary position of a real token is its slot (what transformers'
+generate computes as cumsum(attention_mask) - 1) unless position_ids says otherwise. (transformers' forward
+called without position_ids counts the pads as positions; pass position_ids to get that.) Pad rows output zeros
 from attention; their hidden states and logits are meaningless, as in transformers.
 """
 from __future__ import annotations
