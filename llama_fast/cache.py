@@ -135,13 +135,15 @@ def _legacy_layers(past) -> list:
 
 
 def as_static_cache(past, config, past_mask: torch.Tensor | None = None, dtype=None,
-                    device=None) -> StaticCache:
+                    device=None) -> StaticCache | None:
     """Converts transformers' cache forms (k/v [B, Hkv, T, D] per layer, T = past columns) into a growable
-    StaticCache. `past_mask` [B, T] (the first T columns of a transformers-style attention_mask) tells which
+    StaticCache (None for an empty one). `past_mask` [B, T] (the first T columns of a transformers-style attention_mask) tells which
     columns were left padding; their slots are dropped so the real tokens sit compactly from slot 0."""
     if isinstance(past, StaticCache):
         return past
     layers = _legacy_layers(past)
+    if not layers or any(k is None or k.numel() == 0 for k, _ in layers):
+        return None            # an empty cache (e.g. a fresh transformers DynamicCache()): nothing to convert
     if len(layers) != config.num_hidden_layers:
         raise ValueError(f"past_key_values has {len(layers)} layers, the model has {config.num_hidden_layers}")
     k0 = layers[0][0]

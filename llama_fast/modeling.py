@@ -268,16 +268,18 @@ class LlamaModel(LlamaPreTrainedModel):
             raise ValueError("the input has no tokens (seq_len 0)")
         device = hidden.device
 
-        if past is None:
-            # Without a cache, a temporary one holds this chunk's keys; use_cache keeps (and may grow) it.
-            size = -(-(t + 1) // _IMPLICIT_CACHE_BLOCK) * _IMPLICIT_CACHE_BLOCK if use_cache else t
-            cache = self.new_cache(batch, size, growable=bool(use_cache))
-        else:
+        cache = None
+        if past is not None:
             past_mask = None
             if not isinstance(past, StaticCache) and attention_mask is not None and attention_mask.dim() == 2 \
                     and attention_mask.shape[1] > t:
                 past_mask = attention_mask[:, :attention_mask.shape[1] - t]
             cache = as_static_cache(past, self.config, past_mask, self.dtype, device)
+            use_cache = True
+        if cache is None:
+            # Without a cache, a temporary one holds this chunk's keys; use_cache keeps (and may grow) it.
+            size = -(-(t + 1) // _IMPLICIT_CACHE_BLOCK) * _IMPLICIT_CACHE_BLOCK if use_cache else t
+            cache = self.new_cache(batch, size, growable=bool(use_cache))
         if cache.batch_size != batch:
             raise ValueError(f"past_key_values holds {cache.batch_size} sequences, the input has {batch}")
         if cache.device != device:

@@ -170,3 +170,13 @@ def test_dynamic_rope_decode_past_max_position_matches_transformers(tmp_path):
         theirs = ref(ids[:, t:t + 1], past_key_values=theirs.past_key_values, use_cache=True)
         mine = ours(ids[:, t:t + 1], past_key_values=mine.past_key_values)
         assert max_rel_diff(mine.logits, theirs.logits) <= 1e-4, f"step {t}"
+
+
+@torch.no_grad()
+def test_empty_transformers_cache_starts_a_new_one(model):
+    from transformers import DynamicCache
+    ids = _ids(2, 7)
+    out = model(ids[:, :5], past_key_values=DynamicCache())
+    assert isinstance(out.past_key_values, StaticCache) and out.past_key_values.growable
+    out = model(ids[:, 5:], past_key_values=out.past_key_values)
+    assert max_rel_diff(out.logits, model(ids, use_cache=False).logits[:, 5:]) <= 1e-5
