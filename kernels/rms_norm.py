@@ -29,8 +29,9 @@ def _rms_norm_kernel(X, R, W, Y, RES_OUT, H, x_row_stride, r_row_stride, eps,
     mask = cols < H
     x = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        # The new residual is rounded to the activation dtype, exactly as `x + residual` in PyTorch.
-        x = x + tl.load(R + row * r_row_stride + cols, mask=mask, other=0.0)
+        # Added in fp32 and rounded to the activation dtype: exactly PyTorch's `x + residual`.
+        r = tl.load(R + row * r_row_stride + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
         tl.store(RES_OUT + row * H + cols, x, mask=mask)
     xf = x.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
