@@ -6,7 +6,8 @@ Softmax runs in fp32 with the online (running max / running sum) rescaling, in b
 scale * log2(e) so every exponential is one exp2.
 
 Prefill: one program per (block of BLOCK_M queries, query head); the kv head is head // group, so K/V are
-read in place, never repeated. The key loop stops at the block's last causal key.
+read in place, never repeated. The key loop stops at the block's last causal key. Tuning is keyed on the
+query count rounded up to a power of two (TQ_BUCKET), not on every prompt length.
 
 Decode (few query rows): one program per (key split, batch, kv head) holds every query row of the GQA group
 (Tq * group rows, padded to 16 for tl.dot) and streams its share of the keys once for all of them: each K/V
@@ -28,7 +29,7 @@ from ._common import (CompileCase, autotune, check, check_float, check_last_dim_
 LOG2E = 1.4426950408889634
 # A finite "minus infinity" for the running max: a row whose keys are all masked keeps m = NEG_BIG and
 # l = 0, and exp2(-inf - NEG_BIG) = 0 instead of the NaN that (-inf) - (-inf) would give.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 # Prefill tiles. Q tile [BLOCK_M, D] stays in registers; K and V tiles [BLOCK_N, D] stream through shared
 # memory, num_stages deep. fp16, D=128, 128x64 x 3 stages: 2 x 16 KB x 3 = 96 KB of shared memory, under both
@@ -56,9 +57,9 @@ DECODE_CONFIGS = [
 DECODE_MAX_ROWS = 64
 
 
-@autotune(PREFILL_CONFIGS, key=["TQ", "HEAD_DIM", "GROUP"])
+@autotune(PREFILL_CONFIGS, key=["TQ_BUCKET", "HEAD_DIM", "GROUP"])
 @triton.jit
-def _prefill_kernel(Q, K, V, O, KV_LENS, qk_scale, TQ, TK, HQ,
+def _prefill_kernel(Q, K, V, O, KV_LENS, qk_scale, TQ, TK, HQ, TQ_BUCKET,
                     q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, o_sb, o_st, o_sh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                     HAS_KV_LENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -235,7 +236,7 @@ def prefill_attention(q, k, v, causal=True, kv_lens=None, scale=None):
         return out
     qk_scale = (d ** -0.5 if scale is None else scale) * LOG2E
     grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * hq)  # noqa: E731
-    _prefill_kernel[grid](q, k, v, out, _lens(kv_lens, q), qk_scale, tq, tk, hq,
+    _prefill_kernel[grid](q, k, v, out, _lens(kv_lens, q), qk_scale, tq, tk, hq, triton.next_power_of_2(tq),
                           *_bth(q), *_bth(k), *_bth(v), *_bth(out),
                           GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=causal,
                           HAS_KV_LENS=kv_lens is not None)
@@ -304,7 +305,8 @@ def compile_cases() -> list[CompileCase]:
     for dtype in ("fp16", "bf16"):
         for d in (64, 128):
             sig = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "KV_LENS": "*i32",
-                   "qk_scale": "fp32", "TQ": "i32", "TK": "i32", "HQ": "i32", **strides("q", "k", "v", "o"),
+                   "qk_scale": "fp32", "TQ": "i32", "TK": "i32", "HQ": "i32", "TQ_BUCKET": "i32",
+                   **strides("q", "k", "v", "o"),
                    "GROUP": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "CAUSAL": "constexpr",
                    "HAS_KV_LENS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
             cases.append(CompileCase(f"attention_prefill[{dtype},D={d}]", jit_function(_prefill_kernel), sig,
