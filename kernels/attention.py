@@ -31,16 +31,20 @@ LOG2E = 1.4426950408889634
 # l = 0, and exp2(-inf - NEG_BIG) = 0 instead of the NaN that (-inf) - (-inf) would give.
 NEG_BIG = tl.constexpr(-1.0e30)
 
-# Prefill tiles. Q tile [BLOCK_M, D] stays in registers; K and V tiles [BLOCK_N, D] stream through shared
-# memory, num_stages deep. fp16, D=128, 128x64 x 3 stages: 2 x 16 KB x 3 = 96 KB of shared memory, under both
-# the A100's 163 KB and the H100's 227 KB; 8 warps give each warp 16 query rows of the 128 (the mma M).
-# The 64x64 config (first: also the interpreter's) suits short prompts and head_dim 64, where more CTAs
-# matter more than tile reuse.
+# Prefill tiles. Q tile [BLOCK_M, D] and the fp32 accumulator stay in registers; K and V tiles [BLOCK_N, D]
+# stream through shared memory, num_stages deep. fp16, D=128, 128x64 x 3 stages: 2 x 16 KB x 3 = 96 KB of
+# shared memory (plus layout scratch: 128 KB reported), under the A100's 163 KB and the H100's 227 KB; 8 warps
+# give each warp 16 query rows of the 128 (the mma M). With D=128, 4 warps holding 64 rows x 128 of fp32
+# accumulator plus the Q tile exceed 255 registers on sm_80 and spill (.ci/check_triton_cubins.py), so the
+# 4-warp 64-row tiles with 64-key tiles are for D <= 64 only. The first config is also the interpreter's.
 PREFILL_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=4),
+]
+PREFILL_CONFIGS_SMALL_D = PREFILL_CONFIGS + [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=4),
 ]
 
 # Decode is bandwidth-bound: the knobs are the key-tile length (bytes in flight per load) and the pipeline
@@ -57,7 +61,6 @@ DECODE_CONFIGS = [
 DECODE_MAX_ROWS = 64
 
 
-@autotune(PREFILL_CONFIGS, key=["TQ_BUCKET", "HEAD_DIM", "GROUP"])
 @triton.jit
 def _prefill_kernel(Q, K, V, O, KV_LENS, qk_scale, TQ, TK, HQ, TQ_BUCKET,
                     q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, o_sb, o_st, o_sh,
@@ -110,6 +113,11 @@ def _prefill_kernel(Q, K, V, O, KV_LENS, qk_scale, TQ, TK, HQ, TQ_BUCKET,
     out = tl.where(l_i[:, None] > 0, acc / l_safe[:, None], 0.0)   # rows without a valid key -> zeros
     tl.store(O + b * o_sb + h * o_sh + offs_m[:, None] * o_st + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < TQ) & d_mask[None, :])
+
+
+_PREFILL_KEY = ["TQ_BUCKET", "HEAD_DIM", "GROUP"]
+_prefill_small_d = autotune(PREFILL_CONFIGS_SMALL_D, _PREFILL_KEY)(_prefill_kernel)
+_prefill_any_d = autotune(PREFILL_CONFIGS, _PREFILL_KEY)(_prefill_kernel)
 
 
 @autotune(DECODE_CONFIGS, key=["HEAD_DIM", "GROUP", "ROWS_PAD"])
@@ -236,7 +244,8 @@ def prefill_attention(q, k, v, causal=True, kv_lens=None, scale=None):
         return out
     qk_scale = (d ** -0.5 if scale is None else scale) * LOG2E
     grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * hq)  # noqa: E731
-    _prefill_kernel[grid](q, k, v, out, _lens(kv_lens, q), qk_scale, tq, tk, hq, triton.next_power_of_2(tq),
+    kernel = _prefill_small_d if d <= 64 else _prefill_any_d
+    kernel[grid](q, k, v, out, _lens(kv_lens, q), qk_scale, tq, tk, hq, triton.next_power_of_2(tq),
                           *_bth(q), *_bth(k), *_bth(v), *_bth(out),
                           GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=causal,
                           HAS_KV_LENS=kv_lens is not None)
@@ -302,16 +311,16 @@ def _(q, k, v, causal=True, kv_lens=None, scale=None):
 def compile_cases() -> list[CompileCase]:
     strides = lambda *names: {f"{p}_s{x}": "i64" for p in names for x in "bth"}  # noqa: E731
     cases = []
-    for dtype in ("fp16", "bf16"):
-        for d in (64, 128):
+    for dtype, dims in (("fp16", (64, 128)), ("bf16", (128,))):       # bf16: the register-heaviest D only
+        for d in dims:
             sig = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "KV_LENS": "*i32",
                    "qk_scale": "fp32", "TQ": "i32", "TK": "i32", "HQ": "i32", "TQ_BUCKET": "i32",
                    **strides("q", "k", "v", "o"),
                    "GROUP": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "CAUSAL": "constexpr",
                    "HAS_KV_LENS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-            cases.append(CompileCase(f"attention_prefill[{dtype},D={d}]", jit_function(_prefill_kernel), sig,
+            cases.append(CompileCase(f"attention_prefill[{dtype},D={d}]", _prefill_kernel, sig,
                                      {"GROUP": 4, "HEAD_DIM": d, "BLOCK_D": d, "CAUSAL": True, "HAS_KV_LENS": True},
-                                     PREFILL_CONFIGS))
+                                     PREFILL_CONFIGS_SMALL_D if d <= 64 else PREFILL_CONFIGS))
             sig = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "ACC": "*fp32", "ML": "*fp32",
                    "KV_LENS": "*i32", "qk_scale": "fp32", "TQ": "i32", "TK": "i32", "HKV": "i32",
                    "split_len": "i32", **strides("q", "k", "v"),

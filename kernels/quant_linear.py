@@ -3,14 +3,17 @@
     out[m, n] = sum_k x[m, k] * (q[n, k] * scale[n, k // g] + offset[n, k // g])  (+ bias[n])
 
 int4 bytes hold element 2j in the low nibble and 2j + 1 in the high nibble, so a tile of packed bytes
-[BLOCK_K / 2, BLOCK_N] unpacks into the even-k and the odd-k halves of the weight tile; x is read as its
-even and odd columns to match, and two tl.dot calls cover the tile with no interleaving shuffle.
+[BLOCK_K / 2, BLOCK_N] unpacks into the even-k and the odd-k halves of the weight tile; the x tile, read
+contiguously, is split into its even and odd columns to match, and two tl.dot calls cover the tile.
 
-When a K tile lies inside one quantization group (g % BLOCK_K == 0, the usual g = 64 / 128 / per-channel),
-the integer codes go into tl.dot unscaled (0..15 and -128..127 are exact in fp16 and bf16) and the group's
-scale and offset are applied once per tile and output:  acc += (x @ q) * scale + rowsum(x) * offset.
-That costs no per-element dequant math and is more exact than rounding the dequantized weight to fp16.
-Otherwise (g smaller than the tile) each weight element is dequantized in fp32 before the dot.
+GEMV (decode): when a K tile lies inside one quantization group (g % BLOCK_K == 0, the usual g = 64 / 128 /
+per channel), the integer codes go into tl.dot unscaled (0..15 and -128..127 are exact in fp16 and bf16) and
+the group's scale and offset are applied once per tile and output: acc += (x @ q) * scale + rowsum(x) *
+offset. No per-element dequant math in the bandwidth-bound loop, and more exact than rounding the
+dequantized weight to fp16. GEMM (prefill), and GEMV with g smaller than the tile: each weight element is
+dequantized in fp32 and rounded to x's dtype before the dot (the second accumulator of the per-tile form
+would cost 64 registers per thread in a 128x128 tile and spill; per-element work is amortised over
+BLOCK_M rows there).
 
 One kernel, two tilings: a GEMV tiling for decode (M <= 8 rows, padded to the 16 of the mma shape, which
 costs nothing in a bandwidth-bound kernel) that spreads the weight over many CTAs, and a GEMM tiling for
@@ -43,20 +46,22 @@ GEMV_CONFIGS = [
 
 # Prefill (GEMM): compute-bound for M >= ~100; 128x128 output tiles with 8 warps approach the mma peak on
 # both GPUs. Per stage: x 128x64 fp16 = 16 KB + packed weight <= 8 KB, plus the dequantized operand staged
-# in shared memory: 3 stages stay well under the A100's 163 KB; the 4-stage config is for the H100.
+# in shared memory: 3-4 stages stay under the A100's 163 KB. BLOCK_K 128 with 128x128 tiles spills (the
+# dequantized [BLOCK_K, BLOCK_N] operand lives in registers before the dot), as .ci/check_triton_cubins.py
+# showed, so K tiles stay at 64.
 GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
 ]
 
 
 @triton.jit
 def _quant_matmul_kernel(X, QW, SCALE, OFFSET, BIAS, OUT, M, N, K, M_BUCKET, x_row_stride,
                          BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -68,10 +73,11 @@ def _quant_matmul_kernel(X, QW, SCALE, OFFSET, BIAS, OUT, M, N, K, M_BUCKET, x_r
     x_rows = X + offs_m[:, None].to(tl.int64) * x_row_stride
     s_rows = SCALE + offs_n.to(tl.int64) * n_groups                          # [BLOCK_N]
     o_rows = OFFSET + offs_n.to(tl.int64) * n_groups
-    PER_TILE: tl.constexpr = GROUP_SIZE % BLOCK_K == 0                        # one group per K tile
+    ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0                       # the K tile is in one group
     PACK: tl.constexpr = 2 if BITS == 4 else 1
     HALF: tl.constexpr = BLOCK_K // PACK                                      # codes per lane (even / odd)
     offs_h = tl.arange(0, HALF)
+    offs_k = tl.arange(0, BLOCK_K)
     qw_rows = QW + offs_n[None, :].to(tl.int64) * (K // PACK)                 # [1, BLOCK_N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -79,42 +85,44 @@ def _quant_matmul_kernel(X, QW, SCALE, OFFSET, BIAS, OUT, M, N, K, M_BUCKET, x_r
         k_mask = byte < K // PACK
         wmask = k_mask[:, None] & n_mask[None, :]
         codes = tl.load(qw_rows + byte[:, None], mask=wmask, other=0)          # [HALF, BLOCK_N]
-        xmask = m_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_rows + k0 + offs_k[None, :], mask=m_mask[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
         if BITS == 4:
             q_a = (codes & 0xF).to(tl.float32)                                # even k: low nibble
             q_b = (codes >> 4).to(tl.float32)                                 # odd k: high nibble
-            x_a = tl.load(x_rows + 2 * byte[None, :], mask=xmask, other=0.0)
-            x_b = tl.load(x_rows + 2 * byte[None, :] + 1, mask=xmask, other=0.0)
+            # x read contiguously (vectorized), then split into its even and odd columns in registers.
+            x_a, x_b = tl.split(tl.reshape(x, [BLOCK_M, HALF, 2]))
             k_a = 2 * byte
         else:
             q_a = codes.to(tl.float32)
-            x_a = tl.load(x_rows + byte[None, :], mask=xmask, other=0.0)
+            x_a = x
             k_a = byte
-        if PER_TILE:
-            group = k0 // GROUP_SIZE
-            s = tl.load(s_rows + group, mask=n_mask, other=0.0).to(tl.float32)
+        if ONE_GROUP:                                  # one scale (and offset) per column for the tile
+            s_a = tl.load(s_rows + k0 // GROUP_SIZE, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            o_a = tl.load(o_rows + k0 // GROUP_SIZE, mask=n_mask, other=0.0).to(tl.float32)[None, :] \
+                if HAS_OFFSET else 0.0
+        else:                                          # gathered per element; cached, the groups are few
+            g_a = (k_a // GROUP_SIZE)[:, None]
+            s_a = tl.load(s_rows[None, :] + g_a, mask=wmask, other=0.0).to(tl.float32)
+            o_a = tl.load(o_rows[None, :] + g_a, mask=wmask, other=0.0).to(tl.float32) if HAS_OFFSET else 0.0
+        s_b, o_b = s_a, o_a
+        if BITS == 4 and GROUP_SIZE % 2 != 0 and not ONE_GROUP:   # an odd group size can split a byte
+            g_b = ((k_a + 1) // GROUP_SIZE)[:, None]
+            s_b = tl.load(s_rows[None, :] + g_b, mask=wmask, other=0.0).to(tl.float32)
+            o_b = tl.load(o_rows[None, :] + g_b, mask=wmask, other=0.0).to(tl.float32) if HAS_OFFSET else 0.0
+        if SCALE_AFTER_DOT and ONE_GROUP:
             part = tl.dot(x_a, q_a.to(X.dtype.element_ty), input_precision="ieee")
             if BITS == 4:
                 part = tl.dot(x_b, q_b.to(X.dtype.element_ty), part, input_precision="ieee")
-            acc += part * s[None, :]
-            if HAS_OFFSET:
-                o = tl.load(o_rows + group, mask=n_mask, other=0.0).to(tl.float32)
+            acc += part * s_a
+            if HAS_OFFSET:                             # sum_k x[m, k] * offset[n] for the tile
                 x_sum = tl.sum(x_a.to(tl.float32), axis=1)
                 if BITS == 4:
                     x_sum += tl.sum(x_b.to(tl.float32), axis=1)
-                acc += x_sum[:, None] * o[None, :]
+                acc += x_sum[:, None] * o_a
         else:
-            g_a = (k_a // GROUP_SIZE)[:, None]
-            w_a = q_a * tl.load(s_rows[None, :] + g_a, mask=wmask, other=0.0).to(tl.float32)
-            if HAS_OFFSET:
-                w_a += tl.load(o_rows[None, :] + g_a, mask=wmask, other=0.0).to(tl.float32)
-            acc = tl.dot(x_a, w_a.to(X.dtype.element_ty), acc, input_precision="ieee")
+            acc = tl.dot(x_a, (q_a * s_a + o_a).to(X.dtype.element_ty), acc, input_precision="ieee")
             if BITS == 4:
-                g_b = ((k_a + 1) // GROUP_SIZE)[:, None]
-                w_b = q_b * tl.load(s_rows[None, :] + g_b, mask=wmask, other=0.0).to(tl.float32)
-                if HAS_OFFSET:
-                    w_b += tl.load(o_rows[None, :] + g_b, mask=wmask, other=0.0).to(tl.float32)
-                acc = tl.dot(x_b, w_b.to(X.dtype.element_ty), acc, input_precision="ieee")
+                acc = tl.dot(x_b, (q_b * s_b + o_b).to(X.dtype.element_ty), acc, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc.to(OUT.dtype.element_ty),
@@ -161,11 +169,12 @@ def quant_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
         return out.zero_() if bias is None else out.copy_(bias.expand_as(out))
     qweight, scale = qweight.contiguous(), scale.contiguous()
     offset = offset.contiguous() if offset is not None else scale       # dummy pointer when absent
-    kernel = _gemv if m <= GEMV_MAX_ROWS else _gemm
+    gemv = m <= GEMV_MAX_ROWS
+    kernel = _gemv if gemv else _gemm
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
     kernel[grid](x2, qweight, scale, offset, bias if bias is not None else scale, out, m, n, k, m_bucket(m),
                  x2.stride(0), BITS=bits, GROUP_SIZE=group_size, HAS_OFFSET=offset is not scale,
-                 HAS_BIAS=bias is not None)
+                 HAS_BIAS=bias is not None, SCALE_AFTER_DOT=gemv)
     return out
 
 
@@ -181,18 +190,20 @@ def quant_linear(x, qweight, bias=None):
 
 
 def compile_cases() -> list[CompileCase]:
+    """fp16 for every format and tiling; bf16 (the same code but for the dot's operand type) for the usual
+    int4 g=128 only, to keep the check fast."""
     cases = []
-    for dtype in ("fp16", "bf16"):
-        for bits in (4, 8):
-            sig = {"X": f"*{dtype}", "QW": "*u8" if bits == 4 else "*i8", "SCALE": f"*{dtype}",
-                   "OFFSET": f"*{dtype}", "BIAS": f"*{dtype}", "OUT": f"*{dtype}", "M": "i32", "N": "i32",
-                   "K": "i32", "M_BUCKET": "i32", "x_row_stride": "i64", "BITS": "constexpr",
-                   "GROUP_SIZE": "constexpr", "HAS_OFFSET": "constexpr", "HAS_BIAS": "constexpr",
-                   "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-            for group in (32, 128):
-                fixed = {"BITS": bits, "GROUP_SIZE": group, "HAS_OFFSET": bits == 4, "HAS_BIAS": False}
-                cases.append(CompileCase(f"quant_gemv[{dtype},int{bits},g={group}]", _quant_matmul_kernel, sig,
-                                         fixed, GEMV_CONFIGS))
-                cases.append(CompileCase(f"quant_gemm[{dtype},int{bits},g={group}]", _quant_matmul_kernel, sig,
-                                         fixed, GEMM_CONFIGS))
+    formats = [("fp16", 4, 32), ("fp16", 4, 128), ("fp16", 8, 32), ("fp16", 8, 128), ("bf16", 4, 128)]
+    for dtype, bits, group in formats:
+        sig = {"X": f"*{dtype}", "QW": "*u8" if bits == 4 else "*i8", "SCALE": f"*{dtype}",
+               "OFFSET": f"*{dtype}", "BIAS": f"*{dtype}", "OUT": f"*{dtype}", "M": "i32", "N": "i32",
+               "K": "i32", "M_BUCKET": "i32", "x_row_stride": "i64", "BITS": "constexpr",
+               "GROUP_SIZE": "constexpr", "HAS_OFFSET": "constexpr", "HAS_BIAS": "constexpr",
+               "SCALE_AFTER_DOT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+               "BLOCK_K": "constexpr"}
+        fixed = {"BITS": bits, "GROUP_SIZE": group, "HAS_OFFSET": bits == 4, "HAS_BIAS": False}
+        cases.append(CompileCase(f"quant_gemv[{dtype},int{bits},g={group}]", _quant_matmul_kernel, sig,
+                                 {**fixed, "SCALE_AFTER_DOT": True}, GEMV_CONFIGS))
+        cases.append(CompileCase(f"quant_gemm[{dtype},int{bits},g={group}]", _quant_matmul_kernel, sig,
+                                 {**fixed, "SCALE_AFTER_DOT": False}, GEMM_CONFIGS))
     return cases

@@ -98,4 +98,4 @@ def compile_cases() -> list[CompileCase]:
            "HAS_RESIDUAL": "constexpr", "BLOCK": "constexpr"}
     fn = jit_function(_rms_norm_kernel)
     return [CompileCase(f"rms_norm[H={h},residual={res}]", fn, sig, {"HAS_RESIDUAL": res, "BLOCK": h}, CONFIGS)
-            for h in (4096, 8192) for res in (False, True)]
+            for h in (1024, 8192) for res in (False, True)]

@@ -133,7 +133,7 @@ def _(x, w_gate_up):
 
 def compile_cases() -> list[CompileCase]:
     cases = []
-    for dtype in ("fp16", "bf16"):
+    for dtype in ("bf16",):                     # fp16 compiles to the same instructions but for conversions
         sig = {"GU": f"*{dtype}", "OUT": f"*{dtype}", "I": "i32", "gu_row_stride": "i64", "BLOCK": "constexpr"}
         cases.append(CompileCase(f"silu_and_mul[{dtype}]", jit_function(_silu_and_mul_kernel), sig, {},
                                  SILU_CONFIGS))

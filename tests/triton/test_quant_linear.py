@@ -7,9 +7,10 @@ from llama_fast.ops import reference
 from _budget import assert_fp32_close, assert_within_budget
 
 
-# (bits, group_size, symmetric): g = 32 is smaller than the K tile (per-element dequant), g = 64 / per
-# channel apply scale and offset once per tile; int4 asymmetric (offsets = mins) and symmetric (Q4_0 style).
-FORMATS = [(4, 32, False), (4, 64, True), (8, 64, False), (8, -1, False)]
+# (bits, group_size, symmetric): g = 32 is smaller than the K tile (scales gathered per element), g = 64 /
+# per channel hold a K tile in one group (scaled after the dot in the GEMV), g = 3 splits bytes across
+# groups; int4 asymmetric (offsets = mins) and symmetric (Q4_0 style offsets).
+FORMATS = [(4, 32, False), (4, 64, True), (4, 3, False), (8, 64, False), (8, -1, False)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])      # tl.dot: no bf16 in the interpreter
