@@ -3,7 +3,8 @@
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set before triton
 is first imported), which is how the tests check the kernels on machines without a GPU.
 
-Each op lives in its own file (kernel, launcher, checks) and is registered as a torch custom op in the
+Each op family lives in its own file (kernel, launcher, checks): norm, rope, flash_attention, swiglu,
+quant_matmul, kv_cache. Each op and is registered as a torch custom op in the
 llama_fast_triton namespace with a fake implementation, so torch.compile and CUDA graphs see opaque ops.
 The functions below follow the llama_fast.ops contracts (same arguments, minus `backend`); gate_up_silu is
 an extra fused op the model may call directly.
@@ -41,9 +42,9 @@ try:
 except ImportError:  # unavailable_reason says so; the ops below need triton
     pass
 else:
-    from .attention import attention  # noqa: F401
-    from .quant_linear import quant_linear  # noqa: F401
-    from .rms_norm import fused_add_rms_norm, rms_norm  # noqa: F401
-    from .rotary import rotary  # noqa: F401
-    from .silu_and_mul import gate_up_silu, silu_and_mul  # noqa: F401
-    from .store_kv import store_kv  # noqa: F401
+    from .flash_attention import attention  # noqa: F401
+    from .quant_matmul import quant_linear  # noqa: F401
+    from .norm import fused_add_rms_norm, rms_norm  # noqa: F401
+    from .rope import rotary  # noqa: F401
+    from .swiglu import gate_up_silu, silu_and_mul  # noqa: F401
+    from .kv_cache import store_kv  # noqa: F401

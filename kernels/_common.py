@@ -28,6 +28,11 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
+def m_bucket(m: int) -> int:
+    """Autotune key for a row count: re-tune per power of two, not per distinct prompt length."""
+    return triton.next_power_of_2(max(m, 1))
+
+
 def check(condition: bool, message: str, error=ValueError) -> None:
     if not condition:
         raise error(message)

@@ -9,7 +9,10 @@ import torch
 
 
 def assert_fp32_close(out: torch.Tensor, ref: torch.Tensor) -> None:
-    torch.testing.assert_close(out, ref, rtol=2e-6, atol=2e-5)
+    """Equal up to fp32 rounding of a different summation order: 5e-6 of the output's scale (about 40
+    units in the last place; a K=512 dot product reordered differs by that much near zero)."""
+    scale = max(float(ref.abs().max()), 1.0) if ref.numel() else 1.0
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=5e-6 * scale)
 
 
 def assert_within_budget(out: torch.Tensor, oracle: torch.Tensor, plain: torch.Tensor) -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llama_fast import kernels, ops
-from llama_fast.kernels.attention import decode_attention, prefill_attention
+from llama_fast.kernels.flash_attention import decode_attention, prefill_attention
 from llama_fast.ops import reference
 
 from _budget import assert_fp32_close, assert_within_budget

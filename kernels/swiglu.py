@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._common import (CompileCase, autotune, check, check_float, check_last_dim_contiguous,
-                             check_same_device, jit_function)
+                             check_same_device, jit_function, m_bucket)
 
 # Elementwise: 1024-element blocks are 2 KB of fp16 per operand, 8 elements (one 16-byte vector) per thread
 # at 4 warps; larger blocks for long rows cut the program count without hurting occupancy.
@@ -96,11 +96,6 @@ def _gate_up_silu_kernel(X, WG, WU, OUT, M, I, K, M_BUCKET, x_row_stride,
     out = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(OUT + offs_m[:, None].to(tl.int64) * I + offs_n[None, :], out.to(OUT.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
-
-
-def m_bucket(m: int) -> int:
-    """Autotune key for the row count: re-tune per power of two, not per distinct prompt length."""
-    return triton.next_power_of_2(max(m, 1))
 
 
 @torch.library.custom_op("llama_fast_triton::gate_up_silu", mutates_args=())
