@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import (CompileCase, autotune, check, check_float, check_last_dim_contiguous,
-                             check_same_device, jit_function, m_bucket)
+                      check_same_device, m_bucket)
 
 GEMV_MAX_ROWS = 8
 

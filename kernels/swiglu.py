@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._common import (CompileCase, autotune, check, check_float, check_last_dim_contiguous,
-                             check_same_device, jit_function, m_bucket)
+                      check_same_device, jit_function, m_bucket)
 
 # Elementwise: 1024-element blocks are 2 KB of fp16 per operand, 8 elements (one 16-byte vector) per thread
 # at 4 warps; larger blocks for long rows cut the program count without hurting occupancy.
