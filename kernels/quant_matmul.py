@@ -86,13 +86,13 @@ def _quant_matmul_kernel(X, QW, SCALE, OFFSET, BIAS, OUT, M, N, K, M_BUCKET, x_r
         codes = tl.load(qw_rows + byte[:, None], mask=wmask, other=0)          # [HALF, BLOCK_N]
         x = tl.load(x_rows + k0 + offs_k[None, :], mask=m_mask[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
         if BITS == 4:
-            q_a = (codes & 0xF).to(tl.float32)                                # even k: low nibble
-            q_b = (codes >> 4).to(tl.float32)                                 # odd k: high nibble
+            q_a = codes & 0xF                                                 # even k: low nibble
+            q_b = codes >> 4                                                  # odd k: high nibble
             # x read contiguously (vectorized), then split into its even and odd columns in registers.
             x_a, x_b = tl.split(tl.reshape(x, [BLOCK_M, HALF, 2]))
             k_a = 2 * byte
         else:
-            q_a = codes.to(tl.float32)
+            q_a = codes
             x_a = x
             k_a = byte
         if ONE_GROUP:                                  # one scale (and offset) per column for the tile
@@ -119,9 +119,11 @@ def _quant_matmul_kernel(X, QW, SCALE, OFFSET, BIAS, OUT, M, N, K, M_BUCKET, x_r
                     x_sum += tl.sum(x_b.to(tl.float32), axis=1)
                 acc += x_sum[:, None] * o_a
         else:
-            acc = tl.dot(x_a, (q_a * s_a + o_a).to(X.dtype.element_ty), acc, input_precision="ieee")
+            w_a = q_a.to(tl.float32) * s_a + o_a                              # dequantized in fp32
+            acc = tl.dot(x_a, w_a.to(X.dtype.element_ty), acc, input_precision="ieee")
             if BITS == 4:
-                acc = tl.dot(x_b, (q_b * s_b + o_b).to(X.dtype.element_ty), acc, input_precision="ieee")
+                w_b = q_b.to(tl.float32) * s_b + o_b
+                acc = tl.dot(x_b, w_b.to(X.dtype.element_ty), acc, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc.to(OUT.dtype.element_ty),
