@@ -36,12 +36,13 @@ def _check(out, q, k, v, causal, kv_lens):
 
 
 # (B, Tq, Tk, Hq, Hkv, D, kv_lens, causal): GQA ratios 1 / 3 / 8, head_dim 64 / 128, odd lengths, two query
-# blocks (Tq 70 > BLOCK_M 64), per-sequence lengths whose first queries have no valid key (zeros).
+# blocks (Tq 70 > BLOCK_M 64), per-sequence lengths whose first queries have no valid key (zeros), and a head
+# dim that is not a power of two (the CUDA backend hands those to Triton).
 PREFILL_CASES = [
     (1, 7, 7, 2, 2, 64, None, True),
     (2, 19, 19, 3, 1, 128, [19, 11], True),
     (1, 70, 70, 8, 1, 64, None, True),
-    (2, 5, 13, 4, 4, 64, [13, 9], False),
+    (2, 5, 13, 4, 4, 80, [13, 9], False),   # head_dim 80: not a power of two (masked lanes)
 ]
 
 
@@ -61,7 +62,7 @@ def test_prefill_attention(case, dtype):
 DECODE_CASES = [
     (2, 1, 83, 8, 1, 128, [83, 40], 3),     # MQA-like group of 8 sharing each K/V tile, 3 splits
     (1, 3, 50, 6, 2, 64, [37], 4),          # group 3, three query rows, splits past kv_len stay empty
-    (1, 1, 29, 4, 4, 64, None, 1),          # MHA, a single split
+    (1, 1, 29, 4, 4, 96, None, 1),          # MHA, a single split, head_dim 96
 ]
 
 
