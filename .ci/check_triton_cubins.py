@@ -58,6 +58,27 @@ def _config_text(config) -> str:
     return f"{meta}{',' if meta else ''}w={config.num_warps},s={config.num_stages}"
 
 
+def parse_ptxas_log(text: str) -> tuple[int | None, int]:
+    """(registers, spilled bytes) from ptxas -v output: the largest register count, and the spill stores
+    plus spill loads of the worst function."""
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
+    stores = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
+    loads = [int(x) for x in re.findall(r"(\d+) bytes spill loads", text)]
+    return (max(regs) if regs else None), (max(stores, default=0) + max(loads, default=0))
+
+
+def verdict(row: dict, arch: int) -> str | None:
+    """Why a compiled config fails the check, or None."""
+    name, limit = ARCHS[arch]
+    if row["shared"] > limit:
+        return f"shared memory {row['shared']} B > {name} limit {limit} B"
+    if row["spills"]:
+        return f"register spills: {row['spills']} bytes"
+    if row["regs"] is None:
+        return "no ptxas register report (is the ptxas log captured?)"
+    return None
+
+
 def _compile_one(job):
     """Compiles one (case, config, arch); returns a result row. Runs in a worker process."""
     import importlib
@@ -92,21 +113,10 @@ def _compile_one(job):
     except Exception as e:  # noqa: BLE001 -- any compiler failure is a finding to report
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
         return row
-    text = log.getvalue()
-    regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
-    stores = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
-    loads = [int(x) for x in re.findall(r"(\d+) bytes spill loads", text)]
-    row["regs"] = max(regs) if regs else None
-    row["spills"] = (max(stores) if stores else 0) + (max(loads) if loads else 0)
+    row["regs"], row["spills"] = parse_ptxas_log(log.getvalue())
     row["shared"] = compiled.metadata.shared
     row["seconds"] = time.time() - start
-    limit = ARCHS[arch][1]
-    if row["shared"] > limit:
-        row["error"] = f"shared memory {row['shared']} B > {ARCHS[arch][0]} limit {limit} B"
-    elif row["spills"]:
-        row["error"] = f"register spills: {row['spills']} bytes"
-    elif row["regs"] is None:
-        row["error"] = "no ptxas register report (is the ptxas log captured?)"
+    row["error"] = verdict(row, arch)
     return row
 
 
