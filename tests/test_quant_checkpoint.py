@@ -156,3 +156,19 @@ def test_bad_quantized_checkpoints(tmp_path):
     write_safetensors(str(weights), items.items())
     with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.layers.0.mlp.up_proj.scales is missing"):
         LlamaForCausalLM.from_pretrained(tmp_path / "d")
+
+
+def test_sharded_quantized_checkpoint(tmp_path):
+    """Shards may split a layer's qweight / scales / offsets: they are joined across files."""
+    config = G.tiny_config(num_hidden_layers=1)
+    G.write_llama_gguf(tmp_path / "m.gguf", config, G.random_state_dict(config, seed=5))
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "m.gguf", quantize="int4", group_size=32, backend="torch")
+    model.save_pretrained(tmp_path / "d", max_shard_size=3000)
+    index = json.loads((tmp_path / "d" / "model.safetensors.index.json").read_text())["weight_map"]
+    files = {index[f"model.layers.0.mlp.{p}_proj.{part}"] for p in ("gate", "up", "down")
+             for part in ("qweight", "scales", "offsets")}
+    assert len(files) > 1
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "d", backend="torch")
+    x = ids(config["vocab_size"], seed=4)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)
