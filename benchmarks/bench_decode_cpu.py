@@ -75,9 +75,10 @@ class Transformers:
 
 
 class LlamaFast:
-    def __init__(self, path, dtype, quantize=None):
+    def __init__(self, path, dtype, quantize=None, group_size=128):
         import llama_fast
-        self.model = llama_fast.LlamaForCausalLM.from_pretrained(path, dtype=dtype, device="cpu", quantize=quantize)
+        self.model = llama_fast.LlamaForCausalLM.from_pretrained(path, dtype=dtype, device="cpu", quantize=quantize,
+                                                                 group_size=group_size)
 
     def _cache(self, batch, length):
         return self.model.model.new_cache(batch, length)
@@ -148,10 +149,27 @@ def dense_checkpoint(gguf) -> str:
     out = os.path.join(CACHE, "smollm2-f32")
     if not os.path.exists(os.path.join(out, "config.json")):
         from transformers import AutoModelForCausalLM
+        from transformers import LlamaForCausalLM as HFLlama
         m = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
                                                  dtype=torch.float32)
-        m.save_pretrained(out)
+        # transformers refuses to save a GGUF-loaded model as is: copy its weights into a plain one
+        if hasattr(m.config, "quantization_config"):
+            del m.config.quantization_config
+        plain = HFLlama(m.config)
+        plain.load_state_dict(m.state_dict())
+        plain.save_pretrained(out)
     return out
+
+
+def int4_model(gguf, dense):
+    """The GGUF's Q4_1 weights kept native (int4, group 32, scale + min). Without a GGUF loader in this
+    checkout, re-quantizes the dequantized weights to the same format (Q4_1 values are exactly q * d + m,
+    so min/max re-quantization recovers them wherever a group uses codes 0 and 15)."""
+    try:
+        return LlamaFast(gguf, "float32")
+    except Exception as e:  # noqa: BLE001
+        print(f"llama_fast could not load the GGUF natively ({type(e).__name__}: {e}); re-quantizing to int4 g32")
+        return LlamaFast(dense, "float32", quantize="int4", group_size=32)
 
 
 def main():
@@ -174,7 +192,7 @@ def main():
         "transformers bf16": lambda: Transformers(gguf, torch.bfloat16),
         "llama_fast fp32": lambda: LlamaFast(dense, "float32"),
         "llama_fast bf16": lambda: LlamaFast(dense, "bfloat16"),
-        "llama_fast int4 (Q4_1 native)": lambda: LlamaFast(gguf, "float32"),
+        "llama_fast int4 (Q4_1 native)": lambda: int4_model(gguf, dense),
     }
     if not args.skip_llama_cpp and importlib.util.find_spec("llama_cpp") is not None:
         from _gguf_dense import write_dense_gguf

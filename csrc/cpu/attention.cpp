@@ -8,9 +8,8 @@
 // When there are fewer tasks than threads (decode: B x Hkv small), the keys are split into chunks (split-K)
 // whose partial (m, l, acc) are merged at the end.
 #ifndef LF_ISA
-#include <omp.h>
-
 #include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
 #define LF_ISA_SELF "cpu/attention.cpp"
 #include "cpu/foreach_isa.h"
 
@@ -69,7 +68,7 @@ void attention(const AttentionArgs& a) {
     kmax = 0;
     for (int64_t b = 0; b < a.batch; ++b) kmax = std::max<int64_t>(kmax, a.kv_lens[b]);
   }
-  const int64_t threads = omp_get_max_threads();
+  const int64_t threads = num_threads();
   int64_t nsplit = 1;
   if (tasks < 4 * threads && kmax >= 256) {
     nsplit = std::min<int64_t>((4 * threads + tasks - 1) / tasks, kmax / 128);
@@ -84,8 +83,9 @@ void attention(const AttentionArgs& a) {
   float* base = parts.data();
 
   const int64_t work = tasks * nsplit;
-#pragma omp parallel for schedule(dynamic, 1) if (work > 1 && a.tq * kmax * a.hq * D >= 16384)
-  for (int64_t w = 0; w < work; ++w) {
+  const bool small = a.tq * kmax * a.hq * D < 16384;
+  parallel_for(work, small ? work : 1, [&](int64_t w0, int64_t w1) {
+  for (int64_t w = w0; w < w1; ++w) {
     const int64_t split = w % nsplit, task = w / nsplit;
     const int64_t q_block = task % nqb, bh = task / nqb, h = bh % a.hkv, b = bh / a.hkv;
     const int64_t i0 = q_block * qb, i1 = std::min(a.tq, i0 + qb);
@@ -95,15 +95,17 @@ void attention(const AttentionArgs& a) {
     if (a.bf16) LF_DISPATCH(attention_task<uint16_t>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
     else LF_DISPATCH(attention_task<float>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
   }
+  });
   // Each task's splits have the same row count R, stored with stride part_stride (m, l, acc at R-offsets).
-#pragma omp parallel for schedule(static) if (tasks > 1 && a.tq * a.hq * D >= 65536)
-  for (int64_t task = 0; task < tasks; ++task) {
+  parallel_for(tasks, a.tq * a.hq * D >= 65536 ? 1 : tasks, [&](int64_t t0, int64_t t1) {
+  for (int64_t task = t0; task < t1; ++task) {
     const int64_t q_block = task % nqb, bh = task / nqb, h = bh % a.hkv, b = bh / a.hkv;
     const int64_t i0 = q_block * qb, i1 = std::min(a.tq, i0 + qb);
     const float* p = base + task * nsplit * part_stride;
     if (a.bf16) finalize<uint16_t>(a, b, h, i0, i1, nsplit, p, part_stride);
     else finalize<float>(a, b, h, i0, i1, nsplit, p, part_stride);
   }
+  });
 }
 
 }  // namespace cpu

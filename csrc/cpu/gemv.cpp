@@ -3,31 +3,20 @@
 // contiguous row ranges (sequential streams for the prefetcher). bf16 weights with bf16 activations use
 // AVX512-BF16 dot products (vdpbf16ps, exact products, fp32 sums) where the CPU has them.
 #ifndef LF_ISA
-#include <omp.h>
-
 #include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
 #define LF_ISA_SELF "cpu/gemv.cpp"
 #include "cpu/foreach_isa.h"
 
 namespace llama_fast {
 namespace cpu {
 
-// Splits rows 0..n-1 into one contiguous, `align`-multiple range per thread and calls fn(n0, n1).
+// Rows 0..n-1 in chunks of ~64 KiB of weights (a multiple of `align` rows), claimed by the pool's threads.
 template <typename F>
-void parallel_rows(int64_t n, int64_t align, int64_t work_per_row, F fn) {
-  const int64_t threads = omp_get_max_threads();
-  if (threads <= 1 || n * work_per_row < 32768) {
-    fn(int64_t{0}, n);
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    int64_t per = (n + nt - 1) / nt;
-    per = (per + align - 1) / align * align;
-    const int64_t n0 = std::min(n, t * per), n1 = std::min(n, n0 + per);
-    if (n0 < n1) fn(n0, n1);
-  }
+void parallel_rows(int64_t n, int64_t align, int64_t bytes_per_row, F fn) {
+  int64_t grain = std::max<int64_t>(align, (int64_t{1} << 16) / std::max<int64_t>(bytes_per_row, 1));
+  grain = (grain + align - 1) / align * align;
+  parallel_for(n, grain, fn);
 }
 
 void dense_linear(bool bf16, const void* x, const void* w, const void* bias, void* out, int64_t m, int64_t n,
@@ -38,14 +27,14 @@ void dense_linear(bool bf16, const void* x, const void* w, const void* bias, voi
       const uint16_t* xs = static_cast<const uint16_t*>(x) + m0 * k;
       uint16_t* os = static_cast<uint16_t*>(out) + m0 * n;
       const bool dp = isa() == Isa::kAvx512Bf16;
-      parallel_rows(n, 4, k * mc, [&](int64_t n0, int64_t n1) {
+      parallel_rows(n, 4, k * 2, [&](int64_t n0, int64_t n1) {
         LF_DISPATCH(gemv_rows<uint16_t>, xs, static_cast<const uint16_t*>(w), static_cast<const uint16_t*>(bias), os,
                     mc, n, k, n0, n1, dp);
       });
     } else {
       const float* xs = static_cast<const float*>(x) + m0 * k;
       float* os = static_cast<float*>(out) + m0 * n;
-      parallel_rows(n, 4, k * mc, [&](int64_t n0, int64_t n1) {
+      parallel_rows(n, 4, k * 4, [&](int64_t n0, int64_t n1) {
         LF_DISPATCH(gemv_rows<float>, xs, static_cast<const float*>(w), static_cast<const float*>(bias), os, mc, n,
                     k, n0, n1, false);
       });

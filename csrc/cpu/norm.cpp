@@ -2,15 +2,20 @@
 // read twice (sum of squares, then scale), which stays in L1 for any realistic hidden size.
 #ifndef LF_ISA
 #include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
 #define LF_ISA_SELF "cpu/norm.cpp"
 #include "cpu/foreach_isa.h"
 
 namespace llama_fast {
 namespace cpu {
 
+namespace {
+int64_t rows_per_chunk(int64_t hidden) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(hidden, 1)); }
+}  // namespace
+
 void rms_norm(bool bf16, const void* x, const void* w, void* y, int64_t rows, int64_t hidden, float eps) {
-#pragma omp parallel for schedule(static) if (rows * hidden >= 32768)
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_for(rows, rows_per_chunk(hidden), [&](int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
     if (bf16) {
       const uint16_t* xr = static_cast<const uint16_t*>(x) + r * hidden;
       LF_DISPATCH(rms_norm_row, xr, static_cast<const uint16_t*>(w),
@@ -21,12 +26,13 @@ void rms_norm(bool bf16, const void* x, const void* w, void* y, int64_t rows, in
                   eps);
     }
   }
+  });
 }
 
 void fused_add_rms_norm(bool bf16, const void* x, const void* residual, const void* w, void* y,
                         void* new_residual, int64_t rows, int64_t hidden, float eps) {
-#pragma omp parallel for schedule(static) if (rows * hidden >= 32768)
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_for(rows, rows_per_chunk(hidden), [&](int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r * hidden;
     if (bf16) {
       using T = uint16_t;
@@ -42,6 +48,7 @@ void fused_add_rms_norm(bool bf16, const void* x, const void* residual, const vo
                   static_cast<T*>(y) + o, hidden, eps);
     }
   }
+  });
 }
 
 }  // namespace cpu

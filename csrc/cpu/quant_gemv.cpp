@@ -9,8 +9,6 @@
 //   sum_k w x = sum_groups scale * (sum q x) + offset * (sum x).
 // The portable path (and group sizes that are not a multiple of the chunk) dequantizes element by element.
 #ifndef LF_ISA
-#include <omp.h>
-
 #include <cstring>
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -18,6 +16,7 @@
 
 #include "common/half_float.h"
 #include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
 
 namespace llama_fast {
 namespace cpu {
@@ -67,8 +66,8 @@ namespace cpu {
 
 void dequantize_rows(const QuantWeight& w, int64_t n0, int64_t n1, float* out) {
   const int64_t groups = w.k / w.group_size;
-#pragma omp parallel for schedule(static) if ((n1 - n0) * w.k >= 65536)
-  for (int64_t n = n0; n < n1; ++n) {
+  parallel_for(n1 - n0, std::max<int64_t>(1, 16384 / std::max<int64_t>(w.k, 1)), [&](int64_t c0, int64_t c1) {
+  for (int64_t n = n0 + c0; n < n0 + c1; ++n) {
     float* o = out + (n - n0) * w.k;
     for (int64_t g = 0; g < groups; ++g) {
       const float s = scale_at(w.scale, w.scale_type, n * groups + g);
@@ -80,6 +79,7 @@ void dequantize_rows(const QuantWeight& w, int64_t n0, int64_t n1, float* out) {
       }
     }
   }
+  });
 }
 
 // Activation width (in elements) of the [even | odd] de-interleaving the ISA's int4 kernel wants, 0 = none.
@@ -120,20 +120,17 @@ void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bi
       xsum[r * groups + g] = s;
     }
   }
-  const int64_t threads = omp_get_max_threads();
   for (int64_t m0 = 0; m0 < m; m0 += 8) {
     const int64_t mc = std::min<int64_t>(8, m - m0);
     const float* xs = xf.data() + m0 * k;
     const float* ss = xsum.data() + m0 * groups;
     float* os = outf.data() + m0 * n;
-#pragma omp parallel num_threads(threads) if (threads > 1 && n * k * mc >= 65536)
-    {
-      const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-      int64_t per = (n + nt - 1) / nt;
-      per = (per + 3) / 4 * 4;
-      const int64_t n0 = std::min(n, t * per), n1 = std::min(n, n0 + per);
-      if (n0 < n1) LF_DISPATCH(quant_rows, w, xs, ss, mc, chunk, n0, n1, os, n);
-    }
+    // chunks of ~32 KiB of packed weights, a multiple of 4 rows
+    const int64_t row_bytes = w.bits == 4 ? k / 2 : k;
+    const int64_t grain = std::max<int64_t>(4, ((int64_t{1} << 15) / std::max<int64_t>(row_bytes, 1)) / 4 * 4);
+    parallel_for(n, grain, [&](int64_t n0, int64_t n1) {
+      LF_DISPATCH(quant_rows, w, xs, ss, mc, chunk, n0, n1, os, n);
+    });
   }
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t j = 0; j < n; ++j) {

@@ -3,6 +3,7 @@
 // One task per (batch, token): the cos/sin rows are loaded once for all q and k heads of that token.
 #ifndef LF_ISA
 #include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
 #define LF_ISA_SELF "cpu/rotary.cpp"
 #include "cpu/foreach_isa.h"
 
@@ -13,8 +14,9 @@ void rotary(bool bf16, Strided4 q, Strided4 k, const void* positions, bool posit
             const float* sin, int64_t batch, int64_t seq, int64_t head_dim) {
   const int64_t half = head_dim / 2;
   const int64_t tokens = batch * seq;
-#pragma omp parallel for schedule(static) if (tokens * (q.heads + k.heads) * head_dim >= 65536)
-  for (int64_t bt = 0; bt < tokens; ++bt) {
+  const int64_t per_token = (q.heads + k.heads) * head_dim;
+  parallel_for(tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(per_token, 1)), [&](int64_t t0, int64_t t1) {
+  for (int64_t bt = t0; bt < t1; ++bt) {
     const int64_t b = bt / seq, t = bt % seq;
     const int64_t pos = positions_int64 ? static_cast<const int64_t*>(positions)[bt]
                                         : static_cast<const int32_t*>(positions)[bt];
@@ -28,6 +30,7 @@ void rotary(bool bf16, Strided4 q, Strided4 k, const void* positions, bool posit
       }
     }
   }
+  });
 }
 
 }  // namespace cpu

@@ -5,6 +5,7 @@ import torch
 
 from llama_fast import ops
 from llama_fast.ops import reference
+from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
 
 # (B, Tq, Tk, Hq, Hkv, D, kv_lens): prefill, decode against a longer cache (split-K), GQA 1 / 4 / 8 (and
 # SmolLM2's 3), head_dim 64 and 128, per-sequence lengths (left padding / ragged caches), Tq > kv_len.

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from llama_fast import ops
+from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 1, 7), (1, 769, 576), (3, 83, 1536), (8, 960, 83), (5, 7, 64), (20, 83, 576)])

@@ -1,5 +1,7 @@
-"""Shared fixtures of the op tests: which backends run here and, for the C++ CPU backend, which instruction-set
-paths (AVX-512-BF16 / AVX-512 / AVX2 / portable) this CPU can exercise; plus the tolerance rules of DESIGN.md."""
+"""Fixtures of the op tests (imported by each test file: a tests/ops/conftest.py would shadow tests/conftest.py,
+which the model tests import as `conftest`): which backends run here and, for the C++ CPU backend, which
+instruction-set paths (AVX-512-BF16 / AVX-512 / AVX2 / portable) this CPU can exercise; plus the tolerance rules
+of DESIGN.md."""
 from __future__ import annotations
 
 import pytest
