@@ -125,6 +125,8 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at
 }
 
 // ---- attention ---------------------------------------------------------------------------------------------
+constexpr int64_t kDelegatePrefillFrom = 128;  // queries
+
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                      const std::optional<at::Tensor>& kv_lens, double scale) {
   const char* op = "attention";
@@ -155,6 +157,18 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       TORCH_CHECK(lo.item<int>() >= 0 && hi.item<int>() <= tk, op, ": kv_lens must lie in [0, ", tk, "], got [",
                   lo.item<int>(), ", ", hi.item<int>(), "]");
     }
+  }
+  if (is_bf16(q) && causal && tq == tk && tq >= kDelegatePrefillFrom && b > 0 && q.numel() > 0) {
+    // bf16 prefill over full-length sequences: ATen's flash-attention CPU kernel runs its blocks on bf16
+    // GEMM micro-kernels (AMX / AVX512-BF16) and is ~5x faster than our fp32-widening kernel here; it has
+    // the same contract in this case (causal, every key valid, fp32 softmax). Everything else is ours.
+    bool full = true;
+    if (lens.defined()) full = lens.min().item<int>() == tk;
+    if (full)
+      return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0,
+                                              true, scale, /*enable_gqa=*/true)
+          .transpose(1, 2)
+          .contiguous();
   }
   auto out = at::empty({b, tq, hq, d}, q.options());
   if (out.numel() == 0) return out;

@@ -17,6 +17,9 @@ CASES = [
     (3, 1, 600, 8, 1, 128, [1, 599, 600]),
     (2, 5, 83, 16, 4, 64, [7, 83]),
     (2, 6, 40, 4, 1, 64, [3, 40]),
+    # long prefills: bf16 with every key valid goes to ATen's flash kernel, the ragged one stays ours
+    (1, 160, 160, 8, 2, 64, None),
+    (2, 160, 160, 4, 1, 128, [160, 100]),
 ]
 
 
