@@ -28,6 +28,7 @@ from llama_fast import ops
 from llama_fast.cache import StaticCache, as_static_cache, left_padding
 from llama_fast.config import LlamaConfig
 from llama_fast.linear import Linear
+from llama_fast.ops import cpu_decode
 from llama_fast.ops._backend import check_backend_name
 from llama_fast.ops.reference import attention_mask as _reference_attention_mask
 from llama_fast.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
@@ -227,17 +228,22 @@ class LlamaModel(LlamaPreTrainedModel):
         all_hidden = [] if output_hidden_states else None
         all_attn = [] if output_attentions else None
         residual = None
-        for layer in self.layers:
-            if all_hidden is not None:
-                all_hidden.append(hidden if residual is None else hidden + residual)
-            hidden, residual, probs = layer(hidden, residual, step, cache, bool(output_attentions))
-            if all_attn is not None:
-                all_attn.append(probs)
-        if residual is None:   # no layers
-            hidden = ops.rms_norm(hidden, self.norm.weight, self.norm.eps, backend=self.backend)
+        if cpu_decode.can_run(self, hidden, output_attentions=output_attentions,
+                              output_hidden_states=output_hidden_states):
+            # A decode step on the CPU: the whole decoder stack and the final norm in one C++ call.
+            hidden = cpu_decode.run(self, hidden, step, cache)
         else:
-            hidden, _ = ops.fused_add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps,
-                                               backend=self.backend)
+            for layer in self.layers:
+                if all_hidden is not None:
+                    all_hidden.append(hidden if residual is None else hidden + residual)
+                hidden, residual, probs = layer(hidden, residual, step, cache, bool(output_attentions))
+                if all_attn is not None:
+                    all_attn.append(probs)
+            if residual is None:   # no layers
+                hidden = ops.rms_norm(hidden, self.norm.weight, self.norm.eps, backend=self.backend)
+            else:
+                hidden, _ = ops.fused_add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps,
+                                                   backend=self.backend)
         if all_hidden is not None:
             all_hidden.append(hidden)   # transformers' last entry is the normed output
         cache.lengths.copy_(step.kv_lens)

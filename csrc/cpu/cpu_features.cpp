@@ -1,5 +1,6 @@
 #include "cpu/cpu_features.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -23,9 +24,7 @@ Isa detect() {
   return Isa::kPortable;
 }
 
-Isa apply_override(Isa best) {
-  const char* env = std::getenv("LLAMA_FAST_CPU_ISA");
-  if (env == nullptr || *env == '\0') return best;
+Isa parse_and_clamp(const char* env, Isa best) {
   Isa want;
   if (!std::strcmp(env, "portable")) want = Isa::kPortable;
   else if (!std::strcmp(env, "avx2")) want = Isa::kAvx2;
@@ -37,11 +36,24 @@ Isa apply_override(Isa best) {
   return static_cast<int>(want) < static_cast<int>(best) ? want : best;
 }
 
+Isa apply_override(Isa best) {
+  const char* env = std::getenv("LLAMA_FAST_CPU_ISA");
+  if (env == nullptr || *env == '\0') return best;
+  return parse_and_clamp(env, best);
+}
+
+std::atomic<int>& current() {
+  static std::atomic<int> chosen{static_cast<int>(apply_override(detect()))};
+  return chosen;
+}
+
 }  // namespace
 
-Isa isa() {
-  static const Isa chosen = apply_override(detect());
-  return chosen;
+Isa isa() { return static_cast<Isa>(current().load(std::memory_order_relaxed)); }
+
+void set_isa(const char* name) {
+  static const Isa best = detect();
+  current().store(static_cast<int>(parse_and_clamp(name, best)));
 }
 
 const char* isa_name(Isa i) {

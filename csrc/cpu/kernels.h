@@ -1,13 +1,80 @@
-// Torch-free CPU kernels: raw pointers, row-major contiguous data. bf16 is passed as uint16_t bit patterns.
+// Torch-free CPU kernels: raw pointers, fp32 accumulation. Activations are fp32 or bf16 (passed as uint16_t
+// bit patterns, dtype told by `bf16`). Each entry point dispatches on cpu::isa() (AVX-512 / AVX2 / portable)
+// and parallelizes with OpenMP over the threads torch uses (omp_get_max_threads()). Strides are in elements.
+// Argument checking is the caller's job (csrc/cpu/ops_cpu.cpp does it with TORCH_CHECK).
 #pragma once
 #include <cstdint>
 
 namespace llama_fast {
 namespace cpu {
 
-// y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w, accumulated in fp32.
-void rms_norm_f32(const float* x, const float* w, float* y, int64_t rows, int64_t hidden, float eps);
-void rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t rows, int64_t hidden, float eps);
+// ---- normalization (norm.cpp) ----------------------------------------------------------------------------
+// y[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w; bf16 rounds the normalized row before the weight multiply,
+// like transformers.
+void rms_norm(bool bf16, const void* x, const void* w, void* y, int64_t rows, int64_t hidden, float eps);
+// new_residual = x + residual (rounded to the dtype); y = rms_norm(new_residual). y may alias x and
+// new_residual may alias residual (the in-place form of the residual stream).
+void fused_add_rms_norm(bool bf16, const void* x, const void* residual, const void* w, void* y,
+                        void* new_residual, int64_t rows, int64_t hidden, float eps);
+
+// ---- rotary (rotary.cpp) -----------------------------------------------------------------------------------
+struct Strided4 {  // a [B, T, H, D] tensor whose last dimension is contiguous
+  void* data;
+  int64_t sb, st, sh;  // strides of B, T, H
+  int64_t heads;
+};
+// In place on q and k, HF rotate_half convention; positions [B, T] (int64 or int32, contiguous, in range);
+// cos/sin [max_pos, D/2] fp32.
+void rotary(bool bf16, Strided4 q, Strided4 k, const void* positions, bool positions_int64, const float* cos,
+            const float* sin, int64_t batch, int64_t seq, int64_t head_dim);
+
+// ---- attention (attention.cpp) -----------------------------------------------------------------------------
+struct AttentionArgs {
+  bool bf16;
+  const void* q; int64_t q_sb, q_st, q_sh;      // [B, Tq, Hq, D]
+  const void* k; int64_t k_sb, k_st, k_sh;      // [B, Tk, Hkv, D]
+  const void* v; int64_t v_sb, v_st, v_sh;
+  void* out;                                    // [B, Tq, Hq, D] contiguous
+  const int32_t* kv_lens;                       // [B] or nullptr (= Tk); values in 0..Tk
+  int64_t batch, tq, tk, hq, hkv, head_dim;
+  bool causal;
+  float scale;
+};
+void attention(const AttentionArgs& a);
+
+// ---- elementwise (activation.cpp) --------------------------------------------------------------------------
+// gate_up [rows, 2I] = [gate | up] -> out [rows, I] = silu(gate) * up.
+void silu_and_mul(bool bf16, const void* gate_up, void* out, int64_t rows, int64_t inter);
+
+// ---- dense linear (gemv.cpp) ------------------------------------------------------------------------------
+// out[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]); x, w, bias, out share the dtype. Meant for small M (decode);
+// any M works.
+void dense_linear(bool bf16, const void* x, const void* w, const void* bias, void* out, int64_t m, int64_t n,
+                  int64_t k);
+
+// ---- weight-only quantized linear (quant_gemv.cpp) ---------------------------------------------------------
+enum class ScaleType { kF32 = 0, kF16 = 1, kBF16 = 2 };
+struct QuantWeight {  // csrc/common/quant_format.h: w = q * scale + offset, per group of group_size along K
+  const void* q;        // int8 [N, K] or uint8 [N, K/2]
+  const void* scale;    // [N, K / group_size]
+  const void* offset;   // same, or nullptr (zero)
+  ScaleType scale_type; // of scale and offset
+  int bits;             // 4 or 8
+  int64_t n, k, group_size;
+};
+// out[M, N] = x[M, K] @ dequant(w)^T (+ bias[N]), x / bias / out in the activation dtype, fp32 accumulation.
+// Reads the packed weights directly (GEMV-style, all M rows per weight read). For large M the caller may
+// instead dequantize tiles with dequantize_rows and use a GEMM.
+void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m);
+// rows n0..n1-1 of the dequantized weight as fp32 [n1 - n0, K].
+void dequantize_rows(const QuantWeight& w, int64_t n0, int64_t n1, float* out);
+
+// ---- KV cache (kv_cache.cpp) -----------------------------------------------------------------------------
+// cache[b, slots[b, t]] = src[b, t] for k and v; caches [B, S, Hkv, D] contiguous; k/v [B, T, Hkv, D] with
+// contiguous rows of Hkv * D elements (strides sb, st); negative slots are skipped; slots are < S.
+void store_kv(int64_t elem_size, void* k_cache, void* v_cache, const void* k, int64_t k_sb, int64_t k_st,
+              const void* v, int64_t v_sb, int64_t v_st, const void* slots, bool slots_int64, int64_t batch,
+              int64_t seq, int64_t cache_len, int64_t row_elems);
 
 }  // namespace cpu
 }  // namespace llama_fast

@@ -1,49 +1,371 @@
-// CPU registrations of the llama_fast ops: argument checks (TORCH_CHECK) and the hand-off to the torch-free
-// kernels in csrc/cpu/*.cpp.
+// CPU registrations of the llama_fast ops: every argument is checked here (TORCH_CHECK: device, dtype,
+// shape, layout) before the torch-free kernels of csrc/cpu/*.cpp run on raw pointers. Also declares the
+// CPU-only extra ops (TORCH_LIBRARY_FRAGMENT); their fake impls live in llama_fast/ops/cpu.py.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 #include <torch/all.h>
+#include <torch/library.h>
 
+#include "cpu/cpu_features.h"
 #include "cpu/kernels.h"
 
 namespace llama_fast {
 namespace {
 
-void check_cpu_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "llama_fast CPU kernel: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
-              "llama_fast CPU kernel: ", name, " must be float32 or bfloat16, got ", t.scalar_type());
+bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+
+void check_activation(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+}
+
+void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              ", expected ", ref.scalar_type(), " (the dtype of the activations)");
+}
+
+void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (got strides ", t.strides(), ")");
+}
+
+// A [B, T, H, D] tensor whose last dimension is contiguous (q / k / v may be views into a fused projection).
+void check_bthd(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [B, T, H, D], got shape ", t.sizes());
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, op, ": ", name,
+              " must have a contiguous last dimension (stride 1), got strides ", t.strides());
+}
+
+// ---- norms -------------------------------------------------------------------------------------------------
+void check_norm(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  check_activation(x, op, "x");
+  check_activation(weight, op, "weight");
+  check_same_dtype(weight, x, op, "weight");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_contiguous(x, op, "x");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), op, ": weight must be [", x.size(-1), "], got ",
+              weight.sizes());
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_cpu_float(x, "x");
-  check_cpu_float(weight, "weight");
-  TORCH_CHECK(x.dim() >= 1, "rms_norm: x must have at least one dimension");
-  TORCH_CHECK(x.is_contiguous(), "rms_norm: x must be contiguous");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "rms_norm: weight must be [", x.size(-1),
-              "], got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "rms_norm: weight dtype ", weight.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
-  auto w = weight.contiguous();
-  auto y = at::empty_like(x);
+  check_norm(x, weight, "rms_norm");
+  const auto w = weight.contiguous();
+  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t hidden = x.size(-1);
-  const int64_t rows = hidden == 0 ? 0 : x.numel() / hidden;
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    if (x.scalar_type() == at::kFloat) {
-      cpu::rms_norm_f32(x.data_ptr<float>() + begin * hidden, w.data_ptr<float>(),
-                        y.data_ptr<float>() + begin * hidden, end - begin, hidden, static_cast<float>(eps));
-    } else {
-      cpu::rms_norm_bf16(reinterpret_cast<const uint16_t*>(x.data_ptr()) + begin * hidden,
-                         reinterpret_cast<const uint16_t*>(w.data_ptr()),
-                         reinterpret_cast<uint16_t*>(y.data_ptr()) + begin * hidden, end - begin, hidden,
-                         static_cast<float>(eps));
-    }
-  });
+  cpu::rms_norm(is_bf16(x), x.data_ptr(), w.data_ptr(), y.data_ptr(), hidden ? x.numel() / hidden : 0, hidden,
+                static_cast<float>(eps));
   return y;
+}
+
+void check_residual(const at::Tensor& x, const at::Tensor& residual, const char* op) {
+  check_activation(residual, op, "residual");
+  check_same_dtype(residual, x, op, "residual");
+  TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual shape ", residual.sizes(), " differs from x shape ",
+              x.sizes());
+  check_contiguous(residual, op, "residual");
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                      const at::Tensor& weight, double eps) {
+  check_norm(x, weight, "fused_add_rms_norm");
+  check_residual(x, residual, "fused_add_rms_norm");
+  const auto w = weight.contiguous();
+  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto new_residual = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t hidden = x.size(-1);
+  cpu::fused_add_rms_norm(is_bf16(x), x.data_ptr(), residual.data_ptr(), w.data_ptr(), y.data_ptr(),
+                          new_residual.data_ptr(), hidden ? x.numel() / hidden : 0, hidden, static_cast<float>(eps));
+  return {y, new_residual};
+}
+
+// In place: residual += x; x = rms_norm(residual) (the residual stream of a decoder layer, no allocation).
+void fused_add_rms_norm_inplace(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  check_norm(x, weight, "fused_add_rms_norm_");
+  check_residual(x, residual, "fused_add_rms_norm_");
+  const auto w = weight.contiguous();
+  const int64_t hidden = x.size(-1);
+  cpu::fused_add_rms_norm(is_bf16(x), x.data_ptr(), residual.data_ptr(), w.data_ptr(), x.data_ptr(),
+                          residual.data_ptr(), hidden ? x.numel() / hidden : 0, hidden, static_cast<float>(eps));
+}
+
+// ---- rotary ------------------------------------------------------------------------------------------------
+void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos,
+             const at::Tensor& sin) {
+  const char* op = "rotary_";
+  check_activation(q, op, "q");
+  check_activation(k, op, "k");
+  check_same_dtype(k, q, op, "k");
+  check_bthd(q, op, "q");
+  check_bthd(k, op, "k");
+  const int64_t b = q.size(0), t = q.size(1), d = q.size(3);
+  TORCH_CHECK(k.size(0) == b && k.size(1) == t && k.size(3) == d, op, ": k shape ", k.sizes(),
+              " does not match q shape ", q.sizes(), " in B, T or D");
+  TORCH_CHECK(d % 2 == 0, op, ": head_dim must be even, got ", d);
+  TORCH_CHECK(positions.device().is_cpu(), op, ": positions must be a CPU tensor, got ", positions.device());
+  TORCH_CHECK(positions.scalar_type() == at::kLong || positions.scalar_type() == at::kInt, op,
+              ": positions must be int64 or int32, got ", positions.scalar_type());
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == b && positions.size(1) == t, op,
+              ": positions must be [B, T] = [", b, ", ", t, "], got ", positions.sizes());
+  for (const at::Tensor* cs : {&cos, &sin}) {
+    TORCH_CHECK(cs->device().is_cpu(), op, ": cos/sin must be CPU tensors, got ", cs->device());
+    TORCH_CHECK(cs->scalar_type() == at::kFloat, op, ": cos/sin must be float32, got ", cs->scalar_type());
+    TORCH_CHECK(cs->dim() == 2 && cs->size(1) == d / 2, op, ": cos/sin must be [max_pos, ", d / 2, "], got ",
+                cs->sizes());
+  }
+  TORCH_CHECK(cos.sizes() == sin.sizes(), op, ": cos shape ", cos.sizes(), " differs from sin shape ", sin.sizes());
+  const auto pos = positions.contiguous();
+  const auto c = cos.contiguous(), s = sin.contiguous();
+  if (pos.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(pos);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < cos.size(0), op, ": positions must lie in [0, ",
+                cos.size(0), "), got [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+  }
+  cpu::rotary(is_bf16(q), {q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), q.size(2)},
+              {k.data_ptr(), k.stride(0), k.stride(1), k.stride(2), k.size(2)}, pos.data_ptr(),
+              pos.scalar_type() == at::kLong, c.data_ptr<float>(), s.data_ptr<float>(), b, t, d);
+}
+
+// ---- attention ---------------------------------------------------------------------------------------------
+constexpr int64_t kDelegatePrefillFrom = 128;  // queries
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                     const std::optional<at::Tensor>& kv_lens, double scale) {
+  const char* op = "attention";
+  check_activation(q, op, "q");
+  check_activation(k, op, "k");
+  check_activation(v, op, "v");
+  check_same_dtype(k, q, op, "k");
+  check_same_dtype(v, q, op, "v");
+  check_bthd(q, op, "q");
+  check_bthd(k, op, "k");
+  check_bthd(v, op, "v");
+  const int64_t b = q.size(0), tq = q.size(1), hq = q.size(2), d = q.size(3);
+  const int64_t tk = k.size(1), hkv = k.size(2);
+  TORCH_CHECK(k.size(0) == b && k.size(3) == d, op, ": k shape ", k.sizes(), " does not match q shape ", q.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v shape ", v.sizes(), " differs from k shape ", k.sizes());
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0, op, ": the number of query heads (", hq,
+              ") must be a multiple of the number of kv heads (", hkv, ")");
+  at::Tensor lens;
+  if (kv_lens.has_value()) {
+    lens = *kv_lens;
+    TORCH_CHECK(lens.device().is_cpu(), op, ": kv_lens must be a CPU tensor, got ", lens.device());
+    TORCH_CHECK(lens.scalar_type() == at::kInt || lens.scalar_type() == at::kLong, op,
+                ": kv_lens must be int32, got ", lens.scalar_type());
+    TORCH_CHECK(lens.dim() == 1 && lens.size(0) == b, op, ": kv_lens must be [B] = [", b, "], got ", lens.sizes());
+    lens = lens.to(at::kInt).contiguous();
+    if (b > 0) {
+      const auto [lo, hi] = at::aminmax(lens);
+      TORCH_CHECK(lo.item<int>() >= 0 && hi.item<int>() <= tk, op, ": kv_lens must lie in [0, ", tk, "], got [",
+                  lo.item<int>(), ", ", hi.item<int>(), "]");
+    }
+  }
+  if (is_bf16(q) && causal && tq == tk && tq >= kDelegatePrefillFrom && b > 0 && q.numel() > 0) {
+    // bf16 prefill over full-length sequences: ATen's flash-attention CPU kernel runs its blocks on bf16
+    // GEMM micro-kernels (AMX / AVX512-BF16) and is ~5x faster than our fp32-widening kernel here; it has
+    // the same contract in this case (causal, every key valid, fp32 softmax). Everything else is ours.
+    bool full = true;
+    if (lens.defined()) full = lens.min().item<int>() == tk;
+    if (full)
+      return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0,
+                                              true, scale, /*enable_gqa=*/true)
+          .transpose(1, 2)
+          .contiguous();
+  }
+  auto out = at::empty({b, tq, hq, d}, q.options());
+  if (out.numel() == 0) return out;
+  cpu::AttentionArgs a;
+  a.bf16 = is_bf16(q);
+  a.q = q.data_ptr(); a.q_sb = q.stride(0); a.q_st = q.stride(1); a.q_sh = q.stride(2);
+  a.k = k.data_ptr(); a.k_sb = k.stride(0); a.k_st = k.stride(1); a.k_sh = k.stride(2);
+  a.v = v.data_ptr(); a.v_sb = v.stride(0); a.v_st = v.stride(1); a.v_sh = v.stride(2);
+  a.out = out.data_ptr();
+  a.kv_lens = lens.defined() ? lens.data_ptr<int32_t>() : nullptr;
+  a.batch = b; a.tq = tq; a.tk = tk; a.hq = hq; a.hkv = hkv; a.head_dim = d;
+  a.causal = causal;
+  a.scale = static_cast<float>(scale);
+  cpu::attention(a);
+  return out;
+}
+
+// ---- silu_and_mul ------------------------------------------------------------------------------------------
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  const char* op = "silu_and_mul";
+  check_activation(gate_up, op, "gate_up");
+  check_contiguous(gate_up, op, "gate_up");
+  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, op,
+              ": the last dimension of gate_up must be even ([gate | up]), got shape ", gate_up.sizes());
+  auto sizes = gate_up.sizes().vec();
+  const int64_t inter = sizes.back() / 2;
+  sizes.back() = inter;
+  auto out = at::empty(sizes, gate_up.options());
+  cpu::silu_and_mul(is_bf16(gate_up), gate_up.data_ptr(), out.data_ptr(), inter ? out.numel() / inter : 0, inter);
+  return out;
+}
+
+// ---- store_kv_ ---------------------------------------------------------------------------------------------
+void store_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& slots) {
+  const char* op = "store_kv_";
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&k_cache, &v_cache, &k, &v})
+    TORCH_CHECK(t->device().is_cpu(), op, ": all tensors must be on the CPU, got ", t->device());
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op,
+              ": caches must be [B, S, Hkv, D] with equal shapes, got ", k_cache.sizes(), " and ", v_cache.sizes());
+  check_contiguous(k_cache, op, "k_cache");
+  check_contiguous(v_cache, op, "v_cache");
+  check_bthd(k, op, "k");
+  check_bthd(v, op, "v");
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v shape ", v.sizes(), " differs from k shape ", k.sizes());
+  TORCH_CHECK(k.size(0) == k_cache.size(0) && k.size(2) == k_cache.size(2) && k.size(3) == k_cache.size(3), op,
+              ": k shape ", k.sizes(), " does not match the cache shape ", k_cache.sizes(), " in B, Hkv or D");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&v_cache, &k, &v})
+    TORCH_CHECK(t->scalar_type() == k_cache.scalar_type(), op, ": dtype ", t->scalar_type(),
+                " differs from the cache dtype ", k_cache.scalar_type());
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK(t->size(2) <= 1 || t->stride(2) == t->size(3), op,
+                ": k and v must have contiguous [Hkv, D] rows per token, got strides ", t->strides());
+  TORCH_CHECK(slots.device().is_cpu(), op, ": slots must be a CPU tensor, got ", slots.device());
+  TORCH_CHECK(slots.scalar_type() == at::kLong || slots.scalar_type() == at::kInt, op,
+              ": slots must be int64 or int32, got ", slots.scalar_type());
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == k.size(0) && slots.size(1) == k.size(1), op,
+              ": slots must be [B, T] = [", k.size(0), ", ", k.size(1), "], got ", slots.sizes());
+  const auto s = slots.contiguous();
+  if (s.numel() == 0) return;
+  const int64_t hi = s.max().item<int64_t>();
+  TORCH_CHECK(hi < k_cache.size(1), op, ": slot ", hi, " is past the end of the cache (length ", k_cache.size(1),
+              ")");
+  cpu::store_kv(k_cache.element_size(), k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), k.stride(0),
+                k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), s.data_ptr(), s.scalar_type() == at::kLong,
+                k.size(0), k.size(1), k_cache.size(1), k.size(2) * k.size(3));
+}
+
+// ---- linear ------------------------------------------------------------------------------------------------
+// Decode-sized batches (M activation rows) go to the GEMV kernels; larger ones to a GEMM (oneDNN / MKL via
+// at::linear), which is compute bound and better blocked than a GEMV.
+constexpr int64_t kMaxGemvRows = 8;
+
+void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n, const char* op) {
+  if (!bias.has_value()) return;
+  check_activation(*bias, op, "bias");
+  check_same_dtype(*bias, x, op, "bias");
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [", n, "], got ", bias->sizes());
+  check_contiguous(*bias, op, "bias");
+}
+
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const char* op = "cpu_linear";
+  check_activation(x, op, "x");
+  check_activation(weight, op, "weight");
+  check_same_dtype(weight, x, op, "weight");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [N, K], got shape ", weight.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x's last dimension (",
+              x.dim() ? x.size(-1) : 0, ") must equal weight's K (", weight.size(1), ")");
+  check_contiguous(weight, op, "weight");
+  check_bias(bias, x, weight.size(0), op);
+  const int64_t k = weight.size(1), n = weight.size(0);
+  const int64_t m = k ? x.numel() / k : 0;
+  if (m > kMaxGemvRows || k == 0) return at::linear(x, weight, bias);
+  const auto xc = x.contiguous();
+  auto sizes = x.sizes().vec();
+  sizes.back() = n;
+  auto out = at::empty(sizes, x.options());
+  cpu::dense_linear(is_bf16(x), xc.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr,
+                    out.data_ptr(), m, n, k);
+  return out;
+}
+
+cpu::ScaleType scale_type(const at::Tensor& s, const char* op) {
+  switch (s.scalar_type()) {
+    case at::kFloat: return cpu::ScaleType::kF32;
+    case at::kHalf: return cpu::ScaleType::kF16;
+    case at::kBFloat16: return cpu::ScaleType::kBF16;
+    default: TORCH_CHECK(false, op, ": scale must be float32, float16 or bfloat16, got ", s.scalar_type());
+  }
+}
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                        const std::optional<at::Tensor>& offset, int64_t bits, int64_t group_size,
+                        const std::optional<at::Tensor>& bias) {
+  const char* op = "quant_linear";
+  check_activation(x, op, "x");
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(qweight.device().is_cpu() && scale.device().is_cpu(), op, ": qweight and scale must be CPU tensors");
+  TORCH_CHECK(qweight.dim() == 2, op, ": qweight must be 2-D, got shape ", qweight.sizes());
+  TORCH_CHECK(qweight.scalar_type() == (bits == 4 ? at::kByte : at::kChar), op, ": qweight must be ",
+              bits == 4 ? "uint8 (two int4 codes per byte)" : "int8", " for bits=", bits, ", got ",
+              qweight.scalar_type());
+  check_contiguous(qweight, op, "qweight");
+  const int64_t n = qweight.size(0), k = qweight.size(1) * (bits == 4 ? 2 : 1);
+  TORCH_CHECK(group_size > 0 && k % group_size == 0, op, ": group_size ", group_size, " must divide K=", k);
+  const int64_t groups = k / group_size;
+  const auto st = scale_type(scale, op);
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == n && scale.size(1) == groups, op, ": scale must be [", n, ", ",
+              groups, "], got ", scale.sizes());
+  check_contiguous(scale, op, "scale");
+  if (offset.has_value()) {
+    TORCH_CHECK(offset->device().is_cpu(), op, ": offset must be a CPU tensor, got ", offset->device());
+    TORCH_CHECK(offset->scalar_type() == scale.scalar_type(), op, ": offset dtype ", offset->scalar_type(),
+                " differs from scale dtype ", scale.scalar_type());
+    TORCH_CHECK(offset->sizes() == scale.sizes(), op, ": offset shape ", offset->sizes(), " differs from scale shape ",
+                scale.sizes());
+    check_contiguous(*offset, op, "offset");
+  }
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, op, ": x's last dimension (", x.dim() ? x.size(-1) : 0,
+              ") must equal the weight's K (", k, ")");
+  check_bias(bias, x, n, op);
+  const cpu::QuantWeight w{qweight.data_ptr(), scale.data_ptr(), offset ? offset->data_ptr() : nullptr, st,
+                           static_cast<int>(bits), n, k, group_size};
+  auto sizes = x.sizes().vec();
+  sizes.back() = n;
+  const int64_t m = k ? x.numel() / k : 0;
+  const auto xc = x.contiguous();
+  if (m <= kMaxGemvRows) {
+    auto out = at::empty(sizes, x.options());
+    if (out.numel() > 0)
+      cpu::quant_linear(is_bf16(x), xc.data_ptr(), w, bias ? bias->data_ptr() : nullptr, out.data_ptr(), m);
+    return out;
+  }
+  // Prefill: dequantize a band of rows at a time (fits L2) and multiply with a fp32 GEMM.
+  const auto x2 = xc.reshape({m, k}).to(at::kFloat);
+  auto out = at::empty({m, n}, x.options().dtype(at::kFloat));
+  const int64_t band = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(k, 1));
+  auto tile = at::empty({std::min(band, n), k}, x.options().dtype(at::kFloat));
+  for (int64_t n0 = 0; n0 < n; n0 += band) {
+    const int64_t n1 = std::min(n, n0 + band);
+    auto t = tile.narrow(0, 0, n1 - n0);
+    cpu::dequantize_rows(w, n0, n1, t.data_ptr<float>());
+    out.narrow(1, n0, n1 - n0).copy_(at::mm(x2, t.t()));
+  }
+  if (bias.has_value()) out.add_(bias->to(at::kFloat));
+  return out.to(x.scalar_type()).reshape(sizes);
+}
+
+// Test hook: lowers (never raises above the hardware) the instruction set the kernels use; returns the one in
+// effect. Equivalent to LLAMA_FAST_CPU_ISA, but switchable within one process.
+std::string set_isa(const std::string& name) {
+  if (!name.empty()) cpu::set_isa(name.c_str());
+  return cpu::isa_name(cpu::isa());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(llama_fast, CPU, m) { m.impl("rms_norm", &rms_norm); }
+TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
+  // Dense x @ weight^T (+ bias): GEMV kernels for decode-sized batches (<= 8 rows), GEMM beyond.
+  m.def("cpu_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // residual += x; x = rms_norm(residual, weight, eps), in place (the decoder's residual stream).
+  m.def("cpu_fused_add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  // cpu_isa("avx2") forces a lower instruction set for the CPU kernels (tests); cpu_isa("") reports it.
+  m.def("cpu_isa(str name) -> str", &set_isa);
+}
+
+TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm);
+  m.impl("rotary_", &rotary_);
+  m.impl("attention", &attention);
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("quant_linear", &quant_linear);
+  m.impl("store_kv_", &store_kv_);
+  m.impl("cpu_linear", &dense_linear);
+  m.impl("cpu_fused_add_rms_norm_", &fused_add_rms_norm_inplace);
+}
 
 }  // namespace llama_fast

@@ -1,4 +1,9 @@
-"""The "cpu" backend: C++ kernels of llama_fast._C (csrc/cpu) for CPU tensors."""
+"""The "cpu" backend: the C++ kernels of llama_fast._C (csrc/cpu) for CPU tensors.
+
+AVX-512 / AVX2 / portable code paths are picked at run time (LLAMA_FAST_CPU_ISA lowers the choice, `set_isa`
+does the same within a process, for tests). Besides the core ops of csrc/bindings.cpp this backend declares
+CPU-only extra ops (cpu_linear, cpu_fused_add_rms_norm_, cpu_isa) whose fake impls are registered here.
+"""
 from __future__ import annotations
 
 import torch
@@ -17,3 +22,57 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def rms_norm(x, weight, eps):
     return torch.ops.llama_fast.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x, residual, weight, eps):
+    return torch.ops.llama_fast.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def fused_add_rms_norm_(x, residual, weight, eps):
+    """In place: residual += x, then x = rms_norm(residual). Returns (x, residual)."""
+    torch.ops.llama_fast.cpu_fused_add_rms_norm_(x, residual, weight, eps)
+    return x, residual
+
+
+def rotary(q, k, positions, cos, sin):
+    torch.ops.llama_fast.rotary_(q, k, positions, cos, sin)
+    return q, k
+
+
+def attention(q, k, v, causal=True, kv_lens=None, scale=None):
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return torch.ops.llama_fast.attention(q, k, v, causal, kv_lens, float(scale))
+
+
+def silu_and_mul(gate_up):
+    return torch.ops.llama_fast.silu_and_mul(gate_up)
+
+
+def linear(x, weight, bias=None):
+    return torch.ops.llama_fast.cpu_linear(x, weight, bias)
+
+
+def quant_linear(x, qweight, bias=None):
+    return torch.ops.llama_fast.quant_linear(x, qweight.qweight, qweight.scale, qweight.offset, qweight.bits,
+                                             qweight.group_size, bias)
+
+
+def store_kv(k_cache, v_cache, k, v, slots):
+    torch.ops.llama_fast.store_kv_(k_cache, v_cache, k, v, slots)
+
+
+def set_isa(name: str = "") -> str:
+    """Lowers the instruction set of the CPU kernels to `name` ("portable", "avx2", "avx512", "avx512_bf16";
+    never above what this CPU has) and returns the one in effect; "" only reports it."""
+    return torch.ops.llama_fast.cpu_isa(name)
+
+
+if _native.extension() is not None:
+    @torch.library.register_fake("llama_fast::cpu_linear")
+    def _cpu_linear_fake(x, weight, bias):
+        return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+    @torch.library.register_fake("llama_fast::cpu_fused_add_rms_norm_")
+    def _cpu_fused_add_rms_norm_fake(x, residual, weight, eps):
+        return None

@@ -1,0 +1,58 @@
+"""What the hardware can do, for the benchmarks' roofline fractions: the CPU's memory bandwidth and GEMM peak
+measured in the same run (a shared 2-core machine varies from minute to minute), GPU peaks from a table."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+# Dense peaks of the GPUs we compare on: (HBM GB/s, bf16 TFLOP/s).
+GPU_PEAKS = {"A100": (2039.0, 312.0), "H100": (3350.0, 989.0), "H200": (4800.0, 989.0)}
+
+
+def timed(fn, repeat: int = 20, warmup: int = 3, sync=None) -> list[float]:
+    """Wall times (seconds) of `repeat` calls after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def cpu_read_bandwidth(mib: int = 512, repeat: int = 10) -> float:
+    """GB/s of streaming reads over a buffer far larger than the caches (a sum over fp32), the roofline of
+    GEMV-shaped kernels. The median of `repeat` runs."""
+    x = torch.ones(mib * 2**20 // 4)
+    times = sorted(timed(lambda: x.sum(), repeat=repeat, warmup=2))
+    return x.numel() * 4 / times[len(times) // 2] / 1e9
+
+
+def cpu_copy_bandwidth(mib: int = 256, repeat: int = 10) -> float:
+    """GB/s (read + write bytes) of a large copy."""
+    a, b = torch.ones(mib * 2**20 // 4), torch.empty(mib * 2**20 // 4)
+    times = sorted(timed(lambda: b.copy_(a), repeat=repeat, warmup=2))
+    return 2 * a.numel() * 4 / times[len(times) // 2] / 1e9
+
+
+def cpu_gemm_peak(dtype=torch.float32, n: int = 1536, repeat: int = 5) -> float:
+    """GFLOP/s of torch's (MKL / oneDNN) square GEMM: the achievable compute peak."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    times = sorted(timed(lambda: a @ b, repeat=repeat, warmup=1))
+    return 2 * n ** 3 / times[len(times) // 2] / 1e9
+
+
+def gpu_peaks() -> tuple[str, float, float] | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, (bw, tflops) in GPU_PEAKS.items():
+        if key in name:
+            return name, bw, tflops * 1e3
+    return None

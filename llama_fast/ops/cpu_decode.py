@@ -1,0 +1,79 @@
+"""The decoder stack of a decode step in one C++ call (llama_fast::cpu_decode_layers) for models on the CPU.
+
+A decode step is a few tokens against a big cache; run layer by layer from Python it costs ~12 op calls per
+layer (qkv, rotary, store_kv, attention, o_proj, two norms, gate_up, silu_and_mul, down), several microseconds
+each, which for a small model weighs as much as the weights' memory traffic. LlamaModel.forward hands such
+steps here (see `can_run`); prefill and everything else keep the op-by-op path.
+
+The flat weight list is built once per model and reused (rebuilt when the weights change identity, e.g. after
+.to(dtype) or re-quantization).
+"""
+from __future__ import annotations
+
+import torch
+
+from llama_fast import _native
+
+MAX_ROWS = 8  # batch x new tokens the GEMV kernels take in one pass over the weights
+
+
+def _linear_slots(linear):
+    if getattr(linear, "bits", None) is not None:
+        return [linear.qweight, linear.scales, linear.offsets, linear.bias], [linear.bits, linear.group_size]
+    return [linear.weight, None, None, linear.bias], [0, 0]
+
+
+def _weight_key(model) -> tuple:
+    first = model.layers[0].self_attn.qkv_proj
+    w = first.qweight if getattr(first, "bits", None) is not None else first.weight
+    return (w.data_ptr(), w.dtype, model.norm.weight.data_ptr(), len(model.layers))
+
+
+def _plan(model):
+    key = _weight_key(model)
+    plan = getattr(model, "_cpu_decode_plan", None)
+    if plan is not None and plan[0] == key:
+        return plan[1], plan[2]
+    weights, meta = [], []
+    for layer in model.layers:
+        weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                       layer.mlp.down_proj):
+            w, m = _linear_slots(linear)
+            weights += w
+            meta += m
+    weights = [None if t is None else t.detach() for t in weights]
+    model._cpu_decode_plan = (key, weights, meta)
+    return weights, meta
+
+
+def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidden_states=False) -> bool:
+    """Whether this forward call of `model` (a LlamaModel) is a decode step the fused C++ stack can run."""
+    if hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if output_attentions or output_hidden_states or len(model.layers) == 0:
+        return False
+    if hidden.shape[0] * hidden.shape[1] > MAX_ROWS or _native.extension() is None:
+        return False
+    if any(getattr(m, "backend", None) not in (None, "cpu") for m in (model, model.layers[0])):
+        return False
+    cfg = model.config
+    return getattr(cfg, "hidden_act", "silu") == "silu"
+
+
+def run(model, hidden: torch.Tensor, step, cache) -> torch.Tensor:
+    """The final-normed hidden states of the decoder stack for `hidden` (the embeddings), writing this step's
+    keys/values into `cache`. `step` carries positions, slots, kv_lens, kv_span, cos, sin (LlamaModel._prepare)."""
+    weights, meta = _plan(model)
+    attn = model.layers[0].self_attn
+    return torch.ops.llama_fast.cpu_decode_layers(
+        hidden.contiguous(), weights, meta, cache.k, cache.v, step.positions.contiguous(), step.slots.contiguous(),
+        step.kv_lens.to(torch.int32).contiguous(), int(step.kv_span), step.cos.contiguous(), step.sin.contiguous(),
+        attn.num_heads, attn.num_kv_heads, attn.head_dim, float(model.norm.eps), model.norm.weight)
+
+
+if _native.extension() is not None:
+    @torch.library.register_fake("llama_fast::cpu_decode_layers")
+    def _cpu_decode_layers_fake(hidden, weights, linear_meta, k_caches, v_caches, positions, slots, kv_lens, kv_span,
+                                cos, sin, num_heads, num_kv_heads, head_dim, eps, final_norm):
+        return torch.empty_like(hidden)

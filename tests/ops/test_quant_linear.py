@@ -1,0 +1,69 @@
+"""Weight-only int4 / int8 linear read from the packed format of llama_fast.quant, against the reference (x @
+dequantize(W).T computed in fp32): decode GEMV (<= 8 rows) and the prefill GEMM path."""
+import pytest
+import torch
+
+from llama_fast import ops, quant
+from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
+
+# (bits, group_size, symmetric): GGUF Q4_1-like (asymmetric, g=32), Q4_0-like (symmetric, offset = -8 scale),
+# Q8_0-like, per-channel int8, and group sizes the vector kernels do not tile (scalar fallback).
+FORMATS = [(4, 32, False), (4, 32, True), (4, 128, False), (8, 32, True), (8, -1, True), (4, 8, False), (8, 4, True)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"int{f[0]}_g{f[1]}{'_sym' if f[2] else ''}")
+@pytest.mark.parametrize("m,n", [(1, 83), (3, 769), (8, 7), (20, 83)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_matches_reference(backend, fmt, m, n, dtype, matches_reference):
+    name, device = backend
+    bits, group_size, symmetric = fmt
+    k = 256
+    g = torch.Generator().manual_seed(n + bits)
+    w = torch.randn(n, k, generator=g)
+    qw = quant.quantize(w, bits=bits, group_size=group_size, symmetric=symmetric, scale_dtype=torch.float16)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype) if m == 3 else None
+    out = ops.quant_linear(x.to(device), qw.to(device), None if bias is None else bias.to(device), backend=name)
+    assert out.dtype == dtype and out.shape == (m, n)
+    wd = qw.dequantize(torch.float64)
+    want = x.double() @ wd.t() + (0 if bias is None else bias.double())
+    low = torch.nn.functional.linear(x, qw.dequantize(dtype), bias)
+    matches_reference(out, want.float(), low)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quant_linear_scale_dtypes_cpu(scale_dtype):
+    qw = quant.quantize(torch.randn(83, 128), bits=4, group_size=32, scale_dtype=scale_dtype)
+    x = torch.randn(2, 128)
+    want = x.double() @ qw.dequantize(torch.float64).t()
+    torch.testing.assert_close(ops.quant_linear(x, qw, backend="cpu").double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_quant_linear_bad_inputs_cpu():
+    qw = quant.quantize(torch.randn(8, 64), bits=4, group_size=32)
+    x = torch.randn(1, 64)
+    f = torch.ops.llama_fast.quant_linear
+    with pytest.raises(RuntimeError, match="must equal the weight's K"):
+        ops.quant_linear(torch.randn(1, 32), qw, backend="cpu")
+    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+        f(x, qw.qweight, qw.scale, qw.offset, 3, 32, None)
+    with pytest.raises(RuntimeError, match="qweight must be int8"):
+        f(x, qw.qweight, qw.scale, qw.offset, 8, 32, None)
+    with pytest.raises(RuntimeError, match="group_size 48 must divide K=64"):
+        f(x, qw.qweight, qw.scale, qw.offset, 4, 48, None)
+    with pytest.raises(RuntimeError, match="scale must be \\[8, 2\\]"):
+        f(x, qw.qweight, qw.scale[:, :1].contiguous(), None, 4, 32, None)
+    with pytest.raises(RuntimeError, match="offset dtype"):
+        f(x, qw.qweight, qw.scale.float(), qw.offset.half(), 4, 32, None)
+    with pytest.raises(RuntimeError, match="qweight must be contiguous"):
+        f(x, qw.qweight.t().contiguous().t(), qw.scale, qw.offset, 4, 32, None)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        f(x.half(), qw.qweight, qw.scale, qw.offset, 4, 32, None)
+
+
+def test_opcheck_quant_linear():
+    for bits in (4, 8):
+        qw = quant.quantize(torch.randn(7, 64), bits=bits, group_size=32)
+        for m in (1, 9):
+            torch.library.opcheck(torch.ops.llama_fast.quant_linear.default,
+                                  (torch.randn(m, 64), qw.qweight, qw.scale, qw.offset, bits, 32, torch.randn(7)))

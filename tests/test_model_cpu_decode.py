@@ -1,0 +1,89 @@
+"""The model's decode steps on the CPU run the fused C++ stack (llama_fast/ops/cpu_decode.py): their logits
+equal transformers' (fp32), stay within the bf16 budget, and equal the op-by-op path for quantized weights."""
+import pytest
+import torch
+
+from llama_fast import LlamaForCausalLM
+from llama_fast.ops import cpu_decode
+
+pytest.importorskip("llama_fast._C")
+
+
+@pytest.fixture
+def count_fused(monkeypatch):
+    calls = []
+    orig = cpu_decode.run
+
+    def run(*args, **kwargs):
+        calls.append(args[1].shape)
+        return orig(*args, **kwargs)
+    monkeypatch.setattr(cpu_decode, "run", run)
+    return calls
+
+
+def _decode(model, ids, mask, prompt_len):
+    """Prefill ids[:, :prompt_len], then feed the rest one token at a time; logits of every position."""
+    with torch.no_grad():
+        out = model(ids[:, :prompt_len], attention_mask=mask[:, :prompt_len], use_cache=True)
+        logits, past = [out.logits], out.past_key_values
+        for i in range(prompt_len, ids.shape[1]):
+            out = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=past, use_cache=True)
+            logits.append(out.logits)
+            past = out.past_key_values
+    return torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_fused_decode_matches_transformers_fp32(tmp_path, count_fused, kv_heads):
+    import conftest
+    conftest.make_hf_model(tmp_path, {"num_key_value_heads": kv_heads})
+    hf = conftest.load_hf(tmp_path)
+    ids, mask, position_ids = conftest.left_padded_batch((0, 3), seq_len=12)
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, position_ids=position_ids).logits
+    ours = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", backend="cpu")
+    got = _decode(ours, ids, mask, prompt_len=6)
+    assert len(count_fused) == 6  # every decode step took the fused path
+    real = mask.bool()
+    assert conftest.max_rel_diff(got[real], want[real]) <= 1e-4
+
+
+def test_fused_decode_bf16_within_budget(tmp_path, count_fused):
+    import conftest
+    conftest.make_hf_model(tmp_path, {"num_key_value_heads": 2})
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = conftest.load_hf(tmp_path)(ids).logits
+        hf_low = conftest.load_hf(tmp_path, dtype=torch.bfloat16)(ids).logits
+    got = _decode(LlamaForCausalLM.from_pretrained(tmp_path, dtype="bfloat16"), ids, mask, prompt_len=4)
+    assert len(count_fused) == 7  # the 4-token prefill (B x T <= 8) and the 6 decode steps
+    err, err_hf = (got.float() - want).abs().max().item(), (hf_low.float() - want).abs().max().item()
+    assert err <= conftest.BF16_FACTOR * err_hf + conftest.BF16_SLACK * want.abs().max().item()
+
+
+@pytest.mark.parametrize("quantize", ["int4", "int8"])
+def test_fused_decode_quantized_equals_op_by_op(tmp_path, count_fused, quantize):
+    import conftest
+    conftest.make_hf_model(tmp_path, {"num_key_value_heads": 2})
+    ids = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    fused = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", quantize=quantize, group_size=32)
+    got = _decode(fused, ids, mask, prompt_len=5)
+    assert len(count_fused) == 4
+    ref = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", quantize=quantize, group_size=32,
+                                           backend="torch")
+    want = _decode(ref, ids, mask, prompt_len=5)
+    assert conftest.max_rel_diff(got, want) <= 1e-4
+
+
+def test_fused_path_is_skipped_when_outputs_need_layers(tmp_path, count_fused):
+    import conftest
+    conftest.make_hf_model(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32")
+    ids = torch.randint(0, 128, (1, 4))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        before = len(count_fused)
+        step = model(ids[:, :1], past_key_values=out.past_key_values, use_cache=True, output_hidden_states=True)
+    assert len(step.hidden_states) == model.config.num_hidden_layers + 1 and len(count_fused) == before
