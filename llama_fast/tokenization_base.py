@@ -118,7 +118,9 @@ class TokenizerBase:
 
     @property
     def all_special_tokens(self):
-        tokens = [t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special]
+        """The named special tokens and additional_special_tokens (as transformers counts them; decode's
+        skip_special_tokens also skips every token the vocabulary marks special)."""
+        tokens = []
         for t in (self.bos_token, self.eos_token, self.unk_token, self.pad_token, *self.additional_special_tokens):
             if t and t not in tokens:
                 tokens.append(t)
