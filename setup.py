@@ -13,6 +13,10 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# Without CUDA_HOME torch guesses /usr/local and the link fails; prefer the standard toolkit location.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 
 def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
@@ -53,6 +57,9 @@ def _extension():
             include_dirs.append(os.path.abspath(nvidia_inc))
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DNDEBUG", "--expt-relaxed-constexpr"]
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            # No GPU to detect the arch from: build the archs CI checks (Ampere, Hopper) instead of all.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         return CUDAExtension("llama_fast._C", sources, include_dirs=include_dirs,
                              extra_compile_args={"cxx": cxx + ["-DLLAMA_FAST_WITH_CUDA"], "nvcc": nvcc},
                              extra_link_args=["-fopenmp"])

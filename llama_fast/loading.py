@@ -1,0 +1,472 @@
+"""Loading and saving checkpoints: HF directories (config.json + safetensors) and GGUF files.
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype="auto", device="cpu", backend=None,
+                                             quantize=None | "int8" | "int4", group_size=128)
+    model.save_pretrained(directory)
+
+Memory: the model is built on the meta device and each parameter is materialized when its tensors arrive,
+which are read one at a time from the memory-mapped safetensors files, so the weights never exist twice.
+With `quantize`, each linear layer is quantized as soon as its weight is complete (a fused one after all
+its parts), so the peak is about the quantized model plus one layer. Embeddings, lm_head and score stay
+dense. Pickles (.bin / .pt) are refused: loading never unpickles.
+
+The interface other formats use (GGUF does):
+
+    load_tensors(model, named_tensors, source, quantize=None, group_size=128)
+
+`model` is a model on the meta device (e.g. `meta_model(cls, config, dtype)`); `named_tensors` yields
+(transformers name, value) pairs, value a torch.Tensor or a llama_fast.quant.QuantizedWeight; `source`
+(a file name) is named in every error. Each value lands in its (fused) parameter, converted to the model's
+dtype and device; its shape is checked; names the model does not have, and parameters nothing was given for,
+raise an error naming `source` and the tensors. A QuantizedWeight makes its linear layer quantized, keeping
+its format (quantize= does not re-quantize it); the parts of a fused layer are joined with
+quant.concat_rows. If the parts of a fused layer differ in format (say q_proj Q4_0 and v_proj Q8_0, or one
+part dense), all of them are dequantized to a dense weight in the model dtype: correct, but not native.
+A quantized value for a parameter that is not a linear weight (embeddings, norms) is dequantized.
+`TensorLoader` is the same thing in steps, for sources spread over several files (sharded checkpoints).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llama_fast import quant
+from llama_fast.config import LlamaConfig, dtype_from_name
+from llama_fast.linear import Linear
+from llama_fast.ops._backend import check_backend_name
+from llama_fast.quant import QuantizedWeight
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_QUANTIZE_BITS = {"int8": 8, "int4": 4}
+# Checkpoint entries that carry nothing the model needs (old checkpoints saved the rotary table).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Linear layers that stay dense under quantize=: they are not the decode-time bottleneck of the layers and
+# their accuracy matters most (and lm_head may share its weight with the embeddings).
+_DENSE_LINEARS = ("lm_head", "score")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, malformed, or does not fit the model."""
+
+
+# ---- the names ------------------------------------------------------------------------------------------
+
+@dataclass
+class _Target:
+    """One parameter of the model and the checkpoint tensors (row ranges) it is made of."""
+    module: nn.Module
+    attr: str                                   # "weight" or "bias"
+    shape: tuple
+    parts: list[str]                            # transformers names, in row order
+    rows: list[tuple[int, int]]
+    quantizable: bool                           # a Linear weight that quantize= applies to
+    received: dict = field(default_factory=dict)   # part index -> QuantizedWeight, or True when copied
+    buffer: torch.Tensor | None = None
+
+
+def _fused_parts(prefix: str, module: nn.Module) -> dict[str, list[tuple[str, int]]]:
+    """Fused parameter name -> [(transformers name, rows)] for the fused linears of `module`."""
+    from llama_fast.modeling import LlamaAttention, LlamaMLP
+    if isinstance(module, LlamaAttention):
+        q, kv = module.num_heads * module.head_dim, module.num_kv_heads * module.head_dim
+        split = [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]
+        fused = "qkv_proj"
+    elif isinstance(module, LlamaMLP):
+        i = module.down_proj.in_features
+        split = [("gate_proj", i), ("up_proj", i)]
+        fused = "gate_up_proj"
+    else:
+        return {}
+    out = {}
+    for attr in ("weight", "bias"):
+        if getattr(getattr(module, fused), attr, None) is not None:
+            out[f"{prefix}{fused}.{attr}"] = [(f"{prefix}{name}.{attr}", rows) for name, rows in split]
+    return out
+
+
+def _targets(model: nn.Module) -> tuple[dict[str, _Target], dict[str, tuple[str, int]]]:
+    """(parameter name -> _Target, transformers name -> (parameter name, part index))."""
+    modules = dict(model.named_modules())
+    fused: dict[str, list[tuple[str, int]]] = {}
+    for prefix, module in modules.items():
+        fused.update(_fused_parts(f"{prefix}." if prefix else "", module))
+    targets, by_hf = {}, {}
+    for name, param in model.named_parameters():      # tied parameters appear once
+        owner_name, _, attr = name.rpartition(".")
+        owner = modules[owner_name]
+        parts = fused.get(name, [(name, param.shape[0])])
+        rows, start = [], 0
+        for _, n in parts:
+            rows.append((start, start + n))
+            start += n
+        quantizable = (isinstance(owner, Linear) and attr == "weight"
+                       and owner_name.rpartition(".")[2] not in _DENSE_LINEARS)
+        targets[name] = _Target(owner, attr, tuple(param.shape), [p for p, _ in parts], rows, quantizable)
+        for i, (hf, _) in enumerate(parts):
+            by_hf[hf] = (name, i)
+    return targets, by_hf
+
+
+# ---- putting tensors into the model ---------------------------------------------------------------------
+
+class TensorLoader:
+    """Fills a meta-device model from (transformers name, tensor) pairs: `add` each, then `finish`."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device, quantize: str | None = None,
+                 group_size: int = 128):
+        if quantize is not None and quantize not in _QUANTIZE_BITS:
+            raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
+        self.model = model
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.bits = _QUANTIZE_BITS.get(quantize)
+        self.group_size = group_size
+        self.targets, self.by_hf = _targets(model)
+        self.tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+        from llama_fast.modeling import LlamaModel
+        self.bare = isinstance(model, LlamaModel)  # its names have no "model." prefix
+
+    def _resolve(self, name: str):
+        if name in self.by_hf:
+            return self.by_hf[name]
+        if self.bare and name.startswith("model.") and name[6:] in self.by_hf:
+            return self.by_hf[name[6:]]
+        if not self.bare and f"model.{name}" in self.by_hf:
+            return self.by_hf[f"model.{name}"]
+        return None
+
+    def _ignored(self, name: str) -> bool:
+        if name.endswith(_IGNORED_SUFFIXES):
+            return True
+        # A tied model's lm_head is the embedding: a stored copy is redundant (transformers ignores it too).
+        # A bare LlamaModel ignores the heads of a ForCausalLM / ForSequenceClassification checkpoint.
+        return (name == "lm_head.weight" and (self.tied or self.bare)) or (self.bare and name.startswith("score."))
+
+    def add(self, name: str, value, source: str) -> None:
+        found = self._resolve(name)
+        if found is None:
+            if self._ignored(name):
+                return
+            raise CheckpointError(f"{source}: unexpected tensor {name!r}: the model has no such parameter "
+                                  f"(is this a Llama checkpoint of the same architecture?)")
+        pname, part = found
+        target = self.targets[pname]
+        if part in target.received:
+            raise CheckpointError(f"{source}: tensor {name!r} appears twice")
+        r0, r1 = target.rows[part]
+        expected = (r1 - r0,) + target.shape[1:]
+        shape = tuple(value.shape)
+        if shape != expected:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {list(shape)}, the model expects "
+                                  f"{list(expected)} (check config.json against the weights)")
+        if isinstance(value, QuantizedWeight):
+            target.received[part] = value.to(self.device)
+        else:
+            if not value.is_floating_point():
+                raise CheckpointError(f"{source}: tensor {name!r} has dtype {value.dtype}; expected floating point")
+            if len(target.parts) == 1:
+                target.buffer = value.to(device=self.device, dtype=self.dtype)
+            else:
+                if target.buffer is None:
+                    target.buffer = torch.empty(target.shape, dtype=self.dtype, device=self.device)
+                target.buffer[r0:r1].copy_(value)
+            target.received[part] = True
+        if len(target.received) == len(target.parts):
+            self._materialize(pname, target)
+
+    def _materialize(self, pname: str, target: _Target) -> None:
+        owner, attr = target.module, target.attr
+        values = [target.received[i] for i in range(len(target.parts))]
+        quantized = [v for v in values if isinstance(v, QuantizedWeight)]
+        if quantized and len(quantized) == len(values) and isinstance(owner, Linear) and attr == "weight":
+            try:
+                qw = values[0] if len(values) == 1 else quant.concat_rows(values)
+            except ValueError:
+                qw = None     # the parts differ in format: dequantized below
+            if qw is not None:
+                owner.set_quantized(qw)
+                target.received = dict.fromkeys(target.received, True)   # drop the parts
+                return
+        if quantized:         # mixed formats, or not a linear weight: dense in the model dtype
+            if target.buffer is None:
+                target.buffer = torch.empty(target.shape, dtype=self.dtype, device=self.device)
+            for (r0, r1), v in zip(target.rows, values):
+                if isinstance(v, QuantizedWeight):
+                    target.buffer[r0:r1].copy_(v.dequantize(torch.float32))
+            target.received = dict.fromkeys(target.received, True)
+        dense, target.buffer = target.buffer, None
+        if self.bits is not None and target.quantizable:
+            owner.set_quantized(quant.quantize(dense, self.bits, self.group_size, name=pname))
+            return
+        setattr(owner, attr, nn.Parameter(dense, requires_grad=False))
+
+    def finish(self, source: str) -> None:
+        """Checks that every parameter got its tensors and ties lm_head to the embeddings if configured."""
+        missing = [hf for t in self.targets.values() if len(t.received) != len(t.parts)
+                   for i, hf in enumerate(t.parts) if i not in t.received]
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:8]) + (", ..." if len(missing) > 8 else "")
+            raise CheckpointError(f"{source}: {len(missing)} tensor(s) missing: {shown}")
+        if self.tied and hasattr(self.model, "lm_head"):
+            self.model.lm_head.weight = self.model.model.embed_tokens.weight
+
+
+def load_tensors(model: nn.Module, named_tensors: Iterable, source: str, quantize: str | None = None,
+                 group_size: int = 128, dtype: torch.dtype | None = None, device=None) -> nn.Module:
+    """Fills the meta-device `model` from (transformers name, Tensor | QuantizedWeight) pairs (see the
+    module docstring). dtype/device default to the model's `_load_dtype` / `_load_device` (set by
+    meta_model)."""
+    dtype = dtype or model._load_dtype
+    device = device if device is not None else model._load_device
+    loader = TensorLoader(model, dtype, device, quantize, group_size)
+    for name, value in named_tensors:
+        loader.add(name, value, source)
+    loader.finish(source)
+    return model
+
+
+def meta_model(cls, config: LlamaConfig, dtype: torch.dtype, device="cpu") -> nn.Module:
+    """An instance of `cls` whose parameters live on the meta device (no memory), ready for load_tensors."""
+    with torch.device("meta"):
+        model = cls(config, dtype=dtype)
+    model._load_dtype, model._load_device = dtype, torch.device(device)
+    return model
+
+
+# ---- from_pretrained ------------------------------------------------------------------------------------
+
+def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantize=None, group_size=128):
+    """`cls` (LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification) from an HF directory or a GGUF
+    file. dtype: "auto" (config's torch_dtype, float32 if absent), "float32", "bfloat16", "float16" or a
+    torch.dtype. backend: the ops backend (None: the best one for each op on the tensors' device)."""
+    check_backend_name(backend)
+    if quantize is not None and quantize not in _QUANTIZE_BITS:
+        raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    gguf = _gguf_path(path)
+    if gguf is not None:
+        model = _load_gguf(cls, gguf, dtype, device, quantize, group_size)
+    else:
+        model = _load_hf_directory(cls, path, dtype, device, quantize, group_size)
+    model.set_backend(backend)
+    return model.eval()
+
+
+def _resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
+    if dtype in ("auto", None):
+        return dtype_from_name(config.dtype or "float32", "config torch_dtype")
+    return dtype_from_name(dtype)
+
+
+def _gguf_path(path: str) -> str | None:
+    if os.path.isfile(path):
+        return path if path.lower().endswith(".gguf") else None
+    if os.path.exists(os.path.join(path, "config.json")):
+        return None
+    ggufs = sorted(f for f in os.listdir(path) if f.lower().endswith(".gguf"))
+    if len(ggufs) == 1:
+        return os.path.join(path, ggufs[0])
+    if len(ggufs) > 1:
+        raise CheckpointError(f"{path}: holds several .gguf files ({', '.join(ggufs)}); pass the one to load")
+    return None
+
+
+def _load_gguf(cls, path: str, dtype, device, quantize, group_size):
+    from llama_fast.gguf_file import read_gguf
+    config_dict, _ = read_gguf(path, dequantize=True)   # metadata only; the tensor iterator is lazy
+    config = LlamaConfig.from_dict(config_dict)
+    torch_dtype = _resolve_dtype(dtype, config)
+    model = meta_model(cls, config, torch_dtype, device)
+    _, tensors = read_gguf(path, dequantize=False, dtype=torch_dtype)
+    return load_tensors(model, tensors, path, quantize, group_size)
+
+
+def _refuse_pickles(path: str) -> None:
+    if os.path.isfile(path):
+        names = [os.path.basename(path)]
+    else:
+        names = [f for f in os.listdir(path) if f.endswith(_PICKLE_SUFFIXES)]
+    if any(n.endswith(_PICKLE_SUFFIXES) for n in names):
+        raise CheckpointError(
+            f"{path}: holds PyTorch pickle weights ({', '.join(sorted(names)[:3])}); llama_fast never unpickles "
+            "(a pickle can run arbitrary code). Convert them to safetensors once with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir, safe_serialization=True)")
+
+
+def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
+    if os.path.isfile(path):
+        _refuse_pickles(path)
+        raise CheckpointError(f"{path}: expected a directory with config.json and *.safetensors, or a .gguf file")
+    config = LlamaConfig.from_pretrained(path)
+    files = _safetensors_files(path)
+    torch_dtype = _resolve_dtype(dtype, config)
+    model = meta_model(cls, config, torch_dtype, device)
+    loader = TensorLoader(model, torch_dtype, device, quantize, group_size)
+    for file, names in files:
+        _load_safetensors_file(loader, file, names)
+    loader.finish(files[0][0] if len(files) == 1 else os.path.join(path, SAFE_INDEX))
+    model.generation_config = _read_generation_config(path)
+    return model
+
+
+def _safetensors_files(path: str) -> list[tuple[str, list[str] | None]]:
+    """[(file, tensor names it should hold or None for all)] of a checkpoint directory."""
+    single, index = os.path.join(path, SAFE_WEIGHTS), os.path.join(path, SAFE_INDEX)
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{index}: has no 'weight_map' object") from None
+        by_file: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            by_file.setdefault(file, []).append(name)
+        out = []
+        for file, names in by_file.items():
+            full = os.path.join(path, file)
+            if not os.path.isfile(full):
+                raise CheckpointError(f"{index}: names shard {file!r}, which does not exist "
+                                      f"(needed for {names[0]!r})")
+            out.append((full, names))
+        return out
+    if os.path.exists(single):
+        return [(single, None)]
+    others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if len(others) == 1:
+        return [(os.path.join(path, others[0]), None)]
+    _refuse_pickles(path)
+    raise CheckpointError(f"{path}: no {SAFE_WEIGHTS} or {SAFE_INDEX} found")
+
+
+def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | None) -> None:
+    from safetensors import safe_open
+    _check_safetensors_header(file)
+    try:
+        handle = safe_open(file, framework="pt", device="cpu")
+    except Exception as e:   # safetensors raises its own error types; name the file
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    with handle as f:
+        keys = set(f.keys())
+        for name in names if names is not None else sorted(keys):
+            if name not in keys:
+                raise CheckpointError(f"{file}: tensor {name!r} listed in the index is not in the file")
+            try:
+                tensor = f.get_tensor(name)
+            except Exception as e:
+                raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+            loader.add(name, tensor, file)
+
+
+def _check_safetensors_header(file: str) -> None:
+    """A truncated or corrupt file gets an error naming the file and the first tensor that does not fit,
+    before safetensors maps it."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise CheckpointError(f"{file}: truncated safetensors file: the header claims {header_len} bytes, "
+                                  f"the file has {size - 8} after the length")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
+    data = size - 8 - header_len
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = int(info["data_offsets"][1])
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: corrupt safetensors header entry for tensor {name!r}") from None
+        if end > data:
+            raise CheckpointError(f"{file}: truncated: tensor {name!r} ends at byte {end} of the data, "
+                                  f"which has only {data} bytes")
+
+
+def _read_generation_config(path: str) -> dict:
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.exists(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    return d if isinstance(d, dict) else {}
+
+
+# ---- save_pretrained ------------------------------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def hf_state_items(model: nn.Module):
+    """(transformers name, tensor view) of every parameter, fused weights split, a tied lm_head omitted."""
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and module.quantized:
+            raise NotImplementedError(f"save_pretrained of a quantized model is not supported yet ({name} is "
+                                      f"int{module.bits}); save the dense model and quantize on load")
+    targets, _ = _targets(model)
+    for target in targets.values():
+        owner = target.module
+        tensor = getattr(owner, target.attr)
+        for hf, (r0, r1) in zip(target.parts, target.rows):
+            yield hf, tensor[r0:r1] if len(target.parts) > 1 else tensor
+
+
+def save_pretrained(model: nn.Module, directory) -> None:
+    """config.json, model.safetensors, generation_config.json: a directory transformers loads."""
+    items = list(hf_state_items(model))     # views; raises before anything is written
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    config = model.config
+    config.dtype = str(model.dtype).removeprefix("torch.")
+    config.save_pretrained(directory)
+    write_safetensors(os.path.join(directory, SAFE_WEIGHTS), items)
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    if config.pad_token_id is not None:
+        gen["pad_token_id"] = config.pad_token_id
+    gen.update(getattr(model, "generation_config", None) or {})
+    with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(gen, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_safetensors(file: str, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Streams tensors into a safetensors file one at a time (no second copy of the model in memory)."""
+    items = list(items)
+    header, offset = {}, 0
+    for name, t in items:
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: cannot save dtype {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)     # the data starts 8-byte aligned, as safetensors writes it
+    tmp = file + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, t in items:
+            f.write(t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
+    os.replace(tmp, file)
