@@ -175,7 +175,7 @@ def plan(args) -> list:
             engines += [("llama_fast", b) for b in (args.backends or _available_backends(args.device))]
         elif name == "transformers":
             if _installed("transformers"):
-                engines += [("transformers", "eager"), ("transformers", "sdpa")]
+                engines += [("transformers", attn) for attn in args.attn]
         elif name == "llama_cpp":
             if _installed("llama_cpp") and args.gguf:
                 engines.append(("llama_cpp", "gguf"))
@@ -252,6 +252,7 @@ def build_parser():
     p.add_argument("--gguf", help="GGUF for the peers (default: the demo model's GGUF when --model is not given)")
     p.add_argument("--engines", nargs="+", default=["llama_fast", "transformers", "llama_cpp"])
     p.add_argument("--backends", nargs="+", default=None, help="llama_fast backends (default: all that run here)")
+    p.add_argument("--attn", nargs="+", default=["eager", "sdpa"], help="transformers attention implementations")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=512)

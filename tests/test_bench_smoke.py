@@ -24,12 +24,12 @@ def tiny_model_dir(tmp_path_factory):
 
 def test_quick_run_writes_json_and_png(tiny_model_dir, tmp_path, capsys):
     rc = main(["--model", tiny_model_dir, "--engines", "llama_fast", "transformers", "--backends", "torch",
-               "--quick", "--threads", "1", "--out-dir", str(tmp_path), "--name", "smoke"])
+               "--attn", "sdpa", "--quick", "--threads", "1", "--out-dir", str(tmp_path), "--name", "smoke"])
     assert rc == 0
     report = json.loads((tmp_path / "smoke.json").read_text())
     assert (tmp_path / "smoke.png").stat().st_size > 1000
     labels = {(r["engine"], r["backend"]) for r in report["results"]}
-    assert labels == {("llama_fast", "torch"), ("transformers", "eager"), ("transformers", "sdpa")}
+    assert labels == {("llama_fast", "torch"), ("transformers", "sdpa")}
     for r in report["results"]:
         assert r["status"] == "ok", r.get("error")
         assert r["batch"] == 1 and r["dtype"] == "float32" and r["prompt_len"] == 16 and r["new_tokens"] == 4
