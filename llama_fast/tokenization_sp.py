@@ -112,6 +112,11 @@ class LlamaTokenizer(TokenizerBase):
     def _config_for_saving(self):
         config = super()._config_for_saving()
         config["legacy"] = self.legacy
+        # Tokens past the sentencepiece vocabulary (e.g. an added <pad>) live only in the config.
+        extra = {i: t for i, t in self._tokenizer.get_added_tokens_decoder().items() if i >= len(self._sp_model.pieces)}
+        if extra:
+            config["added_tokens_decoder"] = {str(i): {"content": t.content, "special": t.special}
+                                              for i, t in sorted(extra.items())}
         return config
 
     def _save_vocabulary(self, directory):

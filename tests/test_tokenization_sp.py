@@ -117,3 +117,18 @@ def test_corrupt_model_file_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\x0a\xff\xff\xff")
     with pytest.raises(ValueError, match="sentencepiece"):
         AutoTokenizer.from_pretrained(tmp_path)
+
+
+def test_added_pad_token_past_the_vocab_survives_saving(sp_dir, tmp_path):
+    """The seeds' advice: add a <pad> token (a new id past the sentencepiece vocabulary)."""
+    _write_config(sp_dir)
+    tok = AutoTokenizer.from_pretrained(sp_dir)
+    assert tok.add_special_tokens({"pad_token": "<pad>"}) == 1
+    assert tok.pad_token_id == 500 and len(tok) == 501
+    assert tok(["Banana", "Hello world"], padding=True)["input_ids"][0][0] == 500
+    assert tok.decode([500] + tok.encode("Banana", add_special_tokens=False), skip_special_tokens=True) == "Banana"
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again.pad_token_id == 500 and again.encode("<pad>Banana") == tok.encode("<pad>Banana")
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert ref.pad_token_id == 500 and ref.encode("<pad>Banana") == again.encode("<pad>Banana")
