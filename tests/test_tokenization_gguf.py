@@ -7,7 +7,7 @@ import torch
 from llama_fast import AutoTokenizer, LlamaTokenizerFast
 from llama_fast.demo import DemoModelNotFound, find_demo_gguf
 
-from _tokenizer_corpus import TRICKY_STRINGS, with_special_tokens
+from _tokenizer_corpus import TRICKY_STRINGS, train_sentencepiece, with_special_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,3 +82,50 @@ def test_saved_directory_reloads_identically(ours, ref, tmp_path):
         assert again.encode(s) == ours.encode(s) == ref_again.encode(s)
     assert again.chat_template == ours.chat_template
     assert again.apply_chat_template(CHAT, tokenize=False) == ref_again.apply_chat_template(CHAT, tokenize=False)
+
+
+def test_sentencepiece_style_gguf_matches_transformers(tmp_path):
+    """tokenizer.ggml.model == "llama": tokens + scores + types of a sentencepiece BPE model."""
+    import gguf
+    import numpy as np
+
+    from llama_fast.sentencepiece_model import load_sentencepiece_model
+
+    (tmp_path / "train").mkdir()
+    sp = load_sentencepiece_model(train_sentencepiece(str(tmp_path / "train")))
+    writer = gguf.GGUFWriter(str(tmp_path / "sp.gguf"), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([p[0] for p in sp.pieces])
+    writer.add_token_scores([p[1] for p in sp.pieces])
+    writer.add_token_types([p[2] for p in sp.pieces])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_tensor("token_embd.weight", np.zeros((len(sp.pieces), 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = AutoTokenizer.from_pretrained(tmp_path / "sp.gguf")
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
+    assert ours.bos_token == ref.bos_token == "<s>"
+    for s in TRICKY_STRINGS + with_special_tokens(["<s>", "</s>"]):
+        ids = ours.encode(s)
+        assert ids == ref.encode(s), s
+        assert ours.decode(ids) == ref.decode(ids) and ours.decode(ids, True) == ref.decode(ids, skip_special_tokens=True)
+
+
+def test_unsupported_gguf_tokenizer_is_a_clear_error(tmp_path):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(tmp_path / "t5.gguf"), "t5")
+    writer.add_tokenizer_model("t5")
+    writer.add_token_list(["<pad>", "</s>", "a"])
+    writer.add_tensor("token_embd.weight", np.zeros((3, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="'t5' is not supported"):
+        AutoTokenizer.from_pretrained(tmp_path / "t5.gguf")

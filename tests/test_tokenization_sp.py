@@ -6,30 +6,15 @@ import pytest
 
 from llama_fast import AutoTokenizer, LlamaTokenizer, LlamaTokenizerFast
 
-from _tokenizer_corpus import TRICKY_STRINGS, with_special_tokens
+from _tokenizer_corpus import TRICKY_STRINGS, train_sentencepiece, with_special_tokens
 
 spm = pytest.importorskip("sentencepiece")
 transformers = pytest.importorskip("transformers")
 
-TRAIN_TEXT = """The quick brown fox jumps over the lazy dog. 1234567890 numbers 3.14159
-def foo(x):\n    return x * 2  # code\n\tTabs and  double  spaces.
-Unicode: café naïve résumé 東京 пример 😀 🚀 emoji.
-Hello world! Hello again, world. Banana banana BANANA.
-"""
-
-
 @pytest.fixture(scope="module")
 def sp_dir(tmp_path_factory):
-    """A byte-fallback BPE model like LLaMA's (identity normalization, spaces kept), trained in ~0.1 s."""
     d = tmp_path_factory.mktemp("spm")
-    corpus = d / "corpus.txt"
-    corpus.write_text(TRAIN_TEXT * 40, encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(d / "tokenizer"), vocab_size=500, model_type="bpe", byte_fallback=True,
-        character_coverage=1.0, split_digits=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-    for extra in ("corpus.txt", "tokenizer.vocab"):
-        os.remove(d / extra)
+    train_sentencepiece(str(d))
     return d
 
 
