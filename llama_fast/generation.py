@@ -67,7 +67,7 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
     for step in range(max_new):
         next_tokens = sampler(out.logits[:, -1, :])
         if pad is not None:
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+            next_tokens = torch.where(unfinished, next_tokens, pad)
         output[:, length] = next_tokens
         length += 1
         if streamer is not None:

@@ -222,6 +222,7 @@ class TokenizerBase:
     def __call__(self, text=None, text_pair=None, add_special_tokens=True, padding=False, truncation=None,
                  max_length=None, return_tensors=None, return_attention_mask=None, padding_side=None,
                  pad_to_multiple_of=None, **kwargs):
+        _reject_unsupported(kwargs)
         if text is None:
             raise ValueError("the tokenizer needs text: a string or a list of strings")
         is_batch = isinstance(text, (list, tuple))
@@ -392,6 +393,21 @@ def _cut_after_final_message(text: str, messages) -> str:
     if at < 0:
         raise ValueError("continue_final_message: the final message's content is not in the rendered template")
     return text[: at + len(final.strip())]
+
+
+# transformers options accepted when they ask for nothing beyond what __call__ returns.
+_NEUTRAL_OPTIONS = {"verbose": None, "return_token_type_ids": (None, False), "is_split_into_words": (False,),
+                    "return_overflowing_tokens": (False,), "return_special_tokens_mask": (False,),
+                    "return_offsets_mapping": (False,), "return_length": (False,), "stride": (0,)}
+
+
+def _reject_unsupported(kwargs):
+    for name, value in kwargs.items():
+        if name not in _NEUTRAL_OPTIONS:
+            raise TypeError(f"the tokenizer got an unexpected argument {name!r}")
+        allowed = _NEUTRAL_OPTIONS[name]
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"{name}={value!r} is not supported by llama_fast's tokenizers")
 
 
 def _as_id_list(token_ids) -> list:

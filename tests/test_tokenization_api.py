@@ -100,3 +100,12 @@ def test_bad_gguf_is_a_clear_error(tmp_path):
     bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(ValueError, match="GGUF"):
         AutoTokenizer.from_pretrained(bad)
+
+
+def test_unsupported_options_are_errors_not_ignored(tok_dir):
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    assert tok("hello", return_token_type_ids=False, verbose=False)["input_ids"] == [1, 3]
+    with pytest.raises(ValueError, match="return_offsets_mapping"):
+        tok("hello", return_offsets_mapping=True)
+    with pytest.raises(TypeError, match="bogus"):
+        tok("hello", bogus=1)
