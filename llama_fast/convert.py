@@ -16,6 +16,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32", overwrite: bool = False,
                  progress: bool = True) -> str:
     """Dequantizes the GGUF's weights to `dtype` and writes an HF directory at `out_dir`; returns it."""
+    import torch
     from tqdm.auto import tqdm
 
     from .modeling import LlamaForCausalLM
@@ -37,6 +38,10 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32", overwrite
                   leave=False) as bar:
             bar.set_postfix_str("reading weights")
             model = LlamaForCausalLM.from_pretrained(gguf_path, dtype=dtype, device="cpu")
+            # GGUF weights load in their native quantized format; an HF directory holds dense ones.
+            from .linear import dequantize_linears_
+
+            dequantize_linears_(model, getattr(torch, dtype))
             bar.update()
             bar.set_postfix_str("writing safetensors")
             model.save_pretrained(tmp)

@@ -105,3 +105,54 @@ def test_chat_without_template_is_one_line(tiny_dir, tmp_path, capsys):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     assert main(["generate", "--model", str(tmp_path), "--chat", "hello"]) == 1
     assert "no chat template" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """The embedded model converted once into a fresh cache (the GGUF loader comes from llama_fast.gguf_file)."""
+    pytest.importorskip("llama_fast.gguf_file", reason="llama_fast's GGUF loader is not in this build")
+    from llama_fast import demo
+
+    try:
+        demo.find_demo_gguf()
+    except demo.DemoModelNotFound as e:
+        pytest.skip(str(e))
+    root = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("LLAMA_FAST_CACHE")
+    os.environ["LLAMA_FAST_CACHE"] = str(root)
+    try:
+        yield demo.demo_model_dir(progress=False)
+    finally:
+        if old is None:
+            del os.environ["LLAMA_FAST_CACHE"]
+        else:
+            os.environ["LLAMA_FAST_CACHE"] = old
+
+
+@pytest.mark.slow
+def test_demo_model_is_converted_once_and_cached(demo_cache):
+    import time
+
+    from llama_fast import demo
+
+    files = set(os.listdir(demo_cache))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert not [f for f in os.listdir(os.path.dirname(demo_cache)) if f.startswith(".convert-")]  # no leftovers
+    start = time.perf_counter()
+    assert demo.demo_model_dir(progress=False) == demo_cache       # cached: no second conversion
+    assert time.perf_counter() - start < 1.0
+    tok = llama_fast.AutoTokenizer.from_pretrained(demo_cache)
+    from_gguf = llama_fast.AutoTokenizer.from_pretrained(demo.find_demo_gguf())
+    chat = [{"role": "user", "content": "Hi there"}]
+    assert tok.apply_chat_template(chat, tokenize=False) == from_gguf.apply_chat_template(chat, tokenize=False)
+    assert tok.encode("Hello  world 😀") == from_gguf.encode("Hello  world 😀")
+    model = llama_fast.LlamaForCausalLM.from_pretrained(demo_cache, dtype="float32")
+    assert model.config.num_hidden_layers == 30 and model.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_generate_with_the_default_model(demo_cache, capsys):
+    rc = main(["generate", "--chat", "What is the capital of France? Answer in one word.", "--max-new-tokens", "8"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "Paris" in out
+    assert "prefill:" in err and "decode:" in err

@@ -38,7 +38,9 @@ def ref_model(gguf_path):
 @pytest.fixture(scope="module")
 def our_model(gguf_path, ref_model, tmp_path_factory):
     try:
-        return llama_fast.LlamaForCausalLM.from_pretrained(gguf_path, dtype="float32")
+        model = llama_fast.LlamaForCausalLM.from_pretrained(gguf_path, dtype="float32")
+        from llama_fast.linear import dequantize_linears_
+        return dequantize_linears_(model, torch.float32)   # fp32 dense, as transformers dequantizes the GGUF
     except ImportError:        # no GGUF loader in this build: the same weights through safetensors
         path = tmp_path_factory.mktemp("smollm2")
         if getattr(ref_model, "hf_quantizer", None) is not None:
