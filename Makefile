@@ -54,3 +54,21 @@ bench: build
 
 clean:
 	rm -rf build dist *.egg-info llama_fast/_C*.so
+
+# ---- CUDA kernels (csrc/cuda) ----------------------------------------------------------------------------
+.PHONY: cuda-resources gpu-test sanitize
+
+# Regenerates csrc/cuda/RESOURCES.md (registers / shared memory / spills per kernel, sm_80 and sm_90).
+cuda-resources:
+	$(PY) .ci/check_cuda_ptxas.py --write
+
+# The CUDA op and model tests; they skip, saying why, where no GPU is present.
+gpu-test: build
+	$(PYTEST) -q tests/gpu
+
+# The CUDA op tests under compute-sanitizer memcheck (out-of-bounds and misaligned accesses, leaks).
+SANITIZER ?= $(firstword $(wildcard $(CUDA_HOME)/bin/compute-sanitizer) $(shell command -v compute-sanitizer))
+sanitize: build
+	@if [ -z "$(SANITIZER)" ]; then echo "sanitize: SKIP - compute-sanitizer not found (CUDA_HOME=$(CUDA_HOME))"; \
+	else PYTORCH_NO_CUDA_MEMORY_CACHING=1 $(SANITIZER) --tool memcheck --error-exitcode 1 --target-processes all \
+	  $(PYTEST) -q -x tests/gpu --ignore=tests/gpu/test_cuda_model.py; fi
