@@ -69,9 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=DTYPES, default="float32")
     conv.add_argument("--force", action="store_true", help="replace out_dir if it exists")
 
-    bench = commands.add_parser("bench", help="end-to-end prefill/decode benchmark (see benchmarks/)",
-                                add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of benchmarks/bench_generate.py")
+    # `bench` hands all its arguments to the harness's own parser (see main).
+    commands.add_parser("bench", help="end-to-end prefill/decode benchmark (llama-fast bench --help)")
     return parser
 
 
@@ -166,20 +165,24 @@ def cmd_convert(args):
     return 0
 
 
-def cmd_bench(args):
+def cmd_bench(bench_args):
     from .bench import main as bench_main
 
-    return bench_main(args.bench_args)
+    return bench_main(bench_args)
 
 
-COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "bench": cmd_bench}
+COMMANDS = {"generate": cmd_generate, "convert": cmd_convert}
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        command, run = "bench", lambda: cmd_bench(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: COMMANDS[args.command](args)
     try:
-        return COMMANDS[args.command](args) or 0
+        return run() or 0
     except KeyboardInterrupt:
         print("\nllama-fast: interrupted", file=sys.stderr)
         return 130
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
         if os.environ.get("LLAMA_FAST_DEBUG"):
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"llama-fast {args.command}: error: {message}", file=sys.stderr)
+        print(f"llama-fast {command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

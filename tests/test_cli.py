@@ -156,3 +156,8 @@ def test_generate_with_the_default_model(demo_cache, capsys):
     out, err = capsys.readouterr()
     assert rc == 0 and "Paris" in out
     assert "prefill:" in err and "decode:" in err
+
+
+def test_bench_subcommand_forwards_its_arguments(capsys):
+    assert main(["bench", "--engines", "nope", "--model", "unused"]) == 1
+    assert "unknown engine 'nope'" in capsys.readouterr().err
