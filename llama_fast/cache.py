@@ -135,13 +135,15 @@ def _legacy_layers(past) -> list:
 
 
 def as_static_cache(past, config, past_mask: torch.Tensor | None = None, dtype=None,
-                    device=None) -> StaticCache:
+                    device=None) -> StaticCache | None:
     """Converts transformers' cache forms (k/v [B, Hkv, T, D] per layer, T = past columns) into a growable
-    StaticCache. `past_mask` [B, T] (the first T columns of a transformers-style attention_mask) tells which
+    StaticCache (None for an empty one). `past_mask` [B, T] (the first T columns of a transformers-style attention_mask) tells which
     columns were left padding; their slots are dropped so the real tokens sit compactly from slot 0."""
     if isinstance(past, StaticCache):
         return past
     layers = _legacy_layers(past)
+    if not layers or any(k is None or k.numel() == 0 for k, _ in layers):
+        return None            # an empty cache (e.g. a fresh transformers DynamicCache()): nothing to convert
     if len(layers) != config.num_hidden_layers:
         raise ValueError(f"past_key_values has {len(layers)} layers, the model has {config.num_hidden_layers}")
     k0 = layers[0][0]
@@ -176,11 +178,13 @@ def left_padding(mask: torch.Tensor) -> torch.Tensor:
     if mask.dim() != 2:
         raise ValueError(f"attention_mask must be 2-D [batch, seq_len] (0 = padding); got {mask.dim()}-D "
                          f"shape {tuple(mask.shape)} (custom 4-D masks are not supported)")
-    m = mask.to(torch.int32) if mask.dtype == torch.bool else mask
-    if not bool(((m == 0) | (m == 1)).all()):
+    m = mask.to(torch.int32)
+    not_binary = ((m != 0) & (m != 1)).any()
+    holes = (m[:, 1:] < m[:, :-1]).any() if m.shape[1] > 1 else torch.zeros((), dtype=torch.bool)
+    not_binary, holes = torch.stack((not_binary, holes.to(not_binary.device))).tolist()   # one device sync
+    if not_binary:
         raise ValueError("attention_mask must contain only 0 and 1")
-    m = m.to(torch.int32)
-    if m.shape[1] > 1 and bool((m[:, 1:] < m[:, :-1]).any()):
+    if holes:
         raise ValueError("attention_mask has zeros after ones: only left padding is supported (pad tokens "
                          "before the text, as tokenizers do with padding_side='left'); holes and right padding "
                          "are not")

@@ -82,7 +82,7 @@ class LlamaConfig:
 
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if rope_parameters is not None:
+        if rope_parameters is not None and self.rope_scaling is None:   # rope_scaling wins, as in transformers
             self._set_rope_parameters(rope_parameters)
         self._normalize_rope_scaling()
         self._validate()

@@ -5,10 +5,12 @@
     model.save_pretrained(directory)
 
 Memory: the model is built on the meta device and each parameter is materialized when its tensors arrive,
-which are read one at a time from the memory-mapped safetensors files, so the weights never exist twice.
+read one at a time (llama_fast.safetensors_file), straight into the parameter when its dtype matches, so
+the weights never exist twice: the peak is the model plus one tensor being converted.
 With `quantize`, each linear layer is quantized as soon as its weight is complete (a fused one after all
-its parts), so the peak is about the quantized model plus one layer. Embeddings, lm_head and score stay
-dense. Pickles (.bin / .pt) are refused: loading never unpickles.
+its parts), so the peak is about the quantized model plus one layer. A layer whose input size K is not a
+multiple of group_size gets the largest power-of-two fraction of group_size (>= 32) that divides K.
+Embeddings, lm_head and score stay dense. Pickles (.bin / .pt) are refused: loading never unpickles.
 
 The interface other formats use (GGUF does):
 
@@ -29,18 +31,19 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from llama_fast import quant
+from llama_fast import quant, safetensors_file
 from llama_fast.config import LlamaConfig, dtype_from_name
 from llama_fast.linear import Linear
 from llama_fast.ops._backend import check_backend_name
 from llama_fast.quant import QuantizedWeight
+from llama_fast.safetensors_file import SafetensorsError, SafetensorsFile
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -150,6 +153,21 @@ class TensorLoader:
         # A bare LlamaModel ignores the heads of a ForCausalLM / ForSequenceClassification checkpoint.
         return (name == "lm_head.weight" and (self.tied or self.bare)) or (self.bare and name.startswith("score."))
 
+    def slot(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
+        """The memory a dense tensor `name` will end up in, when a reader can fill it directly (a CPU model
+        of the same dtype): passing the filled slot to `add` then costs no copy. None otherwise."""
+        found = self._resolve(name)
+        if found is None or dtype != self.dtype or self.device.type != "cpu":
+            return None
+        target = self.targets[found[0]]
+        r0, r1 = target.rows[found[1]]
+        if tuple(shape) != (r1 - r0,) + target.shape[1:] or any(
+                isinstance(v, QuantizedWeight) for v in target.received.values()):
+            return None
+        if target.buffer is None:
+            target.buffer = torch.empty(target.shape, dtype=self.dtype, device=self.device)
+        return target.buffer[r0:r1] if len(target.parts) > 1 else target.buffer
+
     def add(self, name: str, value, source: str) -> None:
         found = self._resolve(name)
         if found is None:
@@ -172,12 +190,11 @@ class TensorLoader:
         else:
             if not value.is_floating_point():
                 raise CheckpointError(f"{source}: tensor {name!r} has dtype {value.dtype}; expected floating point")
-            if len(target.parts) == 1:
-                target.buffer = value.to(device=self.device, dtype=self.dtype)
-            else:
-                if target.buffer is None:
-                    target.buffer = torch.empty(target.shape, dtype=self.dtype, device=self.device)
-                target.buffer[r0:r1].copy_(value)
+            if target.buffer is None:
+                target.buffer = torch.empty(target.shape, dtype=self.dtype, device=self.device)
+            destination = target.buffer[r0:r1] if len(target.parts) > 1 else target.buffer
+            if not _same_memory(value, destination):     # else a reader filled the slot already
+                destination.copy_(value)
             target.received[part] = True
         if len(target.received) == len(target.parts):
             self._materialize(pname, target)
@@ -204,7 +221,8 @@ class TensorLoader:
             target.received = dict.fromkeys(target.received, True)
         dense, target.buffer = target.buffer, None
         if self.bits is not None and target.quantizable:
-            owner.set_quantized(quant.quantize(dense, self.bits, self.group_size, name=pname))
+            group_size = _group_size_for(dense.shape[1], self.group_size, pname)
+            owner.set_quantized(quant.quantize(dense, self.bits, group_size, name=pname))
             return
         setattr(owner, attr, nn.Parameter(dense, requires_grad=False))
 
@@ -217,6 +235,24 @@ class TensorLoader:
             raise CheckpointError(f"{source}: {len(missing)} tensor(s) missing: {shown}")
         if self.tied and hasattr(self.model, "lm_head"):
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
+
+
+def _group_size_for(k: int, requested: int, name: str) -> int:
+    """`requested`, or for a layer whose K it does not divide (SmolLM2's K=576 with 128), the largest
+    power-of-two fraction of it that does, down to 32 (smaller groups: a little more accurate and larger)."""
+    if requested in (-1, None):
+        return k
+    group = requested
+    while k % group != 0 and group % 2 == 0 and group > 32:
+        group //= 2
+    if k % group != 0:
+        raise ValueError(f"{name}: group_size {requested} does not divide K={k}, and no power-of-two fraction "
+                         f"of it down to 32 does either; pass a group_size that divides {k}")
+    return group
 
 
 def load_tensors(model: nn.Module, named_tensors: Iterable, source: str, quantize: str | None = None,
@@ -243,10 +279,22 @@ def meta_model(cls, config: LlamaConfig, dtype: torch.dtype, device="cpu") -> nn
 
 # ---- from_pretrained ------------------------------------------------------------------------------------
 
-def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantize=None, group_size=128):
+def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantize=None, group_size=128,
+                    torch_dtype=None, device_map=None):
     """`cls` (LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification) from an HF directory or a GGUF
     file. dtype: "auto" (config's torch_dtype, float32 if absent), "float32", "bfloat16", "float16" or a
-    torch.dtype. backend: the ops backend (None: the best one for each op on the tensors' device)."""
+    torch.dtype. backend: the ops backend (None: the best one for each op on the tensors' device).
+    transformers' spellings work too: torch_dtype= for dtype, device_map="cpu" / "cuda:0" for device (one
+    device; the model is not split)."""
+    if torch_dtype is not None:
+        if dtype not in ("auto", None):
+            raise ValueError("pass dtype or torch_dtype, not both")
+        dtype = torch_dtype
+    if device_map is not None:
+        if not isinstance(device_map, (str, torch.device)) or str(device_map) in ("auto", "balanced", "sequential"):
+            raise ValueError(f"device_map={device_map!r}: llama_fast loads a model onto one device; pass "
+                             "device='cpu' or device='cuda'")
+        device = device_map
     check_backend_name(backend)
     if quantize is not None and quantize not in _QUANTIZE_BITS:
         raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
@@ -282,12 +330,11 @@ def _gguf_path(path: str) -> str | None:
 
 
 def _load_gguf(cls, path: str, dtype, device, quantize, group_size):
-    from llama_fast.gguf_file import read_gguf
-    config_dict, _ = read_gguf(path, dequantize=True)   # metadata only; the tensor iterator is lazy
+    from llama_fast.gguf_file import read_gguf    # the GGUF reader (metadata -> config, tensors -> HF names)
+    config_dict, tensors = read_gguf(path)        # the tensor iterator is lazy: one tensor at a time
     config = LlamaConfig.from_dict(config_dict)
     torch_dtype = _resolve_dtype(dtype, config)
     model = meta_model(cls, config, torch_dtype, device)
-    _, tensors = read_gguf(path, dequantize=False, dtype=torch_dtype)
     return load_tensors(model, tensors, path, quantize, group_size)
 
 
@@ -312,8 +359,10 @@ def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
     torch_dtype = _resolve_dtype(dtype, config)
     model = meta_model(cls, config, torch_dtype, device)
     loader = TensorLoader(model, torch_dtype, device, quantize, group_size)
-    for file, names in files:
-        _load_safetensors_file(loader, file, names)
+    # A progress bar on terminals only (tqdm's disable=None), for big checkpoints.
+    with tqdm(total=len(loader.by_hf), desc="Loading weights", unit="tensor", disable=None, leave=False) as bar:
+        for file, names in files:
+            _load_safetensors_file(loader, file, names, bar)
     loader.finish(files[0][0] if len(files) == 1 else os.path.join(path, SAFE_INDEX))
     model.generation_config = _read_generation_config(path)
     return model
@@ -350,54 +399,23 @@ def _safetensors_files(path: str) -> list[tuple[str, list[str] | None]]:
     raise CheckpointError(f"{path}: no {SAFE_WEIGHTS} or {SAFE_INDEX} found")
 
 
-def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | None) -> None:
-    from safetensors import safe_open
-    _check_safetensors_header(file)
+def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | None, bar=None) -> None:
     try:
-        handle = safe_open(file, framework="pt", device="cpu")
-    except Exception as e:   # safetensors raises its own error types; name the file
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-    with handle as f:
-        keys = set(f.keys())
-        for name in names if names is not None else sorted(keys):
-            if name not in keys:
-                raise CheckpointError(f"{file}: tensor {name!r} listed in the index is not in the file")
-            try:
-                tensor = f.get_tensor(name)
-            except Exception as e:
-                raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
-            loader.add(name, tensor, file)
-
-
-def _check_safetensors_header(file: str) -> None:
-    """A truncated or corrupt file gets an error naming the file and the first tensor that does not fit,
-    before safetensors maps it."""
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise CheckpointError(f"{file}: truncated safetensors file: the header claims {header_len} bytes, "
-                                  f"the file has {size - 8} after the length")
+        st = SafetensorsFile(file)
+    except SafetensorsError as e:
+        raise CheckpointError(str(e)) from None
+    for name in names if names is not None else sorted(st.keys()):
+        if name not in st.entries:
+            raise CheckpointError(f"{file}: tensor {name!r} listed in the index is not in the file")
+        # Read straight into the parameter when no conversion is needed; else into a temporary.
+        out = loader.slot(name, st.shape(name), st.dtype(name))
         try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
-    data = size - 8 - header_len
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            end = int(info["data_offsets"][1])
-        except (KeyError, IndexError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: corrupt safetensors header entry for tensor {name!r}") from None
-        if end > data:
-            raise CheckpointError(f"{file}: truncated: tensor {name!r} ends at byte {end} of the data, "
-                                  f"which has only {data} bytes")
+            tensor = st.read(name, out)
+        except SafetensorsError as e:
+            raise CheckpointError(str(e)) from None
+        loader.add(name, tensor, file)
+        if bar is not None:
+            bar.update()
 
 
 def _read_generation_config(path: str) -> dict:
@@ -414,9 +432,6 @@ def _read_generation_config(path: str) -> dict:
 
 # ---- save_pretrained ------------------------------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
 def hf_state_items(model: nn.Module):
     """(transformers name, tensor view) of every parameter, fused weights split, a tied lm_head omitted."""
     for name, module in model.named_modules():
@@ -431,15 +446,28 @@ def hf_state_items(model: nn.Module):
             yield hf, tensor[r0:r1] if len(target.parts) > 1 else tensor
 
 
-def save_pretrained(model: nn.Module, directory) -> None:
-    """config.json, model.safetensors, generation_config.json: a directory transformers loads."""
+def save_pretrained(model: nn.Module, directory, max_shard_size: int | str = "50GB") -> None:
+    """config.json, the weights and generation_config.json: a directory transformers loads. The weights go to
+    model.safetensors, or, past max_shard_size (bytes, or "500MB" / "5GB" / "2GiB" as transformers spells it),
+    to model-0000i-of-0000n.safetensors shards with model.safetensors.index.json."""
     items = list(hf_state_items(model))     # views; raises before anything is written
+    shards = _shard(items, _size_in_bytes(max_shard_size))
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     config = model.config
     config.dtype = str(model.dtype).removeprefix("torch.")
     config.save_pretrained(directory)
-    write_safetensors(os.path.join(directory, SAFE_WEIGHTS), items)
+    names = ([SAFE_WEIGHTS] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    _remove_stale_weights(directory, keep=names)
+    for name, shard in zip(names, shards):
+        safetensors_file.write(os.path.join(directory, name), shard)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for _, t in items)},
+                 "weight_map": {tensor: name for name, shard in zip(names, shards) for tensor, _ in shard}}
+        with open(os.path.join(directory, SAFE_INDEX), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+            f.write("\n")
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     if config.pad_token_id is not None:
         gen["pad_token_id"] = config.pad_token_id
@@ -449,24 +477,35 @@ def save_pretrained(model: nn.Module, directory) -> None:
         f.write("\n")
 
 
-def write_safetensors(file: str, items: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Streams tensors into a safetensors file one at a time (no second copy of the model in memory)."""
-    items = list(items)
-    header, offset = {}, 0
+def _size_in_bytes(size: int | str) -> int:
+    """500 / "500MB" / "5GB" / "2GiB" -> bytes (KB/MB/GB decimal, KiB/MiB/GiB binary, as transformers)."""
+    if isinstance(size, int) and size > 0:
+        return size
+    units = {"GIB": 2 ** 30, "MIB": 2 ** 20, "KIB": 2 ** 10, "GB": 10 ** 9, "MB": 10 ** 6, "KB": 10 ** 3, "B": 1}
+    text = str(size).strip().upper()
+    for unit, scale in units.items():
+        if text.endswith(unit) and text[:-len(unit)].strip().isdigit() and int(text[:-len(unit)]) > 0:
+            return int(text[:-len(unit)]) * scale
+    raise ValueError(f"max_shard_size must be a positive number of bytes or a size like '5GB', got {size!r}")
+
+
+def _shard(items: list, limit: int) -> list[list]:
+    """Consecutive groups of (name, tensor) of at most `limit` bytes each (a bigger tensor alone)."""
+    shards, current, size = [], [], 0
     for name, t in items:
-        if t.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{name}: cannot save dtype {t.dtype}")
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)     # the data starts 8-byte aligned, as safetensors writes it
-    tmp = file + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for _, t in items:
-            f.write(t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
-    os.replace(tmp, file)
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, t))
+        size += nbytes
+    return shards + [current] if current else shards or [[]]
+
+
+def _remove_stale_weights(directory: str, keep: list[str]) -> None:
+    """Weight files of an earlier save that the new one does not overwrite would confuse a loader."""
+    for name in os.listdir(directory):
+        stale = name == SAFE_INDEX or name == SAFE_WEIGHTS or (
+            name.startswith("model-") and "-of-" in name and name.endswith(".safetensors"))
+        if stale and name not in keep:
+            os.remove(os.path.join(directory, name))

@@ -8,11 +8,12 @@ Weights are fused: `self_attn.qkv_proj` holds the rows [q; k; v] and `mlp.gate_u
 (one matmul each). llama_fast.loading maps transformers' names onto row ranges of these and back.
 
 Padding and the cache. The KV cache stores each sequence's real tokens compactly from slot 0. In a chunk of T
-tokens whose row b starts with p_b pad tokens (attention_mask zeros, left padding only), real token i goes
-to slot lengths[b] + i - p_b (pads to slot -1, which ops.store_kv skips), the keys valid for row b are then
-kv_lens[b] = lengths[b] + T - p_b, and ops.attention's bottom-right causal rule puts query i at position
-kv_lens[b] - T + i: exactly its slot. The rotary position of a real token is its slot (what transformers'
-generate computes as cumsum(attention_mask) - 1) unless position_ids says otherwise. Pad rows output zeros
+tokens whose row b starts with p_b pad tokens (attention_mask zeros, left padding only), the token in column
+i >= p_b goes to slot lengths[b] + i - p_b (pads to slot -1, which ops.store_kv skips), the keys valid for
+row b are then kv_lens[b] = lengths[b] + T - p_b, and ops.attention's bottom-right causal rule puts query i
+at position kv_lens[b] - T + i: exactly its slot. The rotary position of a real token is its slot (what transformers'
+generate computes as cumsum(attention_mask) - 1) unless position_ids says otherwise. (transformers' forward
+called without position_ids counts the pads as positions; pass position_ids to get that.) Pad rows output zeros
 from attention; their hidden states and logits are meaningless, as in transformers.
 """
 from __future__ import annotations
@@ -108,6 +109,9 @@ class LlamaRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
 
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int, dtype=None, device=None):
@@ -153,10 +157,11 @@ class LlamaPreTrainedModel(nn.Module):
         return from_pretrained(cls, path, dtype=dtype, device=device, backend=backend, quantize=quantize,
                                group_size=group_size, **kwargs)
 
-    def save_pretrained(self, directory) -> None:
-        """Writes config.json, model.safetensors (transformers' names) and generation_config.json."""
+    def save_pretrained(self, directory, max_shard_size: int | str = "50GB") -> None:
+        """Writes config.json, model.safetensors (transformers' names; sharded past max_shard_size) and
+        generation_config.json."""
         from llama_fast.loading import save_pretrained
-        save_pretrained(self, directory)
+        save_pretrained(self, directory, max_shard_size)
 
     def set_backend(self, backend: str | None):
         """The ops backend of every layer: "torch", "cpu", "triton", "cuda" or None (best for the device)."""
@@ -176,6 +181,11 @@ class LlamaPreTrainedModel(nn.Module):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def new_cache(self, batch_size: int, max_len: int, growable: bool = False) -> StaticCache:
+        """A KV cache for `batch_size` sequences of up to `max_len` tokens (prompt, left padding included, plus
+        new tokens), on the model's device and dtype; pass it as past_key_values."""
+        return StaticCache.for_model(self.config, batch_size, max_len, self.dtype, self.device, growable)
 
     def init_weights(self) -> None:
         """Random weights as transformers initializes them: normal(0, initializer_range), zero biases,
@@ -202,13 +212,8 @@ class LlamaModel(LlamaPreTrainedModel):
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
-    @property
-    def model(self):  # so the LlamaPreTrainedModel helpers find embed_tokens
-        return self
-
-    def new_cache(self, batch_size: int, max_len: int, growable: bool = False) -> StaticCache:
-        """A cache for `batch_size` sequences of up to `max_len` tokens, on the model's device and dtype."""
-        return StaticCache.for_model(self.config, batch_size, max_len, self.dtype, self.device, growable)
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
@@ -248,6 +253,9 @@ class LlamaModel(LlamaPreTrainedModel):
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+            if input_ids.device != self.device:
+                raise ValueError(f"input_ids are on {input_ids.device}, the model on {self.device}; move them "
+                                 f"with .to({str(self.device)!r})")
             _check_token_ids(input_ids, self.config.vocab_size)
             hidden = F.embedding(input_ids, self.embed_tokens.weight)
         else:
@@ -260,16 +268,18 @@ class LlamaModel(LlamaPreTrainedModel):
             raise ValueError("the input has no tokens (seq_len 0)")
         device = hidden.device
 
-        if past is None:
-            # Without a cache, a temporary one holds this chunk's keys; use_cache keeps (and may grow) it.
-            size = -(-(t + 1) // _IMPLICIT_CACHE_BLOCK) * _IMPLICIT_CACHE_BLOCK if use_cache else t
-            cache = self.new_cache(batch, size, growable=bool(use_cache))
-        else:
+        cache = None
+        if past is not None:
             past_mask = None
             if not isinstance(past, StaticCache) and attention_mask is not None and attention_mask.dim() == 2 \
                     and attention_mask.shape[1] > t:
                 past_mask = attention_mask[:, :attention_mask.shape[1] - t]
             cache = as_static_cache(past, self.config, past_mask, self.dtype, device)
+            use_cache = True
+        if cache is None:
+            # Without a cache, a temporary one holds this chunk's keys; use_cache keeps (and may grow) it.
+            size = -(-(t + 1) // _IMPLICIT_CACHE_BLOCK) * _IMPLICIT_CACHE_BLOCK if use_cache else t
+            cache = self.new_cache(batch, size, growable=bool(use_cache))
         if cache.batch_size != batch:
             raise ValueError(f"past_key_values holds {cache.batch_size} sequences, the input has {batch}")
         if cache.device != device:

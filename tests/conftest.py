@@ -114,6 +114,7 @@ def assert_matches_transformers(directory, config_kwargs: dict | None = None, ba
     err_hf = float((hf_low.float() - ref).abs().max())
     bound = BF16_FACTOR * err_hf + BF16_SLACK * float(ref.abs().max())
     assert err_ours <= bound, f"{dtype}: error {err_ours:.3g} vs fp32, transformers' {err_hf:.3g} (bound {bound:.3g})"
+    assert err_ours > 0, "the low-precision model gave exactly the fp32 logits: did it run in fp32?"
     return err_ours, err_hf
 
 

@@ -45,7 +45,7 @@ def test_decode_step_by_step_equals_full_recompute(model):
 def test_left_padded_decode_equals_full_recompute(model):
     ids, mask, _ = left_padded_batch(pads=(0, 3, 6), seq_len=12)
     full = model(ids, attention_mask=mask, use_cache=False).logits
-    cache = model.model.new_cache(batch_size=3, max_len=12)      # exactly sized, as generate() does
+    cache = model.new_cache(batch_size=3, max_len=12)      # exactly sized, as generate() does
     out = model(ids[:, :8], attention_mask=mask[:, :8], past_key_values=cache)
     steps = [out.logits]
     for t in range(8, 12):
@@ -75,7 +75,7 @@ def test_left_padded_decode_equals_transformers(model, saved):
 def test_chunked_prefill_equals_single_prefill(model):
     ids, mask, _ = left_padded_batch(pads=(0, 5), seq_len=13)
     single = model(ids, attention_mask=mask).logits
-    cache = model.model.new_cache(batch_size=2, max_len=13)
+    cache = model.new_cache(batch_size=2, max_len=13)
     chunks = [model(ids[:, a:b], attention_mask=mask[:, a:b], past_key_values=cache).logits
               for a, b in ((0, 4), (4, 9), (9, 13))]        # the second row is all padding in chunk 1
     real = mask.bool()
@@ -113,7 +113,7 @@ def test_left_padded_legacy_cache_is_compacted(model, saved):
 
 @torch.no_grad()
 def test_fixed_cache_overflow_is_an_error(model):
-    cache = model.model.new_cache(batch_size=1, max_len=8)
+    cache = model.new_cache(batch_size=1, max_len=8)
     model(_ids(1, 6), past_key_values=cache)
     with pytest.raises(CacheOverflowError, match=r"holds 8 tokens .* 6 are used and the input adds 3 \(needs 9\)"):
         model(_ids(1, 3), past_key_values=cache)
@@ -142,7 +142,7 @@ def test_cache_layout_and_errors():
 
 @torch.no_grad()
 def test_cache_batch_mismatch_is_an_error(model):
-    cache = model.model.new_cache(batch_size=2, max_len=8)
+    cache = model.new_cache(batch_size=2, max_len=8)
     with pytest.raises(ValueError, match="past_key_values holds 2 sequences, the input has 1"):
         model(_ids(1, 3), past_key_values=cache)
 
@@ -154,3 +154,29 @@ def test_bad_legacy_cache_is_an_error(model):
         model(_ids(1, 1), past_key_values=bad)
     with pytest.raises(ValueError, match="past_key_values has 1 layers, the model has 2"):
         model(_ids(1, 1), past_key_values=bad[:1])
+
+
+@torch.no_grad()
+def test_dynamic_rope_decode_past_max_position_matches_transformers(tmp_path):
+    # Dynamic NTK scaling recomputes the frequencies as the sequence grows past max_position_embeddings
+    # (keys already cached keep their old rotation): the same state machine as transformers'.
+    make_hf_model(tmp_path, dict(rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=16))
+    ref = load_hf(tmp_path)
+    ours = LlamaForCausalLM.from_pretrained(tmp_path)
+    ids = _ids(1, 24)
+    theirs = ref(ids[:, :14], use_cache=True)
+    mine = ours(ids[:, :14])
+    for t in range(14, 24):
+        theirs = ref(ids[:, t:t + 1], past_key_values=theirs.past_key_values, use_cache=True)
+        mine = ours(ids[:, t:t + 1], past_key_values=mine.past_key_values)
+        assert max_rel_diff(mine.logits, theirs.logits) <= 1e-4, f"step {t}"
+
+
+@torch.no_grad()
+def test_empty_transformers_cache_starts_a_new_one(model):
+    from transformers import DynamicCache
+    ids = _ids(2, 7)
+    out = model(ids[:, :5], past_key_values=DynamicCache())
+    assert isinstance(out.past_key_values, StaticCache) and out.past_key_values.growable
+    out = model(ids[:, 5:], past_key_values=out.past_key_values)
+    assert max_rel_diff(out.logits, model(ids, use_cache=False).logits[:, 5:]) <= 1e-5

@@ -88,14 +88,17 @@ def test_inv_freq_matches_transformers(scaling):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(hidden_size=100, num_attention_heads=8), r"hidden_size \(100\) is not divisible by num_attention_heads \(8\)"),
+    (dict(hidden_size=100, num_attention_heads=8),
+     r"hidden_size \(100\) is not divisible by num_attention_heads \(8\)"),
     (dict(num_attention_heads=8, num_key_value_heads=3),
      r"num_attention_heads \(8\) is not divisible by num_key_value_heads \(3\)"),
     (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "unsupported rope type 'yarn'"),
     (dict(rope_scaling={"type": "linear"}), "needs a 'factor'"),
     (dict(rope_scaling={"type": "linear", "factor": 0.5}), "factor must be a number >= 1"),
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "'llama3' is missing low_freq_factor, high_freq_factor"),
-    (dict(rope_scaling={**LLAMA3, "high_freq_factor": 1.0}), "high_freq_factor .* must be greater than low_freq_factor"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+     "'llama3' is missing low_freq_factor, high_freq_factor"),
+    (dict(rope_scaling={**LLAMA3, "high_freq_factor": 1.0}),
+     "high_freq_factor .* must be greater than low_freq_factor"),
     (dict(rope_scaling={"type": "linear", "rope_type": "dynamic", "factor": 2.0}), "disagree"),
     (dict(rope_scaling={"factor": 2.0}), "needs a 'rope_type'"),
     (dict(hidden_size=0), "hidden_size must be a positive integer"),

@@ -121,3 +121,33 @@ def test_backend_argument(tmp_path):
     assert ours.model.layers[0].mlp.backend is None
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
         LlamaForCausalLM.from_pretrained(tmp_path, backend="tpu")
+
+
+def test_transformers_argument_spellings(tmp_path):
+    make_hf_model(tmp_path)
+    assert LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert LlamaForCausalLM.from_pretrained(tmp_path, device_map="cpu").device.type == "cpu"
+    with pytest.raises(ValueError, match="loads a model onto one device"):
+        LlamaForCausalLM.from_pretrained(tmp_path, device_map="auto")
+    with pytest.raises(ValueError, match="pass dtype or torch_dtype, not both"):
+        LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", torch_dtype=torch.bfloat16)
+    with pytest.raises(TypeError):
+        LlamaForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+
+
+def test_save_pretrained_sharded(tmp_path):
+    make_hf_model(tmp_path / "src")
+    ours = LlamaForCausalLM.from_pretrained(tmp_path / "src")
+    ours.save_pretrained(tmp_path / "out", max_shard_size="40KB")
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    expected = _logits(load_hf(tmp_path / "src"))
+    assert torch.equal(_logits(load_hf(tmp_path / "out")), expected)
+    assert torch.equal(_logits(LlamaForCausalLM.from_pretrained(tmp_path / "out")), _logits(ours))
+    ours.save_pretrained(tmp_path / "out")          # again, unsharded: the old shards and index go away
+    assert sorted(p.name for p in (tmp_path / "out").glob("model*")) == ["model.safetensors"]
+    assert torch.equal(_logits(load_hf(tmp_path / "out")), expected)
+    with pytest.raises(ValueError, match="max_shard_size must be a positive number of bytes"):
+        ours.save_pretrained(tmp_path / "bad", max_shard_size="lots")

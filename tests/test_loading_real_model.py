@@ -34,3 +34,40 @@ def test_real_model_decode_matches_prefill(demo_reference):
     clear = (top2[..., 0] - top2[..., 1]) > 0.5
     assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
     assert max_rel_diff(got, ref) < 0.05
+
+
+_PEAK_SCRIPT = """
+import json, resource, sys
+from llama_fast import LlamaForCausalLM
+m = LlamaForCausalLM.from_pretrained(sys.argv[1], **json.loads(sys.argv[2]))
+tensors = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "tensors": tensors}))
+"""
+
+
+def _peak(directory, **kwargs):
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(directory), json.dumps(kwargs)], env=env,
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_loading_never_holds_two_copies_of_the_weights(demo_reference, tmp_path):
+    """Peak memory of from_pretrained (a fresh process each) minus that of loading a tiny model: the model
+    itself plus at most one checkpoint tensor being converted (the fp32 embedding, 113 MB) and 48 MB of
+    slack for allocator noise. Holding the file mapped next to the model, or a second copy, would be ~540 MB
+    more."""
+    from conftest import make_hf_model
+    directory = demo_reference[0]
+    make_hf_model(tmp_path)
+    baseline = _peak(tmp_path)["peak"]
+    largest = 49152 * 576 * 4
+    for kwargs in ({}, {"dtype": "bfloat16"}, {"quantize": "int4"}):
+        got = _peak(directory, **kwargs)
+        extra = got["peak"] - baseline - got["tensors"]
+        assert extra <= largest + 48 * 2 ** 20, f"{kwargs}: {extra / 2 ** 20:.0f} MB beyond the model"

@@ -56,5 +56,10 @@ def test_logits_bf16_within_budget(tmp_path, name, backend):
     assert_matches_transformers(tmp_path, CONFIGS[name], backend=backend, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("backend", ["torch", None])
+def test_logits_fp16_within_budget(tmp_path, backend):
+    assert_matches_transformers(tmp_path, CONFIGS["gqa8"], backend=backend, dtype=torch.float16)
+
+
 def test_bf16_left_padded_within_budget(tmp_path):
     assert_matches_transformers(tmp_path, CONFIGS["gqa4"], dtype=torch.bfloat16, pads=(0, 2, 6), seq_len=10)

@@ -20,20 +20,20 @@ __all__ = [
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str | None = None) -> torch.Tensor:
     """x [..., H] -> x * rsqrt(mean(x^2) + eps) * weight, computed in fp32."""
-    return resolve("rms_norm", backend, x.device)(x, weight, eps)
+    return resolve("rms_norm", backend, x.device, x.dtype)(x, weight, eps)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
                        backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (rms_norm(x + residual), x + residual)."""
-    return resolve("fused_add_rms_norm", backend, x.device)(x, residual, weight, eps)
+    return resolve("fused_add_rms_norm", backend, x.device, x.dtype)(x, residual, weight, eps)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding in place (HF rotate_half convention). q [B,T,Hq,D], k [B,T,Hkv,D], positions [B,T],
     cos/sin [max_pos, D//2] fp32. Returns (q, k)."""
-    return resolve("rotary", backend, q.device)(q, k, positions, cos, sin)
+    return resolve("rotary", backend, q.device, q.dtype)(q, k, positions, cos, sin)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -43,28 +43,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     (None = Tk): keys 0..kv_lens[b]-1 are valid and query i sits at position kv_lens[b]-Tq+i (bottom-right
     causal, as flash_attn_with_kvcache). A query row with no valid key (left padding) gives zeros.
     -> [B,Tq,Hq,D] in q's dtype, softmax accumulated in fp32."""
-    return resolve("attention", backend, q.device)(q, k, v, causal, kv_lens, scale)
+    return resolve("attention", backend, q.device, q.dtype)(q, k, v, causal, kv_lens, scale)
 
 
 def silu_and_mul(gate_up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """[..., 2I] = [gate | up] -> silu(gate) * up, [..., I]."""
-    return resolve("silu_and_mul", backend, gate_up.device)(gate_up)
+    return resolve("silu_and_mul", backend, gate_up.device, gate_up.dtype)(gate_up)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            backend: str | None = None) -> torch.Tensor:
     """Dense x @ weight.T (+ bias), weight [N, K]."""
-    return resolve("linear", backend, x.device)(x, weight, bias)
+    return resolve("linear", backend, x.device, x.dtype)(x, weight, bias)
 
 
 def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None = None,
                  backend: str | None = None) -> torch.Tensor:
     """x @ qweight.dequantize().T (+ bias) for a llama_fast.quant.QuantizedWeight, fp32 accumulation."""
-    return resolve("quant_linear", backend, x.device)(x, qweight, bias)
+    return resolve("quant_linear", backend, x.device, x.dtype)(x, qweight, bias)
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slots: torch.Tensor, backend: str | None = None) -> None:
     """k_cache[b, slots[b, t]] = k[b, t] (same for v); caches [B,S,Hkv,D], k/v [B,T,Hkv,D], slots [B,T];
     negative slots (left padding) are skipped."""
-    resolve("store_kv", backend, k.device)(k_cache, v_cache, k, v, slots)
+    resolve("store_kv", backend, k.device, k.dtype)(k_cache, v_cache, k, v, slots)

@@ -1,9 +1,11 @@
 """Backend selection for llama_fast.ops.
 
 A backend is a module that defines some of the op functions (same names and arguments as llama_fast.ops,
-minus `backend`) and `unavailable_reason(device) -> str | None`. backend=None picks the first backend in
-the device's preference list that can run here and implements the op; naming a backend that cannot run, or
-that lacks the op, raises BackendUnavailableError saying why.
+minus `backend`), `unavailable_reason(device) -> str | None` and optionally `DTYPES`, the activation dtypes
+its kernels take (all when absent). backend=None picks the first backend in the device's preference list that
+can run here, takes the input's dtype and implements the op (so an fp16 model on the CPU, which the C++
+kernels do not take, runs on the reference); naming a backend that cannot run, or that lacks the op, raises
+BackendUnavailableError saying why, and a dtype its kernels do not take is the kernels' error to name.
 """
 from __future__ import annotations
 
@@ -61,15 +63,21 @@ def default_backend(device) -> str:
     return "torch"
 
 
-def resolve(op: str, backend: str | None, device: torch.device):
-    """The function implementing `op` for tensors on `device`."""
-    key = (op, backend, device.type, device.index)
+def _takes(module, dtype) -> bool:
+    dtypes = getattr(module, "DTYPES", None)
+    return dtypes is None or dtype is None or dtype in dtypes
+
+
+def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype | None = None):
+    """The function implementing `op` for `dtype` tensors on `device`."""
+    key = (op, backend, device.type, device.index, dtype)
     fn = _resolved.get(key)
     if fn is not None:
         return fn
     if backend is None:
         for name in _PREFERENCE.get(device.type, ("torch",)):
-            if unavailable_reason(name, device) is None and hasattr(_module(name), op):
+            if unavailable_reason(name, device) is None and hasattr(_module(name), op) \
+                    and _takes(_module(name), dtype):
                 fn = getattr(_module(name), op)
                 break
     else:

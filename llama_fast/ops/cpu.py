@@ -5,6 +5,9 @@ import torch
 
 from llama_fast import _native
 
+# The C++ kernels take fp32 and bf16 activations; backend=None sends other dtypes (fp16) to the reference.
+DTYPES = (torch.float32, torch.bfloat16)
+
 
 def unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cpu":
