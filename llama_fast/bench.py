@@ -70,8 +70,9 @@ def _run_llama_fast(spec):
 
     import llama_fast
 
+    backend = None if spec["backend"] == "auto" else spec["backend"]
     model = llama_fast.LlamaForCausalLM.from_pretrained(spec["model"], dtype=spec["dtype"], device=spec["device"],
-                                                       backend=spec["backend"]).eval()
+                                                       backend=backend).eval()
     ids = _prompt(spec["batch"], spec["prompt_len"], model.config.vocab_size).to(model.device)
 
     def generate(prompt, n, clock):
@@ -172,7 +173,8 @@ def plan(args) -> list:
     engines = []
     for name in args.engines:
         if name == "llama_fast":
-            engines += [("llama_fast", b) for b in (args.backends or _available_backends(args.device))]
+            # "auto" = backend=None (the best implementation of each op); then each backend forced alone.
+            engines += [("llama_fast", b) for b in (args.backends or ["auto"] + _available_backends(args.device))]
         elif name == "transformers":
             if _installed("transformers"):
                 engines += [("transformers", attn) for attn in args.attn]
@@ -251,7 +253,9 @@ def build_parser():
     p.add_argument("--model", help="HF directory (default: the embedded demo model, converted and cached)")
     p.add_argument("--gguf", help="GGUF for the peers (default: the demo model's GGUF when --model is not given)")
     p.add_argument("--engines", nargs="+", default=["llama_fast", "transformers", "llama_cpp"])
-    p.add_argument("--backends", nargs="+", default=None, help="llama_fast backends (default: all that run here)")
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="llama_fast backends: auto (backend=None) and/or torch, cpu, triton, cuda (default: auto and "
+                        "every backend available on the device)")
     p.add_argument("--attn", nargs="+", default=["eager", "sdpa"], help="transformers attention implementations")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
