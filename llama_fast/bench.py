@@ -292,12 +292,6 @@ def main(argv=None) -> int:
     specs = plan(args)
     print(f"{len(specs)} configurations, {args.threads} threads, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, {args.repeats} repeats", file=sys.stderr)
-    results = []
-    for i, spec in enumerate(specs, 1):
-        print(f"[{i}/{len(specs)}] {spec['engine']}:{spec['backend']} {spec['dtype']} batch {spec['batch']}",
-              file=sys.stderr, flush=True)
-        results.append(_run_in_subprocess(spec, args.timeout))
-
     import torch
 
     report = {
@@ -308,13 +302,18 @@ def main(argv=None) -> int:
                     "load_average": os.getloadavg()},
         "settings": {k: getattr(args, k) for k in ("model", "gguf", "prompt_len", "new_tokens", "repeats",
                                                    "batch_sizes", "dtypes", "device")},
-        "results": results,
+        "results": [],
     }
     os.makedirs(args.out_dir, exist_ok=True)
     stem = args.name or "generate-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = os.path.join(args.out_dir, stem + ".json")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=2)
+    results = report["results"]
+    for i, spec in enumerate(specs, 1):
+        print(f"[{i}/{len(specs)}] {spec['engine']}:{spec['backend']} {spec['dtype']} batch {spec['batch']}",
+              file=sys.stderr, flush=True)
+        results.append(_run_in_subprocess(spec, args.timeout))
+        with open(json_path, "w") as f:        # after every configuration: an interrupted run keeps its data
+            json.dump(report, f, indent=2)
     print(ratio_table(results))
     print(f"wrote {json_path}", file=sys.stderr)
     if not args.no_plot:
