@@ -20,6 +20,9 @@ _EXPORTS = {
     "AutoTokenizer": "llama_fast.tokenization",
     "LlamaTokenizer": "llama_fast.tokenization",
     "LlamaTokenizerFast": "llama_fast.tokenization",
+    "BatchEncoding": "llama_fast.tokenization",
+    "TextStreamer": "llama_fast.streamers",
+    "TextIteratorStreamer": "llama_fast.streamers",
     "ops": "llama_fast.ops",
     "quant": "llama_fast.quant",
 }
