@@ -108,7 +108,7 @@ void check_index_tensor(const at::Tensor& t, const at::Tensor& ref, const char* 
   check_contiguous(t, op, name);
 }
 
-void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
+void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
   constexpr const char* op = "llama_fast::rotary_ (CUDA)";
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got ", q.device());
   const DType dt = float_dtype(q, op, "q");
@@ -304,7 +304,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
 
 // ---- store_kv_ --------------------------------------------------------------------------------------------
 
-void store_kv_(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
+void store_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& slots) {
   constexpr const char* op = "llama_fast::store_kv_ (CUDA)";
   TORCH_CHECK(k.is_cuda(), op, ": k must be a CUDA tensor, got ", k.device());
