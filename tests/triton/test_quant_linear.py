@@ -38,8 +38,8 @@ def test_bad_input_is_named():
     qw = quant.quantize(torch.randn(8, 64), bits=4, group_size=32)
     with pytest.raises(ValueError, match="does not match the weight's K = 64"):
         kernels.quant_linear(torch.randn(2, 32), qw)
-    with pytest.raises(TypeError, match="int4 qweight must be torch.uint8"):
-        kernels.quant_linear(torch.randn(2, 64), quant.QuantizedWeight(qw.qweight.to(torch.int8), qw.scale,
-                                                                       qw.offset, 4, 32))
+    # A weight with the wrong code dtype cannot reach the kernel: QuantizedWeight refuses to hold it.
+    with pytest.raises(ValueError, match="int4 codes must be a 2-D torch.uint8 tensor"):
+        quant.QuantizedWeight(qw.qweight.to(torch.int8), qw.scale, qw.offset, 4, 32)
     with pytest.raises(ValueError, match=r"bias must be \[8\]"):
         kernels.quant_linear(torch.randn(2, 64), qw, torch.randn(7))
