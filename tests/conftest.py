@@ -130,7 +130,7 @@ def demo_gguf_path() -> str | None:
     return None
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def demo_gguf() -> str:
     path = demo_gguf_path()
     if path is None:

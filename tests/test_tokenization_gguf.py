@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from llama_fast import AutoTokenizer, LlamaTokenizerFast
-from llama_fast.demo import DemoModelNotFound, find_demo_gguf
 
 from _tokenizer_corpus import TRICKY_STRINGS, train_sentencepiece, with_special_tokens
 
@@ -13,11 +12,9 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    try:
-        return find_demo_gguf()
-    except DemoModelNotFound as e:
-        pytest.skip(str(e))
+def gguf_path(demo_gguf):
+    # conftest's demo_gguf fails (not skips) when the demo wheel is missing: a broken install must not pass.
+    return demo_gguf
 
 
 @pytest.fixture(scope="module")
