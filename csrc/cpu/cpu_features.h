@@ -7,6 +7,7 @@
 namespace llama_fast {
 namespace cpu {
 
+// kAvx512Bf16: AVX-512 with BF16 and VNNI.
 enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 // The best instruction set this CPU supports, lowered by LLAMA_FAST_CPU_ISA; read once.

@@ -15,6 +15,7 @@
 #endif
 
 #include "common/half_float.h"
+#include "cpu/int4_vnni_gemv.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
 
@@ -92,7 +93,53 @@ int64_t int4_chunk() {
   }
 }
 
+// Rows of packed weights per parallel chunk: ~8 KiB, a multiple of 4 rows. Small enough that the layers of a
+// small model (a few hundred KiB each) split evenly over the threads, large enough to amortize a claim.
+int64_t row_grain(const QuantWeight& w) {
+  const int64_t row_bytes = w.bits == 4 ? w.k / 2 : w.k;
+  return std::max<int64_t>(4, ((int64_t{1} << 13) / std::max<int64_t>(row_bytes, 1)) / 4 * 4);
+}
+
+// out (fp32 [m, n]) + bias -> the activation dtype.
+void store_output(bool bf16, const float* outf, const void* bias, void* out, int64_t m, int64_t n) {
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t j = 0; j < n; ++j) {
+      float v = outf[r * n + j];
+      if (bf16) {
+        if (bias) v += bf16_bits_to_float(static_cast<const uint16_t*>(bias)[j]);
+        static_cast<uint16_t*>(out)[r * n + j] = float_to_bf16_bits(v);
+      } else {
+        if (bias) v += static_cast<const float*>(bias)[j];
+        static_cast<float*>(out)[r * n + j] = v;
+      }
+    }
+  }
+}
+
+// int4 on AVX512-VNNI (int4_vnni_gemv.cpp). False when x holds an inf or NaN (fixed point cannot carry them).
+bool quant_linear_int4_vnni(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
+  const int64_t k = w.k, n = w.n, groups = k / w.group_size;
+  thread_local std::vector<int16_t> xp;
+  thread_local std::vector<float> xsum, xscale, outf;
+  xp.resize(m * 2 * k);
+  xsum.resize(m * groups);
+  xscale.resize(m);
+  outf.resize(m * n);
+  if (!int4_vnni::prepare(bf16, x, m, w, xp.data(), xsum.data(), xscale.data())) return false;
+  for (int64_t m0 = 0; m0 < m; m0 += 8) {
+    const int64_t mc = std::min<int64_t>(8, m - m0);
+    const int16_t* xs = xp.data() + m0 * 2 * k;
+    const float* ss = xsum.data() + m0 * groups;
+    const float* sc = xscale.data() + m0;
+    float* os = outf.data() + m0 * n;
+    parallel_for(n, row_grain(w), [&](int64_t n0, int64_t n1) { int4_vnni::rows(w, xs, ss, sc, mc, !bf16, n0, n1, os, n); });
+  }
+  store_output(bf16, outf.data(), bias, out, m, n);
+  return true;
+}
+
 void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
+  if (int4_vnni::supports(w) && quant_linear_int4_vnni(bf16, x, w, bias, out, m)) return;
   const int64_t k = w.k, n = w.n, groups = k / w.group_size;
   int64_t chunk = w.bits == 4 ? int4_chunk() : 0;
   if (chunk != 0 && w.group_size % chunk != 0) chunk = 0;  // the ISA kernel falls back to the scalar path too
@@ -125,25 +172,11 @@ void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bi
     const float* xs = xf.data() + m0 * k;
     const float* ss = xsum.data() + m0 * groups;
     float* os = outf.data() + m0 * n;
-    // chunks of ~32 KiB of packed weights, a multiple of 4 rows
-    const int64_t row_bytes = w.bits == 4 ? k / 2 : k;
-    const int64_t grain = std::max<int64_t>(4, ((int64_t{1} << 15) / std::max<int64_t>(row_bytes, 1)) / 4 * 4);
-    parallel_for(n, grain, [&](int64_t n0, int64_t n1) {
+    parallel_for(n, row_grain(w), [&](int64_t n0, int64_t n1) {
       LF_DISPATCH(quant_rows, w, xs, ss, mc, chunk, n0, n1, os, n);
     });
   }
-  for (int64_t r = 0; r < m; ++r) {
-    for (int64_t j = 0; j < n; ++j) {
-      float v = outf[r * n + j];
-      if (bf16) {
-        if (bias) v += bf16_bits_to_float(static_cast<const uint16_t*>(bias)[j]);
-        static_cast<uint16_t*>(out)[r * n + j] = float_to_bf16_bits(v);
-      } else {
-        if (bias) v += static_cast<const float*>(bias)[j];
-        static_cast<float*>(out)[r * n + j] = v;
-      }
-    }
-  }
+  store_output(bf16, outf.data(), bias, out, m, n);
 }
 
 }  // namespace cpu

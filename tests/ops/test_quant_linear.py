@@ -31,6 +31,55 @@ def test_quant_linear_matches_reference(backend, fmt, m, n, dtype, matches_refer
     matches_reference(out, want.float(), low)
 
 
+# int4 shapes the AVX512-VNNI kernel tiles differently: K with a last half chunk of 32 (K % 64 == 32), groups
+# of 96 that straddle its 64-element chunks, per-channel scales, and every activation row count up to 8.
+@pytest.mark.parametrize("k,group_size", [(96, 32), (160, 32), (288, 96), (192, 192), (1568, 32)])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_int4_odd_k(backend, k, group_size, m, dtype, matches_reference):
+    name, device = backend
+    g = torch.Generator().manual_seed(k + m)
+    qw = quant.quantize(torch.randn(37, k, generator=g), bits=4, group_size=group_size, scale_dtype=torch.float16)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    out = ops.quant_linear(x.to(device), qw.to(device), backend=name)
+    want = x.double() @ qw.dequantize(torch.float64).t()
+    matches_reference(out, want.float(), torch.nn.functional.linear(x, qw.dequantize(dtype)))
+
+
+def _rows_with_extremes():
+    """Activation rows that stress a kernel which turns each row into fixed point: outliers next to tiny values,
+    a zero row, a row of subnormal-sized values, rows holding inf and NaN."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 256, generator=g) * 1e-3
+    x[0, 17] = 3e4                      # one outlier: the small values must keep their precision
+    x[1] = 0.0
+    x[2] = torch.randn(256, generator=g) * 1e-39
+    x[3, 100] = float("inf")
+    x[4, 5] = float("nan")
+    x[5] *= 1e30
+    return x
+
+
+def test_quant_linear_int4_extreme_activations(backend):
+    name, device = backend
+    qw = quant.quantize(torch.randn(19, 256), bits=4, group_size=32, scale_dtype=torch.float16)
+    x = _rows_with_extremes()
+    want = (x.double() @ qw.dequantize(torch.float64).t()).float()
+    finite = [0, 1, 2, 5]
+    # each row alone, the finite rows together, and all rows in one call (a kernel may treat a call as a whole)
+    for rows in [[r] for r in range(6)] + [finite, list(range(6))]:
+        out = ops.quant_linear(x[rows].to(device), qw.to(device), backend=name).cpu()
+        for i, r in enumerate(rows):
+            if r in finite:  # fp32 accuracy relative to each row's own scale, however small or large
+                scale = want[r].abs().max().item()
+                torch.testing.assert_close(out[i], want[r], rtol=1e-5, atol=1e-5 * scale)
+            elif r == 3:  # inf * 0 is NaN: a kernel that multiplies codes (some are 0) before scaling may give
+                # NaN where the reference gives inf; either way nothing finite may come out of an inf row
+                assert not torch.isfinite(out[i]).any()
+            else:
+                assert torch.isnan(out[i]).all()
+
+
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_quant_linear_scale_dtypes_cpu(scale_dtype):
     qw = quant.quantize(torch.randn(83, 128), bits=4, group_size=32, scale_dtype=scale_dtype)
