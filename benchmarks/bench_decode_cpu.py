@@ -113,11 +113,33 @@ class LlamaFast:
         return total
 
 
+class _ModelParams:
+    """llama-cpp-python's Llama() takes no switch for llama.cpp's `use_extra_bufts` (weight repacking into
+    extra buffer types such as AMX); this sets it by wrapping llama_model_default_params while Llama() runs."""
+
+    def __init__(self, extra_buffers: bool):
+        self.extra_buffers = extra_buffers
+
+    def __enter__(self):
+        import llama_cpp.llama_cpp as c
+        self.c, self.orig = c, c.llama_model_default_params
+
+        def params():
+            p = self.orig()
+            p.use_extra_bufts = self.extra_buffers
+            return p
+        c.llama_model_default_params = params
+
+    def __exit__(self, *exc):
+        self.c.llama_model_default_params = self.orig
+
+
 class LlamaCpp:
-    def __init__(self, path, threads):
+    def __init__(self, path, threads, extra_buffers=True):
         import llama_cpp
-        self.llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=threads,
-                                   n_threads_batch=threads, logits_all=True, verbose=False)
+        with _ModelParams(extra_buffers):
+            self.llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=threads,
+                                       n_threads_batch=threads, logits_all=True, verbose=False)
         self.path = path
 
     def prefill(self, ids):
@@ -144,12 +166,13 @@ class LlamaCpp:
         return os.path.getsize(self.path)
 
 
-def llama_cpp_crashes(path, threads) -> str | None:
+def llama_cpp_crashes(path, threads, extra_buffers=True) -> str | None:
     """Some llama-cpp-python builds segfault on some formats: try a short eval in a subprocess first."""
     import subprocess
-    code = ("import llama_cpp, sys; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=128, n_threads=%d, "
-            "logits_all=True, verbose=False); llm.eval(list(range(100, 116)))" % threads)
-    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=300)
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); import bench_decode_cpu as b; "
+            "llm = b.LlamaCpp(sys.argv[1], %d, %s).llm; llm.eval(list(range(100, 116)))" % (threads, extra_buffers))
+    r = subprocess.run([sys.executable, "-c", code, path, os.path.dirname(os.path.abspath(__file__))],
+                       capture_output=True, text=True, timeout=300)
     return None if r.returncode == 0 else f"exit status {r.returncode}"
 
 
@@ -210,16 +233,25 @@ def main():
         "llama_fast bf16": lambda: LlamaFast(dense, "bfloat16"),
         "llama_fast int4 (Q4_1 + Q8_0 head)": lambda: int4_model(gguf, dense),
     }
+    llama_cpp_options = {}
     if not args.skip_llama_cpp and importlib.util.find_spec("llama_cpp") is not None:
         from _gguf_dense import write_dense_gguf
         f32 = write_dense_gguf(gguf, os.path.join(CACHE, "smollm2-F32.gguf"), "F32")
         f16 = write_dense_gguf(gguf, os.path.join(CACHE, "smollm2-F16.gguf"), "F16")
         for name, path in (("llama.cpp F32", f32), ("llama.cpp F16", f16), ("llama.cpp Q4_1", gguf)):
+            extra_buffers = True
             problem = llama_cpp_crashes(path, threads)
+            if problem:
+                # llama.cpp repacks Q4_1 for its AMX kernels on this CPU, and ggml_backend_amx_mul_mat segfaults
+                # here (seen with gdb); without the extra buffer types it runs its AVX-512 Q4_1 x Q8_1 kernels
+                print(f"{name}: crashes with llama.cpp's extra buffer types ({problem}); retrying without them")
+                extra_buffers = False
+                problem = llama_cpp_crashes(path, threads, extra_buffers)
             if problem:
                 print(f"{name}: skipped, llama-cpp-python crashes on it here ({problem})")
                 continue
-            engines[name] = (lambda path=path: LlamaCpp(path, threads))
+            llama_cpp_options[name] = {"use_extra_bufts": extra_buffers}
+            engines[name] = (lambda path=path, eb=extra_buffers: LlamaCpp(path, threads, eb))
     if args.only:
         keep = [s.strip() for s in args.only.split(",")]
         engines = {k: v for k, v in engines.items() if any(s in k for s in keep)}
@@ -250,6 +282,7 @@ def main():
             wb = eng.weight_bytes()
             entry["weight_bytes"] = wb
             entry["bandwidth_fraction"] = wb * entry["decode_median"] / (bandwidth * 1e9)
+        entry.update(llama_cpp_options.get(name, {}))
         results["engines"][name] = entry
 
     # prefill 512 (same dtype pairs) and batch-8 decode

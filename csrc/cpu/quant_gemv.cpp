@@ -15,7 +15,7 @@
 #endif
 
 #include "common/half_float.h"
-#include "cpu/int4_vnni_gemv.h"
+#include "cpu/vnni_gemv.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
 
@@ -116,8 +116,8 @@ void store_output(bool bf16, const float* outf, const void* bias, void* out, int
   }
 }
 
-// int4 on AVX512-VNNI (int4_vnni_gemv.cpp). False when x holds an inf or NaN (fixed point cannot carry them).
-bool quant_linear_int4_vnni(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
+// int4 / int8 on AVX512-VNNI (vnni_gemv.cpp). False when x holds values fixed point cannot carry (inf, NaN).
+bool quant_linear_vnni(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
   const int64_t k = w.k, n = w.n, groups = k / w.group_size;
   thread_local std::vector<int16_t> xp;
   thread_local std::vector<float> xsum, xscale, outf;
@@ -125,21 +125,21 @@ bool quant_linear_int4_vnni(bool bf16, const void* x, const QuantWeight& w, cons
   xsum.resize(m * groups);
   xscale.resize(m);
   outf.resize(m * n);
-  if (!int4_vnni::prepare(bf16, x, m, w, xp.data(), xsum.data(), xscale.data())) return false;
+  if (!vnni::prepare(bf16, x, m, w, xp.data(), xsum.data(), xscale.data())) return false;
   for (int64_t m0 = 0; m0 < m; m0 += 8) {
     const int64_t mc = std::min<int64_t>(8, m - m0);
     const int16_t* xs = xp.data() + m0 * 2 * k;
     const float* ss = xsum.data() + m0 * groups;
     const float* sc = xscale.data() + m0;
     float* os = outf.data() + m0 * n;
-    parallel_for(n, row_grain(w), [&](int64_t n0, int64_t n1) { int4_vnni::rows(w, xs, ss, sc, mc, !bf16, n0, n1, os, n); });
+    parallel_for(n, row_grain(w), [&](int64_t n0, int64_t n1) { vnni::rows(w, xs, ss, sc, mc, !bf16, n0, n1, os, n); });
   }
   store_output(bf16, outf.data(), bias, out, m, n);
   return true;
 }
 
 void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
-  if (int4_vnni::supports(w) && quant_linear_int4_vnni(bf16, x, w, bias, out, m)) return;
+  if (vnni::supports(w) && quant_linear_vnni(bf16, x, w, bias, out, m)) return;
   const int64_t k = w.k, n = w.n, groups = k / w.group_size;
   int64_t chunk = w.bits == 4 ? int4_chunk() : 0;
   if (chunk != 0 && w.group_size % chunk != 0) chunk = 0;  // the ISA kernel falls back to the scalar path too

@@ -31,15 +31,17 @@ def test_quant_linear_matches_reference(backend, fmt, m, n, dtype, matches_refer
     matches_reference(out, want.float(), low)
 
 
-# int4 shapes the AVX512-VNNI kernel tiles differently: K with a last half chunk of 32 (K % 64 == 32), groups
-# of 96 that straddle its 64-element chunks, per-channel scales, and every activation row count up to 8.
+# Shapes the AVX512-VNNI kernels tile differently: K with a last half chunk of 32 (K % 64 == 32), groups of
+# 96 that straddle int4's 64-element chunks, per-channel scales, and every activation row count up to 8.
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k,group_size", [(96, 32), (160, 32), (288, 96), (192, 192), (1568, 32)])
 @pytest.mark.parametrize("m", [1, 2, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quant_linear_int4_odd_k(backend, k, group_size, m, dtype, matches_reference):
+def test_quant_linear_odd_k(backend, bits, k, group_size, m, dtype, matches_reference):
     name, device = backend
     g = torch.Generator().manual_seed(k + m)
-    qw = quant.quantize(torch.randn(37, k, generator=g), bits=4, group_size=group_size, scale_dtype=torch.float16)
+    qw = quant.quantize(torch.randn(37, k, generator=g), bits=bits, group_size=group_size, symmetric=bits == 8,
+                        scale_dtype=torch.float16)
     x = torch.randn(m, k, generator=g).to(dtype)
     out = ops.quant_linear(x.to(device), qw.to(device), backend=name)
     want = x.double() @ qw.dequantize(torch.float64).t()
@@ -60,9 +62,11 @@ def _rows_with_extremes():
     return x
 
 
-def test_quant_linear_int4_extreme_activations(backend):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_linear_extreme_activations(backend, bits):
     name, device = backend
-    qw = quant.quantize(torch.randn(19, 256), bits=4, group_size=32, scale_dtype=torch.float16)
+    qw = quant.quantize(torch.randn(19, 256), bits=bits, group_size=32, symmetric=bits == 8,
+                        scale_dtype=torch.float16)
     x = _rows_with_extremes()
     want = (x.double() @ qw.dequantize(torch.float64).t()).float()
     finite = [0, 1, 2, 5]

@@ -1,4 +1,4 @@
-// int4 GEMV on AVX512-VNNI integer dot products: the decode path of quant_linear on CPUs with AVX512-VNNI.
+// int4 / int8 GEMV on AVX512-VNNI integer dot products: the decode path of quant_linear on CPUs with VNNI.
 //
 // Why integers: the fp32 paths spend a convert (or a table permute) and an FMA per 16 weights, which made int4
 // decode compute-bound at a third of the memory bandwidth, and bf16 dot products run at half rate on the CPUs
@@ -9,14 +9,16 @@
 // row's maximum, is below fp32 rounding of the dot product. A bf16 row has 8 significant bits, so one limb of
 // 15-bit fixed point (error 2^-16 of the maximum) is already below the bf16 rounding of the output.
 //
-// Per 64-element chunk of a weight row (32 packed bytes): vpmovzxbw widens the bytes to words; the low
+// int4, per 64-element chunk of a weight row (32 packed bytes): vpmovzxbw widens the bytes to words; the low
 // nibbles (and 0xF) are elements 2j, the high ones (shift by 4) elements 2j+1, so x is prepared once per
 // call, per chunk, as [hi even | hi odd | lo even | lo odd]. Lane l of a dot product covers elements
 // 4l..4l+3: lanes 0-7 the chunk's first 32 elements, 8-15 the second, so a group of 32 (GGUF's Q4_0 / Q4_1
-// blocks) takes its scale from one half of the scale vector. Partial sums stay below 2^24 per chunk, so their
-// conversion to fp32 is exact.
+// blocks) takes its scale from one half of the scale vector.
+// int8, per 32 elements: vpmovsxbw widens 32 codes to words in order, and x is prepared as [hi | lo] per 32
+// elements in order (the layout of int4's last half chunk).
+// Partial sums stay below 2^24 per chunk, so their conversion to fp32 is exact.
 //   w . x = 2^-e * sum_g s_g * (q . X)_g + sum_g m_g * (sum x)_g
-#include "cpu/int4_vnni_gemv.h"
+#include "cpu/vnni_gemv.h"
 
 #include <algorithm>
 #include <cmath>
@@ -31,11 +33,12 @@
 
 namespace llama_fast {
 namespace cpu {
-namespace int4_vnni {
+namespace vnni {
 
 bool supports(const QuantWeight& w) {
 #ifdef LF_INT4_VNNI
-  return w.bits == 4 && w.group_size % 32 == 0 && w.k % w.group_size == 0 && isa() == Isa::kAvx512Bf16;
+  return (w.bits == 4 || w.bits == 8) && w.group_size % 32 == 0 && w.k % w.group_size == 0 &&
+         isa() == Isa::kAvx512Bf16;
 #else
   (void)w;
   return false;
@@ -62,17 +65,17 @@ inline void store16(int16_t* p, __m512i v) {  // 16 int32 lanes already in int16
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(v));
 }
 
-// Prepares 32 elements (x0 = elements 0-15, x1 = 16-31 of a half chunk), scaled by 2^e: their even and odd
-// elements as limbs at p (even), p + stride (odd), and the lo limbs `lo_offset` further. Returns the sum of the
-// represented values (in units of 2^-e).
+// Prepares 32 elements (x0 = elements 0-15, x1 = 16-31), scaled by 2^e, as limbs: with `deinterleave`, the even
+// elements at p and the odd ones at p + stride (int4), else elements 0-15 at p and 16-31 at p + stride (int8);
+// the lo limbs `lo_offset` further. Returns the sum of the represented values (in units of 2^-e).
 inline float prepare_half(__m512 x0, __m512 x1, __m512 scale, bool two_limbs, int16_t* p, int64_t stride,
-                          int64_t lo_offset) {
+                          int64_t lo_offset, bool deinterleave) {
   const __m512i even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd_idx = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(x0, scale));  // round to nearest
   const __m512i b = _mm512_cvtps_epi32(_mm512_mul_ps(x1, scale));
-  const __m512i even = _mm512_permutex2var_epi32(a, even_idx, b);
-  const __m512i odd = _mm512_permutex2var_epi32(a, odd_idx, b);
+  const __m512i even = deinterleave ? _mm512_permutex2var_epi32(a, even_idx, b) : a;
+  const __m512i odd = deinterleave ? _mm512_permutex2var_epi32(a, odd_idx, b) : b;
   if (two_limbs) {
     const __m512i mask = _mm512_set1_epi32(0x7fff);
     store16(p, _mm512_srai_epi32(even, 15));
@@ -99,15 +102,11 @@ inline __m512 load_scales16(const void* p, ScaleType t, int64_t i, __mmask16 mas
   }
 }
 
-// R weight rows x M activation rows. sc: scratch for R x (K / 32) fp32 scales, one per 32 elements (the
-// kernel's unit), so that the inner loop needs no division by the group size.
-template <int R, int M, bool kTwoLimbs>
-void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t row,
-           float* out, int64_t ldo, float* sc) {
-  const int64_t k = w.k, gs = w.group_size, groups = k / gs, halves = k / 32;
-  const uint8_t* q = static_cast<const uint8_t*>(w.q);
-  float off[R][M];
-  // Per row: its scales as fp32, and the offset term sum_g m_g * xsum_g.
+// Per weight row r of a block: its scales as fp32, one per 32 elements, in sc[r * K/32 ...] (so that the inner
+// loops need no division by the group size), and the offset term sum_g m_g * xsum_g per activation row.
+template <int R, int M>
+void row_scales(const QuantWeight& w, const float* xsum, int64_t row, float* sc, float (&off)[R][M]) {
+  const int64_t gs = w.group_size, groups = w.k / gs, halves = w.k / 32;
   for (int r = 0; r < R; ++r) {
     __m512 ov[M];
     for (int mm = 0; mm < M; ++mm) ov[mm] = _mm512_setzero_ps();
@@ -126,7 +125,16 @@ void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const flo
       for (int64_t h = halves - 1; h >= 0; --h) sr[h] = sr[h * 32 / gs];
     }
   }
+}
 
+// int4: R weight rows x M activation rows. sc: scratch for R x (K / 32) fp32 scales (row_scales).
+template <int R, int M, bool kTwoLimbs>
+void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t row,
+           float* out, int64_t ldo, float* sc) {
+  const int64_t k = w.k, halves = k / 32;
+  const uint8_t* q = static_cast<const uint8_t*>(w.q);
+  float off[R][M];
+  row_scales<R, M>(w, xsum, row, sc, off);
   const __m512i nibble = _mm512_set1_epi16(0x0f);
   const __m512 limb = _mm512_set1_ps(32768.f);
   __m512 acc[R][M];
@@ -180,6 +188,36 @@ void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const flo
       out[mm * ldo + row + r] = _mm512_reduce_add_ps(acc[r][mm]) * xscale[mm] + off[r][mm];
 }
 
+// The int8 counterpart of block(): R weight rows x M activation rows, 32 codes per step.
+template <int R, int M, bool kTwoLimbs>
+void block8(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t row,
+            float* out, int64_t ldo, float* sc) {
+  const int64_t k = w.k, halves = k / 32;
+  const int8_t* q = static_cast<const int8_t*>(w.q);
+  float off[R][M];
+  row_scales<R, M>(w, xsum, row, sc, off);
+  const __m512 limb = _mm512_set1_ps(32768.f);
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int mm = 0; mm < M; ++mm) acc[r][mm] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < k; c += 32) {
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(sc[r * halves + c / 32]);
+      const __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (row + r) * k + c)));
+      for (int mm = 0; mm < M; ++mm) {
+        const int16_t* xc = xp + mm * 2 * k + 2 * c;
+        __m512 f = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), b, _mm512_loadu_si512(xc)));
+        if (kTwoLimbs)
+          f = _mm512_fmadd_ps(f, limb, _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), b, _mm512_loadu_si512(xc + 32))));
+        acc[r][mm] = _mm512_fmadd_ps(f, s, acc[r][mm]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int mm = 0; mm < M; ++mm)
+      out[mm * ldo + row + r] = _mm512_reduce_add_ps(acc[r][mm]) * xscale[mm] + off[r][mm];
+}
+
 template <int M, bool kTwoLimbs>
 void rows_m(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t n0, int64_t n1,
             float* out, int64_t ldo) {
@@ -188,6 +226,11 @@ void rows_m(const QuantWeight& w, const int16_t* xp, const float* xsum, const fl
   thread_local std::vector<float> sc;
   sc.resize(static_cast<size_t>(R * (w.k / 32) + 16));
   int64_t row = n0;
+  if (w.bits == 8) {
+    for (; row + R <= n1; row += R) block8<R, M, kTwoLimbs>(w, xp, xsum, xscale, row, out, ldo, sc.data());
+    for (; row < n1; ++row) block8<1, M, kTwoLimbs>(w, xp, xsum, xscale, row, out, ldo, sc.data());
+    return;
+  }
   for (; row + R <= n1; row += R) block<R, M, kTwoLimbs>(w, xp, xsum, xscale, row, out, ldo, sc.data());
   for (; row < n1; ++row) block<1, M, kTwoLimbs>(w, xp, xsum, xscale, row, out, ldo, sc.data());
 }
@@ -232,14 +275,16 @@ bool prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t*
     int16_t* pr = xp + r * 2 * k;
     float* sr = xsum + r * groups;
     int64_t c = 0;
-    for (; c + 64 <= k; c += 64) {  // first half chunk -> words 0-15 of each part, second -> words 16-31
+    for (; w.bits == 4 && c + 64 <= k; c += 64) {  // first half chunk -> words 0-15 of each part, second -> 16-31
       int16_t* p = pr + 2 * c;
-      sr[c / gs] += prepare_half(load_x16(bf16, xr, c), load_x16(bf16, xr, c + 16), scale, two_limbs, p, 32, 64);
+      sr[c / gs] += prepare_half(load_x16(bf16, xr, c), load_x16(bf16, xr, c + 16), scale, two_limbs, p, 32, 64, true);
       sr[(c + 32) / gs] += prepare_half(load_x16(bf16, xr, c + 32), load_x16(bf16, xr, c + 48), scale, two_limbs,
-                                        p + 16, 32, 64);
+                                        p + 16, 32, 64, true);
     }
-    if (c < k)  // [hi even 16 | hi odd 16 | lo even 16 | lo odd 16]
-      sr[c / gs] += prepare_half(load_x16(bf16, xr, c), load_x16(bf16, xr, c + 16), scale, two_limbs, pr + 2 * c, 16, 32);
+    // int4's last half chunk [hi even 16 | hi odd 16 | lo even 16 | lo odd 16]; int8 in order: [hi 32 | lo 32]
+    for (; c < k; c += 32)
+      sr[c / gs] += prepare_half(load_x16(bf16, xr, c), load_x16(bf16, xr, c + 16), scale, two_limbs, pr + 2 * c, 16, 32,
+                                 /*deinterleave=*/w.bits == 4);
     for (int64_t g = 0; g < groups; ++g) sr[g] *= xscale[r];
   }
   return true;
@@ -258,6 +303,6 @@ void rows(const QuantWeight&, const int16_t*, const float*, const float*, int64_
           int64_t) {}
 #endif
 
-}  // namespace int4_vnni
+}  // namespace vnni
 }  // namespace cpu
 }  // namespace llama_fast
