@@ -53,7 +53,8 @@ def _triton_importable() -> bool:
 # copy of the modules below would run each torch.library.custom_op again: torch then destroys the first
 # definition of every llama_fast_triton op while llama_fast.kernels keeps calling it through a dangling
 # dispatcher handle (a use-after-free: a segfault or a std::bad_alloc in a later op call, depending on what
-# reused the memory). So any other name for this package is an alias of llama_fast.kernels.
+# reused the memory; pytorch/pytorch#98541, #125234). So any other name for this package is an alias of
+# llama_fast.kernels.
 if __name__ != "llama_fast.kernels":
     sys.modules[__name__] = importlib.import_module("llama_fast.kernels")
 elif _triton_importable():          # else unavailable_reason says why; the ops below need triton
