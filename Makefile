@@ -39,12 +39,9 @@ test: build test-cpu test-triton check-kernels
 test-cpu:
 	$(PYTEST) -q tests --ignore=tests/triton
 
-# TRITON_INTERPRET must be set before triton is first imported, hence separate pytest processes. One process
-# per file: a whole-suite process has segfaulted intermittently inside the interpreter (see README, known
-# issues) while every file passes on its own and in pairs.
+# TRITON_INTERPRET must be set before triton is first imported, hence a pytest process of its own.
 test-triton:
-	@fail=0; for f in tests/triton/test_*.py; do \
-	  TRITON_INTERPRET=1 $(PYTEST) -q $$f || fail=1; done; exit $$fail
+	TRITON_INTERPRET=1 $(PYTEST) -q tests/triton
 
 # Compiles every Triton config and every CUDA kernel for sm_80 and sm_90 (no GPU needed); fails on
 # compile errors, register spills or shared memory over the device limit.

@@ -11,7 +11,9 @@ an extra fused op the model may call directly.
 """
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 
 import torch
 
@@ -37,11 +39,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
-try:
-    import triton  # noqa: F401
-except ImportError:  # unavailable_reason says so; the ops below need triton
-    pass
-else:
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# This directory is also importable as the top-level package `kernels` whenever the repository root is on
+# sys.path (`python -m pytest` run from it, PYTHONPATH=.), and transformers imports `kernels` when it probes
+# for the Hugging Face package of that name (transformers.utils.import_utils.is_kernels_available). A second
+# copy of the modules below would run each torch.library.custom_op again: torch then destroys the first
+# definition of every llama_fast_triton op while llama_fast.kernels keeps calling it through a dangling
+# dispatcher handle (a use-after-free: a segfault or a std::bad_alloc in a later op call, depending on what
+# reused the memory; pytorch/pytorch#98541, #125234). So any other name for this package is an alias of
+# llama_fast.kernels.
+if __name__ != "llama_fast.kernels":
+    sys.modules[__name__] = importlib.import_module("llama_fast.kernels")
+elif _triton_importable():          # else unavailable_reason says why; the ops below need triton
     from .flash_attention import attention  # noqa: F401
     from .quant_matmul import quant_linear  # noqa: F401
     from .norm import fused_add_rms_norm, rms_norm  # noqa: F401

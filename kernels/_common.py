@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
+# Every kernel module imports this one first. Loaded under another name (`import kernels.rope` with the
+# repository root on sys.path), it would be the start of a second copy of the kernel modules, whose
+# torch.library.custom_op calls destroy the llama_fast_triton ops that llama_fast.kernels holds (see
+# __init__.py): refuse it with a clear error instead.
+if __name__ != "llama_fast.kernels._common":
+    raise ImportError(f"the Triton kernels must be imported as llama_fast.kernels, not as "
+                      f"{__name__.rsplit('.', 1)[0]!r} (a second copy would redefine the llama_fast_triton ops)")
+
 # The interpreter (TRITON_INTERPRET=1, read by triton at import) runs kernels on CPU tensors with numpy.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -1,5 +1,10 @@
 """The kernels are torch custom ops with fake implementations (so torch.compile and CUDA graphs trace
 them without running them), and llama_fast.ops reaches them with backend="triton"."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -40,3 +45,44 @@ def test_ops_backend_triton_reaches_the_kernels():
     torch.testing.assert_close(ops.quant_linear(xq, qw, backend="triton"), kernels.quant_linear(xq, qw))
     dense = torch.randn(5, 16)
     torch.testing.assert_close(ops.linear(x, dense, backend="triton"), x @ dense.T)
+
+
+# Run in a fresh interpreter from the repository root, where kernels/ is also the top-level package
+# `kernels`: llama_fast.kernels first (as a test module does), then transformers' probe for the Hugging Face
+# `kernels` package, which imports ours by that name. A second copy of the kernel modules used to redefine
+# every llama_fast_triton op, and torch destroyed the definitions llama_fast.kernels still called: a
+# use-after-free that crashed the one-process Triton suite intermittently in the model tests.
+_SECOND_IMPORT = """
+import torch
+import torch._library.custom_ops as custom_ops
+import llama_fast.kernels as lk
+from llama_fast.kernels import flash_attention, kv_cache, norm, quant_matmul, rope, swiglu
+from transformers.utils import import_utils
+
+import_utils.is_kernels_available()
+import kernels
+ops = {"attention": flash_attention.attention, "quant_linear": quant_matmul.quant_linear_op,
+       "rms_norm": norm.rms_norm, "fused_add_rms_norm": norm.fused_add_rms_norm, "rotary_": rope.rotary_,
+       "store_kv_": kv_cache.store_kv_, "silu_and_mul": swiglu.silu_and_mul, "gate_up_silu": swiglu.gate_up_silu}
+for name, op in ops.items():
+    assert custom_ops.OPDEFS[f"llama_fast_triton::{name}"] is op, f"llama_fast_triton::{name} was redefined"
+assert kernels is lk, "the top-level `kernels` must be an alias of llama_fast.kernels"
+try:
+    import kernels.rope
+except ImportError as e:
+    assert "llama_fast.kernels" in str(e), e
+else:
+    raise AssertionError("a second copy of a kernel module imported")
+x, w = torch.randn(3, 8), torch.rand(8)
+torch.testing.assert_close(lk.rms_norm(x, w, 1e-6), torch.ops.llama_fast_triton.rms_norm(x, w, 1e-6))
+print("ok")
+"""
+
+
+def test_importing_the_kernels_directory_as_top_level_kernels_keeps_the_ops():
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", _SECOND_IMPORT], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        f"exit code {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
