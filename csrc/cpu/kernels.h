@@ -66,6 +66,10 @@ struct QuantWeight {  // csrc/common/quant_format.h: w = q * scale + offset, per
 // Reads the packed weights directly (GEMV-style, all M rows per weight read). For large M the caller may
 // instead dequantize tiles with dequantize_rows and use a GEMM.
 void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m);
+// quant_linear for any m where this CPU has a kernel that reads the weights once for all rows (AVX512-VNNI);
+// false (nothing written) where it does not, or when x holds values it cannot take (inf / NaN): then the caller
+// uses quant_linear (m <= 8) or dequantize_rows and a GEMM.
+bool quant_linear_any_rows(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m);
 // rows n0..n1-1 of the dequantized weight as fp32 [n1 - n0, K].
 void dequantize_rows(const QuantWeight& w, int64_t n0, int64_t n1, float* out);
 

@@ -323,6 +323,12 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
       cpu::quant_linear(is_bf16(x), xc.data_ptr(), w, bias ? bias->data_ptr() : nullptr, out.data_ptr(), m);
     return out;
   }
+  {
+    auto out = at::empty(sizes, x.options());
+    if (out.numel() == 0 ||
+        cpu::quant_linear_any_rows(is_bf16(x), xc.data_ptr(), w, bias ? bias->data_ptr() : nullptr, out.data_ptr(), m))
+      return out;
+  }
   // Prefill: dequantize a band of rows at a time (fits L2) and multiply with a fp32 GEMM.
   const auto x2 = xc.reshape({m, k}).to(at::kFloat);
   auto out = at::empty({m, n}, x.options().dtype(at::kFloat));

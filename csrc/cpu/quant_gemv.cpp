@@ -116,7 +116,8 @@ void store_output(bool bf16, const float* outf, const void* bias, void* out, int
   }
 }
 
-// int4 / int8 on AVX512-VNNI (vnni_gemv.cpp). False when x holds values fixed point cannot carry (inf, NaN).
+// int4 / int8 on AVX512-VNNI (vnni_gemv.cpp), any number of rows. False when x holds values fixed point cannot
+// carry (inf, NaN).
 bool quant_linear_vnni(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
   const int64_t k = w.k, n = w.n, groups = k / w.group_size;
   thread_local std::vector<int16_t> xp;
@@ -126,20 +127,27 @@ bool quant_linear_vnni(bool bf16, const void* x, const QuantWeight& w, const voi
   xscale.resize(m);
   outf.resize(m * n);
   if (!vnni::prepare(bf16, x, m, w, xp.data(), xsum.data(), xscale.data())) return false;
-  for (int64_t m0 = 0; m0 < m; m0 += 8) {
-    const int64_t mc = std::min<int64_t>(8, m - m0);
-    const int16_t* xs = xp.data() + m0 * 2 * k;
-    const float* ss = xsum.data() + m0 * groups;
-    const float* sc = xscale.data() + m0;
-    float* os = outf.data() + m0 * n;
-    parallel_for(n, row_grain(w), [&](int64_t n0, int64_t n1) { vnni::rows(w, xs, ss, sc, mc, !bf16, n0, n1, os, n); });
-  }
+  // Any m (prefill too): each thread's band of weight rows meets every block of 8 activation rows while it is
+  // in cache, so the weights are read from memory once; the prepared activations (2K int16 per row) stream.
+  // (raw pointers: inside the lambda the thread_local names would be the helper threads' own, empty buffers)
+  const int16_t* xs = xp.data();
+  const float *ss = xsum.data(), *sc = xscale.data();
+  float* os = outf.data();
+  parallel_for(n, row_grain(w), [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < m; m0 += 8)
+      vnni::rows(w, xs + m0 * 2 * k, ss + m0 * groups, sc + m0, std::min<int64_t>(8, m - m0), !bf16, n0, n1,
+                 os + m0 * n, n);
+  });
   store_output(bf16, outf.data(), bias, out, m, n);
   return true;
 }
 
+bool quant_linear_any_rows(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
+  return vnni::supports(w) && quant_linear_vnni(bf16, x, w, bias, out, m);
+}
+
 void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
-  if (vnni::supports(w) && quant_linear_vnni(bf16, x, w, bias, out, m)) return;
+  if (quant_linear_any_rows(bf16, x, w, bias, out, m)) return;
   const int64_t k = w.k, n = w.n, groups = k / w.group_size;
   int64_t chunk = w.bits == 4 ? int4_chunk() : 0;
   if (chunk != 0 && w.group_size % chunk != 0) chunk = 0;  // the ISA kernel falls back to the scalar path too

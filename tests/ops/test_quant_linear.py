@@ -32,10 +32,11 @@ def test_quant_linear_matches_reference(backend, fmt, m, n, dtype, matches_refer
 
 
 # Shapes the AVX512-VNNI kernels tile differently: K with a last half chunk of 32 (K % 64 == 32), groups of
-# 96 that straddle int4's 64-element chunks, per-channel scales, and every activation row count up to 8.
+# 96 that straddle int4's 64-element chunks, per-channel scales, every activation row count up to 8 and a
+# prefill-sized one.
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k,group_size", [(96, 32), (160, 32), (288, 96), (192, 192), (1568, 32)])
-@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 19])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_linear_odd_k(backend, bits, k, group_size, m, dtype, matches_reference):
     name, device = backend
