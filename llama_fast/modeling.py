@@ -33,6 +33,7 @@ from llama_fast.ops._backend import check_backend_name
 from llama_fast.ops.reference import attention_mask as _reference_attention_mask
 from llama_fast.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from llama_fast.rope import RotaryTables
+from llama_fast.weights_version import TracksWeights
 
 # Capacity granularity of the cache forward(use_cache=True) creates on its own (it grows by doubling later).
 _IMPLICIT_CACHE_BLOCK = 256
@@ -49,7 +50,7 @@ class _Step:
     sin: torch.Tensor
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(TracksWeights):
     def __init__(self, config: LlamaConfig, layer_idx: int, dtype=None, device=None):
         super().__init__()
         self.layer_idx = layer_idx
@@ -90,7 +91,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor, sca
     return torch.where(mask.any(-1, keepdim=True), probs, torch.zeros_like(probs)).to(q.dtype)
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(TracksWeights):
     def __init__(self, config: LlamaConfig, dtype=None, device=None):
         super().__init__()
         self.backend: str | None = None
@@ -102,7 +103,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x), backend=self.backend))
 
 
-class LlamaRMSNorm(nn.Module):
+class LlamaRMSNorm(TracksWeights):
     """Holds the weight; the layers call ops.rms_norm / ops.fused_add_rms_norm with it."""
 
     def __init__(self, hidden_size: int, eps: float, dtype=None, device=None):
@@ -114,7 +115,7 @@ class LlamaRMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(TracksWeights):
     def __init__(self, config: LlamaConfig, layer_idx: int, dtype=None, device=None):
         super().__init__()
         self.backend: str | None = None
@@ -138,7 +139,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual, probs
 
 
-class LlamaPreTrainedModel(nn.Module):
+class LlamaPreTrainedModel(TracksWeights):
     """from_pretrained / save_pretrained / set_backend, shared by the three model classes."""
 
     config_class = LlamaConfig
