@@ -10,11 +10,17 @@ keeps the scratch buffers) and reused; it is rebuilt when the weights change (ll
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from llama_fast import _native, weights_version
 
 MAX_ROWS = 8  # batch x new tokens the GEMV kernels take in one pass over the weights
+
+# model -> (weights_version, layers, CpuDecodePlan). Kept outside the module so that copy.deepcopy and pickling
+# of a model never meet the C++ object (a copy builds its own plan on its first step).
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _linear_slots(linear):
@@ -26,7 +32,7 @@ def _linear_slots(linear):
 def _plan(model):
     """The model's llama_fast.CpuDecodePlan: its weights validated once, rebuilt when they change (see
     llama_fast.weights_version; the plan itself re-validates when a tensor it holds changes in place)."""
-    cached = model.__dict__.get("_cpu_decode_plan")
+    cached = _PLANS.get(model)
     version = weights_version.current()
     layers = tuple(model.layers)
     if cached is not None and cached[0] == version and cached[1] == layers:
@@ -43,7 +49,7 @@ def _plan(model):
     # The module's own tensors (not detached copies): a plan holding them sees in-place changes (param.data = ...)
     plan = torch.classes.llama_fast.CpuDecodePlan(weights, meta, model.norm.weight, attn.num_heads,
                                                   attn.num_kv_heads, attn.head_dim, float(model.norm.eps))
-    model.__dict__["_cpu_decode_plan"] = (version, layers, plan)
+    _PLANS[model] = (version, layers, plan)
     return plan
 
 
