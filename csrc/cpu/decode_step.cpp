@@ -43,6 +43,10 @@ struct LinearRef {
   int bits;
   int64_t group_size;
   int64_t n, k;
+  // The raw view the kernels take, filled in by validate(); valid while weights_unchanged().
+  cpu::QuantWeight q;
+  const void* dense;
+  const void* bias_ptr;
 };
 
 cpu::ScaleType scale_type_of(const at::Tensor& s) {
@@ -120,8 +124,8 @@ class DecodePlan : public torch::CustomClassHolder {
 
     for (int64_t l = 0; l < layers_; ++l) {
       const LinearRef* L = &lin_[l * 4];
-      if (l == 0) cpu::rms_norm(bf16, residual, norms_[0]->const_data_ptr(), h, m, hs, eps);
-      else cpu::fused_add_rms_norm(bf16, x, residual, norms_[l * 2]->const_data_ptr(), h, residual, m, hs, eps);
+      if (l == 0) cpu::rms_norm(bf16, residual, norms_[0], h, m, hs, eps);
+      else cpu::fused_add_rms_norm(bf16, x, residual, norms_[l * 2], h, residual, m, hs, eps);
       prof.mark(Profile::kNorm);
       run_linear(L[0], bf16, h, qkv, m);
       prof.mark(Profile::kQkv);
@@ -151,7 +155,7 @@ class DecodePlan : public torch::CustomClassHolder {
       prof.mark(Profile::kAttention);
       run_linear(L[1], bf16, attn, x, m);
       prof.mark(Profile::kO);
-      cpu::fused_add_rms_norm(bf16, x, residual, norms_[l * 2 + 1]->const_data_ptr(), h, residual, m, hs, eps);
+      cpu::fused_add_rms_norm(bf16, x, residual, norms_[l * 2 + 1], h, residual, m, hs, eps);
       prof.mark(Profile::kNorm);
       run_linear(L[2], bf16, h, gate_up, m);
       prof.mark(Profile::kGateUp);
@@ -192,7 +196,7 @@ class DecodePlan : public torch::CustomClassHolder {
         TORCH_CHECK(norm && norm->device().is_cpu() && norm->scalar_type() == dtype_ && norm->dim() == 1 &&
                         norm->size(0) == hs_ && norm->is_contiguous(),
                     kOp, ": layer ", l, " norm weights must be [", hs_, "] in the activations' dtype");
-        norms_[l * 2 + j] = norm;
+        norms_[l * 2 + j] = norm->const_data_ptr();
       }
       const int64_t* meta = meta_.data() + l * 8;
       LinearRef* L = &lin_[l * 4];
@@ -227,7 +231,8 @@ class DecodePlan : public torch::CustomClassHolder {
 
   LinearRef linear_ref(int64_t base, int64_t bits, int64_t group_size, int64_t k_expected, const char* name,
                        int64_t layer) const {
-    LinearRef r{slot(base), slot(base + 1), slot(base + 2), slot(base + 3), static_cast<int>(bits), group_size, 0, 0};
+    LinearRef r{slot(base), slot(base + 1), slot(base + 2), slot(base + 3), static_cast<int>(bits), group_size, 0, 0,
+                cpu::QuantWeight{}, nullptr, nullptr};
     TORCH_CHECK(r.w != nullptr, kOp, ": layer ", layer, " ", name, " has no weight");
     TORCH_CHECK(r.w->device().is_cpu() && r.w->dim() == 2 && r.w->is_contiguous(), kOp, ": layer ", layer, " ", name,
                 " weight must be a contiguous 2-D CPU tensor");
@@ -256,19 +261,18 @@ class DecodePlan : public torch::CustomClassHolder {
       TORCH_CHECK(r.bias->device().is_cpu() && r.bias->scalar_type() == dtype_ && r.bias->dim() == 1 &&
                       r.bias->size(0) == r.n && r.bias->is_contiguous(),
                   kOp, ": layer ", layer, " ", name, " bias must be [", r.n, "] in the activations' dtype");
+    r.bias_ptr = r.bias ? r.bias->const_data_ptr() : nullptr;
+    r.dense = bits == 0 ? r.w->const_data_ptr() : nullptr;
+    if (bits != 0)
+      r.q = cpu::QuantWeight{r.w->const_data_ptr(), r.scale->const_data_ptr(),
+                             r.offset ? r.offset->const_data_ptr() : nullptr, scale_type_of(*r.scale), r.bits, r.n,
+                             r.k, r.group_size};
     return r;
   }
 
   static void run_linear(const LinearRef& r, bool bf16, const void* x, void* out, int64_t m) {
-    const void* bias = r.bias ? r.bias->const_data_ptr() : nullptr;
-    if (r.bits == 0) {
-      cpu::dense_linear(bf16, x, r.w->const_data_ptr(), bias, out, m, r.n, r.k);
-    } else {
-      const cpu::QuantWeight w{r.w->const_data_ptr(), r.scale->const_data_ptr(),
-                               r.offset ? r.offset->const_data_ptr() : nullptr, scale_type_of(*r.scale), r.bits, r.n,
-                               r.k, r.group_size};
-      cpu::quant_linear(bf16, x, w, bias, out, m);
-    }
+    if (r.bits == 0) cpu::dense_linear(bf16, x, r.dense, r.bias_ptr, out, m, r.n, r.k);
+    else cpu::quant_linear(bf16, x, r.q, r.bias_ptr, out, m);
   }
 
   void check_step(const at::Tensor& hidden, at::TensorList k_caches, at::TensorList v_caches,
@@ -338,7 +342,7 @@ class DecodePlan : public torch::CustomClassHolder {
   at::ScalarType dtype_;
   int64_t hs_ = 0, layers_ = 0, inter_ = 0;
   std::vector<LinearRef> lin_;
-  std::vector<const at::Tensor*> norms_;
+  std::vector<const void*> norms_;  // validated like LinearRef
   std::vector<Seen> seen_;
   std::mutex mu_;
   at::Tensor scratch_;
