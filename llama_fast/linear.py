@@ -6,9 +6,10 @@ from torch import nn
 
 from llama_fast import ops
 from llama_fast.quant import QuantizedWeight, quantize
+from llama_fast.weights_version import TracksWeights
 
 
-class Linear(nn.Module):
+class Linear(TracksWeights):
     """y = x @ W.T (+ bias). W is dense (`weight`, an nn.Parameter [N, K]) or quantized (`qweight`, `scales`,
     `offsets` buffers in the format of llama_fast.quant). `backend` is set by the model (see ops)."""
 

@@ -87,3 +87,63 @@ def test_fused_path_is_skipped_when_outputs_need_layers(tmp_path, count_fused):
         before = len(count_fused)
         step = model(ids[:, :1], past_key_values=out.past_key_values, use_cache=True, output_hidden_states=True)
     assert len(step.hidden_states) == model.config.num_hidden_layers + 1 and len(count_fused) == before
+
+
+def _step_logits(model, ids):
+    """Logits of a decode step (the last token of ids against a cache of the others)."""
+    with torch.no_grad():
+        out = model(ids[:, :-1], use_cache=True)
+        return model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
+
+
+def _reference_copy(model):
+    import copy
+    return copy.deepcopy(model).set_backend("torch")
+
+
+def test_decode_plan_is_built_once_and_follows_weight_changes(tmp_path, count_fused):
+    """The validated C++ plan is reused across steps, and every way of changing the weights (re-quantizing a
+    layer, assigning a new Parameter, swapping a tensor's data in place, .to(dtype)) gives the new weights'
+    logits, never the old ones."""
+    import conftest
+    conftest.make_hf_model(tmp_path, {"num_key_value_heads": 2})
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32")
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
+    _step_logits(model, ids)
+    plan = cpu_decode._PLANS[model.model][2]
+    _step_logits(model, ids)
+    assert cpu_decode._PLANS[model.model][2] is plan and len(count_fused) == 2
+
+    layers = model.model.layers
+    changes = [
+        lambda: layers[1].mlp.down_proj.quantize_(4, group_size=32),
+        lambda: setattr(layers[0].input_layernorm, "weight",
+                        torch.nn.Parameter(torch.full_like(layers[0].input_layernorm.weight, 0.5),
+                                           requires_grad=False)),
+        lambda: setattr(layers[1].self_attn.o_proj.weight, "data", torch.randn_like(layers[1].self_attn.o_proj.weight)),
+        lambda: setattr(layers[0].post_attention_layernorm.weight, "data",
+                        torch.full_like(layers[0].post_attention_layernorm.weight, 2.0)),
+    ]
+    for change in changes:
+        before = _step_logits(model, ids)
+        change()
+        got = _step_logits(model, ids)
+        want = _step_logits(_reference_copy(model), ids)
+        assert not torch.equal(got, before)
+        assert conftest.max_rel_diff(got, want) <= 1e-4
+
+    model.to(torch.bfloat16)
+    got = _step_logits(model, ids)
+    assert got.dtype == torch.bfloat16 and cpu_decode._PLANS[model.model][2] is not plan
+
+
+def test_decode_plan_rejects_weights_broken_in_place(tmp_path):
+    import conftest
+    conftest.make_hf_model(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32")
+    ids = torch.randint(0, 128, (1, 4))
+    _step_logits(model, ids)
+    norm = model.model.layers[1].input_layernorm.weight
+    norm.data = torch.ones(norm.shape[0] + 1)   # same Parameter, now the wrong size
+    with pytest.raises(RuntimeError, match="layer 1 norm weights must be"):
+        _step_logits(model, ids)

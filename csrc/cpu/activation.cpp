@@ -9,9 +9,11 @@ namespace llama_fast {
 namespace cpu {
 
 void silu_and_mul(bool bf16, const void* gate_up, void* out, int64_t rows, int64_t inter) {
-  // chunks of whole rows, or of a row's columns when there are few rows (decode: one row of I = 1536+)
+  // chunks of whole rows, or of a row's columns when there are few rows (decode: one row of I = 1536+).
+  // Below ~16K elements (a few microseconds on one core) the work stays on the calling thread: a fork/join
+  // costs as much, and far more when the helper thread is not running right now.
   if (rows < 4) {
-    const int64_t grain = 512;
+    const int64_t grain = rows * inter < 16384 ? inter : 4096;
     for (int64_t r = 0; r < rows; ++r) {
       parallel_for(inter, grain, [&](int64_t c0, int64_t c1) {
         if (bf16) {

@@ -18,6 +18,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kRowsPerTask = 32;  // query rows (queries x group) per task: fits L1 with D = 128
+constexpr int64_t kFewRows = 8;       // tasks of at most this many rows (decode) take attention_task_few_rows
 
 int64_t key_chunk_alignment() { return 16; }
 
@@ -83,7 +84,9 @@ void attention(const AttentionArgs& a) {
   float* base = parts.data();
 
   const int64_t work = tasks * nsplit;
-  const bool small = a.tq * kmax * a.hq * D < 16384;
+  // Work below ~2^18 query-key-dim products (a decode step over a few hundred keys: microseconds) stays on
+  // the calling thread: a fork/join costs as much, and far more when a helper thread is not running now.
+  const bool small = a.tq * kmax * a.hq * D < (1 << 18);
   parallel_for(work, small ? work : 1, [&](int64_t w0, int64_t w1) {
   for (int64_t w = w0; w < w1; ++w) {
     const int64_t split = w % nsplit, task = w / nsplit;
@@ -92,8 +95,14 @@ void attention(const AttentionArgs& a) {
     const int64_t k0 = split * chunk, k1 = std::min(kmax, k0 + chunk);
     const int64_t R = (i1 - i0) * G;
     float* p = base + w * part_stride;
-    if (a.bf16) LF_DISPATCH(attention_task<uint16_t>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
-    else LF_DISPATCH(attention_task<float>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
+    if (R <= kFewRows) {
+      if (a.bf16) LF_DISPATCH(attention_task_few_rows<uint16_t>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
+      else LF_DISPATCH(attention_task_few_rows<float>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
+    } else if (a.bf16) {
+      LF_DISPATCH(attention_task<uint16_t>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
+    } else {
+      LF_DISPATCH(attention_task<float>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
+    }
   }
   });
   // Each task's splits have the same row count R, stored with stride part_stride (m, l, acc at R-offsets).
@@ -221,6 +230,101 @@ void attention_task(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, in
           ar[d] = av;
         }
       }
+    }
+  }
+}
+
+// A task of at most kFewRows rows (decode: the G query heads of one kv head, one or two tokens). Each key
+// is scored by one dot product per row over its D contiguous values (no transposed key block, which costs
+// more than the few rows' FMAs), then an exact two-pass softmax over the chunk's score buffer, then P V with
+// the accumulators in registers. Writes the same unnormalized (m, l, acc) as attention_task.
+template <typename T>
+void attention_task_few_rows(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t k0,
+                             int64_t k1, float* m, float* l, float* acc) {
+  constexpr int W = VecF::W;
+  constexpr int kRows = 8;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t G = a.hq / a.hkv, D = a.head_dim, R = (i1 - i0) * G;
+  const int64_t DV = D / W * W;  // the vector part of a row
+  thread_local std::vector<float> qf, sc;
+  qf.resize(R * D);
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k) + b * a.k_sb + h * a.k_sh;
+  const T* v = static_cast<const T*>(a.v) + b * a.v_sb + h * a.v_sh;
+  const int64_t kv_len = a.kv_lens ? a.kv_lens[b] : a.tk;
+  int64_t lim[kRows], kend = k0;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t i = i0 + r / G, head = h * G + r % G;
+    const T* src = q + b * a.q_sb + i * a.q_st + head * a.q_sh;
+    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_f32(src[d]) * a.scale;
+    // bottom-right causal: query i sits at position kv_len - tq + i
+    lim[r] = std::min(k1, a.causal ? std::min(kv_len, kv_len - a.tq + i + 1) : kv_len);
+    kend = std::max(kend, lim[r]);
+    m[r] = kNegInf;
+    l[r] = 0.f;
+  }
+  std::fill(acc, acc + R * D, 0.f);
+  const int64_t n = kend - k0;
+  if (n <= 0) return;
+  sc.resize(R * n);
+
+  // scores sc[r][j] = q_r . k_j (-inf past the row's causal limit)
+  for (int64_t j = 0; j < n; ++j) {
+    const T* kr = k + (k0 + j) * a.k_st;
+    VecF s[kRows];
+    for (int64_t r = 0; r < R; ++r) s[r] = VecF::zero();
+    for (int64_t d = 0; d < DV; d += W) {
+      const VecF kv = VecF::load(kr + d);
+      for (int64_t r = 0; r < R; ++r) s[r] = VecF::fma(VecF::load(qf.data() + r * D + d), kv, s[r]);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      float dot = s[r].sum();
+      for (int64_t d = DV; d < D; ++d) dot += qf[r * D + d] * to_f32(kr[d]);
+      sc[r * n + j] = k0 + j < lim[r] ? dot : kNegInf;
+    }
+  }
+  // softmax numerators p = exp(s - max) in place (0 past the limit); m and l per row
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = sc.data() + r * n;
+    const int64_t nr = std::max<int64_t>(0, lim[r] - k0);
+    if (nr == 0) {
+      std::fill(sr, sr + n, 0.f);
+      continue;
+    }
+    float mx = kNegInf;
+    for (int64_t j = 0; j < nr; ++j) mx = std::max(mx, sr[j]);
+    const VecF vmx = VecF::set1(mx);
+    VecF vsum = VecF::zero();
+    int64_t j = 0;
+    for (; j + W <= nr; j += W) {
+      const VecF p = exp(VecF::load(sr + j) - vmx);
+      p.store(sr + j);
+      vsum = vsum + p;
+    }
+    float sum = vsum.sum();
+    for (; j < nr; ++j) {
+      sr[j] = std::exp(sr[j] - mx);
+      sum += sr[j];
+    }
+    std::fill(sr + nr, sr + n, 0.f);
+    m[r] = mx;
+    l[r] = sum;
+  }
+  // acc[r] = sum_j p[r][j] v_j
+  for (int64_t d = 0; d < DV; d += W) {
+    VecF o[kRows];
+    for (int64_t r = 0; r < R; ++r) o[r] = VecF::zero();
+    for (int64_t j = 0; j < n; ++j) {
+      const VecF vv = VecF::load(v + (k0 + j) * a.v_st + d);
+      for (int64_t r = 0; r < R; ++r) o[r] = VecF::fma(VecF::set1(sc[r * n + j]), vv, o[r]);
+    }
+    for (int64_t r = 0; r < R; ++r) o[r].store(acc + r * D + d);
+  }
+  for (int64_t d = DV; d < D; ++d) {
+    for (int64_t r = 0; r < R; ++r) {
+      float o = 0.f;
+      for (int64_t j = 0; j < n; ++j) o += sc[r * n + j] * to_f32(v[(k0 + j) * a.v_st + d]);
+      acc[r * D + d] = o;
     }
   }
 }

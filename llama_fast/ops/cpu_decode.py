@@ -5,16 +5,22 @@ layer (qkv, rotary, store_kv, attention, o_proj, two norms, gate_up, silu_and_mu
 each, which for a small model weighs as much as the weights' memory traffic. LlamaModel.forward hands such
 steps here (see `can_run`); prefill and everything else keep the op-by-op path.
 
-The flat weight list is built once per model and reused (rebuilt when the weights change identity, e.g. after
-.to(dtype) or re-quantization).
+The weights are gathered and validated once per model into a C++ plan (llama_fast.CpuDecodePlan, which also
+keeps the scratch buffers) and reused; it is rebuilt when the weights change (llama_fast.weights_version).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-from llama_fast import _native
+from llama_fast import _native, weights_version
 
 MAX_ROWS = 8  # batch x new tokens the GEMV kernels take in one pass over the weights
+
+# model -> (weights_version, layers, CpuDecodePlan). Kept outside the module so that copy.deepcopy and pickling
+# of a model never meet the C++ object (a copy builds its own plan on its first step).
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _linear_slots(linear):
@@ -23,28 +29,28 @@ def _linear_slots(linear):
     return [linear.weight, None, None, linear.bias], [0, 0]
 
 
-def _weight_key(model) -> tuple:
-    first = model.layers[0].self_attn.qkv_proj
-    w = first.qweight if getattr(first, "bits", None) is not None else first.weight
-    return (w.data_ptr(), w.dtype, model.norm.weight.data_ptr(), len(model.layers))
-
-
 def _plan(model):
-    key = _weight_key(model)
-    plan = getattr(model, "_cpu_decode_plan", None)
-    if plan is not None and plan[0] == key:
-        return plan[1], plan[2]
+    """The model's llama_fast.CpuDecodePlan: its weights validated once, rebuilt when they change (see
+    llama_fast.weights_version; the plan itself re-validates when a tensor it holds changes in place)."""
+    cached = _PLANS.get(model)
+    version = weights_version.current()
+    layers = tuple(model.layers)
+    if cached is not None and cached[0] == version and cached[1] == layers:
+        return cached[2]
     weights, meta = [], []
-    for layer in model.layers:
+    for layer in layers:
         weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
         for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                        layer.mlp.down_proj):
             w, m = _linear_slots(linear)
             weights += w
             meta += m
-    weights = [None if t is None else t.detach() for t in weights]
-    model._cpu_decode_plan = (key, weights, meta)
-    return weights, meta
+    attn = layers[0].self_attn
+    # The module's own tensors (not detached copies): a plan holding them sees in-place changes (param.data = ...)
+    plan = torch.classes.llama_fast.CpuDecodePlan(weights, meta, model.norm.weight, attn.num_heads,
+                                                  attn.num_kv_heads, attn.head_dim, float(model.norm.eps))
+    _PLANS[model] = (version, layers, plan)
+    return plan
 
 
 def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidden_states=False) -> bool:
@@ -64,16 +70,20 @@ def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidd
 def run(model, hidden: torch.Tensor, step, cache) -> torch.Tensor:
     """The final-normed hidden states of the decoder stack for `hidden` (the embeddings), writing this step's
     keys/values into `cache`. `step` carries positions, slots, kv_lens, kv_span, cos, sin (LlamaModel._prepare)."""
-    weights, meta = _plan(model)
-    attn = model.layers[0].self_attn
-    return torch.ops.llama_fast.cpu_decode_layers(
-        hidden.contiguous(), weights, meta, cache.k, cache.v, step.positions.contiguous(), step.slots.contiguous(),
-        step.kv_lens.to(torch.int32).contiguous(), int(step.kv_span), step.cos.contiguous(), step.sin.contiguous(),
-        attn.num_heads, attn.num_kv_heads, attn.head_dim, float(model.norm.eps), model.norm.weight)
+    kv_lens = step.kv_lens
+    if kv_lens.dtype != torch.int32:
+        kv_lens = kv_lens.to(torch.int32)
+    return torch.ops.llama_fast.cpu_decode_step(
+        _plan(model), hidden.contiguous(), cache.k, cache.v, step.positions.contiguous(), step.slots.contiguous(),
+        kv_lens.contiguous(), int(step.kv_span), step.cos.contiguous(), step.sin.contiguous())
 
 
 if _native.extension() is not None:
     @torch.library.register_fake("llama_fast::cpu_decode_layers")
     def _cpu_decode_layers_fake(hidden, weights, linear_meta, k_caches, v_caches, positions, slots, kv_lens, kv_span,
                                 cos, sin, num_heads, num_kv_heads, head_dim, eps, final_norm):
+        return torch.empty_like(hidden)
+
+    @torch.library.register_fake("llama_fast::cpu_decode_step")
+    def _cpu_decode_step_fake(plan, hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin):
         return torch.empty_like(hidden)
