@@ -193,21 +193,13 @@ def dense_checkpoint(gguf) -> str:
     return out
 
 
-def int4_model(gguf, dense):
-    """The GGUF's weights kept native: its Q4_1 layers as int4 (group 32, scale + min) and its Q8_0 token
-    embedding, which the tied lm_head reads, as int8 g32 (as llama.cpp runs this file; a dense fp32 lm_head
-    would read 113 MB per token, twice all the int4 layers). Without a GGUF loader in this checkout,
-    re-quantizes the dequantized weights to the same formats (Q4_1 values are exactly q * d + m, so min/max
-    re-quantization recovers them wherever a group uses codes 0 and 15; Q8_0 likewise with absmax)."""
-    from llama_fast import quant
-    try:
-        eng = LlamaFast(gguf, "float32")
-    except Exception as e:  # noqa: BLE001
-        print(f"llama_fast could not load the GGUF natively ({type(e).__name__}: {e}); re-quantizing to int4 g32")
-        eng = LlamaFast(dense, "float32", quantize="int4", group_size=32)
+def int4_model(gguf):
+    """The GGUF's weights kept native, as llama.cpp runs the file: its Q4_1 layers as int4 (group 32, scale +
+    min) and its Q8_0 token table, which the tied lm_head multiplies by, as int8 g32 (llama_fast's GGUF loader
+    does both; the embedding lookup uses a dense copy of the same numbers)."""
+    eng = LlamaFast(gguf, "float32")
     head = eng.model.lm_head
-    if not head.quantized:
-        head.set_quantized(quant.quantize(head.weight.detach(), bits=8, group_size=32, scale_dtype=torch.float16))
+    assert head.quantized and head.bits == 8, "the GGUF loader should keep the Q8_0 table native for lm_head"
     return eng
 
 
@@ -231,7 +223,7 @@ def main():
         "transformers bf16": lambda: Transformers(gguf, torch.bfloat16),
         "llama_fast fp32": lambda: LlamaFast(dense, "float32"),
         "llama_fast bf16": lambda: LlamaFast(dense, "bfloat16"),
-        "llama_fast int4 (Q4_1 + Q8_0 head)": lambda: int4_model(gguf, dense),
+        "llama_fast int4 (Q4_1 + Q8_0 head)": lambda: int4_model(gguf),
     }
     llama_cpp_options = {}
     if not args.skip_llama_cpp and importlib.util.find_spec("llama_cpp") is not None:

@@ -14,10 +14,11 @@ q*d - 8d equals (q-8)*d exactly: q*d is exact in fp32 since d has an 11-bit mant
 Scales stay fp16, their stored type, whatever dtype the model runs in, so nothing is rounded.
 With dequantize=True every tensor comes out dense in the requested dtype instead.
 
-Embeddings: a quantized token_embd is dequantized (a lookup table is not a matmul). A model without
-output.weight ties lm_head to that dense table. llama.cpp multiplies by the quantized matrix instead;
-the dequantized values are the same numbers, so the logits agree to accumulation order, and the model
-keeps a single copy of the table. An untied quantized output.weight stays native.
+Embeddings: a quantized token_embd is dequantized for the lookup (a table, not a matmul). A model without
+output.weight ties lm_head to the embedding: with a quantized token_embd, lm_head then reads the native
+blocks, as llama.cpp does (the same numbers; for SmolLM2's Q8_0 table a quarter of the bytes per token of
+the dense copy, which at 113 MB in fp32 would cost more than all the int4 layers). With dequantize=True
+lm_head is tied to the dense table instead. An untied quantized output.weight stays native.
 
 Q/K rows: convert_hf_to_gguf.py permutes the rows of q_proj / k_proj within each head so that llama.cpp's
 interleaved-pair rotary works on them; we undo it (HF rotate_half convention). A row permutation moves
@@ -248,10 +249,17 @@ def _take_rows(value, index: torch.Tensor):
 def gguf_tensors(reader, config: dict, dequantize: bool = False, dtype: torch.dtype = torch.float32,
                  path: str = "<gguf>") -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """(HF name, tensor) for every tensor the model uses, one at a time (peak memory: one tensor)."""
+    tied = bool(config.get("tie_word_embeddings"))
     for t in reader.tensors:
         item = gguf_tensor(t, config, dequantize, dtype, path)
-        if item is not None:
-            yield item
+        if item is None:
+            continue
+        yield item
+        if item[0] == "model.embed_tokens.weight" and tied and not dequantize and t.tensor_type.name not in _DENSE_TYPES:
+            # The tied lm_head multiplies by the file's quantized table, as llama.cpp does: the lookup keeps
+            # the dense copy (one row per token), the matmul reads the native blocks (Q8_0: 1/4 of fp32).
+            shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+            yield "lm_head.weight", _quantized(torch.from_numpy(np.array(t.data, copy=True)), t.tensor_type.name, *shape)
 
 
 def read_gguf(path: str | os.PathLike, dequantize: bool = False, dtype: torch.dtype = torch.float32):

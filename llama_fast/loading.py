@@ -144,6 +144,7 @@ class TensorLoader:
         self.group_size = group_size
         self.targets, self.by_hf = _targets(model)
         self.tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+        self.native_head = False  # a tied lm_head given its own quantized weight (add)
         from llama_fast.modeling import LlamaModel
         self.bare = isinstance(model, LlamaModel)  # its names have no "model." prefix
 
@@ -179,6 +180,15 @@ class TensorLoader:
         return target.buffer[r0:r1] if len(target.parts) > 1 else target.buffer
 
     def add(self, name: str, value, source: str) -> None:
+        if name == "lm_head.weight" and self.tied and isinstance(value, QuantizedWeight) \
+                and isinstance(getattr(self.model, "lm_head", None), Linear):
+            # A tied model whose file holds the table quantized (GGUF): the head multiplies by the native
+            # blocks, the embedding lookup uses its dense copy (see gguf_file).
+            if self.native_head:
+                raise CheckpointError(f"{source}: tensor {name!r} appears twice")
+            self.model.lm_head.set_quantized(value.to(self.device))
+            self.native_head = True
+            return
         found = self._resolve(name)
         if found is None:
             if self._ignored(name):
@@ -243,7 +253,7 @@ class TensorLoader:
         if missing:
             shown = ", ".join(repr(m) for m in missing[:8]) + (", ..." if len(missing) > 8 else "")
             raise CheckpointError(f"{source}: {len(missing)} tensor(s) missing: {shown}")
-        if self.tied and hasattr(self.model, "lm_head"):
+        if self.tied and hasattr(self.model, "lm_head") and not self.native_head:
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
 
 

@@ -117,9 +117,39 @@ def test_q4_0_with_huge_scales_stays_exact(tmp_path):
 def test_tied_embeddings_and_rope_scaling_in_config(tmp_path):
     config = G.tiny_config(tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 4.0})
     sd = G.random_state_dict(config)
-    got, tensors = read_gguf(write(tmp_path, config, sd))
+    got, tensors = read_gguf(write(tmp_path, config, sd))   # an F32 table: lm_head is tied to it, not stored
     assert got["tie_word_embeddings"] is True and "lm_head.weight" not in dict(tensors)
     assert got["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+
+
+@pytest.mark.parametrize("qtype", [G.Q.Q8_0, G.Q.Q4_1])
+def test_tied_quantized_table_gives_a_native_lm_head(tmp_path, qtype):
+    """A tied model with a quantized token_embd (SmolLM2's GGUF: Q8_0): lm_head multiplies by the native
+    blocks, as llama.cpp does, the lookup uses the dense table; both hold the same numbers. dequantize=True
+    ties lm_head to the dense table instead."""
+    import llama_fast
+    config = G.tiny_config(tie_word_embeddings=True)
+    sd = G.random_state_dict(config)
+    path = write(tmp_path, config, sd, {"model.embed_tokens.weight": qtype})
+    tensors = dict(read_gguf(path)[1])
+    head, embed = tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]
+    assert isinstance(head, QuantizedWeight) and isinstance(embed, torch.Tensor)
+    assert torch.equal(head.dequantize(torch.float32), embed)
+    assert "lm_head.weight" not in dict(read_gguf(path, dequantize=True)[1])
+    model = llama_fast.LlamaForCausalLM.from_pretrained(str(path), dtype="float32")
+    assert model.lm_head.quantized and model.lm_head.bits == (8 if qtype == G.Q.Q8_0 else 4)
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.inference_mode():
+        logits = model(ids).logits
+    dense_head = torch.nn.functional.linear(model.model(ids).last_hidden_state, embed)
+    torch.testing.assert_close(logits, dense_head, rtol=1e-5, atol=1e-5 * dense_head.abs().max().item())
+    # saved and loaded back: still the native head, same logits
+    model.save_pretrained(tmp_path / "saved")
+    again = llama_fast.LlamaForCausalLM.from_pretrained(str(tmp_path / "saved"), dtype="float32")
+    assert again.lm_head.quantized
+    with torch.inference_mode():
+        assert torch.equal(again(ids).logits, logits)
 
 
 def test_defaults_when_optional_keys_are_missing(tmp_path, tiny):
