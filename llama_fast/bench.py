@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     if args.model is None:
         from .demo import demo_model_dir, find_demo_gguf
 
-        args.model = demo_model_dir()
+        args.model = demo_model_dir(native=False)   # dense: what transformers reads too
         args.gguf = args.gguf or find_demo_gguf()
     specs = plan(args)
     print(f"{len(specs)} configurations, {args.threads} threads, prompt {args.prompt_len}, "

@@ -2,7 +2,7 @@
 
     llama-fast generate --chat "What is the capital of France?"      # the embedded demo model
     llama-fast generate --model DIR_OR_GGUF --prompt "Once upon a time" --max-new-tokens 64 --temperature 0.8
-    llama-fast convert model.gguf out_dir                            # GGUF -> HF directory (fp32 safetensors)
+    llama-fast convert model.gguf out_dir [--keep-quantized]         # GGUF -> HF directory (safetensors)
     llama-fast bench --quick                                         # benchmarks/bench_generate.py's harness
 
 User errors (a missing file, a bad option or model) print one line to stderr and exit 1; set
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("out_dir", help="the directory to write")
     conv.add_argument("--dtype", choices=DTYPES, default="float32")
     conv.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    conv.add_argument("--keep-quantized", action="store_true",
+                      help="keep Q8_0/Q4_0/Q4_1 weights quantized (llama_fast's format; not readable by transformers)")
 
     # `bench` hands all its arguments to the harness's own parser (see main).
     commands.add_parser("bench", help="end-to-end prefill/decode benchmark (llama-fast bench --help)")
@@ -160,7 +162,8 @@ def cmd_convert(args):
 
     if not os.path.isfile(args.gguf):
         raise UserError(f"no such GGUF file: {args.gguf}")
-    out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, overwrite=args.force)
+    out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, overwrite=args.force,
+                       keep_quantized=args.keep_quantized)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

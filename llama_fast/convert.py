@@ -14,8 +14,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32", overwrite: bool = False,
-                 progress: bool = True) -> str:
-    """Dequantizes the GGUF's weights to `dtype` and writes an HF directory at `out_dir`; returns it."""
+                 progress: bool = True, keep_quantized: bool = False) -> str:
+    """Dequantizes the GGUF's weights to `dtype` and writes an HF directory at `out_dir`; returns it.
+    keep_quantized: its Q8_0 / Q4_0 / Q4_1 weights stay in llama_fast's quantized format instead (the same
+    numbers, a quarter of the size and the fast decode path; only llama_fast reads that directory), and
+    `dtype` is the activations' dtype."""
     import torch
     from tqdm.auto import tqdm
 
@@ -38,10 +41,11 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32", overwrite
                   leave=False) as bar:
             bar.set_postfix_str("reading weights")
             model = LlamaForCausalLM.from_pretrained(gguf_path, dtype=dtype, device="cpu")
-            # GGUF weights load in their native quantized format; an HF directory holds dense ones.
-            from .linear import dequantize_linears_
+            if not keep_quantized:
+                # GGUF weights load in their native quantized format; an HF directory holds dense ones.
+                from .linear import dequantize_linears_
 
-            dequantize_linears_(model, getattr(torch, dtype))
+                dequantize_linears_(model, getattr(torch, dtype))
             bar.update()
             bar.set_postfix_str("writing safetensors")
             model.save_pretrained(tmp)

