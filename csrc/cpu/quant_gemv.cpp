@@ -93,11 +93,12 @@ int64_t int4_chunk() {
   }
 }
 
-// Rows of packed weights per parallel chunk: ~8 KiB, a multiple of 4 rows. Small enough that the layers of a
-// small model (a few hundred KiB each) split evenly over the threads, large enough to amortize a claim.
+// Rows of packed weights per parallel chunk: ~32 KiB, a multiple of 4 rows. Small enough that the layers of a
+// small model (a few hundred KiB each) split evenly over the threads, large enough to amortize a claim and to
+// keep each thread's stream long against the kernels' 8 KiB software prefetch.
 int64_t row_grain(const QuantWeight& w) {
   const int64_t row_bytes = w.bits == 4 ? w.k / 2 : w.k;
-  return std::max<int64_t>(4, ((int64_t{1} << 13) / std::max<int64_t>(row_bytes, 1)) / 4 * 4);
+  return std::max<int64_t>(4, ((int64_t{1} << 15) / std::max<int64_t>(row_bytes, 1)) / 4 * 4);
 }
 
 // out (fp32 [m, n]) + bias -> the activation dtype.

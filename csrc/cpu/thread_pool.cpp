@@ -27,7 +27,7 @@ constexpr uint64_t kIndexMask = (uint64_t{1} << kIndexBits) - 1;
 // Pause iterations (a pause is ~40-140 cycles, so tens of microseconds) before a helper blocks: long enough to
 // catch the next loop of a decode step, short enough not to hold a core while ATen (OpenMP) runs between our
 // calls, whose parallel regions otherwise wait for a descheduled OpenMP thread (7 ms per zero_ of a KV cache).
-constexpr int kSpinBeforeSleep = 1000;
+constexpr int kSpinBeforeSleep = 20000;
 
 class Pool {
  public:

@@ -30,6 +30,13 @@
 #include <immintrin.h>
 #define LF_INT4_VNNI 1
 #endif
+// Software prefetch distance in the weight stream. The hardware prefetcher alone left a core at half its share
+// of the DRAM bandwidth (the weights are read once per call, and the kernel's compute does not overlap the
+// misses enough); 8 KiB ahead doubled it (6.0 -> 3.0 ns per 64 int4 weights on one core, measured).
+// Prefetching past the end of a thread's band only warms the caches for the thread next to it.
+#ifndef LF_PREFETCH_BYTES
+#define LF_PREFETCH_BYTES 8192
+#endif
 
 namespace llama_fast {
 namespace cpu {
@@ -146,7 +153,9 @@ void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const flo
     for (int r = 0; r < R; ++r)
       sv[r] = _mm512_insertf32x8(_mm512_set1_ps(sc[r * halves + c / 32]), _mm256_set1_ps(sc[r * halves + c / 32 + 1]), 1);
     for (int r = 0; r < R; ++r) {
-      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (row + r) * (k / 2) + c / 2)));
+      const uint8_t* qc = q + (row + r) * (k / 2) + c / 2;
+      _mm_prefetch(reinterpret_cast<const char*>(qc + LF_PREFETCH_BYTES), _MM_HINT_T0);
+      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc)));
       const __m512i wl = _mm512_and_si512(b, nibble);
       const __m512i wh = _mm512_srli_epi16(b, 4);
       for (int mm = 0; mm < M; ++mm) {
@@ -203,7 +212,9 @@ void block8(const QuantWeight& w, const int16_t* xp, const float* xsum, const fl
   for (int64_t c = 0; c < k; c += 32) {
     for (int r = 0; r < R; ++r) {
       const __m512 s = _mm512_set1_ps(sc[r * halves + c / 32]);
-      const __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (row + r) * k + c)));
+      const int8_t* qc = q + (row + r) * k + c;
+      _mm_prefetch(reinterpret_cast<const char*>(qc + LF_PREFETCH_BYTES), _MM_HINT_T0);
+      const __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc)));
       for (int mm = 0; mm < M; ++mm) {
         const int16_t* xc = xp + mm * 2 * k + 2 * c;
         __m512 f = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), b, _mm512_loadu_si512(xc)));
