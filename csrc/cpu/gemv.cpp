@@ -51,6 +51,17 @@ namespace llama_fast {
 namespace cpu {
 namespace LF_ISA {
 
+// The weights are read once per call: ask for them 8 KiB ahead of use. The hardware prefetcher alone left the
+// int4/int8 kernels at half a core's DRAM share (see vnni_gemv.cpp), and bf16 decode at 70% of the bandwidth
+// (61 -> 68-72 tok/s on the demo model with it).
+inline void prefetch_ahead(const void* p) {
+#ifdef LF_HAVE_X86
+  _mm_prefetch(static_cast<const char*>(p) + 8192, _MM_HINT_T0);
+#else
+  (void)p;
+#endif
+}
+
 // R weight rows x M activation rows per step.
 template <typename T, int R, int M>
 void gemv_block(const T* x, const T* w, const T* bias, T* out, int64_t n, int64_t k, int64_t row) {
@@ -63,6 +74,8 @@ void gemv_block(const T* x, const T* w, const T* bias, T* out, int64_t n, int64_
     VecF xv[M];
     for (int mm = 0; mm < M; ++mm) xv[mm] = VecF::load(x + mm * k + kk);
     for (int r = 0; r < R; ++r) {
+      // bf16 only: fp32 rows already stream at ~90% of the bandwidth, and measured 3% slower with it
+      if (sizeof(T) == 2 && (kk * sizeof(T)) % 64 == 0) prefetch_ahead(w + (row + r) * k + kk);  // once per line
       const VecF wv = VecF::load(w + (row + r) * k + kk);
       for (int mm = 0; mm < M; ++mm) acc[r][mm] = VecF::fma(wv, xv[mm], acc[r][mm]);
     }
@@ -90,6 +103,7 @@ void gemv_block_dpbf16(const uint16_t* x, const uint16_t* w, const uint16_t* bia
     __m512bh xv[M];
     for (int mm = 0; mm < M; ++mm) xv[mm] = (__m512bh)_mm512_loadu_si512(x + mm * k + kk);
     for (int r = 0; r < R; ++r) {
+      prefetch_ahead(w + (row + r) * k + kk);
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (row + r) * k + kk);
       for (int mm = 0; mm < M; ++mm) acc[r][mm] = _mm512_dpbf16_ps(acc[r][mm], wv, xv[mm]);
     }
