@@ -70,7 +70,7 @@ void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bi
 // false (nothing written) where it does not, or when x holds values it cannot take (inf / NaN): then the caller
 // uses quant_linear (m <= 8) or dequantize_rows and a GEMM.
 bool quant_linear_any_rows(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m);
-// rows n0..n1-1 of the dequantized weight as fp32 [n1 - n0, K].
+// rows n0..n1-1 of the dequantized weight as fp32 [n1 - n0, K], on the calling thread.
 void dequantize_rows(const QuantWeight& w, int64_t n0, int64_t n1, float* out);
 
 // ---- KV cache (kv_cache.cpp) -----------------------------------------------------------------------------

@@ -65,10 +65,10 @@ inline float scale_at(const void* p, ScaleType t, int64_t i) {
 namespace llama_fast {
 namespace cpu {
 
+// On the calling thread: the caller runs it on ATen's threads, next to ATen's GEMM (see ops_cpu.cpp).
 void dequantize_rows(const QuantWeight& w, int64_t n0, int64_t n1, float* out) {
   const int64_t groups = w.k / w.group_size;
-  parallel_for(n1 - n0, std::max<int64_t>(1, 16384 / std::max<int64_t>(w.k, 1)), [&](int64_t c0, int64_t c1) {
-  for (int64_t n = n0 + c0; n < n0 + c1; ++n) {
+  for (int64_t n = n0; n < n1; ++n) {
     float* o = out + (n - n0) * w.k;
     for (int64_t g = 0; g < groups; ++g) {
       const float s = scale_at(w.scale, w.scale_type, n * groups + g);
@@ -80,7 +80,6 @@ void dequantize_rows(const QuantWeight& w, int64_t n0, int64_t n1, float* out) {
       }
     }
   }
-  });
 }
 
 // Activation width (in elements) of the [even | odd] de-interleaving the ISA's int4 kernel wants, 0 = none.

@@ -12,7 +12,7 @@ FORMATS = [(4, 32, False), (4, 32, True), (4, 128, False), (8, 32, True), (8, -1
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"int{f[0]}_g{f[1]}{'_sym' if f[2] else ''}")
-@pytest.mark.parametrize("m,n", [(1, 83), (3, 769), (8, 7), (20, 83)])
+@pytest.mark.parametrize("m,n", [(1, 83), (3, 769), (8, 7), (20, 83), (70, 19)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_linear_matches_reference(backend, fmt, m, n, dtype, matches_reference):
     name, device = backend
