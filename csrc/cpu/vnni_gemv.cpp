@@ -110,9 +110,10 @@ inline __m512 load_scales16(const void* p, ScaleType t, int64_t i, __mmask16 mas
 }
 
 // Per weight row r of a block: its scales as fp32, one per 32 elements, in sc[r * K/32 ...] (so that the inner
-// loops need no division by the group size), and the offset term sum_g m_g * xsum_g per activation row.
+// loops need no division by the group size), and the lanes of the offset term sum_g m_g * xsum_g per
+// activation row (reduced together with the dot product's: one horizontal sum per output).
 template <int R, int M>
-void row_scales(const QuantWeight& w, const float* xsum, int64_t row, float* sc, float (&off)[R][M]) {
+void row_scales(const QuantWeight& w, const float* xsum, int64_t row, float* sc, __m512 (&off)[R][M]) {
   const int64_t gs = w.group_size, groups = w.k / gs, halves = w.k / 32;
   for (int r = 0; r < R; ++r) {
     __m512 ov[M];
@@ -126,7 +127,7 @@ void row_scales(const QuantWeight& w, const float* xsum, int64_t row, float* sc,
         for (int mm = 0; mm < M; ++mm) ov[mm] = _mm512_fmadd_ps(o, _mm512_maskz_loadu_ps(mask, xsum + mm * groups + g), ov[mm]);
       }
     }
-    for (int mm = 0; mm < M; ++mm) off[r][mm] = _mm512_reduce_add_ps(ov[mm]);
+    for (int mm = 0; mm < M; ++mm) off[r][mm] = ov[mm];  // summed with the dot product's lanes at the end
     if (gs != 32) {  // spread the group scales over their 32-element units, back to front (in place)
       float* sr = sc + r * halves;
       for (int64_t h = halves - 1; h >= 0; --h) sr[h] = sr[h * 32 / gs];
@@ -140,7 +141,7 @@ void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const flo
            float* out, int64_t ldo, float* sc) {
   const int64_t k = w.k, halves = k / 32;
   const uint8_t* q = static_cast<const uint8_t*>(w.q);
-  float off[R][M];
+  __m512 off[R][M];
   row_scales<R, M>(w, xsum, row, sc, off);
   const __m512i nibble = _mm512_set1_epi16(0x0f);
   const __m512 limb = _mm512_set1_ps(32768.f);
@@ -194,7 +195,7 @@ void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const flo
   }
   for (int r = 0; r < R; ++r)
     for (int mm = 0; mm < M; ++mm)
-      out[mm * ldo + row + r] = _mm512_reduce_add_ps(acc[r][mm]) * xscale[mm] + off[r][mm];
+      out[mm * ldo + row + r] = _mm512_reduce_add_ps(_mm512_fmadd_ps(acc[r][mm], _mm512_set1_ps(xscale[mm]), off[r][mm]));
 }
 
 // The int8 counterpart of block(): R weight rows x M activation rows, 32 codes per step.
@@ -203,7 +204,7 @@ void block8(const QuantWeight& w, const int16_t* xp, const float* xsum, const fl
             float* out, int64_t ldo, float* sc) {
   const int64_t k = w.k, halves = k / 32;
   const int8_t* q = static_cast<const int8_t*>(w.q);
-  float off[R][M];
+  __m512 off[R][M];
   row_scales<R, M>(w, xsum, row, sc, off);
   const __m512 limb = _mm512_set1_ps(32768.f);
   __m512 acc[R][M];
@@ -226,7 +227,7 @@ void block8(const QuantWeight& w, const int16_t* xp, const float* xsum, const fl
   }
   for (int r = 0; r < R; ++r)
     for (int mm = 0; mm < M; ++mm)
-      out[mm * ldo + row + r] = _mm512_reduce_add_ps(acc[r][mm]) * xscale[mm] + off[r][mm];
+      out[mm * ldo + row + r] = _mm512_reduce_add_ps(_mm512_fmadd_ps(acc[r][mm], _mm512_set1_ps(xscale[mm]), off[r][mm]));
 }
 
 template <int M, bool kTwoLimbs>
