@@ -208,7 +208,12 @@ def gguf_tensor(reader_tensor, config: dict, dequantize: bool = False, dtype: to
                 path: str = "<gguf>") -> tuple[str, torch.Tensor | QuantizedWeight] | None:
     """One GGUF tensor as (HF name, dense tensor in `dtype` or QuantizedWeight); None if the model does
     not use it."""
-    t = reader_tensor
+    item = _native_tensor(reader_tensor, config, path)
+    return None if item is None else (item[0], _as_loaded(*item, dequantize, dtype))
+
+
+def _native_tensor(t, config: dict, path: str) -> tuple[str, torch.Tensor | QuantizedWeight] | None:
+    """(HF name, the tensor as stored: dense, or QuantizedWeight with the same numbers), Q/K rows unpermuted."""
     try:
         name = hf_name(t.name)
     except KeyError:
@@ -230,13 +235,16 @@ def gguf_tensor(reader_tensor, config: dict, dequantize: bool = False, dtype: to
     proj = name.split(".")[-2]
     if proj in heads:
         value = _take_rows(value, _rows_unpermute(shape[0], heads[proj]))
-    keep_native = (isinstance(value, QuantizedWeight) and not dequantize
-                   and name != "model.embed_tokens.weight")
+    return name, value
+
+
+def _as_loaded(name: str, value, dequantize: bool, dtype: torch.dtype):
+    """A native tensor as the model loads it: quantized linear weights stay native unless `dequantize`; the
+    embedding table (a lookup) and every dense tensor come out dense in `dtype`."""
+    keep_native = isinstance(value, QuantizedWeight) and not dequantize and name != "model.embed_tokens.weight"
     if isinstance(value, QuantizedWeight) and not keep_native:
         value = value.dequantize(torch.float32)
-    if isinstance(value, torch.Tensor):
-        value = value.to(dtype)
-    return name, value
+    return value.to(dtype) if isinstance(value, torch.Tensor) else value
 
 
 def _take_rows(value, index: torch.Tensor):
@@ -251,15 +259,15 @@ def gguf_tensors(reader, config: dict, dequantize: bool = False, dtype: torch.dt
     """(HF name, tensor) for every tensor the model uses, one at a time (peak memory: one tensor)."""
     tied = bool(config.get("tie_word_embeddings"))
     for t in reader.tensors:
-        item = gguf_tensor(t, config, dequantize, dtype, path)
+        item = _native_tensor(t, config, path)
         if item is None:
             continue
-        yield item
-        if item[0] == "model.embed_tokens.weight" and tied and not dequantize and t.tensor_type.name not in _DENSE_TYPES:
+        name, native = item
+        yield name, _as_loaded(name, native, dequantize, dtype)
+        if name == "model.embed_tokens.weight" and tied and not dequantize and isinstance(native, QuantizedWeight):
             # The tied lm_head multiplies by the file's quantized table, as llama.cpp does: the lookup keeps
             # the dense copy (one row per token), the matmul reads the native blocks (Q8_0: 1/4 of fp32).
-            shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-            yield "lm_head.weight", _quantized(torch.from_numpy(np.array(t.data, copy=True)), t.tensor_type.name, *shape)
+            yield "lm_head.weight", native
 
 
 def read_gguf(path: str | os.PathLike, dequantize: bool = False, dtype: torch.dtype = torch.float32):

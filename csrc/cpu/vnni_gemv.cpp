@@ -272,11 +272,14 @@ bool prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t*
     const void* xr = bf16 ? static_cast<const void*>(static_cast<const uint16_t*>(x) + r * k)
                           : static_cast<const void*>(static_cast<const float*>(x) + r * k);
     __m512 vmax = _mm512_setzero_ps();
-    for (int64_t i = 0; i < k; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_x16(bf16, xr, i)));
+    __mmask16 nan = 0;  // max_ps may drop a NaN operand, so NaNs are looked for separately, in the same pass
+    for (int64_t i = 0; i < k; i += 16) {
+      const __m512 v = load_x16(bf16, xr, i);
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
     const float amax = _mm512_reduce_max_ps(vmax);
-    if (!std::isfinite(amax)) return false;  // (max_ps drops NaN operands only sometimes: check each value too)
-    for (int64_t i = 0; i < k; i += 16)
-      if (_mm512_cmp_ps_mask(load_x16(bf16, xr, i), load_x16(bf16, xr, i), _CMP_UNORD_Q)) return false;
+    if (nan || !std::isfinite(amax)) return false;
     // x * 2^e with |x * 2^e| < 2^29 (two limbs) or <= 2^15 (one limb, saturated)
     int exp2 = 0;
     if (amax > 0.f) std::frexp(amax, &exp2);  // amax < 2^exp2
