@@ -75,7 +75,7 @@ def _cmdclass():
 
 setup(
     # llama_fast/kernels is a symlink to the top-level kernels/ so the Triton kernels ship inside the wheel.
-    packages=["llama_fast", "llama_fast.ops", "llama_fast.kernels"],
+    packages=["llama_fast", "llama_fast.ops", "llama_fast.kernels", "llama_fast.serve"],
     package_data={"llama_fast": ["data/*"]},
     ext_modules=[_extension()],
     cmdclass=_cmdclass(),

@@ -89,6 +89,21 @@ class StaticCache:
         self.lengths.zero_()
         self.seen_tokens = 0
 
+    def rows(self, start: int, stop: int) -> "StaticCache":
+        """Rows [start, stop) as a cache of their own that shares this one's storage: keys, values and lengths
+        a forward pass writes through it land here (the batch dimension is outermost, so each slice is a
+        contiguous view). Its seen_tokens starts at this cache's; a caller running rows of different lengths
+        (the server's continuous batch) sets it to their longest before each call. A view never grows."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows [{start}, {stop}) are not inside the cache's {self.batch_size} rows")
+        view = StaticCache.__new__(StaticCache)
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.lengths = self.lengths[start:stop]
+        view.seen_tokens = self.seen_tokens
+        view.growable = False
+        return view
+
     # ---- transformers interop -----------------------------------------------------------------------------
 
     def to_legacy_cache(self) -> tuple:

@@ -4,6 +4,7 @@
     llama-fast generate --model DIR_OR_GGUF --prompt "Once upon a time" --max-new-tokens 64 --temperature 0.8
     llama-fast convert model.gguf out_dir [--keep-quantized]         # GGUF -> HF directory (safetensors)
     llama-fast bench --quick                                         # benchmarks/bench_generate.py's harness
+    llama-fast serve [--model DIR_OR_GGUF] [--port 8000]             # OpenAI-compatible server (llama_fast.serve)
 
 User errors (a missing file, a bad option or model) print one line to stderr and exit 1; set
 LLAMA_FAST_DEBUG=1 to see the traceback.
@@ -43,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llama-fast", description="Fast, faithful LLaMA inference.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,convert,bench}",
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,convert,bench,serve}",
                                      parser_class=_Parser)
 
     gen = commands.add_parser("generate", help="generate text, streamed, with prefill/decode tokens/s")
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # `bench` hands all its arguments to the harness's own parser (see main).
     commands.add_parser("bench", help="end-to-end prefill/decode benchmark (llama-fast bench --help)")
+
+    from .serve.cli import add_parser as add_serve_parser
+    add_serve_parser(commands, _positive_int, DTYPES, BACKENDS)
     return parser
 
 
@@ -174,7 +178,13 @@ def cmd_bench(bench_args):
     return bench_main(bench_args)
 
 
-COMMANDS = {"generate": cmd_generate, "convert": cmd_convert}
+def cmd_serve(args):
+    from .serve.cli import run
+
+    return run(args, _resolve_model)
+
+
+COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve}
 
 
 def main(argv=None) -> int:

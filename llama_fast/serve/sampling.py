@@ -1,0 +1,92 @@
+"""Per-request sampling in a shared batch: each row of the decode batch picks its next token from its own
+logits with its own settings and its own random generator (so a seeded request draws the same tokens whatever
+else is in the batch).
+
+Order, as in generate(): repetition penalty (transformers', over prompt and output), then OpenAI's presence /
+frequency penalties (over the output only: logit -= presence * [count > 0] + frequency * count), then, when
+temperature > 0, the warpers temperature, top-k, top-p, min-p and a multinomial draw; temperature 0 is greedy
+(argmax, the same first index as generate()'s).
+
+Log-probabilities reported to the client are those of the model's own distribution (log-softmax of the raw
+logits), before any penalty or warper, as vLLM reports them by default.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from llama_fast import logits_process
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                  # 0: off
+    min_p: float = 0.0              # 0: off
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class TokenChoice:
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)    # (token, logprob), most likely first
+
+
+class RowSampler:
+    """The sampling state of one request: its settings, its generator, the tokens it has produced."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, device):
+        self.params = params
+        self.vocab_size = vocab_size
+        self.prompt_ids = prompt_ids
+        self.output_ids: list[int] = []
+        self.generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else random.randrange(2 ** 63)
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.warpers = [] if params.greedy else logits_process.warpers(
+            params.temperature, params.top_k or None, params.top_p, params.min_p or None)
+
+    def _penalized(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        scores = logits
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor([self.prompt_ids + self.output_ids], device=logits.device)
+            scores = logits_process.RepetitionPenalty(p.repetition_penalty)(seen, scores[None])[0]
+        if (p.presence_penalty or p.frequency_penalty) and self.output_ids:
+            counts = torch.bincount(torch.tensor(self.output_ids, device=logits.device),
+                                    minlength=self.vocab_size)[:scores.shape[-1]].to(scores.dtype)
+            scores = scores - p.presence_penalty * (counts > 0).to(scores.dtype) - p.frequency_penalty * counts
+        return scores
+
+    def choose(self, logits: torch.Tensor) -> TokenChoice:
+        """The next token from this row's logits [V] (fp32)."""
+        scores = self._penalized(logits)
+        if self.generator is None:
+            token = int(scores.max(dim=-1).indices)
+        else:
+            scores = logits_process.apply(self.warpers, None, scores[None])
+            probs = scores.softmax(dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=self.generator)[0, 0])
+        self.output_ids.append(token)
+        choice = TokenChoice(token)
+        if self.params.logprobs:
+            logprobs = torch.log_softmax(logits, dim=-1)
+            choice.logprob = float(logprobs[token])
+            if self.params.top_logprobs:
+                top = torch.topk(logprobs, min(self.params.top_logprobs, logprobs.shape[-1]))
+                choice.top = list(zip(top.indices.tolist(), top.values.tolist()))
+        return choice
