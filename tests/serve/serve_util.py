@@ -1,0 +1,65 @@
+"""Helpers of the server tests: a uvicorn server on 127.0.0.1 (a free port picked by the OS) in a thread, always
+shut down; a Scheduler behind it; generate()'s answer for one prompt."""
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import torch
+
+MODEL_NAME = "tiny-test"
+CLIENT_TIMEOUT_S = 60.0
+
+
+@contextlib.contextmanager
+def running_server(app, startup_timeout_s: float = 30.0):
+    """Serves `app` on 127.0.0.1 with uvicorn in a thread; yields the base URL; stops it on exit."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+        assert not thread.is_alive(), "the test server did not shut down"
+
+
+@contextlib.contextmanager
+def serving(model, tokenizer, **scheduler_kwargs):
+    """A started Scheduler over (model, tokenizer) behind a running server: yields (base_url, scheduler)."""
+    from llama_fast.serve.app import create_app
+    from llama_fast.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(model, tokenizer, **{"max_batch": 4, "max_queue": 64, "max_seq_len": 256,
+                                               **scheduler_kwargs}).start()
+    try:
+        with running_server(create_app(scheduler, model_name=MODEL_NAME)) as url:
+            yield url, scheduler
+    finally:
+        scheduler.stop(timeout=30)
+
+
+def reference_generate(model, prompt_ids, max_tokens, eos_ids, **kw):
+    """generate()'s new tokens for one prompt (greedy unless kw says otherwise), stopping at eos_ids."""
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, max_new_tokens=max_tokens, eos_token_id=sorted(eos_ids), pad_token_id=None, **kw)
+    new = out[0, len(prompt_ids):].tolist()
+    for n, t in enumerate(new):
+        if t in eos_ids:
+            return new[:n + 1]
+    return new

@@ -1,0 +1,195 @@
+"""The continuous-batching scheduler without HTTP: rows of different lengths decoded together give generate()'s
+tokens, requests join a running batch and leave it, freed rows are reused, cancelled requests free their row.
+Batching is made deterministic by submitting before the scheduler thread starts, or by gating the model."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from serve_util import reference_generate
+from llama_fast.serve.sampling import SamplingParams
+from llama_fast.serve.scheduler import FinishEvent, QueueFullError, Request, Scheduler, TokenEvent
+
+WAIT_S = 60
+
+
+class Collector:
+    """A request's sink: gathers the events; `done` is set by the FinishEvent."""
+
+    def __init__(self):
+        self.tokens, self.text, self.finish = [], [], None
+        self.done = threading.Event()
+        self.first_token = threading.Event()
+
+    def __call__(self, event):
+        if isinstance(event, TokenEvent):
+            self.tokens.append(event.choice.token)
+            self.text.append(event.text)
+            self.first_token.set()
+        else:
+            assert isinstance(event, FinishEvent) and self.finish is None
+            self.finish = event
+            self.text.append(event.text)
+            self.done.set()
+
+    def wait(self):
+        assert self.done.wait(WAIT_S), "the request did not finish"
+        return self
+
+
+def _prompts(tokenizer, n):
+    texts = ["Once upon a time", "The capital of France is", "def fib(n):", "Hello", "1, 2, 3, 4,",
+             "A long time ago in a galaxy far", "Q: why is the sky blue?\nA:", "import torch\n"]
+    return [tokenizer.encode(texts[i % len(texts)] + " " * (i // len(texts))) for i in range(n)]
+
+
+def _request(prompt, max_tokens, sink, **sampling):
+    return Request(prompt_ids=prompt, max_tokens=max_tokens, sampling=SamplingParams(**{"temperature": 0.0,
+                                                                                          **sampling}), sink=sink)
+
+
+def test_rows_of_different_lengths_decode_like_each_alone(tiny_chat):
+    """The model-level mechanism: prompts prefilled into rows of one cache at different times, then decoded
+    as one batch with per-row lengths, give each row's own logits (fp32 rule: 1e-4 of their scale)."""
+    model, tokenizer = tiny_chat
+    prompts = _prompts(tokenizer, 3)
+    cache = model.new_cache(4, 64)
+    expected, tokens, lengths = [], [], [0, 0, 0, 0]
+    for slot, prompt in zip((0, 2, 3), prompts):       # row 1 stays free: a hole in the batch
+        view = cache.rows(slot, slot + 1)
+        out = model(torch.tensor([prompt]), past_key_values=view, use_cache=True, logits_to_keep=1)
+        lengths[slot] = len(prompt)
+        token = int(out.logits[0, -1].argmax())
+        tokens.append(token)
+        alone = model(torch.tensor([prompt + [token]])).logits[0, -1]
+        expected.append(alone)
+    view = cache.rows(0, 4)
+    view.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
+    view.seen_tokens = max(lengths)
+    batch_ids = torch.tensor([[tokens[0]], [0], [tokens[1]], [tokens[2]]])
+    logits = model(batch_ids, past_key_values=view, use_cache=True, logits_to_keep=1).logits[:, -1]
+    for slot, ref in zip((0, 2, 3), expected):
+        diff = float((logits[slot] - ref).abs().max() / ref.abs().max())
+        assert diff <= 1e-4, f"row {slot}: {diff:.3g}"
+    assert cache.lengths.tolist() == [lengths[0] + 1, 1, lengths[2] + 1, lengths[3] + 1]
+
+
+def test_batch_equals_generate_and_rows_are_reused(tiny_chat):
+    """Nine requests, three rows: all admitted ones decode together, finished rows take the next request,
+    and every request's tokens are generate()'s."""
+    model, tokenizer = tiny_chat
+    scheduler = Scheduler(model, tokenizer, max_batch=3, max_queue=16, max_seq_len=128)
+    prompts = _prompts(tokenizer, 9)
+    max_tokens = [5, 17, 9, 12, 3, 20, 8, 1, 14]
+    sinks = [Collector() for _ in prompts]
+    for prompt, n, sink in zip(prompts, max_tokens, sinks):
+        scheduler.submit(_request(prompt, n, sink))
+    scheduler.start()                # submitted first: the first step is guaranteed to batch three rows
+    try:
+        for prompt, n, sink in zip(prompts, max_tokens, sinks):
+            sink.wait()
+            expected = reference_generate(model, prompt, n, scheduler.eos_token_ids)
+            assert sink.tokens == expected
+            assert sink.finish.completion_tokens == len(expected)
+            assert sink.finish.reason == ("stop" if expected[-1] in scheduler.eos_token_ids else "length")
+            assert "".join(sink.text) == tokenizer.decode(expected, skip_special_tokens=True)
+        assert scheduler.max_rows_in_step == 3
+        assert scheduler.running == 0 and scheduler.waiting == 0
+    finally:
+        scheduler.stop()
+
+
+class GatedModel:
+    """The model, but every decode step (a forward of one token per row) waits for a permit: the test decides
+    when steps happen, so what joins or leaves between steps does not depend on timing."""
+
+    def __init__(self, model):
+        self._model = model
+        self.permits = threading.Semaphore(0)
+        self.config = model.config
+        self.model = model.model
+        self.generation_config = model.generation_config
+
+    def new_cache(self, *args, **kwargs):
+        return self._model.new_cache(*args, **kwargs)
+
+    def __call__(self, input_ids, **kwargs):
+        if input_ids.shape[1] == 1:
+            assert self.permits.acquire(timeout=WAIT_S), "the test never allowed this decode step"
+        return self._model(input_ids, **kwargs)
+
+    def allow(self, steps: int = 1):
+        for _ in range(steps):
+            self.permits.release()
+
+
+def test_request_joins_a_running_batch_and_cancel_frees_the_row(tiny_chat):
+    model, tokenizer = tiny_chat
+    gated = GatedModel(model)
+    scheduler = Scheduler(gated, tokenizer, max_batch=2, max_queue=4, max_seq_len=128).start()
+    a_prompt, b_prompt, c_prompt = _prompts(tokenizer, 3)
+    try:
+        a, b, c = Collector(), Collector(), Collector()
+        scheduler.submit(Request(a_prompt, 30, SamplingParams(temperature=0.0), a, ignore_eos=True))
+        assert a.first_token.wait(WAIT_S)
+        gated.allow(3)                                   # a decodes three steps alone
+        b_request = Request(b_prompt, 30, SamplingParams(temperature=0.0), b, ignore_eos=True)
+        scheduler.submit(b_request)                      # joins between steps
+        assert b.first_token.wait(WAIT_S)
+        gated.allow(2)
+        scheduler.cancel(b_request)                      # b's client goes away: its row frees
+        scheduler.submit(Request(c_prompt, 6, SamplingParams(temperature=0.0), c, ignore_eos=True))
+        gated.allow(200)
+        a.wait(), b.wait(), c.wait()
+        assert b.finish.reason == "abort" and b.finish.completion_tokens < 30
+        for prompt, n, sink in ((a_prompt, 30, a), (c_prompt, 6, c)):
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=n, eos_token_id=[])[0, len(prompt):]
+            assert sink.tokens == expected.tolist()
+            assert sink.finish.reason == "length"
+        assert b.tokens == model.generate(torch.tensor([b_prompt]), max_new_tokens=len(b.tokens),
+                                          eos_token_id=[])[0, len(b_prompt):].tolist()
+        assert scheduler.max_rows_in_step == 2 and scheduler.running == 0
+    finally:
+        gated.allow(1000)
+        scheduler.stop()
+
+
+def test_queue_limit_and_context_limit(tiny_chat):
+    model, tokenizer = tiny_chat
+    gated = GatedModel(model)
+    scheduler = Scheduler(gated, tokenizer, max_batch=1, max_queue=1, max_seq_len=64)
+    prompt = _prompts(tokenizer, 1)[0]
+    try:
+        with pytest.raises(ValueError, match="exceed the context of 64"):
+            scheduler.submit(_request(prompt, 64, Collector()))
+        first, second = Collector(), Collector()
+        scheduler.submit(_request(prompt, 4, first))
+        with pytest.raises(QueueFullError, match="max_queue=1"):
+            scheduler.submit(_request(prompt, 4, second))
+        scheduler.start()
+        assert first.first_token.wait(WAIT_S)
+        scheduler.submit(_request(prompt, 4, second))     # the queue has room again
+        gated.allow(100)
+        assert first.wait().tokens == second.wait().tokens
+    finally:
+        gated.allow(1000)
+        scheduler.stop()
+
+
+def test_stop_aborts_waiting_and_running_requests(tiny_chat):
+    model, tokenizer = tiny_chat
+    gated = GatedModel(model)
+    scheduler = Scheduler(gated, tokenizer, max_batch=1, max_queue=4, max_seq_len=64).start()
+    running, waiting = Collector(), Collector()
+    prompt = _prompts(tokenizer, 1)[0]
+    scheduler.submit(_request(prompt, 20, running))
+    assert running.first_token.wait(WAIT_S)
+    scheduler.submit(_request(prompt, 20, waiting))
+    stopper = threading.Thread(target=scheduler.stop)
+    stopper.start()
+    gated.allow(1000)
+    stopper.join(WAIT_S)
+    assert running.wait().finish.reason in ("abort", "length", "stop")
+    assert waiting.wait().finish.reason == "abort"
