@@ -171,6 +171,12 @@ def _check_unicode(text: str) -> str:
     return text
 
 
+def _is_union_tag(part) -> bool:
+    """pydantic names the member of a Union it tried inside an error's location ("str", "list[int]"); those
+    are not request fields."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part)
+
+
 def parse_request(body: bytes, model_class: type[BaseModel]) -> BaseModel:
     """The request model from a raw HTTP body, or an APIError saying what is wrong with it."""
     if len(body) > MAX_BODY_BYTES:
@@ -190,7 +196,7 @@ def parse_request(body: bytes, model_class: type[BaseModel]) -> BaseModel:
         return model_class.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
+        param = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part)) or None
         message = first["msg"]
         if first["type"] == "extra_forbidden":
             message = "unknown field (not supported by this server)"

@@ -11,6 +11,7 @@ import torch
 
 MODEL_NAME = "tiny-test"
 CLIENT_TIMEOUT_S = 60.0
+WAIT_S = 60        # the longest a test waits for an event before failing
 
 
 @contextlib.contextmanager
@@ -63,3 +64,27 @@ def reference_generate(model, prompt_ids, max_tokens, eos_ids, **kw):
         if t in eos_ids:
             return new[:n + 1]
     return new
+
+
+class GatedModel:
+    """The model, but every decode step (a forward of one token per row) waits for a permit: the test decides
+    when steps happen, so what joins or leaves between steps does not depend on timing."""
+
+    def __init__(self, model):
+        self._model = model
+        self.permits = threading.Semaphore(0)
+        self.config = model.config
+        self.model = model.model
+        self.generation_config = model.generation_config
+
+    def new_cache(self, *args, **kwargs):
+        return self._model.new_cache(*args, **kwargs)
+
+    def __call__(self, input_ids, **kwargs):
+        if input_ids.shape[1] == 1:
+            assert self.permits.acquire(timeout=WAIT_S), "the test never allowed this decode step"
+        return self._model(input_ids, **kwargs)
+
+    def allow(self, steps: int = 1):
+        for _ in range(steps):
+            self.permits.release()

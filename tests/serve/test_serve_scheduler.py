@@ -8,11 +8,10 @@ import threading
 import pytest
 import torch
 
-from serve_util import reference_generate
+from serve_util import WAIT_S, GatedModel, reference_generate
 from llama_fast.serve.sampling import SamplingParams
 from llama_fast.serve.scheduler import FinishEvent, QueueFullError, Request, Scheduler, TokenEvent
 
-WAIT_S = 60
 
 
 class Collector:
@@ -99,30 +98,6 @@ def test_batch_equals_generate_and_rows_are_reused(tiny_chat):
         assert scheduler.running == 0 and scheduler.waiting == 0
     finally:
         scheduler.stop()
-
-
-class GatedModel:
-    """The model, but every decode step (a forward of one token per row) waits for a permit: the test decides
-    when steps happen, so what joins or leaves between steps does not depend on timing."""
-
-    def __init__(self, model):
-        self._model = model
-        self.permits = threading.Semaphore(0)
-        self.config = model.config
-        self.model = model.model
-        self.generation_config = model.generation_config
-
-    def new_cache(self, *args, **kwargs):
-        return self._model.new_cache(*args, **kwargs)
-
-    def __call__(self, input_ids, **kwargs):
-        if input_ids.shape[1] == 1:
-            assert self.permits.acquire(timeout=WAIT_S), "the test never allowed this decode step"
-        return self._model(input_ids, **kwargs)
-
-    def allow(self, steps: int = 1):
-        for _ in range(steps):
-            self.permits.release()
 
 
 def test_request_joins_a_running_batch_and_cancel_frees_the_row(tiny_chat):
