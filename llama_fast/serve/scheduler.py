@@ -7,7 +7,9 @@ token is sampled, and from the next step on it decodes together with the others.
 per-row lengths, the attention kernels take per-row kv_lens), so requests at different lengths share a step.
 A request leaves its row as soon as it finishes (eos, a stop string, max_tokens, or its client went away) and
 the row takes the next request. Free rows below the highest busy one ride along with a dummy token and length 0
-(wasted work, never read); new requests take the lowest free row to keep that range short.
+(wasted work, never read); new requests take the lowest free row to keep that range short. On the CPU a
+batch wider than the fused decode kernels' row limit runs as consecutive forwards of at most that many rows
+(`decode_rows`), each over its own contiguous slice of the cache.
 
 The host keeps each row's length (the scheduler is the only writer), copies them into the cache before a step
 and sets the view's seen_tokens to the longest, so the model never syncs with the device to plan a step.
@@ -77,7 +79,7 @@ class _Row:
 
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
-                 eos_token_ids=None, prefill_budget: int = 4096):
+                 eos_token_ids=None, prefill_budget: int = 4096, decode_rows: int | None = None):
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_seq_len = int(min(max_seq_len or 2048, limit))
         if max_batch < 1 or max_queue < 0 or self.max_seq_len < 2:
@@ -92,6 +94,7 @@ class Scheduler:
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer))
         base = model if hasattr(model, "new_cache") else model.model
         self.cache = base.new_cache(max_batch, self.max_seq_len)
+        self.decode_rows = decode_rows or _decode_rows(self.cache.device, max_batch)
         self._rows: list[_Row | None] = [None] * max_batch
         self._pending: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -213,19 +216,24 @@ class Scheduler:
         for row in busy:
             tokens[row.slot] = row.next_token
             lengths[row.slot] = row.length
-        view = self.cache.rows(0, top)
-        view.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
-        view.seen_tokens = max(lengths)
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.cache.device)[:, None]
-        try:
-            out = self.model(ids, past_key_values=view, use_cache=True, logits_to_keep=1)
-        except Exception as e:         # e.g. out of memory: fail the batch, keep serving
-            for row in busy:
-                self._finish(row, "error", error=f"decode failed: {e}")
-            return
+        logits = [None] * top
+        for start in range(0, top, self.decode_rows):
+            stop = min(top, start + self.decode_rows)
+            if not any(lengths[start:stop]):
+                continue                   # only free rows here
+            view = self.cache.rows(start, stop)
+            view.lengths.copy_(torch.tensor(lengths[start:stop], dtype=torch.int32))
+            view.seen_tokens = max(lengths[start:stop])
+            ids = torch.tensor(tokens[start:stop], dtype=torch.long, device=self.cache.device)[:, None]
+            try:
+                out = self.model(ids, past_key_values=view, use_cache=True, logits_to_keep=1)
+            except Exception as e:         # e.g. out of memory: fail the batch, keep serving
+                for row in busy:
+                    self._finish(row, "error", error=f"decode failed: {e}")
+                return
+            logits[start:stop] = out.logits[:, -1].float().unbind(0)
         self.steps += 1
         self.max_rows_in_step = max(self.max_rows_in_step, len(busy))
-        logits = out.logits[:, -1].float()
         for row in busy:
             row.length += 1
             self._advance(row, logits[row.slot])
@@ -266,6 +274,16 @@ def _send(request: Request, event) -> None:
         request.sink(event)
     except Exception:       # a sink whose client is gone must not stop the scheduler
         pass
+
+
+def _decode_rows(device: torch.device, max_batch: int) -> int:
+    """Rows per decode forward. On the CPU, the fused decode stack takes up to cpu_decode.MAX_ROWS rows in one
+    pass over the weights; a larger batch runs as several such passes (beyond that many rows, quantized
+    linears without the VNNI kernels dequantize whole weight matrices per call: far slower per step).
+    Elsewhere the whole batch is one forward."""
+    from llama_fast.ops import cpu_decode
+
+    return min(max_batch, cpu_decode.MAX_ROWS) if device.type == "cpu" else max_batch
 
 
 def _eos_ids(model, tokenizer) -> set:

@@ -1,43 +1,22 @@
-"""Helpers of the server tests: a uvicorn server on 127.0.0.1 (a free port picked by the OS) in a thread, always
-shut down; a Scheduler behind it; generate()'s answer for one prompt."""
+"""Helpers of the server tests: a server on 127.0.0.1 (a free port picked by the OS) in a thread, always shut
+down; a Scheduler behind it; generate()'s answer for one prompt; a model whose decode steps the test gates."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
-import time
 
 import torch
+
+from llama_fast.serve.background import serve_in_thread
 
 MODEL_NAME = "tiny-test"
 CLIENT_TIMEOUT_S = 60.0
 WAIT_S = 60        # the longest a test waits for an event before failing
 
 
-@contextlib.contextmanager
-def running_server(app, startup_timeout_s: float = 30.0):
-    """Serves `app` on 127.0.0.1 with uvicorn in a thread; yields the base URL; stops it on exit."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + startup_timeout_s
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-        assert not thread.is_alive(), "the test server did not shut down"
+def running_server(app):
+    """Serves `app` on 127.0.0.1 (a free port) in a thread; yields the base URL; always shuts it down."""
+    return serve_in_thread(app)
 
 
 @contextlib.contextmanager

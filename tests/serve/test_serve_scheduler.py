@@ -75,11 +75,13 @@ def test_rows_of_different_lengths_decode_like_each_alone(tiny_chat):
     assert cache.lengths.tolist() == [lengths[0] + 1, 1, lengths[2] + 1, lengths[3] + 1]
 
 
-def test_batch_equals_generate_and_rows_are_reused(tiny_chat):
-    """Nine requests, three rows: all admitted ones decode together, finished rows take the next request,
-    and every request's tokens are generate()'s."""
+@pytest.mark.parametrize("max_batch,decode_rows", [(3, None), (5, 2)])
+def test_batch_equals_generate_and_rows_are_reused(tiny_chat, max_batch, decode_rows):
+    """Nine requests, three (five) rows: all admitted ones decode together (in forwards of two rows when
+    decode_rows=2), finished rows take the next request, and every request's tokens are generate()'s."""
     model, tokenizer = tiny_chat
-    scheduler = Scheduler(model, tokenizer, max_batch=3, max_queue=16, max_seq_len=128)
+    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=16, max_seq_len=128,
+                          decode_rows=decode_rows)
     prompts = _prompts(tokenizer, 9)
     max_tokens = [5, 17, 9, 12, 3, 20, 8, 1, 14]
     sinks = [Collector() for _ in prompts]
@@ -94,7 +96,7 @@ def test_batch_equals_generate_and_rows_are_reused(tiny_chat):
             assert sink.finish.completion_tokens == len(expected)
             assert sink.finish.reason == ("stop" if expected[-1] in scheduler.eos_token_ids else "length")
             assert "".join(sink.text) == tokenizer.decode(expected, skip_special_tokens=True)
-        assert scheduler.max_rows_in_step == 3
+        assert scheduler.max_rows_in_step == max_batch
         assert scheduler.running == 0 and scheduler.waiting == 0
     finally:
         scheduler.stop()
