@@ -1,9 +1,10 @@
 """The continuous-batching scheduler: one thread owns the model and its KV cache of `max_batch` rows.
 
-Between decode steps it admits queued requests into free rows: each new prompt is prefilled into its own row
-of the shared cache (StaticCache.rows gives a one-row view whose writes land in the shared storage), its first
-token is sampled, and from the next step on it decodes together with the others. A decode step runs the rows
-[0, highest busy row] as one batch of single tokens; every row attends to its own cache length (the cache keeps
+Between decode steps it admits queued requests into free rows: the new prompts are prefilled together (one
+forward, left padded, into a staging cache whose rows are copied into theirs), each first token is sampled,
+and from the next step on they decode together with the others. A decode step runs the rows
+[0, highest busy row] as one batch of single tokens (StaticCache.rows: a view of those rows whose writes land
+in the shared storage); every row attends to its own cache length (the cache keeps
 per-row lengths, the attention kernels take per-row kv_lens), so requests at different lengths share a step.
 A request leaves its row as soon as it finishes (eos, a stop string, max_tokens, or its client went away) and
 the row takes the next request. Free rows below the highest busy one ride along with a dummy token and length 0
@@ -92,8 +93,8 @@ class Scheduler:
         self.prefill_budget = prefill_budget
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer))
-        base = model if hasattr(model, "new_cache") else model.model
-        self.cache = base.new_cache(max_batch, self.max_seq_len)
+        self._base = model if hasattr(model, "new_cache") else model.model
+        self.cache = self._base.new_cache(max_batch, self.max_seq_len)
         self.decode_rows = decode_rows or _decode_rows(self.cache.device, max_batch)
         self._rows: list[_Row | None] = [None] * max_batch
         self._pending: collections.deque[Request] = collections.deque()
@@ -177,36 +178,60 @@ class Scheduler:
                 self._finish(row, "abort")
 
     def _admit(self) -> None:
-        budget = self.prefill_budget
-        while budget > 0:
-            slot = next((i for i, row in enumerate(self._rows) if row is None), None)
-            if slot is None:
-                return
-            with self._wake:
-                if not self._pending:
-                    return
-                request = self._pending.popleft()
-            if request.cancelled:
-                _send(request, FinishEvent("abort", len(request.prompt_ids), 0))
-                continue
-            budget -= len(request.prompt_ids)
-            try:
-                self._prefill(request, slot)
-            except Exception as e:     # a bad request must not take the others down
-                self._rows[slot] = None
-                _send(request, FinishEvent("error", len(request.prompt_ids), 0, error=f"prefill failed: {e}"))
+        """Moves queued requests into free rows: all that fit (rows, and prefill_budget prompt tokens; at least
+        one) are prefilled together."""
+        free = [i for i, row in enumerate(self._rows) if row is None]
+        admitted, aborted, used = [], [], 0
+        with self._wake:
+            while free and self._pending:
+                request = self._pending[0]
+                if not request.cancelled and admitted and used + len(request.prompt_ids) > self.prefill_budget:
+                    break
+                self._pending.popleft()
+                if request.cancelled:
+                    aborted.append(request)
+                    continue
+                admitted.append((request, free.pop(0)))
+                used += len(request.prompt_ids)
+        for request in aborted:
+            _send(request, FinishEvent("abort", len(request.prompt_ids), 0))
+        if admitted:
+            self._prefill(admitted)
 
-    def _prefill(self, request: Request, slot: int) -> None:
-        sampler = RowSampler(request.sampling, request.prompt_ids, self.vocab_size, self.cache.device)
-        row = _Row(request, slot, sampler, IncrementalText(self.tokenizer, request.stop))
-        self._rows[slot] = row
-        view = self.cache.rows(slot, slot + 1)
-        view.lengths.zero_()
-        view.seen_tokens = 0
-        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.cache.device)
-        out = self.model(ids, past_key_values=view, use_cache=True, logits_to_keep=1)
-        row.length = len(request.prompt_ids)
-        self._advance(row, out.logits[0, -1].float())
+    def _prefill(self, admitted: list) -> None:
+        """One forward over the new prompts (left padded) into a staging cache, whose rows are then copied into
+        the requests' rows of the batch cache (the staging cache stores each prompt compactly from slot 0, as
+        the batch cache does). One forward, not one per prompt: the weights are read once for all of them."""
+        rows = []
+        for request, slot in admitted:
+            sampler = RowSampler(request.sampling, request.prompt_ids, self.vocab_size, self.cache.device)
+            row = _Row(request, slot, sampler, IncrementalText(self.tokenizer, request.stop))
+            self._rows[slot] = row
+            rows.append(row)
+        lengths = [len(row.request.prompt_ids) for row in rows]
+        width = max(lengths)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - lengths[i]:] = torch.tensor(row.request.prompt_ids)
+            mask[i, width - lengths[i]:] = 1
+        device = self.cache.device
+        try:
+            staging = self._base.new_cache(len(rows), width)
+            out = self.model(ids.to(device), attention_mask=mask.to(device) if min(lengths) < width else None,
+                             past_key_values=staging, use_cache=True, logits_to_keep=1)
+        except Exception as e:         # e.g. out of memory: these requests fail, the running ones go on
+            for row in rows:
+                self._finish(row, "error", error=f"prefill failed: {type(e).__name__}: {e}")
+            return
+        for i, (row, n) in enumerate(zip(rows, lengths)):
+            for layer in range(self.cache.num_layers):
+                self.cache.k[layer][row.slot, :n] = staging.k[layer][i, :n]
+                self.cache.v[layer][row.slot, :n] = staging.v[layer][i, :n]
+            row.length = n
+        logits = out.logits[:, -1].float()
+        for i, row in enumerate(rows):
+            self._advance(row, logits[i])
 
     def _decode_step(self) -> None:
         busy = [row for row in self._rows if row is not None]
