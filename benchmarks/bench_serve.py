@@ -4,11 +4,15 @@ and 16 concurrent clients, against the same requests sent one by one.
     python benchmarks/bench_serve.py                      # the embedded demo model (int4), CPU
     python benchmarks/bench_serve.py --max-tokens 64 --requests-per-client 2 --name serve_cpu
 
-A server (llama_fast.serve, continuous batching, max batch 16) runs in this process on 127.0.0.1; each client is
-a thread streaming /v1/completions (greedy, ignore_eos, logprobs=0 so that every token arrives as its own
+The server is `llama-fast serve` (continuous batching, max batch 16) in a child process on 127.0.0.1, so the
+clients do not share its interpreter lock; each client is a thread streaming /v1/completions (greedy, ignore_eos, logprobs=0 so that every token arrives as its own
 SSE chunk, timed on arrival). Scenario "N clients": N threads each send R requests back to back. Baseline "one
 by one": the requests of the largest scenario, sequentially. Inter-token latency is the gap between
 consecutive chunks of one request. Results go to benchmarks/results/<name>.json and .png.
+
+On the CPU the server runs with --prefill-chunk 8: the int4 linears are fast for up to 8 rows (the LUT GEMV, or
+the fused decode stack); on a CPU without AVX512-BF16 (so without the VNNI kernels) 9..64 rows fall back to
+dequantizing whole weight matrices per call, which made a batched prefill of a few prompts take seconds.
 
 The run is kept short on purpose (the benchmark machines are shared): a few requests per scenario, so the
 p99 figures rest on a few hundred gaps. The JSON says so.
@@ -16,10 +20,13 @@ p99 figures rest on a few hundred gaps. The JSON says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -141,14 +148,56 @@ def plot(results, path):
     fig.savefig(path, dpi=110)
 
 
+@contextlib.contextmanager
+def server_process(path, args, device, threads):
+    """`llama-fast serve` in a child process on a free port of 127.0.0.1; yields its URL once /health is ok."""
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "llama_fast.cli", "serve", "--model", path, "--port", str(port),
+               "--max-batch", str(args.max_batch), "--max-queue", "256", "--max-seq-len", "256",
+               "--dtype", args.dtype, "--device", device, "--threads", str(threads), "--log-level", "warning"]
+    if args.prefill_chunk:
+        command += ["--prefill-chunk", str(args.prefill_chunk)]
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    child = subprocess.Popen(command, cwd=root, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if child.poll() is not None:
+                raise RuntimeError(f"the server exited with {child.returncode}")
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not become ready in 300 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        child.terminate()
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded demo model)")
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--requests-per-client", type=int, default=None,
                         help="default: 4 for 1 client, 2 for 4, 1 for 16 (a short run)")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="the server's --prefill-chunk (default on the CPU: 8, see the module docstring)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None)
@@ -159,48 +208,38 @@ def main(argv=None):
 
     import torch
 
-    from llama_fast import AutoTokenizer, LlamaForCausalLM
-    from llama_fast.serve.app import create_app
-    from llama_fast.serve.background import serve_in_thread
-    from llama_fast.serve.scheduler import Scheduler
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.model is None:
         from llama_fast.demo import demo_model_dir
         path, model_name = demo_model_dir(), "SmolLM2-135M-Instruct (embedded, Q4_1 native)"
     else:
         path, model_name = args.model, os.path.basename(os.path.normpath(args.model))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = LlamaForCausalLM.from_pretrained(path, dtype=args.dtype, device=device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    scheduler = Scheduler(model, tokenizer, max_batch=args.max_batch, max_queue=256, max_seq_len=256).start()
-
+    threads = args.threads or torch.get_num_threads()
+    if args.prefill_chunk is None and device == "cpu":
+        args.prefill_chunk = 8
     clients = [int(c) for c in args.clients.split(",")]
     default_requests = {1: 4, 4: 2}
     results = {"benchmark": "bench_serve", "model": model_name, "device": device,
                "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-               "torch_threads": torch.get_num_threads(), "dtype": args.dtype, "max_batch": args.max_batch,
-               "max_tokens": args.max_tokens, "note": args.note, "scenarios": []}
-    try:
-        with serve_in_thread(create_app(scheduler, model_name="bench")) as url:
-            stream_one_warmup = run_one_by_one(url, PROMPTS[:1], 4)      # first-call costs (plans, caches)
-            del stream_one_warmup
-            for n in clients:
-                per_client = args.requests_per_client or default_requests.get(n, 1)
-                result = run_scenario(url, n, per_client, args.max_tokens, PROMPTS)
-                result["requests_per_client"] = per_client
-                results["scenarios"].append(result)
-                print(f"{n:3d} clients: {result['output_tok_per_s']:.1f} tok/s, TTFT p50 "
-                      f"{result['ttft_p50_ms']:.0f} ms, ITL p50 {result['itl_p50_ms']:.1f} ms p99 "
-                      f"{result['itl_p99_ms']:.1f} ms", file=sys.stderr)
-            largest = max(clients)
-            per_client = args.requests_per_client or default_requests.get(largest, 1)
-            baseline_prompts = [PROMPTS[i % len(PROMPTS)] for i in range(largest * per_client)]
-            results["one_by_one"] = run_one_by_one(url, baseline_prompts, args.max_tokens)
-            print(f"one by one: {results['one_by_one']['output_tok_per_s']:.1f} tok/s", file=sys.stderr)
-    finally:
-        scheduler.stop()
+               "load_average_at_start": os.getloadavg(), "torch_threads": threads, "dtype": args.dtype,
+               "max_batch": args.max_batch, "max_tokens": args.max_tokens, "prefill_chunk": args.prefill_chunk,
+               "note": args.note, "scenarios": []}
+    with server_process(path, args, device, threads) as url:
+        run_one_by_one(url, PROMPTS[:1], 4)      # first-call costs (plans, caches) stay out of the numbers
+        for n in clients:
+            per_client = args.requests_per_client or default_requests.get(n, 1)
+            result = run_scenario(url, n, per_client, args.max_tokens, PROMPTS)
+            result["requests_per_client"] = per_client
+            results["scenarios"].append(result)
+            print(f"{n:3d} clients: {result['output_tok_per_s']:.1f} tok/s, TTFT p50 "
+                  f"{result['ttft_p50_ms']:.0f} ms, ITL p50 {result['itl_p50_ms']:.1f} ms p99 "
+                  f"{result['itl_p99_ms']:.1f} ms", file=sys.stderr)
+        largest = max(clients)
+        per_client = args.requests_per_client or default_requests.get(largest, 1)
+        baseline_prompts = [PROMPTS[i % len(PROMPTS)] for i in range(largest * per_client)]
+        results["one_by_one"] = run_one_by_one(url, baseline_prompts, args.max_tokens)
+        print(f"one by one: {results['one_by_one']['output_tok_per_s']:.1f} tok/s", file=sys.stderr)
+    results["load_average_at_end"] = os.getloadavg()
     by_clients = {s["clients"]: s for s in results["scenarios"]}
     if 1 in by_clients and largest in by_clients:
         one, many = by_clients[1], by_clients[largest]
@@ -209,7 +248,6 @@ def main(argv=None):
             "throughput_ratio_target": 4.0,
             "itl_p99_ratio": many["itl_p99_ms"] / one["itl_p99_ms"],
             "itl_p99_ratio_target": 3.0,
-            "scheduler_max_rows_in_step": scheduler.max_rows_in_step,
         }
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)

@@ -21,6 +21,9 @@ def add_parser(commands, positive_int, dtypes, backends) -> None:
                        help="requests waiting for a row before new ones get HTTP 429")
     serve.add_argument("--max-seq-len", type=positive_int, default=2048,
                        help="tokens per request, prompt + completion (capped by the model's context)")
+    serve.add_argument("--prefill-chunk", type=positive_int, default=None,
+                       help="at most this many prompt tokens per prefill forward (default: all admitted prompts "
+                            "at once); small values suit CPU kernels that are fast only for a few rows")
     serve.add_argument("--dtype", choices=dtypes, default="float32")
     serve.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     serve.add_argument("--backend", choices=backends, default=None)
@@ -42,7 +45,7 @@ def build_scheduler(path: str, args):
     model = LlamaForCausalLM.from_pretrained(path, dtype=args.dtype, device=device, backend=args.backend,
                                              quantize=args.quantize).eval()
     return Scheduler(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                     max_seq_len=args.max_seq_len).start()
+                     max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk).start()
 
 
 def run(args, resolve_model) -> int:

@@ -80,7 +80,8 @@ class _Row:
 
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
-                 eos_token_ids=None, prefill_budget: int = 4096, decode_rows: int | None = None):
+                 eos_token_ids=None, prefill_budget: int = 4096, decode_rows: int | None = None,
+                 prefill_chunk: int | None = None):
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_seq_len = int(min(max_seq_len or 2048, limit))
         if max_batch < 1 or max_queue < 0 or self.max_seq_len < 2:
@@ -91,6 +92,9 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_budget = prefill_budget
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 tokens, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer))
         self._base = model if hasattr(model, "new_cache") else model.model
@@ -195,13 +199,17 @@ class Scheduler:
                 used += len(request.prompt_ids)
         for request in aborted:
             _send(request, FinishEvent("abort", len(request.prompt_ids), 0))
-        if admitted:
-            self._prefill(admitted)
+        group = len(admitted) if self.prefill_chunk is None else min(len(admitted), self.prefill_chunk)
+        for start in range(0, len(admitted), max(group, 1)):
+            self._prefill(admitted[start:start + group])
 
     def _prefill(self, admitted: list) -> None:
         """One forward over the new prompts (left padded) into a staging cache, whose rows are then copied into
         the requests' rows of the batch cache (the staging cache stores each prompt compactly from slot 0, as
-        the batch cache does). One forward, not one per prompt: the weights are read once for all of them."""
+        the batch cache does). One forward, not one per prompt: the weights are read once for all of them.
+        With prefill_chunk, at most that many prompts go together (see _admit) and their columns go through in
+        chunks of at most prefill_chunk tokens in all (for kernels that are fast only up to a number of rows;
+        a chunk's pads are still leading ones)."""
         rows = []
         for request, slot in admitted:
             sampler = RowSampler(request.sampling, request.prompt_ids, self.vocab_size, self.cache.device)
@@ -216,10 +224,15 @@ class Scheduler:
             ids[i, width - lengths[i]:] = torch.tensor(row.request.prompt_ids)
             mask[i, width - lengths[i]:] = 1
         device = self.cache.device
+        ids, mask = ids.to(device), mask.to(device)
+        # columns per forward: all of them, or as many as keep rows x columns within prefill_chunk
+        step = width if self.prefill_chunk is None else max(1, self.prefill_chunk // len(rows))
         try:
             staging = self._base.new_cache(len(rows), width)
-            out = self.model(ids.to(device), attention_mask=mask.to(device) if min(lengths) < width else None,
-                             past_key_values=staging, use_cache=True, logits_to_keep=1)
+            for col in range(0, width, step):
+                chunk_mask = mask[:, col:col + step]
+                out = self.model(ids[:, col:col + step], past_key_values=staging, use_cache=True, logits_to_keep=1,
+                                 attention_mask=None if bool(chunk_mask.all()) else chunk_mask)
         except Exception as e:         # e.g. out of memory: these requests fail, the running ones go on
             for row in rows:
                 self._finish(row, "error", error=f"prefill failed: {type(e).__name__}: {e}")

@@ -75,13 +75,15 @@ def test_rows_of_different_lengths_decode_like_each_alone(tiny_chat):
     assert cache.lengths.tolist() == [lengths[0] + 1, 1, lengths[2] + 1, lengths[3] + 1]
 
 
-@pytest.mark.parametrize("max_batch,decode_rows", [(3, None), (5, 2)])
-def test_batch_equals_generate_and_rows_are_reused(tiny_chat, max_batch, decode_rows):
-    """Nine requests, three (five) rows: all admitted ones decode together (in forwards of two rows when
-    decode_rows=2), finished rows take the next request, and every request's tokens are generate()'s."""
+@pytest.mark.parametrize("max_batch,decode_rows,prefill_chunk", [(3, None, None), (5, 2, 3)])
+def test_batch_equals_generate_and_rows_are_reused(tiny_chat, max_batch, decode_rows, prefill_chunk):
+    """Nine requests, three (five) rows: all admitted ones are prefilled together (with prefill_chunk=3: in
+    groups of three prompts, one column at a time) and decode together (in forwards of two rows when
+    decode_rows=2),
+    finished rows take the next request, and every request's tokens are generate()'s."""
     model, tokenizer = tiny_chat
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=16, max_seq_len=128,
-                          decode_rows=decode_rows)
+                          decode_rows=decode_rows, prefill_chunk=prefill_chunk)
     prompts = _prompts(tokenizer, 9)
     max_tokens = [5, 17, 9, 12, 3, 20, 8, 1, 14]
     sinks = [Collector() for _ in prompts]
