@@ -182,12 +182,14 @@ class Scheduler:
                 self._finish(row, "abort")
 
     def _admit(self) -> None:
-        """Moves queued requests into free rows: all that fit (rows, and prefill_budget prompt tokens; at least
-        one) are prefilled together."""
+        """Moves queued requests into free rows: all that fit (rows, prefill_budget prompt tokens, and with
+        prefill_chunk at most that many prompts; at least one) are prefilled together."""
         free = [i for i, row in enumerate(self._rows) if row is None]
         admitted, aborted, used = [], [], 0
         with self._wake:
             while free and self._pending:
+                if self.prefill_chunk is not None and len(admitted) >= self.prefill_chunk:
+                    break              # the next group waits for the next step: running rows keep decoding
                 request = self._pending[0]
                 if not request.cancelled and admitted and used + len(request.prompt_ids) > self.prefill_budget:
                     break
@@ -199,15 +201,14 @@ class Scheduler:
                 used += len(request.prompt_ids)
         for request in aborted:
             _send(request, FinishEvent("abort", len(request.prompt_ids), 0))
-        group = len(admitted) if self.prefill_chunk is None else min(len(admitted), self.prefill_chunk)
-        for start in range(0, len(admitted), max(group, 1)):
-            self._prefill(admitted[start:start + group])
+        if admitted:
+            self._prefill(admitted)
 
     def _prefill(self, admitted: list) -> None:
         """One forward over the new prompts (left padded) into a staging cache, whose rows are then copied into
         the requests' rows of the batch cache (the staging cache stores each prompt compactly from slot 0, as
         the batch cache does). One forward, not one per prompt: the weights are read once for all of them.
-        With prefill_chunk, at most that many prompts go together (see _admit) and their columns go through in
+        With prefill_chunk, at most that many prompts come at once (see _admit) and their columns go through in
         chunks of at most prefill_chunk tokens in all (for kernels that are fast only up to a number of rows;
         a chunk's pads are still leading ones)."""
         rows = []
