@@ -7,6 +7,7 @@ import torch
 
 import llama_fast
 from llama_fast.stop_strings import StopStrings
+from test_generation import _batch   # left-padded prompts of ids 3.. (no pad/bos/eos inside), vocab 97
 
 transformers = pytest.importorskip("transformers")
 from transformers.generation.logits_process import LogitsProcessorList, NoRepeatNGramLogitsProcessor  # noqa: E402
@@ -28,17 +29,6 @@ def models(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     ref.save_pretrained(path)
     return ref, llama_fast.LlamaForCausalLM.from_pretrained(str(path), dtype="float32")
-
-
-def _batch(lengths, pad=0, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(3, VOCAB, (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids, mask
 
 
 def _assert_steps_close(got, expected, what):

@@ -113,27 +113,28 @@ def create_app(scheduler=None, *, loader=None, model_name: str = "llama-fast") -
             data["max_model_len"] = engine.scheduler.max_seq_len
         return {"object": "list", "data": [data]}
 
+    async def accept(http: HTTPRequest, model_class):
+        """The scheduler (503 unless ready) and the validated request (4xx otherwise)."""
+        scheduler = engine.require()
+        req = parse_request(await http.body(), model_class)
+        _check_model(engine, req.model)
+        return scheduler, req
+
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
-        scheduler = engine.require()
-        req = parse_request(await http.body(), CompletionRequest)
-        _check_model(engine, req.model)
+        scheduler, req = await accept(http, CompletionRequest)
         prompt_ids = await run_in_threadpool(_completion_prompt, scheduler, req.prompt)
         return await _respond(http, engine, scheduler, req, prompt_ids, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest):
-        scheduler = engine.require()
-        req = parse_request(await http.body(), ChatCompletionRequest)
-        _check_model(engine, req.model)
+        scheduler, req = await accept(http, ChatCompletionRequest)
         prompt_ids = await run_in_threadpool(_chat_prompt, scheduler.tokenizer, req.messages)
         return await _respond(http, engine, scheduler, req, prompt_ids, chat=True)
 
     @app.post("/tokenize")
     async def tokenize(http: HTTPRequest):
-        scheduler = engine.require()
-        req = parse_request(await http.body(), TokenizeRequest)
-        _check_model(engine, req.model)
+        scheduler, req = await accept(http, TokenizeRequest)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "pass exactly one of prompt and messages", param="prompt")
         if req.messages is not None:
@@ -145,9 +146,7 @@ def create_app(scheduler=None, *, loader=None, model_name: str = "llama-fast") -
 
     @app.post("/detokenize")
     async def detokenize(http: HTTPRequest):
-        scheduler = engine.require()
-        req = parse_request(await http.body(), DetokenizeRequest)
-        _check_model(engine, req.model)
+        scheduler, req = await accept(http, DetokenizeRequest)
         _check_token_ids(req.tokens, scheduler.vocab_size, "tokens")
         return {"prompt": scheduler.tokenizer.decode(req.tokens)}
 

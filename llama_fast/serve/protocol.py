@@ -106,19 +106,14 @@ class CompletionRequest(_SamplingRequest):
             _check_unicode(prompt)
         return prompt
 
-    @field_validator("echo")
+    @field_validator("echo", "suffix")
     @classmethod
-    def _no_echo(cls, echo):
-        if echo:
-            raise ValueError("echo=true is not supported")
-        return echo
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, suffix):
-        if suffix:
-            raise ValueError("suffix is not supported (no fill-in-the-middle)")
-        return suffix
+    def _unsupported(cls, value, info):
+        # OpenAI fields of the legacy API this server does not implement; their neutral values pass
+        if value:
+            raise ValueError({"echo": "echo=true is not supported",
+                              "suffix": "suffix is not supported (no fill-in-the-middle)"}[info.field_name])
+        return value
 
 
 class TextPart(_Strict):

@@ -3,14 +3,17 @@ tokens, requests join a running batch and leave it, freed rows are reused, cance
 Batching is made deterministic by submitting before the scheduler thread starts, or by gating the model."""
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 
 import pytest
 import torch
 
 from serve_util import WAIT_S, GatedModel, reference_generate
 from llama_fast.serve.sampling import SamplingParams
-from llama_fast.serve.scheduler import FinishEvent, QueueFullError, Request, Scheduler, TokenEvent
+from llama_fast.serve.scheduler import (FinishEvent, QueueFullError, Request, Scheduler, SchedulerClosedError,
+                                       TokenEvent)
 
 
 
@@ -42,6 +45,24 @@ def _prompts(tokenizer, n):
     texts = ["Once upon a time", "The capital of France is", "def fib(n):", "Hello", "1, 2, 3, 4,",
              "A long time ago in a galaxy far", "Q: why is the sky blue?\nA:", "import torch\n"]
     return [tokenizer.encode(texts[i % len(texts)] + " " * (i // len(texts))) for i in range(n)]
+
+
+@contextlib.contextmanager
+def gated_scheduler(model, tokenizer, start=True, **kwargs):
+    """A Scheduler over the gated model: yields (scheduler, gated); always lets it finish and stops it."""
+    gated = GatedModel(model)
+    scheduler = Scheduler(gated, tokenizer, **kwargs)
+    if start:
+        scheduler.start()
+    try:
+        yield scheduler, gated
+    finally:
+        gated.allow(1000)
+        scheduler.stop()
+
+
+def _greedy(model, prompt, n):
+    return model.generate(torch.tensor([prompt]), max_new_tokens=n, eos_token_id=[])[0, len(prompt):].tolist()
 
 
 def _request(prompt, max_tokens, sink, **sampling):
@@ -106,10 +127,8 @@ def test_batch_equals_generate_and_rows_are_reused(tiny_chat, max_batch, decode_
 
 def test_request_joins_a_running_batch_and_cancel_frees_the_row(tiny_chat):
     model, tokenizer = tiny_chat
-    gated = GatedModel(model)
-    scheduler = Scheduler(gated, tokenizer, max_batch=2, max_queue=4, max_seq_len=128).start()
     a_prompt, b_prompt, c_prompt = _prompts(tokenizer, 3)
-    try:
+    with gated_scheduler(model, tokenizer, max_batch=2, max_queue=4, max_seq_len=128) as (scheduler, gated):
         a, b, c = Collector(), Collector(), Collector()
         scheduler.submit(Request(a_prompt, 30, SamplingParams(temperature=0.0), a, ignore_eos=True))
         assert a.first_token.wait(WAIT_S)
@@ -124,23 +143,17 @@ def test_request_joins_a_running_batch_and_cancel_frees_the_row(tiny_chat):
         a.wait(), b.wait(), c.wait()
         assert b.finish.reason == "abort" and b.finish.completion_tokens < 30
         for prompt, n, sink in ((a_prompt, 30, a), (c_prompt, 6, c)):
-            expected = model.generate(torch.tensor([prompt]), max_new_tokens=n, eos_token_id=[])[0, len(prompt):]
-            assert sink.tokens == expected.tolist()
+            assert sink.tokens == _greedy(model, prompt, n)
             assert sink.finish.reason == "length"
-        assert b.tokens == model.generate(torch.tensor([b_prompt]), max_new_tokens=len(b.tokens),
-                                          eos_token_id=[])[0, len(b_prompt):].tolist()
+        assert b.tokens == _greedy(model, b_prompt, len(b.tokens))
         assert scheduler.max_rows_in_step == 2 and scheduler.running == 0
-    finally:
-        gated.allow(1000)
-        scheduler.stop()
 
 
 def test_queue_limit_and_context_limit(tiny_chat):
     model, tokenizer = tiny_chat
-    gated = GatedModel(model)
-    scheduler = Scheduler(gated, tokenizer, max_batch=1, max_queue=1, max_seq_len=64)
     prompt = _prompts(tokenizer, 1)[0]
-    try:
+    with gated_scheduler(model, tokenizer, start=False, max_batch=1, max_queue=1, max_seq_len=64) as (
+            scheduler, gated):
         with pytest.raises(ValueError, match="exceed the context of 64"):
             scheduler.submit(_request(prompt, 64, Collector()))
         first, second = Collector(), Collector()
@@ -152,23 +165,25 @@ def test_queue_limit_and_context_limit(tiny_chat):
         scheduler.submit(_request(prompt, 4, second))     # the queue has room again
         gated.allow(100)
         assert first.wait().tokens == second.wait().tokens
-    finally:
-        gated.allow(1000)
-        scheduler.stop()
 
 
 def test_stop_aborts_waiting_and_running_requests(tiny_chat):
     model, tokenizer = tiny_chat
-    gated = GatedModel(model)
-    scheduler = Scheduler(gated, tokenizer, max_batch=1, max_queue=4, max_seq_len=64).start()
-    running, waiting = Collector(), Collector()
     prompt = _prompts(tokenizer, 1)[0]
-    scheduler.submit(_request(prompt, 20, running))
-    assert running.first_token.wait(WAIT_S)
-    scheduler.submit(_request(prompt, 20, waiting))
-    stopper = threading.Thread(target=scheduler.stop)
-    stopper.start()
-    gated.allow(1000)
-    stopper.join(WAIT_S)
-    assert running.wait().finish.reason in ("abort", "length", "stop")
-    assert waiting.wait().finish.reason == "abort"
+    with gated_scheduler(model, tokenizer, max_batch=1, max_queue=4, max_seq_len=64) as (scheduler, gated):
+        running, waiting = Collector(), Collector()
+        scheduler.submit(Request(prompt, 20, SamplingParams(temperature=0.0), running, ignore_eos=True))
+        assert running.first_token.wait(WAIT_S)       # now blocked in its first decode step
+        scheduler.submit(_request(prompt, 20, waiting))
+        stopper = threading.Thread(target=scheduler.stop)
+        stopper.start()
+        deadline = time.monotonic() + WAIT_S
+        while not scheduler._closing:                 # stop() has asked before the step may finish
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gated.allow(1)
+        stopper.join(WAIT_S)
+        assert running.wait().finish.reason == "abort" and running.finish.completion_tokens == 2
+        assert waiting.wait().finish.reason == "abort"
+        with pytest.raises(SchedulerClosedError):
+            scheduler.submit(_request(prompt, 2, Collector()))
