@@ -31,7 +31,7 @@ build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
 demo: build
-	$(PY) -m llama_fast.cli generate --chat "What is the capital of France? Answer in one sentence." --max-new-tokens 48
+	$(PY) -m llama_fast generate --chat "What is the capital of France? Answer in one sentence." --max-new-tokens 48
 
 # Everything CI runs: the CPU suite, the Triton kernels under the interpreter, the sm_80/sm_90 compile checks.
 test: build test-cpu test-triton check-kernels
@@ -49,8 +49,9 @@ check-kernels:
 	@for s in .ci/check_triton_cubins.py .ci/check_cuda_ptxas.py; do \
 	  if [ -f $$s ]; then $(PY) $$s || exit 1; fi; done
 
+# The end-to-end generate benchmark (llama_fast/tools/bench.py, so that `llama-fast bench` runs it from a wheel).
 bench: build
-	$(PY) benchmarks/bench_generate.py
+	$(PY) -m llama_fast bench
 
 clean:
 	rm -rf build dist *.egg-info llama_fast/_C*.so

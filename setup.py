@@ -74,8 +74,14 @@ def _cmdclass():
 
 
 setup(
-    # llama_fast/kernels is a symlink to the top-level kernels/ so the Triton kernels ship inside the wheel.
-    packages=["llama_fast", "llama_fast.ops", "llama_fast.kernels"],
+    # llama_fast/kernels is a symlink to the top-level kernels/ so the Triton kernels ship inside the wheel
+    # and every checkout imports its own kernels. Not package_dir={"llama_fast.kernels": "kernels"}: that
+    # works in a wheel and in an editable install, but in the latter the mapping lives in the installed
+    # import finder, not in the tree, so a checkout run without installing it (PYTHONPATH=.) has no
+    # llama_fast.kernels, and a second checkout (a git worktree) on the same environment silently imports
+    # the installed checkout's kernels. See docs/DESIGN.md, "Packaging".
+    packages=["llama_fast", "llama_fast.formats", "llama_fast.kernels", "llama_fast.ops", "llama_fast.tokenization",
+              "llama_fast.tools"],
     package_data={"llama_fast": ["data/*"]},
     ext_modules=[_extension()],
     cmdclass=_cmdclass(),

@@ -8,7 +8,7 @@ import torch
 
 import gguf_util as G
 from llama_fast import LlamaForCausalLM
-from llama_fast.gguf_file import read_gguf
+from llama_fast.formats.gguf import read_gguf
 from llama_fast.linear import Linear
 from llama_fast.loading import CheckpointError
 
@@ -139,7 +139,7 @@ def test_bad_quantized_checkpoints(tmp_path):
         LlamaForCausalLM.from_pretrained(tmp_path / "d")
 
     # scales that do not fit their codes: the error names the file and the layer
-    from llama_fast.safetensors_file import write as write_safetensors
+    from llama_fast.formats.safetensors import write as write_safetensors
     from safetensors import safe_open
     cfg["quantization_config"]["quant_method"] = "llama_fast"
     cfg_file.write_text(json.dumps(cfg))

@@ -1,4 +1,4 @@
-"""llama_fast.safetensors_file against the safetensors package, both directions, and its errors."""
+"""llama_fast.formats.safetensors against the safetensors package, both directions, and its errors."""
 import json
 import struct
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama_fast import safetensors_file
-from llama_fast.safetensors_file import SafetensorsError, SafetensorsFile
+from llama_fast.formats import safetensors as safetensors_file
+from llama_fast.formats.safetensors import SafetensorsError, SafetensorsFile
 
 TENSORS = {
     "f32": torch.randn(7, 83),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llama_fast import AutoTokenizer
-from llama_fast.chat_template import TemplateError
+from llama_fast.tokenization.chat_template import TemplateError
 
 
 @pytest.fixture

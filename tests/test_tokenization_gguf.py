@@ -86,7 +86,7 @@ def test_sentencepiece_style_gguf_matches_transformers(tmp_path):
     import gguf
     import numpy as np
 
-    from llama_fast.sentencepiece_model import load_sentencepiece_model
+    from llama_fast.tokenization.sentencepiece_model import load_sentencepiece_model
 
     (tmp_path / "train").mkdir()
     sp = load_sentencepiece_model(train_sentencepiece(str(tmp_path / "train")))

@@ -44,7 +44,7 @@ def cache_root() -> str:
 def demo_model_dir(progress: bool = True, native: bool = True) -> str:
     """The cached HF directory of the demo model, converting the GGUF on first use: its native quantized
     weights (default), or dense fp32 with native=False."""
-    from .convert import convert_gguf
+    from llama_fast.tools.convert import convert_gguf
 
     gguf = find_demo_gguf()
     stat = os.stat(gguf)

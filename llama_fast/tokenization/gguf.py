@@ -5,12 +5,12 @@ We rebuild the tokenizer transformers builds from the same file, so ids match it
 
 - `tokenizer.ggml.model == "gpt2"`: byte-level BPE (vocab + merges). The text is split by the GPT-2 regex,
   or by the split regex of the named pre-tokenizer (`tokenizer.ggml.pre`, e.g. llama-bpe) when known.
-- `tokenizer.ggml.model == "llama"`: a sentencepiece BPE vocabulary (tokens + scores), see tokenization_sp.
+- `tokenizer.ggml.model == "llama"`: a sentencepiece BPE vocabulary (tokens + scores), see sentencepiece.py.
 Tokens typed CONTROL become special tokens, USER_DEFINED ones are matched whole.
 """
 from __future__ import annotations
 
-from .sentencepiece_model import SentencePieceModel
+from llama_fast.tokenization.sentencepiece_model import SentencePieceModel
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -74,7 +74,7 @@ def _byte_level_tokenizer(meta):
 
 
 def _sentencepiece_tokenizer(meta):
-    from .tokenization_sp import build_sentencepiece_tokenizer
+    from llama_fast.tokenization.sentencepiece import build_sentencepiece_tokenizer
 
     tokens = meta["tokenizer.ggml.tokens"]
     scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from .chat_template import render_chat_template
+from llama_fast.tokenization.chat_template import render_chat_template
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 CONFIG_FILE = "tokenizer_config.json"

@@ -22,8 +22,8 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32", overwrite
     import torch
     from tqdm.auto import tqdm
 
-    from .modeling import LlamaForCausalLM
-    from .tokenization import AutoTokenizer
+    from llama_fast.modeling import LlamaForCausalLM
+    from llama_fast.tokenization import AutoTokenizer
 
     if not os.path.isfile(gguf_path):
         raise FileNotFoundError(f"no such GGUF file: {gguf_path}")
@@ -43,7 +43,7 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32", overwrite
             model = LlamaForCausalLM.from_pretrained(gguf_path, dtype=dtype, device="cpu")
             if not keep_quantized:
                 # GGUF weights load in their native quantized format; an HF directory holds dense ones.
-                from .linear import dequantize_linears_
+                from llama_fast.linear import dequantize_linears_
 
                 dequantize_linears_(model, getattr(torch, dtype))
             bar.update()

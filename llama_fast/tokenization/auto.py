@@ -10,13 +10,10 @@ from __future__ import annotations
 import glob
 import os
 
-from .tokenization_base import BatchEncoding, read_tokenizer_config
-from .tokenization_fast import TOKENIZER_FILE, LlamaTokenizerFast
-from .tokenization_gguf import tokenizer_from_gguf
-from .tokenization_sp import VOCAB_FILE, LlamaTokenizer
-
-__all__ = ["AutoTokenizer", "LlamaTokenizer", "LlamaTokenizerFast", "BatchEncoding"]
-
+from llama_fast.tokenization.base import read_tokenizer_config
+from llama_fast.tokenization.fast import TOKENIZER_FILE, LlamaTokenizerFast
+from llama_fast.tokenization.gguf import tokenizer_from_gguf
+from llama_fast.tokenization.sentencepiece import VOCAB_FILE, LlamaTokenizer
 
 def _from_gguf(path, **kwargs):
     tokenizer, config = tokenizer_from_gguf(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .tokenization_base import TokenizerBase, read_tokenizer_config
+from llama_fast.tokenization.base import TokenizerBase, read_tokenizer_config
 
 TOKENIZER_FILE = "tokenizer.json"
 
