@@ -47,7 +47,8 @@ def _extension():
     if platform.machine() in ("x86_64", "AMD64"):
         # Baseline AVX2/FMA; AVX-512 kernels use function-level target attributes and run-time dispatch.
         cxx += ["-march=x86-64-v3"]
-    sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
+                   + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
         import torch
@@ -55,7 +56,8 @@ def _extension():
         nvidia_inc = os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "include")
         if os.path.isdir(nvidia_inc):  # cuBLAS etc. headers for c10/ATen CUDA includes; the toolkit lacks them
             include_dirs.append(os.path.abspath(nvidia_inc))
-        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+                        + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DNDEBUG", "--expt-relaxed-constexpr"]
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
             # No GPU to detect the arch from: build the archs CI checks (Ampere, Hopper) instead of all.

@@ -10,7 +10,8 @@ the weights never exist twice: the peak is the model plus one tensor being conve
 With `quantize`, each linear layer is quantized as soon as its weight is complete (a fused one after all
 its parts), so the peak is about the quantized model plus one layer. A layer whose input size K is not a
 multiple of group_size gets the largest power-of-two fraction of group_size (>= 32) that divides K.
-Embeddings and the heads (the model's head_modules: lm_head, score) stay dense. Pickles (.bin / .pt) are refused: loading never unpickles.
+Embeddings and the heads (the model's head_modules: lm_head, score) stay dense. Pickles (.bin / .pt) are
+refused: loading never unpickles.
 
 Quantized checkpoints: save_pretrained writes a quantized linear `x` as x.qweight, x.scales and (if it has
 offsets) x.offsets in the format of llama_fast.quant (bits and group size follow from the tensors' dtypes
@@ -30,8 +31,9 @@ The interface other formats use (GGUF does):
 `model` is a model on the meta device (`meta_model(cls, config, dtype)`); `named_tensors` yields
 (transformers name, value) pairs, value a torch.Tensor or a llama_fast.quant.QuantizedWeight; `source`
 (a file name) is named in every error. Each value lands in its (fused) parameter, converted to the model's
-dtype (default: the dtype meta_model built it in) and device (default "cpu"); its shape is checked; names the model does not have, and parameters nothing was given for,
-raise an error naming `source` and the tensors. A QuantizedWeight makes its linear layer quantized, keeping
+dtype (default: the dtype meta_model built it in) and device (default "cpu"); its shape is checked; names
+the model does not have, and parameters nothing was given for, raise an error naming `source` and the
+tensors. A QuantizedWeight makes its linear layer quantized, keeping
 its format (quantize= does not re-quantize it); the parts of a fused layer are joined with
 quant.concat_rows. If the parts of a fused layer differ in format (say q_proj Q4_0 and v_proj Q8_0, or one
 part dense), all of them are dequantized to a dense weight in the model dtype: correct, but not native.

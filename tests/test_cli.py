@@ -110,7 +110,7 @@ def test_chat_without_template_is_one_line(tiny_dir, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory):
     """The embedded model converted once into a fresh cache (the GGUF loader comes from llama_fast.formats.gguf)."""
-    
+
     from llama_fast.tools import demo
 
     try:

@@ -2,10 +2,10 @@
 native tensors bit-exact against the gguf package's dequantization; config equal to what transformers reads
 from the same file; the model's logits (native and dequantized, and after save_pretrained) equal to those of
 transformers loaded from the GGUF (conftest's demo_reference)."""
+import gguf
 import numpy as np
 import pytest
 import torch
-import gguf
 
 from llama_fast import LlamaForCausalLM
 from llama_fast.formats.gguf import gguf_config, gguf_tensors, hf_name, open_gguf

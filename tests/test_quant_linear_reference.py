@@ -82,7 +82,8 @@ def test_linear_state_dict_round_trip():
 
 def test_linear_rejects_mismatched_quantized_weight():
     layer = Linear(128, 7)
-    with pytest.raises(ValueError, match=r"o_proj.weight: quantized weight has shape \(7, 64\), layer expects \(7, 128\)"):
+    with pytest.raises(ValueError,
+                       match=r"o_proj.weight: quantized weight has shape \(7, 64\), layer expects \(7, 128\)"):
         layer.set_quantized(make(7, 64, 4, 32), name="o_proj.weight")
 
 

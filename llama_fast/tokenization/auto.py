@@ -15,6 +15,7 @@ from llama_fast.tokenization.fast import TOKENIZER_FILE, LlamaTokenizerFast
 from llama_fast.tokenization.gguf import tokenizer_from_gguf
 from llama_fast.tokenization.sentencepiece import VOCAB_FILE, LlamaTokenizer
 
+
 def _from_gguf(path, **kwargs):
     tokenizer, config = tokenizer_from_gguf(path)
     config.update(kwargs)
@@ -38,7 +39,8 @@ class AutoTokenizer:
             if os.path.basename(path) == TOKENIZER_FILE:
                 return LlamaTokenizerFast.from_pretrained(os.path.dirname(path) or ".", **kwargs)
             if path.endswith(".model"):
-                return LlamaTokenizer(vocab_file=path, **{**read_tokenizer_config(os.path.dirname(path) or "."), **kwargs})
+                config = read_tokenizer_config(os.path.dirname(path) or ".")
+                return LlamaTokenizer(vocab_file=path, **{**config, **kwargs})
             raise ValueError(f"{path}: not a tokenizer file (expected a directory, a .gguf, tokenizer.json "
                              "or a sentencepiece .model)")
         if not os.path.isdir(path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 from llama_fast.tokenization.chat_template import render_chat_template
 
@@ -300,7 +299,9 @@ class TokenizerBase:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
         text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        clean = clean_up_tokenization_spaces
+        if clean is None:
+            clean = self.clean_up_tokenization_spaces
         return clean_up_tokenization(text) if clean else text
 
     def batch_decode(self, sequences, skip_special_tokens=False, **kwargs) -> list:
@@ -320,7 +321,8 @@ class TokenizerBase:
         if not template:
             raise ValueError("this tokenizer has no chat template (none in tokenizer_config.json or the GGUF); "
                              "pass chat_template=...")
-        is_batch = isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple))
+        is_batch = (isinstance(conversation, (list, tuple)) and conversation
+                    and isinstance(conversation[0], (list, tuple)))
         conversations = conversation if is_batch else [conversation]
         variables = dict(self.special_tokens_map, **template_kwargs)
         if tools is not None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from llama_fast.tokenization.sentencepiece_model import BYTE, CONTROL, USER_DEFINED, load_sentencepiece_model
 from llama_fast.tokenization.base import TokenizerBase, read_tokenizer_config
+from llama_fast.tokenization.sentencepiece_model import BYTE, CONTROL, USER_DEFINED, load_sentencepiece_model
 
 VOCAB_FILE = "tokenizer.model"
 

@@ -88,7 +88,8 @@ def _run_transformers(spec):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        spec["model"], dtype=getattr(torch, spec["dtype"]), attn_implementation=spec["backend"]).to(spec["device"]).eval()
+        spec["model"], dtype=getattr(torch, spec["dtype"]), attn_implementation=spec["backend"],
+    ).to(spec["device"]).eval()
     model.generation_config.eos_token_id = None
     ids = _prompt(spec["batch"], spec["prompt_len"], model.config.vocab_size).to(spec["device"])
 

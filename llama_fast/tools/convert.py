@@ -37,7 +37,8 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32", overwrite
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
     try:
-        with tqdm(total=3, desc=f"converting {os.path.basename(gguf_path)}", unit="step", disable=None if progress else True,
+        with tqdm(total=3, desc=f"converting {os.path.basename(gguf_path)}", unit="step",
+                  disable=None if progress else True,
                   leave=False) as bar:
             bar.set_postfix_str("reading weights")
             model = LlamaForCausalLM.from_pretrained(gguf_path, dtype=dtype, device="cpu")
