@@ -26,6 +26,9 @@ def test_wheel_contains_kernels_and_extension(wheel):
     assert "llama_fast/kernels/__init__.py" in names
     assert any(n.startswith("llama_fast/_C") and n.endswith(".so") for n in names)
     assert not any(n.startswith(("tests/", "benchmarks/", "kernels/")) for n in names)
+    # every module of the package, sub-packages included (setup.py lists them)
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "llama_fast").rglob("*.py")}
+    assert modules <= set(names), sorted(modules - set(names))
 
 
 def test_non_editable_install_imports_kernels(wheel, tmp_path):
