@@ -65,6 +65,15 @@ def read_tokenizer_config(directory: str) -> dict:
     return config
 
 
+def tokenizer_arguments(directory: str, overrides: dict) -> dict:
+    """The constructor arguments of a tokenizer saved in `directory` (read_tokenizer_config without the
+    class name), updated with `overrides` (from_pretrained's keyword arguments)."""
+    config = read_tokenizer_config(directory)
+    config.pop("tokenizer_class", None)
+    config.update(overrides)
+    return config
+
+
 class TokenizerBase:
     """Shared front end. Subclasses set `self._tokenizer` (a tokenizers.Tokenizer) before calling
     `_init_common`."""
