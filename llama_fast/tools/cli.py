@@ -15,6 +15,9 @@ import os
 import sys
 import time
 
+# torch, the model and the tokenizers are imported by the commands that use them, so that `--help` and a
+# usage error answer at once instead of after loading torch.
+
 EXIT_USER_ERROR = 1
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("torch", "cpu", "triton", "cuda")
