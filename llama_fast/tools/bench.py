@@ -26,6 +26,9 @@ import time
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 
+# torch and each engine's package (llama_fast's model, transformers, llama_cpp, matplotlib for the chart) are
+# imported in the functions that use them: a worker process runs one engine and loads only that one.
+
 
 # ---- one configuration, in a worker process --------------------------------------------------------------
 
