@@ -173,7 +173,7 @@ class LlamaPreTrainedModel(TracksWeights):
         """Loads an HF directory (config.json + safetensors, single or sharded) or a .gguf file; see
         llama_fast.loading.from_pretrained."""
         return loading.from_pretrained(cls, path, dtype=dtype, device=device, backend=backend, quantize=quantize,
-                               group_size=group_size, **kwargs)
+                                       group_size=group_size, **kwargs)
 
     def save_pretrained(self, directory, max_shard_size: int | str = "50GB") -> None:
         """Writes config.json, model.safetensors (transformers' names; sharded past max_shard_size) and
