@@ -5,10 +5,11 @@ and 16 concurrent clients, against the same requests sent one by one.
     python benchmarks/bench_serve.py --max-tokens 64 --requests-per-client 2 --name serve_cpu
 
 The server is `llama-fast serve` (continuous batching, max batch 16) in a child process on 127.0.0.1, so the
-clients do not share its interpreter lock; each client is a thread streaming /v1/completions (greedy, ignore_eos, logprobs=0 so that every token arrives as its own
-SSE chunk, timed on arrival). Scenario "N clients": N threads each send R requests back to back. Baseline "one
-by one": the requests of the largest scenario, sequentially. Inter-token latency is the gap between
-consecutive chunks of one request. Results go to benchmarks/results/<name>.json and .png.
+clients do not share its interpreter lock; each client is a thread streaming /v1/completions (greedy,
+ignore_eos, logprobs=0 so that every token arrives as its own SSE chunk, timed on arrival). Scenario
+"N clients": N threads each send R requests back to back. Baseline "one by one": the requests of the largest
+scenario, sequentially. Inter-token latency is the gap between consecutive chunks of one request. Results go
+to benchmarks/results/<name>.json and .png.
 
 On the CPU the server runs with --prefill-chunk 8: the int4 linears are fast for up to 8 rows (the LUT GEMV, or
 the fused decode stack); on a CPU without AVX512-BF16 (so without the VNNI kernels) 9..64 rows fall back to
@@ -157,7 +158,7 @@ def server_process(path, args, device, threads):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    command = [sys.executable, "-m", "llama_fast.cli", "serve", "--model", path, "--port", str(port),
+    command = [sys.executable, "-m", "llama_fast", "serve", "--model", path, "--port", str(port),
                "--max-batch", str(args.max_batch), "--max-queue", "256", "--max-seq-len", "256",
                "--dtype", args.dtype, "--device", device, "--threads", str(threads), "--log-level", "warning"]
     if args.prefill_chunk:
@@ -209,7 +210,7 @@ def main(argv=None):
     import torch
 
     if args.model is None:
-        from llama_fast.demo import demo_model_dir
+        from llama_fast.tools.demo import demo_model_dir
         path, model_name = demo_model_dir(), "SmolLM2-135M-Instruct (embedded, Q4_1 native)"
     else:
         path, model_name = args.model, os.path.basename(os.path.normpath(args.model))

@@ -27,6 +27,7 @@ import torch
 
 from llama_fast import logits_process
 from llama_fast.outputs import ModelOutput
+from llama_fast.stop_strings import StopStrings
 
 _DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "max_length": 20}
 # transformers arguments that ask for something this loop does not do; a clear error beats ignoring them.
@@ -226,7 +227,6 @@ def _prepare_cache(model, cache, batch, total):
 def _stopping_criteria(stop_strings, tokenizer, custom) -> list:
     criteria = []
     if stop_strings is not None:
-        from llama_fast.stop_strings import StopStrings
         criteria.append(StopStrings(stop_strings, tokenizer))
     if custom is not None:
         if not all(callable(c) for c in custom):

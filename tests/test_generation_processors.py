@@ -4,10 +4,10 @@ per-step scores / logits within the fp32 rule of the suite (max abs diff <= 1e-4
 same places)."""
 import pytest
 import torch
+from test_generation import _batch  # left-padded prompts of ids 3.. (no pad/bos/eos inside), vocab 97
 
 import llama_fast
 from llama_fast.stop_strings import StopStrings
-from test_generation import _batch   # left-padded prompts of ids 3.. (no pad/bos/eos inside), vocab 97
 
 transformers = pytest.importorskip("transformers")
 from transformers.generation.logits_process import LogitsProcessorList, NoRepeatNGramLogitsProcessor  # noqa: E402

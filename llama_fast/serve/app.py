@@ -18,16 +18,25 @@ import json
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_fast.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                       TokenizeRequest, error_body, parse_request)
+from llama_fast.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    error_body,
+    parse_request,
+)
 from llama_fast.serve.sampling import SamplingParams
-from llama_fast.serve.scheduler import (FinishEvent, QueueFullError, Request, SchedulerClosedError, TokenEvent)
+from llama_fast.serve.scheduler import FinishEvent, QueueFullError, Request, SchedulerClosedError, TokenEvent
 
 DEFAULT_COMPLETION_TOKENS = 16      # OpenAI's default max_tokens for /v1/completions
 
@@ -62,8 +71,6 @@ class Engine:
 def create_app(scheduler=None, *, loader=None, model_name: str = "llama-fast") -> FastAPI:
     """An app serving `scheduler` (a started Scheduler), or the one `loader()` returns: then loading runs in a
     thread at startup and /health answers 503 until it is done. The scheduler is stopped at shutdown."""
-    from contextlib import asynccontextmanager
-
     engine = Engine(model_name)
     if scheduler is not None:
         engine.ready(scheduler)

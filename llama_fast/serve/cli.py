@@ -1,4 +1,4 @@
-"""`llama-fast serve`: its options (registered by llama_fast.cli) and the command.
+"""`llama-fast serve`: its options (registered by llama_fast.tools.cli) and the command.
 
 The HTTP server starts at once and answers /health with 503 while the model loads in a thread; requests are
 served once it is ready. fastapi and uvicorn are imported only when the command runs (`pip install
@@ -49,7 +49,7 @@ def build_scheduler(path: str, args):
 
 
 def run(args, resolve_model) -> int:
-    """`resolve_model(path_or_None)` -> a model path (llama_fast.cli's: the demo model by default)."""
+    """`resolve_model(path_or_None)` -> a model path (llama_fast.tools.cli's: the demo model by default)."""
     import os
 
     try:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llama_fast.ops import cpu_decode
 from llama_fast.serve.detokenize import IncrementalText
 from llama_fast.serve.sampling import RowSampler, SamplingParams, TokenChoice
 
@@ -320,8 +321,6 @@ def _decode_rows(device: torch.device, max_batch: int) -> int:
     pass over the weights; a larger batch runs as several such passes (beyond that many rows, quantized
     linears without the VNNI kernels dequantize whole weight matrices per call: far slower per step).
     Elsewhere the whole batch is one forward."""
-    from llama_fast.ops import cpu_decode
-
     return min(max_batch, cpu_decode.MAX_ROWS) if device.type == "cpu" else max_batch
 
 

@@ -1,13 +1,23 @@
-"""Helpers of the server tests: a server on 127.0.0.1 (a free port picked by the OS) in a thread, always shut
-down; a Scheduler behind it; generate()'s answer for one prompt; a model whose decode steps the test gates."""
+"""Helpers and fixtures of the server tests: a tiny random model with the demo tokenizer, a server on 127.0.0.1
+(a free port picked by the OS) in a thread, always shut down, with a Scheduler behind it; generate()'s answer
+for one prompt; a model whose decode steps the test gates. Clients get timeouts, so a hung server fails a test
+instead of stalling the suite.
+
+Test modules import the fixtures they use from here (`from serve_util import server  # noqa: F401`): a
+conftest.py in this folder would shadow tests/conftest.py, which other test modules import by that name.
+"""
 from __future__ import annotations
 
 import contextlib
 import threading
 
+import pytest
 import torch
 
-from llama_fast.serve.background import serve_in_thread
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from llama_fast.serve.background import serve_in_thread  # noqa: E402
 
 MODEL_NAME = "tiny-test"
 CLIENT_TIMEOUT_S = 60.0
@@ -67,3 +77,47 @@ class GatedModel:
     def allow(self, steps: int = 1):
         for _ in range(steps):
             self.permits.release()
+
+
+# ---- fixtures --------------------------------------------------------------------------------------------
+
+# Test modules import these fixtures, so pytest registers them once per module: the model is built once per
+# process here instead.
+_BUILT: dict = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory):
+    from _tiny_chat_model import save_tiny_chat_model
+
+    if "dir" not in _BUILT:
+        path = tmp_path_factory.mktemp("tiny_chat_serve")
+        save_tiny_chat_model(path, max_position_embeddings=256)
+        _BUILT["dir"] = path
+    return _BUILT["dir"]
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tiny_chat_dir):
+    """(llama_fast model, tokenizer) of the tiny chat model, fp32 on the CPU."""
+    import llama_fast
+    if "model" not in _BUILT:
+        model = llama_fast.LlamaForCausalLM.from_pretrained(str(tiny_chat_dir), dtype="float32").eval()
+        _BUILT["model"] = model, llama_fast.AutoTokenizer.from_pretrained(tiny_chat_dir)
+    return _BUILT["model"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat):
+    """One server for a test module: (base_url, scheduler, model, tokenizer)."""
+    model, tokenizer = tiny_chat
+    with serving(model, tokenizer) as (url, scheduler):
+        yield url, scheduler, model, tokenizer
+
+
+@pytest.fixture
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", timeout=CLIENT_TIMEOUT_S, max_retries=0)
+
+

@@ -6,8 +6,7 @@ import json
 
 import httpx
 import pytest
-
-from serve_util import MODEL_NAME, serving
+from serve_util import MODEL_NAME, client, server, serving, tiny_chat, tiny_chat_dir  # noqa: F401  (fixtures)
 
 GOOD = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
 CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}

@@ -9,8 +9,16 @@ import time
 
 import httpx
 import pytest
-
-from serve_util import MODEL_NAME, WAIT_S, GatedModel, reference_generate, running_server, serving
+from serve_util import (  # noqa: F401  (fixtures)
+    MODEL_NAME,
+    WAIT_S,
+    GatedModel,
+    reference_generate,
+    running_server,
+    serving,
+    tiny_chat,
+    tiny_chat_dir,
+)
 
 openai = pytest.importorskip("openai")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
-
-from serve_util import MODEL_NAME, reference_generate
+from serve_util import MODEL_NAME, client, reference_generate, server, tiny_chat, tiny_chat_dir  # noqa: F401  (fixtures)
 
 openai = pytest.importorskip("openai")
 

@@ -9,12 +9,10 @@ import time
 
 import pytest
 import torch
+from serve_util import WAIT_S, GatedModel, reference_generate, tiny_chat, tiny_chat_dir  # noqa: F401  (fixtures)
 
-from serve_util import WAIT_S, GatedModel, reference_generate
 from llama_fast.serve.sampling import SamplingParams
-from llama_fast.serve.scheduler import (FinishEvent, QueueFullError, Request, Scheduler, SchedulerClosedError,
-                                       TokenEvent)
-
+from llama_fast.serve.scheduler import FinishEvent, QueueFullError, Request, Scheduler, SchedulerClosedError, TokenEvent
 
 
 class Collector:

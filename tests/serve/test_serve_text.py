@@ -68,7 +68,7 @@ def test_presence_and_frequency_penalties_follow_openai():
 
 
 def test_serve_cli_options():
-    from llama_fast.cli import build_parser
+    from llama_fast.tools.cli import build_parser
     args = build_parser().parse_args(["serve", "--port", "0", "--max-batch", "4", "--max-queue", "2",
                                       "--max-seq-len", "512", "--served-model-name", "m"])
     assert (args.command, args.port, args.max_batch, args.max_queue, args.max_seq_len) == ("serve", 0, 4, 2, 512)
