@@ -4,8 +4,8 @@ ending with `data: [DONE]`), /v1/models, /health, /tokenize, /detokenize.
 Handlers validate and tokenize, then hand a Request to the scheduler thread and await its events on an
 asyncio queue (the scheduler calls the request's sink on its own thread; the sink hops onto the event loop).
 A client that disconnects cancels its request, which frees its batch row before the next decode step:
-streaming responses notice through Starlette cancelling the generator, non-streaming ones by waiting on the
-connection's http.disconnect next to the result.
+streaming responses cancel it when they end for any reason (Starlette ends them on a disconnect), non-streaming
+ones wait on the connection's http.disconnect next to the result.
 
 Every failure is an OpenAI error body: 400 for bad input (protocol.py), 404 for an unknown model or path,
 413 for a huge body, 429 when the queue is full, 503 while the model loads or the server shuts down, 500 for
@@ -249,8 +249,8 @@ async def _respond(http, engine, scheduler, req, prompt_ids, chat: bool):
     meta = _ResponseMeta(engine.model_name, chat, scheduler.tokenizer)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(job, scheduler, request, meta, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _EventStream(_stream(job, meta, include_usage), on_close=lambda: scheduler.cancel(request),
+                            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return await _complete(http, job, scheduler, request, meta)
 
 
@@ -277,31 +277,41 @@ async def _complete(http, job: _Job, scheduler, request: Request, meta: "_Respon
         disconnected.cancel()
 
 
-async def _stream(job: _Job, scheduler, request: Request, meta: "_ResponseMeta", include_usage: bool):
-    finished = False
-    try:
-        if meta.chat:
-            yield _sse(meta.chunk({"role": "assistant", "content": ""}, None, None))
-        while True:
-            event = await job.events.get()
-            if isinstance(event, TokenEvent):
-                if event.text or event.choice.logprob is not None:
-                    yield _sse(meta.chunk(event.text, [event.choice], None))
-                continue
-            finished = True
-            if event.reason in ("error", "abort"):
-                status = 500 if event.reason == "error" else 503
-                message = event.error or "the request was aborted"
-                yield _sse({"error": error_body(message, "server_error", code=str(status))["error"]})
-            else:
-                yield _sse(meta.chunk(event.text, None, event.reason))
-                if include_usage:
-                    yield _sse(meta.usage_chunk(event))
-            yield "data: [DONE]\n\n"
-            return
-    finally:
-        if not finished:        # the client went away (Starlette cancelled us): free the row
-            scheduler.cancel(request)
+class _EventStream(StreamingResponse):
+    """A streaming response that calls `on_close` however it ends: done, failed, or cancelled because the
+    client went away (also before the first chunk, when the body generator has not even started). The
+    request is cancelled then; for a finished one that changes nothing."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def _stream(job: _Job, meta: "_ResponseMeta", include_usage: bool):
+    if meta.chat:
+        yield _sse(meta.chunk({"role": "assistant", "content": ""}, None, None))
+    while True:
+        event = await job.events.get()
+        if isinstance(event, TokenEvent):
+            if event.text or event.choice.logprob is not None:
+                yield _sse(meta.chunk(event.text, [event.choice], None))
+            continue
+        if event.reason in ("error", "abort"):
+            status = 500 if event.reason == "error" else 503
+            message = event.error or "the request was aborted"
+            yield _sse({"error": error_body(message, "server_error", code=str(status))["error"]})
+        else:
+            yield _sse(meta.chunk(event.text, None, event.reason))
+            if include_usage:
+                yield _sse(meta.usage_chunk(event))
+        yield "data: [DONE]\n\n"
+        return
 
 
 async def _wait_for_disconnect(http) -> None:

@@ -24,6 +24,9 @@ def add_parser(commands, positive_int, dtypes, backends) -> None:
     serve.add_argument("--prefill-chunk", type=positive_int, default=None,
                        help="at most this many prompt tokens per prefill forward (default: all admitted prompts "
                             "at once); small values suit CPU kernels that are fast only for a few rows")
+    serve.add_argument("--decode-rows", type=positive_int, default=None,
+                       help="at most this many rows per decode forward (default: 8 on the CPU, the fused decode "
+                            "kernels' limit; the whole batch elsewhere)")
     serve.add_argument("--dtype", choices=dtypes, default="float32")
     serve.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     serve.add_argument("--backend", choices=backends, default=None)
@@ -45,7 +48,8 @@ def build_scheduler(path: str, args):
     model = LlamaForCausalLM.from_pretrained(path, dtype=args.dtype, device=device, backend=args.backend,
                                              quantize=args.quantize).eval()
     return Scheduler(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                     max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk).start()
+                     max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
+                     decode_rows=args.decode_rows).start()
 
 
 def run(args, resolve_model) -> int:

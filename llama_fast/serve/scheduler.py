@@ -319,7 +319,8 @@ def _send(request: Request, event) -> None:
 def _decode_rows(device: torch.device, max_batch: int) -> int:
     """Rows per decode forward. On the CPU, the fused decode stack takes up to cpu_decode.MAX_ROWS rows in one
     pass over the weights; a larger batch runs as several such passes (beyond that many rows, quantized
-    linears without the VNNI kernels dequantize whole weight matrices per call: far slower per step).
+    linears without the VNNI kernels dequantize whole weight matrices per call: far slower per step; a dense
+    model would do as well or better in one forward, which `decode_rows=max_batch` asks for).
     Elsewhere the whole batch is one forward."""
     return min(max_batch, cpu_decode.MAX_ROWS) if device.type == "cpu" else max_batch
 
