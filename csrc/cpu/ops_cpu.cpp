@@ -7,11 +7,12 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/kernels.h"
+#include "cpu/torch_args.h"
 
 namespace llama_fast {
 namespace {
 
-bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+using cpu::is_bf16;
 
 void check_activation(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
@@ -77,16 +78,6 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const
   return {y, new_residual};
 }
 
-// In place: residual += x; x = rms_norm(residual) (the residual stream of a decoder layer, no allocation).
-void fused_add_rms_norm_inplace(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
-  check_norm(x, weight, "fused_add_rms_norm_");
-  check_residual(x, residual, "fused_add_rms_norm_");
-  const auto w = weight.contiguous();
-  const int64_t hidden = x.size(-1);
-  cpu::fused_add_rms_norm(is_bf16(x), x.data_ptr(), residual.data_ptr(), w.data_ptr(), x.data_ptr(),
-                          residual.data_ptr(), hidden ? x.numel() / hidden : 0, hidden, static_cast<float>(eps));
-}
-
 // ---- rotary ------------------------------------------------------------------------------------------------
 void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos,
              const at::Tensor& sin) {
@@ -119,8 +110,7 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at
     TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < cos.size(0), op, ": positions must lie in [0, ",
                 cos.size(0), "), got [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
   }
-  cpu::rotary(is_bf16(q), {q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), q.size(2)},
-              {k.data_ptr(), k.stride(0), k.stride(1), k.stride(2), k.size(2)}, pos.data_ptr(),
+  cpu::rotary(is_bf16(q), cpu::strided4(q), cpu::strided4(k), pos.data_ptr(),
               pos.scalar_type() == at::kLong, c.data_ptr<float>(), s.data_ptr<float>(), b, t, d);
 }
 
@@ -172,17 +162,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   }
   auto out = at::empty({b, tq, hq, d}, q.options());
   if (out.numel() == 0) return out;
-  cpu::AttentionArgs a;
-  a.bf16 = is_bf16(q);
-  a.q = q.data_ptr(); a.q_sb = q.stride(0); a.q_st = q.stride(1); a.q_sh = q.stride(2);
-  a.k = k.data_ptr(); a.k_sb = k.stride(0); a.k_st = k.stride(1); a.k_sh = k.stride(2);
-  a.v = v.data_ptr(); a.v_sb = v.stride(0); a.v_st = v.stride(1); a.v_sh = v.stride(2);
-  a.out = out.data_ptr();
-  a.kv_lens = lens.defined() ? lens.data_ptr<int32_t>() : nullptr;
-  a.batch = b; a.tq = tq; a.tk = tk; a.hq = hq; a.hkv = hkv; a.head_dim = d;
-  a.causal = causal;
-  a.scale = static_cast<float>(scale);
-  cpu::attention(a);
+  cpu::attention(cpu::attention_args(is_bf16(q), cpu::strided4(q), cpu::strided4(k), cpu::strided4(v), out.data_ptr(),
+                                     lens.defined() ? lens.data_ptr<int32_t>() : nullptr, b, tq, tk, d, causal,
+                                     static_cast<float>(scale)));
   return out;
 }
 
@@ -240,7 +222,7 @@ void store_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, co
 // ---- linear ------------------------------------------------------------------------------------------------
 // Decode-sized batches (M activation rows) go to the GEMV kernels; larger ones to a GEMM (oneDNN / MKL via
 // at::linear), which is compute bound and better blocked than a GEMV.
-constexpr int64_t kMaxGemvRows = 8;
+using cpu::kMaxGemvRows;
 // Up to this many rows a quantized linear reads its packed weights once for all rows (VNNI kernels); above,
 // dequantized tiles and ATen's GEMM spend fewer instructions per multiply (512-token prefill: ~2x faster).
 constexpr int64_t kMaxOnePassRows = 64;
@@ -275,15 +257,6 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std
   return out;
 }
 
-cpu::ScaleType scale_type(const at::Tensor& s, const char* op) {
-  switch (s.scalar_type()) {
-    case at::kFloat: return cpu::ScaleType::kF32;
-    case at::kHalf: return cpu::ScaleType::kF16;
-    case at::kBFloat16: return cpu::ScaleType::kBF16;
-    default: TORCH_CHECK(false, op, ": scale must be float32, float16 or bfloat16, got ", s.scalar_type());
-  }
-}
-
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                         const std::optional<at::Tensor>& offset, int64_t bits, int64_t group_size,
                         const std::optional<at::Tensor>& bias) {
@@ -299,7 +272,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   const int64_t n = qweight.size(0), k = qweight.size(1) * (bits == 4 ? 2 : 1);
   TORCH_CHECK(group_size > 0 && k % group_size == 0, op, ": group_size ", group_size, " must divide K=", k);
   const int64_t groups = k / group_size;
-  const auto st = scale_type(scale, op);
+  const auto st = cpu::scale_type(scale, op);
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == n && scale.size(1) == groups, op, ": scale must be [", n, ", ",
               groups, "], got ", scale.sizes());
   check_contiguous(scale, op, "scale");
@@ -362,8 +335,8 @@ std::string set_isa(const std::string& name) {
 TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
   // Dense x @ weight^T (+ bias): GEMV kernels for decode-sized batches (<= 8 rows), GEMM beyond.
   m.def("cpu_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  // residual += x; x = rms_norm(residual, weight, eps), in place (the decoder's residual stream).
-  m.def("cpu_fused_add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  // The most activation rows the GEMV kernels (and so a CPU decode step) take: cpu::kMaxGemvRows.
+  m.def("cpu_max_gemv_rows() -> int", []() -> int64_t { return cpu::kMaxGemvRows; });
   // cpu_isa("avx2") forces a lower instruction set for the CPU kernels (tests); cpu_isa("") reports it.
   m.def("cpu_isa(str name) -> str", &set_isa);
 }
@@ -377,7 +350,6 @@ TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {
   m.impl("quant_linear", &quant_linear);
   m.impl("store_kv_", &store_kv_);
   m.impl("cpu_linear", &dense_linear);
-  m.impl("cpu_fused_add_rms_norm_", &fused_add_rms_norm_inplace);
 }
 
 }  // namespace llama_fast

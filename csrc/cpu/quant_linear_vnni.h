@@ -1,4 +1,4 @@
-// int4 GEMV on AVX512-VNNI integer dot products (vnni_gemv.cpp): the decode path of quant_linear for
+// int4 GEMV on AVX512-VNNI integer dot products (quant_linear_vnni.cpp): the decode path of quant_linear for
 // int4 weights whose group size is a multiple of 32, on CPUs at the top dispatch level (AVX512-BF16 + VNNI).
 #pragma once
 #include <cstdint>

@@ -18,7 +18,7 @@
 // elements in order (the layout of int4's last half chunk).
 // Partial sums stay below 2^24 per chunk, so their conversion to fp32 is exact.
 //   w . x = 2^-e * sum_g s_g * (q . X)_g + sum_g m_g * (sum x)_g
-#include "cpu/vnni_gemv.h"
+#include "cpu/quant_linear_vnni.h"
 
 #include <algorithm>
 #include <cmath>

@@ -15,7 +15,7 @@
 #endif
 
 #include "common/half_float.h"
-#include "cpu/vnni_gemv.h"
+#include "cpu/quant_linear_vnni.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
 
@@ -59,7 +59,7 @@ inline float scale_at(const void* p, ScaleType t, int64_t i) {
 }  // namespace cpu
 }  // namespace llama_fast
 
-#define LF_ISA_SELF "cpu/quant_gemv.cpp"
+#define LF_ISA_SELF "cpu/quant_linear.cpp"
 #include "cpu/foreach_isa.h"
 
 namespace llama_fast {
@@ -116,7 +116,7 @@ void store_output(bool bf16, const float* outf, const void* bias, void* out, int
   }
 }
 
-// int4 / int8 on AVX512-VNNI (vnni_gemv.cpp), any number of rows. False when x holds values fixed point cannot
+// int4 / int8 on AVX512-VNNI (quant_linear_vnni.cpp), any number of rows. False when x holds values fixed point cannot
 // carry (inf, NaN).
 bool quant_linear_vnni(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
   const int64_t k = w.k, n = w.n, groups = k / w.group_size;
