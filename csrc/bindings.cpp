@@ -1,8 +1,8 @@
 // The one place where llama_fast's custom-op schemas are declared. Each backend registers its kernels for
 // these names in its own file (csrc/cpu/ops_cpu.cpp with TORCH_LIBRARY_IMPL(llama_fast, CPU, m),
 // csrc/cuda/ops_cuda.cpp with TORCH_LIBRARY_IMPL(llama_fast, CUDA, m)); Python registers the fake (meta)
-// implementations in llama_fast/ops/_fake.py. Backend-specific extra ops (repacked weight layouts, fused
-// layer steps) are declared with TORCH_LIBRARY_FRAGMENT next to their kernels.
+// implementations in llama_fast/ops/fake.py (contracts: docs/KERNELS.md). Backend-specific extra ops (the
+// CPU decode step) are declared with TORCH_LIBRARY_FRAGMENT next to their kernels.
 #include <torch/library.h>
 #include <torch/extension.h>
 

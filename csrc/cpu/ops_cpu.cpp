@@ -1,6 +1,7 @@
 // CPU registrations of the llama_fast ops: every argument is checked here (TORCH_CHECK: device, dtype,
 // shape, layout) before the torch-free kernels of csrc/cpu/*.cpp run on raw pointers. Also declares the
-// CPU-only extra ops (TORCH_LIBRARY_FRAGMENT); their fake impls live in llama_fast/ops/cpu.py.
+// CPU-only extra ops (TORCH_LIBRARY_FRAGMENT); the fake of cpu_linear lives in llama_fast/ops/cpu.py (contracts:
+// docs/KERNELS.md).
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 #include <torch/library.h>
