@@ -3,8 +3,8 @@
 // csrc/cuda/ops_cuda.cpp with TORCH_LIBRARY_IMPL(llama_fast, CUDA, m)); Python registers the fake (meta)
 // implementations in llama_fast/ops/fake.py (contracts: docs/KERNELS.md). Backend-specific extra ops (the
 // CPU decode step) are declared with TORCH_LIBRARY_FRAGMENT next to their kernels.
-#include <torch/library.h>
 #include <torch/extension.h>
+#include <torch/library.h>
 
 TORCH_LIBRARY(llama_fast, m) {
   // y = x * rsqrt(mean(x^2) + eps) * weight, computed in fp32; x [..., H], weight [H].
@@ -22,8 +22,9 @@ TORCH_LIBRARY(llama_fast, m) {
   // x [..., K] @ W^T, W given in the serialized weight-only format of csrc/common/quant_format.h:
   // bits 8: qweight int8 [N, K], offset None; bits 4: qweight uint8 [N, K/2] (two per byte);
   // scale / offset [N, K/group_size]; w = q * scale + offset.
-  m.def("quant_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? offset, int bits, int group_size, "
-        "Tensor? bias) -> Tensor");
+  m.def(
+      "quant_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? offset, int bits, int group_size, "
+      "Tensor? bias) -> Tensor");
   // Writes k/v [B,T,Hkv,D] into the caches [B,S,Hkv,D] at slots [B,T] (int64 or int32); a negative slot
   // (a left-padding token) is skipped.
   m.def("store_kv_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");

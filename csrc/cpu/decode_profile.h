@@ -40,8 +40,8 @@ class DecodeProfile {
         .count();
   }
   void print() const {
-    static const char* names[kCount] = {"checks", "norms", "qkv_proj", "rotary", "store_kv", "attention",
-                                        "o_proj", "gate_up_proj", "silu_and_mul", "down_proj"};
+    static const char* names[kCount] = {"checks",    "norms",  "qkv_proj",     "rotary",       "store_kv",
+                                        "attention", "o_proj", "gate_up_proj", "silu_and_mul", "down_proj"};
     if (calls_ == 0) return;
     double sum = 0;
     std::fprintf(stderr, "cpu_decode_step, us per call over %lld calls:\n", static_cast<long long>(calls_));

@@ -78,8 +78,7 @@ std::pair<int64_t, int64_t> min_max(const at::Tensor& t) {
 class DecodePlan : public torch::CustomClassHolder {
  public:
   DecodePlan(at::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps)
-      : final_norm_(std::move(final_norm)), heads_(num_heads), kv_heads_(num_kv_heads), head_dim_(head_dim),
-        eps_(eps) {
+      : final_norm_(std::move(final_norm)), heads_(num_heads), kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps) {
     TORCH_CHECK(final_norm_.device().is_cpu() && final_norm_.dim() == 1 && final_norm_.is_contiguous() &&
                     (final_norm_.scalar_type() == at::kFloat || final_norm_.scalar_type() == at::kBFloat16),
                 kOp, ": final_norm must be a contiguous 1-D float32 or bfloat16 CPU tensor");
@@ -94,18 +93,24 @@ class DecodePlan : public torch::CustomClassHolder {
     LayerFields f;
     for (const auto& item : tensors) {
       const std::string& name = item.key();
-      if (name == "input_layernorm") f.input_norm = item.value();
-      else if (name == "post_attention_layernorm") f.post_norm = item.value();
-      else *tensor_field(f, name, l) = item.value();
+      if (name == "input_layernorm")
+        f.input_norm = item.value();
+      else if (name == "post_attention_layernorm")
+        f.post_norm = item.value();
+      else
+        *tensor_field(f, name, l) = item.value();
     }
     for (const auto& item : ints) {
       const std::string& name = item.key();
       const auto dot = name.find('.');
       LinearFields& lf = linear_fields(f, name.substr(0, dot), name, l);
       const std::string field = dot == std::string::npos ? "" : name.substr(dot + 1);
-      if (field == "bits") lf.bits = item.value();
-      else if (field == "group_size") lf.group_size = item.value();
-      else TORCH_CHECK(false, kOp, ": layer ", l, ": unknown int field '", name, "'");
+      if (field == "bits")
+        lf.bits = item.value();
+      else if (field == "group_size")
+        lf.group_size = item.value();
+      else
+        TORCH_CHECK(false, kOp, ": layer ", l, ": unknown int field '", name, "'");
     }
     fields_.push_back(std::move(f));
     validated_ = false;
@@ -142,8 +147,10 @@ class DecodePlan : public torch::CustomClassHolder {
 
     for (int64_t l = 0; l < layers_; ++l) {
       const LinearRef* L = &lin_[l * 4];
-      if (l == 0) cpu::rms_norm(bf16, residual, norms_[0], h, m, hs, eps);
-      else cpu::fused_add_rms_norm(bf16, x, residual, norms_[l * 2], h, residual, m, hs, eps);
+      if (l == 0)
+        cpu::rms_norm(bf16, residual, norms_[0], h, m, hs, eps);
+      else
+        cpu::fused_add_rms_norm(bf16, x, residual, norms_[l * 2], h, residual, m, hs, eps);
       prof.mark(Profile::kNorm);
       run_linear(L[0], bf16, h, qkv, m);
       prof.mark(Profile::kQkv);
@@ -176,8 +183,10 @@ class DecodePlan : public torch::CustomClassHolder {
       prof.mark(Profile::kDown);
     }
     at::Tensor out = at::empty_like(hidden);
-    if (layers_ == 0) cpu::rms_norm(bf16, residual, final_norm_.const_data_ptr(), out.data_ptr(), m, hs, eps);
-    else cpu::fused_add_rms_norm(bf16, x, residual, final_norm_.const_data_ptr(), out.data_ptr(), residual, m, hs, eps);
+    if (layers_ == 0)
+      cpu::rms_norm(bf16, residual, final_norm_.const_data_ptr(), out.data_ptr(), m, hs, eps);
+    else
+      cpu::fused_add_rms_norm(bf16, x, residual, final_norm_.const_data_ptr(), out.data_ptr(), residual, m, hs, eps);
     prof.mark(Profile::kNorm);
     return out;
   }
@@ -194,7 +203,8 @@ class DecodePlan : public torch::CustomClassHolder {
   static LinearFields& linear_fields(LayerFields& f, const std::string& linear, const std::string& name, int64_t l) {
     for (int i = 0; i < 4; ++i)
       if (linear == kLinearNames[i]) return f.linear[i];
-    TORCH_CHECK(false, kOp, ": layer ", l, ": unknown field '", name, "' (expected input_layernorm, "
+    TORCH_CHECK(false, kOp, ": layer ", l, ": unknown field '", name,
+                "' (expected input_layernorm, "
                 "post_attention_layernorm or qkv_proj / o_proj / gate_up_proj / down_proj .weight / .qweight / "
                 ".scales / .offsets / .bias / .bits / .group_size)");
   }
@@ -229,8 +239,8 @@ class DecodePlan : public torch::CustomClassHolder {
         const at::Tensor* norm = ptr(*layer_norms[j]);
         TORCH_CHECK(norm && norm->device().is_cpu() && norm->scalar_type() == dtype_ && norm->dim() == 1 &&
                         norm->size(0) == hs_ && norm->is_contiguous(),
-                    kOp, ": layer ", l, " ", j == 0 ? "input_layernorm" : "post_attention_layernorm",
-                    " must be [", hs_, "] in the activations' dtype");
+                    kOp, ": layer ", l, " ", j == 0 ? "input_layernorm" : "post_attention_layernorm", " must be [", hs_,
+                    "] in the activations' dtype");
         norms_[l * 2 + j] = norm->const_data_ptr();
         held_.push_back(norm);
       }
@@ -250,8 +260,8 @@ class DecodePlan : public torch::CustomClassHolder {
     }
     held_.push_back(&final_norm_);
     seen_.clear();
-    for (const at::Tensor* w : held_) seen_.push_back({w->const_data_ptr(), w->scalar_type(), w->is_contiguous(),
-                                                      w->sizes().vec()});
+    for (const at::Tensor* w : held_)
+      seen_.push_back({w->const_data_ptr(), w->scalar_type(), w->is_contiguous(), w->sizes().vec()});
     validated_ = true;
   }
 
@@ -273,17 +283,17 @@ class DecodePlan : public torch::CustomClassHolder {
                 ".bits must be 0 (dense), 4 or 8, got ", bits);
     const auto& weight = bits == 0 ? f.weight : f.qweight;
     TORCH_CHECK(!(bits == 0 ? f.qweight : f.weight).has_value() && (bits != 0 || (!f.scales && !f.offsets)), kOp,
-                ": layer ", layer, " ", name, bits == 0 ? " is dense (bits 0) but has quantized fields"
-                                                        : " is quantized but has a dense weight");
-    LinearRef r{ptr(weight), ptr(f.scales), ptr(f.offsets), ptr(f.bias), static_cast<int>(bits), group_size, 0, 0,
-                cpu::QuantWeight{}, nullptr, nullptr};
+                ": layer ", layer, " ", name,
+                bits == 0 ? " is dense (bits 0) but has quantized fields" : " is quantized but has a dense weight");
+    LinearRef r{ptr(weight), ptr(f.scales),      ptr(f.offsets), ptr(f.bias), static_cast<int>(bits), group_size, 0,
+                0,           cpu::QuantWeight{}, nullptr,        nullptr};
     TORCH_CHECK(r.w != nullptr, kOp, ": layer ", layer, " ", name, " has no ", bits == 0 ? "weight" : "qweight");
     TORCH_CHECK(r.w->device().is_cpu() && r.w->dim() == 2 && r.w->is_contiguous(), kOp, ": layer ", layer, " ", name,
                 " weight must be a contiguous 2-D CPU tensor");
     r.n = r.w->size(0);
     if (bits == 0) {
-      TORCH_CHECK(r.w->scalar_type() == dtype_, kOp, ": layer ", layer, " ", name, " weight dtype ",
-                  r.w->scalar_type(), " differs from the activations' ", dtype_);
+      TORCH_CHECK(r.w->scalar_type() == dtype_, kOp, ": layer ", layer, " ", name, " weight dtype ", r.w->scalar_type(),
+                  " differs from the activations' ", dtype_);
       r.k = r.w->size(1);
     } else {
       TORCH_CHECK(r.w->scalar_type() == (bits == 4 ? at::kByte : at::kChar), kOp, ": layer ", layer, " ", name,
@@ -307,15 +317,22 @@ class DecodePlan : public torch::CustomClassHolder {
     r.bias_ptr = r.bias ? r.bias->const_data_ptr() : nullptr;
     r.dense = bits == 0 ? r.w->const_data_ptr() : nullptr;
     if (bits != 0)
-      r.q = cpu::QuantWeight{r.w->const_data_ptr(), r.scale->const_data_ptr(),
-                             r.offset ? r.offset->const_data_ptr() : nullptr, cpu::scale_type(*r.scale, kOp), r.bits,
-                             r.n, r.k, r.group_size};
+      r.q = cpu::QuantWeight{r.w->const_data_ptr(),
+                             r.scale->const_data_ptr(),
+                             r.offset ? r.offset->const_data_ptr() : nullptr,
+                             cpu::scale_type(*r.scale, kOp),
+                             r.bits,
+                             r.n,
+                             r.k,
+                             r.group_size};
     return r;
   }
 
   static void run_linear(const LinearRef& r, bool bf16, const void* x, void* out, int64_t m) {
-    if (r.bits == 0) cpu::dense_linear(bf16, x, r.dense, r.bias_ptr, out, m, r.n, r.k);
-    else cpu::quant_linear(bf16, x, r.q, r.bias_ptr, out, m);
+    if (r.bits == 0)
+      cpu::dense_linear(bf16, x, r.dense, r.bias_ptr, out, m, r.n, r.k);
+    else
+      cpu::quant_linear(bf16, x, r.q, r.bias_ptr, out, m);
   }
 
   void check_step(const at::Tensor& hidden, at::TensorList k_caches, at::TensorList v_caches,
@@ -340,9 +357,9 @@ class DecodePlan : public torch::CustomClassHolder {
     TORCH_CHECK(positions.sizes() == at::IntArrayRef({b, t}) && slots.sizes() == at::IntArrayRef({b, t}) &&
                     positions.is_contiguous() && slots.is_contiguous(),
                 kOp, ": positions and slots must be contiguous [B, T]");
-    TORCH_CHECK(kv_lens.scalar_type() == at::kInt && kv_lens.dim() == 1 && kv_lens.size(0) == b &&
-                    kv_lens.is_contiguous(),
-                kOp, ": kv_lens must be contiguous int32 [B]");
+    TORCH_CHECK(
+        kv_lens.scalar_type() == at::kInt && kv_lens.dim() == 1 && kv_lens.size(0) == b && kv_lens.is_contiguous(), kOp,
+        ": kv_lens must be contiguous int32 [B]");
     TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                     sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == head_dim_ / 2 && sin.sizes() == cos.sizes(),
                 kOp, ": cos/sin must be contiguous fp32 [max_pos, head_dim/2]");
@@ -366,8 +383,8 @@ class DecodePlan : public torch::CustomClassHolder {
   enum Scratch { kResidual, kX, kH, kQkv, kAttn, kGateUp, kAct, kScratchCount };
 
   void ensure_scratch() {
-    const int64_t widths[kScratchCount] = {hs_, hs_, hs_, (heads_ + 2 * kv_heads_) * head_dim_, heads_ * head_dim_,
-                                           2 * inter_, inter_};
+    const int64_t widths[kScratchCount] = {
+        hs_, hs_, hs_, (heads_ + 2 * kv_heads_) * head_dim_, heads_ * head_dim_, 2 * inter_, inter_};
     int64_t total = 0;
     for (int i = 0; i < kScratchCount; ++i) {
       offsets_[i] = total;
@@ -377,7 +394,7 @@ class DecodePlan : public torch::CustomClassHolder {
   }
   char* scratch_ptr(Scratch s) { return static_cast<char*>(scratch_.data_ptr()) + offsets_[s]; }
 
-  std::vector<LayerFields> fields_;     // as add_layer received them
+  std::vector<LayerFields> fields_;      // as add_layer received them
   std::vector<const at::Tensor*> held_;  // every tensor validate() read, final_norm last
   bool validated_ = false;
   at::Tensor final_norm_;
@@ -407,9 +424,10 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
       .def("add_layer", &DecodePlan::add_layer)
       .def("num_layers", &DecodePlan::num_layers);
   // One decode step of the whole decoder stack on a plan built once per model (llama_fast/ops/cpu_decode.py).
-  m.def("cpu_decode_step(__torch__.torch.classes.llama_fast.CpuDecodePlan plan, Tensor hidden, "
-        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor positions, Tensor slots, Tensor kv_lens, int kv_span, "
-        "Tensor cos, Tensor sin) -> Tensor");
+  m.def(
+      "cpu_decode_step(__torch__.torch.classes.llama_fast.CpuDecodePlan plan, Tensor hidden, "
+      "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor positions, Tensor slots, Tensor kv_lens, int kv_span, "
+      "Tensor cos, Tensor sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_fast, CPU, m) { m.impl("cpu_decode_step", &decode_step); }

@@ -32,8 +32,8 @@ constexpr int64_t kMaxGemvRows = 8;
 void rms_norm(bool bf16, const void* x, const void* w, void* y, int64_t rows, int64_t hidden, float eps);
 // new_residual = x + residual (rounded to the dtype); y = rms_norm(new_residual). y may alias x and
 // new_residual may alias residual (the in-place form of the residual stream).
-void fused_add_rms_norm(bool bf16, const void* x, const void* residual, const void* w, void* y,
-                        void* new_residual, int64_t rows, int64_t hidden, float eps);
+void fused_add_rms_norm(bool bf16, const void* x, const void* residual, const void* w, void* y, void* new_residual,
+                        int64_t rows, int64_t hidden, float eps);
 
 // ---- rotary (rotary.cpp) -----------------------------------------------------------------------------------
 struct Strided4 {  // a [B, T, H, D] tensor whose last dimension is contiguous
@@ -49,11 +49,14 @@ void rotary(bool bf16, Strided4 q, Strided4 k, const void* positions, bool posit
 // ---- attention (attention.cpp) -----------------------------------------------------------------------------
 struct AttentionArgs {
   bool bf16;
-  const void* q; int64_t q_sb, q_st, q_sh;      // [B, Tq, Hq, D]
-  const void* k; int64_t k_sb, k_st, k_sh;      // [B, Tk, Hkv, D]
-  const void* v; int64_t v_sb, v_st, v_sh;
-  void* out;                                    // [B, Tq, Hq, D] contiguous
-  const int32_t* kv_lens;                       // [B] or nullptr (= Tk); values in 0..Tk
+  const void* q;
+  int64_t q_sb, q_st, q_sh;  // [B, Tq, Hq, D]
+  const void* k;
+  int64_t k_sb, k_st, k_sh;  // [B, Tk, Hkv, D]
+  const void* v;
+  int64_t v_sb, v_st, v_sh;
+  void* out;               // [B, Tq, Hq, D] contiguous
+  const int32_t* kv_lens;  // [B] or nullptr (= Tk); values in 0..Tk
   int64_t batch, tq, tk, hq, hkv, head_dim;
   bool causal;
   float scale;
@@ -89,12 +92,12 @@ void dense_linear(bool bf16, const void* x, const void* w, const void* bias, voi
 
 // ---- weight-only quantized linear (quant_linear.cpp) ---------------------------------------------------------
 enum class ScaleType { kF32 = 0, kF16 = 1, kBF16 = 2 };
-struct QuantWeight {  // csrc/common/quant_format.h: w = q * scale + offset, per group of group_size along K
-  const void* q;        // int8 [N, K] or uint8 [N, K/2]
-  const void* scale;    // [N, K / group_size]
-  const void* offset;   // same, or nullptr (zero)
-  ScaleType scale_type; // of scale and offset
-  int bits;             // 4 or 8
+struct QuantWeight {     // csrc/common/quant_format.h: w = q * scale + offset, per group of group_size along K
+  const void* q;         // int8 [N, K] or uint8 [N, K/2]
+  const void* scale;     // [N, K / group_size]
+  const void* offset;    // same, or nullptr (zero)
+  ScaleType scale_type;  // of scale and offset
+  int bits;              // 4 or 8
   int64_t n, k, group_size;
 };
 // out[M, N] = x[M, K] @ dequant(w)^T (+ bias[N]), x / bias / out in the activation dtype, fp32 accumulation.
@@ -111,9 +114,9 @@ void dequantize_rows(const QuantWeight& w, int64_t n0, int64_t n1, float* out);
 // ---- KV cache (store_kv.cpp) -----------------------------------------------------------------------------
 // cache[b, slots[b, t]] = src[b, t] for k and v; caches [B, S, Hkv, D] contiguous; k/v [B, T, Hkv, D] with
 // contiguous rows of Hkv * D elements (strides sb, st); negative slots are skipped; slots are < S.
-void store_kv(int64_t elem_size, void* k_cache, void* v_cache, const void* k, int64_t k_sb, int64_t k_st,
-              const void* v, int64_t v_sb, int64_t v_st, const void* slots, bool slots_int64, int64_t batch,
-              int64_t seq, int64_t cache_len, int64_t row_elems);
+void store_kv(int64_t elem_size, void* k_cache, void* v_cache, const void* k, int64_t k_sb, int64_t k_st, const void* v,
+              int64_t v_sb, int64_t v_st, const void* slots, bool slots_int64, int64_t batch, int64_t seq,
+              int64_t cache_len, int64_t row_elems);
 
 }  // namespace cpu
 }  // namespace llama_fast

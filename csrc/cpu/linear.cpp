@@ -86,8 +86,8 @@ void gemv_block(const T* x, const T* w, const T* bias, T* out, int64_t n, int64_
 #if LF_ISA_LEVEL == 2
 // bf16 x bf16 with vdpbf16ps: 32 products per instruction, fp32 accumulation.
 template <int R, int M>
-void gemv_block_dpbf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t n,
-                       int64_t k, int64_t row) {
+void gemv_block_dpbf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t n, int64_t k,
+                       int64_t row) {
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int mm = 0; mm < M; ++mm) acc[r][mm] = _mm512_setzero_ps();
@@ -134,8 +134,8 @@ void gemv_rows_m(const T* x, const T* w, const T* bias, T* out, int64_t n, int64
 static_assert(kMaxGemvRows == 8, "gemv_rows has one case per row count up to kMaxGemvRows");
 
 template <typename T>
-void gemv_rows(const T* x, const T* w, const T* bias, T* out, int64_t m, int64_t n, int64_t k, int64_t n0,
-               int64_t n1, bool dpbf16) {
+void gemv_rows(const T* x, const T* w, const T* bias, T* out, int64_t m, int64_t n, int64_t k, int64_t n0, int64_t n1,
+               bool dpbf16) {
   switch (m) {
     case 1: return gemv_rows_m<T, 1>(x, w, bias, out, n, k, n0, n1, dpbf16);
     case 2: return gemv_rows_m<T, 2>(x, w, bias, out, n, k, n0, n1, dpbf16);

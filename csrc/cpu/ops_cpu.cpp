@@ -22,8 +22,8 @@ void check_activation(const at::Tensor& t, const char* op, const char* name) {
 }
 
 void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              ", expected ", ref.scalar_type(), " (the dtype of the activations)");
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), ", expected ",
+              ref.scalar_type(), " (the dtype of the activations)");
 }
 
 void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
@@ -80,8 +80,7 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const
 }
 
 // ---- rotary ------------------------------------------------------------------------------------------------
-void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos,
-             const at::Tensor& sin) {
+void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
   const char* op = "rotary_";
   check_activation(q, op, "q");
   check_activation(k, op, "k");
@@ -111,8 +110,8 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at
     TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < cos.size(0), op, ": positions must lie in [0, ",
                 cos.size(0), "), got [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
   }
-  cpu::rotary(is_bf16(q), cpu::strided4(q), cpu::strided4(k), pos.data_ptr(),
-              pos.scalar_type() == at::kLong, c.data_ptr<float>(), s.data_ptr<float>(), b, t, d);
+  cpu::rotary(is_bf16(q), cpu::strided4(q), cpu::strided4(k), pos.data_ptr(), pos.scalar_type() == at::kLong,
+              c.data_ptr<float>(), s.data_ptr<float>(), b, t, d);
 }
 
 // ---- attention ---------------------------------------------------------------------------------------------
@@ -139,8 +138,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (kv_lens.has_value()) {
     lens = *kv_lens;
     TORCH_CHECK(lens.device().is_cpu(), op, ": kv_lens must be a CPU tensor, got ", lens.device());
-    TORCH_CHECK(lens.scalar_type() == at::kInt || lens.scalar_type() == at::kLong, op,
-                ": kv_lens must be int32, got ", lens.scalar_type());
+    TORCH_CHECK(lens.scalar_type() == at::kInt || lens.scalar_type() == at::kLong, op, ": kv_lens must be int32, got ",
+                lens.scalar_type());
     TORCH_CHECK(lens.dim() == 1 && lens.size(0) == b, op, ": kv_lens must be [B] = [", b, "], got ", lens.sizes());
     lens = lens.to(at::kInt).contiguous();
     if (b > 0) {
@@ -156,8 +155,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     bool full = true;
     if (lens.defined()) full = lens.min().item<int>() == tk;
     if (full)
-      return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0,
-                                              true, scale, /*enable_gqa=*/true)
+      return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0, true,
+                                              scale, /*enable_gqa=*/true)
           .transpose(1, 2)
           .contiguous();
   }
@@ -213,11 +212,10 @@ void store_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, co
   const auto s = slots.contiguous();
   if (s.numel() == 0) return;
   const int64_t hi = s.max().item<int64_t>();
-  TORCH_CHECK(hi < k_cache.size(1), op, ": slot ", hi, " is past the end of the cache (length ", k_cache.size(1),
-              ")");
-  cpu::store_kv(k_cache.element_size(), k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), k.stride(0),
-                k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), s.data_ptr(), s.scalar_type() == at::kLong,
-                k.size(0), k.size(1), k_cache.size(1), k.size(2) * k.size(3));
+  TORCH_CHECK(hi < k_cache.size(1), op, ": slot ", hi, " is past the end of the cache (length ", k_cache.size(1), ")");
+  cpu::store_kv(k_cache.element_size(), k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), k.stride(0), k.stride(1),
+                v.data_ptr(), v.stride(0), v.stride(1), s.data_ptr(), s.scalar_type() == at::kLong, k.size(0),
+                k.size(1), k_cache.size(1), k.size(2) * k.size(3));
 }
 
 // ---- linear ------------------------------------------------------------------------------------------------
@@ -242,8 +240,8 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std
   check_activation(weight, op, "weight");
   check_same_dtype(weight, x, op, "weight");
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [N, K], got shape ", weight.sizes());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x's last dimension (",
-              x.dim() ? x.size(-1) : 0, ") must equal weight's K (", weight.size(1), ")");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x's last dimension (", x.dim() ? x.size(-1) : 0,
+              ") must equal weight's K (", weight.size(1), ")");
   check_contiguous(weight, op, "weight");
   check_bias(bias, x, weight.size(0), op);
   const int64_t k = weight.size(1), n = weight.size(0);
@@ -253,8 +251,8 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std
   auto sizes = x.sizes().vec();
   sizes.back() = n;
   auto out = at::empty(sizes, x.options());
-  cpu::dense_linear(is_bf16(x), xc.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr,
-                    out.data_ptr(), m, n, k);
+  cpu::dense_linear(is_bf16(x), xc.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr, out.data_ptr(), m,
+                    n, k);
   return out;
 }
 
@@ -288,8 +286,9 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, op, ": x's last dimension (", x.dim() ? x.size(-1) : 0,
               ") must equal the weight's K (", k, ")");
   check_bias(bias, x, n, op);
-  const cpu::QuantWeight w{qweight.data_ptr(), scale.data_ptr(), offset ? offset->data_ptr() : nullptr, st,
-                           static_cast<int>(bits), n, k, group_size};
+  const cpu::QuantWeight w{
+      qweight.data_ptr(), scale.data_ptr(), offset ? offset->data_ptr() : nullptr, st, static_cast<int>(bits), n, k,
+      group_size};
   auto sizes = x.sizes().vec();
   sizes.back() = n;
   const int64_t m = k ? x.numel() / k : 0;

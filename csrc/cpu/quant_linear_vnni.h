@@ -22,8 +22,8 @@ bool prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t*
 
 // out[mm * ldo + n] for mm < m (1..8) and n in [n0, n1): the dot products of the prepared rows with weight
 // rows n. `two_limbs`: the rows were prepared from fp32.
-void rows(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t m,
-          bool two_limbs, int64_t n0, int64_t n1, float* out, int64_t ldo);
+void rows(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t m, bool two_limbs,
+          int64_t n0, int64_t n1, float* out, int64_t ldo);
 
 }  // namespace vnni
 }  // namespace cpu

@@ -24,8 +24,8 @@ void rms_norm(bool bf16, const void* x, const void* w, void* y, int64_t rows, in
   });
 }
 
-void fused_add_rms_norm(bool bf16, const void* x, const void* residual, const void* w, void* y,
-                        void* new_residual, int64_t rows, int64_t hidden, float eps) {
+void fused_add_rms_norm(bool bf16, const void* x, const void* residual, const void* w, void* y, void* new_residual,
+                        int64_t rows, int64_t hidden, float eps) {
   parallel_for(rows, rows_per_chunk(hidden), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t o = r * hidden;
