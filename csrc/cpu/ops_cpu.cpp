@@ -9,6 +9,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/kernels.h"
 #include "cpu/torch_args.h"
+#include "op_checks.h"
 
 namespace llama_fast {
 namespace {
@@ -19,22 +20,6 @@ void check_activation(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
               " must be float32 or bfloat16, got ", t.scalar_type());
-}
-
-void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), ", expected ",
-              ref.scalar_type(), " (the dtype of the activations)");
-}
-
-void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (got strides ", t.strides(), ")");
-}
-
-// A [B, T, H, D] tensor whose last dimension is contiguous (q / k / v may be views into a fused projection).
-void check_bthd(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [B, T, H, D], got shape ", t.sizes());
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, op, ": ", name,
-              " must have a contiguous last dimension (stride 1), got strides ", t.strides());
 }
 
 // ---- norms -------------------------------------------------------------------------------------------------
@@ -229,9 +214,7 @@ constexpr int64_t kMaxOnePassRows = 64;
 void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n, const char* op) {
   if (!bias.has_value()) return;
   check_activation(*bias, op, "bias");
-  check_same_dtype(*bias, x, op, "bias");
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [", n, "], got ", bias->sizes());
-  check_contiguous(*bias, op, "bias");
+  check_bias_shape(*bias, x, n, op);
 }
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {

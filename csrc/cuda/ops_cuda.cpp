@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "cuda/launch.h"
+#include "op_checks.h"
 
 namespace llama_fast {
 namespace {
@@ -29,15 +30,6 @@ DType float_dtype(const at::Tensor& t, const char* op, const char* name) {
 void check_on(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the input is on ", ref.device());
-}
-
-void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (got strides ", t.strides(), ")");
-}
-
-void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
-              " differs from the input dtype ", ref.scalar_type());
 }
 
 void check_aligned16(const at::Tensor& t, const char* op, const char* name) {
@@ -291,9 +283,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   }
   if (bias.has_value()) {
     check_on(*bias, x, op, "bias");
-    check_same_dtype(*bias, x, op, "bias");
-    check_contiguous(*bias, op, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [", n, "], got ", bias->sizes());
+    check_bias_shape(*bias, x, n, op);
   }
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.numel() / k < 65535LL * 64, op, ": more than ", 65535LL * 64, " rows (the GEMM grid limit)");
