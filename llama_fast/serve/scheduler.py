@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llama_fast import _native
 from llama_fast.ops import cpu_decode
 from llama_fast.serve.detokenize import IncrementalText
 from llama_fast.serve.sampling import RowSampler, SamplingParams, TokenChoice
@@ -317,12 +318,14 @@ def _send(request: Request, event) -> None:
 
 
 def _decode_rows(device: torch.device, max_batch: int) -> int:
-    """Rows per decode forward. On the CPU, the fused decode stack takes up to cpu_decode.MAX_ROWS rows in one
+    """Rows per decode forward. On the CPU, the fused decode stack takes up to cpu_decode.max_rows() rows in one
     pass over the weights; a larger batch runs as several such passes (beyond that many rows, quantized
     linears without the VNNI kernels dequantize whole weight matrices per call: far slower per step; a dense
     model would do as well or better in one forward, which `decode_rows=max_batch` asks for).
     Elsewhere the whole batch is one forward."""
-    return min(max_batch, cpu_decode.MAX_ROWS) if device.type == "cpu" else max_batch
+    if device.type != "cpu" or _native.extension() is None:
+        return max_batch
+    return min(max_batch, cpu_decode.max_rows())
 
 
 def _eos_ids(model, tokenizer) -> set:
