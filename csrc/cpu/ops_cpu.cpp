@@ -284,9 +284,19 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   }
   if (m <= kMaxOnePassRows) {
     auto out = at::empty(sizes, x.options());
-    if (out.numel() == 0 ||
-        cpu::quant_linear_any_rows(is_bf16(x), xc.data_ptr(), w, bias ? bias->data_ptr() : nullptr, out.data_ptr(), m))
-      return out;
+    const void* b = bias ? bias->data_ptr() : nullptr;
+    if (out.numel() == 0 || cpu::quant_linear_any_rows(is_bf16(x), xc.data_ptr(), w, b, out.data_ptr(), m)) return out;
+    // No one-pass kernel on this CPU (no AVX512-VNNI): the GEMV kernel on kMaxGemvRows rows at a time reads the
+    // packed weights ceil(m / 8) times, still far less than dequantizing the whole matrix to fp32 for a GEMM
+    // (a 16-row batched decode step of the int4 demo model was ~100x slower that way).
+    const auto* xb = static_cast<const char*>(xc.data_ptr());
+    auto* ob = static_cast<char*>(out.data_ptr());
+    const int64_t esz = xc.element_size();
+    for (int64_t r0 = 0; r0 < m; r0 += kMaxGemvRows) {
+      const int64_t rows = std::min(kMaxGemvRows, m - r0);
+      cpu::quant_linear(is_bf16(x), xb + r0 * k * esz, w, b, ob + r0 * n * esz, rows);
+    }
+    return out;
   }
   // Prefill: dequantize a band of rows at a time (fits L2) and multiply with a fp32 GEMM. Both run on ATen's
   // (OpenMP) threads: alternating them with our pool's, whose helpers spin between loops, starves whichever
