@@ -1,0 +1,1 @@
+"""File-format readers (GGUF, safetensors, ...): they import no model code."""
