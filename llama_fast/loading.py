@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from llama_fast import quant, safetensors_file
 from llama_fast.config import LlamaConfig, dtype_from_name
 from llama_fast.linear import Linear
+from llama_fast.model_files import model_file
 from llama_fast.ops._backend import check_backend_name
 from llama_fast.quant import QuantizedWeight
 from llama_fast.safetensors_file import SafetensorsError, SafetensorsFile
@@ -373,6 +374,9 @@ def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
     model = meta_model(cls, config, torch_dtype, device)
     loader = TensorLoader(model, torch_dtype, device, quantize, group_size)
     config_quant = getattr(config, "quantization_config", None)
+    if config_quant is not None and not isinstance(config_quant, dict):
+        raise CheckpointError(f"{path}: config.json's quantization_config must be an object, got "
+                              f"{type(config_quant).__name__}")
     if config_quant is not None and config_quant.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{path}: config.json has a quantization_config of method "
                               f"{config_quant.get('quant_method')!r}; llama_fast reads only its own "
@@ -390,34 +394,45 @@ def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
 
 
 def _safetensors_files(path: str) -> list[tuple[str, list[str] | None]]:
-    """[(file, tensor names it should hold or None for all)] of a checkpoint directory."""
+    """[(file, tensor names it should hold or None for all)] of a checkpoint directory. Every file is
+    checked to lie inside the directory (llama_fast.model_files): an index naming '../x' or '/etc/x', or a
+    shard that is a symlink out of the directory, is refused before it is opened."""
     single, index = os.path.join(path, SAFE_WEIGHTS), os.path.join(path, SAFE_INDEX)
     if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{index}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        except (KeyError, TypeError):
-            raise CheckpointError(f"{index}: has no 'weight_map' object") from None
+        model_file(path, SAFE_INDEX, "index")
         by_file: dict[str, list[str]] = {}
-        for name, file in weight_map.items():
+        for name, file in _weight_map(index).items():
             by_file.setdefault(file, []).append(name)
         out = []
         for file, names in by_file.items():
-            full = os.path.join(path, file)
+            full = model_file(path, file, "shard")
             if not os.path.isfile(full):
                 raise CheckpointError(f"{index}: names shard {file!r}, which does not exist "
                                       f"(needed for {names[0]!r})")
             out.append((full, names))
         return out
     if os.path.exists(single):
-        return [(single, None)]
+        return [(model_file(path, SAFE_WEIGHTS, "weights file"), None)]
     others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if len(others) == 1:
-        return [(os.path.join(path, others[0]), None)]
+        return [(model_file(path, others[0], "weights file"), None)]
     _refuse_pickles(path)
     raise CheckpointError(f"{path}: no {SAFE_WEIGHTS} or {SAFE_INDEX} found")
+
+
+def _weight_map(index: str) -> dict[str, str]:
+    """The index's weight_map: tensor name -> shard file name, both strings."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (AttributeError, UnicodeDecodeError, RecursionError):
+        raise CheckpointError(f"{index}: not a JSON object in UTF-8") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: 'weight_map' must be an object mapping tensor names to file names")
+    return weight_map
 
 
 def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | None, bar=None,
