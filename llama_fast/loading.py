@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -368,8 +369,9 @@ def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
     if os.path.isfile(path):
         _refuse_pickles(path)
         raise CheckpointError(f"{path}: expected a directory with config.json and *.safetensors, or a .gguf file")
-    config = LlamaConfig.from_pretrained(path)
+    config = LlamaConfig.from_pretrained(model_file(path, "config.json", "config"))
     files = _safetensors_files(path)
+    _check_layer_count(config, files, path)
     torch_dtype = _resolve_dtype(dtype, config)
     model = meta_model(cls, config, torch_dtype, device)
     loader = TensorLoader(model, torch_dtype, device, quantize, group_size)
@@ -418,6 +420,27 @@ def _safetensors_files(path: str) -> list[tuple[str, list[str] | None]]:
         return [(model_file(path, others[0], "weights file"), None)]
     _refuse_pickles(path)
     raise CheckpointError(f"{path}: no {SAFE_WEIGHTS} or {SAFE_INDEX} found")
+
+
+def _check_layer_count(config: LlamaConfig, files: list[tuple[str, list[str] | None]], path: str) -> None:
+    """config.json's num_hidden_layers must be the number of layers the checkpoint holds, checked before
+    the model is built (a corrupt count would build layers until memory runs out)."""
+    names = []
+    for file, listed in files:
+        if listed is None:
+            try:
+                listed = SafetensorsFile(file).keys()
+            except SafetensorsError as e:
+                raise CheckpointError(str(e)) from None
+        names += listed
+    layers = {int(m.group(1)) for m in map(_LAYER_NAME.match, names) if m is not None}
+    if layers != set(range(config.num_hidden_layers)):
+        present = f"0..{max(layers)}" if layers else "none"
+        raise CheckpointError(f"{path}: config.json has num_hidden_layers={config.num_hidden_layers} but the "
+                              f"checkpoint's layers are {present} ({len(layers)} distinct)")
+
+
+_LAYER_NAME = re.compile(r"(?:model\.)?layers\.(\d+)\.")
 
 
 def _weight_map(index: str) -> dict[str, str]:
