@@ -139,6 +139,7 @@ class TensorLoader:
                  group_size: int = 128):
         if quantize is not None and quantize not in _QUANTIZE_BITS:
             raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
+        _check_group_size(group_size)
         self.model = model
         self.dtype = dtype
         self.device = torch.device(device)
@@ -263,6 +264,12 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
 
 
+def _check_group_size(group_size) -> None:
+    if group_size not in (-1, None) and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                         or group_size <= 0):
+        raise ValueError(f"group_size must be a positive integer (or -1 for one group per row), got {group_size!r}")
+
+
 def _group_size_for(k: int, requested: int, name: str) -> int:
     """`requested`, or for a layer whose K it does not divide (SmolLM2's K=576 with 128), the largest
     power-of-two fraction of it that does, down to 32 (smaller groups: a little more accurate and larger)."""
@@ -321,6 +328,7 @@ def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantiz
     check_backend_name(backend)
     if quantize is not None and quantize not in _QUANTIZE_BITS:
         raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
+    _check_group_size(group_size)
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or directory: {path}")

@@ -399,3 +399,10 @@ def test_truncated_model_is_an_error_not_a_unigram_model():
 def test_odd_field_types(data):
     with pytest.raises(ValueError, match="not a valid sentencepiece model"):
         parse_sentencepiece_model(data + _sp_model())
+
+
+@pytest.mark.parametrize("group_size", [0, -5, 2.5, True])
+def test_group_size_must_be_positive(model_dir, group_size):
+    """Was: ZeroDivisionError for group_size=0."""
+    with pytest.raises(ValueError, match="group_size must be a positive integer"):
+        LlamaForCausalLM.from_pretrained(model_dir, quantize="int4", group_size=group_size)
