@@ -14,6 +14,8 @@ transformers defaults (max_length 20, top_k 50), as transformers does.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 _DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "max_length": 20}
@@ -31,6 +33,10 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
                                      temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                                      pad_token_id=pad_token_id), kwargs)
     batch, prompt_len = input_ids.shape
+    for name in ("max_new_tokens", "max_length"):
+        value = settings[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"generate: {name} must be an int, got {value!r} ({type(value).__name__})")
     max_new = settings["max_new_tokens"]
     if max_new is None:
         max_new = settings["max_length"] - prompt_len
@@ -58,10 +64,20 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
 
     output = torch.empty(batch, total, dtype=input_ids.dtype, device=input_ids.device)
     output[:, :prompt_len] = input_ids
-    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-    if streamer is not None:
+    if streamer is None:
+        return _decode(model, new_input, attention_mask, output, prompt_len, max_new, cache, sampler, pad, eos, None)
+    try:
         streamer.put(input_ids.cpu())
+        return _decode(model, new_input, attention_mask, output, prompt_len, max_new, cache, sampler, pad, eos,
+                       streamer)
+    finally:
+        # Also when decoding raises: a TextIteratorStreamer's consumer (another thread) waits for end().
+        streamer.end()
 
+
+def _decode(model, new_input, attention_mask, output, prompt_len, max_new, cache, sampler, pad, eos, streamer):
+    """The prefill and decode loop: fills output[:, prompt_len:] and returns the filled part."""
+    unfinished = torch.ones(output.shape[0], dtype=torch.bool, device=output.device)
     out = model(new_input, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
     length = prompt_len
     for step in range(max_new):
@@ -78,8 +94,6 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
                 break
         if step + 1 < max_new:
             out = model(output[:, length - 1:length], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    if streamer is not None:
-        streamer.end()
     return output[:, :length]
 
 
@@ -164,13 +178,15 @@ def _make_sampler(settings, generator, seed, device):
         # max().indices: the same first maximal index as argmax, ~3x faster on CPU (a 49K vocabulary: 20 us
         # instead of 60 per token)
         return lambda logits: logits.max(dim=-1).indices
-    temperature, top_k, top_p = float(settings["temperature"]), settings["top_k"], float(settings["top_p"])
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling (got {temperature}); use do_sample=False for greedy")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    temperature, top_k, top_p = settings["temperature"], settings["top_k"], settings["top_p"]
+    if not _real(temperature) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0 when sampling (got {temperature!r}); use "
+                         "do_sample=False for greedy")
+    if not _real(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+    temperature, top_p = float(temperature), float(top_p)
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
 
@@ -179,6 +195,13 @@ def _make_sampler(settings, generator, seed, device):
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
     return sample
+
+
+def _real(value) -> bool:
+    """A Python or 0-d tensor real number that is not nan (comparisons with nan are all False)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def warp_logits(logits, temperature=1.0, top_k=None, top_p=1.0):
