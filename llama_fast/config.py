@@ -50,6 +50,7 @@ _INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 # Upper bounds: sizes index int32 tensors in the kernels; a layer count past this is a corrupt config (the
 # loaders also check it against the layers the checkpoint holds).
 _MAX_SIZE = 2 ** 31 - 1
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_cache")
 _MAX_LAYERS = 2 ** 16
 _DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
                 "float16": torch.float16, "half": torch.float16}
@@ -58,6 +59,10 @@ _DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "bfloat16": to
 def _finite(value) -> bool:
     """A real number (not a bool) that is neither NaN nor infinite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_not_bool(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def dtype_from_name(name, what: str = "dtype") -> torch.dtype:
@@ -164,6 +169,13 @@ class LlamaConfig:
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is not divisible by "
                              f"num_key_value_heads ({self.num_key_value_heads})")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer or null, got {value!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; llama_fast implements 'silu'")
         if not _finite(self.rope_theta) or self.rope_theta <= 0:
@@ -176,8 +188,8 @@ class LlamaConfig:
         if self.dtype is not None:
             dtype_from_name(self.dtype, "torch_dtype")
         eos = self.eos_token_id
-        if eos is not None and not isinstance(eos, int) and not (
-                isinstance(eos, list) and all(isinstance(e, int) for e in eos)):
+        if eos is not None and not _int_not_bool(eos) and not (
+                isinstance(eos, list) and all(_int_not_bool(e) for e in eos)):
             raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
         self._validate_rope_scaling()
 

@@ -148,6 +148,7 @@ class TensorLoader:
         self.targets, self.by_hf = _targets(model)
         self.tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
         self.native_head = False  # a tied lm_head given its own quantized weight (add)
+        self.stored_head = None   # a tied model's stored lm_head.weight, which must equal the embeddings
         from llama_fast.modeling import LlamaModel
         self.bare = isinstance(model, LlamaModel)  # its names have no "model." prefix
 
@@ -194,6 +195,8 @@ class TensorLoader:
             return
         found = self._resolve(name)
         if found is None:
+            if name == "lm_head.weight" and self.tied and not self.bare and isinstance(value, torch.Tensor):
+                self.stored_head = value     # checked against the embeddings in finish()
             if self._ignored(name):
                 return
             raise CheckpointError(f"{source}: unexpected tensor {name!r}: the model has no such parameter "
@@ -257,7 +260,13 @@ class TensorLoader:
             shown = ", ".join(repr(m) for m in missing[:8]) + (", ..." if len(missing) > 8 else "")
             raise CheckpointError(f"{source}: {len(missing)} tensor(s) missing: {shown}")
         if self.tied and hasattr(self.model, "lm_head") and not self.native_head:
-            self.model.lm_head.weight = self.model.model.embed_tokens.weight
+            embeddings = self.model.model.embed_tokens.weight
+            if self.stored_head is not None and not torch.equal(self.stored_head.to(embeddings), embeddings):
+                # transformers would silently use the embeddings; the file says two different things.
+                raise CheckpointError(f"{source}: config.json has tie_word_embeddings=true but the checkpoint's "
+                                      "lm_head.weight differs from model.embed_tokens.weight")
+            self.stored_head = None
+            self.model.lm_head.weight = embeddings
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

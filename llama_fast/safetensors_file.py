@@ -100,7 +100,8 @@ class SafetensorsFile:
         self._check_tiling(data_size)
 
     def _entry(self, name: str, info, data_size: int):
-        if not isinstance(info, dict) or info.get("dtype") not in DTYPES or not _int_list(info.get("shape")) \
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES \
+                or not _int_list(info.get("shape")) \
                 or not _int_list(info.get("data_offsets"), 2):
             raise SafetensorsError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}: it needs "
                                    f"'dtype' (one of {', '.join(DTYPES)}), 'shape' (a list of integers) and "

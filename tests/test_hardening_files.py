@@ -219,7 +219,7 @@ def test_header_nested_100k_deep_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("info", [
     [1, 2], {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]},
     {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, {"dtype": "F32", "shape": [2], "data_offsets": [0]},
-    {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}, {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
+    {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}, {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
 ])
 def test_entries_of_the_wrong_json_type(tmp_path, info):
     with pytest.raises(SafetensorsError, match="corrupt safetensors header entry for tensor 'a'"):
@@ -332,6 +332,11 @@ def _edit_config(directory, **changes):
     ({"num_hidden_layers": 10 ** 9}, "num_hidden_layers must be a positive integer up to 65536"),
     ({"num_hidden_layers": 3}, r"num_hidden_layers=3 but the checkpoint's layers are 0..1"),
     ({"quantization_config": [1]}, "quantization_config must be an object"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+    ({"pad_token_id": {"a": 1}}, "pad_token_id must be an integer or null"),
+    ({"eos_token_id": [2, True]}, "eos_token_id must be an int or a list of ints"),
+    # Found by the fuzzer: a tied config over a checkpoint whose lm_head differs loaded a different model.
+    ({"tie_word_embeddings": True}, "tie_word_embeddings=true but the checkpoint's lm_head.weight differs"),
 ])
 def test_config_values_out_of_range(model_dir, changes, message):
     if "rope_parameters" in json.loads((model_dir / "config.json").read_text()) and (
