@@ -288,9 +288,13 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [", n, "], got ", bias->sizes());
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(x.numel() / k < 65535LL * 64, op, ": more than ", 65535LL * 64, " rows (the GEMM grid limit)");
   auto sizes = x.sizes().vec();
   sizes.back() = n;
+  if (k == 0) {  // an empty sum, as F.linear defines it: zeros, plus the bias
+    auto out = at::zeros(sizes, x.options());
+    return bias.has_value() ? out.add_(*bias) : out;
+  }
+  TORCH_CHECK(x.numel() / k < 65535LL * 64, op, ": more than ", 65535LL * 64, " rows (the GEMM grid limit)");
   auto out = at::empty(sizes, x.options());
   cuda::QuantLinearArgs a{x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
                           offset.has_value() ? offset->data_ptr() : nullptr,
