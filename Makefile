@@ -13,7 +13,7 @@ export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 # The test suites pin the thread count so runs are comparable.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install build demo test test-cpu test-triton check-kernels bench clean
+.PHONY: install build demo test test-cpu test-isa test-triton check-kernels lint bench clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,13 +31,22 @@ build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
 demo: build
-	$(PY) -m llama_fast.cli generate --chat "What is the capital of France? Answer in one sentence." --max-new-tokens 48
+	$(PY) -m llama_fast generate --chat "What is the capital of France? Answer in one sentence." --max-new-tokens 48
 
-# Everything CI runs: the CPU suite, the Triton kernels under the interpreter, the sm_80/sm_90 compile checks.
-test: build test-cpu test-triton check-kernels
+# Everything CI runs: lint, the CPU suite, the model under the lower CPU instruction sets, the Triton kernels
+# under the interpreter, the sm_80/sm_90 compile checks.
+test: build lint test-cpu test-isa test-triton check-kernels
 
 test-cpu:
 	$(PYTEST) -q tests --ignore=tests/triton
+
+# The op tests already run every instruction-set level this CPU has (tests/ops/op_fixtures.py); the whole model
+# (against transformers, and the C++ decode plan) runs once more with the kernels forced to AVX2 and once to the
+# portable C++, so a machine without AVX-512 (any x86-64-v3) runs code that CI has run.
+ISA_MODEL_TESTS := tests/test_modeling.py tests/test_model_cpu_decode.py tests/test_cache.py
+test-isa:
+	LLAMA_FAST_CPU_ISA=avx2 $(PYTEST) -q $(ISA_MODEL_TESTS)
+	LLAMA_FAST_CPU_ISA=portable $(PYTEST) -q $(ISA_MODEL_TESTS)
 
 # TRITON_INTERPRET must be set before triton is first imported, hence a pytest process of its own.
 test-triton:
@@ -49,8 +58,18 @@ check-kernels:
 	@for s in .ci/check_triton_cubins.py .ci/check_cuda_ptxas.py; do \
 	  if [ -f $$s ]; then $(PY) $$s || exit 1; fi; done
 
+# The end-to-end generate benchmark (llama_fast/tools/bench.py, so that `llama-fast bench` runs it from a wheel).
+# ruff (pyproject.toml's [tool.ruff]: pycodestyle, pyflakes, import order) over the Python code, and
+# clang-format (.clang-format) over the C++/CUDA sources; both only check, neither rewrites a file
+# (`ruff check --fix .` and `clang-format -i` do). The clang-format check waits for a .clang-format file.
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	@if [ -f .clang-format ]; then $(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES) && echo "clang-format: ok"; \
+	else echo "lint: no .clang-format, C++ formatting not checked"; fi
+
 bench: build
-	$(PY) benchmarks/bench_generate.py
+	$(PY) -m llama_fast bench
 
 clean:
 	rm -rf build dist *.egg-info llama_fast/_C*.so

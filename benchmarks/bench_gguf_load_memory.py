@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gguf_load_memory.json"))
     args = p.parse_args()
     if args.gguf is None:
-        from llama_fast.demo import find_demo_gguf
+        from llama_fast.tools.demo import find_demo_gguf
         args.gguf = find_demo_gguf()
     runs = []
     tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llama_fast
-from llama_fast.cli import main
+from llama_fast.tools.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_cli(*args, env=None):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
                **(env or {}))
-    return subprocess.run([sys.executable, "-m", "llama_fast.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "llama_fast", *args], capture_output=True, text=True,
                           env=env, timeout=300)
 
 
@@ -125,9 +125,9 @@ def test_chat_without_template_is_one_line(tiny_dir, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory):
-    """The embedded model converted once into a fresh cache (the GGUF loader comes from llama_fast.gguf_file)."""
-    pytest.importorskip("llama_fast.gguf_file", reason="llama_fast's GGUF loader is not in this build")
-    from llama_fast import demo
+    """The embedded model converted once into a fresh cache (the GGUF loader comes from llama_fast.formats.gguf)."""
+
+    from llama_fast.tools import demo
 
     try:
         demo.find_demo_gguf()
@@ -149,7 +149,7 @@ def demo_cache(tmp_path_factory):
 def test_demo_model_is_converted_once_and_cached(demo_cache):
     import time
 
-    from llama_fast import demo
+    from llama_fast.tools import demo
 
     files = set(os.listdir(demo_cache))
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
@@ -170,13 +170,15 @@ def test_demo_model_is_converted_once_and_cached(demo_cache):
 
 @pytest.mark.slow
 def test_demo_model_dense_form_holds_the_same_numbers(demo_cache):
-    from llama_fast import demo
+    from llama_fast.tools import demo
 
     dense_dir = demo.demo_model_dir(progress=False, native=False)
     assert dense_dir != demo_cache
     native = llama_fast.LlamaForCausalLM.from_pretrained(demo_cache, dtype="float32")
     dense = llama_fast.LlamaForCausalLM.from_pretrained(dense_dir, dtype="float32")
     assert not dense.lm_head.quantized and dense.model.layers[0].mlp.down_proj.bits is None
+    # Exact by construction: the dense form is the dequantization of the same codes (q * scale + offset in
+    # fp32 of fp16 scales: exact products and one rounded add, the same ops in both).
     torch.testing.assert_close(native.model.layers[3].mlp.down_proj.quantized_weight().dequantize(torch.float32),
                                dense.model.layers[3].mlp.down_proj.weight, rtol=0, atol=0)
     ids = torch.tensor([[1, 504, 3458, 314, 4980, 30]])

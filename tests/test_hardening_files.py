@@ -13,11 +13,11 @@ import torch
 import gguf_util as G
 from llama_fast import LlamaConfig, LlamaForCausalLM
 from llama_fast.formats.gguf_reader import GGUFFormatError, GGUFReader
-from llama_fast.gguf_file import GGUFError
+from llama_fast.formats.gguf import GGUFError
 from llama_fast.loading import CheckpointError
-from llama_fast.safetensors_file import SafetensorsError, SafetensorsFile, write
-from llama_fast.sentencepiece_model import parse_sentencepiece_model
-from llama_fast.tokenization_gguf import tokenizer_from_gguf
+from llama_fast.formats.safetensors import SafetensorsError, SafetensorsFile
+from llama_fast.tokenization.sentencepiece_model import parse_sentencepiece_model
+from llama_fast.tokenization.gguf import tokenizer_from_gguf
 
 CONFIG = G.tiny_config()
 

@@ -132,7 +132,7 @@ def load_model(path: str) -> dict:
 
 
 def load_gguf_tokenizer(path: str) -> dict:
-    from llama_fast.tokenization_gguf import tokenizer_from_gguf
+    from llama_fast.tokenization.gguf import tokenizer_from_gguf
     tokenizer, config = tokenizer_from_gguf(path)
     ids = tokenizer.encode("abc ab a", add_special_tokens=False).ids
     return {"tensors": {}, "config": json.dumps([tokenizer.get_vocab_size(), ids, config], sort_keys=True,
@@ -140,7 +140,7 @@ def load_gguf_tokenizer(path: str) -> dict:
 
 
 def load_sentencepiece(path: str) -> dict:
-    from llama_fast.tokenization_sp import LlamaTokenizer
+    from llama_fast.tokenization.sentencepiece import LlamaTokenizer
     tokenizer = LlamaTokenizer(vocab_file=path)
     pieces = tokenizer._sp_model.pieces
     return {"tensors": {}, "config": json.dumps([pieces, tokenizer._sp_model.model_type,
