@@ -77,7 +77,8 @@ def main() -> None:
                                  check=True, capture_output=True, text=True, cwd=args.tree)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     best = min(runs, key=lambda r: r["ratio"])
-    result = {"gguf": os.path.basename(args.gguf), "tree": args.tree, "file_bytes": os.path.getsize(args.gguf), "runs": runs,
+    result = {"gguf": os.path.basename(args.gguf), "tree": args.tree, "file_bytes": os.path.getsize(args.gguf),
+              "runs": runs,
               "ratio_min": best["ratio"], "ratio_max": max(r["ratio"] for r in runs),
               "note": "peak RSS above the pre-load RSS / bytes of the tensors the model keeps; "
                       "taken on a shared 2-core machine (other jobs running), times are indicative only"}

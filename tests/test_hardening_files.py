@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-import gguf_util as G
 from llama_fast import LlamaConfig, LlamaForCausalLM
-from llama_fast.formats.gguf_reader import GGUFFormatError, GGUFReader
 from llama_fast.formats.gguf import GGUFError
-from llama_fast.loading import CheckpointError
+from llama_fast.formats.gguf_reader import GGUFFormatError, GGUFReader
 from llama_fast.formats.safetensors import SafetensorsError, SafetensorsFile
-from llama_fast.tokenization.sentencepiece_model import parse_sentencepiece_model
+from llama_fast.loading import CheckpointError
 from llama_fast.tokenization.gguf import tokenizer_from_gguf
+from llama_fast.tokenization.sentencepiece_model import parse_sentencepiece_model
+
+import gguf_util as G
 
 CONFIG = G.tiny_config()
 
@@ -219,7 +220,8 @@ def test_header_nested_100k_deep_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("info", [
     [1, 2], {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]},
     {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, {"dtype": "F32", "shape": [2], "data_offsets": [0]},
-    {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}, {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
+    {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]},
+    {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
 ])
 def test_entries_of_the_wrong_json_type(tmp_path, info):
     with pytest.raises(SafetensorsError, match="corrupt safetensors header entry for tensor 'a'"):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
 import resource
@@ -63,9 +62,10 @@ def tiny_llama_config() -> dict:
 def write_seeds(directory: str) -> dict[str, str]:
     """The valid seed files: {kind: path}."""
     import gguf
-    import gguf_util as G
 
     from llama_fast import LlamaConfig, LlamaForCausalLM
+
+    import gguf_util as G
 
     config = tiny_llama_config()
     weights = G.random_state_dict(config)

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from llama_fast import ops
-from llama_fast.quant import QuantizedWeight
 
 from op_fixtures import backend  # noqa: F401  (the parametrized fixture)
 
