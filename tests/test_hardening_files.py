@@ -9,6 +9,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from sentencepiece_util import model_bytes, varint
 
 from llama_fast import LlamaConfig, LlamaForCausalLM
 from llama_fast.formats.gguf import GGUFError
@@ -357,23 +358,8 @@ def test_config_nested_too_deep(model_dir):
 
 # ---- tokenizer.model ------------------------------------------------------------------------------------
 
-def _varint(n: int) -> bytes:
-    out = b""
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if not n:
-            return out + bytes([low])
-        out += bytes([low | 0x80])
-
-
 def _sp_model(pieces=(("a", -1.0), ("b", -2.0)), model_type: int = 2) -> bytes:
-    out = b""
-    for text, score in pieces:
-        piece = b"\x0a" + _varint(len(text)) + text.encode() + b"\x15" + struct.pack("<f", score) + b"\x18\x01"
-        out += b"\x0a" + _varint(len(piece)) + piece
-    trainer = b"\x18" + _varint(model_type)
-    normalizer = b"\x18\x01\x20\x01"
-    return out + b"\x12" + _varint(len(trainer)) + trainer + b"\x1a" + _varint(len(normalizer)) + normalizer
+    return model_bytes([(text, score, 1) for text, score in pieces], model_type)
 
 
 def test_sentencepiece_model_parses():
@@ -383,15 +369,15 @@ def test_sentencepiece_model_parses():
 
 def test_piece_text_as_a_2_31_varint_allocates_nothing():
     """Was: bytes(2**31) — a ~100-byte file allocated 2 GiB."""
-    piece = b"\x08" + _varint(2 ** 31)             # field 1 with wire type 0 (a varint), not a string
-    data = b"\x0a" + _varint(len(piece)) + piece + _sp_model()
+    piece = b"\x08" + varint(2 ** 31)             # field 1 with wire type 0 (a varint), not a string
+    data = b"\x0a" + varint(len(piece)) + piece + _sp_model()
     with pytest.raises(ValueError, match="piece text has the wrong protobuf wire type"):
         parse_sentencepiece_model(data)
 
 
 def test_length_past_the_end_is_refused():
     with pytest.raises(ValueError, match="truncated field: 2147483648 bytes claimed"):
-        parse_sentencepiece_model(b"\x0a" + _varint(2 ** 31) + b"\0" * 90)
+        parse_sentencepiece_model(b"\x0a" + varint(2 ** 31) + b"\0" * 90)
 
 
 def test_truncated_model_is_an_error_not_a_unigram_model():

@@ -90,27 +90,13 @@ def write_seeds(directory: str) -> dict[str, str]:
     return {"gguf": gguf_path, "hf": hf_dir, "spm": sp_path}
 
 
-def _varint(n: int) -> bytes:
-    out = b""
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if not n:
-            return out + bytes([low])
-        out += bytes([low | 0x80])
-
-
 def sentencepiece_model_bytes() -> bytes:
     """A small BPE sentencepiece ModelProto: <unk>, <s>, </s>, bytes-free pieces with scores."""
+    from sentencepiece_util import model_bytes
+
     pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)]
     pieces += [(t, -float(i), 1) for i, t in enumerate(["▁", "a", "b", "c", "ab", "▁a", "abc", "▁ab"])]
-    out = b""
-    for text, score, kind in pieces:
-        raw = text.encode()
-        piece = b"\x0a" + _varint(len(raw)) + raw + b"\x15" + struct.pack("<f", score) + b"\x18" + _varint(kind)
-        out += b"\x0a" + _varint(len(piece)) + piece
-    trainer = b"\x18" + _varint(2) + b"\xc0\x02" + _varint(0)           # model_type BPE, unk_id 0 (field 40)
-    normalizer = b"\x18\x01\x20\x01"
-    return out + b"\x12" + _varint(len(trainer)) + trainer + b"\x1a" + _varint(len(normalizer)) + normalizer
+    return model_bytes(pieces, model_type=2, unk_id=0)
 
 
 # ---- what is loaded, and its digest ---------------------------------------------------------------------
