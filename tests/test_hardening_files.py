@@ -73,6 +73,14 @@ def test_valid_gguf_header_matches_the_gguf_package(gguf_bytes, tmp_path):
             assert ours.get(key) == field.contents(), key
 
 
+def test_vocabulary_only_gguf_reads(tmp_path):
+    """A GGUF with metadata and no tensors (llama.cpp's vocab files) is valid."""
+    reader = GGUFReader(_tokenized_gguf(tmp_path))
+    assert reader.tensors == [] and reader.get("tokenizer.ggml.tokens") == ["a", "b", "ab", "Ġ"]
+    tokenizer, _ = tokenizer_from_gguf(str(tmp_path / "tok.gguf"))
+    assert tokenizer.get_vocab_size() == 4
+
+
 def test_array_claiming_2_40_items_fails_at_once(tmp_path):
     """Was: the gguf package's reader kept reading zero-byte items, RSS grew to 13 GiB (from_pretrained,
     the GGUF tokenizer and the CLI all went through it)."""

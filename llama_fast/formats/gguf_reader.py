@@ -315,6 +315,8 @@ class GGUFReader:
     def _place(self, infos, cur: _Cursor) -> list[TensorInfo]:
         """The offsets must tile the data section in directory order, as llama.cpp requires."""
         data_size = self.file_size - self.data_start
+        if not infos:      # a vocabulary-only file: no data section, the header may end unpadded
+            return []
         if data_size < 0:
             cur.fail("truncated: the file ends before its data section")
         expected, out = 0, []
