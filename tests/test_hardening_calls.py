@@ -26,7 +26,8 @@ class _Tokenizer:
 
 def test_streamer_consumer_never_blocks_when_generate_raises(model, monkeypatch):
     """Was: the prompt was streamed, then generate raised, and the consumer waited forever for end()."""
-    streamer = TextIteratorStreamer(_Tokenizer(), skip_prompt=False)
+    # The timeout only turns a regression (a consumer blocked forever) into a failure instead of a hung suite.
+    streamer = TextIteratorStreamer(_Tokenizer(), skip_prompt=False, timeout=300)
     calls = {"n": 0}
     forward = type(model).forward
 
