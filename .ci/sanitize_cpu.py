@@ -45,7 +45,7 @@ def main() -> int:
                LD_PRELOAD=libasan,
                ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1:halt_on_error=1",
                UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
-    check = subprocess.run([sys.executable, "-P", "-c", "import llama_fast._C as c; print(c.__file__)"], env=env,
+    check = subprocess.run([sys.executable, "-P", "-c", "import torch, llama_fast._C as c; print(c.__file__)"], env=env,
                            capture_output=True, text=True, cwd=ROOT)
     if pkg_root not in check.stdout:
         sys.exit(f"sanitize-cpu: the sanitized extension is not the one imported:\n{check.stdout}{check.stderr}")
