@@ -41,8 +41,11 @@ def main() -> int:
     libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     if not os.path.isabs(libasan):
         sys.exit("sanitize-cpu: libasan.so not found (gcc -print-file-name=libasan.so)")
+    # libstdc++ preloaded too: otherwise ASan's __cxa_throw interceptor finds no real one when C++ code throws
+    # (a TORCH_CHECK), and ASan aborts with "CHECK failed: asan_interceptors.cpp ... real___cxa_throw".
+    libstdcxx = subprocess.run(["gcc", "-print-file-name=libstdc++.so"], capture_output=True, text=True).stdout.strip()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([pkg_root, os.path.join(ROOT, "tests")]),
-               LD_PRELOAD=libasan,
+               LD_PRELOAD=f"{libasan} {libstdcxx}",
                ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1:halt_on_error=1",
                UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
     check = subprocess.run([sys.executable, "-P", "-c", "import torch, llama_fast._C as c; print(c.__file__)"], env=env,
