@@ -91,3 +91,12 @@ sanitize: build
 	@if [ -z "$(SANITIZER)" ]; then echo "sanitize: SKIP - compute-sanitizer not found (CUDA_HOME=$(CUDA_HOME))"; \
 	else PYTORCH_NO_CUDA_MEMORY_CACHING=1 $(SANITIZER) --tool memcheck --error-exitcode 1 --target-processes all \
 	  $(PYTEST) -q -x tests/gpu --ignore=tests/gpu/test_cuda_model.py; fi
+
+# ---- sanitizers on the CPU extension ----------------------------------------------------------------------
+.PHONY: sanitize-cpu
+# llama_fast._C built with AddressSanitizer + UndefinedBehaviorSanitizer (CPU part only) into
+# build/sanitize-cpu, then the op and model tests run against it (see .ci/sanitize_cpu.py).
+sanitize-cpu: $(STAMP)
+	LLAMA_FAST_SANITIZE=1 LLAMA_FAST_CUDA=0 $(PY) setup.py -q build_ext --build-lib build/sanitize-cpu/lib \
+	  --build-temp build/sanitize-cpu/temp
+	$(PY) .ci/sanitize_cpu.py

@@ -47,6 +47,13 @@ def _extension():
     if platform.machine() in ("x86_64", "AMD64"):
         # Baseline AVX2/FMA; AVX-512 kernels use function-level target attributes and run-time dispatch.
         cxx += ["-march=x86-64-v3"]
+    link = ["-fopenmp"]
+    if os.environ.get("LLAMA_FAST_SANITIZE") == "1":
+        # `make sanitize-cpu`: AddressSanitizer + UndefinedBehaviorSanitizer, any UB report fatal. Built into
+        # its own directory, never in place (see .ci/sanitize_cpu.py).
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+        cxx = [f for f in cxx if f not in ("-O3", "-DNDEBUG")] + ["-O1"] + sanitize
+        link += sanitize
     sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
                    + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -64,9 +71,9 @@ def _extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         return CUDAExtension("llama_fast._C", sources, include_dirs=include_dirs,
                              extra_compile_args={"cxx": cxx + ["-DLLAMA_FAST_WITH_CUDA"], "nvcc": nvcc},
-                             extra_link_args=["-fopenmp"])
+                             extra_link_args=link)
     return CppExtension("llama_fast._C", sources, include_dirs=include_dirs,
-                        extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+                        extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 def _cmdclass():

@@ -194,8 +194,9 @@ def left_padding(mask: torch.Tensor) -> torch.Tensor:
     if mask.dim() != 2:
         raise ValueError(f"attention_mask must be 2-D [batch, seq_len] (0 = padding); got {mask.dim()}-D "
                          f"shape {tuple(mask.shape)} (custom 4-D masks are not supported)")
+    # Checked in the mask's own dtype: casting first would turn 0.5 (or nan) into 0, a silent pad.
+    not_binary = ((mask != 0) & (mask != 1)).any()
     m = mask.to(torch.int32)
-    not_binary = ((m != 0) & (m != 1)).any()
     holes = (m[:, 1:] < m[:, :-1]).any() if m.shape[1] > 1 else torch.zeros((), dtype=torch.bool)
     not_binary, holes = torch.stack((not_binary, holes.to(not_binary.device))).tolist()   # one device sync
     if not_binary:

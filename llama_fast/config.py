@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from typing import Any
 
@@ -46,8 +47,22 @@ _DEFAULTS: dict[str, Any] = {
 }
 _INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "max_position_embeddings", "head_dim")
+# Upper bounds: sizes index int32 tensors in the kernels; a layer count past this is a corrupt config (the
+# loaders also check it against the layers the checkpoint holds).
+_MAX_SIZE = 2 ** 31 - 1
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_cache")
+_MAX_LAYERS = 2 ** 16
 _DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
                 "float16": torch.float16, "half": torch.float16}
+
+
+def _finite(value) -> bool:
+    """A real number (not a bool) that is neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_not_bool(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def dtype_from_name(name, what: str = "dtype") -> torch.dtype:
@@ -142,8 +157,9 @@ class LlamaConfig:
             value = getattr(self, name)
             if value is None and name == "head_dim":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            limit = _MAX_LAYERS if name == "num_hidden_layers" else _MAX_SIZE
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+                raise ValueError(f"{name} must be a positive integer up to {limit}, got {value!r}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
                              f"({self.num_attention_heads}); set head_dim explicitly")
@@ -153,18 +169,27 @@ class LlamaConfig:
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is not divisible by "
                              f"num_key_value_heads ({self.num_key_value_heads})")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer or null, got {value!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; llama_fast implements 'silu'")
-        if not isinstance(self.rope_theta, (int, float)) or isinstance(self.rope_theta, bool) \
-                or self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
-        if not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps < 0:
-            raise ValueError(f"rms_norm_eps must be a non-negative number, got {self.rms_norm_eps!r}")
+        if not _finite(self.rope_theta) or self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be a finite positive number, got {self.rope_theta!r}")
+        if not _finite(self.rms_norm_eps) or self.rms_norm_eps < 0:
+            raise ValueError(f"rms_norm_eps must be a finite non-negative number, got {self.rms_norm_eps!r}")
+        quantization = getattr(self, "quantization_config", None)
+        if quantization is not None and not isinstance(quantization, dict):
+            raise ValueError(f"quantization_config must be an object, got {type(quantization).__name__}")
         if self.dtype is not None:
             dtype_from_name(self.dtype, "torch_dtype")
         eos = self.eos_token_id
-        if eos is not None and not isinstance(eos, int) and not (
-                isinstance(eos, list) and all(isinstance(e, int) for e in eos)):
+        if eos is not None and not _int_not_bool(eos) and not (
+                isinstance(eos, list) and all(_int_not_bool(e) for e in eos)):
             raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
         self._validate_rope_scaling()
 
@@ -173,15 +198,20 @@ class LlamaConfig:
         if s is None or s["rope_type"] == "default":
             return
         kind = s["rope_type"]
+        for key, value in s.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"rope_scaling {key} must be finite, got {value!r}")
         factor = s.get("factor")
         if factor is None:
             raise ValueError(f"rope_scaling of type {kind!r} needs a 'factor'")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+        if not _finite(factor) or factor < 1:
             raise ValueError(f"rope_scaling factor must be a number >= 1, got {factor!r}")
         if kind == "llama3":
             missing = [k for k in _LLAMA3_KEYS if k not in s]
             if missing:
                 raise ValueError(f"rope_scaling of type 'llama3' is missing {', '.join(missing)}")
+            if not all(_finite(s[k]) and s[k] > 0 for k in _LLAMA3_KEYS):
+                raise ValueError(f"rope_scaling: {' and '.join(_LLAMA3_KEYS)} must be positive numbers")
             if s["high_freq_factor"] <= s["low_freq_factor"]:
                 raise ValueError(f"rope_scaling: high_freq_factor ({s['high_freq_factor']}) must be greater "
                                  f"than low_freq_factor ({s['low_freq_factor']})")
@@ -247,10 +277,14 @@ class LlamaConfig:
                 text = f.read()
         except FileNotFoundError:
             raise FileNotFoundError(f"config file not found: {path}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text") from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise ValueError(f"{path}: invalid config: JSON nested too deeply") from None
         try:
             return cls.from_dict(d)
         except (ValueError, TypeError) as e:

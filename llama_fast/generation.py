@@ -67,6 +67,10 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
                                      output_scores=output_scores, output_logits=output_logits,
                                      return_dict_in_generate=return_dict_in_generate), kwargs)
     batch, prompt_len = input_ids.shape
+    for name in ("max_new_tokens", "max_length"):
+        value = settings[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"generate: {name} must be an int, got {value!r} ({type(value).__name__})")
     max_new = settings["max_new_tokens"]
     if max_new is None:
         max_new = settings["max_length"] - prompt_len
@@ -105,10 +109,27 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
 
     output = torch.empty(batch, total, dtype=input_ids.dtype, device=input_ids.device)
     output[:, :prompt_len] = input_ids
-    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     if streamer is not None:
         streamer.put(input_ids.cpu())
+    try:
+        length = _decode_loop(model, new_input, attention_mask, output, prompt_len, max_new, cache, processors,
+                              choose, criteria, scores, raw_logits, pad, eos, streamer)
+    finally:
+        if streamer is not None:  # also when decoding raises: a TextIteratorStreamer's consumer waits for end()
+            streamer.end()
+    sequences = output[:, :length]
+    if not as_dict:
+        return sequences
+    return GenerateDecoderOnlyOutput(sequences=sequences, scores=None if scores is None else tuple(scores),
+                                     logits=None if raw_logits is None else tuple(raw_logits), cache=cache)
 
+
+def _decode_loop(model, new_input, attention_mask, output, prompt_len, max_new, cache, processors, choose, criteria,
+                 scores, raw_logits, pad, eos, streamer) -> int:
+    """The prefill and decode steps: fills output[:, prompt_len:] (and scores / raw_logits when collected) and
+    returns the filled length."""
+    batch = output.shape[0]
+    unfinished = torch.ones(batch, dtype=torch.bool, device=output.device)
     out = model(new_input, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
     length = prompt_len
     for step in range(max_new):
@@ -139,13 +160,7 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
             break
         if step + 1 < max_new:
             out = model(output[:, length - 1:length], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    if streamer is not None:
-        streamer.end()
-    sequences = output[:, :length]
-    if not as_dict:
-        return sequences
-    return GenerateDecoderOnlyOutput(sequences=sequences, scores=None if scores is None else tuple(scores),
-                                     logits=None if raw_logits is None else tuple(raw_logits), cache=cache)
+    return length
 
 
 def _unpack_inputs(input_ids, attention_mask):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ from llama_fast.formats import gguf as gguf_format
 from llama_fast.formats import safetensors as safetensors_format
 from llama_fast.formats.safetensors import SafetensorsError, SafetensorsFile
 from llama_fast.linear import Linear
+from llama_fast.model_files import model_file
 from llama_fast.ops._backend import check_backend_name
 from llama_fast.quant import QuantizedWeight
 
@@ -140,6 +142,7 @@ class TensorLoader:
                  group_size: int = 128):
         if quantize is not None and quantize not in _QUANTIZE_BITS:
             raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
+        _check_group_size(group_size)
         self.model = model
         self.dtype = dtype
         self.device = torch.device(device)
@@ -149,6 +152,7 @@ class TensorLoader:
         tie = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
         self.tied: dict[str, str] = dict(getattr(model, "tied_weights", {})) if tie else {}
         self.native_tied: set[str] = set()  # tied weights given their own quantized copy (add)
+        self.stored_tied: dict[str, torch.Tensor] = {}  # tied weights a checkpoint stores anyway (finish)
         self.heads = tuple(getattr(model, "head_modules", ()))
         self.unused_suffixes = tuple(getattr(model, "unused_checkpoint_suffixes", ()))
         base = getattr(model, "base_model_prefix", "")
@@ -202,6 +206,8 @@ class TensorLoader:
                 return
         found = self._resolve(name)
         if found is None:
+            if name in self.tied and isinstance(value, torch.Tensor):
+                self.stored_tied[name] = value     # checked against the weight it is tied to in finish()
             if self._ignored(name):
                 return
             raise CheckpointError(f"{source}: unexpected tensor {name!r}: the model has no such parameter "
@@ -267,11 +273,23 @@ class TensorLoader:
         for name, source_name in self.tied.items():
             if name not in self.native_tied:
                 owner_name, _, attr = name.rpartition(".")
-                setattr(self.model.get_submodule(owner_name), attr, self.model.get_parameter(source_name))
+                tied_to = self.model.get_parameter(source_name)
+                stored = self.stored_tied.pop(name, None)
+                if stored is not None and not torch.equal(stored.to(tied_to), tied_to):
+                    # transformers would silently use the tied weight; the file says two different things.
+                    raise CheckpointError(f"{source}: config.json has tie_word_embeddings=true but the checkpoint's "
+                                          f"{name} differs from {source_name}")
+                setattr(self.model.get_submodule(owner_name), attr, tied_to)
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
+
+
+def _check_group_size(group_size) -> None:
+    if group_size not in (-1, None) and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                         or group_size <= 0):
+        raise ValueError(f"group_size must be a positive integer (or -1 for one group per row), got {group_size!r}")
 
 
 def _group_size_for(k: int, requested: int, name: str) -> int:
@@ -331,6 +349,7 @@ def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantiz
     check_backend_name(backend)
     if quantize is not None and quantize not in _QUANTIZE_BITS:
         raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
+    _check_group_size(group_size)
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or directory: {path}")
@@ -390,12 +409,16 @@ def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
     if os.path.isfile(path):
         _refuse_pickles(path)
         raise CheckpointError(f"{path}: expected a directory with config.json and *.safetensors, or a .gguf file")
-    config = LlamaConfig.from_pretrained(path)
+    config = LlamaConfig.from_pretrained(model_file(path, "config.json", "config"))
     files = _safetensors_files(path)
+    _check_layer_count(config, files, path)
     torch_dtype = _resolve_dtype(dtype, config)
     model = meta_model(cls, config, torch_dtype)
     loader = TensorLoader(model, torch_dtype, device, quantize, group_size)
     config_quant = getattr(config, "quantization_config", None)
+    if config_quant is not None and not isinstance(config_quant, dict):
+        raise CheckpointError(f"{path}: config.json's quantization_config must be an object, got "
+                              f"{type(config_quant).__name__}")
     if config_quant is not None and config_quant.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{path}: config.json has a quantization_config of method "
                               f"{config_quant.get('quant_method')!r}; llama_fast reads only its own "
@@ -413,34 +436,66 @@ def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
 
 
 def _safetensors_files(path: str) -> list[tuple[str, list[str] | None]]:
-    """[(file, tensor names it should hold or None for all)] of a checkpoint directory."""
+    """[(file, tensor names it should hold or None for all)] of a checkpoint directory. Every file is
+    checked to lie inside the directory (llama_fast.model_files): an index naming '../x' or '/etc/x', or a
+    shard that is a symlink out of the directory, is refused before it is opened."""
     single, index = os.path.join(path, SAFE_WEIGHTS), os.path.join(path, SAFE_INDEX)
     if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{index}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        except (KeyError, TypeError):
-            raise CheckpointError(f"{index}: has no 'weight_map' object") from None
+        model_file(path, SAFE_INDEX, "index")
         by_file: dict[str, list[str]] = {}
-        for name, file in weight_map.items():
+        for name, file in _weight_map(index).items():
             by_file.setdefault(file, []).append(name)
         out = []
         for file, names in by_file.items():
-            full = os.path.join(path, file)
+            full = model_file(path, file, "shard")
             if not os.path.isfile(full):
                 raise CheckpointError(f"{index}: names shard {file!r}, which does not exist "
                                       f"(needed for {names[0]!r})")
             out.append((full, names))
         return out
     if os.path.exists(single):
-        return [(single, None)]
+        return [(model_file(path, SAFE_WEIGHTS, "weights file"), None)]
     others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if len(others) == 1:
-        return [(os.path.join(path, others[0]), None)]
+        return [(model_file(path, others[0], "weights file"), None)]
     _refuse_pickles(path)
     raise CheckpointError(f"{path}: no {SAFE_WEIGHTS} or {SAFE_INDEX} found")
+
+
+def _check_layer_count(config: LlamaConfig, files: list[tuple[str, list[str] | None]], path: str) -> None:
+    """config.json's num_hidden_layers must be the number of layers the checkpoint holds, checked before
+    the model is built (a corrupt count would build layers until memory runs out)."""
+    names = []
+    for file, listed in files:
+        if listed is None:
+            try:
+                listed = SafetensorsFile(file).keys()
+            except SafetensorsError as e:
+                raise CheckpointError(str(e)) from None
+        names += listed
+    layers = {int(m.group(1)) for m in map(_LAYER_NAME.match, names) if m is not None}
+    if layers != set(range(config.num_hidden_layers)):
+        present = f"0..{max(layers)}" if layers else "none"
+        raise CheckpointError(f"{path}: config.json has num_hidden_layers={config.num_hidden_layers} but the "
+                              f"checkpoint's layers are {present} ({len(layers)} distinct)")
+
+
+_LAYER_NAME = re.compile(r"(?:model\.)?layers\.(\d+)\.")
+
+
+def _weight_map(index: str) -> dict[str, str]:
+    """The index's weight_map: tensor name -> shard file name, both strings."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (AttributeError, UnicodeDecodeError, RecursionError):
+        raise CheckpointError(f"{index}: not a JSON object in UTF-8") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: 'weight_map' must be an object mapping tensor names to file names")
+    return weight_map
 
 
 def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | None, bar=None,

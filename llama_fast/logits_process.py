@@ -141,10 +141,12 @@ class MinP:
 
 def check_sampling(temperature, top_k, top_p, min_p) -> None:
     """The ranges transformers accepts, as ValueErrors naming the argument."""
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be > 0 when sampling (got {temperature}); use do_sample=False for greedy")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k must be an integer >= 0, got {top_k!r}")
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0
+            and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling (got {temperature!r}); use "
+                         "do_sample=False for greedy")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if min_p is not None and not 0 <= min_p <= 1:

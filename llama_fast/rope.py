@@ -59,6 +59,11 @@ def cos_sin(freq: torch.Tensor, n_positions: int) -> tuple[torch.Tensor, torch.T
     return angles.cos(), angles.sin()
 
 
+# Positions past max_position_embeddings work (transformers allows them; dynamic NTK is made for them) up to
+# this multiple of it: far beyond, a model has no meaningful output and the position is a corrupt input.
+_POSITION_LIMIT_FACTOR = 16
+
+
 class RotaryTables:
     """cos/sin lookup tables for one model, per device.
 
@@ -92,13 +97,29 @@ class RotaryTables:
             self._tables.clear()
 
     def get(self, device: torch.device, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables covering at least positions 0..n_positions-1 on `device`."""
+        """Tables covering at least positions 0..n_positions-1 on `device`. The kept tables grow up to
+        max_position_embeddings (rounded up to a power of two); a call past that gets tables of its own,
+        not kept, and positions past `position_limit` are refused (a corrupt position_ids of 2^24 would
+        otherwise build and keep 2 GiB of tables)."""
+        if n_positions > self.position_limit:
+            raise ValueError(f"position {n_positions - 1} is past the limit of {self.position_limit} positions "
+                             f"(max_position_embeddings {self.original_max} x {_POSITION_LIMIT_FACTOR})")
         tables = self._tables.get(device)
         if tables is None or tables[0].shape[0] < n_positions:
             size = 256
             while size < n_positions:
                 size *= 2
             freq = inv_freq(self.config, self._freq_seq_len, device=device)
+            if size > self.kept_limit:
+                return cos_sin(freq, n_positions)
             tables = cos_sin(freq, size)
             self._tables[device] = tables
         return tables
+
+    @property
+    def kept_limit(self) -> int:
+        return max(256, 1 << (self.original_max - 1).bit_length())
+
+    @property
+    def position_limit(self) -> int:
+        return max(self.kept_limit, self.original_max * _POSITION_LIMIT_FACTOR)

@@ -69,8 +69,9 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_llama_gguf(path, config: dict, tensors: dict[str, np.ndarray], types: dict[str, Q] | None = None,
-                     arch: str = "llama", skip_keys: tuple[str, ...] = ()) -> None:
-    """`tensors` are HF-named float32 arrays; `types` picks each one's GGUF type (default F32)."""
+                     arch: str = "llama", skip_keys: tuple[str, ...] = (), extra_kv: dict | None = None) -> None:
+    """`tensors` are HF-named float32 arrays; `types` picks each one's GGUF type (default F32); `extra_kv`
+    adds metadata {key: (value, gguf.GGUFValueType)}."""
     types = types or {}
     w = gguf.GGUFWriter(str(path), arch)
     keys = {
@@ -90,6 +91,8 @@ def write_llama_gguf(path, config: dict, tensors: dict[str, np.ndarray], types: 
     for key, add in keys.items():
         if key not in skip_keys:
             add()
+    for key, (value, vtype) in (extra_kv or {}).items():
+        w.add_key_value(key, value, vtype)
     if config.get("rope_scaling"):
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(config["rope_scaling"]["factor"])
@@ -115,3 +118,31 @@ def write_llama_gguf(path, config: dict, tensors: dict[str, np.ndarray], types: 
 def permute_back(w: np.ndarray, n_head: int) -> np.ndarray:
     """The inverse of `permute` (what the loader must do)."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---- byte surgery on written files (the hardening tests corrupt one field at a time) -------------------
+
+def _string_at(raw: bytes, text: str) -> int:
+    """Offset just past the GGUF string `text` (u64 length + bytes) in `raw`."""
+    needle = len(text).to_bytes(8, "little") + text.encode()
+    at = raw.find(needle)
+    assert at >= 0, text
+    return at + len(needle)
+
+
+def kv_value_offset(raw: bytes, key: str) -> int:
+    """Offset of metadata `key`'s value type (u32); the value follows it."""
+    return _string_at(raw, key)
+
+
+def tensor_info_offsets(raw: bytes, name: str) -> dict[str, int]:
+    """Offsets of tensor `name`'s n_dims (u32), dims (u64 each), type (u32) and offset (u64) fields."""
+    at = _string_at(raw, name)
+    n_dims = int.from_bytes(raw[at:at + 4], "little")
+    dims = at + 4
+    kind = dims + 8 * n_dims
+    return {"n_dims": at, "dims": dims, "type": kind, "offset": kind + 4, "count": n_dims}
+
+
+def patch(raw: bytes, at: int, value: int, size: int) -> bytes:
+    return raw[:at] + value.to_bytes(size, "little") + raw[at + size:]

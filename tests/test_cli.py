@@ -22,7 +22,7 @@ def run_cli(*args, env=None):
 
 
 def assert_one_line_error(proc, *words):
-    assert proc.returncode != 0
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     for w in words:
@@ -85,6 +85,22 @@ def test_bad_option_is_one_line():
     assert_one_line_error(run_cli("generate", "--dtype", "float8"), "invalid choice")
 
 
+@pytest.mark.parametrize("option, value", [("--temperature", "nan"), ("--temperature", "inf"),
+                                           ("--temperature", "-1"), ("--top-p", "nan"), ("--top-p", "0"),
+                                           ("--top-k", "-3"), ("--max-new-tokens", "2.5")])
+def test_non_finite_or_out_of_range_sampling_options_are_refused(option, value):
+    """Was: --temperature nan silently ran greedy."""
+    assert_one_line_error(run_cli("generate", option, value), option)
+
+
+def test_corrupt_gguf_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (2 ** 40).to_bytes(8, "little") * 2 + b"\0" * 64)
+    assert_one_line_error(run_cli("generate", "--model", str(bad), "--prompt", "x"), "bad.gguf", "truncated or corrupt")
+    proc = run_cli("generate", "--model", str(bad), "--prompt", "x", "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "GGUFFormatError" in proc.stderr
+
+
 def test_bad_model_directory_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{broken")
     (tmp_path / "tokenizer.json").write_text("{broken")
@@ -103,7 +119,7 @@ def test_chat_without_template_is_one_line(tiny_dir, tmp_path, capsys):
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     del config["chat_template"]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    assert main(["generate", "--model", str(tmp_path), "--chat", "hello"]) == 1
+    assert main(["generate", "--model", str(tmp_path), "--chat", "hello"]) == 2
     assert "no chat template" in capsys.readouterr().err
 
 
@@ -180,5 +196,5 @@ def test_generate_with_the_default_model(demo_cache, capsys):
 
 
 def test_bench_subcommand_forwards_its_arguments(capsys):
-    assert main(["bench", "--engines", "nope", "--model", "unused"]) == 1
+    assert main(["bench", "--engines", "nope", "--model", "unused"]) == 2
     assert "unknown engine 'nope'" in capsys.readouterr().err

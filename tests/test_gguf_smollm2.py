@@ -29,8 +29,10 @@ SAMPLE_LAYERS = (0, 17, 29)
 
 def test_native_tensors_equal_gguf_dequantize(reader):
     path, r, config = reader
+    oracle = gguf.GGUFReader(path, "r")   # the gguf package's own reader and dequantization
+    assert [t.name for t in oracle.tensors] == [t.name for t in r.tensors]
     checked = 0
-    by_name = {hf_name(t.name): t for t in r.tensors}
+    by_name = {hf_name(t.name): t for t in oracle.tensors}
     sampled = ("model.embed_tokens.weight",) + tuple(f"model.layers.{n}." for n in SAMPLE_LAYERS)
     for name, value in gguf_tensors(r, config, path=str(path)):
         if not name.startswith(sampled):

@@ -32,7 +32,23 @@ void finalize(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t 
     T* dst = out + ((b * a.tq + i) * a.hq + head) * D;
     // part layout per split: m[R], l[R], acc[R][D]
     float mmax = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < nsplit; ++s) mmax = std::max(mmax, part[s * part_stride + r]);
+    bool nan = false;  // a NaN score or value anywhere makes the row NaN, as the reference's softmax does
+    bool only_neg_inf = false;
+    for (int64_t s = 0; s < nsplit; ++s) {
+      const float* p = part + s * part_stride;
+      mmax = std::max(mmax, p[r]);      // std::max drops a NaN operand: NaNs are caught by `nan` instead
+      nan = nan || std::isnan(p[r]) || std::isnan(p[R + r]);
+      only_neg_inf = only_neg_inf || (p[R + r] == 0.f && std::signbit(p[R + r]));
+    }
+    // Valid keys whose scores are all -inf: the reference's softmax gives NaN (-inf - -inf); a row with no
+    // valid key at all (left padding) keeps its zeros.
+    if (nan || (only_neg_inf && mmax == -std::numeric_limits<float>::infinity())) {
+      for (int64_t d = 0; d < D; ++d) {
+        if constexpr (std::is_same<T, float>::value) dst[d] = std::numeric_limits<float>::quiet_NaN();
+        else dst[d] = float_to_bf16_bits(std::numeric_limits<float>::quiet_NaN());
+      }
+      continue;
+    }
     float l = 0.f;
     float acc[1024];
     float* accp = D <= 1024 ? acc : nullptr;
@@ -52,7 +68,8 @@ void finalize(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t 
         for (int64_t d = 0; d < D; ++d) accp[d] += pa[d] * w;
       }
     }
-    const float inv = l > 0.f ? 1.f / l : 0.f;  // a row with no valid key gives zeros
+    // A row with no valid key gives zeros (l == 0); otherwise 1/l, which keeps a NaN or inf in l visible.
+    const float inv = l == 0.f ? 0.f : 1.f / l;
     for (int64_t d = 0; d < D; ++d) {
       if constexpr (std::is_same<T, float>::value)
         dst[d] = accp[d] * inv;
@@ -134,6 +151,20 @@ void attention(const AttentionArgs& a) {
 namespace llama_fast {
 namespace cpu {
 namespace LF_ISA {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// The l of a row that had valid keys in a task but only -inf scores: -0, which sums like 0 but lets finalize
+// tell it from a row without valid keys (+0).
+constexpr float kSawOnlyNegInf = -0.f;
+
+// Whether scores[0..n) hold a NaN or a +inf. The reference's softmax makes such a row NaN (+inf - max(+inf) is
+// NaN); the vector exp here clamps its input, which would turn both into a finite weight, so the row's l is
+// set to NaN instead and finalize writes NaN (a scalar pass over n scores; the scores cost D FMAs each).
+inline bool any_nan_or_pos_inf(const float* scores, int64_t n) {
+  bool bad = false;
+  for (int64_t j = 0; j < n; ++j) bad |= !(scores[j] < std::numeric_limits<float>::infinity());
+  return bad;
+}
 
 // Scores of RB rows (queries pre-scaled, fp32 [RB][D]) against one transposed key block Kt[D][W]: two
 // accumulators per row so the FMA chains overlap.
@@ -218,12 +249,17 @@ void attention_task(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, in
         if (n <= 0) continue;
         S[rr].store(sbuf);
         for (int64_t j = n; j < W; ++j) sbuf[j] = kNegInf;
+        const bool poisoned = any_nan_or_pos_inf(sbuf, n);
         const VecF s = VecF::load(sbuf);
         const float m_new = std::max(m[r], s.hmax());
+        if (m_new == kNegInf) {  // every valid score so far is -inf: nothing to add; see kSawOnlyNegInf
+          l[r] = poisoned ? kNaN : kSawOnlyNegInf;
+          continue;
+        }
         const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - m_new);
         const VecF p = exp(s - VecF::set1(m_new));
         p.store(sbuf);
-        l[r] = l[r] * alpha + p.sum();
+        l[r] = poisoned ? kNaN : l[r] * alpha + p.sum();
         m[r] = m_new;
         float* ar = acc + r * D;
         const VecF va = VecF::set1(alpha);
@@ -300,8 +336,15 @@ void attention_task_few_rows(const AttentionArgs& a, int64_t b, int64_t h, int64
       std::fill(sr, sr + n, 0.f);
       continue;
     }
+    const bool poisoned = any_nan_or_pos_inf(sr, nr);
     float mx = kNegInf;
     for (int64_t j = 0; j < nr; ++j) mx = std::max(mx, sr[j]);
+    if (mx == kNegInf) {  // every valid score is -inf (or NaN): weights 0, and the row marked for finalize
+      std::fill(sr, sr + n, 0.f);
+      m[r] = kNegInf;
+      l[r] = poisoned ? kNaN : kSawOnlyNegInf;
+      continue;
+    }
     const VecF vmx = VecF::set1(mx);
     VecF vsum = VecF::zero();
     int64_t j = 0;
@@ -317,7 +360,7 @@ void attention_task_few_rows(const AttentionArgs& a, int64_t b, int64_t h, int64
     }
     std::fill(sr + nr, sr + n, 0.f);
     m[r] = mx;
-    l[r] = sum;
+    l[r] = poisoned ? kNaN : sum;
   }
   // acc[r] = sum_j p[r][j] v_j
   for (int64_t d = 0; d < DV; d += W) {

@@ -2,6 +2,7 @@
 // shape, layout) before the torch-free kernels of csrc/cpu/*.cpp run on raw pointers. Also declares the
 // CPU-only extra ops (TORCH_LIBRARY_FRAGMENT); the fake of cpu_linear lives in llama_fast/ops/cpu.py (contracts:
 // docs/KERNELS.md).
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 #include <torch/library.h>
@@ -88,6 +89,10 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at
                 cs->sizes());
   }
   TORCH_CHECK(cos.sizes() == sin.sizes(), op, ": cos shape ", cos.sizes(), " differs from sin shape ", sin.sizes());
+  // In place: heads sharing memory (an expand) would be rotated once per head. (q and k are usually disjoint
+  // slices of one fused qkv tensor, interleaved in memory, so they are not compared with each other.)
+  TORCH_CHECK(at::has_internal_overlap(q) != at::MemOverlap::Yes && at::has_internal_overlap(k) != at::MemOverlap::Yes,
+              op, ": q and k must not have elements that share memory (e.g. an expand); pass .contiguous() ones");
   const auto pos = positions.contiguous();
   const auto c = cos.contiguous(), s = sin.contiguous();
   if (pos.numel() > 0) {
@@ -126,12 +131,12 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     TORCH_CHECK(lens.scalar_type() == at::kInt || lens.scalar_type() == at::kLong, op, ": kv_lens must be int32, got ",
                 lens.scalar_type());
     TORCH_CHECK(lens.dim() == 1 && lens.size(0) == b, op, ": kv_lens must be [B] = [", b, "], got ", lens.sizes());
-    lens = lens.to(at::kInt).contiguous();
-    if (b > 0) {
+    if (b > 0) {  // checked in the given dtype: narrowing int64 first would turn 2^32 + 2 into 2
       const auto [lo, hi] = at::aminmax(lens);
-      TORCH_CHECK(lo.item<int>() >= 0 && hi.item<int>() <= tk, op, ": kv_lens must lie in [0, ", tk, "], got [",
-                  lo.item<int>(), ", ", hi.item<int>(), "]");
+      TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() <= tk, op, ": kv_lens must lie in [0, ", tk,
+                  "], got [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
     }
+    lens = lens.to(at::kInt).contiguous();
   }
   if (is_bf16(q) && causal && tq == tk && tq >= kDelegatePrefillFrom && b > 0 && q.numel() > 0) {
     // bf16 prefill over full-length sequences: ATen's flash-attention CPU kernel runs its blocks on bf16
@@ -274,7 +279,11 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
       group_size};
   auto sizes = x.sizes().vec();
   sizes.back() = n;
-  const int64_t m = k ? x.numel() / k : 0;
+  if (k == 0) {  // an empty sum, as F.linear defines it: zeros, plus the bias (the kernels write nothing)
+    auto out = at::zeros(sizes, x.options());
+    return bias.has_value() ? out.add_(*bias) : out;
+  }
+  const int64_t m = x.numel() / k;
   const auto xc = x.contiguous();
   if (m <= kMaxGemvRows) {
     auto out = at::empty(sizes, x.options());

@@ -286,9 +286,13 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
     check_bias_shape(*bias, x, n, op);
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(x.numel() / k < 65535LL * 64, op, ": more than ", 65535LL * 64, " rows (the GEMM grid limit)");
   auto sizes = x.sizes().vec();
   sizes.back() = n;
+  if (k == 0) {  // an empty sum, as F.linear defines it: zeros, plus the bias
+    auto out = at::zeros(sizes, x.options());
+    return bias.has_value() ? out.add_(*bias) : out;
+  }
+  TORCH_CHECK(x.numel() / k < 65535LL * 64, op, ": more than ", 65535LL * 64, " rows (the GEMM grid limit)");
   auto out = at::empty(sizes, x.options());
   cuda::QuantLinearArgs a{x.data_ptr(),
                           qweight.data_ptr(),

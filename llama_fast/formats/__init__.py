@@ -3,5 +3,7 @@ of (transformers name, tensor) pairs. They know the files, not the model: no mod
 llama_fast.loading maps their names onto a model.
 
 `safetensors` reads and writes safetensors files one tensor at a time; `gguf` reads llama.cpp's GGUF files
-(config, dense tensors, Q8_0 / Q4_0 / Q4_1 blocks as llama_fast.quant weights).
+(config, dense tensors, Q8_0 / Q4_0 / Q4_1 blocks as llama_fast.quant weights) through `gguf_reader`, which
+validates a GGUF header (counts, lengths, types, dims, the tiling of the data section) before anything is
+allocated from it.
 """

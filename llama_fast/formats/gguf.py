@@ -1,6 +1,6 @@
 """GGUF files (llama.cpp's format): config, tensors with HF names, quantized tensors loaded natively.
 
-The gguf package's GGUFReader memory-maps the file (nothing is unpickled). This module turns it into
+llama_fast.formats.gguf_reader validates the header (nothing is unpickled). This module turns it into
   * the fields of an HF config.json (`gguf_config`), from the `llama.*` and `tokenizer.ggml.*` metadata;
   * a stream of (HF tensor name, tensor) pairs (`gguf_tensors`) the model's loader consumes one at a time
     (llama_fast.loading builds the model from both; this module imports no model code).
@@ -27,11 +27,11 @@ whole rows of quantized blocks, so it is exact for the quantized types too.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 
 from llama_fast.quant import QuantizedWeight, pack_int4
@@ -78,29 +78,35 @@ def hf_name(gguf_name: str) -> str | None:
 
 
 def open_gguf(path: str | os.PathLike):
-    """A GGUFReader over `path` (memory-mapped), every tensor checked to lie inside the file."""
-    import gguf  # runtime dependency, imported here so `import llama_fast` stays cheap
+    """The validated header of `path` (llama_fast.formats.gguf_reader): counts, lengths, tensor types, dims
+    and the tiling of the data section are checked before anything is read or allocated from them."""
+    from llama_fast.formats.gguf_reader import GGUFFormatError, GGUFReader
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors on bad bytes
-        raise GGUFError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
-    size = os.path.getsize(path)
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise GGUFError(f"{path}: truncated GGUF file: tensor {t.name} needs bytes "
-                            f"{t.data_offset}..{t.data_offset + t.n_bytes} but the file has {size}")
-    return reader
+        return GGUFReader(path)
+    except GGUFFormatError as e:
+        raise GGUFError(str(e)) from None
 
 
 def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+    return reader.get(key, default)
+
+
+def _int_field(reader, key: str, path: str, default=None, low: int = 1, high: int = 2 ** 31 - 1) -> int:
+    """An integer metadata value in [low, high] (sizes beyond int32 describe no model we can build)."""
+    value = reader.get(key, default)
+    if value is None:
+        raise GGUFError(f"{path}: metadata key {key} is missing")
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise GGUFError(f"{path}: metadata {key} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _float_field(reader, key: str, path: str, default: float) -> float:
+    value = reader.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise GGUFError(f"{path}: metadata {key} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def gguf_config(reader, path: str = "<gguf>") -> dict:
@@ -109,42 +115,41 @@ def gguf_config(reader, path: str = "<gguf>") -> dict:
     if arch != "llama":
         raise GGUFError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUF files are supported")
 
-    def need(key):
-        value = _field(reader, f"llama.{key}")
-        if value is None:
-            raise GGUFError(f"{path}: metadata key llama.{key} is missing")
-        return value
+    def need(key, default=None):
+        return _int_field(reader, f"llama.{key}", path, default)
 
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         # llama.cpp stores Llama 3.1-style rope scaling as per-frequency factors, not as parameters.
         raise GGUFError(f"{path}: has rope_freqs.weight (Llama 3.1-style rope scaling factors), which is not "
                         "supported; load the original HF checkpoint instead")
-    n_heads = int(need("attention.head_count"))
-    hidden = int(need("embedding_length"))
+    n_heads = need("attention.head_count")
+    hidden = need("embedding_length")
     vocab = _field(reader, "llama.vocab_size")
     if vocab is None:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        vocab = len(tokens.data) if tokens is not None else None
+        vocab = reader.array_length("tokenizer.ggml.tokens")
     if vocab is None:
-        embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        embd = reader.tensor("token_embd.weight")
         if embd is None:
             raise GGUFError(f"{path}: cannot tell the vocabulary size (no llama.vocab_size, tokens or token_embd)")
-        vocab = int(embd.shape[1])
+        vocab = embd.shape[0]
+    vocab = _int_field(reader, "llama.vocab_size", path, vocab)
+    block_count = need("block_count")
+    _check_block_count(block_count, names, path)
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_act": "silu",
-        "vocab_size": int(vocab),
+        "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
+        "intermediate_size": need("feed_forward_length"),
+        "num_hidden_layers": block_count,
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv", n_heads)),
-        "head_dim": int(_field(reader, "llama.attention.key_length", hidden // n_heads)),
-        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
-        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        "num_key_value_heads": need("attention.head_count_kv", n_heads),
+        "head_dim": need("attention.key_length", hidden // n_heads if hidden >= n_heads else 0),
+        "max_position_embeddings": need("context_length", 2048),
+        "rms_norm_eps": _float_field(reader, "llama.attention.layer_norm_rms_epsilon", path, 1e-6),
+        "rope_theta": _float_field(reader, "llama.rope.freq_base", path, 10000.0),
         "rope_scaling": _rope_scaling(reader, path),
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names,
@@ -156,15 +161,26 @@ def gguf_config(reader, path: str = "<gguf>") -> dict:
                         f"{config['head_dim']} (partial rotary is not a Llama model)")
     for ours, theirs in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                          ("pad_token_id", "padding_token_id")):
-        value = _field(reader, f"tokenizer.ggml.{theirs}")
-        if value is not None:
-            config[ours] = int(value)
+        if _field(reader, f"tokenizer.ggml.{theirs}") is not None:
+            config[ours] = _int_field(reader, f"tokenizer.ggml.{theirs}", path, low=0)
     return config
+
+
+def _check_block_count(block_count: int, names: set[str], path: str) -> None:
+    """llama.block_count must be the number of blk.N layers the file holds (a corrupt count would build
+    layers that no tensor fills, or until memory runs out)."""
+    layers = {int(m.group(1)) for m in map(_LAYER_RE.fullmatch, names) if m is not None}
+    if layers != set(range(block_count)):
+        present = f"blk.0..blk.{max(layers)}" if layers else "none"
+        raise GGUFError(f"{path}: llama.block_count is {block_count} but the file's layers are {present} "
+                        f"({len(layers)} distinct)")
 
 
 def _rope_scaling(reader, path: str) -> dict | None:
     kind = _field(reader, "llama.rope.scaling.type")
     factor = _field(reader, "llama.rope.scaling.factor")
+    if factor is not None:
+        factor = _float_field(reader, "llama.rope.scaling.factor", path, 1.0)
     if kind in (None, "none") and factor in (None, 1.0, 0.0):
         return None
     if kind == "linear" or (kind is None and factor):
@@ -198,14 +214,10 @@ def _quantized(raw: torch.Tensor, kind: str, n: int, k: int) -> QuantizedWeight:
     return QuantizedWeight(pack_int4(codes), d, offset, 4, BLOCK)
 
 
-def _dense(data: np.ndarray, kind: str) -> torch.Tensor:
-    array = np.ascontiguousarray(data)
-    if kind == "BF16":
-        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(array.copy())
+_DENSE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _native_tensor(t, config: dict, path: str) -> tuple[str, torch.Tensor | QuantizedWeight] | None:
+def _native_tensor(reader, t, config: dict, path: str) -> tuple[str, torch.Tensor | QuantizedWeight] | None:
     """(HF name, the tensor as stored: dense, or QuantizedWeight with the same numbers), Q/K rows unpermuted."""
     try:
         name = hf_name(t.name)
@@ -213,17 +225,18 @@ def _native_tensor(t, config: dict, path: str) -> tuple[str, torch.Tensor | Quan
         raise GGUFError(f"{path}: tensor {t.name} is not part of a Llama model") from None
     if name is None:
         return None
-    kind = t.tensor_type.name
+    kind = t.type_name
     if kind not in SUPPORTED_TYPES:
         raise GGUFError(f"{path}: tensor {t.name} has type {kind}; supported types are "
                         f"{', '.join(SUPPORTED_TYPES)}")
-    shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+    shape = t.shape
+    raw = torch.from_numpy(reader.read_tensor(t))   # a buffer of our own: the dense view below copies nothing
     if kind in _DENSE_TYPES:
-        value: torch.Tensor | QuantizedWeight = _dense(t.data, kind).reshape(shape)
+        value: torch.Tensor | QuantizedWeight = raw.view(_DENSE_DTYPES[kind]).reshape(shape)
     else:
         if len(shape) != 2:
             raise GGUFError(f"{path}: quantized tensor {t.name} has shape {shape}; expected 2-D")
-        value = _quantized(torch.from_numpy(np.array(t.data, copy=True)), kind, *shape)
+        value = _quantized(raw, kind, *shape)
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     proj = name.split(".")[-2]
     if proj in heads:
@@ -252,7 +265,7 @@ def gguf_tensors(reader, config: dict, dequantize: bool = False, dtype: torch.dt
     """(HF name, tensor) for every tensor the model uses, one at a time (peak memory: one tensor)."""
     tied = bool(config.get("tie_word_embeddings"))
     for t in reader.tensors:
-        item = _native_tensor(t, config, path)
+        item = _native_tensor(reader, t, config, path)
         if item is None:
             continue
         name, native = item

@@ -13,10 +13,13 @@ tensor whose bytes do not match its shape raises an error naming the file and th
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -26,8 +29,42 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2 ** 20   # safetensors' own limit
 
 
+_MAX_DEPTH = 3                # {name: {"shape": [..]}}: deeper nesting is no safetensors header
+
+
 class SafetensorsError(ValueError):
     """A malformed or truncated safetensors file."""
+
+
+def _int_list(value, length: int | None = None) -> bool:
+    return isinstance(value, list) and (length is None or len(value) == length) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _json_depth(raw: bytes) -> int:
+    """The deepest nesting of objects and arrays in the JSON text `raw` (strings skipped), without parsing
+    it: json.loads would recurse once per level first."""
+    structure = np.frombuffer(_JSON_STRING.sub(b"", raw), dtype=np.uint8)
+    steps = np.isin(structure, _OPENERS).astype(np.int64) - np.isin(structure, _CLOSERS)
+    return int(np.cumsum(steps).max(initial=0))
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_OPENERS = np.frombuffer(b"[{", dtype=np.uint8)
+_CLOSERS = np.frombuffer(b"]}", dtype=np.uint8)
+
+
+def _parse_header(raw: bytes, path: str) -> dict:
+    if _json_depth(raw) > _MAX_DEPTH:
+        raise SafetensorsError(f"{path}: corrupt safetensors header (JSON nested deeper than {_MAX_DEPTH})")
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SafetensorsError(f"{path}: corrupt safetensors header ({type(e).__name__} at byte "
+                               f"{getattr(e, 'pos', getattr(e, 'start', '?'))})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header
 
 
 class SafetensorsFile:
@@ -41,43 +78,61 @@ class SafetensorsFile:
             if len(head) < 8:
                 raise SafetensorsError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
             (header_len,) = struct.unpack("<Q", head)
+            # The messages below do not print header_len: for a file that is not safetensors it is the
+            # file's first 8 bytes, and errors never show a file's contents.
             if header_len > size - 8:
-                raise SafetensorsError(f"{self.path}: truncated safetensors file: the header claims {header_len} "
-                                       f"bytes, the file has {size - 8} after the length")
+                raise SafetensorsError(f"{self.path}: truncated or not a safetensors file: the header length "
+                                       f"exceeds the file's {size} bytes")
             if header_len > _MAX_HEADER:
-                raise SafetensorsError(f"{self.path}: corrupt safetensors header (length {header_len})")
-            try:
-                header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise SafetensorsError(f"{self.path}: corrupt safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise SafetensorsError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self.metadata = header.pop("__metadata__", None) or {}
+                raise SafetensorsError(f"{self.path}: corrupt safetensors header (longer than {_MAX_HEADER} bytes)")
+            raw = f.read(header_len)
+        header = _parse_header(raw, self.path)
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise SafetensorsError(f"{self.path}: corrupt safetensors header (__metadata__ must map names to "
+                                   "strings)")
+        self.metadata = metadata
         self.data_start = 8 + header_len
         data_size = size - self.data_start
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             self.entries[name] = self._entry(name, info, data_size)
+        self._check_tiling(data_size)
 
     def _entry(self, name: str, info, data_size: int):
-        try:
-            dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}: "
-                                   f"{info!r}") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes:
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES \
+                or not _int_list(info.get("shape")) \
+                or not _int_list(info.get("data_offsets"), 2):
+            raise SafetensorsError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}: it needs "
+                                   f"'dtype' (one of {', '.join(DTYPES)}), 'shape' (a list of integers) and "
+                                   "'data_offsets' (two integers)")
+        dtype = DTYPES[info["dtype"]]
+        shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        if min(shape, default=0) < 0 or begin < 0 or end < begin:
+            raise SafetensorsError(f"{self.path}: tensor {name!r}: negative size or offsets")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes:
             raise SafetensorsError(f"{self.path}: tensor {name!r}: {end - begin} bytes of data for shape "
                                    f"{list(shape)} {info['dtype']} (needs {nbytes})")
         if end > data_size:
             raise SafetensorsError(f"{self.path}: truncated: tensor {name!r} ends at byte {end} of the data, which "
                                    f"has only {data_size} bytes")
         return dtype, shape, begin, end
+
+    def _check_tiling(self, data_size: int) -> None:
+        """The tensors' byte ranges must cover the data section exactly, one after the other (as the
+        safetensors library requires): no two tensors share bytes, and no bytes belong to none."""
+        expected = 0
+        for name, (_, _, begin, end) in sorted(self.entries.items(), key=lambda item: item[1][2:]):
+            if begin != expected:
+                what = "overlaps the previous tensor" if begin < expected else "leaves a gap before it"
+                raise SafetensorsError(f"{self.path}: corrupt header: tensor {name!r} starts at byte {begin} of "
+                                       f"the data, expected {expected} (it {what})")
+            expected = end
+        if expected != data_size:
+            raise SafetensorsError(f"{self.path}: corrupt header: the tensors cover {expected} bytes of data, the "
+                                   f"file holds {data_size}")
 
     def keys(self) -> list[str]:
         return list(self.entries)

@@ -65,7 +65,9 @@ def attention(q, k, v, causal=True, kv_lens=None, scale=None):
         return _fallback("attention", q.device)(q, k, v, causal, kv_lens, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if kv_lens is not None:
-        kv_lens = kv_lens.to(device=q.device, dtype=torch.int32)
+        # Clamped first, so an out-of-range int64 length stays out of range (the kernel then makes its rows NaN,
+        # without a device sync) instead of wrapping into range: 2^32 + 2 must not act as 2.
+        kv_lens = kv_lens.to(q.device).clamp(-1, 2 ** 31 - 1).to(torch.int32)
     k, v = _heads_contiguous(k), _heads_contiguous(v)
     if k.stride()[:2] != v.stride()[:2]:  # the kernels take one set of strides for both
         k, v = k.contiguous(), v.contiguous()

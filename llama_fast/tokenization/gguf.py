@@ -24,18 +24,13 @@ PRE_TOKENIZER_SPLITS = {name: _LLAMA3_SPLIT
 
 
 def read_gguf_tokenizer_metadata(path: str) -> dict:
-    """The tokenizer.* metadata of a GGUF file, with arrays as Python lists."""
-    import gguf
+    """The tokenizer.* metadata of a GGUF file, with arrays as Python lists (the header validated by
+    llama_fast.formats.gguf_reader; a malformed file raises GGUFFormatError, a ValueError)."""
+    from llama_fast.formats.gguf_reader import GGUFReader
 
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # gguf raises ValueError / struct errors on a bad file
-        raise ValueError(f"cannot read GGUF file {path}: {e}") from None
-    meta = {}
-    for name, fld in reader.fields.items():
-        if name.startswith("tokenizer.") or name == "general.architecture":
-            meta[name] = fld.contents()
-    return meta
+    reader = GGUFReader(path)
+    return {name: reader.get(name) for name in reader.keys()
+            if name.startswith("tokenizer.") or name == "general.architecture"}
 
 
 def _byte_to_unicode():

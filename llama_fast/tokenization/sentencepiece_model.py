@@ -43,6 +43,9 @@ def _varint(buf, pos):
             raise ValueError("varint too long")
 
 
+_FIXED_SIZES = {1: 8, 5: 4}   # wire types fixed64 and fixed32
+
+
 def _fields(buf):
     """(field_number, value) for each field of one message; value is int, bytes or a 4/8-byte blob."""
     pos = 0
@@ -51,50 +54,73 @@ def _fields(buf):
         number, wire = key >> 3, key & 7
         if wire == 0:
             value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + length], pos + length
-        elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos > len(buf):
-            raise ValueError("truncated field")
+            if wire == 2:
+                length, pos = _varint(buf, pos)
+            elif wire in _FIXED_SIZES:
+                length = _FIXED_SIZES[wire]
+            else:
+                raise ValueError(f"unsupported protobuf wire type {wire}")
+            if length > len(buf) - pos:     # checked before anything is sliced or allocated from it
+                raise ValueError(f"truncated field: {length} bytes claimed, {len(buf) - pos} left")
+            value, pos = buf[pos:pos + length], pos + length
         yield number, value
 
 
+def _blob(value, what: str) -> bytes:
+    """A length-delimited (or fixed-size) field's bytes; a varint here is a corrupt file (and bytes(int)
+    would allocate that many zero bytes)."""
+    if not isinstance(value, bytes):
+        raise ValueError(f"{what} has the wrong protobuf wire type")
+    return value
+
+
+def _int(value, what: str) -> int:
+    if not isinstance(value, int):
+        raise ValueError(f"{what} has the wrong protobuf wire type")
+    return value
+
+
 def parse_sentencepiece_model(data: bytes) -> SentencePieceModel:
+    data = bytes(data)
     model = SentencePieceModel()
+    seen = set()
     try:
         for number, value in _fields(data):
+            seen.add(number)
             if number == 1:
                 text, score, kind = "", 0.0, NORMAL
-                for n, v in _fields(value):
+                for n, v in _fields(_blob(value, "piece")):
                     if n == 1:
-                        text = bytes(v).decode("utf-8")
+                        text = _blob(v, "piece text").decode("utf-8")
                     elif n == 2:
-                        score = struct.unpack("<f", v)[0]
+                        score = struct.unpack("<f", _blob(v, "piece score"))[0]
                     elif n == 3:
-                        kind = v
+                        kind = _int(v, "piece type")
                 model.pieces.append((text, score, kind))
             elif number == 2:
-                for n, v in _fields(value):
+                for n, v in _fields(_blob(value, "trainer_spec")):
                     if n == 3:
-                        model.model_type = MODEL_TYPES.get(v, str(v))
+                        model.model_type = MODEL_TYPES.get(_int(v, "model_type"), str(v))
                     elif n == 40:
-                        model.unk_id = v
+                        model.unk_id = _int(v, "unk_id")
             elif number == 3:
-                for n, v in _fields(value):
+                for n, v in _fields(_blob(value, "normalizer_spec")):
                     if n == 3:
-                        model.add_dummy_prefix = bool(v)
+                        model.add_dummy_prefix = bool(_int(v, "add_dummy_prefix"))
                     elif n == 4:
-                        model.remove_extra_whitespaces = bool(v)
+                        model.remove_extra_whitespaces = bool(_int(v, "remove_extra_whitespaces"))
     except (ValueError, UnicodeDecodeError, struct.error) as e:
         raise ValueError(f"not a valid sentencepiece model: {e}") from None
     if not model.pieces:
         raise ValueError("not a valid sentencepiece model: it has no pieces")
+    if not 0 <= model.unk_id < len(model.pieces):
+        raise ValueError(f"not a valid sentencepiece model: unk_id {model.unk_id} is not a piece")
+    # sentencepiece writes pieces, then trainer_spec, then normalizer_spec. A file cut between fields
+    # parses, but without trainer_spec it would silently become a unigram model: refuse it instead.
+    missing = [name for number, name in ((2, "trainer_spec"), (3, "normalizer_spec")) if number not in seen]
+    if missing:
+        raise ValueError(f"not a valid sentencepiece model: no {' or '.join(missing)} (truncated file?)")
     return model
 
 

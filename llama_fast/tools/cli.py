@@ -6,12 +6,14 @@
     llama-fast bench --quick                                         # the generate benchmark (tools/bench.py)
     llama-fast serve [--model DIR_OR_GGUF] [--port 8000]             # OpenAI-compatible server (llama_fast.serve)
 
-User errors (a missing file, a bad option or model) print one line to stderr and exit 1; set
-LLAMA_FAST_DEBUG=1 to see the traceback.
+User errors (a missing file, a bad option, a malformed model) print one line to stderr and exit 2, never a
+traceback; `--debug` (anywhere on the line) or LLAMA_FAST_DEBUG=1 shows the traceback instead. Anything else
+(a bug) prints one line too, exits 1 and asks for --debug.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -22,7 +24,11 @@ from llama_fast.serve.cli import run as run_serve
 # torch, the model and the tokenizers are imported by the commands that use them, so that `--help` and a
 # usage error answer at once instead of after loading torch.
 
-EXIT_USER_ERROR = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+# What a bad input raises: our format and config errors are ValueErrors; OSError for files; TypeError for a
+# value of the wrong type; RuntimeError from torch on what it cannot do (e.g. out of memory).
+USER_ERRORS = (OSError, ValueError, TypeError, ImportError, RuntimeError, MemoryError)
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 
@@ -41,6 +47,30 @@ def _positive_int(text):
     return value
 
 
+def _finite_float(low: float, high: float = math.inf, low_inclusive: bool = True):
+    """An argparse type: a float in [low, high] (or (low, high]); nan and inf are refused."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value > high or value < low or (value == low and not low_inclusive):
+            bounds = f"{'[' if low_inclusive else '('}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"expected a finite number in {bounds}, got {text!r}")
+        return value
+    return parse
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the full usage is one --help away)."""
 
@@ -50,6 +80,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llama-fast", description="Fast, faithful LLaMA inference.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,convert,bench,serve}",
                                      parser_class=_Parser)
 
@@ -64,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     gen.add_argument("--backend", choices=BACKENDS, default=None, help="ops backend (default: best for the device)")
     gen.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantization at load")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=_finite_float(0.0, 1e6), default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=_non_negative_int, default=50)
+    gen.add_argument("--top-p", type=_finite_float(0.0, 1.0, low_inclusive=False), default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (torch.set_num_threads)")
 
@@ -134,8 +165,6 @@ def cmd_generate(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.temperature < 0:
-        raise UserError("--temperature must be >= 0 (0 = greedy)")
     path = _resolve_model(args.model)
     tokenizer, model = _load(path, args)
     ids = _prompt_ids(tokenizer, args).to(model.device)
@@ -192,6 +221,8 @@ COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or bool(os.environ.get("LLAMA_FAST_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
     if argv[:1] == ["bench"]:
         command, run = "bench", lambda: cmd_bench(argv[1:])
     else:
@@ -202,12 +233,16 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\nllama-fast: interrupted", file=sys.stderr)
         return 130
-    except (UserError, OSError, ValueError, TypeError, ImportError, RuntimeError) as e:
-        if os.environ.get("LLAMA_FAST_DEBUG"):
+    except Exception as e:
+        if debug:
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"llama-fast {command}: error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        if isinstance(e, (UserError,) + USER_ERRORS):
+            print(f"llama-fast {command}: error: {message}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(f"llama-fast {command}: internal error ({type(e).__name__}: {message}); rerun with --debug for the "
+              "traceback", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":
