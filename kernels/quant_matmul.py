@@ -186,6 +186,7 @@ def _(x, qweight, scale, offset, bits, group_size, bias):
 
 def quant_linear(x, qweight, bias=None):
     """The llama_fast.ops.quant_linear contract for a llama_fast.quant.QuantizedWeight."""
+    x, qweight = qweight.kernel_input(x)      # act-order weights: gather x's features first
     return quant_linear_op(x, qweight.qweight, qweight.scale, qweight.offset, qweight.bits, qweight.group_size,
                            bias)
 

@@ -45,6 +45,8 @@ from tqdm.auto import tqdm
 
 from llama_fast import quant, safetensors_file
 from llama_fast.config import LlamaConfig, dtype_from_name
+from llama_fast.formats import quantized_checkpoints
+from llama_fast.formats.quantized_checkpoints import LlamaFastFormat
 from llama_fast.linear import Linear
 from llama_fast.ops._backend import check_backend_name
 from llama_fast.quant import QuantizedWeight
@@ -226,6 +228,9 @@ class TensorLoader:
         if quantized and len(quantized) == len(values) and isinstance(owner, Linear) and attr == "weight":
             try:
                 qw = values[0] if len(values) == 1 else quant.concat_rows(values)
+            except quant.InputPermMismatch as e:
+                raise CheckpointError(f"{pname}: {e}; llama_fast fuses {', '.join(target.parts)} into one "
+                                      "layer and needs them to share one") from None
             except ValueError:
                 qw = None     # the parts differ in format: dequantized below
             if qw is not None:
@@ -372,18 +377,18 @@ def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
     torch_dtype = _resolve_dtype(dtype, config)
     model = meta_model(cls, config, torch_dtype, device)
     loader = TensorLoader(model, torch_dtype, device, quantize, group_size)
-    config_quant = getattr(config, "quantization_config", None)
-    if config_quant is not None and config_quant.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError(f"{path}: config.json has a quantization_config of method "
-                              f"{config_quant.get('quant_method')!r}; llama_fast reads only its own "
-                              f"({QUANT_METHOD!r}) quantized checkpoints")
+    try:   # llama_fast's own quantized format, GPTQ, AWQ or compressed-tensors
+        reader = quantized_checkpoints.reader_for(quantized_checkpoints.checkpoint_quantization(
+            path, getattr(config, "quantization_config", None)))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     source = files[0][0] if len(files) == 1 else os.path.join(path, SAFE_INDEX)
     quant_parts: dict[str, dict[str, torch.Tensor]] = {}
     # A progress bar on terminals only (tqdm's disable=None), for big checkpoints.
     with tqdm(total=len(loader.by_hf), desc="Loading weights", unit="tensor", disable=None, leave=False) as bar:
         for file, names in files:
-            _load_safetensors_file(loader, file, names, bar, quant_parts)
-    _add_quantized(loader, quant_parts, source)
+            _load_safetensors_file(loader, file, names, bar, quant_parts, reader.parts)
+    _add_quantized(loader, quant_parts, source, reader)
     loader.finish(source)
     model.generation_config = _read_generation_config(path)
     return model
@@ -421,9 +426,10 @@ def _safetensors_files(path: str) -> list[tuple[str, list[str] | None]]:
 
 
 def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | None, bar=None,
-                           quant_parts: dict | None = None) -> None:
-    """Adds the file's tensors to `loader`; the parts of quantized linears (x.qweight / x.scales / x.offsets)
-    are collected in `quant_parts` instead (they may sit in different shards)."""
+                           quant_parts: dict | None = None, part_names=LlamaFastFormat.parts) -> None:
+    """Adds the file's tensors to `loader`; the parts of quantized linears (x.<part> for a part in
+    `part_names`: x.qweight / x.scales / x.offsets in llama_fast's format) are collected in `quant_parts`
+    instead (they may sit in different shards)."""
     try:
         st = SafetensorsFile(file)
     except SafetensorsError as e:
@@ -432,7 +438,7 @@ def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | N
         if name not in st.entries:
             raise CheckpointError(f"{file}: tensor {name!r} listed in the index is not in the file")
         base, _, part = name.rpartition(".")
-        if part in _QUANT_PARTS and quant_parts is not None:
+        if part in part_names and quant_parts is not None:
             try:
                 quant_parts.setdefault(base, {})[part] = st.read(name)
             except SafetensorsError as e:
@@ -449,16 +455,18 @@ def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | N
             bar.update()
 
 
-def _add_quantized(loader: TensorLoader, quant_parts: dict, source: str) -> None:
-    """Each quantized linear's parts -> one QuantizedWeight for `loader` (bits and group size follow from the
-    codes' dtype and the number of scale columns)."""
-    for base, parts in quant_parts.items():
-        for needed in _QUANT_PARTS[:2]:
+def _add_quantized(loader: TensorLoader, quant_parts: dict, source: str, reader=None) -> None:
+    """Each quantized linear's parts -> one QuantizedWeight for `loader`, by the checkpoint format's reader
+    (llama_fast.formats.quantized_checkpoints; default llama_fast's own format)."""
+    reader = reader or LlamaFastFormat()
+    for base in list(quant_parts):
+        parts = quant_parts.pop(base)        # the packed parts go as soon as their weight exists
+        for needed in reader.required:
             if needed not in parts:
                 raise CheckpointError(f"{source}: tensor {base}.{needed!s} is missing (the other parts of the "
                                       f"quantized weight {base!r} are there)")
         try:
-            value = QuantizedWeight.from_parts(parts["qweight"], parts["scales"], parts.get("offsets"), name=base)
+            value = reader.weight(base, parts)
         except ValueError as e:
             raise CheckpointError(f"{source}: {e}") from None
         loader.add(f"{base}.weight", value, source)
@@ -480,8 +488,7 @@ def _read_generation_config(path: str) -> dict:
 
 # A quantized linear `x` is stored as x.qweight, x.scales and (when it has offsets) x.offsets, in the format
 # of llama_fast.quant; config.json's quantization_config says so (quant_method "llama_fast").
-QUANT_METHOD = "llama_fast"
-_QUANT_PARTS = ("qweight", "scales", "offsets")
+QUANT_METHOD = quantized_checkpoints.LLAMA_FAST_METHOD
 
 
 def hf_state_items(model: nn.Module):
@@ -499,6 +506,8 @@ def hf_state_items(model: nn.Module):
                 yield f"{base}.scales", part.scale
                 if part.offset is not None:
                     yield f"{base}.offsets", part.offset
+                if part.input_perm is not None:
+                    yield f"{base}.input_perm", part.input_perm
             continue
         tensor = getattr(owner, target.attr)
         for hf, (r0, r1) in zip(target.parts, target.rows):

@@ -31,12 +31,20 @@ def _linear_slots(linear):
 
 def _plan(model):
     """The model's llama_fast.CpuDecodePlan: its weights validated once, rebuilt when they change (see
-    llama_fast.weights_version; the plan itself re-validates when a tensor it holds changes in place)."""
+    llama_fast.weights_version; the plan itself re-validates when a tensor it holds changes in place).
+    None for a model the stack cannot run."""
     cached = _PLANS.get(model)
     version = weights_version.current()
     layers = tuple(model.layers)
     if cached is not None and cached[0] == version and cached[1] == layers:
         return cached[2]
+    if any(getattr(linear, "input_perm", None) is not None for layer in layers
+           for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                          layer.mlp.down_proj)):
+        # Act-order weights (llama_fast.quant input_perm) gather their activations first, which the C++
+        # stack does not do: such models decode op by op.
+        _PLANS[model] = (version, layers, None)
+        return None
     weights, meta = [], []
     for layer in layers:
         weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
@@ -64,7 +72,7 @@ def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidd
     if any(getattr(m, "backend", None) not in (None, "cpu") for m in (model, model.layers[0])):
         return False
     cfg = model.config
-    return getattr(cfg, "hidden_act", "silu") == "silu"
+    return getattr(cfg, "hidden_act", "silu") == "silu" and _plan(model) is not None
 
 
 def run(model, hidden: torch.Tensor, step, cache) -> torch.Tensor:

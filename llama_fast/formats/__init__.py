@@ -1,0 +1,1 @@
+"""Checkpoint file formats: readers that turn files into (transformers name, tensor) pairs; no model code."""
