@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llama_fast import quant, safetensors_file
+from llama_fast import hub, quant, safetensors_file
 from llama_fast.config import LlamaConfig, dtype_from_name
 from llama_fast.formats import quantized_checkpoints
 from llama_fast.formats.quantized_checkpoints import LlamaFastFormat
@@ -305,13 +305,15 @@ def meta_model(cls, config: LlamaConfig, dtype: torch.dtype, device="cpu") -> nn
 # ---- from_pretrained ------------------------------------------------------------------------------------
 
 def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantize=None, group_size=128,
-                    torch_dtype=None, device_map=None, dequantize=False):
+                    torch_dtype=None, device_map=None, dequantize=False, revision=None, cache_dir=None,
+                    local_files_only=False, token=None):
     """`cls` (LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification) from an HF directory or a GGUF
     file. dtype: "auto" (config's torch_dtype, float32 if absent), "float32", "bfloat16", "float16" or a
     torch.dtype. backend: the ops backend (None: the best one for each op on the tensors' device).
     transformers' spellings work too: torch_dtype= for dtype, device_map="cpu" / "cuda:0" for device (one
     device; the model is not split). dequantize: load a GGUF file's quantized tensors as dense weights
-    instead of natively (llama_fast.gguf_file)."""
+    instead of natively (llama_fast.gguf_file). A `path` that does not exist locally is a Hub repo id, found
+    in the Hugging Face cache (or downloaded) at `revision` as transformers does (llama_fast.hub)."""
     if torch_dtype is not None:
         if dtype not in ("auto", None):
             raise ValueError("pass dtype or torch_dtype, not both")
@@ -324,9 +326,7 @@ def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantiz
     check_backend_name(backend)
     if quantize is not None and quantize not in _QUANTIZE_BITS:
         raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file or directory: {path}")
+    path = hub.resolve(path, hub.MODEL_FILES, revision, cache_dir, local_files_only, token)
     gguf = _gguf_path(path)
     if gguf is not None:
         from llama_fast.gguf_file import load_gguf
