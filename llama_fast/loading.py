@@ -181,6 +181,30 @@ class TensorLoader:
             target.buffer = torch.empty(target.shape, dtype=self.dtype, device=self.device)
         return target.buffer[r0:r1] if len(target.parts) > 1 else target.buffer
 
+    def share(self, name: str, tensor: torch.Tensor) -> None:
+        """Makes `tensor` itself the memory of the parameter `name` when that needs no conversion (an unfused
+        parameter of the model's dtype and device): the `add` of it that follows copies nothing. Used by
+        llama_fast.from_transformers to share a live model's weights."""
+        found = self._resolve(name)
+        if found is None:
+            return
+        target = self.targets[found[0]]
+        if (len(target.parts) == 1 and target.buffer is None and tuple(tensor.shape) == target.shape
+                and tensor.dtype == self.dtype and tensor.device == self.device and tensor.is_contiguous()):
+            target.buffer = tensor
+
+    def completed_fusion(self, name: str) -> tuple[torch.Tensor, list[tuple[str, tuple[int, int]]]] | None:
+        """(the fused dense weight, [(part name, rows)]) of the fused parameter `name` belongs to, once all
+        its parts have arrived; None otherwise (unfused, incomplete or quantized)."""
+        found = self._resolve(name)
+        if found is None:
+            return None
+        target = self.targets[found[0]]
+        weight = getattr(target.module, target.attr, None)
+        if len(target.parts) == 1 or len(target.received) != len(target.parts) or not isinstance(weight, torch.Tensor):
+            return None
+        return weight, list(zip(target.parts, target.rows))
+
     def add(self, name: str, value, source: str) -> None:
         if name == "lm_head.weight" and self.tied and isinstance(value, QuantizedWeight) \
                 and isinstance(getattr(self.model, "lm_head", None), Linear):
