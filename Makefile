@@ -13,7 +13,7 @@ export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 # The test suites pin the thread count so runs are comparable.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install build demo test test-cpu test-triton check-kernels bench clean
+.PHONY: install build demo test test-cpu test-isa test-triton check-kernels bench clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,11 +33,20 @@ build: $(STAMP)
 demo: build
 	$(PY) -m llama_fast.cli generate --chat "What is the capital of France? Answer in one sentence." --max-new-tokens 48
 
-# Everything CI runs: the CPU suite, the Triton kernels under the interpreter, the sm_80/sm_90 compile checks.
-test: build test-cpu test-triton check-kernels
+# Everything CI runs: the CPU suite, the model under the lower CPU instruction sets, the Triton kernels under
+# the interpreter, the sm_80/sm_90 compile checks.
+test: build test-cpu test-isa test-triton check-kernels
 
 test-cpu:
 	$(PYTEST) -q tests --ignore=tests/triton
+
+# The op tests already run every instruction-set level this CPU has (tests/ops/op_fixtures.py); the whole model
+# (against transformers, and the C++ decode plan) runs once more with the kernels forced to AVX2 and once to the
+# portable C++, so a machine without AVX-512 (any x86-64-v3) runs code that CI has run.
+ISA_MODEL_TESTS := tests/test_modeling.py tests/test_model_cpu_decode.py tests/test_cache.py
+test-isa:
+	LLAMA_FAST_CPU_ISA=avx2 $(PYTEST) -q $(ISA_MODEL_TESTS)
+	LLAMA_FAST_CPU_ISA=portable $(PYTEST) -q $(ISA_MODEL_TESTS)
 
 # TRITON_INTERPRET must be set before triton is first imported, hence a pytest process of its own.
 test-triton:

@@ -73,6 +73,45 @@ def max_rel_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-6))
 
 
+def assert_top1_agrees(got: torch.Tensor, ref: torch.Tensor, rel_tol: float) -> None:
+    """The argmax of two different computations' logits [..., V] agrees at every position where the
+    reference's top-2 margin exceeds what the tolerance allows (2 * rel_tol * the logits' scale); at a
+    near-tie either token is right."""
+    top2 = ref.float().topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * rel_tol * float(ref.float().abs().max())
+    assert clear.float().mean() > 0.5, "the reference has too few clear positions for this check to mean much"
+    bad = (got.argmax(-1) != ref.argmax(-1)) & clear
+    assert not bad.any(), f"top-1 differs at clear positions {bad.nonzero().tolist()[:5]}"
+
+
+def assert_greedy_agrees(got: torch.Tensor, ref_out, prompt_len: int, rel_tol: float = 1e-4) -> None:
+    """Greedy tokens of two different computations (ours vs transformers) agree token for token, except
+    where the reference's top two logits are within the tolerance of each other: there the two models may
+    legitimately pick different tokens (a different summation order on another CPU or BLAS can flip a tie),
+    and that row is compared no further. `ref_out` is transformers' generate output with
+    return_dict_in_generate=True, output_logits=True; `rel_tol` is the logits' agreement relative to their
+    scale (max |logit|), so a tie is a margin <= 2 * rel_tol * scale."""
+    expected = ref_out.sequences
+    width = min(got.shape[1], expected.shape[1])
+    assert torch.equal(got[:, :prompt_len], expected[:, :prompt_len]), "prompts differ"
+    tied_rows = 0
+    for row in range(got.shape[0]):
+        differ = (got[row, prompt_len:width] != expected[row, prompt_len:width]).nonzero()
+        if len(differ) == 0:
+            continue
+        tied_rows += 1
+        step = int(differ[0])
+        logits = ref_out.logits[step][row].float()
+        top2 = logits.topk(2).values
+        margin, scale = float(top2[0] - top2[1]), float(logits.abs().max())
+        assert margin <= 2 * rel_tol * scale, (
+            f"row {row} differs at new token {step}: ours {int(got[row, prompt_len + step])}, transformers "
+            f"{int(expected[row, prompt_len + step])}, whose top-2 margin {margin:.3g} is no tie "
+            f"(> {2 * rel_tol:.1g} x scale {scale:.3g})")
+    if tied_rows == 0:  # a row that took the other side of a tie may stop at another length
+        assert got.shape == expected.shape, f"lengths differ: {tuple(got.shape)} vs {tuple(expected.shape)}"
+
+
 # bf16: llama_fast's error vs the fp32 model may be at most BF16_FACTOR x transformers-bf16's error, plus
 # BF16_SLACK x the logits' scale. The slack is one bf16 rounding step of the logits (2^-8 relative): on tiny
 # models both errors are a few roundings, and transformers' run can land a rounding luckier than ours.

@@ -161,6 +161,8 @@ def test_demo_model_dense_form_holds_the_same_numbers(demo_cache):
     native = llama_fast.LlamaForCausalLM.from_pretrained(demo_cache, dtype="float32")
     dense = llama_fast.LlamaForCausalLM.from_pretrained(dense_dir, dtype="float32")
     assert not dense.lm_head.quantized and dense.model.layers[0].mlp.down_proj.bits is None
+    # Exact by construction: the dense form is the dequantization of the same codes (q * scale + offset in
+    # fp32 of fp16 scales: exact products and one rounded add, the same ops in both).
     torch.testing.assert_close(native.model.layers[3].mlp.down_proj.quantized_weight().dequantize(torch.float32),
                                dense.model.layers[3].mlp.down_proj.weight, rtol=0, atol=0)
     ids = torch.tensor([[1, 504, 3458, 314, 4980, 30]])

@@ -80,6 +80,8 @@ def test_inv_freq_matches_transformers(scaling):
                   max_position_embeddings=128)
     rotary = LlamaRotaryEmbedding(transformers.LlamaConfig(**kwargs))
     ours = LlamaConfig(**kwargs)
+    # Exact by construction: rope.inv_freq evaluates transformers' formula with the same torch ops in the
+    # same order, elementwise (no reduction whose order could differ).
     assert torch.equal(inv_freq(ours), rotary.inv_freq)
     if scaling and scaling.get("rope_type") == "dynamic":   # recomputed past max_position_embeddings
         x = torch.zeros(1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import llama_fast
+from conftest import assert_greedy_agrees
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -59,12 +60,15 @@ def test_greedy_64_tokens_batch_of_3_equals_transformers(ref_model, our_model, b
     assert len(set(enc.attention_mask.sum(1).tolist())) == 3       # three different prompt lengths
     kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     with torch.no_grad():
-        expected = ref_model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, **kw)
+        expected = ref_model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                                      return_dict_in_generate=True, output_logits=True, **kw)
     got = our_model.generate(enc.input_ids, attention_mask=enc.attention_mask, **kw)
-    if not torch.equal(got, expected):
-        first = (got[:, :expected.shape[1]] != expected[:, :got.shape[1]]).nonzero()[:1].tolist()
-        pytest.fail(f"generations differ (first mismatch at [row, col] {first}):\n"
-                    f"ours:  {tok.batch_decode(got[:, enc.input_ids.shape[1]:], skip_special_tokens=True)}\n"
-                    f"theirs: {tok.batch_decode(expected[:, enc.input_ids.shape[1]:], skip_special_tokens=True)}")
+    # Token for token, except after a genuine near-tie of transformers' logits (1e-4 x scale is how closely
+    # the fp32 logits agree, tests/test_gguf_smollm2.py): two summation orders may pick either side of it.
+    try:
+        assert_greedy_agrees(got, expected, enc.input_ids.shape[1], rel_tol=1e-4)
+    except AssertionError as e:
+        pytest.fail(f"{e}\nours:   {tok.batch_decode(got[:, enc.input_ids.shape[1]:], skip_special_tokens=True)}\n"
+                    f"theirs: {tok.batch_decode(expected.sequences[:, enc.input_ids.shape[1]:], skip_special_tokens=True)}")
     answers = tok.batch_decode(got[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answers[0]

@@ -12,7 +12,7 @@ from llama_fast.gguf_file import gguf_config, gguf_tensor, open_gguf
 from llama_fast.quant import QuantizedWeight
 
 import gguf_util as G
-from conftest import demo_gguf_path
+from conftest import assert_top1_agrees, demo_gguf_path
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,8 @@ def test_logits_equal_transformers_native_and_dequantized(demo_reference, tmp_pa
     with torch.no_grad():
         got_dense = dense(ids).logits
     assert (got_dense - ref).abs().max() <= 1e-4 * scale
-    # converted to an HF directory by our save_pretrained, it loads back to the same logits
+    # converted to an HF directory by our save_pretrained, it loads back to the same logits (same weights, same
+    # code: exact)
     dense.save_pretrained(tmp_path / "fp32")
     del dense
     with torch.no_grad():
@@ -89,7 +90,7 @@ def test_logits_equal_transformers_native_and_dequantized(demo_reference, tmp_pa
         got_native = native(ids).logits
     # transformers dequantizes to the same numbers: only accumulation order differs
     assert (got_native - ref).abs().max() <= 1e-4 * scale
-    assert torch.equal(got_native.argmax(-1), ref.argmax(-1))
+    assert_top1_agrees(got_native, ref, rel_tol=1e-4)  # a different summation order: ties may flip
 
     # a native quantized checkpoint written by save_pretrained loads back to the same model
     native.save_pretrained(tmp_path / "q4_1")

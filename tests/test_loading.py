@@ -70,6 +70,7 @@ def test_save_pretrained_round_trips_through_transformers(tmp_path, config):
     ours.save_pretrained(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == 2
     theirs = load_hf(tmp_path / "out")
+    # Exact by construction: each side compares one implementation with itself on the same weights.
     assert torch.equal(_logits(theirs), _logits(load_hf(tmp_path / "src")))
     assert torch.equal(_logits(LlamaForCausalLM.from_pretrained(tmp_path / "out")), _logits(ours))
 
@@ -104,6 +105,7 @@ def test_quantize_on_load(tmp_path, quantize, bits):
         assert linear.bits == bits and linear.group_size == 32 and linear.weight is None
     assert not ours.lm_head.quantized and ours.model.embed_tokens.weight.dtype == torch.float32
     ref = _quantized_reference(tmp_path, bits, 32)
+    # Exact by construction: the same quant.quantize of the same fused weights, the same forward.
     assert torch.equal(_logits(ours), _logits(ref))
     dense = _logits(LlamaForCausalLM.from_pretrained(tmp_path))
     assert max_rel_diff(_logits(ours), dense) < (0.05 if bits == 8 else 0.5)   # close to, not equal to dense

@@ -3,7 +3,7 @@ loads the directory and its logits on a 64-token text match transformers' model 
 import pytest
 import torch
 
-from conftest import max_rel_diff
+from conftest import assert_top1_agrees, max_rel_diff
 from llama_fast import LlamaForCausalLM
 
 
@@ -15,7 +15,7 @@ def test_real_model_from_converted_hf_directory(demo_reference):
     with torch.no_grad():
         got = ours(ids).logits
     assert max_rel_diff(got, ref) <= 1e-4
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_top1_agrees(got, ref, rel_tol=1e-4)  # a different summation order: ties may flip
 
 
 @pytest.mark.slow

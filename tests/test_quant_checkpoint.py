@@ -104,6 +104,8 @@ def test_quantize_on_load_and_round_trip(tmp_path, bits, group_size):
     assert quantized_layers(back) == quantized_layers(model)
     sd_a, sd_b = model.state_dict(), back.state_dict()
     assert sd_a.keys() == sd_b.keys()
+    # Exact by construction here and below: a saved and reloaded checkpoint holds the same tensors, and the
+    # same model code on the same tensors computes the same logits.
     for name in sd_a:
         assert torch.equal(sd_a[name], sd_b[name]), name
     x = ids(config["vocab_size"], seed=1)
