@@ -13,9 +13,13 @@ multiple of group_size gets the largest power-of-two fraction of group_size (>= 
 Embeddings, lm_head and score stay dense. Pickles (.bin / .pt) are refused: loading never unpickles.
 
 Quantized checkpoints: save_pretrained writes a quantized linear `x` as x.qweight, x.scales and (if it has
-offsets) x.offsets in the format of llama_fast.quant (bits and group size follow from the tensors' dtypes
-and shapes), and config.json gets a quantization_config {"quant_method": "llama_fast", "bits", "group_size",
-...}; from_pretrained reads them back unchanged. GGUF files go through llama_fast.gguf_file.load_gguf.
+offsets) x.offsets (and x.input_perm for act-order weights) in the format of llama_fast.quant (bits and group
+size follow from the tensors' dtypes and shapes), and config.json gets a quantization_config
+{"quant_method": "llama_fast", "bits", "group_size", ...}; from_pretrained reads them back unchanged.
+Checkpoints quantized by GPTQ, AWQ or compressed-tensors (their quantization_config says which) are read
+natively by the readers in llama_fast.formats (formats.quantized_checkpoints picks one): their linears keep
+the file's codes and run on the quantized kernels. GGUF files go through llama_fast.gguf_file.load_gguf.
+A path that does not exist locally is a Hugging Face repo id (llama_fast.hub).
 
 The interface other formats use (GGUF does):
 
