@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from llama_fast.formats.zero_point import unpack_int32, zero_point_weight
+from llama_fast.formats.zero_point import check_packed_parts, unpack_int32, zero_point_weight
 from llama_fast.quant import QuantizedWeight
 
 METHOD = "awq"
@@ -41,11 +41,7 @@ class AwqFormat:
 
     def weight(self, base: str, parts: dict[str, torch.Tensor]) -> QuantizedWeight:
         qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
-        for part, t in (("qweight", qweight), ("qzeros", qzeros)):
-            if t.dtype != torch.int32 or t.dim() != 2:
-                raise ValueError(f"{base}.{part}: expected a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
-        if scales.dim() != 2:
-            raise ValueError(f"{base}.scales: expected a 2-D tensor, got shape {tuple(scales.shape)}")
+        check_packed_parts(base, qweight, qzeros, scales)
         k, n = qweight.shape[0], qweight.shape[1] * 8
         groups = 1 if self.group_size == -1 else k // self.group_size
         if (self.group_size != -1 and k % self.group_size) or tuple(scales.shape) != (groups, n) \

@@ -43,6 +43,15 @@ def unpack_int32(words: torch.Tensor, bits: int, dim: int, positions: list[int] 
     return out
 
 
+def check_packed_parts(base: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> None:
+    """GPTQ's and AWQ's qweight / qzeros are 2-D int32, scales 2-D (their shapes are each format's)."""
+    for part, t in (("qweight", qweight), ("qzeros", qzeros)):
+        if t.dtype != torch.int32 or t.dim() != 2:
+            raise ValueError(f"{base}.{part}: expected a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    if scales.dim() != 2:
+        raise ValueError(f"{base}.scales: expected a 2-D tensor, got shape {tuple(scales.shape)}")
+
+
 def zero_point_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                       g_idx: torch.Tensor | None = None, name: str = "weight") -> QuantizedWeight:
     """codes uint8 [N, K] (0 .. 2^bits - 1, K in input feature order), scale float [N, G], zero integer
