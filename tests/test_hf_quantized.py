@@ -211,3 +211,25 @@ def test_malformed_parts_are_named(tmp_path):
     safetensors_file.write(tmp_path / "model.safetensors", sorted(bad.items()))
     with pytest.raises(CheckpointError, match="up_proj.qzeros is missing"):
         LlamaForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["gptq4-g32-sym-actorder", "ct-w4a16-sym-g32", "ct-w8a16-asym-g64"])
+def test_bf16_model_within_the_bf16_rule(tmp_path, case):
+    """bf16 activations on the file's fp16 / bf16 / fp32 scales: error vs the fp32 oracle within the bf16 rule
+    of the model tests (at most BF16_FACTOR x transformers-bf16's error on the same weights, plus slack)."""
+    from conftest import BF16_FACTOR, BF16_SLACK
+    fmt, options = CASES[case]
+    hf = H.tiny_llama(seed=5)
+    expected = H.write_checkpoint(tmp_path, hf, fmt, **options)
+    reference = reference_model(hf, expected)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype="bfloat16")
+    x = ids(seed=3)
+    with torch.no_grad():
+        oracle = reference(x).logits
+        err_hf = float((reference.to(torch.bfloat16)(x).logits.float() - oracle).abs().max())
+        got = model(x).logits
+    assert got.dtype == torch.bfloat16
+    err = float((got.float() - oracle).abs().max())
+    assert 0 < err <= BF16_FACTOR * err_hf + BF16_SLACK * float(oracle.abs().max())
+    out = model.generate(x[:1, :5], max_new_tokens=4, do_sample=False, eos_token_id=[])   # decode steps run too
+    assert out.shape == (1, 9)
