@@ -152,6 +152,8 @@ def _rewrite_config(directory, **changes):
     ("awq", dict(zero_point=False), "zero_point=false is not supported"),
     ("compressed-tensors", dict(format="float-quantized"), "format 'float-quantized' is not supported"),
     ("compressed-tensors", dict(kv_cache_scheme={"num_bits": 8}), "kv_cache_scheme"),
+    ("compressed-tensors", dict(sparsity_config={"format": "sparse-24-bitmask"}), "sparsity format"),
+    ("compressed-tensors", dict(transform_config={"config_groups": {}}), "transform_config"),
 ])
 def test_unsupported_variants_are_named(tmp_path, fmt, changes, message):
     H.write_checkpoint(tmp_path, H.tiny_llama(num_hidden_layers=1), fmt, bits=4, group_size=32)

@@ -14,7 +14,7 @@ and dequantizes as  w = scale * (q - zero)  with q, zero signed, i.e.  scale * (
 Which modules are quantized follows from the tensors; their scheme is the config group whose `targets`
 match ("Linear", "re:<regex>" or a module name) and `ignore` excludes. Supported: int weights of 4 or 8
 bits, symmetric or not, strategies group / channel / tensor, static. Activation quantization (W4A8, W8A8,
-FP8), other formats and KV-cache quantization raise an error naming them.
+FP8), other formats, sparse storage, transforms and KV-cache quantization raise an error naming them.
 """
 from __future__ import annotations
 
@@ -37,6 +37,13 @@ class CompressedTensorsFormat:
     def __init__(self, config: dict):
         if config.get("kv_cache_scheme"):
             raise ValueError("compressed-tensors kv_cache_scheme (a quantized KV cache) is not supported")
+        sparsity = config.get("sparsity_config") or {}
+        if sparsity.get("format", "dense") != "dense":
+            raise ValueError(f"compressed-tensors sparsity format {sparsity.get('format')!r} is not supported "
+                             "(llama_fast reads dense-stored weights)")
+        if config.get("transform_config"):
+            raise ValueError("compressed-tensors transform_config (rotations applied to weights and activations) "
+                             "is not supported")
         groups = config.get("config_groups") or {}
         if not isinstance(groups, dict) or not groups:
             raise ValueError("compressed-tensors quantization_config has no config_groups")
