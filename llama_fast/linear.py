@@ -11,7 +11,8 @@ from llama_fast.weights_version import TracksWeights
 
 class Linear(TracksWeights):
     """y = x @ W.T (+ bias). W is dense (`weight`, an nn.Parameter [N, K]) or quantized (`qweight`, `scales`,
-    `offsets` buffers in the format of llama_fast.quant). `backend` is set by the model (see ops)."""
+    `offsets` and, for act-order weights, `input_perm` buffers in the format of llama_fast.quant). `backend` is
+    set by the model (see ops)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
         super().__init__()
