@@ -11,11 +11,13 @@ models sharing all their weights, the extra memory at any moment is one fused we
 working and computes the same numbers, but its weights now live in llama_fast's tensors (in-place changes to
 either model show in both).
 
-GPTQ / AWQ models loaded by transformers are refused: transformers needs gptqmodel / autoawq to load them,
+Quantized models that transformers holds packed are refused: transformers 5 needs gptqmodel to load GPTQ
+and AWQ (and compressed_tensors for its format), none of which llama_fast depends on or was tested against,
 and those packages keep the packed tensors in their kernels' own layouts (repacked for Marlin / ExLlama,
 GPTQ v1 zeros converted to v2), so the memory does not say which format it holds. Load such a checkpoint
 from its directory instead (LlamaForCausalLM.from_pretrained(path) reads GPTQ / AWQ / compressed-tensors
-files natively).
+files natively). A quantized checkpoint that transformers decompressed to floating-point weights converts
+like a dense model.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ def from_transformers(cls, hf_model: nn.Module, backend: str | None = None) -> n
         raise ValueError(f"from_transformers expects a transformers Llama model, got {type(hf_model).__name__} "
                          f"(model_type {getattr(hf_config, 'model_type', None)!r})")
     quantization = getattr(hf_config, "quantization_config", None)
-    if quantization is not None:
+    packed = any(not t.is_floating_point() for t in (*hf_model.parameters(), *hf_model.buffers()))
+    if quantization is not None and packed:     # (a decompressed model, all floating point, loads as dense)
         method = quantization.get("quant_method") if isinstance(quantization, dict) else \
             getattr(quantization, "quant_method", quantization)
         raise ValueError(f"from_transformers: the model is quantized ({method}) by a transformers integration "

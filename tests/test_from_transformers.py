@@ -90,6 +90,10 @@ def test_bf16_bare_model_and_classifier():
 def test_refused_models():
     hf = hf_model()
     hf.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    LlamaForCausalLM.from_transformers(hf)            # all floating point: a decompressed model, loads dense
+    hf = hf_model()
+    hf.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    hf.model.layers[0].mlp.register_buffer("qweight", torch.zeros(4, 8, dtype=torch.int32))   # packed in memory
     with pytest.raises(ValueError, match=r"quantized \(gptq\).*from_pretrained\(path\)"):
         LlamaForCausalLM.from_transformers(hf)
     with pytest.raises(ValueError, match="expects a transformers Llama model"):
