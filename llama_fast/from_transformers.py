@@ -54,7 +54,7 @@ def from_transformers(cls, hf_model: nn.Module, backend: str | None = None) -> n
                          "one dtype (offloaded or mixed-dtype models are not supported)")
     del params
     config = LlamaConfig.from_dict(_config_dict(hf_config, dtype))
-    model = meta_model(cls, config, dtype, device)
+    model = meta_model(cls, config, dtype)
     loader = TensorLoader(model, dtype, device)
     hf_params = dict(hf_model.named_parameters())       # the Parameter objects, to re-point fused parts
     for name in list(hf_params):

@@ -1,4 +1,4 @@
-"""Weight-only quantization: the affine group-wise format of DESIGN.md.
+"""Weight-only quantization: the affine group-wise format (docs/DESIGN.md, "Quantized weight format").
 
     w[n, k] = q[n, k] * scale[n, k // g] + offset[n, k // g]        (g = group_size; g = K is per channel)
 
@@ -10,7 +10,7 @@ scale / offset: [N, K // g] in fp16, bf16 or fp32.
 This one form holds GGUF Q4_0 (offset = -8 * scale), Q4_1 (scale, min) and Q8_0 exactly, and AWQ/GPTQ zero
 points (offset = -zero * scale). Backends may repack to faster layouts at load time; this layout is what is
 serialized: a quantized linear `x` is saved as x.qweight / x.scales / x.offsets (llama_fast.loading), and
-GGUF files load into it without requantizing (llama_fast.gguf_file).
+GGUF files load into it without requantizing (llama_fast.formats.gguf).
 
 input_perm (optional, int64 [K]): the codes' columns are a permutation of the input features: code column j
 belongs to input feature input_perm[j]. GPTQ's act-order checkpoints (g_idx) load this way: sorting K by

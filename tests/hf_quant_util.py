@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from llama_fast import safetensors_file
+from llama_fast.formats import safetensors as safetensors_format
 
 SMALL = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -29,7 +29,7 @@ AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]     # nibble p of a word holds column 
 def tiny_llama(seed: int = 0, **overrides):
     import transformers
 
-    from conftest import randomize_    # tests/conftest.py (imported here: the Triton suite has its own conftest)
+    from conftest import randomize_  # tests/conftest.py (imported here: the Triton suite has its own conftest)
     config = transformers.LlamaConfig(**{**SMALL, **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -155,7 +155,7 @@ def write_checkpoint(directory, model, fmt: str, bits: int = 4, group_size: int 
             tensors.update({f"{base}.{k}": v for k, v in parts.items()})
             expected[f"{base}.weight"] = formula(codes, scale, zero, g_idx)
     tensors.update(state)
-    safetensors_file.write(os.path.join(directory, "model.safetensors"), sorted(tensors.items()))
+    safetensors_format.write(os.path.join(directory, "model.safetensors"), sorted(tensors.items()))
     config = model.config.to_dict()
     config["torch_dtype"] = "float32"
     quantization = _quantization_config(fmt, bits, group_size, symmetric, desc_act, v1, strategy, dense_modules,

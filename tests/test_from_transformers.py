@@ -4,8 +4,9 @@ numbers as from_pretrained of the same weights; both models keep working."""
 import pytest
 import torch
 
-from conftest import assert_greedy_agrees, randomize_, tiny_config
 from llama_fast import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+
+from conftest import assert_greedy_agrees, randomize_, tiny_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,14 +11,15 @@ as each format defines (tests/hf_quant_util.py), loaded natively:
 and save_pretrained writes llama_fast's format that reloads exactly; unsupported variants raise errors."""
 import json
 
+import hf_quant_util as H
 import pytest
 import torch
 
-import hf_quant_util as H
-from conftest import assert_greedy_agrees
 from llama_fast import LlamaForCausalLM
 from llama_fast.linear import Linear
 from llama_fast.loading import CheckpointError, _targets
+
+from conftest import assert_greedy_agrees
 
 transformers = pytest.importorskip("transformers")
 
@@ -193,24 +194,25 @@ def test_fused_layers_with_different_act_orders_are_refused(tmp_path):
 
 
 def test_malformed_parts_are_named(tmp_path):
-    from llama_fast import safetensors_file
     from safetensors import safe_open
+
+    from llama_fast.formats import safetensors as safetensors_format
     H.write_checkpoint(tmp_path, H.tiny_llama(num_hidden_layers=1), "gptq", bits=4, group_size=32, desc_act=True)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         items = {n: f.get_tensor(n) for n in f.keys()}
     bad = dict(items)
     bad["model.layers.0.mlp.down_proj.g_idx"] = torch.zeros(256, dtype=torch.int32)   # every feature in group 0
-    safetensors_file.write(tmp_path / "model.safetensors", sorted(bad.items()))
+    safetensors_format.write(tmp_path / "model.safetensors", sorted(bad.items()))
     with pytest.raises(CheckpointError, match="down_proj: g_idx does not give every group 32 input features"):
         LlamaForCausalLM.from_pretrained(tmp_path)
     bad = dict(items)
     bad["model.layers.0.mlp.up_proj.scales"] = bad["model.layers.0.mlp.up_proj.scales"][:2]
-    safetensors_file.write(tmp_path / "model.safetensors", sorted(bad.items()))
+    safetensors_format.write(tmp_path / "model.safetensors", sorted(bad.items()))
     with pytest.raises(CheckpointError, match="up_proj: GPTQ parts do not fit together"):
         LlamaForCausalLM.from_pretrained(tmp_path)
     bad = dict(items)
     del bad["model.layers.0.mlp.up_proj.qzeros"]
-    safetensors_file.write(tmp_path / "model.safetensors", sorted(bad.items()))
+    safetensors_format.write(tmp_path / "model.safetensors", sorted(bad.items()))
     with pytest.raises(CheckpointError, match="up_proj.qzeros is missing"):
         LlamaForCausalLM.from_pretrained(tmp_path)
 

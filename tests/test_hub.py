@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from conftest import make_hf_model
 from llama_fast import AutoTokenizer, LlamaForCausalLM
+
+from conftest import make_hf_model
 
 pytest.importorskip("huggingface_hub")
 pytest.importorskip("transformers")

@@ -1,12 +1,13 @@
 """quant_linear of every backend on weights the GPTQ / AWQ / compressed-tensors readers build from packed
 tensors (tests/hf_quant_util.py): act-order input permutations, int8 with zero points, fp32 scales and
 offsets, bf16 scales; against the fp64 oracle with the tolerance of op_fixtures."""
+import hf_quant_util as H
 import pytest
 import torch
 
-import hf_quant_util as H
 from llama_fast import ops
 from llama_fast.formats import awq, compressed_tensors, gptq
+
 from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
 
 

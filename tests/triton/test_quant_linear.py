@@ -52,6 +52,7 @@ def _format_weights():
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import hf_quant_util as H
+
     from llama_fast.formats import awq, gptq
     w = torch.randn(88, 192, generator=torch.Generator().manual_seed(0))    # N: a multiple of 8 (AWQ packs N)
     out = []
