@@ -1,8 +1,10 @@
+import hf_quant_util as H
 import pytest
 import torch
 from tolerance import assert_fp32_close, assert_within_budget
 
 from llama_fast import kernels, quant
+from llama_fast.formats import awq, gptq
 from llama_fast.ops import reference
 
 # (bits, group_size, symmetric): g = 32 is smaller than the K tile (scales gathered per element), g = 64 /
@@ -46,12 +48,6 @@ def test_bad_input_is_named():
 def _format_weights():
     """Weights as the GPTQ / AWQ / compressed-tensors readers build them (tests/hf_quant_util.py packs them
     from the format definitions): an act-order input permutation, int8 with zero points, fp32 scales."""
-    import os
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import hf_quant_util as H
-
-    from llama_fast.formats import awq, gptq
     w = torch.randn(88, 192, generator=torch.Generator().manual_seed(0))    # N: a multiple of 8 (AWQ packs N)
     out = []
     for bits, act_order in ((4, 5), (8, None)):
