@@ -185,6 +185,7 @@ quant_linear_op.register_fake(fake.quant_linear)
 
 def quant_linear(x, qweight, bias=None):
     """The llama_fast.ops.quant_linear contract for a llama_fast.quant.QuantizedWeight."""
+    x, qweight = qweight.kernel_input(x)      # act-order weights: gather x's features first
     return quant_linear_op(x, qweight.qweight, qweight.scale, qweight.offset, qweight.bits, qweight.group_size,
                            bias)
 

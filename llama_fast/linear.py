@@ -11,7 +11,8 @@ from llama_fast.weights_version import TracksWeights
 
 class Linear(TracksWeights):
     """y = x @ W.T (+ bias). W is dense (`weight`, an nn.Parameter [N, K]) or quantized (`qweight`, `scales`,
-    `offsets` buffers in the format of llama_fast.quant). `backend` is set by the model (see ops).
+    `offsets` and, for act-order weights, `input_perm` buffers in the format of llama_fast.quant). `backend`
+    is set by the model (see ops).
     output_sizes: for a fused layer, the row counts of the layers stacked in it (qkv_proj: q, k, v), which
     the model's packed_modules_mapping names; one entry, out_features, for a plain layer."""
 
@@ -43,7 +44,8 @@ class Linear(TracksWeights):
             raise ValueError(f"{name}: quantized weight has shape {qw.shape}, layer expects "
                              f"{(self.out_features, self.in_features)}")
         self.weight = None
-        for buffer, value in (("qweight", qw.qweight), ("scales", qw.scale), ("offsets", qw.offset)):
+        for buffer, value in (("qweight", qw.qweight), ("scales", qw.scale), ("offsets", qw.offset),
+                              ("input_perm", qw.input_perm)):
             self._buffers.pop(buffer, None)
             self.register_buffer(buffer, value)
         self.bits, self.group_size = qw.bits, qw.group_size
@@ -64,8 +66,8 @@ class Linear(TracksWeights):
             return self
         dtype = dtype or (self.bias.dtype if self.bias is not None else self.scales.dtype)
         dense = self.quantized_weight().dequantize(dtype)
-        for buffer in ("qweight", "scales", "offsets"):
-            del self._buffers[buffer]
+        for buffer in ("qweight", "scales", "offsets", "input_perm"):
+            self._buffers.pop(buffer, None)
         self.__dict__.pop("_quantized_weight", None)
         self.weight = nn.Parameter(dense, requires_grad=False)
         self.bits = self.group_size = None
@@ -75,8 +77,10 @@ class Linear(TracksWeights):
         # Built once and reused while the buffers are the same tensors (module.to() replaces them): the
         # forward of every decode step asks for it, and building one validates all its parts.
         qw = self.__dict__.get("_quantized_weight")
-        if qw is None or qw.qweight is not self.qweight or qw.scale is not self.scales or qw.offset is not self.offsets:
-            qw = QuantizedWeight(self.qweight, self.scales, self.offsets, self.bits, self.group_size)
+        perm = self._buffers.get("input_perm")
+        if (qw is None or qw.qweight is not self.qweight or qw.scale is not self.scales
+                or qw.offset is not self.offsets or qw.input_perm is not perm):
+            qw = QuantizedWeight(self.qweight, self.scales, self.offsets, self.bits, self.group_size, perm)
             self.__dict__["_quantized_weight"] = qw
         return qw
 

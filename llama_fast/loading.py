@@ -14,9 +14,13 @@ Embeddings and the heads (the model's head_modules: lm_head, score) stay dense. 
 refused: loading never unpickles.
 
 Quantized checkpoints: save_pretrained writes a quantized linear `x` as x.qweight, x.scales and (if it has
-offsets) x.offsets in the format of llama_fast.quant (bits and group size follow from the tensors' dtypes
-and shapes), and config.json gets a quantization_config {"quant_method": "llama_fast", "bits", "group_size",
-...}; from_pretrained reads them back unchanged. GGUF files are read by llama_fast.formats.gguf.
+offsets) x.offsets (and x.input_perm for act-order weights) in the format of llama_fast.quant (bits and group
+size follow from the tensors' dtypes and shapes), and config.json gets a quantization_config
+{"quant_method": "llama_fast", "bits", "group_size", ...}; from_pretrained reads them back unchanged.
+Checkpoints quantized by GPTQ, AWQ or compressed-tensors (their quantization_config says which) are read
+natively by the readers in llama_fast.formats (formats.quantized_checkpoints picks one): their linears keep
+the file's codes and run on the quantized kernels. GGUF files are read by llama_fast.formats.gguf.
+A path that does not exist locally is a Hugging Face repo id (llama_fast.hub).
 
 Which checkpoint names go where is the model's declaration, not this module's: the model class says which
 transformers linears are stacked in a fused one's rows (packed_modules_mapping, with each fused Linear's
@@ -52,10 +56,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llama_fast import quant
+from llama_fast import hub, quant
 from llama_fast.config import LlamaConfig, dtype_from_name
 from llama_fast.formats import gguf as gguf_format
+from llama_fast.formats import quantized_checkpoints
 from llama_fast.formats import safetensors as safetensors_format
+from llama_fast.formats.quantized_checkpoints import LlamaFastFormat
 from llama_fast.formats.safetensors import SafetensorsError, SafetensorsFile
 from llama_fast.linear import Linear
 from llama_fast.model_files import model_file
@@ -192,6 +198,30 @@ class TensorLoader:
             target.buffer = torch.empty(target.shape, dtype=self.dtype, device=self.device)
         return target.buffer[r0:r1] if len(target.parts) > 1 else target.buffer
 
+    def share(self, name: str, tensor: torch.Tensor) -> None:
+        """Makes `tensor` itself the memory of the parameter `name` when that needs no conversion (an unfused
+        parameter of the model's dtype and device): the `add` of it that follows copies nothing. Used by
+        llama_fast.from_transformers to share a live model's weights."""
+        found = self._resolve(name)
+        if found is None:
+            return
+        target = self.targets[found[0]]
+        if (len(target.parts) == 1 and target.buffer is None and tuple(tensor.shape) == target.shape
+                and tensor.dtype == self.dtype and tensor.device == self.device and tensor.is_contiguous()):
+            target.buffer = tensor
+
+    def completed_fusion(self, name: str) -> tuple[torch.Tensor, list[tuple[str, tuple[int, int]]]] | None:
+        """(the fused dense weight, [(part name, rows)]) of the fused parameter `name` belongs to, once all
+        its parts have arrived; None otherwise (unfused, incomplete or quantized)."""
+        found = self._resolve(name)
+        if found is None:
+            return None
+        target = self.targets[found[0]]
+        weight = getattr(target.module, target.attr, None)
+        if len(target.parts) == 1 or len(target.received) != len(target.parts) or not isinstance(weight, torch.Tensor):
+            return None
+        return weight, list(zip(target.parts, target.rows))
+
     def add(self, name: str, value, source: str) -> None:
         if name in self.tied and isinstance(value, QuantizedWeight):
             owner_name, _, attr = name.rpartition(".")
@@ -243,6 +273,9 @@ class TensorLoader:
         if quantized and len(quantized) == len(values) and isinstance(owner, Linear) and attr == "weight":
             try:
                 qw = values[0] if len(values) == 1 else quant.concat_rows(values)
+            except quant.InputPermMismatch as e:
+                raise CheckpointError(f"{pname}: {e}; llama_fast fuses {', '.join(target.parts)} into one "
+                                      "layer and needs them to share one") from None
             except ValueError:
                 qw = None     # the parts differ in format: dequantized below
             if qw is not None:
@@ -330,13 +363,15 @@ def meta_model(cls, config: LlamaConfig, dtype: torch.dtype) -> nn.Module:
 # ---- from_pretrained ------------------------------------------------------------------------------------
 
 def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantize=None, group_size=128,
-                    torch_dtype=None, device_map=None, dequantize=False):
+                    torch_dtype=None, device_map=None, dequantize=False, revision=None, cache_dir=None,
+                    local_files_only=False, token=None):
     """`cls` (LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification) from an HF directory or a GGUF
     file. dtype: "auto" (config's torch_dtype, float32 if absent), "float32", "bfloat16", "float16" or a
     torch.dtype. backend: the ops backend (None: the best one for each op on the tensors' device).
     transformers' spellings work too: torch_dtype= for dtype, device_map="cpu" / "cuda:0" for device (one
     device; the model is not split). dequantize: load a GGUF file's quantized tensors as dense weights
-    instead of natively (llama_fast.formats.gguf)."""
+    instead of natively (llama_fast.formats.gguf). A `path` that does not exist locally is a Hub repo id,
+    found in the Hugging Face cache (or downloaded) at `revision` as transformers does (llama_fast.hub)."""
     if torch_dtype is not None:
         if dtype not in ("auto", None):
             raise ValueError("pass dtype or torch_dtype, not both")
@@ -350,9 +385,7 @@ def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantiz
     if quantize is not None and quantize not in _QUANTIZE_BITS:
         raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
     _check_group_size(group_size)
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file or directory: {path}")
+    path = hub.resolve(path, hub.MODEL_FILES, revision, cache_dir, local_files_only, token)
     gguf = _gguf_path(path)
     if gguf is not None:
         model = _load_gguf(cls, gguf, dtype, device, dequantize, quantize, group_size)
@@ -415,21 +448,18 @@ def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
     torch_dtype = _resolve_dtype(dtype, config)
     model = meta_model(cls, config, torch_dtype)
     loader = TensorLoader(model, torch_dtype, device, quantize, group_size)
-    config_quant = getattr(config, "quantization_config", None)
-    if config_quant is not None and not isinstance(config_quant, dict):
-        raise CheckpointError(f"{path}: config.json's quantization_config must be an object, got "
-                              f"{type(config_quant).__name__}")
-    if config_quant is not None and config_quant.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError(f"{path}: config.json has a quantization_config of method "
-                              f"{config_quant.get('quant_method')!r}; llama_fast reads only its own "
-                              f"({QUANT_METHOD!r}) quantized checkpoints")
+    try:   # llama_fast's own quantized format, GPTQ, AWQ or compressed-tensors
+        reader = quantized_checkpoints.reader_for(quantized_checkpoints.checkpoint_quantization(
+            path, getattr(config, "quantization_config", None)))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     source = files[0][0] if len(files) == 1 else os.path.join(path, SAFE_INDEX)
     quant_parts: dict[str, dict[str, torch.Tensor]] = {}
     # A progress bar on terminals only (tqdm's disable=None), for big checkpoints.
     with tqdm(total=len(loader.by_hf), desc="Loading weights", unit="tensor", disable=None, leave=False) as bar:
         for file, names in files:
-            _load_safetensors_file(loader, file, names, bar, quant_parts)
-    _add_quantized(loader, quant_parts, source)
+            _load_safetensors_file(loader, file, names, bar, quant_parts, reader.parts)
+    _add_quantized(loader, quant_parts, source, reader)
     loader.finish(source)
     model.generation_config = _read_generation_config(path)
     return model
@@ -499,9 +529,10 @@ def _weight_map(index: str) -> dict[str, str]:
 
 
 def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | None, bar=None,
-                           quant_parts: dict | None = None) -> None:
-    """Adds the file's tensors to `loader`; the parts of quantized linears (x.qweight / x.scales / x.offsets)
-    are collected in `quant_parts` instead (they may sit in different shards)."""
+                           quant_parts: dict | None = None, part_names=LlamaFastFormat.parts) -> None:
+    """Adds the file's tensors to `loader`; the parts of quantized linears (x.<part> for a part in
+    `part_names`: x.qweight / x.scales / x.offsets in llama_fast's format) are collected in `quant_parts`
+    instead (they may sit in different shards)."""
     try:
         st = SafetensorsFile(file)
     except SafetensorsError as e:
@@ -510,7 +541,7 @@ def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | N
         if name not in st.entries:
             raise CheckpointError(f"{file}: tensor {name!r} listed in the index is not in the file")
         base, _, part = name.rpartition(".")
-        if part in _QUANT_PARTS and quant_parts is not None:
+        if part in part_names and quant_parts is not None:
             try:
                 quant_parts.setdefault(base, {})[part] = st.read(name)
             except SafetensorsError as e:
@@ -527,16 +558,18 @@ def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | N
             bar.update()
 
 
-def _add_quantized(loader: TensorLoader, quant_parts: dict, source: str) -> None:
-    """Each quantized linear's parts -> one QuantizedWeight for `loader` (bits and group size follow from the
-    codes' dtype and the number of scale columns)."""
-    for base, parts in quant_parts.items():
-        for needed in _QUANT_PARTS[:2]:
+def _add_quantized(loader: TensorLoader, quant_parts: dict, source: str, reader=None) -> None:
+    """Each quantized linear's parts -> one QuantizedWeight for `loader`, by the checkpoint format's reader
+    (llama_fast.formats.quantized_checkpoints; default llama_fast's own format)."""
+    reader = reader or LlamaFastFormat()
+    for base in list(quant_parts):
+        parts = quant_parts.pop(base)        # the packed parts go as soon as their weight exists
+        for needed in reader.required:
             if needed not in parts:
                 raise CheckpointError(f"{source}: tensor {base}.{needed!s} is missing (the other parts of the "
                                       f"quantized weight {base!r} are there)")
         try:
-            value = QuantizedWeight.from_parts(parts["qweight"], parts["scales"], parts.get("offsets"), name=base)
+            value = reader.weight(base, parts)
         except ValueError as e:
             raise CheckpointError(f"{source}: {e}") from None
         loader.add(f"{base}.weight", value, source)
@@ -558,8 +591,7 @@ def _read_generation_config(path: str) -> dict:
 
 # A quantized linear `x` is stored as x.qweight, x.scales and (when it has offsets) x.offsets, in the format
 # of llama_fast.quant; config.json's quantization_config says so (quant_method "llama_fast").
-QUANT_METHOD = "llama_fast"
-_QUANT_PARTS = ("qweight", "scales", "offsets")
+QUANT_METHOD = quantized_checkpoints.LLAMA_FAST_METHOD
 
 
 def hf_state_items(model: nn.Module):
@@ -577,6 +609,8 @@ def hf_state_items(model: nn.Module):
                 yield f"{base}.scales", part.scale
                 if part.offset is not None:
                     yield f"{base}.offsets", part.offset
+                if part.input_perm is not None:
+                    yield f"{base}.input_perm", part.input_perm
             continue
         tensor = getattr(owner, target.attr)
         for hf, (r0, r1) in zip(target.parts, target.rows):

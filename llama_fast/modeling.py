@@ -194,6 +194,13 @@ class LlamaPreTrainedModel(TracksWeights):
         return loading.from_pretrained(cls, path, dtype=dtype, device=device, backend=backend, quantize=quantize,
                                        group_size=group_size, **kwargs)
 
+    @classmethod
+    def from_transformers(cls, hf_model, backend=None):
+        """The same model from a loaded transformers Llama, sharing its weights' memory (no disk, no second
+        copy); see llama_fast.from_transformers."""
+        from llama_fast.from_transformers import from_transformers
+        return from_transformers(cls, hf_model, backend=backend)
+
     def save_pretrained(self, directory, max_shard_size: int | str = "50GB") -> None:
         """Writes config.json, model.safetensors (transformers' names; sharded past max_shard_size) and
         generation_config.json."""

@@ -12,6 +12,11 @@ points (offset = -zero * scale). Backends may repack to faster layouts at load t
 serialized: a quantized linear `x` is saved as x.qweight / x.scales / x.offsets (llama_fast.loading), and
 GGUF files load into it without requantizing (llama_fast.formats.gguf).
 
+input_perm (optional, int64 [K]): the codes' columns are a permutation of the input features: code column j
+belongs to input feature input_perm[j]. GPTQ's act-order checkpoints (g_idx) load this way: sorting K by
+group makes every group contiguous, so the affine format above holds them exactly, and each kernel gathers
+the activations once per call (`kernel_input`). dequantize() returns the weight in input feature order.
+
 quantize() is round to nearest: int4 asymmetric (offset = group min, scale = range / 15) or symmetric
 (codes 1..15 around 8); int8 symmetric (codes -127..127, no offset). linear.Linear holds the result as its
 qweight / scales / offsets buffers and runs it through ops.quant_linear.
@@ -33,6 +38,7 @@ class QuantizedWeight:
     offset: torch.Tensor | None     # [N, K // group_size] or None (zero)
     bits: int
     group_size: int
+    input_perm: torch.Tensor | None = None   # int64 [K]: code column j is input feature input_perm[j]
 
     def __post_init__(self):
         self.check()
@@ -59,12 +65,19 @@ class QuantizedWeight:
                                  f"for a [{n}, {k}] weight in groups of {self.group_size}")
         if self.offset is not None and self.offset.dtype != self.scale.dtype:
             raise ValueError(f"{name}: offset dtype {self.offset.dtype} differs from scale dtype {self.scale.dtype}")
+        if self.input_perm is not None:
+            perm = self.input_perm
+            if perm.dtype != torch.int64 or tuple(perm.shape) != (k,):
+                raise ValueError(f"{name}: input_perm must be an int64 tensor of shape ({k},), got {perm.dtype} "
+                                 f"of shape {tuple(perm.shape)}")
+            if not torch.equal(torch.sort(perm).values, torch.arange(k, device=perm.device)):
+                raise ValueError(f"{name}: input_perm is not a permutation of 0..{k - 1}")
 
     @classmethod
     def from_parts(cls, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
-                   name: str = "quantized weight") -> "QuantizedWeight":
+                   name: str = "quantized weight", input_perm: torch.Tensor | None = None) -> "QuantizedWeight":
         """Rebuilds a weight from its serialized tensors (bits from the code dtype, group size from the
-        number of scale columns), e.g. from a checkpoint's `qweight` / `scales` / `offsets`."""
+        number of scale columns), e.g. from a checkpoint's `qweight` / `scales` / `offsets` / `input_perm`."""
         if qweight.dtype not in (torch.int8, torch.uint8) or qweight.dim() != 2 or scale.dim() != 2:
             raise ValueError(f"{name}: expected 2-D int8/uint8 codes and 2-D scales, got {qweight.dtype} "
                              f"{tuple(qweight.shape)} and {tuple(scale.shape)}")
@@ -73,7 +86,7 @@ class QuantizedWeight:
         if scale.shape[1] == 0 or k % scale.shape[1] != 0:
             raise ValueError(f"{name}: {scale.shape[1]} scale columns do not divide K={k}")
         try:
-            return cls(qweight, scale, offset, bits, k // scale.shape[1])
+            return cls(qweight, scale, offset, bits, k // scale.shape[1], input_perm)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
 
@@ -97,8 +110,21 @@ class QuantizedWeight:
         parts = (self.qweight, self.scale, self.offset)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
+    def kernel_input(self, x: torch.Tensor) -> tuple[torch.Tensor, "QuantizedWeight"]:
+        """(x, self) for a weight without an input permutation; else x's features gathered into the codes'
+        column order and the weight without the permutation: what a kernel multiplies. Every kernel backend's
+        quant_linear starts with it (the reference dequantizes, which undoes the permutation instead)."""
+        if self.input_perm is None:
+            return x, self
+        plain = self.__dict__.get("_kernel_form")     # built once per weight: each decode step asks
+        if plain is None:
+            plain = QuantizedWeight(self.qweight, self.scale, self.offset, self.bits, self.group_size)
+            self.__dict__["_kernel_form"] = plain
+        return x.index_select(-1, self.input_perm), plain
+
     def unpack(self) -> torch.Tensor:
-        """The integer codes q as int16 [N, K] (values 0..15 for int4, -128..127 for int8)."""
+        """The integer codes q as int16 [N, K] (values 0..15 for int4, -128..127 for int8), in stored column
+        order (see input_perm)."""
         return self._codes().to(torch.int16)
 
     def _codes(self) -> torch.Tensor:
@@ -114,14 +140,19 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """[N, K] dense weight, q * scale + offset computed in fp32 (a multiply, then an add: no fma, so
         GGUF tensors come out bit-identical to gguf's own dequantization), returned in `dtype` (default:
-        the scales' dtype)."""
+        the scales' dtype), its columns in input feature order (input_perm undone)."""
         n, k = self.shape
         groups = k // self.group_size
         w = self._codes().reshape(n, groups, self.group_size).float()
         w.mul_(self.scale.float().unsqueeze(-1))
         if self.offset is not None:
             w.add_(self.offset.float().unsqueeze(-1))
-        return w.reshape(n, k).to(dtype or self.dtype)
+        w = w.reshape(n, k)
+        if self.input_perm is not None:
+            ordered = torch.empty_like(w)
+            ordered[:, self.input_perm] = w
+            w = ordered
+        return w.to(dtype or self.dtype)
 
     def to(self, *args, **kwargs) -> "QuantizedWeight":
         """Moves to a device; a floating dtype applies to the scales and offsets only."""
@@ -133,7 +164,7 @@ class QuantizedWeight:
             dev = torch._C._nn._parse_to(*args, **kwargs)[0]
             return t if dev is None else t.to(dev)
         return QuantizedWeight(move(self.qweight, False), move(self.scale, True), move(self.offset, True),
-                               self.bits, self.group_size)
+                               self.bits, self.group_size, move(self.input_perm, False))
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -214,12 +245,24 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
                              f"{[(q.bits, q.group_size, q.shape[1], q.scale.dtype) for q in parts]}")
         if (p.offset is None) != (first.offset is None):
             raise ValueError("concat_rows: some parts have offsets and some do not")
+        if not _same_perm(p.input_perm, first.input_perm):
+            raise InputPermMismatch("concat_rows: the parts permute their input features differently (GPTQ "
+                                    "act-order g_idx that differ between layers fused into one)")
     offset = None if first.offset is None else torch.cat([p.offset for p in parts])
     return QuantizedWeight(torch.cat([p.qweight for p in parts]), torch.cat([p.scale for p in parts]), offset,
-                           first.bits, first.group_size)
+                           first.bits, first.group_size, first.input_perm)
+
+
+class InputPermMismatch(ValueError):
+    """Weights that permute their inputs differently cannot share one activation gather."""
+
+
+def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and torch.equal(a, b))
 
 
 def slice_rows(qw: QuantizedWeight, start: int, end: int) -> QuantizedWeight:
     """Rows start..end-1 of a quantized weight (the inverse of concat_rows, for saving fused weights)."""
     offset = None if qw.offset is None else qw.offset[start:end]
-    return QuantizedWeight(qw.qweight[start:end], qw.scale[start:end], offset, qw.bits, qw.group_size)
+    return QuantizedWeight(qw.qweight[start:end], qw.scale[start:end], offset, qw.bits, qw.group_size,
+                           qw.input_perm)

@@ -136,9 +136,9 @@ def test_bad_quantized_checkpoints(tmp_path):
     model.save_pretrained(tmp_path / "d")
     cfg_file = tmp_path / "d" / "config.json"
     cfg = json.loads(cfg_file.read_text())
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     cfg_file.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="quantization_config of method 'gptq'"):
+    with pytest.raises(CheckpointError, match="quantization_config of method 'bitsandbytes'"):
         LlamaForCausalLM.from_pretrained(tmp_path / "d")
 
     # scales that do not fit their codes: the error names the file and the layer

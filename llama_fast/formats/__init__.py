@@ -5,5 +5,7 @@ llama_fast.loading maps their names onto a model.
 `safetensors` reads and writes safetensors files one tensor at a time; `gguf` reads llama.cpp's GGUF files
 (config, dense tensors, Q8_0 / Q4_0 / Q4_1 blocks as llama_fast.quant weights) through `gguf_reader`, which
 validates a GGUF header (counts, lengths, types, dims, the tiling of the data section) before anything is
-allocated from it.
+allocated from it. `gptq`, `awq` and `compressed_tensors` turn those tools' packed linears into llama_fast.quant
+weights without dequantizing (`zero_point` holds what they share); `quantized_checkpoints` picks one from a
+quantization_config.
 """

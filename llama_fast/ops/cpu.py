@@ -48,6 +48,7 @@ def linear(x, weight, bias=None):
 
 
 def quant_linear(x, qweight, bias=None):
+    x, qweight = qweight.kernel_input(x)      # act-order weights: gather x's features first
     return torch.ops.llama_fast.quant_linear(x, qweight.qweight, qweight.scale, qweight.offset, qweight.bits,
                                              qweight.group_size, bias)
 

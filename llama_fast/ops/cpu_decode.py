@@ -33,13 +33,21 @@ def max_rows() -> int:
 
 def _plan(model):
     """The model's llama_fast.CpuDecodePlan: its weights validated once, rebuilt when they change (see
-    llama_fast.weights_version; the plan itself re-validates when a tensor it holds changes in place)."""
+    llama_fast.weights_version; the plan itself re-validates when a tensor it holds changes in place).
+    None for a model the stack cannot run."""
     cached = _PLANS.get(model)
     layers = tuple(model.layers)
     if cached is not None and cached[1] == cached[0].count and cached[2] == layers:
         return cached[3]
     version = cached[0] if cached is not None else weights_version.WeightsVersion()
     version.watch(model)
+    if any(getattr(linear, "input_perm", None) is not None for layer in layers
+           for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                          layer.mlp.down_proj)):
+        # Act-order weights (llama_fast.quant input_perm) gather their activations first, which the C++
+        # stack does not do: such models decode op by op.
+        _PLANS[model] = (version, version.count, layers, None)
+        return None
     attn = layers[0].self_attn
     plan = torch.classes.llama_fast.CpuDecodePlan(model.norm.weight, attn.num_heads, attn.num_kv_heads,
                                                   attn.head_dim, float(model.norm.eps))
@@ -61,7 +69,7 @@ def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidd
     if any(getattr(m, "backend", None) not in (None, "cpu") for m in (model, model.layers[0])):
         return False
     cfg = model.config
-    return getattr(cfg, "hidden_act", "silu") == "silu"
+    return getattr(cfg, "hidden_act", "silu") == "silu" and _plan(model) is not None
 
 
 def run(model, hidden: torch.Tensor, step, cache) -> torch.Tensor:

@@ -84,6 +84,7 @@ def linear(x, weight, bias=None):
 
 
 def quant_linear(x, qweight, bias=None):
+    x, qweight = qweight.kernel_input(x)      # act-order weights: gather x's features first
     # The kernels read scales, offsets and bias in the activation dtype. A checkpoint's scales may come in
     # another one (GGUF stores fp16); converting these small [N, K/g] tensors is cheap next to the GEMV.
     def like_x(t):

@@ -3,6 +3,7 @@
     tok = AutoTokenizer.from_pretrained("path/to/hf-dir")        # tokenizer.json -> LlamaTokenizerFast,
                                                                  # tokenizer.model -> LlamaTokenizer
     tok = AutoTokenizer.from_pretrained("model.gguf")            # built from the GGUF metadata
+    tok = AutoTokenizer.from_pretrained("org/name", revision="main")   # a Hub repo id (llama_fast.hub)
     batch = tok(["Hi", "Hello there"], padding=True, return_tensors="pt")   # left padded
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 
+from llama_fast import hub
 from llama_fast.tokenization.base import tokenizer_arguments
 from llama_fast.tokenization.fast import TOKENIZER_FILE, LlamaTokenizerFast
 from llama_fast.tokenization.gguf import tokenizer_from_gguf
@@ -30,7 +32,9 @@ class AutoTokenizer:
 
     @staticmethod
     def from_pretrained(path, gguf_file=None, use_fast=True, **kwargs):
-        path = os.fspath(path)
+        # a path that does not exist locally is a Hub repo id (revision=, cache_dir=, local_files_only=, token=)
+        files = hub.TOKENIZER_FILES + ([gguf_file] if gguf_file else [])
+        path = hub.resolve(path, files, **hub.split_hub_kwargs(kwargs))
         if gguf_file is not None:
             path = os.path.join(path, gguf_file)
         if os.path.isfile(path):

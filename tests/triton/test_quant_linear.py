@@ -1,8 +1,10 @@
+import hf_quant_util as H
 import pytest
 import torch
 from tolerance import assert_fp32_close, assert_within_budget
 
 from llama_fast import kernels, quant
+from llama_fast.formats import awq, gptq
 from llama_fast.ops import reference
 
 # (bits, group_size, symmetric): g = 32 is smaller than the K tile (scales gathered per element), g = 64 /
@@ -41,3 +43,26 @@ def test_bad_input_is_named():
         quant.QuantizedWeight(qw.qweight.to(torch.int8), qw.scale, qw.offset, 4, 32)
     with pytest.raises(ValueError, match=r"bias must be \[8\]"):
         kernels.quant_linear(torch.randn(2, 64), qw, torch.randn(7))
+
+
+def _format_weights():
+    """Weights as the GPTQ / AWQ / compressed-tensors readers build them (tests/hf_quant_util.py packs them
+    from the format definitions): an act-order input permutation, int8 with zero points, fp32 scales."""
+    w = torch.randn(88, 192, generator=torch.Generator().manual_seed(0))    # N: a multiple of 8 (AWQ packs N)
+    out = []
+    for bits, act_order in ((4, 5), (8, None)):
+        codes, scale, zero, g_idx = H.quantize_weight(w, bits, 64, False, act_order)
+        parts, _ = H.pack_gptq(codes, scale, zero, g_idx, bits)
+        out.append(gptq.GptqFormat({"bits": bits, "group_size": 64}).weight("w", parts))
+    codes, scale, zero, _ = H.quantize_weight(w, 4, 32, False)
+    out.append(awq.AwqFormat({"bits": 4, "group_size": 32}).weight("w", H.pack_awq(codes, scale, zero)))
+    return out
+
+
+@pytest.mark.parametrize("which", ["gptq4-actorder", "gptq8-zero-points", "awq"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_quant_linear_on_checkpoint_format_weights(which, m):
+    qw = dict(zip(["gptq4-actorder", "gptq8-zero-points", "awq"], _format_weights()))[which]
+    assert (qw.input_perm is not None) == (which == "gptq4-actorder")
+    x = torch.randn(m, 192, generator=torch.Generator().manual_seed(m))
+    assert_fp32_close(kernels.quant_linear(x, qw), reference.quant_linear(x, qw))
