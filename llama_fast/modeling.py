@@ -228,23 +228,12 @@ class LlamaModel(LlamaPreTrainedModel):
                                             inputs_embeds, use_cache)
         all_hidden = [] if output_hidden_states else None
         all_attn = [] if output_attentions else None
-        residual = None
         if cpu_decode.can_run(self, hidden, output_attentions=output_attentions,
                               output_hidden_states=output_hidden_states):
             # A decode step on the CPU: the whole decoder stack and the final norm in one C++ call.
             hidden = cpu_decode.run(self, hidden, step, cache)
         else:
-            for layer in self.layers:
-                if all_hidden is not None:
-                    all_hidden.append(hidden if residual is None else hidden + residual)
-                hidden, residual, probs = layer(hidden, residual, step, cache, bool(output_attentions))
-                if all_attn is not None:
-                    all_attn.append(probs)
-            if residual is None:   # no layers
-                hidden = ops.rms_norm(hidden, self.norm.weight, self.norm.eps, backend=self.backend)
-            else:
-                hidden, _ = ops.fused_add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps,
-                                                   backend=self.backend)
+            hidden = self._stack(hidden, step, cache, all_hidden, all_attn)
         if all_hidden is not None:
             all_hidden.append(hidden)   # transformers' last entry is the normed output
         cache.lengths.copy_(step.kv_lens)
@@ -252,6 +241,45 @@ class LlamaModel(LlamaPreTrainedModel):
         out = BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None,
                                       hidden_states=_tuple_or_none(all_hidden), attentions=_tuple_or_none(all_attn))
         return out if return_dict in (None, True) else out.to_tuple()
+
+    def _stack(self, hidden, step: _Step, cache: StaticCache, all_hidden=None, all_attn=None) -> torch.Tensor:
+        """The decoder layers op by op, then the final norm (the residual add of each layer fused into the next
+        norm)."""
+        residual = None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden if residual is None else hidden + residual)
+            hidden, residual, probs = layer(hidden, residual, step, cache, all_attn is not None)
+            if all_attn is not None:
+                all_attn.append(probs)
+        if residual is None:   # no layers
+            return ops.rms_norm(hidden, self.norm.weight, self.norm.eps, backend=self.backend)
+        hidden, _ = ops.fused_add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps, backend=self.backend)
+        return hidden
+
+    def rope_tables(self, cache: StaticCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin covering every position `cache` can hold, made once per capacity (what decode_step takes)."""
+        if self.rotary.dynamic:
+            raise NotImplementedError("decode_step does not take dynamic NTK rope (its tables change with the "
+                                      "longest position); use forward")
+        return self.rotary.get(cache.device, cache.max_len)
+
+    def decode_step(self, input_ids: torch.Tensor, cache: StaticCache, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+        """One token per row against `cache`, with static shapes and no host synchronization: what CUDA graphs
+        capture and torch.compile(fullgraph=True) compiles. -> the final-normed hidden states [B, 1, H].
+
+        Every shape depends on the cache's capacity only: row b's token takes slot (and position) lengths[b],
+        attention reads the whole cache with kv_lens = lengths + 1 (a device tensor) deciding which keys are
+        valid, cos/sin are `rope_tables(cache)`. lengths is advanced in place; the caller counts
+        cache.seen_tokens (a host int) itself, outside whatever was compiled or captured. The ids are not
+        checked: generate feeds the sampler's, in range by construction (forward checks what users pass)."""
+        hidden = F.embedding(input_ids, self.embed_tokens.weight)
+        slots = cache.lengths[:, None]
+        step = _Step(slots, slots, cache.lengths + 1, cache.max_len, cos, sin)
+        hidden = self._stack(hidden, step, cache)
+        cache.lengths.copy_(step.kv_lens)
+        return hidden
 
     def _prepare(self, input_ids, attention_mask, position_ids, past, inputs_embeds, use_cache):
         """Embeds the input and works out the cache, slots, positions and rotary tables of this call."""
@@ -367,6 +395,15 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
         result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states, attentions=out.attentions)
         return result if return_dict in (None, True) else result.to_tuple()
+
+    def decode_step(self, input_ids: torch.Tensor, cache: StaticCache, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+        """LlamaModel.decode_step followed by the head: -> logits [B, V] of the one new token per row."""
+        hidden = self.model.decode_step(input_ids, cache, cos, sin)
+        return self.lm_head(hidden[:, -1])
+
+    def rope_tables(self, cache: StaticCache) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.rope_tables(cache)
 
     def generate(self, *args, **kwargs):
         """Greedy or sampled generation: see llama_fast.generation.generate."""
