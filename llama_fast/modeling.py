@@ -45,9 +45,10 @@ class _Step:
     positions: torch.Tensor    # [B, T] rotary positions
     slots: torch.Tensor        # [B, T] cache slots, -1 for padding
     kv_lens: torch.Tensor      # [B] int32 valid keys per row after this chunk
-    kv_span: int               # host bound of kv_lens: attention reads cache slots [0, kv_span)
+    kv_span: int               # attention reads cache slots [0, kv_span): the capacity off the CPU (static shapes)
     cos: torch.Tensor          # [n, D/2] fp32
     sin: torch.Tensor
+    columns: int = 0           # host bound of kv_lens (seen + T): the key span output_attentions reports
 
 
 class LlamaAttention(TracksWeights):
@@ -71,10 +72,12 @@ class LlamaAttention(TracksWeights):
         ops.rotary(q, k, step.positions, step.cos, step.sin, backend=self.backend)
         k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
         ops.store_kv(k_cache, v_cache, k, v, step.slots, backend=self.backend)
-        k_cache, v_cache = k_cache[:, :step.kv_span], v_cache[:, :step.kv_span]
-        out = ops.attention(q, k_cache, v_cache, causal=True, kv_lens=step.kv_lens, scale=self.scale,
+        k_span, v_span = k_cache[:, :step.kv_span], v_cache[:, :step.kv_span]
+        out = ops.attention(q, k_span, v_span, causal=True, kv_lens=step.kv_lens, scale=self.scale,
                             backend=self.backend)
-        probs = attention_probs(q, k_cache, step.kv_lens, self.scale) if output_attentions else None
+        probs = None
+        if output_attentions:
+            probs = attention_probs(q, k_cache[:, :step.columns], step.kv_lens, self.scale)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), probs
 
 
@@ -276,7 +279,7 @@ class LlamaModel(LlamaPreTrainedModel):
         checked: generate feeds the sampler's, in range by construction (forward checks what users pass)."""
         hidden = F.embedding(input_ids, self.embed_tokens.weight)
         slots = cache.lengths[:, None]
-        step = _Step(slots, slots, cache.lengths + 1, cache.max_len, cos, sin)
+        step = _Step(slots, slots, cache.lengths + 1, cache.max_len, cos, sin, cache.max_len)
         hidden = self._stack(hidden, step, cache)
         cache.lengths.copy_(step.kv_lens)
         return hidden
@@ -343,8 +346,13 @@ class LlamaModel(LlamaPreTrainedModel):
             positions = _check_position_ids(position_ids, batch, t, device)
             max_position = int(positions.max())
         self.rotary.update(max_position + 1)
-        cos, sin = self.rotary.get(device, max(max_position + 1, seen + t))
-        step = _Step(positions, slots, kv_lens, seen + t, cos, sin)
+        # Tables for every position the cache can hold: made once per capacity, not grown step by step.
+        cos, sin = self.rotary.get(device, max(max_position + 1, cache.max_len))
+        # Off the CPU attention reads the whole cache (kv_lens, on the device, says which keys are valid): every
+        # decode step then has the same shapes, for CUDA graphs and torch.compile. The CPU kernels loop over
+        # the keys given, so there the host bound seen + t keeps short sequences cheap.
+        kv_span = seen + t if device.type == "cpu" else cache.max_len
+        step = _Step(positions, slots, kv_lens, kv_span, cos, sin, seen + t)
         return hidden, cache, step
 
     @staticmethod
@@ -506,6 +514,12 @@ def _reject_unknown(kwargs: dict) -> None:
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.device.type != "cpu" and input_ids.shape[1] == 1:
+        # A decode step off the CPU: checked on the device, so the step never waits for the host (a bad id
+        # then stops the process with a device-side assert naming the problem, as the embedding lookup would).
+        torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(),
+                            f"llama_fast: a token id is out of range for vocab_size {vocab_size}")
+        return
     if input_ids.device.type == "cpu" and input_ids.numel() <= 64:
         # a decode step: one small copy to Python beats three tensor ops and a reduction
         ids = input_ids.flatten().tolist()
