@@ -9,12 +9,19 @@ tokenizer's default): `attention_mask` marks the pads, which never enter the cac
 
 The cache is allocated once for prompt + max_new_tokens; the decode loop writes each step's token into a
 preallocated output buffer and allocates nothing but the per-step logits.
+
+On CUDA the decode loop never waits for the device: each step is the model's static `decode_step`, captured in
+a CUDA graph per batch size (llama_fast.cuda_graphs; `cuda_graphs=False` runs it eagerly), "have all rows
+finished?" and the streamer's tokens come back through asynchronous copies (llama_fast.decode_loop).
 Any argument left as None is taken from the model's generation_config, then its config, then the
 transformers defaults (max_length 20, top_k 50), as transformers does.
 """
 from __future__ import annotations
 
 import torch
+
+from llama_fast import cuda_graphs as _cuda_graphs
+from llama_fast.decode_loop import AsyncTokenStream, FinishWatch
 
 _DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "max_length": 20}
 # transformers arguments that ask for something this loop does not do; a clear error beats ignoring them.
@@ -25,7 +32,7 @@ _UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "num_beam_groups": 1,
 @torch.inference_mode()
 def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, max_length=None, do_sample=None,
              temperature=None, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None,
-             seed=None, streamer=None, past_key_values=None, use_cache=True, **kwargs):
+             seed=None, streamer=None, past_key_values=None, use_cache=True, cuda_graphs=None, **kwargs):
     input_ids, attention_mask = _unpack_inputs(input_ids, attention_mask)
     settings = _settings(model, dict(max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
                                      temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
@@ -50,7 +57,13 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
         attention_mask = _infer_attention_mask(input_ids, pad, eos)
     sampler = _make_sampler(settings, generator, seed, input_ids.device)
 
-    cache = _prepare_cache(model, past_key_values, batch, total)
+    graphed = None
+    if past_key_values is None and cuda_graphs is not False and hasattr(model, "decode_step") \
+            and _cuda_graphs.supported(model) is None:
+        graphed = _cuda_graphs.graphed_decode(model, batch, total)
+        cache = graphed.cache
+    else:
+        cache = _prepare_cache(model, past_key_values, batch, total)
     # A cache given with tokens already in it holds the first columns of input_ids (transformers' contract).
     new_input = input_ids[:, cache.seen_tokens:] if cache.seen_tokens else input_ids
     if new_input.shape[1] == 0:
@@ -59,28 +72,57 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
     output = torch.empty(batch, total, dtype=input_ids.dtype, device=input_ids.device)
     output[:, :prompt_len] = input_ids
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+    stream = None
     if streamer is not None:
         streamer.put(input_ids.cpu())
+        stream = AsyncTokenStream(streamer, input_ids.device)
+    watch = FinishWatch(input_ids.device) if eos is not None else None
+    decode = _decode_function(model, cache, graphed)
 
     out = model(new_input, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1, :]
     length = prompt_len
     for step in range(max_new):
-        next_tokens = sampler(out.logits[:, -1, :])
+        next_tokens = sampler(logits)
         if pad is not None:
             next_tokens = torch.where(unfinished, next_tokens, pad)
         output[:, length] = next_tokens
         length += 1
-        if streamer is not None:
-            streamer.put(next_tokens.cpu())
+        stop = False
         if eos is not None:
             unfinished &= ~torch.isin(next_tokens, eos)
-            if not bool(unfinished.any()):
-                break
+            stop = watch.update(unfinished, length)
+        if stream is not None:
+            stream.put(next_tokens, length, None if watch is None else watch.done_at)
+        if stop:
+            break
         if step + 1 < max_new:
-            out = model(output[:, length - 1:length], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    if streamer is not None:
-        streamer.end()
+            logits = decode(output[:, length - 1:length])
+    if watch is not None:
+        length = watch.final_length(length)    # on a GPU the loop may have run a few (pad-only) steps past it
+    if stream is not None:
+        stream.close()
     return output[:, :length]
+
+
+def _decode_function(model, cache, graphed):
+    """tokens [B, 1] -> next-token logits [B, V], advancing `cache`: the captured graph, else on CUDA the static
+    decode step run eagerly, else forward (the CPU's fused C++ decode plan)."""
+    if graphed is not None:
+        def decode(tokens):
+            cache.seen_tokens += 1
+            return graphed(model, tokens)
+        return decode
+    if cache.device.type == "cuda" and hasattr(model, "decode_step") \
+            and not getattr(model.model.rotary, "dynamic", False):
+        cos, sin = model.rope_tables(cache)
+
+        def decode(tokens):
+            cache.reserve(1)
+            cache.seen_tokens += 1
+            return model.decode_step(tokens, cache, cos, sin)
+        return decode
+    return lambda tokens: model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
 
 
 def _unpack_inputs(input_ids, attention_mask):
