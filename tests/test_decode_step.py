@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import tiny_config
 from llama_fast import LlamaForCausalLM
 from llama_fast.config import LlamaConfig
+from no_host_read import NoHostRead
 
 STEPS = 64
 
@@ -34,18 +34,6 @@ def prefilled(model, batch=2, capacity=STEPS + 16):
     cache = model.new_cache(batch, capacity)
     logits = model(ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
     return cache, logits.argmax(-1)
-
-
-class NoHostRead(TorchDispatchMode):
-    """Raises on every op that brings a tensor's value to the host: .item(), bool(), .tolist(), int() all
-    dispatch aten._local_scalar_dense; a copy to the CPU from another device is a sync too."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-                    torch.ops.aten.item.default):
-            raise AssertionError(f"host read of a tensor value: {func}")
-        return func(*args, **kwargs)
 
 
 @pytest.mark.parametrize("quantize", [None, "int4"])
