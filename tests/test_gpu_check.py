@@ -128,8 +128,9 @@ def test_steps_run_in_order_and_every_outcome_is_recorded(gc, monkeypatch, tmp_p
             return gc.StepResult(name, status, 1.0, timeout_s)
         return step
 
-    monkeypatch.setattr(gc, "STEP_FUNCTIONS", {"build": fake("build", "passed"), "tests": fake("tests", "failed"),
-                                               "bench": fake("bench", "raise"), "sanitizer": fake("sanitizer", "timeout")})
+    monkeypatch.setattr(gc, "STEP_FUNCTIONS", {
+        "build": fake("build", "passed"), "tests": fake("tests", "failed"),
+        "bench": fake("bench", "raise"), "sanitizer": fake("sanitizer", "timeout")})
     assert gc.main(["--out", str(tmp_path)]) == 1
     assert calls == list(gc.STEPS)
     summary = json.loads((tmp_path / "summary.json").read_text())

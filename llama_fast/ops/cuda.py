@@ -55,7 +55,8 @@ def unsupported_attention(q, k, v, causal=True, kv_lens=None, scale=None) -> str
     """The shapes the kernels do not cover (ops.attention then raises for backend="cuda", and backend=None
     runs the next backend in line, warning once)."""
     if q.shape[-1] not in ATTENTION_HEAD_DIMS:
-        return f"the CUDA attention kernels take head_dim {' or '.join(map(str, ATTENTION_HEAD_DIMS))}, not {q.shape[-1]}"
+        dims = " or ".join(map(str, ATTENTION_HEAD_DIMS))
+        return f"the CUDA attention kernels take head_dim {dims}, not {q.shape[-1]}"
     return None
 
 
