@@ -105,6 +105,11 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
     return output[:, :length]
 
 
+# Devices whose decode steps run LlamaForCausalLM.decode_step (static shapes, no host read). The CPU keeps forward:
+# its fused C++ decode plan is faster there, and a host read costs nothing on the CPU.
+STATIC_STEP_DEVICES = ("cuda",)
+
+
 def _decode_function(model, cache, graphed):
     """tokens [B, 1] -> next-token logits [B, V], advancing `cache`: the captured graph, else on CUDA the static
     decode step run eagerly, else forward (the CPU's fused C++ decode plan)."""
@@ -113,7 +118,7 @@ def _decode_function(model, cache, graphed):
             cache.seen_tokens += 1
             return graphed(model, tokens)
         return decode
-    if cache.device.type == "cuda" and hasattr(model, "decode_step") \
+    if cache.device.type in STATIC_STEP_DEVICES and hasattr(model, "decode_step") \
             and not getattr(model.model.rotary, "dynamic", False):
         cos, sin = model.rope_tables(cache)
 

@@ -94,3 +94,23 @@ def test_finish_watch_never_stops_early(monkeypatch):
     # all rows finished at i=4 (length 14); the host hears of it `lag` steps later, and not before
     assert stops.index(True) == 4 + LateEvent.lag
     assert watch.final_length(19) == 14
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_generate_through_the_static_decode_step_equals_forward(model, monkeypatch, backend):
+    # What generate runs on CUDA (decode_step over the cache's capacity, eagerly), forced onto the CPU. The two
+    # paths give the same logits to rounding (test_decode_step.py); token equality then holds unless a top-2
+    # margin is within rounding, which this fixed seed's random model does not come near.
+    from llama_fast import generation
+
+    model.set_backend(backend)
+    ids = torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[2, :2] = 0
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
+    monkeypatch.setattr(generation, "STATIC_STEP_DEVICES", ("cuda", "cpu"))
+    steps = []
+    real = type(model).decode_step
+    monkeypatch.setattr(type(model), "decode_step", lambda self, *a: steps.append(1) or real(self, *a))
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
+    assert len(steps) == 11 and torch.equal(got, want)
