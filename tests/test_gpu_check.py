@@ -2,23 +2,17 @@
 fake steps and a fake clock, and the no-GPU mode CI runs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "gpu_check.py"
+from script_module import load_script
 
 
 @pytest.fixture(scope="module")
 def gc():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(".ci/gpu_check.py", "gpu_check")
 
 
 def test_arguments(gc, tmp_path):
