@@ -124,6 +124,16 @@ def llama_fast_model(shape: dict, dtype, device):
     return model
 
 
+def quantize_int4(model, group_size: int) -> None:
+    """Round-to-nearest int4 for every linear layer but the output head (what from_pretrained(quantize="int4")
+    does), in place."""
+    from llama_fast.linear import Linear
+
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and not module.quantized and not name.endswith("lm_head"):
+            module.quantize_(4, group_size, name=name)
+
+
 def transformers_model(shape: dict, dtype, device):
     import transformers
 
@@ -254,8 +264,7 @@ def bench_shape(run: Run, key: str) -> None:
         model = llama_fast_model(shape, torch.bfloat16, device)
         for quant in ("bf16", "int4 g128"):
             if quant != "bf16":
-                from llama_fast.linear import quantize_linears_
-                quantize_linears_(model, 4, 128)
+                quantize_int4(model, 128)
             for graphs in ((True, False) if cuda else (None,)):
                 label = {"model": shape["name"], "weights": quant, "engine": "llama_fast",
                          "cuda_graphs": graphs}

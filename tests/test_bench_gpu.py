@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from script_module import load_script
 
 

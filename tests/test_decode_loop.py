@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_config
 from llama_fast import LlamaForCausalLM, decode_loop
 from llama_fast.config import LlamaConfig
+
+from conftest import tiny_config
 
 
 class LateEvent:

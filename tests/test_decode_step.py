@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from no_host_read import NoHostRead
 
-from conftest import tiny_config
 from llama_fast import LlamaForCausalLM
 from llama_fast.config import LlamaConfig
-from no_host_read import NoHostRead
+from llama_fast.linear import Linear
+
+from conftest import tiny_config
 
 STEPS = 64
 
@@ -22,8 +24,9 @@ def tiny_model(quantize: str | None, backend="cpu", device="cpu"):
     model = LlamaForCausalLM(LlamaConfig(**tiny_config(max_position_embeddings=128)), dtype=torch.float32,
                              device=device)
     if quantize == "int4":
-        from llama_fast.linear import quantize_linears_
-        quantize_linears_(model, 4, 32)
+        for name, module in model.named_modules():
+            if isinstance(module, Linear) and name != "lm_head":
+                module.quantize_(4, 32, name=name)
     return model.set_backend(backend).eval()
 
 

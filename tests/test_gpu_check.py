@@ -6,7 +6,6 @@ import json
 import sys
 
 import pytest
-
 from script_module import load_script
 
 

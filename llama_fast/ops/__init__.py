@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from llama_fast.ops._backend import (BACKENDS, BackendFallbackWarning, BackendUnavailableError, default_backend,
-                                     resolve, resolve_for, unavailable_reason)
+from llama_fast.ops._backend import (
+    BACKENDS,
+    BackendFallbackWarning,
+    BackendUnavailableError,
+    default_backend,
+    resolve,
+    resolve_for,
+    unavailable_reason,
+)
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "BackendFallbackWarning", "default_backend", "unavailable_reason",

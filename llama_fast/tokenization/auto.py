@@ -10,12 +10,10 @@ from __future__ import annotations
 import glob
 import os
 
-from .tokenization_base import BatchEncoding, read_tokenizer_config
-from .tokenization_fast import TOKENIZER_FILE, LlamaTokenizerFast
-from .tokenization_gguf import tokenizer_from_gguf
-from .tokenization_sp import VOCAB_FILE, LlamaTokenizer
-
-__all__ = ["AutoTokenizer", "LlamaTokenizer", "LlamaTokenizerFast", "BatchEncoding"]
+from llama_fast.tokenization.base import tokenizer_arguments
+from llama_fast.tokenization.fast import TOKENIZER_FILE, LlamaTokenizerFast
+from llama_fast.tokenization.gguf import tokenizer_from_gguf
+from llama_fast.tokenization.sentencepiece import VOCAB_FILE, LlamaTokenizer
 
 
 def _from_gguf(path, **kwargs):
@@ -41,7 +39,7 @@ class AutoTokenizer:
             if os.path.basename(path) == TOKENIZER_FILE:
                 return LlamaTokenizerFast.from_pretrained(os.path.dirname(path) or ".", **kwargs)
             if path.endswith(".model"):
-                return LlamaTokenizer(vocab_file=path, **{**read_tokenizer_config(os.path.dirname(path) or "."), **kwargs})
+                return LlamaTokenizer(vocab_file=path, **tokenizer_arguments(os.path.dirname(path) or ".", kwargs))
             raise ValueError(f"{path}: not a tokenizer file (expected a directory, a .gguf, tokenizer.json "
                              "or a sentencepiece .model)")
         if not os.path.isdir(path):

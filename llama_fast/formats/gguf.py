@@ -2,7 +2,8 @@
 
 The gguf package's GGUFReader memory-maps the file (nothing is unpickled). This module turns it into
   * the fields of an HF config.json (`gguf_config`), from the `llama.*` and `tokenizer.ggml.*` metadata;
-  * a stream of (HF tensor name, tensor) pairs (`gguf_tensors`) the model's loader consumes one at a time.
+  * a stream of (HF tensor name, tensor) pairs (`gguf_tensors`) the model's loader consumes one at a time
+    (llama_fast.loading builds the model from both; this module imports no model code).
 
 Tensor types: F32, F16 and BF16 give dense tensors. Q8_0, Q4_0 and Q4_1 give a llama_fast.quant
 QuantizedWeight holding the same numbers (no dequantize / requantize), each GGUF block being one group of 32:
@@ -204,14 +205,6 @@ def _dense(data: np.ndarray, kind: str) -> torch.Tensor:
     return torch.from_numpy(array.copy())
 
 
-def gguf_tensor(reader_tensor, config: dict, dequantize: bool = False, dtype: torch.dtype = torch.float32,
-                path: str = "<gguf>") -> tuple[str, torch.Tensor | QuantizedWeight] | None:
-    """One GGUF tensor as (HF name, dense tensor in `dtype` or QuantizedWeight); None if the model does
-    not use it."""
-    item = _native_tensor(reader_tensor, config, path)
-    return None if item is None else (item[0], _as_loaded(*item, dequantize, dtype))
-
-
 def _native_tensor(t, config: dict, path: str) -> tuple[str, torch.Tensor | QuantizedWeight] | None:
     """(HF name, the tensor as stored: dense, or QuantizedWeight with the same numbers), Q/K rows unpermuted."""
     try:
@@ -276,24 +269,3 @@ def read_gguf(path: str | os.PathLike, dequantize: bool = False, dtype: torch.dt
     reader = open_gguf(path)
     config = gguf_config(reader, path)
     return config, gguf_tensors(reader, config, dequantize, dtype, path)
-
-
-def load_gguf(path: str | os.PathLike, dtype="auto", device="cpu", backend: str | None = None,
-              dequantize: bool = False, quantize: str | None = None, group_size: int = 128, cls=None):
-    """A model (`cls`, default LlamaForCausalLM) from a Llama GGUF file; what from_pretrained("x.gguf")
-    calls. dtype "auto" is float32 (GGUF records no compute dtype; its norms are F32). Q8_0 / Q4_0 / Q4_1
-    linear weights stay quantized (exact) unless dequantize=True; `quantize` applies to dense ones only."""
-    from llama_fast.config import LlamaConfig, dtype_from_name
-    from llama_fast.loading import load_tensors, meta_model
-
-    path = os.fspath(path)
-    if cls is None:
-        from llama_fast.modeling import LlamaForCausalLM as cls
-    reader = open_gguf(path)
-    config_dict = gguf_config(reader, path)
-    config = LlamaConfig.from_dict(config_dict)
-    torch_dtype = dtype_from_name("float32" if dtype in ("auto", None) else dtype)
-    model = meta_model(cls, config, torch_dtype, device)
-    load_tensors(model, gguf_tensors(reader, config_dict, dequantize, torch_dtype, path), path, quantize,
-                 group_size)
-    return model.set_backend(backend).eval()

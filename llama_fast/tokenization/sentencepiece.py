@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from .sentencepiece_model import BYTE, CONTROL, USER_DEFINED, load_sentencepiece_model
-from .tokenization_base import TokenizerBase, read_tokenizer_config
+from llama_fast.tokenization.base import TokenizerBase, tokenizer_arguments
+from llama_fast.tokenization.sentencepiece_model import BYTE, CONTROL, USER_DEFINED, load_sentencepiece_model
 
 VOCAB_FILE = "tokenizer.model"
 
@@ -104,10 +104,7 @@ class LlamaTokenizer(TokenizerBase):
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs):
-        config = read_tokenizer_config(directory)
-        config.pop("tokenizer_class", None)
-        config.update(kwargs)
-        return cls(vocab_file=os.path.join(directory, VOCAB_FILE), **config)
+        return cls(vocab_file=os.path.join(directory, VOCAB_FILE), **tokenizer_arguments(directory, kwargs))
 
     def _config_for_saving(self):
         config = super()._config_for_saving()

@@ -1,13 +1,14 @@
-"""llama_fast.gguf_file on small GGUF files written like llama.cpp's converter does (tests/gguf_util.py):
+"""llama_fast.formats.gguf on small GGUF files written like llama.cpp's converter does (tests/gguf_util.py):
 config from metadata, names, Q/K unpermutation, dense and native quantized tensors, bad files."""
+import gguf
 import numpy as np
 import pytest
 import torch
-import gguf
+
+from llama_fast.formats.gguf import GGUFError, read_gguf
+from llama_fast.quant import QuantizedWeight
 
 import gguf_util as G
-from llama_fast.gguf_file import GGUFError, read_gguf
-from llama_fast.quant import QuantizedWeight
 
 
 @pytest.fixture(scope="module")

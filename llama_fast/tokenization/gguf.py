@@ -5,12 +5,12 @@ We rebuild the tokenizer transformers builds from the same file, so ids match it
 
 - `tokenizer.ggml.model == "gpt2"`: byte-level BPE (vocab + merges). The text is split by the GPT-2 regex,
   or by the split regex of the named pre-tokenizer (`tokenizer.ggml.pre`, e.g. llama-bpe) when known.
-- `tokenizer.ggml.model == "llama"`: a sentencepiece BPE vocabulary (tokens + scores), see tokenization_sp.
+- `tokenizer.ggml.model == "llama"`: a sentencepiece BPE vocabulary (tokens + scores), see sentencepiece.py.
 Tokens typed CONTROL become special tokens, USER_DEFINED ones are matched whole.
 """
 from __future__ import annotations
 
-from .sentencepiece_model import SentencePieceModel
+from llama_fast.tokenization.sentencepiece_model import SentencePieceModel
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -19,7 +19,8 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-PRE_TOKENIZER_SPLITS = {name: _LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx")}
+PRE_TOKENIZER_SPLITS = {name: _LLAMA3_SPLIT
+                        for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx")}
 
 
 def read_gguf_tokenizer_metadata(path: str) -> dict:
@@ -39,7 +40,8 @@ def read_gguf_tokenizer_metadata(path: str) -> dict:
 
 def _byte_to_unicode():
     """GPT-2's printable spelling of each byte (the alphabet byte-level BPE vocabularies are written in)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     spelled = printable[:]
     n = 0
     for b in range(256):
@@ -66,15 +68,17 @@ def _byte_level_tokenizer(meta):
     if split is None:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     return tokenizer, alphabet
 
 
 def _sentencepiece_tokenizer(meta):
-    from .tokenization_sp import build_sentencepiece_tokenizer
+    from llama_fast.tokenization.sentencepiece import build_sentencepiece_tokenizer
 
     tokens = meta["tokenizer.ggml.tokens"]
     scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)

@@ -1,4 +1,4 @@
-"""llama_fast.safetensors_file against the safetensors package, both directions, and its errors."""
+"""llama_fast.formats.safetensors against the safetensors package, both directions, and its errors."""
 import json
 import struct
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama_fast import safetensors_file
-from llama_fast.safetensors_file import SafetensorsError, SafetensorsFile
+from llama_fast.formats import safetensors as safetensors_format
+from llama_fast.formats.safetensors import SafetensorsError, SafetensorsFile
 
 TENSORS = {
     "f32": torch.randn(7, 83),
@@ -34,7 +34,7 @@ def test_we_read_what_safetensors_writes(tmp_path):
 def test_safetensors_reads_what_we_write(tmp_path):
     fused = torch.randn(10, 6)
     items = list(TENSORS.items()) + [("rows", fused[2:5])]   # a row slice of a bigger tensor
-    safetensors_file.write(tmp_path / "b.safetensors", items)
+    safetensors_format.write(tmp_path / "b.safetensors", items)
     back = load_file(tmp_path / "b.safetensors")
     for name, t in items:
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name

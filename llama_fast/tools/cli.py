@@ -1,9 +1,9 @@
-"""The `llama-fast` command (also `python -m llama_fast.cli`).
+"""The `llama-fast` command (also `python -m llama_fast`).
 
     llama-fast generate --chat "What is the capital of France?"      # the embedded demo model
     llama-fast generate --model DIR_OR_GGUF --prompt "Once upon a time" --max-new-tokens 64 --temperature 0.8
     llama-fast convert model.gguf out_dir [--keep-quantized]         # GGUF -> HF directory (safetensors)
-    llama-fast bench --quick                                         # benchmarks/bench_generate.py's harness
+    llama-fast bench --quick                                         # the generate benchmark (tools/bench.py)
 
 User errors (a missing file, a bad option or model) print one line to stderr and exit 1; set
 LLAMA_FAST_DEBUG=1 to see the traceback.
@@ -14,6 +14,9 @@ import argparse
 import os
 import sys
 import time
+
+# torch, the model and the tokenizers are imported by the commands that use them, so that `--help` and a
+# usage error answer at once instead of after loading torch.
 
 EXIT_USER_ERROR = 1
 DTYPES = ("float32", "bfloat16", "float16")
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve_model(path):
     if path is None:
-        from .demo import demo_model_dir
+        from llama_fast.tools.demo import demo_model_dir
 
         print("llama-fast: using the embedded SmolLM2-135M-Instruct", file=sys.stderr)
         return demo_model_dir()
@@ -93,8 +96,8 @@ def _load(path, args):
     import torch
     from tqdm.auto import tqdm
 
-    from .modeling import LlamaForCausalLM
-    from .tokenization import AutoTokenizer
+    from llama_fast.modeling import LlamaForCausalLM
+    from llama_fast.tokenization import AutoTokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -121,7 +124,7 @@ def _prompt_ids(tokenizer, args):
 def cmd_generate(args):
     import torch
 
-    from .streamers import TextStreamer
+    from llama_fast.streamers import TextStreamer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,7 +161,7 @@ def cmd_generate(args):
 # ---- convert / bench -----------------------------------------------------------------------------------
 
 def cmd_convert(args):
-    from .convert import convert_gguf
+    from llama_fast.tools.convert import convert_gguf
 
     if not os.path.isfile(args.gguf):
         raise UserError(f"no such GGUF file: {args.gguf}")
@@ -169,7 +172,7 @@ def cmd_convert(args):
 
 
 def cmd_bench(bench_args):
-    from .bench import main as bench_main
+    from llama_fast.tools.bench import main as bench_main
 
     return bench_main(bench_args)
 

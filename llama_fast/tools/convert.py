@@ -10,6 +10,13 @@ import os
 import shutil
 import tempfile
 
+import torch
+from tqdm.auto import tqdm
+
+from llama_fast.linear import dequantize_linears_
+from llama_fast.modeling import LlamaForCausalLM
+from llama_fast.tokenization import AutoTokenizer
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -19,12 +26,6 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32", overwrite
     keep_quantized: its Q8_0 / Q4_0 / Q4_1 weights stay in llama_fast's quantized format instead (the same
     numbers, a quarter of the size and the fast decode path; only llama_fast reads that directory), and
     `dtype` is the activations' dtype."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from .modeling import LlamaForCausalLM
-    from .tokenization import AutoTokenizer
-
     if not os.path.isfile(gguf_path):
         raise FileNotFoundError(f"no such GGUF file: {gguf_path}")
     if dtype not in DTYPES:
@@ -37,14 +38,13 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32", overwrite
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
     try:
-        with tqdm(total=3, desc=f"converting {os.path.basename(gguf_path)}", unit="step", disable=None if progress else True,
+        with tqdm(total=3, desc=f"converting {os.path.basename(gguf_path)}", unit="step",
+                  disable=None if progress else True,
                   leave=False) as bar:
             bar.set_postfix_str("reading weights")
             model = LlamaForCausalLM.from_pretrained(gguf_path, dtype=dtype, device="cpu")
             if not keep_quantized:
                 # GGUF weights load in their native quantized format; an HF directory holds dense ones.
-                from .linear import dequantize_linears_
-
                 dequantize_linears_(model, getattr(torch, dtype))
             bar.update()
             bar.set_postfix_str("writing safetensors")

@@ -1,7 +1,8 @@
 """End-to-end generation benchmark: prefill and decode tokens/s of llama_fast (each backend that runs on the
 device) against transformers (eager and sdpa attention) and installed peers (llama-cpp-python) on the same
-model, at several batch sizes and dtypes. Run as `python benchmarks/bench_generate.py`, `llama-fast bench`
-or `make bench`.
+model, at several batch sizes and dtypes. Run as `llama-fast bench` (or `python -m llama_fast bench`, `make
+bench`); it lives in the package, not in benchmarks/, so that an installed wheel can run it. Results go to
+benchmarks/results/ under the current directory unless --out-dir says otherwise.
 
 Every configuration runs in its own subprocess (so its peak RSS is its own and no engine warms another's
 caches), with the same thread count and the same prompt: random token ids from a fixed seed, so every
@@ -24,6 +25,9 @@ import sys
 import time
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
+
+# torch and each engine's package (llama_fast's model, transformers, llama_cpp, matplotlib for the chart) are
+# imported in the functions that use them: a worker process runs one engine and loads only that one.
 
 
 # ---- one configuration, in a worker process --------------------------------------------------------------
@@ -87,7 +91,8 @@ def _run_transformers(spec):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        spec["model"], dtype=getattr(torch, spec["dtype"]), attn_implementation=spec["backend"]).to(spec["device"]).eval()
+        spec["model"], dtype=getattr(torch, spec["dtype"]), attn_implementation=spec["backend"],
+    ).to(spec["device"]).eval()
     model.generation_config.eos_token_id = None
     ids = _prompt(spec["batch"], spec["prompt_len"], model.config.vocab_size).to(spec["device"])
 
@@ -157,7 +162,7 @@ def run_worker(spec: dict) -> dict:
 def _available_backends(device):
     import torch
 
-    from .ops._backend import BACKENDS, unavailable_reason
+    from llama_fast.ops._backend import BACKENDS, unavailable_reason
 
     return [b for b in BACKENDS if unavailable_reason(b, torch.device(device)) is None]
 
@@ -196,10 +201,13 @@ def plan(args) -> list:
 
 
 def _run_in_subprocess(spec, timeout):
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import llama_fast
+
+    # The worker imports the same llama_fast as this process (a checkout's, or the installed one).
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(llama_fast.__file__)))
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]),
                PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "llama_fast.bench", "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "llama_fast.tools.bench", "--worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -249,7 +257,7 @@ def _git_commit():
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="bench_generate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="llama-fast bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="HF directory (default: the embedded demo model, converted and cached)")
     p.add_argument("--gguf", help="GGUF for the peers (default: the demo model's GGUF when --model is not given)")
     p.add_argument("--engines", nargs="+", default=["llama_fast", "transformers", "llama_cpp"])
@@ -285,7 +293,7 @@ def main(argv=None) -> int:
         raise ValueError("prompt-len, repeats and batch sizes must be >= 1 and new-tokens >= 2")
     args.threads = args.threads or len(os.sched_getaffinity(0))
     if args.model is None:
-        from .demo import demo_model_dir, find_demo_gguf
+        from llama_fast.tools.demo import demo_model_dir, find_demo_gguf
 
         args.model = demo_model_dir(native=False)   # dense: what transformers reads too
         args.gguf = args.gguf or find_demo_gguf()
@@ -317,7 +325,7 @@ def main(argv=None) -> int:
     print(ratio_table(results))
     print(f"wrote {json_path}", file=sys.stderr)
     if not args.no_plot:
-        from .bench_plot import plot_generate
+        from llama_fast.tools.bench_plot import plot_generate
 
         png = plot_generate(report, os.path.join(args.out_dir, stem + ".png"))
         print(f"wrote {png}", file=sys.stderr)

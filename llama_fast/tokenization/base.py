@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
-from .chat_template import render_chat_template
+from llama_fast.tokenization.chat_template import render_chat_template
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 CONFIG_FILE = "tokenizer_config.json"
@@ -63,6 +62,15 @@ def read_tokenizer_config(directory: str) -> dict:
     if "chat_template" not in config and os.path.isfile(template_path):
         with open(template_path, encoding="utf-8") as f:
             config["chat_template"] = f.read()
+    return config
+
+
+def tokenizer_arguments(directory: str, overrides: dict) -> dict:
+    """The constructor arguments of a tokenizer saved in `directory` (read_tokenizer_config without the
+    class name), updated with `overrides` (from_pretrained's keyword arguments)."""
+    config = read_tokenizer_config(directory)
+    config.pop("tokenizer_class", None)
+    config.update(overrides)
     return config
 
 
@@ -300,7 +308,9 @@ class TokenizerBase:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
         text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        clean = clean_up_tokenization_spaces
+        if clean is None:
+            clean = self.clean_up_tokenization_spaces
         return clean_up_tokenization(text) if clean else text
 
     def batch_decode(self, sequences, skip_special_tokens=False, **kwargs) -> list:
@@ -320,7 +330,8 @@ class TokenizerBase:
         if not template:
             raise ValueError("this tokenizer has no chat template (none in tokenizer_config.json or the GGUF); "
                              "pass chat_template=...")
-        is_batch = isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple))
+        is_batch = (isinstance(conversation, (list, tuple)) and conversation
+                    and isinstance(conversation[0], (list, tuple)))
         conversations = conversation if is_batch else [conversation]
         variables = dict(self.special_tokens_map, **template_kwargs)
         if tools is not None:
