@@ -143,6 +143,25 @@ class LlamaDecoderLayer(TracksWeights):
         h, residual = ops.fused_add_rms_norm(attn_out, residual, norm.weight, norm.eps, backend=self.backend)
         return self.mlp(h), residual, probs
 
+    def decode_fields(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """This layer's weights as the CPU decode plan takes them (csrc/cpu/decode_step.cpp, add_layer): named
+        tensors and ints, the names being the attribute paths below the layer. The module's own tensors, not
+        copies, so that the plan sees in-place changes."""
+        tensors = {"input_layernorm": self.input_layernorm.weight,
+                   "post_attention_layernorm": self.post_attention_layernorm.weight}
+        ints = {}
+        for name, linear in (("qkv_proj", self.self_attn.qkv_proj), ("o_proj", self.self_attn.o_proj),
+                             ("gate_up_proj", self.mlp.gate_up_proj), ("down_proj", self.mlp.down_proj)):
+            if linear.quantized:
+                parts = {"qweight": linear.qweight, "scales": linear.scales, "offsets": linear.offsets}
+                ints[f"{name}.bits"], ints[f"{name}.group_size"] = linear.bits, linear.group_size
+            else:
+                parts = {"weight": linear.weight}
+                ints[f"{name}.bits"] = 0
+            parts["bias"] = linear.bias
+            tensors.update({f"{name}.{field}": t for field, t in parts.items() if t is not None})
+        return tensors, ints
+
 
 class LlamaPreTrainedModel(TracksWeights):
     """from_pretrained / save_pretrained / set_backend, shared by the three model classes."""

@@ -82,7 +82,7 @@ def test_attention_bad_inputs_cpu():
         ops.attention(q, k, v, True, torch.tensor([5.0, 5.0]), backend="cpu")
     with pytest.raises(RuntimeError, match="v shape"):
         ops.attention(q, k, v[:, :4], backend="cpu")
-    with pytest.raises(RuntimeError, match="v has dtype"):
+    with pytest.raises(RuntimeError, match="v dtype"):
         ops.attention(q, k, v.bfloat16(), backend="cpu")
     with pytest.raises(RuntimeError, match="contiguous last dimension"):
         ops.attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, backend="cpu")

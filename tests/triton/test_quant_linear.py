@@ -4,7 +4,7 @@ import torch
 from llama_fast import kernels, quant
 from llama_fast.ops import reference
 
-from _budget import assert_fp32_close, assert_within_budget
+from tolerance import assert_fp32_close, assert_within_budget
 
 
 # (bits, group_size, symmetric): g = 32 is smaller than the K tile (scales gathered per element), g = 64 /

@@ -4,7 +4,7 @@ import torch
 from llama_fast import kernels
 from llama_fast.ops import reference
 
-from _budget import assert_fp32_close, assert_within_budget
+from tolerance import assert_fp32_close, assert_within_budget
 
 
 @pytest.mark.parametrize("shape", [(1, 83), (2, 7, 769)])

@@ -4,7 +4,7 @@ import torch
 from llama_fast import kernels
 from llama_fast.ops import reference
 
-from _budget import assert_within_budget
+from tolerance import assert_within_budget
 
 
 def _tables(max_pos, half, theta=10000.0):

@@ -15,8 +15,8 @@
 #endif
 
 #include "common/half_float.h"
-#include "cpu/vnni_gemv.h"
 #include "cpu/kernels.h"
+#include "cpu/quant_linear_vnni.h"
 #include "cpu/thread_pool.h"
 
 namespace llama_fast {
@@ -33,7 +33,10 @@ inline float half_bits_to_float(uint16_t h) {
       u = sign;
     } else {  // subnormal: normalize
       exp = 127 - 15 + 1;
-      while ((mant & 0x400) == 0) { mant <<= 1; --exp; }
+      while ((mant & 0x400) == 0) {
+        mant <<= 1;
+        --exp;
+      }
       u = sign | (exp << 23) | ((mant & 0x3ff) << 13);
     }
   } else if (exp == 31) {
@@ -59,7 +62,7 @@ inline float scale_at(const void* p, ScaleType t, int64_t i) {
 }  // namespace cpu
 }  // namespace llama_fast
 
-#define LF_ISA_SELF "cpu/quant_gemv.cpp"
+#define LF_ISA_SELF "cpu/quant_linear.cpp"
 #include "cpu/foreach_isa.h"
 
 namespace llama_fast {
@@ -116,7 +119,7 @@ void store_output(bool bf16, const float* outf, const void* bias, void* out, int
   }
 }
 
-// int4 / int8 on AVX512-VNNI (vnni_gemv.cpp), any number of rows. False when x holds values fixed point cannot
+// int4 / int8 on AVX512-VNNI (quant_linear_vnni.cpp), any number of rows. False when x holds values fixed point cannot
 // carry (inf, NaN).
 bool quant_linear_vnni(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
   const int64_t k = w.k, n = w.n, groups = k / w.group_size;
@@ -180,9 +183,8 @@ void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bi
     const float* xs = xf.data() + m0 * k;
     const float* ss = xsum.data() + m0 * groups;
     float* os = outf.data() + m0 * n;
-    parallel_for(n, row_grain(w), [&](int64_t n0, int64_t n1) {
-      LF_DISPATCH(quant_rows, w, xs, ss, mc, chunk, n0, n1, os, n);
-    });
+    parallel_for(n, row_grain(w),
+                 [&](int64_t n0, int64_t n1) { LF_DISPATCH(quant_rows, w, xs, ss, mc, chunk, n0, n1, os, n); });
   }
   store_output(bf16, outf.data(), bias, out, m, n);
 }
@@ -241,7 +243,8 @@ void q4_lut_block(const QuantWeight& w, const float* x, int64_t row, float* out,
         xo[mm] = _mm512_loadu_ps(x + mm * k + c + 16);
       }
       for (int r = 0; r < R; ++r) {
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (row + r) * (k / 2) + c / 2)));
+        const __m512i b =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (row + r) * (k / 2) + c / 2)));
         const __m512 wl = _mm512_permutexvar_ps(b, lut[r]);  // uses the low 4 bits of each lane
         const __m512 wh = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut[r]);
         for (int mm = 0; mm < M; ++mm) {
@@ -295,7 +298,10 @@ void factored_rows(const QuantWeight& w, const float* x, const float* xsum, int6
   for (int64_t row = n0; row < n1; ++row) {
     VecF acc[M];
     float off_acc[M];
-    for (int mm = 0; mm < M; ++mm) { acc[mm] = VecF::zero(); off_acc[mm] = 0.f; }
+    for (int mm = 0; mm < M; ++mm) {
+      acc[mm] = VecF::zero();
+      off_acc[mm] = 0.f;
+    }
     for (int64_t g = 0; g < groups; ++g) {
       VecF ga[M], gb[M];
       for (int mm = 0; mm < M; ++mm) ga[mm] = gb[mm] = VecF::zero();
@@ -358,8 +364,8 @@ void quant_rows_m(const QuantWeight& w, const float* x, const float* xsum, int64
 
 // Rows n0..n1-1 of out[M, N] (fp32) for M <= 8 activation rows x (prepared by the dispatcher: fp32,
 // de-interleaved per `chunk` for int4), xsum[M, groups] the per-group sums of x.
-inline void quant_rows(const QuantWeight& w, const float* x, const float* xsum, int64_t m, int64_t chunk,
-                       int64_t n0, int64_t n1, float* out, int64_t ldo) {
+inline void quant_rows(const QuantWeight& w, const float* x, const float* xsum, int64_t m, int64_t chunk, int64_t n0,
+                       int64_t n1, float* out, int64_t ldo) {
   switch (m) {
     case 1: return quant_rows_m<1>(w, x, xsum, chunk, n0, n1, out, ldo);
     case 2: return quant_rows_m<2>(w, x, xsum, chunk, n0, n1, out, ldo);

@@ -5,7 +5,7 @@
 #ifndef LF_ISA
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
-#define LF_ISA_SELF "cpu/gemv.cpp"
+#define LF_ISA_SELF "cpu/linear.cpp"
 #include "cpu/foreach_isa.h"
 
 namespace llama_fast {
@@ -21,24 +21,17 @@ void parallel_rows(int64_t n, int64_t align, int64_t bytes_per_row, F fn) {
 
 void dense_linear(bool bf16, const void* x, const void* w, const void* bias, void* out, int64_t m, int64_t n,
                   int64_t k) {
-  for (int64_t m0 = 0; m0 < m; m0 += 8) {  // 8 activation rows per pass over the weights
-    const int64_t mc = std::min<int64_t>(8, m - m0);
-    if (bf16) {
-      const uint16_t* xs = static_cast<const uint16_t*>(x) + m0 * k;
-      uint16_t* os = static_cast<uint16_t*>(out) + m0 * n;
-      const bool dp = isa() == Isa::kAvx512Bf16;
-      parallel_rows(n, 4, k * 2, [&](int64_t n0, int64_t n1) {
-        LF_DISPATCH(gemv_rows<uint16_t>, xs, static_cast<const uint16_t*>(w), static_cast<const uint16_t*>(bias), os,
-                    mc, n, k, n0, n1, dp);
+  // bf16 weights with bf16 activations use vdpbf16ps where the CPU has it
+  const bool dp = bf16 && isa() == Isa::kAvx512Bf16;
+  for (int64_t m0 = 0; m0 < m; m0 += kMaxGemvRows) {  // this many activation rows per pass over the weights
+    const int64_t mc = std::min<int64_t>(kMaxGemvRows, m - m0);
+    LF_CPU_DISPATCH_DTYPE(bf16, T, {
+      const T* xs = static_cast<const T*>(x) + m0 * k;
+      T* os = static_cast<T*>(out) + m0 * n;
+      parallel_rows(n, 4, k * static_cast<int64_t>(sizeof(T)), [&](int64_t n0, int64_t n1) {
+        LF_DISPATCH(gemv_rows<T>, xs, static_cast<const T*>(w), static_cast<const T*>(bias), os, mc, n, k, n0, n1, dp);
       });
-    } else {
-      const float* xs = static_cast<const float*>(x) + m0 * k;
-      float* os = static_cast<float*>(out) + m0 * n;
-      parallel_rows(n, 4, k * 4, [&](int64_t n0, int64_t n1) {
-        LF_DISPATCH(gemv_rows<float>, xs, static_cast<const float*>(w), static_cast<const float*>(bias), os, mc, n,
-                    k, n0, n1, false);
-      });
-    }
+    });
   }
 }
 
@@ -52,7 +45,7 @@ namespace cpu {
 namespace LF_ISA {
 
 // The weights are read once per call: ask for them 8 KiB ahead of use. The hardware prefetcher alone left the
-// int4/int8 kernels at half a core's DRAM share (see vnni_gemv.cpp), and bf16 decode at 70% of the bandwidth
+// int4/int8 kernels at half a core's DRAM share (see quant_linear_vnni.cpp), and bf16 decode at 70% of the bandwidth
 // (61 -> 68-72 tok/s on the demo model with it).
 inline void prefetch_ahead(const void* p) {
 #ifdef LF_HAVE_X86
@@ -93,8 +86,8 @@ void gemv_block(const T* x, const T* w, const T* bias, T* out, int64_t n, int64_
 #if LF_ISA_LEVEL == 2
 // bf16 x bf16 with vdpbf16ps: 32 products per instruction, fp32 accumulation.
 template <int R, int M>
-void gemv_block_dpbf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t n,
-                       int64_t k, int64_t row) {
+void gemv_block_dpbf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t n, int64_t k,
+                       int64_t row) {
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int mm = 0; mm < M; ++mm) acc[r][mm] = _mm512_setzero_ps();
@@ -138,9 +131,11 @@ void gemv_rows_m(const T* x, const T* w, const T* bias, T* out, int64_t n, int64
   for (; row < n1; ++row) gemv_block<T, 1, M>(x, w, bias, out, n, k, row);
 }
 
+static_assert(kMaxGemvRows == 8, "gemv_rows has one case per row count up to kMaxGemvRows");
+
 template <typename T>
-void gemv_rows(const T* x, const T* w, const T* bias, T* out, int64_t m, int64_t n, int64_t k, int64_t n0,
-               int64_t n1, bool dpbf16) {
+void gemv_rows(const T* x, const T* w, const T* bias, T* out, int64_t m, int64_t n, int64_t k, int64_t n0, int64_t n1,
+               bool dpbf16) {
   switch (m) {
     case 1: return gemv_rows_m<T, 1>(x, w, bias, out, n, k, n0, n1, dpbf16);
     case 2: return gemv_rows_m<T, 2>(x, w, bias, out, n, k, n0, n1, dpbf16);

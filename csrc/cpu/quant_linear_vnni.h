@@ -1,4 +1,4 @@
-// int4 GEMV on AVX512-VNNI integer dot products (vnni_gemv.cpp): the decode path of quant_linear for
+// int4 GEMV on AVX512-VNNI integer dot products (quant_linear_vnni.cpp): the decode path of quant_linear for
 // int4 weights whose group size is a multiple of 32, on CPUs at the top dispatch level (AVX512-BF16 + VNNI).
 #pragma once
 #include <cstdint>
@@ -22,8 +22,8 @@ bool prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t*
 
 // out[mm * ldo + n] for mm < m (1..8) and n in [n0, n1): the dot products of the prepared rows with weight
 // rows n. `two_limbs`: the rows were prepared from fp32.
-void rows(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t m,
-          bool two_limbs, int64_t n0, int64_t n1, float* out, int64_t ldo);
+void rows(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t m, bool two_limbs,
+          int64_t n0, int64_t n1, float* out, int64_t ldo);
 
 }  // namespace vnni
 }  // namespace cpu

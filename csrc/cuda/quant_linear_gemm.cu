@@ -110,11 +110,15 @@ cudaError_t quant_gemm_mma(DType dt, const QuantLinearArgs& a, cudaStream_t stre
   if (ceil_div(a.m, kBlockM) > 65535) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(ceil_div(a.n, kBlockN)), static_cast<unsigned>(ceil_div(a.m, kBlockM)));
   if (dt == DType::kF16) {
-    if (a.bits == 4) quant_gemm_kernel<__half, 4><<<grid, kThreads, 0, stream>>>(a);
-    else quant_gemm_kernel<__half, 8><<<grid, kThreads, 0, stream>>>(a);
+    if (a.bits == 4)
+      quant_gemm_kernel<__half, 4><<<grid, kThreads, 0, stream>>>(a);
+    else
+      quant_gemm_kernel<__half, 8><<<grid, kThreads, 0, stream>>>(a);
   } else {
-    if (a.bits == 4) quant_gemm_kernel<__nv_bfloat16, 4><<<grid, kThreads, 0, stream>>>(a);
-    else quant_gemm_kernel<__nv_bfloat16, 8><<<grid, kThreads, 0, stream>>>(a);
+    if (a.bits == 4)
+      quant_gemm_kernel<__nv_bfloat16, 4><<<grid, kThreads, 0, stream>>>(a);
+    else
+      quant_gemm_kernel<__nv_bfloat16, 8><<<grid, kThreads, 0, stream>>>(a);
   }
   return cudaGetLastError();
 }

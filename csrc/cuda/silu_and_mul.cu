@@ -12,8 +12,8 @@ constexpr int kThreads = 256;
 
 // grid (column blocks, rows): each thread handles one 16-byte vector (or one element when unaligned).
 template <typename T, bool kVectorized>
-__global__ void __launch_bounds__(kThreads) silu_and_mul_kernel(const T* __restrict__ gate_up, T* __restrict__ out,
-                                                                int64_t inter) {
+__global__ void __launch_bounds__(kThreads)
+    silu_and_mul_kernel(const T* __restrict__ gate_up, T* __restrict__ out, int64_t inter) {
   const int64_t row = blockIdx.y;
   const T* gate = gate_up + row * 2 * inter;
   const T* up = gate + inter;
@@ -43,11 +43,14 @@ cudaError_t silu_and_mul(DType dt, const void* gate_up, void* out, int64_t rows,
     const int64_t per_row = vectorized ? inter / Vec16<T>::kN : inter;
     // Rows go on grid.y (at most 65535 per launch); longer inputs are launched in slices.
     for (int64_t r0 = 0; r0 < rows; r0 += 65535) {
-      const dim3 grid(static_cast<unsigned>(ceil_div(per_row, kThreads)), static_cast<unsigned>(std::min<int64_t>(65535, rows - r0)));
+      const dim3 grid(static_cast<unsigned>(ceil_div(per_row, kThreads)),
+                      static_cast<unsigned>(std::min<int64_t>(65535, rows - r0)));
       const T* in = static_cast<const T*>(gate_up) + r0 * 2 * inter;
       T* o = static_cast<T*>(out) + r0 * inter;
-      if (vectorized) silu_and_mul_kernel<T, true><<<grid, kThreads, 0, stream>>>(in, o, inter);
-      else silu_and_mul_kernel<T, false><<<grid, kThreads, 0, stream>>>(in, o, inter);
+      if (vectorized)
+        silu_and_mul_kernel<T, true><<<grid, kThreads, 0, stream>>>(in, o, inter);
+      else
+        silu_and_mul_kernel<T, false><<<grid, kThreads, 0, stream>>>(in, o, inter);
     }
   });
   return cudaGetLastError();

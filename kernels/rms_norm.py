@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llama_fast.ops import fake
+
 from ._common import (CompileCase, autotune, check, check_float, check_last_dim_contiguous,
                       check_same_device, jit_function)
 
@@ -48,7 +50,8 @@ def _rows(name: str, t: torch.Tensor, h: int) -> torch.Tensor:
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     check_float("x", x)
-    check_float("weight", weight)
+    check(weight.dtype == x.dtype, f"weight dtype {weight.dtype} differs from x dtype {x.dtype} (the activations' "
+                                   f"dtype)", TypeError)
     check(x.dim() >= 1 and x.shape[-1] > 0, f"x must have a non-empty last dimension, got {tuple(x.shape)}")
     h = x.shape[-1]
     check(weight.shape == (h,), f"weight must have shape ({h},) to match x {tuple(x.shape)}, got "
@@ -56,7 +59,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     check_same_device(x=x, weight=weight, residual=residual)
     weight = weight.contiguous()
     x2 = _rows("x", x, h)
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if residual is not None:
         check(residual.shape == x.shape and residual.dtype == x.dtype,
               f"residual must match x ({tuple(x.shape)}, {x.dtype}), got {tuple(residual.shape)}, {residual.dtype}")
@@ -76,9 +79,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return _launch(x, None, weight, eps)[0]
 
 
-@rms_norm.register_fake
-def _(x, weight, eps=1e-6):
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+rms_norm.register_fake(fake.rms_norm)
 
 
 @torch.library.custom_op("llama_fast_triton::fused_add_rms_norm", mutates_args=())
@@ -87,9 +88,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return _launch(x, residual, weight, eps)
 
 
-@fused_add_rms_norm.register_fake
-def _(x, residual, weight, eps=1e-6):
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), torch.empty_like(x)
+fused_add_rms_norm.register_fake(fake.fused_add_rms_norm)
 
 
 def compile_cases() -> list[CompileCase]:

@@ -3,7 +3,7 @@
 #ifndef LF_ISA
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
-#define LF_ISA_SELF "cpu/norm.cpp"
+#define LF_ISA_SELF "cpu/rms_norm.cpp"
 #include "cpu/foreach_isa.h"
 
 namespace llama_fast {
@@ -15,39 +15,27 @@ int64_t rows_per_chunk(int64_t hidden) { return std::max<int64_t>(1, 16384 / std
 
 void rms_norm(bool bf16, const void* x, const void* w, void* y, int64_t rows, int64_t hidden, float eps) {
   parallel_for(rows, rows_per_chunk(hidden), [&](int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    if (bf16) {
-      const uint16_t* xr = static_cast<const uint16_t*>(x) + r * hidden;
-      LF_DISPATCH(rms_norm_row, xr, static_cast<const uint16_t*>(w),
-                  static_cast<uint16_t*>(y) + r * hidden, hidden, eps);
-    } else {
-      const float* xr = static_cast<const float*>(x) + r * hidden;
-      LF_DISPATCH(rms_norm_row, xr, static_cast<const float*>(w), static_cast<float*>(y) + r * hidden, hidden,
-                  eps);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r * hidden;
+      LF_CPU_DISPATCH_DTYPE(bf16, T,
+                            LF_DISPATCH(rms_norm_row, static_cast<const T*>(x) + o, static_cast<const T*>(w),
+                                        static_cast<T*>(y) + o, hidden, eps));
     }
-  }
   });
 }
 
-void fused_add_rms_norm(bool bf16, const void* x, const void* residual, const void* w, void* y,
-                        void* new_residual, int64_t rows, int64_t hidden, float eps) {
+void fused_add_rms_norm(bool bf16, const void* x, const void* residual, const void* w, void* y, void* new_residual,
+                        int64_t rows, int64_t hidden, float eps) {
   parallel_for(rows, rows_per_chunk(hidden), [&](int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t o = r * hidden;
-    if (bf16) {
-      using T = uint16_t;
-      LF_DISPATCH(add_rows, static_cast<const T*>(x) + o, static_cast<const T*>(residual) + o,
-                  static_cast<T*>(new_residual) + o, hidden);
-      LF_DISPATCH(rms_norm_row, static_cast<const T*>(new_residual) + o, static_cast<const T*>(w),
-                  static_cast<T*>(y) + o, hidden, eps);
-    } else {
-      using T = float;
-      LF_DISPATCH(add_rows, static_cast<const T*>(x) + o, static_cast<const T*>(residual) + o,
-                  static_cast<T*>(new_residual) + o, hidden);
-      LF_DISPATCH(rms_norm_row, static_cast<const T*>(new_residual) + o, static_cast<const T*>(w),
-                  static_cast<T*>(y) + o, hidden, eps);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r * hidden;
+      LF_CPU_DISPATCH_DTYPE(bf16, T, {
+        LF_DISPATCH(add_rows, static_cast<const T*>(x) + o, static_cast<const T*>(residual) + o,
+                    static_cast<T*>(new_residual) + o, hidden);
+        LF_DISPATCH(rms_norm_row, static_cast<const T*>(new_residual) + o, static_cast<const T*>(w),
+                    static_cast<T*>(y) + o, hidden, eps);
+      });
     }
-  }
   });
 }
 

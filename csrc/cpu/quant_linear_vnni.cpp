@@ -18,7 +18,7 @@
 // elements in order (the layout of int4's last half chunk).
 // Partial sums stay below 2^24 per chunk, so their conversion to fp32 is exact.
 //   w . x = 2^-e * sum_g s_g * (q . X)_g + sum_g m_g * (sum x)_g
-#include "cpu/vnni_gemv.h"
+#include "cpu/quant_linear_vnni.h"
 
 #include <algorithm>
 #include <cmath>
@@ -44,8 +44,7 @@ namespace vnni {
 
 bool supports(const QuantWeight& w) {
 #ifdef LF_INT4_VNNI
-  return (w.bits == 4 || w.bits == 8) && w.group_size % 32 == 0 && w.k % w.group_size == 0 &&
-         isa() == Isa::kAvx512Bf16;
+  return (w.bits == 4 || w.bits == 8) && w.group_size % 32 == 0 && w.k % w.group_size == 0 && isa() == Isa::kAvx512Bf16;
 #else
   (void)w;
   return false;
@@ -58,13 +57,12 @@ bool supports(const QuantWeight& w) {
 
 namespace {
 
-inline __m512 bf16x16_to_ps(__m256i h) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+inline __m512 bf16x16_to_ps(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
 // 16 consecutive activations from element i of an fp32 or bf16 row, as fp32.
 inline __m512 load_x16(bool bf16, const void* x, int64_t i) {
-  if (bf16) return bf16x16_to_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i)));
+  if (bf16)
+    return bf16x16_to_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i)));
   return _mm512_loadu_ps(static_cast<const float*>(x) + i);
 }
 
@@ -95,7 +93,8 @@ inline float prepare_half(__m512 x0, __m512 x1, __m512 scale, bool two_limbs, in
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + lo_offset), _mm256_setzero_si256());
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + stride + lo_offset), _mm256_setzero_si256());
     const __m512i lim = _mm512_set1_epi32(32767);
-    return _mm512_reduce_add_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_min_epi32(a, lim), _mm512_min_epi32(b, lim))));
+    return _mm512_reduce_add_ps(
+        _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_min_epi32(a, lim), _mm512_min_epi32(b, lim))));
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_cvtepi32_ps(a), _mm512_cvtepi32_ps(b)));
 }
@@ -124,7 +123,8 @@ void row_scales(const QuantWeight& w, const float* xsum, int64_t row, float* sc,
       _mm512_mask_storeu_ps(sc + r * halves + g, mask, load_scales16(w.scale, w.scale_type, gi, mask));
       if (w.offset) {
         const __m512 o = load_scales16(w.offset, w.scale_type, gi, mask);
-        for (int mm = 0; mm < M; ++mm) ov[mm] = _mm512_fmadd_ps(o, _mm512_maskz_loadu_ps(mask, xsum + mm * groups + g), ov[mm]);
+        for (int mm = 0; mm < M; ++mm)
+          ov[mm] = _mm512_fmadd_ps(o, _mm512_maskz_loadu_ps(mask, xsum + mm * groups + g), ov[mm]);
       }
     }
     for (int mm = 0; mm < M; ++mm) off[r][mm] = ov[mm];  // summed with the dot product's lanes at the end
@@ -137,8 +137,8 @@ void row_scales(const QuantWeight& w, const float* xsum, int64_t row, float* sc,
 
 // int4: R weight rows x M activation rows. sc: scratch for R x (K / 32) fp32 scales (row_scales).
 template <int R, int M, bool kTwoLimbs>
-void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t row,
-           float* out, int64_t ldo, float* sc) {
+void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t row, float* out,
+           int64_t ldo, float* sc) {
   const int64_t k = w.k, halves = k / 32;
   const uint8_t* q = static_cast<const uint8_t*>(w.q);
   __m512 off[R][M];
@@ -152,7 +152,8 @@ void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const flo
   for (; c + 64 <= k; c += 64) {
     __m512 sv[R];
     for (int r = 0; r < R; ++r)
-      sv[r] = _mm512_insertf32x8(_mm512_set1_ps(sc[r * halves + c / 32]), _mm256_set1_ps(sc[r * halves + c / 32 + 1]), 1);
+      sv[r] =
+          _mm512_insertf32x8(_mm512_set1_ps(sc[r * halves + c / 32]), _mm256_set1_ps(sc[r * halves + c / 32 + 1]), 1);
     for (int r = 0; r < R; ++r) {
       const uint8_t* qc = q + (row + r) * (k / 2) + c / 2;
       _mm_prefetch(reinterpret_cast<const char*>(qc + LF_PREFETCH_BYTES), _MM_HINT_T0);
@@ -176,7 +177,8 @@ void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const flo
   if (c < k) {  // a last half chunk of 32 elements (16 bytes), all in one group
     for (int r = 0; r < R; ++r) {
       const __m512 s = _mm512_set1_ps(sc[r * halves + c / 32]);
-      const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (row + r) * (k / 2) + c / 2)));
+      const __m256i b =
+          _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (row + r) * (k / 2) + c / 2)));
       const __m256i wl = _mm256_and_si256(b, _mm512_castsi512_si256(nibble));
       const __m256i wh = _mm256_srli_epi16(b, 4);
       for (int mm = 0; mm < M; ++mm) {
@@ -195,13 +197,14 @@ void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const flo
   }
   for (int r = 0; r < R; ++r)
     for (int mm = 0; mm < M; ++mm)
-      out[mm * ldo + row + r] = _mm512_reduce_add_ps(_mm512_fmadd_ps(acc[r][mm], _mm512_set1_ps(xscale[mm]), off[r][mm]));
+      out[mm * ldo + row + r] =
+          _mm512_reduce_add_ps(_mm512_fmadd_ps(acc[r][mm], _mm512_set1_ps(xscale[mm]), off[r][mm]));
 }
 
 // The int8 counterpart of block(): R weight rows x M activation rows, 32 codes per step.
 template <int R, int M, bool kTwoLimbs>
-void block8(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t row,
-            float* out, int64_t ldo, float* sc) {
+void block8(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t row, float* out,
+            int64_t ldo, float* sc) {
   const int64_t k = w.k, halves = k / 32;
   const int8_t* q = static_cast<const int8_t*>(w.q);
   __m512 off[R][M];
@@ -220,14 +223,16 @@ void block8(const QuantWeight& w, const int16_t* xp, const float* xsum, const fl
         const int16_t* xc = xp + mm * 2 * k + 2 * c;
         __m512 f = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), b, _mm512_loadu_si512(xc)));
         if (kTwoLimbs)
-          f = _mm512_fmadd_ps(f, limb, _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), b, _mm512_loadu_si512(xc + 32))));
+          f = _mm512_fmadd_ps(
+              f, limb, _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), b, _mm512_loadu_si512(xc + 32))));
         acc[r][mm] = _mm512_fmadd_ps(f, s, acc[r][mm]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
     for (int mm = 0; mm < M; ++mm)
-      out[mm * ldo + row + r] = _mm512_reduce_add_ps(_mm512_fmadd_ps(acc[r][mm], _mm512_set1_ps(xscale[mm]), off[r][mm]));
+      out[mm * ldo + row + r] =
+          _mm512_reduce_add_ps(_mm512_fmadd_ps(acc[r][mm], _mm512_set1_ps(xscale[mm]), off[r][mm]));
 }
 
 template <int M, bool kTwoLimbs>
@@ -248,8 +253,8 @@ void rows_m(const QuantWeight& w, const int16_t* xp, const float* xsum, const fl
 }
 
 template <bool kTwoLimbs>
-void rows_limbs(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t m,
-                int64_t n0, int64_t n1, float* out, int64_t ldo) {
+void rows_limbs(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t m, int64_t n0,
+                int64_t n1, float* out, int64_t ldo) {
   switch (m) {
     case 1: return rows_m<1, kTwoLimbs>(w, xp, xsum, xscale, n0, n1, out, ldo);
     case 2: return rows_m<2, kTwoLimbs>(w, xp, xsum, xscale, n0, n1, out, ldo);
@@ -293,22 +298,25 @@ bool prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t*
     for (; w.bits == 4 && c + 64 <= k; c += 64) {  // first half chunk -> words 0-15 of each part, second -> 16-31
       int16_t* p = pr + 2 * c;
       sr[c / gs] += prepare_half(load_x16(bf16, xr, c), load_x16(bf16, xr, c + 16), scale, two_limbs, p, 32, 64, true);
-      sr[(c + 32) / gs] += prepare_half(load_x16(bf16, xr, c + 32), load_x16(bf16, xr, c + 48), scale, two_limbs,
-                                        p + 16, 32, 64, true);
+      sr[(c + 32) / gs] +=
+          prepare_half(load_x16(bf16, xr, c + 32), load_x16(bf16, xr, c + 48), scale, two_limbs, p + 16, 32, 64, true);
     }
     // int4's last half chunk [hi even 16 | hi odd 16 | lo even 16 | lo odd 16]; int8 in order: [hi 32 | lo 32]
     for (; c < k; c += 32)
-      sr[c / gs] += prepare_half(load_x16(bf16, xr, c), load_x16(bf16, xr, c + 16), scale, two_limbs, pr + 2 * c, 16, 32,
-                                 /*deinterleave=*/w.bits == 4);
+      sr[c / gs] +=
+          prepare_half(load_x16(bf16, xr, c), load_x16(bf16, xr, c + 16), scale, two_limbs, pr + 2 * c, 16, 32,
+                       /*deinterleave=*/w.bits == 4);
     for (int64_t g = 0; g < groups; ++g) sr[g] *= xscale[r];
   }
   return true;
 }
 
-void rows(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t m,
-          bool two_limbs, int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  if (two_limbs) rows_limbs<true>(w, xp, xsum, xscale, m, n0, n1, out, ldo);
-  else rows_limbs<false>(w, xp, xsum, xscale, m, n0, n1, out, ldo);
+void rows(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t m, bool two_limbs,
+          int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  if (two_limbs)
+    rows_limbs<true>(w, xp, xsum, xscale, m, n0, n1, out, ldo);
+  else
+    rows_limbs<false>(w, xp, xsum, xscale, m, n0, n1, out, ldo);
 }
 
 #pragma GCC pop_options

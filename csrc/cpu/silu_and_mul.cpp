@@ -2,7 +2,7 @@
 #ifndef LF_ISA
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
-#define LF_ISA_SELF "cpu/activation.cpp"
+#define LF_ISA_SELF "cpu/silu_and_mul.cpp"
 #include "cpu/foreach_isa.h"
 
 namespace llama_fast {
@@ -16,27 +16,19 @@ void silu_and_mul(bool bf16, const void* gate_up, void* out, int64_t rows, int64
     const int64_t grain = rows * inter < 16384 ? inter : 4096;
     for (int64_t r = 0; r < rows; ++r) {
       parallel_for(inter, grain, [&](int64_t c0, int64_t c1) {
-        if (bf16) {
-          const uint16_t* g = static_cast<const uint16_t*>(gate_up) + r * 2 * inter;
-          LF_DISPATCH(silu_mul_span, g + c0, g + inter + c0, static_cast<uint16_t*>(out) + r * inter + c0, c1 - c0);
-        } else {
-          const float* g = static_cast<const float*>(gate_up) + r * 2 * inter;
-          LF_DISPATCH(silu_mul_span, g + c0, g + inter + c0, static_cast<float*>(out) + r * inter + c0, c1 - c0);
-        }
+        LF_CPU_DISPATCH_DTYPE(bf16, T, {
+          const T* g = static_cast<const T*>(gate_up) + r * 2 * inter;
+          LF_DISPATCH(silu_mul_span, g + c0, g + inter + c0, static_cast<T*>(out) + r * inter + c0, c1 - c0);
+        });
       });
     }
     return;
   }
   parallel_for(rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(inter, 1)), [&](int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    if (bf16) {
-      LF_DISPATCH(silu_mul_row, static_cast<const uint16_t*>(gate_up) + r * 2 * inter,
-                  static_cast<uint16_t*>(out) + r * inter, inter);
-    } else {
-      LF_DISPATCH(silu_mul_row, static_cast<const float*>(gate_up) + r * 2 * inter,
-                  static_cast<float*>(out) + r * inter, inter);
-    }
-  }
+    for (int64_t r = r0; r < r1; ++r)
+      LF_CPU_DISPATCH_DTYPE(bf16, T,
+                            LF_DISPATCH(silu_mul_row, static_cast<const T*>(gate_up) + r * 2 * inter,
+                                        static_cast<T*>(out) + r * inter, inter));
   });
 }
 

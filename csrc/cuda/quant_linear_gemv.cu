@@ -76,7 +76,8 @@ __global__ void __launch_bounds__(kThreads) quant_gemv_kernel(QuantLinearArgs a)
     }
   } else {
     for (int64_t k = lane; k < a.k; k += 32) {
-      const int code = kBits == 4 ? quant::int4_code(row, k) : static_cast<int>(reinterpret_cast<const int8_t*>(row)[k]);
+      const int code =
+          kBits == 4 ? quant::int4_code(row, k) : static_cast<int>(reinterpret_cast<const int8_t*>(row)[k]);
       const float w = quant::dequant_value(code, to_float(scale[k / a.group_size]),
                                            offset ? to_float(offset[k / a.group_size]) : 0.0f);
 #pragma unroll
@@ -104,9 +105,12 @@ void launch_rows(const QuantLinearArgs& a, int codes, cudaStream_t stream) {
     s.x = static_cast<const T*>(a.x) + m0 * a.k;
     s.out = static_cast<T*>(a.out) + m0 * a.n;
     const dim3 grid(static_cast<unsigned>(ceil_div(a.n, kWarps)), static_cast<unsigned>(ceil_div(s.m, kRows)));
-    if (codes == 32) quant_gemv_kernel<T, kBits, kRows, (kBits == 4 ? 32 : 16)><<<grid, kThreads, 0, stream>>>(s);
-    else if (codes == 16) quant_gemv_kernel<T, kBits, kRows, 16><<<grid, kThreads, 0, stream>>>(s);
-    else quant_gemv_kernel<T, kBits, kRows, 0><<<grid, kThreads, 0, stream>>>(s);
+    if (codes == 32)
+      quant_gemv_kernel<T, kBits, kRows, (kBits == 4 ? 32 : 16)><<<grid, kThreads, 0, stream>>>(s);
+    else if (codes == 16)
+      quant_gemv_kernel<T, kBits, kRows, 16><<<grid, kThreads, 0, stream>>>(s);
+    else
+      quant_gemv_kernel<T, kBits, kRows, 0><<<grid, kThreads, 0, stream>>>(s);
   }
 }
 
@@ -116,9 +120,12 @@ void launch(const QuantLinearArgs& a, cudaStream_t stream) {
   const auto fits = [&](int codes) { return aligned && a.k % codes == 0 && a.group_size % codes == 0; };
   const int codes = (kBits == 4 && fits(32)) ? 32 : (fits(16) ? 16 : 0);
   // Rows per pass: one for a single token, else the most that fit.
-  if (a.m == 1) launch_rows<T, kBits, 1>(a, codes, stream);
-  else if (a.m == 2) launch_rows<T, kBits, 2>(a, codes, stream);
-  else launch_rows<T, kBits, kMaxRows>(a, codes, stream);
+  if (a.m == 1)
+    launch_rows<T, kBits, 1>(a, codes, stream);
+  else if (a.m == 2)
+    launch_rows<T, kBits, 2>(a, codes, stream);
+  else
+    launch_rows<T, kBits, kMaxRows>(a, codes, stream);
 }
 
 }  // namespace
@@ -126,8 +133,10 @@ void launch(const QuantLinearArgs& a, cudaStream_t stream) {
 cudaError_t quant_gemv(DType dt, const QuantLinearArgs& a, cudaStream_t stream) {
   if (a.m == 0 || a.n == 0) return cudaSuccess;
   LF_DISPATCH_DTYPE(dt, T, {
-    if (a.bits == 4) launch<T, 4>(a, stream);
-    else launch<T, 8>(a, stream);
+    if (a.bits == 4)
+      launch<T, 4>(a, stream);
+    else
+      launch<T, 8>(a, stream);
   });
   return cudaGetLastError();
 }

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llama_fast.ops import fake
+
 from ._common import CompileCase, check, check_float, check_last_dim_contiguous, check_same_device
 
 
@@ -89,9 +91,7 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torc
                              HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2), num_warps=4)
 
 
-@rotary_.register_fake
-def _(q, k, positions, cos, sin):
-    return None
+rotary_.register_fake(fake.rotary_)
 
 
 def rotary(q, k, positions, cos, sin):

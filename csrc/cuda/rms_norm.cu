@@ -10,9 +10,9 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename T, bool kVectorized, bool kResidual>
-__global__ void __launch_bounds__(kThreads) rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual,
-                                                            T* __restrict__ residual_out, const T* __restrict__ weight,
-                                                            T* __restrict__ y, int64_t hidden, float eps) {
+__global__ void __launch_bounds__(kThreads)
+    rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ residual_out,
+                    const T* __restrict__ weight, T* __restrict__ y, int64_t hidden, float eps) {
   const int64_t row = blockIdx.x;
   const T* xr = x + row * hidden;
   const T* rr = kResidual ? residual + row * hidden : nullptr;
@@ -77,8 +77,10 @@ void launch(const void* x, const void* residual, void* residual_out, const void*
         static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<T*>(residual_out),
         static_cast<const T*>(weight), static_cast<T*>(y), hidden, eps);
   };
-  if (vectorized) args(rms_norm_kernel<T, true, kResidual>);
-  else args(rms_norm_kernel<T, false, kResidual>);
+  if (vectorized)
+    args(rms_norm_kernel<T, true, kResidual>);
+  else
+    args(rms_norm_kernel<T, false, kResidual>);
 }
 
 }  // namespace
@@ -87,8 +89,10 @@ cudaError_t rms_norm(DType dt, const void* x, const void* residual, void* residu
                      int64_t rows, int64_t hidden, float eps, cudaStream_t stream) {
   if (rows == 0 || hidden == 0) return cudaSuccess;
   LF_DISPATCH_DTYPE(dt, T, {
-    if (residual != nullptr) launch<T, true>(x, residual, residual_out, weight, y, rows, hidden, eps, stream);
-    else launch<T, false>(x, nullptr, nullptr, weight, y, rows, hidden, eps, stream);
+    if (residual != nullptr)
+      launch<T, true>(x, residual, residual_out, weight, y, rows, hidden, eps, stream);
+    else
+      launch<T, false>(x, nullptr, nullptr, weight, y, rows, hidden, eps, stream);
   });
   return cudaGetLastError();
 }

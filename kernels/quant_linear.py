@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llama_fast.ops import fake
+
 from ._common import (CompileCase, autotune, check, check_float, check_last_dim_contiguous,
                       check_same_device, m_bucket)
 
@@ -179,9 +181,7 @@ def quant_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return out
 
 
-@quant_linear_op.register_fake
-def _(x, qweight, scale, offset, bits, group_size, bias):
-    return x.new_empty(x.shape[:-1] + (qweight.shape[0],))
+quant_linear_op.register_fake(fake.quant_linear)
 
 
 def quant_linear(x, qweight, bias=None):

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llama_fast.ops import fake
+
 from ._common import CompileCase, check, check_last_dim_contiguous, check_same_device
 
 
@@ -55,9 +57,7 @@ def store_kv_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: 
                                num_warps=4)
 
 
-@store_kv_.register_fake
-def _(k_cache, v_cache, k, v, slots):
-    return None
+store_kv_.register_fake(fake.store_kv_)
 
 
 def store_kv(k_cache, v_cache, k, v, slots):
