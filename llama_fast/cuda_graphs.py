@@ -47,7 +47,9 @@ class GraphedDecode:
     """One captured decode step: logits [B, V] = model.decode_step(tokens [B, 1], cache), cache advanced."""
 
     def __init__(self, model, batch_size: int, capacity: int):
-        self.version = weights_version.current()
+        self.version = weights_version.WeightsVersion()     # counts changes to this model's weights
+        self.version.watch(model)
+        self.built_at = self.version.count
         self.backends = _backends(model)
         self.cache = model.new_cache(batch_size, capacity)
         self.cos, self.sin = model.rope_tables(self.cache)
@@ -78,7 +80,7 @@ class GraphedDecode:
         self.cache.reset()
 
     def current(self, model) -> bool:
-        return self.version == weights_version.current() and self.backends == _backends(model)
+        return self.version.count == self.built_at and self.backends == _backends(model)
 
     def __call__(self, model, tokens: torch.Tensor) -> torch.Tensor:
         """Logits of the next token after `tokens` [B, 1] (the graph's output buffer: read it before the
