@@ -58,7 +58,6 @@ check-kernels:
 	@for s in .ci/check_triton_cubins.py .ci/check_cuda_ptxas.py; do \
 	  if [ -f $$s ]; then $(PY) $$s || exit 1; fi; done
 
-# The end-to-end generate benchmark (llama_fast/tools/bench.py, so that `llama-fast bench` runs it from a wheel).
 # ruff (pyproject.toml's [tool.ruff]: pycodestyle, pyflakes, import order) over the Python code, and
 # clang-format (.clang-format) over the C++/CUDA sources; both only check, neither rewrites a file
 # (`ruff check --fix .` and `clang-format -i` do). The clang-format check waits for a .clang-format file.
@@ -68,6 +67,7 @@ lint: $(STAMP)
 	@if [ -f .clang-format ]; then $(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES) && echo "clang-format: ok"; \
 	else echo "lint: no .clang-format, C++ formatting not checked"; fi
 
+# The end-to-end generate benchmark (llama_fast/tools/bench.py, so that `llama-fast bench` runs it from a wheel).
 bench: build
 	$(PY) -m llama_fast bench
 

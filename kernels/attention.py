@@ -25,8 +25,16 @@ import triton.language as tl
 
 from llama_fast.ops import fake
 
-from ._common import (CompileCase, autotune, check, check_float, check_last_dim_contiguous,
-                      check_same_device, jit_function, num_sms)
+from ._common import (
+    CompileCase,
+    autotune,
+    check,
+    check_float,
+    check_last_dim_contiguous,
+    check_same_device,
+    jit_function,
+    num_sms,
+)
 
 LOG2E = 1.4426950408889634
 # A finite "minus infinity" for the running max: a row whose keys are all masked keeps m = NEG_BIG and

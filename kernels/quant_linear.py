@@ -27,8 +27,7 @@ import triton.language as tl
 
 from llama_fast.ops import fake
 
-from ._common import (CompileCase, autotune, check, check_float, check_last_dim_contiguous,
-                      check_same_device, m_bucket)
+from ._common import CompileCase, autotune, check, check_float, check_last_dim_contiguous, check_same_device, m_bucket
 
 GEMV_MAX_ROWS = 8
 

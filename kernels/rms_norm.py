@@ -13,8 +13,15 @@ import triton.language as tl
 
 from llama_fast.ops import fake
 
-from ._common import (CompileCase, autotune, check, check_float, check_last_dim_contiguous,
-                      check_same_device, jit_function)
+from ._common import (
+    CompileCase,
+    autotune,
+    check,
+    check_float,
+    check_last_dim_contiguous,
+    check_same_device,
+    jit_function,
+)
 
 # num_warps per row. A row of 4096 fp16 is 8 KB: 4 warps give 16 elements (two 16-byte loads) per thread;
 # 8 and 16 warps suit 8K-16K rows, where fewer threads would need too many registers. Rows are independent

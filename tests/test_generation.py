@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import llama_fast
-from conftest import assert_greedy_agrees
 from llama_fast.generation import generate, warp_logits
+
+from conftest import assert_greedy_agrees
 
 transformers = pytest.importorskip("transformers")
 

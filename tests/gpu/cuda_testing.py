@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
+import tolerance
 import torch
 
-import tolerance
 from llama_fast import _native
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import assert_matches_reference
 
 from llama_fast import _native
-from tolerance import assert_matches_reference
 
 _ISA_ORDER = ("portable", "avx2", "avx512", "avx512_bf16")
 

@@ -5,6 +5,7 @@ import torch
 
 from llama_fast import ops
 from llama_fast.ops import reference
+
 from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
 
 # (B, Tq, Tk, Hq, Hkv, D, kv_lens): prefill, decode against a longer cache (split-K), GQA 1 / 4 / 8 (and
@@ -32,7 +33,11 @@ def _inputs(b, tq, tk, hq, hkv, d, lens, dtype, seed=0):
     return q, k, v, kv_lens
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_Tq{}_Tk{}_H{}/{}_D{}_{}".format(*c[:6], "lens" if c[6] else "full"))
+def _case_id(c) -> str:
+    return "B{}_Tq{}_Tk{}_H{}/{}_D{}_{}".format(*c[:6], "lens" if c[6] else "full")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_matches_reference(backend, case, dtype, causal, matches_reference):

@@ -1,7 +1,6 @@
 """The fakes of the C++ ops (llama_fast::*) agree with the CPU kernels (tests/fake_contract.py)."""
 import pytest
 import torch
-
 from fake_contract import check_fakes
 
 from llama_fast import _native  # noqa: E402  (loads the extension and registers the fakes)

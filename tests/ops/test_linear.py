@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from llama_fast import ops
+
 from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
 
 

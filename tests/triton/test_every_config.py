@@ -3,17 +3,16 @@ each config is forced in turn (a one-config autotuner runs it without timing) on
 compile check (.ci/check_triton_cubins.py) covers the same configs on sm_80 / sm_90."""
 import pytest
 import torch
+from tolerance import assert_fp32_close
 
 from llama_fast import quant
 from llama_fast.kernels import kernel_module
+from llama_fast.ops import reference
 
 attn_mod = kernel_module("attention")
 quant_mod = kernel_module("quant_linear")
 rms_mod = kernel_module("rms_norm")
 silu_mod = kernel_module("silu_and_mul")
-from llama_fast.ops import reference
-
-from tolerance import assert_fp32_close
 
 
 def _ids(configs):

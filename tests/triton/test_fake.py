@@ -1,9 +1,9 @@
 """The fakes of the Triton ops (llama_fast_triton::*) agree with the kernels (tests/fake_contract.py)."""
 import pytest
 import torch
+from fake_contract import check_fakes
 
 import llama_fast.kernels  # noqa: F401  (registers the llama_fast_triton ops)
-from fake_contract import check_fakes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

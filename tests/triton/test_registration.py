@@ -23,7 +23,8 @@ def test_ops_traced_with_fake_tensors_become_graph_nodes():
         return h, res, a, m, y
 
     qw = quant.quantize(torch.randn(6, 8), bits=4, group_size=8)
-    args = (torch.randn(3, 8), torch.ones(8), torch.randn(2, 8), torch.randn(8, 8), torch.randn(1, 3, 4, 16), torch.randn(1, 3, 2, 16),
+    args = (torch.randn(3, 8), torch.ones(8), torch.randn(2, 8), torch.randn(8, 8), torch.randn(1, 3, 4, 16),
+            torch.randn(1, 3, 2, 16),
             torch.arange(3)[None], torch.randn(10, 8), torch.randn(10, 8), qw.qweight, qw.scale, qw.offset,
             torch.zeros(1, 5, 2, 16), torch.zeros(1, 5, 2, 16), torch.arange(3)[None])
     graph = make_fx(layer, tracing_mode="fake")(*args)

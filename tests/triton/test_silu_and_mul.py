@@ -1,10 +1,9 @@
 import pytest
 import torch
+from tolerance import assert_fp32_close, assert_within_budget
 
 from llama_fast import kernels
 from llama_fast.ops import reference
-
-from tolerance import assert_fp32_close, assert_within_budget
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
