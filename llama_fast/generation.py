@@ -13,6 +13,7 @@ preallocated output buffer and allocates nothing but the per-step logits.
 On CUDA the decode loop never waits for the device: each step is the model's static `decode_step`, captured in
 a CUDA graph per batch size (llama_fast.cuda_graphs; `cuda_graphs=False` runs it eagerly), "have all rows
 finished?" and the streamer's tokens come back through asynchronous copies (llama_fast.decode_loop).
+
 Any argument left as None is taken from the model's generation_config, then its config, then the
 transformers defaults (max_length 20, top_k 50), as transformers does.
 """
