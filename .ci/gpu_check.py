@@ -48,11 +48,14 @@ GPU_TEST_PATHS = ("tests/gpu", "tests/test_modeling_gpu.py")
 # and listed in the summary, where it is not installed.
 NEEDS_DEMO_MODEL = ("tests/gpu/test_cuda_model.py::test_real_demo_model_matches_transformers",)
 
-# One test per CUDA kernel path for compute-sanitizer (memcheck is slow: a handful of cases, not the suite).
-# Each entry is a test function name; the first collected case is taken, a bf16 one where there is one.
+# One test case per CUDA kernel path for compute-sanitizer (memcheck is slow: a handful of cases, not the suite):
+# bf16 (dtype2), shapes that take the kernels' vector paths, several key tiles / splits, GQA. `make test`
+# (--plan-only) fails when one of these ids is no longer collected.
 SANITIZER_TESTS = (
-    "test_rms_norm", "test_fused_add_rms_norm", "test_rotary", "test_store_kv_matches_reference",
-    "test_silu_and_mul", "test_decode", "test_prefill", "test_gemv_decode", "test_gemm_prefill",
+    "test_rms_norm[shape3-dtype2]", "test_fused_add_rms_norm[shape3-dtype2]",
+    "test_rotary[pos_dtype0-3-83-16-2-128-dtype2]", "test_store_kv_matches_reference[2-64-slot_dtype0-dtype2]",
+    "test_silu_and_mul[shape2-dtype2]", "test_decode[769-128-8-2-dtype2]", "test_prefill[83-128-8-2-dtype2]",
+    "test_gemv_decode[1536-576-32-2-4-dtype2]", "test_gemm_prefill[1536-576-32-m_shape1-4-dtype2]",
 )
 
 OUTPUT_FILES = ("summary.json", "build.log", "tests.log", "tests.xml", "bench.json", "bench.log", "sanitizer.log")
@@ -298,15 +301,19 @@ def collect_gpu_tests(python: str, timeout_s: float = 120) -> list[str]:
 
 
 def sanitizer_selection(node_ids: list[str], wanted=SANITIZER_TESTS) -> tuple[list[str], list[str]]:
-    """(one node id per wanted test function, the functions with no collected case). Prefers a bf16 case."""
+    """(the node ids of the wanted cases, the wanted cases not collected). A missing case is replaced by the
+    first collected case of its test function, so a GPU run still checks that kernel path."""
     chosen, missing = [], []
-    for name in wanted:
-        cases = [n for n in node_ids if n.split("::")[-1].split("[")[0] == name]
-        if not cases:
-            missing.append(name)
+    for case in wanted:
+        exact = [n for n in node_ids if n.endswith("::" + case)]
+        if exact:
+            chosen.append(exact[0])
             continue
-        bf16 = [n for n in cases if "bfloat16" in n]
-        chosen.append((bf16 or cases)[0])
+        missing.append(case)
+        function = case.split("[")[0]
+        same = [n for n in node_ids if n.split("::")[-1].split("[")[0] == function]
+        if same:
+            chosen.append(same[0])
     return chosen, missing
 
 

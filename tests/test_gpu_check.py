@@ -65,13 +65,14 @@ def test_pytest_counts(gc):
     assert gc.pytest_counts("no summary here") == {}
 
 
-def test_sanitizer_selection_prefers_bf16_and_names_missing_paths(gc):
+def test_sanitizer_selection_takes_the_named_cases_and_names_missing_ones(gc):
     ids = ["tests/gpu/test_cuda_norm.py::test_rms_norm[shape0-dtype0]",
-           "tests/gpu/test_cuda_norm.py::test_rms_norm[shape0-bfloat16]",
-           "tests/gpu/test_cuda_norm.py::test_rms_norm_extra[x]"]
-    chosen, missing = gc.sanitizer_selection(ids, ("test_rms_norm", "test_rotary"))
-    assert chosen == ["tests/gpu/test_cuda_norm.py::test_rms_norm[shape0-bfloat16]"]
-    assert missing == ["test_rotary"]
+           "tests/gpu/test_cuda_norm.py::test_rms_norm[shape3-dtype2]",
+           "tests/gpu/test_cuda_rotary.py::test_rotary[a]", "tests/gpu/test_cuda_rotary.py::test_rotary[b]"]
+    chosen, missing = gc.sanitizer_selection(ids, ("test_rms_norm[shape3-dtype2]", "test_rotary[c]", "test_gone[x]"))
+    assert chosen == ["tests/gpu/test_cuda_norm.py::test_rms_norm[shape3-dtype2]",
+                      "tests/gpu/test_cuda_rotary.py::test_rotary[a]"]        # a stand-in for the missing case
+    assert missing == ["test_rotary[c]", "test_gone[x]"]
 
 
 def test_run_logged_kills_at_the_time_box(gc, tmp_path):
@@ -88,7 +89,7 @@ def test_run_logged_kills_at_the_time_box(gc, tmp_path):
 def _fake_machine(gc, monkeypatch, cuda: bool):
     monkeypatch.setattr(gc, "probe", lambda python: {"cuda": cuda, "device": "FakeGPU", "capability": "9.0"})
     monkeypatch.setattr(gc, "collect_gpu_tests", lambda python, timeout_s=120: [
-        f"tests/gpu/t.py::{name}[bfloat16]" for name in gc.SANITIZER_TESTS] + list(gc.NEEDS_DEMO_MODEL))
+        f"tests/gpu/t.py::{case}" for case in gc.SANITIZER_TESTS] + list(gc.NEEDS_DEMO_MODEL))
 
 
 def test_no_gpu_says_so_checks_the_plan_and_exits_0(gc, monkeypatch, tmp_path, capsys):
