@@ -34,8 +34,8 @@ demo: build
 	$(PY) -m llama_fast generate --chat "What is the capital of France? Answer in one sentence." --max-new-tokens 48
 
 # Everything CI runs: lint, the CPU suite, the model under the lower CPU instruction sets, the Triton kernels
-# under the interpreter, the sm_80/sm_90 compile checks.
-test: build lint test-cpu test-isa test-triton check-kernels
+# under the interpreter, the sm_80/sm_90 compile checks, and gpu-check's preparation (no GPU used).
+test: build lint test-cpu test-isa test-triton check-kernels gpu-check-plan
 
 test-cpu:
 	$(PYTEST) -q tests --ignore=tests/triton
@@ -100,3 +100,20 @@ sanitize-cpu: $(STAMP)
 	LLAMA_FAST_SANITIZE=1 LLAMA_FAST_CUDA=0 $(PY) setup.py -q build_ext --build-lib build/sanitize-cpu/lib \
 	  --build-temp build/sanitize-cpu/temp
 	$(PY) .ci/sanitize_cpu.py
+
+# ---- a GPU machine's one command ---------------------------------------------------------------------------
+.PHONY: gpu-check gpu-check-plan
+
+# Everything a (rare, short) GPU machine should run, offline, with that machine's own python3 and torch:
+# build (all cores, the device's arch) -> GPU tests -> GPU benchmark -> compute-sanitizer, each time-boxed,
+# the whole under 9 minutes; logs + JSON in $(GPU_CHECK_OUT) (summary.json says what ran and how it ended).
+# Where there is no GPU it says so, checks its preparation only and exits 0. See .ci/gpu_check.py.
+GPU_CHECK_PY  ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),gpu-check-out)
+gpu-check:
+	$(GPU_CHECK_PY) .ci/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+# CI's form of it (part of `make test`): never touches a GPU even where there is one; fails if the GPU tests no
+# longer collect or a kernel path lost its sanitizer test.
+gpu-check-plan: $(STAMP)
+	$(PY) .ci/gpu_check.py --plan-only --out build/gpu-check-plan

@@ -89,7 +89,7 @@ def _prefill_kernel(Q, K, V, O, KV_LENS, qk_scale, TQ, TK, HQ, TQ_BUCKET,
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     q_pos = kv_len - TQ + offs_m                                  # bottom-right aligned query positions
-    q = tl.load(Q + b * q_sb + h * q_sh + offs_m[:, None] * q_st + offs_d[None, :],
+    q = tl.load(Q + b * q_sb + h * q_sh + offs_m.to(tl.int64)[:, None] * q_st + offs_d[None, :],
                 mask=(offs_m[:, None] < TQ) & d_mask[None, :], other=0.0)
     q = (q.to(tl.float32) * qk_scale).to(Q.dtype.element_ty)
 
@@ -104,7 +104,8 @@ def _prefill_kernel(Q, K, V, O, KV_LENS, qk_scale, TQ, TK, HQ, TQ_BUCKET,
     for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < kv_len
-        k = tl.load(k_base + offs_n[:, None] * k_st + offs_d[None, :], mask=n_valid[:, None] & d_mask[None, :],
+        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * k_st + offs_d[None, :],
+                    mask=n_valid[:, None] & d_mask[None, :],
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
         valid = n_valid[None, :]
@@ -115,13 +116,15 @@ def _prefill_kernel(Q, K, V, O, KV_LENS, qk_scale, TQ, TK, HQ, TQ_BUCKET,
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * v_st + offs_d[None, :], mask=n_valid[:, None] & d_mask[None, :],
+        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * v_st + offs_d[None, :],
+                    mask=n_valid[:, None] & d_mask[None, :],
                     other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision="ieee")
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = tl.where(l_i[:, None] > 0, acc / l_safe[:, None], 0.0)   # rows without a valid key -> zeros
-    tl.store(O + b * o_sb + h * o_sh + offs_m[:, None] * o_st + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + b * o_sb + h * o_sh + offs_m.to(tl.int64)[:, None] * o_st + offs_d[None, :],
+             out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < TQ) & d_mask[None, :])
 
 
@@ -169,7 +172,8 @@ def _decode_split_kernel(Q, K, V, ACC, ML, KV_LENS, qk_scale, TQ, TK, HKV, split
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < end
-        k = tl.load(k_base + offs_n[:, None] * k_st + offs_d[None, :], mask=n_valid[:, None] & d_mask[None, :],
+        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * k_st + offs_d[None, :],
+                    mask=n_valid[:, None] & d_mask[None, :],
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
         valid = n_valid[None, :]
@@ -180,7 +184,8 @@ def _decode_split_kernel(Q, K, V, ACC, ML, KV_LENS, qk_scale, TQ, TK, HKV, split
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * v_st + offs_d[None, :], mask=n_valid[:, None] & d_mask[None, :],
+        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * v_st + offs_d[None, :],
+                    mask=n_valid[:, None] & d_mask[None, :],
                     other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision="ieee")
         m_i = m_new
@@ -257,9 +262,15 @@ def prefill_attention(q, k, v, causal=True, kv_lens=None, scale=None):
     kernel = _prefill_small_d if d <= 64 else _prefill_any_d
     kernel[grid](q, k, v, out, _lens(kv_lens, q), qk_scale, tq, tk, hq, triton.next_power_of_2(tq),
                           *_bth(q), *_bth(k), *_bth(v), *_bth(out),
-                          GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=causal,
+                          GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal,
                           HAS_KV_LENS=kv_lens is not None)
     return out
+
+
+def _block_d(d: int) -> int:
+    # The head dim is the K of the Q @ K^T tl.dot and the N of P @ V: a GPU needs both >= 16 (masked lanes
+    # beyond d read zeros), while the interpreter accepts less.
+    return max(16, triton.next_power_of_2(d))
 
 
 def _bth(t):
@@ -290,7 +301,7 @@ def decode_attention(q, k, v, causal=True, kv_lens=None, scale=None, num_splits=
     num_splits = max(1, min(num_splits, max(tk, 1)))
     split_len = math.ceil(max(tk, 1) / num_splits)
     rows_pad = max(16, triton.next_power_of_2(tq * group))      # tl.dot needs M >= 16
-    block_d = triton.next_power_of_2(d)
+    block_d = _block_d(d)
     acc = torch.empty((b * hkv, num_splits, rows_pad, block_d), dtype=torch.float32, device=q.device)
     ml = torch.empty((b * hkv, num_splits, 2, rows_pad), dtype=torch.float32, device=q.device)
     qk_scale = (d ** -0.5 if scale is None else scale) * LOG2E

@@ -15,8 +15,15 @@ llama_fast.logits_process): repetition_penalty, bad_words_ids, min_length / min_
 `tokenizer=`) and a `stopping_criteria` list end rows like transformers' criteria.
 
 The cache is allocated once for prompt + max_new_tokens; the decode loop writes each step's token into a
-preallocated output buffer. Any argument left as None is taken from the model's generation_config, then its
-config, then the transformers defaults (max_length 20, top_k 50), as transformers does.
+preallocated output buffer.
+
+On CUDA the decode loop never waits for the device: each step is the model's static `decode_step`, captured in
+a CUDA graph per batch size (llama_fast.cuda_graphs; `cuda_graphs=False` runs it eagerly), "have all rows
+finished?" and the streamer's tokens come back through asynchronous copies (llama_fast.decode_loop). Stopping
+criteria (stop strings, user criteria) read the host copy of the output every step, so they synchronize.
+
+Any argument left as None is taken from the model's generation_config, then its config, then the
+transformers defaults (max_length 20, top_k 50), as transformers does.
 """
 from __future__ import annotations
 
@@ -25,7 +32,9 @@ from typing import Any
 
 import torch
 
+from llama_fast import cuda_graphs as _cuda_graphs
 from llama_fast import logits_process
+from llama_fast.decode_loop import AsyncTokenStream, FinishWatch
 from llama_fast.outputs import ModelOutput
 from llama_fast.stop_strings import StopStrings
 
@@ -57,7 +66,7 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
              min_length=None, bad_words_ids=None, stop_strings=None, tokenizer=None, logits_processor=None,
              stopping_criteria=None, output_scores=None, output_logits=None, return_dict_in_generate=None,
              eos_token_id=None, pad_token_id=None, generator=None, seed=None, streamer=None, past_key_values=None,
-             use_cache=True, **kwargs):
+             use_cache=True, cuda_graphs=None, **kwargs):
     input_ids, attention_mask = _unpack_inputs(input_ids, attention_mask)
     settings = _settings(model, dict(max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
                                      temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -101,7 +110,13 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
     scores = [] if as_dict and settings["output_scores"] else None
     raw_logits = [] if as_dict and settings["output_logits"] else None
 
-    cache = _prepare_cache(model, past_key_values, batch, total)
+    graphed = None
+    if past_key_values is None and cuda_graphs is not False and hasattr(model, "decode_step") \
+            and _cuda_graphs.supported(model) is None:
+        graphed = _cuda_graphs.graphed_decode(model, batch, total)
+        cache = graphed.cache
+    else:
+        cache = _prepare_cache(model, past_key_values, batch, total)
     # A cache given with tokens already in it holds the first columns of input_ids (transformers' contract).
     new_input = input_ids[:, cache.seen_tokens:] if cache.seen_tokens else input_ids
     if new_input.shape[1] == 0:
@@ -112,8 +127,8 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
     if streamer is not None:
         streamer.put(input_ids.cpu())
     try:
-        length = _decode_loop(model, new_input, attention_mask, output, prompt_len, max_new, cache, processors,
-                              choose, criteria, scores, raw_logits, pad, eos, streamer)
+        length = _decode_loop(model, new_input, attention_mask, output, prompt_len, max_new, cache, graphed,
+                              processors, choose, criteria, scores, raw_logits, pad, eos, streamer)
     finally:
         if streamer is not None:  # also when decoding raises: a TextIteratorStreamer's consumer waits for end()
             streamer.end()
@@ -124,43 +139,83 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
                                      logits=None if raw_logits is None else tuple(raw_logits), cache=cache)
 
 
-def _decode_loop(model, new_input, attention_mask, output, prompt_len, max_new, cache, processors, choose, criteria,
-                 scores, raw_logits, pad, eos, streamer) -> int:
+def _decode_loop(model, new_input, attention_mask, output, prompt_len, max_new, cache, graphed, processors, choose,
+                 criteria, scores, raw_logits, pad, eos, streamer) -> int:
     """The prefill and decode steps: fills output[:, prompt_len:] (and scores / raw_logits when collected) and
     returns the filled length."""
     batch = output.shape[0]
     unfinished = torch.ones(batch, dtype=torch.bool, device=output.device)
+    stream = AsyncTokenStream(streamer, output.device) if streamer is not None else None
+    # eos alone is watched without a sync (a few pad-only steps may run past the finish on a GPU); stopping
+    # criteria read the output on the host anyway, so with them the loop checks every step.
+    watch = FinishWatch(output.device) if eos is not None and not criteria else None
+    decode = _decode_function(model, cache, graphed)
     out = model(new_input, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1, :]
     length = prompt_len
-    for step in range(max_new):
-        logits = out.logits[:, -1, :]
-        if processors or raw_logits is not None or scores is not None:
-            logits = logits.float()
-            step_scores = logits_process.apply(processors, output[:, :length], logits.clone()) if processors \
-                else logits
-            if raw_logits is not None:
-                raw_logits.append(logits)
-            if scores is not None:
-                scores.append(step_scores)
-        else:
-            step_scores = logits      # plain greedy: no fp32 copy (the argmax is the same)
-        next_tokens = choose(step_scores)
-        # transformers pads finished rows only when an eos criterion exists (a stop string alone does not)
-        if pad is not None and eos is not None:
-            next_tokens = torch.where(unfinished, next_tokens, pad)
-        output[:, length] = next_tokens
-        length += 1
-        if streamer is not None:
-            streamer.put(next_tokens.cpu())
-        if eos is not None:
-            unfinished &= ~torch.isin(next_tokens, eos)
-        for criterion in criteria:
-            unfinished &= ~_as_row_flags(criterion(output[:, :length], scores), batch, unfinished.device)
-        if (eos is not None or criteria) and not bool(unfinished.any()):
-            break
-        if step + 1 < max_new:
-            out = model(output[:, length - 1:length], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    try:
+        for step in range(max_new):
+            if processors or raw_logits is not None or scores is not None:
+                logits = logits.float()
+                step_scores = logits_process.apply(processors, output[:, :length], logits.clone()) if processors \
+                    else logits
+                if raw_logits is not None:
+                    raw_logits.append(logits)
+                if scores is not None:
+                    scores.append(step_scores)
+            else:
+                step_scores = logits      # plain greedy: no fp32 copy (the argmax is the same)
+            next_tokens = choose(step_scores)
+            # transformers pads finished rows only when an eos criterion exists (a stop string alone does not)
+            if pad is not None and eos is not None:
+                next_tokens = torch.where(unfinished, next_tokens, pad)
+            output[:, length] = next_tokens
+            length += 1
+            if eos is not None:
+                unfinished &= ~torch.isin(next_tokens, eos)
+            for criterion in criteria:
+                unfinished &= ~_as_row_flags(criterion(output[:, :length], scores), batch, unfinished.device)
+            if watch is not None:
+                stop = watch.update(unfinished, length)
+            else:
+                stop = bool(criteria) and not bool(unfinished.any())
+            if stream is not None:
+                stream.put(next_tokens, length, None if watch is None else watch.done_at)
+            if stop:
+                break
+            if step + 1 < max_new:
+                logits = decode(output[:, length - 1:length])
+        if watch is not None:
+            length = watch.final_length(length)    # on a GPU the loop may have run a few (pad-only) steps past it
+    finally:
+        if stream is not None:
+            stream.close()
     return length
+
+
+# Devices whose decode steps run LlamaForCausalLM.decode_step (static shapes, no host read). The CPU keeps forward:
+# its fused C++ decode plan is faster there, and a host read costs nothing on the CPU.
+STATIC_STEP_DEVICES = ("cuda",)
+
+
+def _decode_function(model, cache, graphed):
+    """tokens [B, 1] -> next-token logits [B, V], advancing `cache`: the captured graph, else on CUDA the static
+    decode step run eagerly, else forward (the CPU's fused C++ decode plan)."""
+    if graphed is not None:
+        def decode(tokens):
+            cache.seen_tokens += 1
+            return graphed(model, tokens)
+        return decode
+    if cache.device.type in STATIC_STEP_DEVICES and hasattr(model, "decode_step") \
+            and not getattr(model.model.rotary, "dynamic", False):
+        cos, sin = model.rope_tables(cache)
+
+        def decode(tokens):
+            cache.reserve(1)
+            cache.seen_tokens += 1
+            return model.decode_step(tokens, cache, cos, sin)
+        return decode
+    return lambda tokens: model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
 
 
 def _unpack_inputs(input_ids, attention_mask):

@@ -47,9 +47,10 @@ class _Step:
     positions: torch.Tensor    # [B, T] rotary positions
     slots: torch.Tensor        # [B, T] cache slots, -1 for padding
     kv_lens: torch.Tensor      # [B] int32 valid keys per row after this chunk
-    kv_span: int               # host bound of kv_lens: attention reads cache slots [0, kv_span)
+    kv_span: int               # attention reads cache slots [0, kv_span): the capacity off the CPU (static shapes)
     cos: torch.Tensor          # [n, D/2] fp32
     sin: torch.Tensor
+    columns: int = 0           # host bound of kv_lens (seen + T): the key span output_attentions reports
 
 
 class LlamaAttention(TracksWeights):
@@ -73,10 +74,12 @@ class LlamaAttention(TracksWeights):
         ops.rotary(q, k, step.positions, step.cos, step.sin, backend=self.backend)
         k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
         ops.store_kv(k_cache, v_cache, k, v, step.slots, backend=self.backend)
-        k_cache, v_cache = k_cache[:, :step.kv_span], v_cache[:, :step.kv_span]
-        out = ops.attention(q, k_cache, v_cache, causal=True, kv_lens=step.kv_lens, scale=self.scale,
+        k_span, v_span = k_cache[:, :step.kv_span], v_cache[:, :step.kv_span]
+        out = ops.attention(q, k_span, v_span, causal=True, kv_lens=step.kv_lens, scale=self.scale,
                             backend=self.backend)
-        probs = attention_probs(q, k_cache, step.kv_lens, self.scale) if output_attentions else None
+        probs = None
+        if output_attentions:
+            probs = attention_probs(q, k_cache[:, :step.columns], step.kv_lens, self.scale)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), probs
 
 
@@ -269,23 +272,12 @@ class LlamaModel(LlamaPreTrainedModel):
                                             inputs_embeds, use_cache)
         all_hidden = [] if output_hidden_states else None
         all_attn = [] if output_attentions else None
-        residual = None
         if cpu_decode.can_run(self, hidden, output_attentions=output_attentions,
                               output_hidden_states=output_hidden_states):
             # A decode step on the CPU: the whole decoder stack and the final norm in one C++ call.
             hidden = cpu_decode.run(self, hidden, step, cache)
         else:
-            for layer in self.layers:
-                if all_hidden is not None:
-                    all_hidden.append(hidden if residual is None else hidden + residual)
-                hidden, residual, probs = layer(hidden, residual, step, cache, bool(output_attentions))
-                if all_attn is not None:
-                    all_attn.append(probs)
-            if residual is None:   # no layers
-                hidden = ops.rms_norm(hidden, self.norm.weight, self.norm.eps, backend=self.backend)
-            else:
-                hidden, _ = ops.fused_add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps,
-                                                   backend=self.backend)
+            hidden = self._stack(hidden, step, cache, all_hidden, all_attn)
         if all_hidden is not None:
             all_hidden.append(hidden)   # transformers' last entry is the normed output
         cache.lengths.copy_(step.kv_lens)
@@ -293,6 +285,45 @@ class LlamaModel(LlamaPreTrainedModel):
         out = BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None,
                                       hidden_states=_tuple_or_none(all_hidden), attentions=_tuple_or_none(all_attn))
         return out if return_dict in (None, True) else out.to_tuple()
+
+    def _stack(self, hidden, step: _Step, cache: StaticCache, all_hidden=None, all_attn=None) -> torch.Tensor:
+        """The decoder layers op by op, then the final norm (the residual add of each layer fused into the next
+        norm)."""
+        residual = None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden if residual is None else hidden + residual)
+            hidden, residual, probs = layer(hidden, residual, step, cache, all_attn is not None)
+            if all_attn is not None:
+                all_attn.append(probs)
+        if residual is None:   # no layers
+            return ops.rms_norm(hidden, self.norm.weight, self.norm.eps, backend=self.backend)
+        hidden, _ = ops.fused_add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps, backend=self.backend)
+        return hidden
+
+    def rope_tables(self, cache: StaticCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin covering every position `cache` can hold, made once per capacity (what decode_step takes)."""
+        if self.rotary.dynamic:
+            raise NotImplementedError("decode_step does not take dynamic NTK rope (its tables change with the "
+                                      "longest position); use forward")
+        return self.rotary.get(cache.device, cache.max_len)
+
+    def decode_step(self, input_ids: torch.Tensor, cache: StaticCache, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+        """One token per row against `cache`, with static shapes and no host synchronization: what CUDA graphs
+        capture and torch.compile(fullgraph=True) compiles. -> the final-normed hidden states [B, 1, H].
+
+        Every shape depends on the cache's capacity only: row b's token takes slot (and position) lengths[b],
+        attention reads the whole cache with kv_lens = lengths + 1 (a device tensor) deciding which keys are
+        valid, cos/sin are `rope_tables(cache)`. lengths is advanced in place; the caller counts
+        cache.seen_tokens (a host int) itself, outside whatever was compiled or captured. The ids are not
+        checked: generate feeds the sampler's, in range by construction (forward checks what users pass)."""
+        hidden = F.embedding(input_ids, self.embed_tokens.weight)
+        slots = cache.lengths[:, None]
+        step = _Step(slots, slots, cache.lengths + 1, cache.max_len, cos, sin, cache.max_len)
+        hidden = self._stack(hidden, step, cache)
+        cache.lengths.copy_(step.kv_lens)
+        return hidden
 
     def _prepare(self, input_ids, attention_mask, position_ids, past, inputs_embeds, use_cache):
         """Embeds the input and works out the cache, slots, positions and rotary tables of this call."""
@@ -356,8 +387,13 @@ class LlamaModel(LlamaPreTrainedModel):
             positions = _check_position_ids(position_ids, batch, t, device)
             max_position = int(positions.max())
         self.rotary.update(max_position + 1)
-        cos, sin = self.rotary.get(device, max(max_position + 1, seen + t))
-        step = _Step(positions, slots, kv_lens, seen + t, cos, sin)
+        # Tables for every position the cache can hold: made once per capacity, not grown step by step.
+        cos, sin = self.rotary.get(device, max(max_position + 1, cache.max_len))
+        # Off the CPU attention reads the whole cache (kv_lens, on the device, says which keys are valid): every
+        # decode step then has the same shapes, for CUDA graphs and torch.compile. The CPU kernels loop over
+        # the keys given, so there the host bound seen + t keeps short sequences cheap.
+        kv_span = seen + t if device.type == "cpu" else cache.max_len
+        step = _Step(positions, slots, kv_lens, kv_span, cos, sin, seen + t)
         return hidden, cache, step
 
     @staticmethod
@@ -410,6 +446,15 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
         result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states, attentions=out.attentions)
         return result if return_dict in (None, True) else result.to_tuple()
+
+    def decode_step(self, input_ids: torch.Tensor, cache: StaticCache, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+        """LlamaModel.decode_step followed by the head: -> logits [B, V] of the one new token per row."""
+        hidden = self.model.decode_step(input_ids, cache, cos, sin)
+        return self.lm_head(hidden[:, -1])
+
+    def rope_tables(self, cache: StaticCache) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.rope_tables(cache)
 
     def generate(self, *args, **kwargs):
         """Greedy or sampled generation: see llama_fast.generation.generate."""
@@ -511,6 +556,12 @@ def _reject_unknown(kwargs: dict) -> None:
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.device.type != "cpu" and input_ids.shape[1] == 1:
+        # A decode step off the CPU: checked on the device, so the step never waits for the host (a bad id
+        # then stops the process with a device-side assert naming the problem, as the embedding lookup would).
+        torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(),
+                            f"llama_fast: a token id is out of range for vocab_size {vocab_size}")
+        return
     if input_ids.device.type == "cpu" and input_ids.numel() <= 64:
         # a decode step: one small copy to Python beats three tensor ops and a reduction
         ids = input_ids.flatten().tolist()

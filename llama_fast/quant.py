@@ -42,6 +42,22 @@ class QuantizedWeight:
 
     def __post_init__(self):
         self.check()
+        self._derived: dict = {}       # tensors derived from this weight, made once (see `cached`)
+
+    def cached(self, key, make):
+        """`make()` computed once per key for this weight (a weight that changes is a new QuantizedWeight)."""
+        value = self._derived.get(key)
+        if value is None:
+            value = self._derived[key] = make()
+        return value
+
+    def scales_like(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scale, offset) in `dtype`: the tensors themselves when they have it, else copies made once (kernels
+        that read them in the activation dtype call this on every step)."""
+        if self.scale.dtype == dtype:
+            return self.scale, self.offset
+        return self.cached(("scales", dtype), lambda: (
+            self.scale.to(dtype), None if self.offset is None else self.offset.to(dtype)))
 
     def check(self, name: str = "quantized weight") -> None:
         """Raises ValueError naming `name` if the parts do not form a valid weight of this format."""

@@ -3,15 +3,27 @@
 Each op picks its implementation through `backend`: "torch" (the pure-PyTorch reference in reference.py),
 "cpu" (C++ kernels), "triton", "cuda", or None for the fastest one that runs on the input's device. Every
 implementation follows the contract documented here and is tested against the reference.
+
+The fallback rule (see _backend.py): a backend asked for by name runs or raises BackendUnavailableError
+saying why; backend=None may fall back to a slower backend but warns once (BackendFallbackWarning) naming
+the backend it passed over and why.
 """
 from __future__ import annotations
 
 import torch
 
-from llama_fast.ops._backend import BACKENDS, BackendUnavailableError, default_backend, resolve, unavailable_reason
+from llama_fast.ops._backend import (
+    BACKENDS,
+    BackendFallbackWarning,
+    BackendUnavailableError,
+    default_backend,
+    resolve,
+    resolve_for,
+    unavailable_reason,
+)
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "default_backend", "unavailable_reason",
+    "BACKENDS", "BackendUnavailableError", "BackendFallbackWarning", "default_backend", "unavailable_reason",
     "rms_norm", "fused_add_rms_norm", "rotary", "attention", "silu_and_mul", "linear", "quant_linear",
     "store_kv",
 ]
@@ -42,7 +54,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     (None = Tk): keys 0..kv_lens[b]-1 are valid and query i sits at position kv_lens[b]-Tq+i (bottom-right
     causal, as flash_attn_with_kvcache). A query row with no valid key (left padding) gives zeros.
     -> [B,Tq,Hq,D] in q's dtype, softmax accumulated in fp32."""
-    return resolve("attention", backend, q.device, q.dtype)(q, k, v, causal, kv_lens, scale)
+    return resolve_for("attention", backend, q.device, q.dtype, q, k, v, causal, kv_lens, scale)(
+        q, k, v, causal, kv_lens, scale)
 
 
 def silu_and_mul(gate_up: torch.Tensor, backend: str | None = None) -> torch.Tensor:

@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 from llama_fast import _native
 
+# The kernels' namespace (llama_fast._C registers them); looked up per call, replaceable in tests.
+_kernels = torch.ops.llama_fast
+
 
 def unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cuda":
@@ -23,15 +26,16 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def rms_norm(x, weight, eps):
-    return torch.ops.llama_fast.rms_norm(x, weight, eps)
+    return _kernels.rms_norm(x, weight, eps)
 
 
 def fused_add_rms_norm(x, residual, weight, eps):
-    return torch.ops.llama_fast.fused_add_rms_norm(x, residual, weight, eps)
+    return _kernels.fused_add_rms_norm(x, residual, weight, eps)
 
 
 def rotary(q, k, positions, cos, sin):
-    torch.ops.llama_fast.rotary_(q, k, positions, cos, sin)  # strided q/k views are rotated in place
+    # The kernel indexes positions densely; the model's may be an expand() of [1, T] over the batch.
+    _kernels.rotary_(q, k, positions.contiguous(), cos, sin)  # strided q/k views rotated in place
     return q, k
 
 
@@ -47,35 +51,33 @@ def _heads_contiguous(t):
 ATTENTION_HEAD_DIMS = (64, 128)
 
 
-def _fallback(op: str, device: torch.device):
-    """The next backend in line (Triton, else the reference) for shapes the CUDA kernels do not cover, so a
-    model with another head_dim still runs on the GPU rather than failing."""
-    from llama_fast.ops import _backend
-
-    for name in ("triton", "torch"):
-        try:
-            return _backend.resolve(op, name, device)
-        except _backend.BackendUnavailableError:
-            continue
-    raise _backend.BackendUnavailableError(f"no backend can run {op} on {device}")
+def unsupported_attention(q, k, v, causal=True, kv_lens=None, scale=None) -> str | None:
+    """The shapes the kernels do not cover (ops.attention then raises for backend="cuda", and backend=None
+    runs the next backend in line, warning once)."""
+    if q.shape[-1] not in ATTENTION_HEAD_DIMS:
+        dims = " or ".join(map(str, ATTENTION_HEAD_DIMS))
+        return f"the CUDA attention kernels take head_dim {dims}, not {q.shape[-1]}"
+    return None
 
 
 def attention(q, k, v, causal=True, kv_lens=None, scale=None):
-    if q.shape[-1] not in ATTENTION_HEAD_DIMS:
-        return _fallback("attention", q.device)(q, k, v, causal, kv_lens, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if kv_lens is not None:
-        # Clamped first, so an out-of-range int64 length stays out of range (the kernel then makes its rows NaN,
-        # without a device sync) instead of wrapping into range: 2^32 + 2 must not act as 2.
-        kv_lens = kv_lens.to(q.device).clamp(-1, 2 ** 31 - 1).to(torch.int32)
+        kv_lens = kv_lens.to(q.device)
+        # More valid keys than keys given is a caller's bug; checked on the device (no host sync, capturable) and
+        # in the given dtype, before narrowing (2^32 + 2 must not act as 2): a bad length stops the process with
+        # this message instead of producing NaN rows.
+        torch._assert_async(((kv_lens >= 0) & (kv_lens <= k.shape[1])).all(),
+                            f"llama_fast attention: kv_lens must lie in [0, {k.shape[1]}] (the keys given)")
+        kv_lens = kv_lens.to(torch.int32)
     k, v = _heads_contiguous(k), _heads_contiguous(v)
     if k.stride()[:2] != v.stride()[:2]:  # the kernels take one set of strides for both
         k, v = k.contiguous(), v.contiguous()
-    return torch.ops.llama_fast.attention(_heads_contiguous(q), k, v, causal, kv_lens, scale)
+    return _kernels.attention(_heads_contiguous(q), k, v, causal, kv_lens, scale)
 
 
 def silu_and_mul(gate_up):
-    return torch.ops.llama_fast.silu_and_mul(gate_up.contiguous())
+    return _kernels.silu_and_mul(gate_up.contiguous())
 
 
 def linear(x, weight, bias=None):
@@ -86,13 +88,14 @@ def linear(x, weight, bias=None):
 def quant_linear(x, qweight, bias=None):
     x, qweight = qweight.kernel_input(x)      # act-order weights: gather x's features first
     # The kernels read scales, offsets and bias in the activation dtype. A checkpoint's scales may come in
-    # another one (GGUF stores fp16); converting these small [N, K/g] tensors is cheap next to the GEMV.
-    def like_x(t):
-        return None if t is None else t.to(x.dtype)
-
-    return torch.ops.llama_fast.quant_linear(x.contiguous(), qweight.qweight, like_x(qweight.scale),
-                                             like_x(qweight.offset), qweight.bits, qweight.group_size, like_x(bias))
+    # another one (GGUF stores fp16): converted once per dtype and kept with the weight (QuantizedWeight.like),
+    # not on every call.
+    scale, offset = qweight.scales_like(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = qweight.cached(("bias", x.dtype), lambda: bias.to(x.dtype))
+    return _kernels.quant_linear(x.contiguous(), qweight.qweight, scale, offset, qweight.bits,
+                                             qweight.group_size, bias)
 
 
 def store_kv(k_cache, v_cache, k, v, slots):
-    torch.ops.llama_fast.store_kv_(k_cache, v_cache, k.contiguous(), v.contiguous(), slots.contiguous())
+    _kernels.store_kv_(k_cache, v_cache, k.contiguous(), v.contiguous(), slots.contiguous())

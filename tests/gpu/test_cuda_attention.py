@@ -110,17 +110,32 @@ def test_model_layout_strided_q_and_cache_prefix(dtype, t):
 
 
 @pytest.mark.parametrize("d", [32, 96, 256])
-def test_other_head_dims_fall_back_to_another_backend(d):
-    # The kernels cover head_dim 64 and 128; ops.attention(backend="cuda") still answers for the others.
-    out = run_case(2, 5, 40, 8, 2, d, torch.bfloat16)
-    assert out.shape == (2, 5, 8, d)
+def test_other_head_dims_raise_for_cuda_and_fall_back_for_the_default(d):
+    # The kernels cover head_dim 64 and 128: backend="cuda" says so; backend=None runs the next backend in
+    # line (Triton, else the reference), warning once.
+    q = torch.randn(2, 5, 8, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 40, 2, d, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ops.BackendUnavailableError, match=f"head_dim 64 or 128, not {d}"):
+        ops.attention(q, k, k, backend="cuda")
+    out = ops.attention(q, k, k)
+    oracle = reference.attention(q.float(), k.float(), k.float(), True, None, d ** -0.5)
+    assert_matches(out, oracle, plain_attention(q, k, k, True, None, d ** -0.5), f"fallback d={d}")
 
 
-def test_out_of_range_kv_len_gives_nan_not_a_bad_read():
-    q = torch.randn(2, 1, 4, 64, device="cuda", dtype=torch.half)
-    k = torch.randn(2, 10, 4, 64, device="cuda", dtype=torch.half)
-    out = ops.attention(q, k, k, kv_lens=torch.tensor([10, 11], device="cuda", dtype=torch.int32), backend="cuda")
-    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
+def test_out_of_range_kv_len_stops_with_a_device_assert(tmp_path):
+    # More valid keys than keys given is checked on the device (no host sync): the process stops with a
+    # device-side assert instead of returning NaN rows, so it runs in a child process.
+    import subprocess
+    import sys
+
+    code = ("import torch, llama_fast; from llama_fast import ops\n"
+            "q = torch.randn(2, 1, 4, 64, device='cuda', dtype=torch.half)\n"
+            "k = torch.randn(2, 10, 4, 64, device='cuda', dtype=torch.half)\n"
+            "ops.attention(q, k, k, kv_lens=torch.tensor([10, 11], device='cuda', dtype=torch.int32), backend='cuda')\n"
+            "torch.cuda.synchronize()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "assert" in (r.stdout + r.stderr).lower()
 
 
 def test_bad_inputs_name_the_problem():

@@ -15,7 +15,11 @@ import numpy as np
 import triton.runtime.interpreter as interp
 
 _HOOKS = (("GridExecutor", "_init_args_hst"), ("InterpreterBuilder", "create_masked_load"),
-          ("InterpreterBuilder", "create_masked_store"))
+          ("InterpreterBuilder", "create_masked_store"), ("InterpreterBuilder", "create_dot"))
+
+# tl.dot on a GPU needs every dimension (M, N, K) >= 16; the interpreter's numpy matmul takes any shape, so
+# without this check a kernel could pass here and fail to compile for the shapes a GPU then meets.
+DOT_MIN_DIM = 16
 
 # (kernel name, [(first byte, end byte) of each tensor argument's storage]) of the launch being interpreted.
 _launch: list = ["", []]
@@ -41,7 +45,7 @@ def install() -> None:
         raise RuntimeError(f"tests/triton/_memcheck.py: this triton's interpreter lacks {missing}; update the check")
     if getattr(interp.GridExecutor, "_memcheck", False):
         return
-    init_args, load, store = (getattr(getattr(interp, cls), name) for cls, name in _HOOKS)
+    init_args, load, store, dot = (getattr(getattr(interp, cls), name) for cls, name in _HOOKS)
 
     def checked_init_args(self, args_dev, kwargs):
         args, kwargs_hst = init_args(self, args_dev, kwargs)
@@ -62,7 +66,16 @@ def install() -> None:
         _check("store", ptrs, mask)
         return store(self, ptrs, value, mask, *rest)
 
+    def checked_dot(self, a, b, *rest):
+        m, k = a.data.shape[-2:]
+        n = b.data.shape[-1]
+        if min(m, n, k) < DOT_MIN_DIM:
+            raise AssertionError(f"{_launch[0]}: tl.dot of [{m}, {k}] x [{k}, {n}]: a GPU needs M, N, K >= "
+                                 f"{DOT_MIN_DIM} (the interpreter would accept it)")
+        return dot(self, a, b, *rest)
+
     interp.GridExecutor._init_args_hst = checked_init_args
+    interp.InterpreterBuilder.create_dot = checked_dot
     interp.InterpreterBuilder.create_masked_load = checked_load
     interp.InterpreterBuilder.create_masked_store = checked_store
     interp.GridExecutor._memcheck = True

@@ -45,6 +45,7 @@ PREFILL_CASES = [
     (2, 19, 19, 3, 1, 128, [19, 11], True),
     (1, 70, 70, 8, 1, 64, None, True),
     (2, 5, 13, 4, 4, 80, [13, 9], False),   # head_dim 80: not a power of two (masked lanes)
+    (2, 9, 9, 4, 2, 8, [9, 4], True),       # head_dim 8 (the tests' tiny models): tl.dot's K padded to 16
 ]
 
 
@@ -65,6 +66,7 @@ DECODE_CASES = [
     (2, 1, 83, 8, 1, 128, [83, 40], 3),     # MQA-like group of 8 sharing each K/V tile, 3 splits
     (1, 3, 50, 6, 2, 64, [37], 4),          # group 3, three query rows, splits past kv_len stay empty
     (1, 1, 29, 4, 4, 96, None, 1),          # MHA, a single split, head_dim 96
+    (2, 1, 40, 4, 2, 8, [40, 17], 2),       # head_dim 8: tl.dot's K padded to 16
 ]
 
 
