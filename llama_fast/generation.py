@@ -124,14 +124,16 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
 
     output = torch.empty(batch, total, dtype=input_ids.dtype, device=input_ids.device)
     output[:, :prompt_len] = input_ids
+    stream = None
     if streamer is not None:
         streamer.put(input_ids.cpu())
+        stream = AsyncTokenStream(streamer, output.device)
     try:
         length = _decode_loop(model, new_input, attention_mask, output, prompt_len, max_new, cache, graphed,
-                              processors, choose, criteria, scores, raw_logits, pad, eos, streamer)
+                              processors, choose, criteria, scores, raw_logits, pad, eos, stream)
     finally:
-        if streamer is not None:  # also when decoding raises: a TextIteratorStreamer's consumer waits for end()
-            streamer.end()
+        if stream is not None:  # also when decoding raises: a TextIteratorStreamer's consumer waits for end()
+            stream.close()
     sequences = output[:, :length]
     if not as_dict:
         return sequences
@@ -140,12 +142,11 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens=None, ma
 
 
 def _decode_loop(model, new_input, attention_mask, output, prompt_len, max_new, cache, graphed, processors, choose,
-                 criteria, scores, raw_logits, pad, eos, streamer) -> int:
-    """The prefill and decode steps: fills output[:, prompt_len:] (and scores / raw_logits when collected) and
-    returns the filled length."""
+                 criteria, scores, raw_logits, pad, eos, stream) -> int:
+    """The prefill and decode steps: fills output[:, prompt_len:] (and scores / raw_logits when collected),
+    feeds `stream` (an AsyncTokenStream, or None) and returns the filled length."""
     batch = output.shape[0]
     unfinished = torch.ones(batch, dtype=torch.bool, device=output.device)
-    stream = AsyncTokenStream(streamer, output.device) if streamer is not None else None
     # eos alone is watched without a sync (a few pad-only steps may run past the finish on a GPU); stopping
     # criteria read the output on the host anyway, so with them the loop checks every step.
     watch = FinishWatch(output.device) if eos is not None and not criteria else None
@@ -153,43 +154,39 @@ def _decode_loop(model, new_input, attention_mask, output, prompt_len, max_new, 
     out = model(new_input, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1, :]
     length = prompt_len
-    try:
-        for step in range(max_new):
-            if processors or raw_logits is not None or scores is not None:
-                logits = logits.float()
-                step_scores = logits_process.apply(processors, output[:, :length], logits.clone()) if processors \
-                    else logits
-                if raw_logits is not None:
-                    raw_logits.append(logits)
-                if scores is not None:
-                    scores.append(step_scores)
-            else:
-                step_scores = logits      # plain greedy: no fp32 copy (the argmax is the same)
-            next_tokens = choose(step_scores)
-            # transformers pads finished rows only when an eos criterion exists (a stop string alone does not)
-            if pad is not None and eos is not None:
-                next_tokens = torch.where(unfinished, next_tokens, pad)
-            output[:, length] = next_tokens
-            length += 1
-            if eos is not None:
-                unfinished &= ~torch.isin(next_tokens, eos)
-            for criterion in criteria:
-                unfinished &= ~_as_row_flags(criterion(output[:, :length], scores), batch, unfinished.device)
-            if watch is not None:
-                stop = watch.update(unfinished, length)
-            else:
-                stop = bool(criteria) and not bool(unfinished.any())
-            if stream is not None:
-                stream.put(next_tokens, length, None if watch is None else watch.done_at)
-            if stop:
-                break
-            if step + 1 < max_new:
-                logits = decode(output[:, length - 1:length])
+    for step in range(max_new):
+        if processors or raw_logits is not None or scores is not None:
+            logits = logits.float()
+            step_scores = logits_process.apply(processors, output[:, :length], logits.clone()) if processors \
+                else logits
+            if raw_logits is not None:
+                raw_logits.append(logits)
+            if scores is not None:
+                scores.append(step_scores)
+        else:
+            step_scores = logits      # plain greedy: no fp32 copy (the argmax is the same)
+        next_tokens = choose(step_scores)
+        # transformers pads finished rows only when an eos criterion exists (a stop string alone does not)
+        if pad is not None and eos is not None:
+            next_tokens = torch.where(unfinished, next_tokens, pad)
+        output[:, length] = next_tokens
+        length += 1
+        if eos is not None:
+            unfinished &= ~torch.isin(next_tokens, eos)
+        for criterion in criteria:
+            unfinished &= ~_as_row_flags(criterion(output[:, :length], scores), batch, unfinished.device)
         if watch is not None:
-            length = watch.final_length(length)    # on a GPU the loop may have run a few (pad-only) steps past it
-    finally:
+            stop = watch.update(unfinished, length)
+        else:
+            stop = bool(criteria) and not bool(unfinished.any())
         if stream is not None:
-            stream.close()
+            stream.put(next_tokens, length, None if watch is None else watch.done_at)
+        if stop:
+            break
+        if step + 1 < max_new:
+            logits = decode(output[:, length - 1:length])
+    if watch is not None:
+        length = watch.final_length(length)    # on a GPU the loop may have run a few (pad-only) steps past it
     return length
 
 
