@@ -69,8 +69,9 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_llama_gguf(path, config: dict, tensors: dict[str, np.ndarray], types: dict[str, Q] | None = None,
-                     arch: str = "llama", skip_keys: tuple[str, ...] = ()) -> None:
-    """`tensors` are HF-named float32 arrays; `types` picks each one's GGUF type (default F32)."""
+                     arch: str = "llama", skip_keys: tuple[str, ...] = (), extra=None) -> None:
+    """`tensors` are HF-named float32 arrays; `types` picks each one's GGUF type (default F32); `extra(writer)`
+    adds more metadata (a tokenizer, say)."""
     types = types or {}
     w = gguf.GGUFWriter(str(path), arch)
     keys = {
@@ -90,6 +91,8 @@ def write_llama_gguf(path, config: dict, tensors: dict[str, np.ndarray], types: 
     for key, add in keys.items():
         if key not in skip_keys:
             add()
+    if extra is not None:
+        extra(w)
     if config.get("rope_scaling"):
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(config["rope_scaling"]["factor"])

@@ -215,8 +215,8 @@ def test_not_a_gguf_file(tmp_path):
         read_gguf(tmp_path / "nope.gguf")
 
 
-def test_llama3_rope_factors_are_refused(tmp_path, tiny):
-    config, sd = tiny
-    path = write(tmp_path, config, {**sd, "rope_freqs.weight": np.ones(8, np.float32)})
-    with pytest.raises(GGUFError, match="m.gguf: has rope_freqs.weight"):
+def test_rope_freqs_of_the_wrong_size_is_named(tmp_path, tiny):
+    config, sd = tiny   # head_dim 16: 8 factors expected
+    path = write(tmp_path, config, {**sd, "rope_freqs.weight": np.ones(5, np.float32)})
+    with pytest.raises(GGUFError, match="m.gguf: rope_freqs.weight must be F32 with head_dim / 2 = 8 values"):
         read_gguf(path)

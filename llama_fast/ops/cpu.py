@@ -58,6 +58,12 @@ def quant_linear(x, qweight, bias=None):
                                              qweight.group_size, bias)
 
 
+def kquant_linear(x, weight, bias=None):
+    from llama_fast.kquants import TYPE_IDS
+    return torch.ops.llama_fast.kquant_linear(x, [s.blocks for s in weight.segments],
+                                              [TYPE_IDS[s.kind] for s in weight.segments], bias)
+
+
 def store_kv(k_cache, v_cache, k, v, slots):
     torch.ops.llama_fast.store_kv_(k_cache, v_cache, k, v, slots)
 
@@ -72,6 +78,10 @@ if _native.extension() is not None:
     @torch.library.register_fake("llama_fast::cpu_linear")
     def _cpu_linear_fake(x, weight, bias):
         return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+    @torch.library.register_fake("llama_fast::kquant_linear")
+    def _kquant_linear_fake(x, blocks, types, bias):
+        return x.new_empty(x.shape[:-1] + (sum(b.shape[0] for b in blocks),))
 
     @torch.library.register_fake("llama_fast::cpu_fused_add_rms_norm_")
     def _cpu_fused_add_rms_norm_fake(x, residual, weight, eps):

@@ -64,7 +64,22 @@ def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidd
     if any(getattr(m, "backend", None) not in (None, "cpu") for m in (model, model.layers[0])):
         return False
     cfg = model.config
-    return getattr(cfg, "hidden_act", "silu") == "silu"
+    return getattr(cfg, "hidden_act", "silu") == "silu" and not _has_kquant_layers(model)
+
+
+def _has_kquant_layers(model) -> bool:
+    """Whether a layer holds ggml block weights (llama_fast.kquants), which the C++ plan does not take yet:
+    such models decode op by op (the kquant_linear kernels). Cached per weights version."""
+    version = weights_version.current()
+    cached = _KQUANT.get(model)
+    if cached is None or cached[0] != version:
+        found = any(getattr(m, "kquant", False) for layer in model.layers for m in layer.modules())
+        cached = (version, found)
+        _KQUANT[model] = cached
+    return cached[1]
+
+
+_KQUANT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def run(model, hidden: torch.Tensor, step, cache) -> torch.Tensor:
