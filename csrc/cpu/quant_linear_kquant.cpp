@@ -51,25 +51,50 @@ inline int64_t row_grain(BlockType t, int64_t k) {
   return std::max<int64_t>(4, (int64_t{1} << 15) / std::max<int64_t>(row_bytes(t, k), 1));
 }
 
-// Weight rows r0..r1 of a segment dequantized into fp32 [r1 - r0, K] (exact: ggml_blocks.h).
-void dequantize_rows(const Segment& s, int64_t k, int64_t r0, int64_t r1, float* out) {
-  const int bw = ggml::block_weights(s.type), bb = ggml::block_bytes(s.type);
-  const int64_t rb = row_bytes(s.type, k);
+// Weight rows r0..r1 of a segment dequantized into fp32 [r1 - r0, K] (exact: ggml_blocks.h). The type is a
+// template argument so that block_code's switch folds away and the per-weight loop vectorizes.
+template <BlockType T>
+void dequantize_rows_t(const Segment& s, int64_t k, int64_t r0, int64_t r1, float* out) {
+  constexpr int bw = T == BlockType::kQ5_0 || T == BlockType::kQ5_1 ? 32 : 256;
+  const int bb = ggml::block_bytes(T);
+  const int64_t rb = row_bytes(T, k);
   float scale[16], offset[16];
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = s.blocks + r * rb;
     float* o = out + (r - r0) * k;
     for (int64_t blk = 0; blk < k / bw; ++blk) {
       const uint8_t* b = row + blk * bb;
-      ggml::block_scales(s.type, b, scale, offset);
+      ggml::block_scales(T, b, scale, offset);
       for (int e = 0; e < bw; ++e)
-        o[blk * bw + e] = ggml::dequant(ggml::block_code(s.type, b, e), scale[e / 16], offset[e / 16]);
+        o[blk * bw + e] = ggml::dequant(ggml::block_code(T, b, e), scale[e / 16], offset[e / 16]);
     }
+  }
+}
+
+void dequantize_rows(const Segment& s, int64_t k, int64_t r0, int64_t r1, float* out) {
+  switch (s.type) {
+    case BlockType::kQ4K: return dequantize_rows_t<BlockType::kQ4K>(s, k, r0, r1, out);
+    case BlockType::kQ5K: return dequantize_rows_t<BlockType::kQ5K>(s, k, r0, r1, out);
+    case BlockType::kQ6K: return dequantize_rows_t<BlockType::kQ6K>(s, k, r0, r1, out);
+    case BlockType::kQ2K: return dequantize_rows_t<BlockType::kQ2K>(s, k, r0, r1, out);
+    case BlockType::kQ3K: return dequantize_rows_t<BlockType::kQ3K>(s, k, r0, r1, out);
+    case BlockType::kQ5_0: return dequantize_rows_t<BlockType::kQ5_0>(s, k, r0, r1, out);
+    default: return dequantize_rows_t<BlockType::kQ5_1>(s, k, r0, r1, out);
   }
 }
 
 inline float load_x(bool bf16, const void* x, int64_t i) {
   return bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
+}
+
+// The VNNI kernel runs at the AVX-512 dispatch level (and above) on CPUs with AVX512-VNNI; it needs no BF16.
+bool has_vnni() {
+#ifdef LF_KQUANT_VNNI
+  static const bool vnni = __builtin_cpu_supports("avx512vnni");
+  return vnni && isa() >= Isa::kAvx512;
+#else
+  return false;
+#endif
 }
 
 // Any CPU: out[mm * ldo + r] for rows [n0, n1) of a segment, fp32 dot products of exact weights.
@@ -145,7 +170,8 @@ struct HardF16 {
 };
 
 // M activation rows x weight rows [n0, n1) of one segment. xp / xscale from vnni::prepare, xsum16 [M, K/16].
-template <BlockType T, int M>
+// kTwoLimbs: fp32 rows (hi * 2^15 + lo); a bf16 row is one limb (vnni::prepare), its lo limb zero.
+template <BlockType T, int M, bool kTwoLimbs>
 void rows_vnni(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale,
                int64_t n0, int64_t n1, float* out, int64_t ldo) {
   constexpr int bw = T == BlockType::kQ5_0 || T == BlockType::kQ5_1 ? 32 : 256;
@@ -170,8 +196,11 @@ void rows_vnni(const Segment& s, int64_t k, const int16_t* xp, const float* xsum
         for (int mm = 0; mm < M; ++mm) {
           const int16_t* xc = xp + mm * 2 * k + 2 * (blk * bw + 32 * j);
           const __m512i ih = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(xc));
-          const __m512i il = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(xc + 32));
-          const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ih), limb, _mm512_cvtepi32_ps(il));
+          __m512 f = _mm512_cvtepi32_ps(ih);
+          if constexpr (kTwoLimbs) {
+            const __m512i il = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(xc + 32));
+            f = _mm512_fmadd_ps(f, limb, _mm512_cvtepi32_ps(il));
+          }
           acc[mm] = _mm512_fmadd_ps(f, sv, acc[mm]);
         }
       }
@@ -193,7 +222,7 @@ void rows_vnni(const Segment& s, int64_t k, const int16_t* xp, const float* xsum
   }
 }
 
-template <BlockType T>
+template <BlockType T, bool kTwoLimbs>
 void rows_any_m(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale, int64_t m,
                 int64_t n0, int64_t n1, float* out, int64_t ldo) {
   for (int64_t m0 = 0; m0 < m;) {
@@ -203,25 +232,26 @@ void rows_any_m(const Segment& s, int64_t k, const int16_t* xp, const float* xsu
     const float* xs = xsum16 + m0 * (k / 16);
     float* o = out + m0 * ldo;
     switch (step) {
-      case 8: rows_vnni<T, 8>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
-      case 4: rows_vnni<T, 4>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
-      case 2: rows_vnni<T, 2>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
-      default: rows_vnni<T, 1>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
+      case 8: rows_vnni<T, 8, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
+      case 4: rows_vnni<T, 4, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
+      case 2: rows_vnni<T, 2, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
+      default: rows_vnni<T, 1, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
     }
     m0 += step;
   }
 }
 
+template <bool kTwoLimbs>
 void rows_dispatch(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale,
                    int64_t m, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   switch (s.type) {
-    case BlockType::kQ4K: return rows_any_m<BlockType::kQ4K>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ5K: return rows_any_m<BlockType::kQ5K>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ6K: return rows_any_m<BlockType::kQ6K>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ2K: return rows_any_m<BlockType::kQ2K>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ3K: return rows_any_m<BlockType::kQ3K>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ5_0: return rows_any_m<BlockType::kQ5_0>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    default: return rows_any_m<BlockType::kQ5_1>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ4K: return rows_any_m<BlockType::kQ4K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ5K: return rows_any_m<BlockType::kQ5K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ6K: return rows_any_m<BlockType::kQ6K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ2K: return rows_any_m<BlockType::kQ2K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ3K: return rows_any_m<BlockType::kQ3K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ5_0: return rows_any_m<BlockType::kQ5_0, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    default: return rows_any_m<BlockType::kQ5_1, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
   }
 }
 
@@ -248,7 +278,8 @@ bool linear_vnni(bool bf16, const void* x, int64_t m, const std::vector<Segment>
   int64_t col = 0;
   for (const Segment& s : segs) {
     parallel_for(s.rows, row_grain(s.type, k), [&](int64_t n0, int64_t n1) {
-      rows_dispatch(s, k, xs, s16, sc, m, n0, n1, out + col, ldo);
+      if (bf16) rows_dispatch<false>(s, k, xs, s16, sc, m, n0, n1, out + col, ldo);
+      else rows_dispatch<true>(s, k, xs, s16, sc, m, n0, n1, out + col, ldo);
     });
     col += s.rows;
   }
@@ -264,7 +295,7 @@ bool linear_vnni(bool, const void*, int64_t, const std::vector<Segment>&, int64_
 void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& segs, int64_t k, float* out) {
   int64_t n = 0;
   for (const Segment& s : segs) n += s.rows;
-  if (isa() == Isa::kAvx512Bf16 && linear_vnni(bf16, x, m, segs, k, out, n)) return;
+  if (has_vnni() && linear_vnni(bf16, x, m, segs, k, out, n)) return;
   int64_t col = 0;
   for (const Segment& s : segs) {
     parallel_for(s.rows, row_grain(s.type, k), [&](int64_t n0, int64_t n1) {
