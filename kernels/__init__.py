@@ -60,6 +60,7 @@ if __name__ != "llama_fast.kernels":
 elif _triton_importable():          # else unavailable_reason says why; the ops below need triton
     from .flash_attention import attention  # noqa: F401
     from .quant_matmul import quant_linear  # noqa: F401
+    from .quant_linear_kquant import kquant_linear  # noqa: F401
     from .norm import fused_add_rms_norm, rms_norm  # noqa: F401
     from .rope import rotary  # noqa: F401
     from .swiglu import gate_up_silu, silu_and_mul  # noqa: F401
