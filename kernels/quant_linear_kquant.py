@@ -3,8 +3,9 @@ those of csrc/common/ggml_blocks.h, which the CPU and CUDA kernels share):
 
     out[m, n] = sum_k x[m, k] * (code[n, k] * scale[n, k // 16] + offset[n, k // 16])   (+ bias[n])
 
-Each program takes BLOCK_N weight rows and BLOCK_M activation rows and walks K one ggml block at a time (256
-weights, or 32 for Q5_0 / Q5_1): it gathers the block's bytes, decodes every weight's integer code and its
+Each program takes BLOCK_N weight rows and BLOCK_M activation rows and walks K in steps of SUB weights (64 of
+a 256-weight K-quant block: a whole block as one [BLOCK_N, 256] fp32 tile spilled registers on sm_80 / sm_90;
+32 = one Q5_0 / Q5_1 block): it gathers the bytes, decodes every weight's integer code and its
 sub-block's (scale, offset) in fp32 (the products gguf.quants computes, multiply then add), and accumulates
 x @ w^T with an fp32 tl.dot (ieee precision: no tf32 rounding of the weights). A weight of several row
 segments of different types (Q4_K_M's fused q/k/v) is one launch per segment, each writing its columns.
@@ -101,21 +102,23 @@ def _decode(b, e, mask, TYPE: tl.constexpr):
 
 @triton.jit
 def _kquant_matmul_kernel(X, W, BIAS, OUT, M, N, K, row_bytes, x_row_stride, out_row_stride,
-                          TYPE: tl.constexpr, BW: tl.constexpr, BB: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          TYPE: tl.constexpr, BW: tl.constexpr, BB: tl.constexpr, SUB: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    e = tl.arange(0, BW)[None, :]
+    e0 = tl.arange(0, SUB)[None, :]
     n_mask = (rn < N)[:, None]
     m_mask = (rm < M)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rows = W + rn[:, None].to(tl.int64) * row_bytes
-    for blk in range(0, K // BW):
+    for kk in range(0, K, SUB):
+        blk = kk // BW
+        e = kk % BW + e0                                   # weight indices within the block
         code, scale, offset = _decode(rows + blk * BB, e, n_mask, TYPE)
-        w = code * scale + offset                          # [BLOCK_N, BW] fp32, exact
-        x = tl.load(X + rm[:, None].to(tl.int64) * x_row_stride + blk * BW + e, mask=m_mask, other=0.0)
+        w = code * scale + offset                          # [BLOCK_N, SUB] fp32, exact
+        x = tl.load(X + rm[:, None].to(tl.int64) * x_row_stride + kk + e0, mask=m_mask, other=0.0)
         acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -158,6 +161,7 @@ def kquant_linear_op(x: torch.Tensor, blocks: list[torch.Tensor], types: list[in
             grid = (triton.cdiv(rows, block_n), triton.cdiv(m, block_m))
             _kquant_matmul_kernel[grid](x2, b.contiguous(), seg_bias, seg_out, m, rows, k, b.shape[1], x2.stride(0),
                                         out.stride(0), TYPE=t, BW=BLOCK_WEIGHTS[t], BB=BLOCK_BYTES[t],
+                                        SUB=min(64, BLOCK_WEIGHTS[t]),
                                         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                                         num_warps=warps)
         col += rows
@@ -182,10 +186,11 @@ def compile_cases() -> list[CompileCase]:
     for t in BLOCK_WEIGHTS:
         sig = {"X": "*fp16", "W": "*u8", "BIAS": "*fp16", "OUT": "*fp16", "M": "i32", "N": "i32", "K": "i32",
                "row_bytes": "i32", "x_row_stride": "i64", "out_row_stride": "i64", "TYPE": "constexpr",
-               "BW": "constexpr", "BB": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr",
+               "BW": "constexpr", "BB": "constexpr", "SUB": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr",
                "BLOCK_N": "constexpr"}
         for name, (bm, bn, warps) in (("gemv", GEMV_CONFIG), ("gemm", GEMM_CONFIG)):
             cases.append(CompileCase(f"kquant_{name}[type={t}]", _kquant_matmul_kernel, sig,
-                                     {"TYPE": t, "BW": BLOCK_WEIGHTS[t], "BB": BLOCK_BYTES[t], "HAS_BIAS": False},
+                                     {"TYPE": t, "BW": BLOCK_WEIGHTS[t], "BB": BLOCK_BYTES[t],
+                                      "SUB": min(64, BLOCK_WEIGHTS[t]), "HAS_BIAS": False},
                                      [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps)]))
     return cases

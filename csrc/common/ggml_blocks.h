@@ -60,56 +60,51 @@ LF_HD int q3k_scale(const uint8_t* s, int j) {
   return (low | (high << 4)) - 32;
 }
 
-// The (scale, offset) of each sub-block of 16 weights of one block: block_weights / 16 of each. offset is
-// -0.0 for types without a min (x + -0.0 == x for every x, so the dequantized value is the bare product).
-// `f16(p)` reads the fp16 at p as float (exact; a kernel may pass a hardware conversion).
+// The (scale, offset) of sub-block j (16 weights: j < block_weights / 16) of one block. offset is -0.0 for
+// types without a min (x + -0.0 == x for every x, so the dequantized value is the bare product).
+// `f16_at(p)` reads the fp16 at p as float (exact; a kernel may pass a hardware conversion).
 template <class F16>
-LF_HD void block_scales_with(BlockType t, const uint8_t* b, float* scale, float* offset, F16 f16_at) {
+LF_HD void sub_block_scale_with(BlockType t, const uint8_t* b, int j, float* scale, float* offset, F16 f16_at) {
   switch (t) {
     case BlockType::kQ4K:
-    case BlockType::kQ5K: {
-      const float d = f16_at(b), dmin = f16_at(b + 2);
-      for (int j = 0; j < 8; ++j) {
-        int sc, m;
-        k_scale_min(b + 4, j, &sc, &m);
-        const float s = d * static_cast<float>(sc), o = -(dmin * static_cast<float>(m));
-        scale[2 * j] = scale[2 * j + 1] = s;
-        offset[2 * j] = offset[2 * j + 1] = o;
-      }
+    case BlockType::kQ5K: {  // 6-bit scale and min per 32 weights
+      int sc, m;
+      k_scale_min(b + 4, j >> 1, &sc, &m);
+      *scale = f16_at(b) * static_cast<float>(sc);
+      *offset = -(f16_at(b + 2) * static_cast<float>(m));
       return;
     }
-    case BlockType::kQ6K: {
-      const float d = f16_at(b + 208);
-      for (int j = 0; j < 16; ++j) {
-        scale[j] = d * static_cast<float>(static_cast<int8_t>(b[192 + j]));
-        offset[j] = -0.0f;
-      }
+    case BlockType::kQ6K:
+      *scale = f16_at(b + 208) * static_cast<float>(static_cast<int8_t>(b[192 + j]));
+      *offset = -0.0f;
       return;
-    }
-    case BlockType::kQ2K: {
-      const float d = f16_at(b + 80), dmin = f16_at(b + 82);
-      for (int j = 0; j < 16; ++j) {
-        scale[j] = d * static_cast<float>(b[j] & 0x0F);
-        offset[j] = -(dmin * static_cast<float>(b[j] >> 4));
-      }
+    case BlockType::kQ2K:
+      *scale = f16_at(b + 80) * static_cast<float>(b[j] & 0x0F);
+      *offset = -(f16_at(b + 82) * static_cast<float>(b[j] >> 4));
       return;
-    }
-    case BlockType::kQ3K: {
-      const float d = f16_at(b + 108);
-      for (int j = 0; j < 16; ++j) {
-        scale[j] = d * static_cast<float>(q3k_scale(b + 96, j));
-        offset[j] = -0.0f;
-      }
+    case BlockType::kQ3K:
+      *scale = f16_at(b + 108) * static_cast<float>(q3k_scale(b + 96, j));
+      *offset = -0.0f;
       return;
-    }
     case BlockType::kQ5_0:
-      scale[0] = scale[1] = f16_at(b);
-      offset[0] = offset[1] = -0.0f;
+      *scale = f16_at(b);
+      *offset = -0.0f;
       return;
     default:  // kQ5_1
-      scale[0] = scale[1] = f16_at(b);
-      offset[0] = offset[1] = f16_at(b + 2);
+      *scale = f16_at(b);
+      *offset = f16_at(b + 2);
       return;
+  }
+}
+
+// The (scale, offset) of every sub-block of 16 weights of one block: block_weights / 16 of each.
+template <class F16>
+LF_HD void block_scales_with(BlockType t, const uint8_t* b, float* scale, float* offset, F16 f16_at) {
+  const int subs = block_weights(t) / kSubBlock;
+  const bool pairs = t == BlockType::kQ4K || t == BlockType::kQ5K || t == BlockType::kQ5_0 || t == BlockType::kQ5_1;
+  for (int j = 0; j < subs; j += pairs ? 2 : 1) {
+    sub_block_scale_with(t, b, j, scale + j, offset + j, f16_at);
+    if (pairs) scale[j + 1] = scale[j], offset[j + 1] = offset[j];  // one pair per 32 weights
   }
 }
 
