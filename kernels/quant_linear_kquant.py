@@ -26,7 +26,7 @@ GEMV_MAX_ROWS = 16
 # (BLOCK_M, BLOCK_N, num_warps): decode pads M to the 16 of the mma shape; prefill reuses a weight tile over
 # 64 rows. A 256-weight block decoded for 32 rows is an [32, 256] fp32 tile: 64 registers per thread at 4 warps.
 GEMV_CONFIG = (16, 32, 4)
-GEMM_CONFIG = (64, 32, 4)
+GEMM_CONFIG = (64, 32, 8)
 
 
 @triton.jit
