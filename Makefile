@@ -13,7 +13,7 @@ export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 # The test suites pin the thread count so runs are comparable.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install build demo test test-cpu test-isa test-triton check-kernels bench clean
+.PHONY: install build demo test test-cpu test-isa test-triton check-kernels lint bench clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,11 +31,11 @@ build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
 demo: build
-	$(PY) -m llama_fast.cli generate --chat "What is the capital of France? Answer in one sentence." --max-new-tokens 48
+	$(PY) -m llama_fast generate --chat "What is the capital of France? Answer in one sentence." --max-new-tokens 48
 
-# Everything CI runs: the CPU suite, the model under the lower CPU instruction sets, the Triton kernels under
-# the interpreter, the sm_80/sm_90 compile checks.
-test: build test-cpu test-isa test-triton check-kernels
+# Everything CI runs: lint, the CPU suite, the model under the lower CPU instruction sets, the Triton kernels
+# under the interpreter, the sm_80/sm_90 compile checks.
+test: build lint test-cpu test-isa test-triton check-kernels
 
 test-cpu:
 	$(PYTEST) -q tests --ignore=tests/triton
@@ -58,8 +58,18 @@ check-kernels:
 	@for s in .ci/check_triton_cubins.py .ci/check_cuda_ptxas.py; do \
 	  if [ -f $$s ]; then $(PY) $$s || exit 1; fi; done
 
+# ruff (pyproject.toml's [tool.ruff]: pycodestyle, pyflakes, import order) over the Python code, and
+# clang-format (.clang-format) over the C++/CUDA sources; both only check, neither rewrites a file
+# (`ruff check --fix .` and `clang-format -i` do). The clang-format check waits for a .clang-format file.
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	@if [ -f .clang-format ]; then $(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES) && echo "clang-format: ok"; \
+	else echo "lint: no .clang-format, C++ formatting not checked"; fi
+
+# The end-to-end generate benchmark (llama_fast/tools/bench.py, so that `llama-fast bench` runs it from a wheel).
 bench: build
-	$(PY) benchmarks/bench_generate.py
+	$(PY) -m llama_fast bench
 
 clean:
 	rm -rf build dist *.egg-info llama_fast/_C*.so

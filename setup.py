@@ -47,7 +47,8 @@ def _extension():
     if platform.machine() in ("x86_64", "AMD64"):
         # Baseline AVX2/FMA; AVX-512 kernels use function-level target attributes and run-time dispatch.
         cxx += ["-march=x86-64-v3"]
-    sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
+                   + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
         import torch
@@ -55,7 +56,8 @@ def _extension():
         nvidia_inc = os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "include")
         if os.path.isdir(nvidia_inc):  # cuBLAS etc. headers for c10/ATen CUDA includes; the toolkit lacks them
             include_dirs.append(os.path.abspath(nvidia_inc))
-        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+                        + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DNDEBUG", "--expt-relaxed-constexpr"]
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
             # No GPU to detect the arch from: build the archs CI checks (Ampere, Hopper) instead of all.
@@ -74,8 +76,14 @@ def _cmdclass():
 
 
 setup(
-    # llama_fast/kernels is a symlink to the top-level kernels/ so the Triton kernels ship inside the wheel.
-    packages=["llama_fast", "llama_fast.ops", "llama_fast.kernels"],
+    # llama_fast/kernels is a symlink to the top-level kernels/ so the Triton kernels ship inside the wheel
+    # and every checkout imports its own kernels. Not package_dir={"llama_fast.kernels": "kernels"}: that
+    # works in a wheel and in an editable install, but in the latter the mapping lives in the installed
+    # import finder, not in the tree, so a checkout run without installing it (PYTHONPATH=.) has no
+    # llama_fast.kernels, and a second checkout (a git worktree) on the same environment silently imports
+    # the installed checkout's kernels. See docs/DESIGN.md, "Packaging".
+    packages=["llama_fast", "llama_fast.formats", "llama_fast.kernels", "llama_fast.ops", "llama_fast.tokenization",
+              "llama_fast.tools"],
     package_data={"llama_fast": ["data/*"]},
     ext_modules=[_extension()],
     cmdclass=_cmdclass(),

@@ -49,7 +49,8 @@ def cases(dtype):
     t = 2048
     q = torch.randn(1, t, 32, 128, device=dev, dtype=dtype)
     k = torch.randn(1, t, 8, 128, device=dev, dtype=dtype)
-    yield f"attention prefill t{t} gqa4", "attention", (q, k, k.clone(), True, None, None), 0, 2 * 2 * t * t * 32 * 128 / 2
+    yield (f"attention prefill t{t} gqa4", "attention", (q, k, k.clone(), True, None, None), 0,
+           2 * 2 * t * t * 32 * 128 / 2)
     for bits in (4, 8):
         for m in (1, 512):
             qw = quant.quantize(torch.randn(11008, 4096, device=dev) * 0.02, bits=bits, group_size=128,

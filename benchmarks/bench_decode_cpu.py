@@ -315,7 +315,8 @@ def main():
     print(json.dumps({k: v for k, v in results.items() if k != "engines"}, indent=1))
     for name, e in results["engines"].items():
         print(f"{name:32s} decode min {e['decode_min']:6.1f} median {e['decode_median']:6.1f} tok/s"
-              + (f"  {100 * e['bandwidth_fraction']:5.1f}% of {bandwidth:.1f} GB/s" if "bandwidth_fraction" in e else "")
+              + (f"  {100 * e['bandwidth_fraction']:5.1f}% of {bandwidth:.1f} GB/s"
+                 if "bandwidth_fraction" in e else "")
               + (f"  prefill {e['prefill_tok_s']:7.1f} tok/s" if "prefill_tok_s" in e else "")
               + (f"  batch-{e['batch']} {e['batch_decode_tok_s']:6.1f} tok/s" if "batch" in e else ""))
     os.makedirs(RESULTS, exist_ok=True)

@@ -16,10 +16,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import cpu_gemm_peak, cpu_read_bandwidth, gpu_peaks, timed  # noqa: E402
-
 from llama_fast import ops, quant  # noqa: E402
 from llama_fast.ops import _backend  # noqa: E402
+
+from _machine import cpu_gemm_peak, cpu_read_bandwidth, gpu_peaks, timed  # noqa: E402
 
 H, HQ, HKV, D, I, V, CTX, PREFILL = 576, 9, 3, 64, 1536, 49152, 512, 512
 

@@ -1,10 +1,10 @@
 // The one place where llama_fast's custom-op schemas are declared. Each backend registers its kernels for
 // these names in its own file (csrc/cpu/ops_cpu.cpp with TORCH_LIBRARY_IMPL(llama_fast, CPU, m),
 // csrc/cuda/ops_cuda.cpp with TORCH_LIBRARY_IMPL(llama_fast, CUDA, m)); Python registers the fake (meta)
-// implementations in llama_fast/ops/_fake.py. Backend-specific extra ops (repacked weight layouts, fused
-// layer steps) are declared with TORCH_LIBRARY_FRAGMENT next to their kernels.
-#include <torch/library.h>
+// implementations in llama_fast/ops/fake.py (contracts: docs/KERNELS.md). Backend-specific extra ops (the
+// CPU decode step) are declared with TORCH_LIBRARY_FRAGMENT next to their kernels.
 #include <torch/extension.h>
+#include <torch/library.h>
 
 TORCH_LIBRARY(llama_fast, m) {
   // y = x * rsqrt(mean(x^2) + eps) * weight, computed in fp32; x [..., H], weight [H].
@@ -22,8 +22,9 @@ TORCH_LIBRARY(llama_fast, m) {
   // x [..., K] @ W^T, W given in the serialized weight-only format of csrc/common/quant_format.h:
   // bits 8: qweight int8 [N, K], offset None; bits 4: qweight uint8 [N, K/2] (two per byte);
   // scale / offset [N, K/group_size]; w = q * scale + offset.
-  m.def("quant_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? offset, int bits, int group_size, "
-        "Tensor? bias) -> Tensor");
+  m.def(
+      "quant_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? offset, int bits, int group_size, "
+      "Tensor? bias) -> Tensor");
   // Writes k/v [B,T,Hkv,D] into the caches [B,S,Hkv,D] at slots [B,T] (int64 or int32); a negative slot
   // (a left-padding token) is skipped.
   m.def("store_kv_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");

@@ -3,11 +3,12 @@
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set before triton
 is first imported), which is how the tests check the kernels on machines without a GPU.
 
-Each op family lives in its own file (kernel, launcher, checks): norm, rope, flash_attention, swiglu,
-quant_matmul, kv_cache. Each op and is registered as a torch custom op in the
+Each op lives in the file of its name (kernel, launcher, checks): rms_norm (with fused_add_rms_norm), rotary,
+attention, silu_and_mul, quant_linear, store_kv, as in csrc/cpu, csrc/cuda and tests. The package attribute of
+that name is the op function, not the module: reach a module with `kernel_module("rms_norm")` (or
+importlib.import_module). Each op is registered as a torch custom op in the
 llama_fast_triton namespace with a fake implementation, so torch.compile and CUDA graphs see opaque ops.
-The functions below follow the llama_fast.ops contracts (same arguments, minus `backend`); gate_up_silu is
-an extra fused op the model may call directly.
+The functions below follow the llama_fast.ops contracts (same arguments, minus `backend`).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dense x @ weight.T (+ bias): cuBLAS through torch. A Triton GEMM would at best tie with it for
-    dense half-precision weights; the Triton work is in quant_linear and gate_up_silu."""
+    dense half-precision weights; the Triton work is in quant_linear."""
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -58,10 +59,18 @@ def _triton_importable() -> bool:
 if __name__ != "llama_fast.kernels":
     sys.modules[__name__] = importlib.import_module("llama_fast.kernels")
 elif _triton_importable():          # else unavailable_reason says why; the ops below need triton
-    from .flash_attention import attention  # noqa: F401
-    from .quant_matmul import quant_linear  # noqa: F401
-    from .quant_linear_kquant import kquant_linear  # noqa: F401
-    from .norm import fused_add_rms_norm, rms_norm  # noqa: F401
-    from .rope import rotary  # noqa: F401
-    from .swiglu import gate_up_silu, silu_and_mul  # noqa: F401
-    from .kv_cache import store_kv  # noqa: F401
+    from .attention import attention  # noqa: F401
+    from .quant_linear import quant_linear  # noqa: F401
+    from .kquant_linear import kquant_linear  # noqa: F401
+    from .rms_norm import fused_add_rms_norm, rms_norm  # noqa: F401
+    from .rotary import rotary  # noqa: F401
+    from .silu_and_mul import silu_and_mul  # noqa: F401
+    from .store_kv import store_kv  # noqa: F401
+
+# The Triton op files, one per op (the order .ci/check_triton_cubins.py compiles them in).
+KERNEL_MODULES = ("rms_norm", "rotary", "attention", "silu_and_mul", "quant_linear", "kquant_linear", "store_kv")
+
+
+def kernel_module(op: str):
+    """The module of the Triton kernels of `op` (the package attribute `op` is the op function itself)."""
+    return importlib.import_module(f"llama_fast.kernels.{op}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-# Every kernel module imports this one first. Loaded under another name (`import kernels.rope` with the
+# Every kernel module imports this one first. Loaded under another name (`import kernels.rotary` with the
 # repository root on sys.path), it would be the start of a second copy of the kernel modules, whose
 # torch.library.custom_op calls destroy the llama_fast_triton ops that llama_fast.kernels holds (see
 # __init__.py): refuse it with a clear error instead.

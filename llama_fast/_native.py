@@ -27,4 +27,5 @@ def has_cuda_kernels() -> bool:
 
 
 if _C is not None:
-    from llama_fast.ops import _fake  # noqa: F401,E402  (fake kernels for torch.compile / meta tensors)
+    from llama_fast.ops import fake as _fake  # noqa: E402  (fake kernels for torch.compile / meta tensors)
+    _fake.register()

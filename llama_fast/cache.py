@@ -137,8 +137,9 @@ def _legacy_layers(past) -> list:
 def as_static_cache(past, config, past_mask: torch.Tensor | None = None, dtype=None,
                     device=None) -> StaticCache | None:
     """Converts transformers' cache forms (k/v [B, Hkv, T, D] per layer, T = past columns) into a growable
-    StaticCache (None for an empty one). `past_mask` [B, T] (the first T columns of a transformers-style attention_mask) tells which
-    columns were left padding; their slots are dropped so the real tokens sit compactly from slot 0."""
+    StaticCache (None for an empty one). `past_mask` [B, T] (the first T columns of a transformers-style
+    attention_mask) tells which columns were left padding; their slots are dropped so the real tokens sit
+    compactly from slot 0."""
     if isinstance(past, StaticCache):
         return past
     layers = _legacy_layers(past)

@@ -1,7 +1,7 @@
 """ggml's block-quantized weights that our affine int4/int8 format cannot hold at the same bits per weight:
 the K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; super-blocks of QK_K = 256 weights) and the 5-bit Q5_0 / Q5_1
 (blocks of 32). They stay in the file's bytes (`KQuantWeight`), and the kernels decode them on the fly
-(csrc/common/ggml_blocks.h for C++/CUDA, csrc/cpu/quant_linear_kquant.cpp, kernels/quant_linear_kquant.py).
+(csrc/common/ggml_blocks.h for C++/CUDA, csrc/cpu/kquant_linear.cpp, kernels/kquant_linear.py).
 
 Block layouts (llama.cpp ggml-common.h; every multi-byte field little-endian, d / dmin fp16):
     Q4_K (144 B): d, dmin, scales[12], qs[128]          8 sub-blocks of 32, 6-bit scale sc and min m each

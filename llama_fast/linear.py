@@ -14,12 +14,18 @@ class Linear(TracksWeights):
     """y = x @ W.T (+ bias). W is dense (`weight`, an nn.Parameter [N, K]), quantized (`qweight`, `scales`,
     `offsets` buffers in the format of llama_fast.quant) or ggml blocks kept as stored (`kquant_blocks_<i>`
     buffers, one per row segment, of the types `kquant_kinds`; llama_fast.kquants). `backend` is set by the
-    model (see ops)."""
+    model (see ops).
+    output_sizes: for a fused layer, the row counts of the layers stacked in it (qkv_proj: q, k, v), which
+    the model's packed_modules_mapping names; one entry, out_features, for a plain layer."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None,
+                 output_sizes: tuple[int, ...] | None = None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.output_sizes = tuple(output_sizes) if output_sizes is not None else (out_features,)
+        if sum(self.output_sizes) != out_features:
+            raise ValueError(f"output_sizes {self.output_sizes} do not add up to out_features={out_features}")
         self.backend: str | None = None
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
                                    requires_grad=False)
@@ -107,24 +113,6 @@ class Linear(TracksWeights):
         self.bits = self.group_size = None
         return self
 
-    def make_quantized_(self, bits: int, group_size: int, scale_dtype: torch.dtype, has_offset: bool,
-                        device=None) -> "Linear":
-        """Turns the layer into an (uninitialized) quantized one of the given format, so that a quantized
-        state dict (qweight / scales / offsets) can be loaded into it."""
-        n, k = self.out_features, self.in_features
-        if group_size in (-1, None):
-            group_size = k
-        device = device if device is not None else (self.weight.device if self.weight is not None
-                                                    else self.qweight.device)
-        codes = (torch.empty(n, k, dtype=torch.int8, device=device) if bits == 8
-                 else torch.empty(n, k // 2, dtype=torch.uint8, device=device))
-        if k % group_size:
-            raise ValueError(f"group_size {group_size} does not divide K={k}")
-        scale = torch.empty(n, k // group_size, dtype=scale_dtype, device=device)
-        offset = torch.empty_like(scale) if has_offset else None
-        self.set_quantized(QuantizedWeight(codes, scale, offset, bits, group_size))
-        return self
-
     def quantized_weight(self) -> QuantizedWeight:
         # Built once and reused while the buffers are the same tensors (module.to() replaces them): the
         # forward of every decode step asks for it, and building one validates all its parts.
@@ -146,20 +134,6 @@ class Linear(TracksWeights):
         if self.kquant:
             q = f", blocks={'+'.join(self.kquant_kinds)}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{q}"
-
-
-# Linear layers that model-wide quantization leaves dense unless asked: the output head (it may share its
-# weight with the embedding table, and its accuracy matters most) and the classification head.
-DENSE_BY_DEFAULT = ("lm_head", "score")
-
-
-def quantize_linears_(model: nn.Module, bits: int, group_size: int = 128, symmetric: bool = False,
-                      scale_dtype: torch.dtype | None = None, skip: tuple[str, ...] = DENSE_BY_DEFAULT) -> nn.Module:
-    """Quantizes every dense Linear of `model` in place, except modules whose last name is in `skip`."""
-    for name, module in model.named_modules():
-        if isinstance(module, Linear) and not module.quantized and name.rpartition(".")[2] not in skip:
-            module.quantize_(bits, group_size, symmetric, scale_dtype, name=f"{name}.weight")
-    return model
 
 
 def dequantize_linears_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

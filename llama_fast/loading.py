@@ -5,27 +5,35 @@
     model.save_pretrained(directory)
 
 Memory: the model is built on the meta device and each parameter is materialized when its tensors arrive,
-read one at a time (llama_fast.safetensors_file), straight into the parameter when its dtype matches, so
+read one at a time (llama_fast.formats.safetensors), straight into the parameter when its dtype matches, so
 the weights never exist twice: the peak is the model plus one tensor being converted.
 With `quantize`, each linear layer is quantized as soon as its weight is complete (a fused one after all
 its parts), so the peak is about the quantized model plus one layer. A layer whose input size K is not a
 multiple of group_size gets the largest power-of-two fraction of group_size (>= 32) that divides K.
-Embeddings, lm_head and score stay dense. Pickles (.bin / .pt) are refused: loading never unpickles.
+Embeddings and the heads (the model's head_modules: lm_head, score) stay dense. Pickles (.bin / .pt) are
+refused: loading never unpickles.
 
 Quantized checkpoints: save_pretrained writes a quantized linear `x` as x.qweight, x.scales and (if it has
 offsets) x.offsets in the format of llama_fast.quant (bits and group size follow from the tensors' dtypes
 and shapes), and config.json gets a quantization_config {"quant_method": "llama_fast", "bits", "group_size",
-...}; from_pretrained reads them back unchanged. GGUF files go through llama_fast.gguf_file.load_gguf.
+...}; from_pretrained reads them back unchanged. GGUF files are read by llama_fast.formats.gguf.
+
+Which checkpoint names go where is the model's declaration, not this module's: the model class says which
+transformers linears are stacked in a fused one's rows (packed_modules_mapping, with each fused Linear's
+output_sizes), which modules are heads (head_modules), which weights are tied (tied_weights), where the base
+model sits (base_model_prefix) and which checkpoint entries it does not need (unused_checkpoint_suffixes).
+The format readers (llama_fast.formats) know the files and no model; this module joins the two.
 
 The interface other formats use (GGUF does):
 
     load_tensors(model, named_tensors, source, quantize=None, group_size=128)
 
-`model` is a model on the meta device (e.g. `meta_model(cls, config, dtype)`); `named_tensors` yields
+`model` is a model on the meta device (`meta_model(cls, config, dtype)`); `named_tensors` yields
 (transformers name, value) pairs, value a torch.Tensor or a llama_fast.quant.QuantizedWeight; `source`
 (a file name) is named in every error. Each value lands in its (fused) parameter, converted to the model's
-dtype and device; its shape is checked; names the model does not have, and parameters nothing was given for,
-raise an error naming `source` and the tensors. A QuantizedWeight makes its linear layer quantized, keeping
+dtype (default: the dtype meta_model built it in) and device (default "cpu"); its shape is checked; names
+the model does not have, and parameters nothing was given for, raise an error naming `source` and the
+tensors. A QuantizedWeight makes its linear layer quantized, keeping
 its format (quantize= does not re-quantize it); the parts of a fused layer are joined with
 quant.concat_rows. If the parts of a fused layer differ in format (say q_proj Q4_0 and v_proj Q8_0, or one
 part dense), all of them are dequantized to a dense weight in the model dtype: correct, but not native.
@@ -43,8 +51,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llama_fast import kquants, quant, safetensors_file
+from llama_fast import kquants, quant
 from llama_fast.config import LlamaConfig, dtype_from_name
+from llama_fast.formats import gguf as gguf_format
+from llama_fast.formats import safetensors as safetensors_format
+from llama_fast.formats.safetensors import SafetensorsError, SafetensorsFile
 from llama_fast.linear import Linear
 from llama_fast.ops._backend import check_backend_name
 from llama_fast.kquants import KQuantWeight
@@ -52,17 +63,11 @@ from llama_fast.quant import QuantizedWeight
 
 # Weights a file may hand over in a native quantized form, kept as they are by linear layers.
 _NATIVE = (QuantizedWeight, KQuantWeight)
-from llama_fast.safetensors_file import SafetensorsError, SafetensorsFile
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _QUANTIZE_BITS = {"int8": 8, "int4": 4}
-# Checkpoint entries that carry nothing the model needs (old checkpoints saved the rotary table).
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-# Linear layers that stay dense under quantize=: they are not the decode-time bottleneck of the layers and
-# their accuracy matters most (and lm_head may share its weight with the embeddings).
-_DENSE_LINEARS = ("lm_head", "score")
 
 
 class CheckpointError(ValueError):
@@ -84,33 +89,32 @@ class _Target:
     buffer: torch.Tensor | None = None
 
 
-def _fused_parts(prefix: str, module: nn.Module) -> dict[str, list[tuple[str, int]]]:
-    """Fused parameter name -> [(transformers name, rows)] for the fused linears of `module`."""
-    from llama_fast.modeling import LlamaAttention, LlamaMLP
-    if isinstance(module, LlamaAttention):
-        q, kv = module.num_heads * module.head_dim, module.num_kv_heads * module.head_dim
-        split = [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]
-        fused = "qkv_proj"
-    elif isinstance(module, LlamaMLP):
-        i = module.down_proj.in_features
-        split = [("gate_proj", i), ("up_proj", i)]
-        fused = "gate_up_proj"
-    else:
-        return {}
+def _fused_parts(model: nn.Module) -> dict[str, list[tuple[str, int]]]:
+    """Fused parameter name -> [(transformers name, rows)], from the model's packed_modules_mapping (which
+    checkpoint linears are stacked in a fused linear's rows, in order) and each fused Linear's output_sizes."""
+    mapping = getattr(model, "packed_modules_mapping", {})
     out = {}
-    for attr in ("weight", "bias"):
-        linear = getattr(module, fused)
-        if getattr(linear, attr, None) is not None or (attr == "weight" and linear.quantized):
-            out[f"{prefix}{fused}.{attr}"] = [(f"{prefix}{name}.{attr}", rows) for name, rows in split]
+    for name, module in model.named_modules():
+        prefix, _, last = name.rpartition(".")
+        if last not in mapping or not isinstance(module, Linear):
+            continue
+        parts = mapping[last]
+        if len(parts) != len(module.output_sizes):
+            raise ValueError(f"{name}: packed_modules_mapping names {len(parts)} parts {parts}, the layer has "
+                             f"{len(module.output_sizes)} output_sizes {module.output_sizes}")
+        base = f"{prefix}." if prefix else ""
+        for attr in ("weight", "bias"):
+            if getattr(module, attr, None) is not None or (attr == "weight" and module.quantized):
+                out[f"{name}.{attr}"] = [(f"{base}{part}.{attr}", rows)
+                                         for part, rows in zip(parts, module.output_sizes)]
     return out
 
 
 def _targets(model: nn.Module) -> tuple[dict[str, _Target], dict[str, tuple[str, int]]]:
     """(parameter name -> _Target, transformers name -> (parameter name, part index))."""
     modules = dict(model.named_modules())
-    fused: dict[str, list[tuple[str, int]]] = {}
-    for prefix, module in modules.items():
-        fused.update(_fused_parts(f"{prefix}." if prefix else "", module))
+    fused = _fused_parts(model)
+    heads = set(getattr(model, "head_modules", ()))
     targets, by_hf = {}, {}
     # Parameters (tied ones appear once), and the weights of quantized linears, which are buffers.
     weights = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
@@ -124,8 +128,7 @@ def _targets(model: nn.Module) -> tuple[dict[str, _Target], dict[str, tuple[str,
         for _, n in parts:
             rows.append((start, start + n))
             start += n
-        quantizable = (isinstance(owner, Linear) and attr == "weight"
-                       and owner_name.rpartition(".")[2] not in _DENSE_LINEARS)
+        quantizable = isinstance(owner, Linear) and attr == "weight" and owner_name not in heads
         targets[name] = _Target(owner, attr, shape, [p for p, _ in parts], rows, quantizable)
         for i, (hf, _) in enumerate(parts):
             by_hf[hf] = (name, i)
@@ -147,26 +150,32 @@ class TensorLoader:
         self.bits = _QUANTIZE_BITS.get(quantize)
         self.group_size = group_size
         self.targets, self.by_hf = _targets(model)
-        self.tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-        self.native_head = False  # a tied lm_head given its own quantized weight (add)
-        from llama_fast.modeling import LlamaModel
-        self.bare = isinstance(model, LlamaModel)  # its names have no "model." prefix
+        tie = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+        self.tied: dict[str, str] = dict(getattr(model, "tied_weights", {})) if tie else {}
+        self.native_tied: set[str] = set()  # tied weights given their own quantized copy (add)
+        self.heads = tuple(getattr(model, "head_modules", ()))
+        self.unused_suffixes = tuple(getattr(model, "unused_checkpoint_suffixes", ()))
+        base = getattr(model, "base_model_prefix", "")
+        # A bare base model (LlamaModel) has no submodule of that name: its own names lack the prefix that
+        # a checkpoint of a model with heads has, and the other way round.
+        self.bare = bool(base) and not isinstance(getattr(model, base, None), nn.Module)
+        self.prefix = f"{base}." if base else ""
 
     def _resolve(self, name: str):
         if name in self.by_hf:
             return self.by_hf[name]
-        if self.bare and name.startswith("model.") and name[6:] in self.by_hf:
-            return self.by_hf[name[6:]]
-        if not self.bare and f"model.{name}" in self.by_hf:
-            return self.by_hf[f"model.{name}"]
-        return None
+        if not self.prefix:
+            return None
+        if self.bare:
+            return self.by_hf.get(name[len(self.prefix):]) if name.startswith(self.prefix) else None
+        return self.by_hf.get(self.prefix + name)
 
     def _ignored(self, name: str) -> bool:
-        if name.endswith(_IGNORED_SUFFIXES):
+        if self.unused_suffixes and name.endswith(self.unused_suffixes):
             return True
-        # A tied model's lm_head is the embedding: a stored copy is redundant (transformers ignores it too).
-        # A bare LlamaModel ignores the heads of a ForCausalLM / ForSequenceClassification checkpoint.
-        return (name == "lm_head.weight" and (self.tied or self.bare)) or (self.bare and name.startswith("score."))
+        # A tied weight is the one it is tied to: a stored copy is redundant (transformers ignores it too).
+        # A bare base model ignores the heads of a checkpoint with heads (ForCausalLM, ...).
+        return name in self.tied or (self.bare and name.partition(".")[0] in self.heads)
 
     def slot(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
         """The memory a dense tensor `name` will end up in, when a reader can fill it directly (a CPU model
@@ -184,18 +193,20 @@ class TensorLoader:
         return target.buffer[r0:r1] if len(target.parts) > 1 else target.buffer
 
     def add(self, name: str, value, source: str) -> None:
-        if name == "lm_head.weight" and self.tied and isinstance(value, _NATIVE) \
-                and isinstance(getattr(self.model, "lm_head", None), Linear):
-            # A tied model whose file holds the table quantized (GGUF): the head multiplies by the native
-            # blocks, the embedding lookup uses its dense copy (see gguf_file).
-            if self.native_head:
-                raise CheckpointError(f"{source}: tensor {name!r} appears twice")
-            if isinstance(value, KQuantWeight):
-                self.model.lm_head.set_kquant(value.to(self.device))
-            else:
-                self.model.lm_head.set_quantized(value.to(self.device))
-            self.native_head = True
-            return
+        if name in self.tied and isinstance(value, _NATIVE):
+            owner_name, _, attr = name.rpartition(".")
+            owner = self.model.get_submodule(owner_name)
+            if attr == "weight" and isinstance(owner, Linear):
+                # A tied model whose file holds the table quantized (GGUF): the head multiplies by the native
+                # blocks, the embedding lookup uses its dense copy (see llama_fast.formats.gguf).
+                if name in self.native_tied:
+                    raise CheckpointError(f"{source}: tensor {name!r} appears twice")
+                if isinstance(value, KQuantWeight):
+                    owner.set_kquant(value.to(self.device))
+                else:
+                    owner.set_quantized(value.to(self.device))
+                self.native_tied.add(name)
+                return
         found = self._resolve(name)
         if found is None:
             if self._ignored(name):
@@ -260,14 +271,16 @@ class TensorLoader:
         setattr(owner, attr, nn.Parameter(dense, requires_grad=False))
 
     def finish(self, source: str) -> None:
-        """Checks that every parameter got its tensors and ties lm_head to the embeddings if configured."""
+        """Checks that every parameter got its tensors and ties the tied weights (lm_head to the embeddings)."""
         missing = [hf for t in self.targets.values() if len(t.received) != len(t.parts)
                    for i, hf in enumerate(t.parts) if i not in t.received]
         if missing:
             shown = ", ".join(repr(m) for m in missing[:8]) + (", ..." if len(missing) > 8 else "")
             raise CheckpointError(f"{source}: {len(missing)} tensor(s) missing: {shown}")
-        if self.tied and hasattr(self.model, "lm_head") and not self.native_head:
-            self.model.lm_head.weight = self.model.model.embed_tokens.weight
+        for name, source_name in self.tied.items():
+            if name not in self.native_tied:
+                owner_name, _, attr = name.rpartition(".")
+                setattr(self.model.get_submodule(owner_name), attr, self.model.get_parameter(source_name))
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -289,12 +302,12 @@ def _group_size_for(k: int, requested: int, name: str) -> int:
 
 
 def load_tensors(model: nn.Module, named_tensors: Iterable, source: str, quantize: str | None = None,
-                 group_size: int = 128, dtype: torch.dtype | None = None, device=None) -> nn.Module:
+                 group_size: int = 128, dtype: torch.dtype | None = None, device="cpu") -> nn.Module:
     """Fills the meta-device `model` from (transformers name, Tensor | QuantizedWeight) pairs (see the
-    module docstring). dtype/device default to the model's `_load_dtype` / `_load_device` (set by
-    meta_model)."""
-    dtype = dtype or model._load_dtype
-    device = device if device is not None else model._load_device
+    module docstring), in `dtype` (default: the dtype of its meta parameters, the one meta_model built it
+    in) on `device`."""
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
     loader = TensorLoader(model, dtype, device, quantize, group_size)
     for name, value in named_tensors:
         loader.add(name, value, source)
@@ -302,12 +315,11 @@ def load_tensors(model: nn.Module, named_tensors: Iterable, source: str, quantiz
     return model
 
 
-def meta_model(cls, config: LlamaConfig, dtype: torch.dtype, device="cpu") -> nn.Module:
-    """An instance of `cls` whose parameters live on the meta device (no memory), ready for load_tensors."""
+def meta_model(cls, config: LlamaConfig, dtype: torch.dtype) -> nn.Module:
+    """An instance of `cls` whose parameters (of `dtype`) live on the meta device (no memory), ready for
+    load_tensors."""
     with torch.device("meta"):
-        model = cls(config, dtype=dtype)
-    model._load_dtype, model._load_device = dtype, torch.device(device)
-    return model
+        return cls(config, dtype=dtype)
 
 
 # ---- from_pretrained ------------------------------------------------------------------------------------
@@ -319,7 +331,7 @@ def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantiz
     torch.dtype. backend: the ops backend (None: the best one for each op on the tensors' device).
     transformers' spellings work too: torch_dtype= for dtype, device_map="cpu" / "cuda:0" for device (one
     device; the model is not split). dequantize: load a GGUF file's quantized tensors as dense weights
-    instead of natively (llama_fast.gguf_file)."""
+    instead of natively (llama_fast.formats.gguf)."""
     if torch_dtype is not None:
         if dtype not in ("auto", None):
             raise ValueError("pass dtype or torch_dtype, not both")
@@ -337,8 +349,7 @@ def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantiz
         raise FileNotFoundError(f"no such file or directory: {path}")
     gguf = _gguf_path(path)
     if gguf is not None:
-        from llama_fast.gguf_file import load_gguf
-        model = load_gguf(gguf, dtype, device, None, dequantize, quantize, group_size, cls=cls)
+        model = _load_gguf(cls, gguf, dtype, device, dequantize, quantize, group_size)
     else:
         model = _load_hf_directory(cls, path, dtype, device, quantize, group_size)
     model.set_backend(backend)
@@ -376,6 +387,18 @@ def _refuse_pickles(path: str) -> None:
             "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir, safe_serialization=True)")
 
 
+def _load_gguf(cls, path: str, dtype, device, dequantize: bool, quantize, group_size):
+    """`cls` from a Llama GGUF file. dtype "auto" is float32 (GGUF records no compute dtype; its norms are
+    F32). Q8_0 / Q4_0 / Q4_1 linear weights stay quantized (exact) unless dequantize=True; `quantize`
+    applies to dense ones only."""
+    reader = gguf_format.open_gguf(path)
+    config_dict = gguf_format.gguf_config(reader, path)
+    torch_dtype = dtype_from_name("float32" if dtype in ("auto", None) else dtype)
+    model = meta_model(cls, LlamaConfig.from_dict(config_dict), torch_dtype)
+    tensors = gguf_format.gguf_tensors(reader, config_dict, dequantize, torch_dtype, path)
+    return load_tensors(model, tensors, path, quantize, group_size, torch_dtype, device)
+
+
 def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
     if os.path.isfile(path):
         _refuse_pickles(path)
@@ -383,7 +406,7 @@ def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
     config = LlamaConfig.from_pretrained(path)
     files = _safetensors_files(path)
     torch_dtype = _resolve_dtype(dtype, config)
-    model = meta_model(cls, config, torch_dtype, device)
+    model = meta_model(cls, config, torch_dtype)
     loader = TensorLoader(model, torch_dtype, device, quantize, group_size)
     config_quant = getattr(config, "quantization_config", None)
     if config_quant is not None and config_quant.get("quant_method") != QUANT_METHOD:
@@ -540,7 +563,7 @@ def save_pretrained(model: nn.Module, directory, max_shard_size: int | str = "50
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     _remove_stale_weights(directory, keep=names)
     for name, shard in zip(names, shards):
-        safetensors_file.write(os.path.join(directory, name), shard)
+        safetensors_format.write(os.path.join(directory, name), shard)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for _, t in items)},
                  "weight_map": {tensor: name for name, shard in zip(names, shards) for tensor, _ in shard}}

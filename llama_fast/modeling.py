@@ -5,7 +5,9 @@ goes through llama_fast.ops (or llama_fast.linear.Linear, which calls ops.linear
 backend each module carries (`model.set_backend(...)`).
 
 Weights are fused: `self_attn.qkv_proj` holds the rows [q; k; v] and `mlp.gate_up_proj` the rows [gate; up]
-(one matmul each). llama_fast.loading maps transformers' names onto row ranges of these and back.
+(one matmul each). The classes declare how transformers' checkpoint names map onto them (the
+"checkpoint mapping" attributes of LlamaPreTrainedModel: which names are stacked in which fused rows, which
+modules are heads, which weights are tied); llama_fast.loading reads that declaration, in both directions.
 
 Padding and the cache. The KV cache stores each sequence's real tokens compactly from slot 0. In a chunk of T
 tokens whose row b starts with p_b pad tokens (attention_mask zeros, left padding only), the token in column
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_fast import ops
+from llama_fast import generation, loading, ops
 from llama_fast.cache import StaticCache, as_static_cache, left_padding
 from llama_fast.config import LlamaConfig
 from llama_fast.linear import Linear
@@ -61,7 +63,7 @@ class LlamaAttention(TracksWeights):
         self.backend: str | None = None
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias,
-                               dtype=dtype, device=device)
+                               dtype=dtype, device=device, output_sizes=(q_size, kv_size, kv_size))
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.attention_bias, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, step: _Step, cache: StaticCache, output_attentions: bool = False):
@@ -96,7 +98,7 @@ class LlamaMLP(TracksWeights):
         super().__init__()
         self.backend: str | None = None
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = Linear(h, 2 * i, bias=config.mlp_bias, dtype=dtype, device=device)
+        self.gate_up_proj = Linear(h, 2 * i, bias=config.mlp_bias, dtype=dtype, device=device, output_sizes=(i, i))
         self.down_proj = Linear(i, h, bias=config.mlp_bias, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,11 +140,45 @@ class LlamaDecoderLayer(TracksWeights):
         h, residual = ops.fused_add_rms_norm(attn_out, residual, norm.weight, norm.eps, backend=self.backend)
         return self.mlp(h), residual, probs
 
+    def decode_fields(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """This layer's weights as the CPU decode plan takes them (csrc/cpu/decode_step.cpp, add_layer): named
+        tensors and ints, the names being the attribute paths below the layer. The module's own tensors, not
+        copies, so that the plan sees in-place changes."""
+        tensors = {"input_layernorm": self.input_layernorm.weight,
+                   "post_attention_layernorm": self.post_attention_layernorm.weight}
+        ints = {}
+        for name, linear in (("qkv_proj", self.self_attn.qkv_proj), ("o_proj", self.self_attn.o_proj),
+                             ("gate_up_proj", self.mlp.gate_up_proj), ("down_proj", self.mlp.down_proj)):
+            if linear.quantized:
+                parts = {"qweight": linear.qweight, "scales": linear.scales, "offsets": linear.offsets}
+                ints[f"{name}.bits"], ints[f"{name}.group_size"] = linear.bits, linear.group_size
+            else:
+                parts = {"weight": linear.weight}
+                ints[f"{name}.bits"] = 0
+            parts["bias"] = linear.bias
+            tensors.update({f"{name}.{field}": t for field, t in parts.items() if t is not None})
+        return tensors, ints
+
 
 class LlamaPreTrainedModel(TracksWeights):
     """from_pretrained / save_pretrained / set_backend, shared by the three model classes."""
 
     config_class = LlamaConfig
+
+    # ---- the checkpoint mapping, read by llama_fast.loading (docs/DESIGN.md, "The checkpoint mapping") ----
+    # The submodule that holds the base model; a LlamaModel has none, so its checkpoint names lack the prefix.
+    base_model_prefix = "model"
+    # Fused linear -> the transformers linears stacked in its rows, in row order (as vLLM's
+    # packed_modules_mapping); each part's row count is the fused Linear's output_sizes entry.
+    packed_modules_mapping = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    # The output heads on top of the base model, in any class of the family. They stay dense under
+    # quantize= (not the decode bottleneck, their accuracy matters most, and lm_head may share the
+    # embedding table); a bare LlamaModel skips them in a checkpoint.
+    head_modules = ("lm_head", "score")
+    # Parameter -> the parameter it is, when config.tie_word_embeddings (a stored copy is redundant).
+    tied_weights: dict[str, str] = {}
+    # Checkpoint entries the model does not need (old checkpoints saved the rotary table).
+    unused_checkpoint_suffixes = ("rotary_emb.inv_freq",)
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -155,15 +191,13 @@ class LlamaPreTrainedModel(TracksWeights):
                         **kwargs):
         """Loads an HF directory (config.json + safetensors, single or sharded) or a .gguf file; see
         llama_fast.loading.from_pretrained."""
-        from llama_fast.loading import from_pretrained
-        return from_pretrained(cls, path, dtype=dtype, device=device, backend=backend, quantize=quantize,
-                               group_size=group_size, **kwargs)
+        return loading.from_pretrained(cls, path, dtype=dtype, device=device, backend=backend, quantize=quantize,
+                                       group_size=group_size, **kwargs)
 
     def save_pretrained(self, directory, max_shard_size: int | str = "50GB") -> None:
         """Writes config.json, model.safetensors (transformers' names; sharded past max_shard_size) and
         generation_config.json."""
-        from llama_fast.loading import save_pretrained
-        save_pretrained(self, directory, max_shard_size)
+        loading.save_pretrained(self, directory, max_shard_size)
 
     def set_backend(self, backend: str | None):
         """The ops backend of every layer: "torch", "cpu", "triton", "cuda" or None (best for the device)."""
@@ -336,6 +370,8 @@ class LlamaModel(LlamaPreTrainedModel):
 
 
 class LlamaForCausalLM(LlamaPreTrainedModel):
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
     def __init__(self, config: LlamaConfig, dtype: torch.dtype | None = None, device=None):
         super().__init__(config)
         self.model = LlamaModel(config, dtype, device)
@@ -370,8 +406,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
 
     def generate(self, *args, **kwargs):
         """Greedy or sampled generation: see llama_fast.generation.generate."""
-        from llama_fast.generation import generate
-        return generate(self, *args, **kwargs)
+        return generation.generate(self, *args, **kwargs)
 
     def get_output_embeddings(self) -> Linear:
         return self.lm_head

@@ -1,4 +1,4 @@
-"""Weight-only quantization: the affine group-wise format of DESIGN.md.
+"""Weight-only quantization: the affine group-wise format (docs/DESIGN.md, "Quantized weight format").
 
     w[n, k] = q[n, k] * scale[n, k // g] + offset[n, k // g]        (g = group_size; g = K is per channel)
 
@@ -10,7 +10,7 @@ scale / offset: [N, K // g] in fp16, bf16 or fp32.
 This one form holds GGUF Q4_0 (offset = -8 * scale), Q4_1 (scale, min) and Q8_0 exactly, and AWQ/GPTQ zero
 points (offset = -zero * scale). Backends may repack to faster layouts at load time; this layout is what is
 serialized: a quantized linear `x` is saved as x.qweight / x.scales / x.offsets (llama_fast.loading), and
-GGUF files load into it without requantizing (llama_fast.gguf_file).
+GGUF files load into it without requantizing (llama_fast.formats.gguf).
 
 quantize() is round to nearest: int4 asymmetric (offset = group min, scale = range / 15) or symmetric
 (codes 1..15 around 8); int8 symmetric (codes -127..127, no offset). linear.Linear holds the result as its

@@ -3,9 +3,9 @@ mapped to GGUF names, q_proj / k_proj rows permuted for interleaved rotary, tens
 quantized with the gguf package's own quantizers."""
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import torch
-import gguf
 
 Q = gguf.GGMLQuantizationType
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from llama_fast.bench import main, ratio_table
+from llama_fast.tools.bench import main, ratio_table
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")

@@ -3,9 +3,10 @@ prefill, transformers' cache forms are accepted, and a full fixed-size cache say
 import pytest
 import torch
 
-from conftest import left_padded_batch, load_hf, make_hf_model, max_rel_diff
 from llama_fast import LlamaForCausalLM, StaticCache
 from llama_fast.cache import CacheOverflowError
+
+from conftest import left_padded_batch, load_hf, make_hf_model, max_rel_diff
 
 CONFIG = dict(num_attention_heads=8, num_key_value_heads=2, rope_scaling={"type": "linear", "factor": 2.0})
 

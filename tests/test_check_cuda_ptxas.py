@@ -37,7 +37,7 @@ def checker():
 
 
 def test_parser_reads_registers_smem_and_spills(checker):
-    kernels = checker.parse_ptxas(CANNED, "norm.cu")
+    kernels = checker.parse_ptxas(CANNED, "rms_norm.cu")
     assert [(k.kernel, k.arch) for k in kernels] == [
         ("_ZN10llama_fast4cuda12_GLOBAL__N_114rms_norm_kernelIfLb1ELb0EEEvPKT_", "80"),
         ("_Z6spillyv", "80"), ("_Z4tinyv", "90")]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llama_fast
-from llama_fast.cli import main
+from llama_fast.tools.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_cli(*args, env=None):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
                **(env or {}))
-    return subprocess.run([sys.executable, "-m", "llama_fast.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "llama_fast", *args], capture_output=True, text=True,
                           env=env, timeout=300)
 
 
@@ -109,9 +109,9 @@ def test_chat_without_template_is_one_line(tiny_dir, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory):
-    """The embedded model converted once into a fresh cache (the GGUF loader comes from llama_fast.gguf_file)."""
-    pytest.importorskip("llama_fast.gguf_file", reason="llama_fast's GGUF loader is not in this build")
-    from llama_fast import demo
+    """The embedded model converted once into a fresh cache (the GGUF loader comes from llama_fast.formats.gguf)."""
+
+    from llama_fast.tools import demo
 
     try:
         demo.find_demo_gguf()
@@ -133,7 +133,7 @@ def demo_cache(tmp_path_factory):
 def test_demo_model_is_converted_once_and_cached(demo_cache):
     import time
 
-    from llama_fast import demo
+    from llama_fast.tools import demo
 
     files = set(os.listdir(demo_cache))
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
@@ -154,7 +154,7 @@ def test_demo_model_is_converted_once_and_cached(demo_cache):
 
 @pytest.mark.slow
 def test_demo_model_dense_form_holds_the_same_numbers(demo_cache):
-    from llama_fast import demo
+    from llama_fast.tools import demo
 
     dense_dir = demo.demo_model_dir(progress=False, native=False)
     assert dense_dir != demo_cache

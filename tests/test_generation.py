@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import llama_fast
-from conftest import assert_greedy_agrees
 from llama_fast.generation import generate, warp_logits
+
+from conftest import assert_greedy_agrees
 
 transformers = pytest.importorskip("transformers")
 
@@ -120,8 +121,12 @@ def test_sampling_is_reproducible(gqa_model):
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 10, 0.6)])
 def test_warpers_match_transformers(temperature, top_k, top_p):
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     logits = torch.randn(4, 83, generator=torch.Generator().manual_seed(0)) * 3
     warpers = LogitsProcessorList()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import llama_fast
+
 from conftest import assert_greedy_agrees
 
 transformers = pytest.importorskip("transformers")
@@ -68,7 +69,8 @@ def test_greedy_64_tokens_batch_of_3_equals_transformers(ref_model, our_model, b
     try:
         assert_greedy_agrees(got, expected, enc.input_ids.shape[1], rel_tol=1e-4)
     except AssertionError as e:
-        pytest.fail(f"{e}\nours:   {tok.batch_decode(got[:, enc.input_ids.shape[1]:], skip_special_tokens=True)}\n"
-                    f"theirs: {tok.batch_decode(expected.sequences[:, enc.input_ids.shape[1]:], skip_special_tokens=True)}")
+        new = enc.input_ids.shape[1]
+        pytest.fail(f"{e}\nours:   {tok.batch_decode(got[:, new:], skip_special_tokens=True)}\n"
+                    f"theirs: {tok.batch_decode(expected.sequences[:, new:], skip_special_tokens=True)}")
     answers = tok.batch_decode(got[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answers[0]

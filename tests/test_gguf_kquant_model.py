@@ -11,7 +11,7 @@ import gguf
 import gguf_util as G
 from kquant_util import random_blocks
 from llama_fast import LlamaForCausalLM, kquants
-from llama_fast.gguf_file import GGUFError, read_gguf
+from llama_fast.formats.gguf import GGUFError, read_gguf
 
 Q = gguf.GGMLQuantizationType
 

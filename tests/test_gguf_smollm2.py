@@ -2,13 +2,13 @@
 native tensors bit-exact against the gguf package's dequantization; config equal to what transformers reads
 from the same file; the model's logits (native and dequantized, and after save_pretrained) equal to those of
 transformers loaded from the GGUF (conftest's demo_reference)."""
+import gguf
 import numpy as np
 import pytest
 import torch
-import gguf
 
 from llama_fast import LlamaForCausalLM
-from llama_fast.gguf_file import gguf_config, gguf_tensor, open_gguf
+from llama_fast.formats.gguf import gguf_config, gguf_tensors, hf_name, open_gguf
 from llama_fast.quant import QuantizedWeight
 
 import gguf_util as G
@@ -30,10 +30,12 @@ SAMPLE_LAYERS = (0, 17, 29)
 def test_native_tensors_equal_gguf_dequantize(reader):
     path, r, config = reader
     checked = 0
-    for t in r.tensors:
-        if t.name != "token_embd.weight" and not any(t.name.startswith(f"blk.{n}.") for n in SAMPLE_LAYERS):
+    by_name = {hf_name(t.name): t for t in r.tensors}
+    sampled = ("model.embed_tokens.weight",) + tuple(f"model.layers.{n}." for n in SAMPLE_LAYERS)
+    for name, value in gguf_tensors(r, config, path=str(path)):
+        if not name.startswith(sampled):
             continue
-        name, value = gguf_tensor(t, config, path=str(path))
+        t = by_name[name]
         theirs = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(value.shape))
         if t.tensor_type.name == "F32":
             assert isinstance(value, torch.Tensor) and torch.equal(value, theirs), name

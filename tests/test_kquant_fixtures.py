@@ -10,7 +10,7 @@ import torch
 import gguf
 from conftest import assert_top1_agrees, max_rel_diff
 from llama_fast import LlamaForCausalLM
-from llama_fast.gguf_file import read_gguf
+from llama_fast.formats.gguf import read_gguf
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 FIXTURES = {"Q4_K_M": {"Q4_K", "Q6_K"}, "Q5_K_M": {"Q5_K", "Q6_K"}, "Q6_K": {"Q6_K"},

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from conftest import load_hf, make_hf_model, max_rel_diff
 from llama_fast import LlamaForCausalLM, LlamaModel, quant
 from llama_fast.linear import Linear
+
+from conftest import load_hf, make_hf_model, max_rel_diff
 
 IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(11))
 

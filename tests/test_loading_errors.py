@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_hf_model
 from llama_fast import LlamaForCausalLM
 from llama_fast.loading import CheckpointError
+
+from conftest import make_hf_model
 
 
 @pytest.fixture

@@ -3,8 +3,9 @@ loads the directory and its logits on a 64-token text match transformers' model 
 import pytest
 import torch
 
-from conftest import assert_top1_agrees, max_rel_diff
 from llama_fast import LlamaForCausalLM
+
+from conftest import assert_top1_agrees, max_rel_diff
 
 
 @pytest.mark.slow

@@ -4,10 +4,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_hf_model, max_rel_diff, tiny_config
 from llama_fast import LlamaConfig, LlamaForCausalLM, quant
 from llama_fast.linear import Linear
 from llama_fast.loading import CheckpointError, load_tensors, meta_model
+
+from conftest import make_hf_model, max_rel_diff, tiny_config
 
 IDS = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
 

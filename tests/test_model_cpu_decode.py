@@ -110,9 +110,9 @@ def test_decode_plan_is_built_once_and_follows_weight_changes(tmp_path, count_fu
     model = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32")
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
     _step_logits(model, ids)
-    plan = cpu_decode._PLANS[model.model][2]
+    plan = cpu_decode._PLANS[model.model][3]
     _step_logits(model, ids)
-    assert cpu_decode._PLANS[model.model][2] is plan and len(count_fused) == 2
+    assert cpu_decode._PLANS[model.model][3] is plan and len(count_fused) == 2
 
     layers = model.model.layers
     changes = [
@@ -134,7 +134,7 @@ def test_decode_plan_is_built_once_and_follows_weight_changes(tmp_path, count_fu
 
     model.to(torch.bfloat16)
     got = _step_logits(model, ids)
-    assert got.dtype == torch.bfloat16 and cpu_decode._PLANS[model.model][2] is not plan
+    assert got.dtype == torch.bfloat16 and cpu_decode._PLANS[model.model][3] is not plan
 
 
 def test_decode_plan_rejects_weights_broken_in_place(tmp_path):
@@ -145,5 +145,23 @@ def test_decode_plan_rejects_weights_broken_in_place(tmp_path):
     _step_logits(model, ids)
     norm = model.model.layers[1].input_layernorm.weight
     norm.data = torch.ones(norm.shape[0] + 1)   # same Parameter, now the wrong size
-    with pytest.raises(RuntimeError, match="layer 1 norm weights must be"):
+    with pytest.raises(RuntimeError, match="layer 1 input_layernorm must be"):
         _step_logits(model, ids)
+
+
+def test_changing_one_models_weights_keeps_the_other_models_plan(tmp_path):
+    """Weight versions are per model: re-quantizing a layer of one model rebuilds that model's plan only."""
+    import conftest
+    conftest.make_hf_model(tmp_path)
+    a = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32")
+    b = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32")
+    ids = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(3))
+    _step_logits(a, ids)
+    _step_logits(b, ids)
+    plan_a, plan_b = cpu_decode._PLANS[a.model][3], cpu_decode._PLANS[b.model][3]
+    a.model.layers[0].mlp.down_proj.quantize_(4, group_size=32)
+    got_a = _step_logits(a, ids)
+    _step_logits(b, ids)
+    assert cpu_decode._PLANS[a.model][3] is not plan_a
+    assert cpu_decode._PLANS[b.model][3] is plan_b
+    assert conftest.max_rel_diff(got_a, _step_logits(_reference_copy(a), ids)) <= 1e-4

@@ -1,5 +1,5 @@
 """llama_fast's LlamaForCausalLM against transformers' on tiny random configs (fp32 to rounding, bf16 within
-the budget of DESIGN.md), with the reference backend ("torch") and the default one (None)."""
+the budget of docs/KERNELS.md, "Tolerance"), with the reference backend ("torch") and the default one (None)."""
 import pytest
 import torch
 

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from conftest import make_hf_model
 from llama_fast import LlamaForCausalLM
+
+from conftest import make_hf_model
 
 
 @pytest.fixture(scope="module")

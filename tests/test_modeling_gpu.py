@@ -3,8 +3,9 @@ present (the CUDA and Triton backends add their own model tests)."""
 import pytest
 import torch
 
-from conftest import left_padded_batch, load_hf, make_hf_model, max_rel_diff
 from llama_fast import LlamaForCausalLM
+
+from conftest import left_padded_batch, load_hf, make_hf_model, max_rel_diff
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

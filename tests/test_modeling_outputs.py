@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from conftest import load_hf, make_hf_model, max_rel_diff
 from llama_fast import LlamaForCausalLM, LlamaModel
+
+from conftest import load_hf, make_hf_model, max_rel_diff
 
 CONFIG = dict(num_attention_heads=8, num_key_value_heads=2, attention_bias=True)
 

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from conftest import load_hf, make_hf_model, max_rel_diff
 from llama_fast import LlamaForSequenceClassification
+
+from conftest import load_hf, make_hf_model, max_rel_diff
 
 PAD = 0
 CONFIG = dict(pad_token_id=PAD, num_labels=3, num_key_value_heads=1)

@@ -26,6 +26,9 @@ def test_wheel_contains_kernels_and_extension(wheel):
     assert "llama_fast/kernels/__init__.py" in names
     assert any(n.startswith("llama_fast/_C") and n.endswith(".so") for n in names)
     assert not any(n.startswith(("tests/", "benchmarks/", "kernels/")) for n in names)
+    # every module of the package, sub-packages included (setup.py lists them)
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "llama_fast").rglob("*.py")}
+    assert modules <= set(names), sorted(modules - set(names))
 
 
 def test_non_editable_install_imports_kernels(wheel, tmp_path):
@@ -37,7 +40,8 @@ def test_non_editable_install_imports_kernels(wheel, tmp_path):
         "print(llama_fast.__file__); print(llama_fast.kernels.__file__)\n"
         "assert n.missing_reason() is None, n.missing_reason()\n"
         "x = torch.randn(2, 8); w = torch.ones(8)\n"
-        "print(float((torch.ops.llama_fast.rms_norm(x, w, 1e-6) - llama_fast.ops.rms_norm(x, w, backend='torch')).abs().max()))\n"
+        "err = torch.ops.llama_fast.rms_norm(x, w, 1e-6) - llama_fast.ops.rms_norm(x, w, backend='torch')\n"
+        "print(float(err.abs().max()))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(target))
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -171,5 +171,6 @@ def test_inconsistent_parts_are_rejected():
 
 
 def test_group_size_error_suggests_one_that_fits():
-    with pytest.raises(ValueError, match=r"qkv_proj.weight: group_size 128 does not divide K=576 \(group_size=64 does\)"):
+    with pytest.raises(ValueError,
+                       match=r"qkv_proj.weight: group_size 128 does not divide K=576 \(group_size=64 does\)"):
         quantize(torch.randn(4, 576), 4, 128, name="qkv_proj.weight")

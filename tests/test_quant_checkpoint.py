@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-import gguf_util as G
 from llama_fast import LlamaForCausalLM
-from llama_fast.gguf_file import read_gguf
+from llama_fast.formats.gguf import read_gguf
 from llama_fast.linear import Linear
 from llama_fast.loading import CheckpointError
+
+import gguf_util as G
 
 transformers = pytest.importorskip("transformers")
 
@@ -141,8 +142,9 @@ def test_bad_quantized_checkpoints(tmp_path):
         LlamaForCausalLM.from_pretrained(tmp_path / "d")
 
     # scales that do not fit their codes: the error names the file and the layer
-    from llama_fast.safetensors_file import write as write_safetensors
     from safetensors import safe_open
+
+    from llama_fast.formats.safetensors import write as write_safetensors
     cfg["quantization_config"]["quant_method"] = "llama_fast"
     cfg_file.write_text(json.dumps(cfg))
     weights = tmp_path / "d" / "model.safetensors"
@@ -156,7 +158,8 @@ def test_bad_quantized_checkpoints(tmp_path):
         LlamaForCausalLM.from_pretrained(tmp_path / "d")
     del items["model.layers.0.mlp.up_proj.scales"]
     write_safetensors(str(weights), items.items())
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.layers.0.mlp.up_proj.scales is missing"):
+    with pytest.raises(CheckpointError,
+                       match=r"model.safetensors: tensor model.layers.0.mlp.up_proj.scales is missing"):
         LlamaForCausalLM.from_pretrained(tmp_path / "d")
 
 

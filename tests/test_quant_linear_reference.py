@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from llama_fast import ops
-from llama_fast.linear import Linear, dequantize_linears_, quantize_linears_
+from llama_fast.linear import Linear, dequantize_linears_
 from llama_fast.quant import quantize
 
 
@@ -81,7 +81,8 @@ def test_linear_state_dict_round_trip():
     assert sd["qweight"].dtype == torch.uint8 and sd["qweight"].shape == (7, 64)
     assert sd["scales"].shape == sd["offsets"].shape == (7, 4) and sd["scales"].dtype == torch.float16
 
-    dst = Linear(128, 7).make_quantized_(4, 32, torch.float16, has_offset=True)
+    dst = Linear(128, 7)
+    dst.set_quantized(make(7, 128, 4, 32, dtype=torch.float16))   # same format, other numbers
     dst.load_state_dict(sd)
     assert torch.equal(dst.quantized_weight().dequantize(), src.quantized_weight().dequantize())
     moved = dst.to(torch.float32)  # module .to() casts the floating buffers (the scales), not the codes
@@ -90,11 +91,12 @@ def test_linear_state_dict_round_trip():
 
 def test_linear_rejects_mismatched_quantized_weight():
     layer = Linear(128, 7)
-    with pytest.raises(ValueError, match=r"o_proj.weight: quantized weight has shape \(7, 64\), layer expects \(7, 128\)"):
+    with pytest.raises(ValueError,
+                       match=r"o_proj.weight: quantized weight has shape \(7, 64\), layer expects \(7, 128\)"):
         layer.set_quantized(make(7, 64, 4, 32), name="o_proj.weight")
 
 
-def test_model_wide_quantize_and_dequantize():
+def test_model_wide_dequantize():
     model = torch.nn.Module()
     model.block = torch.nn.Module()
     model.block.up = Linear(64, 32)
@@ -102,12 +104,13 @@ def test_model_wide_quantize_and_dequantize():
     for layer in (model.block.up, model.lm_head):
         torch.nn.init.normal_(layer.weight)
     dense_up = model.block.up.weight.detach().clone()
-    quantize_linears_(model, 4, group_size=32)
-    assert model.block.up.quantized and not model.lm_head.quantized  # the head stays dense by default
+    model.block.up.quantize_(4, group_size=32, name="block.up.weight")
     expected = model.block.up.quantized_weight().dequantize(torch.float32)
     assert (expected - dense_up).abs().max() > 0
     dequantize_linears_(model, torch.float32)
     assert not model.block.up.quantized and set(model.block.up.state_dict()) == {"weight"}
+    # Exact: dequantize_ stores the same fp32 dequantization as quantized_weight().dequantize().
     assert torch.equal(model.block.up.weight, expected)
+    assert not model.lm_head.quantized    # a dense layer is left as it is
     with pytest.raises(ValueError, match="block.up.weight: group_size 48 does not divide K=64"):
-        quantize_linears_(model, 4, group_size=48)
+        model.block.up.quantize_(4, group_size=48, name="block.up.weight")

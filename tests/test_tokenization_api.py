@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from llama_fast import AutoTokenizer
-from llama_fast.chat_template import TemplateError
+from llama_fast.tokenization.chat_template import TemplateError
 
 
 @pytest.fixture
 def tok_dir(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     words = ["<unk>", "<s>", "</s>", "hello", "world", "a", "b", "c", "Ġ"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

@@ -58,7 +58,8 @@ def test_batch_left_padding_matches(ours, ref):
     b = ref(texts, padding=True, return_tensors="pt")
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a.attention_mask, b["attention_mask"])
     assert a.input_ids[0, 0].item() == ours.pad_token_id  # padded on the left
-    assert ours.batch_decode(a.input_ids, skip_special_tokens=True) == ref.batch_decode(b["input_ids"], skip_special_tokens=True)
+    assert (ours.batch_decode(a.input_ids, skip_special_tokens=True)
+            == ref.batch_decode(b["input_ids"], skip_special_tokens=True))
 
 
 def test_chat_template_matches(ours, ref):
@@ -68,7 +69,8 @@ def test_chat_template_matches(ours, ref):
         ids = ours.apply_chat_template(CHAT, add_generation_prompt=add, return_tensors="pt")["input_ids"]
         ref_ids = ref.apply_chat_template(CHAT, add_generation_prompt=add, return_tensors="pt")["input_ids"]
         assert torch.equal(ids, ref_ids)
-    assert ours.apply_chat_template(CHAT, return_dict=False) == ours.encode(ours.apply_chat_template(CHAT, tokenize=False))
+    text = ours.apply_chat_template(CHAT, tokenize=False)
+    assert ours.apply_chat_template(CHAT, return_dict=False) == ours.encode(text)
 
 
 def test_saved_directory_reloads_identically(ours, ref, tmp_path):
@@ -86,7 +88,7 @@ def test_sentencepiece_style_gguf_matches_transformers(tmp_path):
     import gguf
     import numpy as np
 
-    from llama_fast.sentencepiece_model import load_sentencepiece_model
+    from llama_fast.tokenization.sentencepiece_model import load_sentencepiece_model
 
     (tmp_path / "train").mkdir()
     sp = load_sentencepiece_model(train_sentencepiece(str(tmp_path / "train")))
@@ -109,7 +111,8 @@ def test_sentencepiece_style_gguf_matches_transformers(tmp_path):
     for s in TRICKY_STRINGS + with_special_tokens(["<s>", "</s>"]):
         ids = ours.encode(s)
         assert ids == ref.encode(s), s
-        assert ours.decode(ids) == ref.decode(ids) and ours.decode(ids, True) == ref.decode(ids, skip_special_tokens=True)
+        assert ours.decode(ids) == ref.decode(ids)
+        assert ours.decode(ids, True) == ref.decode(ids, skip_special_tokens=True)
 
 
 def test_unsupported_gguf_tokenizer_is_a_clear_error(tmp_path):

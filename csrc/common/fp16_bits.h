@@ -42,9 +42,9 @@ LF_HD uint16_t float_to_half_bits(float f) {
   if (abs >= 0x47800000u) {  // >= 65536: past the largest finite after rounding -> inf
     return static_cast<uint16_t>(sign | 0x7C00u);
   }
-  if (abs >= 0x38800000u) {  // normal fp16 range (>= 2^-14)
+  if (abs >= 0x38800000u) {                           // normal fp16 range (>= 2^-14)
     uint32_t r = abs + 0x0FFFu + ((abs >> 13) & 1u);  // round to nearest even at bit 13
-    r -= 112u << 23;                                   // rebias 127 -> 15
+    r -= 112u << 23;                                  // rebias 127 -> 15
     if (r >= (0x1Fu << 23)) return static_cast<uint16_t>(sign | 0x7C00u);
     return static_cast<uint16_t>(sign | (r >> 13));
   }

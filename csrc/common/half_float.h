@@ -30,7 +30,7 @@ LF_HD uint16_t float_to_bf16_bits(float f) {
   std::memcpy(&u, &f, sizeof u);
 #endif
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  u += 0x7fffu + ((u >> 16) & 1u);                                                      // round to nearest even
   return static_cast<uint16_t>(u >> 16);
 }
 

@@ -20,8 +20,8 @@
 namespace llama_fast {
 namespace quant {
 
-constexpr int kInt4Max = 15;      // int4 codes are 0..15
-constexpr int kInt8Min = -128;    // int8 codes are -128..127
+constexpr int kInt4Max = 15;    // int4 codes are 0..15
+constexpr int kInt8Min = -128;  // int8 codes are -128..127
 constexpr int kInt8Max = 127;
 
 // Bytes per row of codes for K input elements.
@@ -47,14 +47,12 @@ LF_HD uint8_t int4_pack_pair(int even_code, int odd_code) {
 LF_HD float dequant_value(int code, float scale, float offset) { return static_cast<float>(code) * scale + offset; }
 
 // Element k of a row, given that row's scales and offsets widened to float (offsets may be null).
-LF_HD float dequant_int4(const uint8_t* row, const float* scales, const float* offsets, int64_t k,
-                         int64_t group_size) {
+LF_HD float dequant_int4(const uint8_t* row, const float* scales, const float* offsets, int64_t k, int64_t group_size) {
   const int64_t g = group_of(k, group_size);
   return dequant_value(int4_code(row, k), scales[g], offsets ? offsets[g] : 0.0f);
 }
 
-LF_HD float dequant_int8(const int8_t* row, const float* scales, const float* offsets, int64_t k,
-                         int64_t group_size) {
+LF_HD float dequant_int8(const int8_t* row, const float* scales, const float* offsets, int64_t k, int64_t group_size) {
   const int64_t g = group_of(k, group_size);
   return dequant_value(int8_code(row, k), scales[g], offsets ? offsets[g] : 0.0f);
 }

@@ -23,8 +23,8 @@ constexpr int64_t kFewRows = 8;       // tasks of at most this many rows (decode
 int64_t key_chunk_alignment() { return 16; }
 
 template <typename T>
-void finalize(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t nsplit,
-              const float* part, int64_t part_stride) {
+void finalize(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t nsplit, const float* part,
+              int64_t part_stride) {
   const int64_t G = a.hq / a.hkv, D = a.head_dim, R = (i1 - i0) * G;
   T* out = static_cast<T*>(a.out);
   for (int64_t r = 0; r < R; ++r) {
@@ -37,7 +37,10 @@ void finalize(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t 
     float acc[1024];
     float* accp = D <= 1024 ? acc : nullptr;
     std::vector<float> big;
-    if (accp == nullptr) { big.assign(D, 0.f); accp = big.data(); }
+    if (accp == nullptr) {
+      big.assign(D, 0.f);
+      accp = big.data();
+    }
     for (int64_t d = 0; d < D; ++d) accp[d] = 0.f;
     if (mmax != -std::numeric_limits<float>::infinity()) {
       for (int64_t s = 0; s < nsplit; ++s) {
@@ -51,8 +54,10 @@ void finalize(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t 
     }
     const float inv = l > 0.f ? 1.f / l : 0.f;  // a row with no valid key gives zeros
     for (int64_t d = 0; d < D; ++d) {
-      if constexpr (std::is_same<T, float>::value) dst[d] = accp[d] * inv;
-      else dst[d] = float_to_bf16_bits(accp[d] * inv);
+      if constexpr (std::is_same<T, float>::value)
+        dst[d] = accp[d] * inv;
+      else
+        dst[d] = float_to_bf16_bits(accp[d] * inv);
     }
   }
 }
@@ -88,32 +93,36 @@ void attention(const AttentionArgs& a) {
   // the calling thread: a fork/join costs as much, and far more when a helper thread is not running now.
   const bool small = a.tq * kmax * a.hq * D < (1 << 18);
   parallel_for(work, small ? work : 1, [&](int64_t w0, int64_t w1) {
-  for (int64_t w = w0; w < w1; ++w) {
-    const int64_t split = w % nsplit, task = w / nsplit;
-    const int64_t q_block = task % nqb, bh = task / nqb, h = bh % a.hkv, b = bh / a.hkv;
-    const int64_t i0 = q_block * qb, i1 = std::min(a.tq, i0 + qb);
-    const int64_t k0 = split * chunk, k1 = std::min(kmax, k0 + chunk);
-    const int64_t R = (i1 - i0) * G;
-    float* p = base + w * part_stride;
-    if (R <= kFewRows) {
-      if (a.bf16) LF_DISPATCH(attention_task_few_rows<uint16_t>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
-      else LF_DISPATCH(attention_task_few_rows<float>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
-    } else if (a.bf16) {
-      LF_DISPATCH(attention_task<uint16_t>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
-    } else {
-      LF_DISPATCH(attention_task<float>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t split = w % nsplit, task = w / nsplit;
+      const int64_t q_block = task % nqb, bh = task / nqb, h = bh % a.hkv, b = bh / a.hkv;
+      const int64_t i0 = q_block * qb, i1 = std::min(a.tq, i0 + qb);
+      const int64_t k0 = split * chunk, k1 = std::min(kmax, k0 + chunk);
+      const int64_t R = (i1 - i0) * G;
+      float* p = base + w * part_stride;
+      if (R <= kFewRows) {
+        if (a.bf16)
+          LF_DISPATCH(attention_task_few_rows<uint16_t>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
+        else
+          LF_DISPATCH(attention_task_few_rows<float>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
+      } else if (a.bf16) {
+        LF_DISPATCH(attention_task<uint16_t>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
+      } else {
+        LF_DISPATCH(attention_task<float>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
+      }
     }
-  }
   });
   // Each task's splits have the same row count R, stored with stride part_stride (m, l, acc at R-offsets).
   parallel_for(tasks, a.tq * a.hq * D >= 65536 ? 1 : tasks, [&](int64_t t0, int64_t t1) {
-  for (int64_t task = t0; task < t1; ++task) {
-    const int64_t q_block = task % nqb, bh = task / nqb, h = bh % a.hkv, b = bh / a.hkv;
-    const int64_t i0 = q_block * qb, i1 = std::min(a.tq, i0 + qb);
-    const float* p = base + task * nsplit * part_stride;
-    if (a.bf16) finalize<uint16_t>(a, b, h, i0, i1, nsplit, p, part_stride);
-    else finalize<float>(a, b, h, i0, i1, nsplit, p, part_stride);
-  }
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t q_block = task % nqb, bh = task / nqb, h = bh % a.hkv, b = bh / a.hkv;
+      const int64_t i0 = q_block * qb, i1 = std::min(a.tq, i0 + qb);
+      const float* p = base + task * nsplit * part_stride;
+      if (a.bf16)
+        finalize<uint16_t>(a, b, h, i0, i1, nsplit, p, part_stride);
+      else
+        finalize<float>(a, b, h, i0, i1, nsplit, p, part_stride);
+    }
   });
 }
 

@@ -27,12 +27,17 @@ Isa detect() {
 
 Isa parse_and_clamp(const char* env, Isa best) {
   Isa want;
-  if (!std::strcmp(env, "portable")) want = Isa::kPortable;
-  else if (!std::strcmp(env, "avx2")) want = Isa::kAvx2;
-  else if (!std::strcmp(env, "avx512")) want = Isa::kAvx512;
-  else if (!std::strcmp(env, "avx512_bf16")) want = Isa::kAvx512Bf16;
-  else throw std::invalid_argument(std::string("LLAMA_FAST_CPU_ISA=") + env +
-                                   " is not one of portable, avx2, avx512, avx512_bf16");
+  if (!std::strcmp(env, "portable"))
+    want = Isa::kPortable;
+  else if (!std::strcmp(env, "avx2"))
+    want = Isa::kAvx2;
+  else if (!std::strcmp(env, "avx512"))
+    want = Isa::kAvx512;
+  else if (!std::strcmp(env, "avx512_bf16"))
+    want = Isa::kAvx512Bf16;
+  else
+    throw std::invalid_argument(std::string("LLAMA_FAST_CPU_ISA=") + env +
+                                " is not one of portable, avx2, avx512, avx512_bf16");
   // Never go above what the CPU has: forcing avx512 on an AVX2 machine would crash with SIGILL.
   return static_cast<int>(want) < static_cast<int>(best) ? want : best;
 }

@@ -1,4 +1,4 @@
-// LLAMA_FAST_DECODE_PROFILE=1: wall time of each phase of cpu_decode_layers, summed over calls and printed (as
+// LLAMA_FAST_DECODE_PROFILE=1: wall time of each phase of cpu_decode_step, summed over calls and printed (as
 // microseconds per call) to stderr when the process exits. Off, each mark costs one predictable branch.
 #pragma once
 #include <chrono>
@@ -40,11 +40,11 @@ class DecodeProfile {
         .count();
   }
   void print() const {
-    static const char* names[kCount] = {"checks", "norms", "qkv_proj", "rotary", "store_kv", "attention",
-                                        "o_proj", "gate_up_proj", "silu_and_mul", "down_proj"};
+    static const char* names[kCount] = {"checks",    "norms",  "qkv_proj",     "rotary",       "store_kv",
+                                        "attention", "o_proj", "gate_up_proj", "silu_and_mul", "down_proj"};
     if (calls_ == 0) return;
     double sum = 0;
-    std::fprintf(stderr, "cpu_decode_layers, us per call over %lld calls:\n", static_cast<long long>(calls_));
+    std::fprintf(stderr, "cpu_decode_step, us per call over %lld calls:\n", static_cast<long long>(calls_));
     for (int i = 0; i < kCount; ++i) {
       const double us = static_cast<double>(total_[i]) / 1e3 / static_cast<double>(calls_);
       sum += us;

@@ -5,17 +5,18 @@
 // ~12 Python op calls per layer (several microseconds each, ~3 ms per token for 30 layers) that would
 // otherwise cost as much as the weights' memory traffic of a small model.
 //
-// Weights come as one flat list, per layer: [input_norm, post_attention_norm, then for qkv, o, gate_up, down:
-// weight (dense [N, K], or int4/int8 qweight), scale, offset, bias] (None where absent), and linear_meta per
-// layer: [bits, group_size] x 4 (bits 0 = dense).
+// The weights come per layer as named fields (LlamaDecoderLayer.decode_fields in llama_fast/modeling.py builds
+// them; the names are the modules' attribute paths): tensors "input_layernorm", "post_attention_layernorm" and,
+// for each projection P in qkv_proj, o_proj, gate_up_proj, down_proj, "P.weight" (dense [N, K]) or "P.qweight",
+// "P.scales", "P.offsets" (csrc/common/quant_format.h), optionally "P.bias"; ints "P.bits" (0 = dense) and
+// "P.group_size". An unknown or missing name is an error, so Python and C++ cannot silently disagree.
 //
-// Two entry points share one DecodePlan:
-//  - llama_fast.CpuDecodePlan (a torch custom class) is built once per model (llama_fast/ops/cpu_decode.py):
-//    it validates the ~400 weight tensors once and keeps the scratch buffers, and cpu_decode_step(plan, ...)
-//    runs a step with only the per-step arguments to check. Before each step the plan compares every weight's
-//    data pointer, dtype and shape with what it validated (a few ns each) and re-validates on any change, so
-//    a weight changed in place (param.data = ..., resize_) can never be read through stale pointers.
-//  - cpu_decode_layers(hidden, weights, ...) builds a throwaway plan per call (tests, one-off use).
+// llama_fast.CpuDecodePlan (a torch custom class) is built once per model (llama_fast/ops/cpu_decode.py) with
+// add_layer() per layer: it validates the ~400 weight tensors once and keeps the scratch buffers, and
+// cpu_decode_step(plan, ...) runs a step with only the per-step arguments to check. Before each step the plan
+// compares every weight's data pointer, dtype and shape with what it validated (a few ns each) and re-validates
+// on any change, so a weight changed in place (param.data = ..., resize_) can never be read through stale
+// pointers.
 #include <torch/all.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -25,18 +26,30 @@
 
 #include "cpu/decode_profile.h"
 #include "cpu/kernels.h"
+#include "cpu/torch_args.h"
 
 namespace llama_fast {
 namespace {
 
-constexpr int64_t kSlotsPerLayer = 2 + 4 * 4;
-constexpr int64_t kMaxRows = 8;  // the GEMV kernels' batch: decode only
-constexpr const char* kOp = "cpu_decode_layers";
+constexpr int64_t kMaxRows = cpu::kMaxGemvRows;  // decode steps only: the GEMV kernels' batch
+constexpr const char* kOp = "cpu_decode_step";
+constexpr const char* kLinearNames[4] = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"};
+
+// One projection's named fields, as add_layer received them.
+struct LinearFields {
+  std::optional<at::Tensor> weight, qweight, scales, offsets, bias;
+  int64_t bits = 0, group_size = 0;
+};
+
+struct LayerFields {
+  std::optional<at::Tensor> input_norm, post_norm;
+  LinearFields linear[4];  // in kLinearNames order
+};
 
 using Profile = cpu::DecodeProfile;
 
 struct LinearRef {
-  const at::Tensor* w;
+  const at::Tensor* w;  // weight (dense) or qweight
   const at::Tensor* scale;
   const at::Tensor* offset;
   const at::Tensor* bias;
@@ -48,15 +61,6 @@ struct LinearRef {
   const void* dense;
   const void* bias_ptr;
 };
-
-cpu::ScaleType scale_type_of(const at::Tensor& s) {
-  switch (s.scalar_type()) {
-    case at::kFloat: return cpu::ScaleType::kF32;
-    case at::kHalf: return cpu::ScaleType::kF16;
-    case at::kBFloat16: return cpu::ScaleType::kBF16;
-    default: TORCH_CHECK(false, kOp, ": scale must be float32, float16 or bfloat16, got ", s.scalar_type());
-  }
-}
 
 // Smallest and largest of an int32/int64 tensor of a few elements (positions, slots, kv_lens), without a
 // torch reduction (each costs microseconds).
@@ -73,29 +77,48 @@ std::pair<int64_t, int64_t> min_max(const at::Tensor& t) {
 
 class DecodePlan : public torch::CustomClassHolder {
  public:
-  DecodePlan(const c10::List<std::optional<at::Tensor>>& weights, std::vector<int64_t> linear_meta,
-             at::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps)
-      : meta_(std::move(linear_meta)), final_norm_(std::move(final_norm)), heads_(num_heads),
-        kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps) {
+  DecodePlan(at::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps)
+      : final_norm_(std::move(final_norm)), heads_(num_heads), kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps) {
     TORCH_CHECK(final_norm_.device().is_cpu() && final_norm_.dim() == 1 && final_norm_.is_contiguous() &&
                     (final_norm_.scalar_type() == at::kFloat || final_norm_.scalar_type() == at::kBFloat16),
                 kOp, ": final_norm must be a contiguous 1-D float32 or bfloat16 CPU tensor");
     dtype_ = final_norm_.scalar_type();
     hs_ = final_norm_.size(0);
-    layers_ = static_cast<int64_t>(weights.size()) / kSlotsPerLayer;
-    TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers_ * kSlotsPerLayer &&
-                    static_cast<int64_t>(meta_.size()) == layers_ * 8,
-                kOp, ": expected ", kSlotsPerLayer, " weight slots and 8 meta ints per layer");
     TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0 && head_dim % 2 == 0, kOp, ": bad head counts");
-    weights_.reserve(weights.size() + 1);
-    for (size_t i = 0; i < weights.size(); ++i) weights_.push_back(weights.get(i));
-    weights_.push_back(final_norm_);
-    validate();
   }
 
-  int64_t num_layers() const { return layers_; }
+  // Appends a decoder layer given by its named fields (see the top of this file); checked on the next step.
+  void add_layer(const c10::Dict<std::string, at::Tensor>& tensors, const c10::Dict<std::string, int64_t>& ints) {
+    const int64_t l = static_cast<int64_t>(fields_.size());
+    LayerFields f;
+    for (const auto& item : tensors) {
+      const std::string& name = item.key();
+      if (name == "input_layernorm")
+        f.input_norm = item.value();
+      else if (name == "post_attention_layernorm")
+        f.post_norm = item.value();
+      else
+        *tensor_field(f, name, l) = item.value();
+    }
+    for (const auto& item : ints) {
+      const std::string& name = item.key();
+      const auto dot = name.find('.');
+      LinearFields& lf = linear_fields(f, name.substr(0, dot), name, l);
+      const std::string field = dot == std::string::npos ? "" : name.substr(dot + 1);
+      if (field == "bits")
+        lf.bits = item.value();
+      else if (field == "group_size")
+        lf.group_size = item.value();
+      else
+        TORCH_CHECK(false, kOp, ": layer ", l, ": unknown int field '", name, "'");
+    }
+    fields_.push_back(std::move(f));
+    validated_ = false;
+  }
 
-  // One decode step; see the cpu_decode_layers schema for the arguments. Returns the final-normed hidden
+  int64_t num_layers() const { return static_cast<int64_t>(fields_.size()); }
+
+  // One decode step; see the cpu_decode_step schema for the arguments. Returns the final-normed hidden
   // states [B, T, H]; `hidden` (the embeddings) is left untouched.
   at::Tensor run(const at::Tensor& hidden, at::TensorList k_caches, at::TensorList v_caches,
                  const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& kv_lens, int64_t kv_span,
@@ -103,7 +126,7 @@ class DecodePlan : public torch::CustomClassHolder {
     std::lock_guard<std::mutex> lock(mu_);  // the scratch buffers are the plan's: one step at a time
     Profile& prof = Profile::get();
     prof.begin();
-    if (!weights_unchanged()) validate();
+    if (!validated_ || !weights_unchanged()) validate();
     check_step(hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin);
     const bool bf16 = dtype_ == at::kBFloat16;
     const int64_t b = hidden.size(0), t = hidden.size(1), m = b * t, hs = hs_, head_dim = head_dim_;
@@ -124,8 +147,10 @@ class DecodePlan : public torch::CustomClassHolder {
 
     for (int64_t l = 0; l < layers_; ++l) {
       const LinearRef* L = &lin_[l * 4];
-      if (l == 0) cpu::rms_norm(bf16, residual, norms_[0], h, m, hs, eps);
-      else cpu::fused_add_rms_norm(bf16, x, residual, norms_[l * 2], h, residual, m, hs, eps);
+      if (l == 0)
+        cpu::rms_norm(bf16, residual, norms_[0], h, m, hs, eps);
+      else
+        cpu::fused_add_rms_norm(bf16, x, residual, norms_[l * 2], h, residual, m, hs, eps);
       prof.mark(Profile::kNorm);
       run_linear(L[0], bf16, h, qkv, m);
       prof.mark(Profile::kQkv);
@@ -140,18 +165,11 @@ class DecodePlan : public torch::CustomClassHolder {
       cpu::store_kv(es, kc.data_ptr(), vc.data_ptr(), qkv + q_size * es, t * row, row, qkv + (q_size + kv_size) * es,
                     t * row, row, slots.const_data_ptr(), slots64, b, t, cache_len, kv_size);
       prof.mark(Profile::kStoreKv);
-      cpu::AttentionArgs a;
-      a.bf16 = bf16;
-      a.q = qkv; a.q_sb = t * row; a.q_st = row; a.q_sh = head_dim;
       const int64_t cs = cache_len * kv_size;
-      a.k = kc.const_data_ptr(); a.k_sb = cs; a.k_st = kv_size; a.k_sh = head_dim;
-      a.v = vc.const_data_ptr(); a.v_sb = cs; a.v_st = kv_size; a.v_sh = head_dim;
-      a.out = attn;
-      a.kv_lens = kv_lens.const_data_ptr<int32_t>();
-      a.batch = b; a.tq = t; a.tk = kv_span; a.hq = heads_; a.hkv = kv_heads_; a.head_dim = head_dim;
-      a.causal = true;
-      a.scale = 1.f / std::sqrt(static_cast<float>(head_dim));
-      cpu::attention(a);
+      cpu::Strided4 kcs{kc.data_ptr(), cs, kv_size, head_dim, kv_heads_};
+      cpu::Strided4 vcs{vc.data_ptr(), cs, kv_size, head_dim, kv_heads_};
+      cpu::attention(cpu::attention_args(bf16, q, kcs, vcs, attn, kv_lens.const_data_ptr<int32_t>(), b, t, kv_span,
+                                         head_dim, true, 1.f / std::sqrt(static_cast<float>(head_dim))));
       prof.mark(Profile::kAttention);
       run_linear(L[1], bf16, attn, x, m);
       prof.mark(Profile::kO);
@@ -165,8 +183,10 @@ class DecodePlan : public torch::CustomClassHolder {
       prof.mark(Profile::kDown);
     }
     at::Tensor out = at::empty_like(hidden);
-    if (layers_ == 0) cpu::rms_norm(bf16, residual, final_norm_.const_data_ptr(), out.data_ptr(), m, hs, eps);
-    else cpu::fused_add_rms_norm(bf16, x, residual, final_norm_.const_data_ptr(), out.data_ptr(), residual, m, hs, eps);
+    if (layers_ == 0)
+      cpu::rms_norm(bf16, residual, final_norm_.const_data_ptr(), out.data_ptr(), m, hs, eps);
+    else
+      cpu::fused_add_rms_norm(bf16, x, residual, final_norm_.const_data_ptr(), out.data_ptr(), residual, m, hs, eps);
     prof.mark(Profile::kNorm);
     return out;
   }
@@ -180,48 +200,75 @@ class DecodePlan : public torch::CustomClassHolder {
     std::vector<int64_t> sizes;
   };
 
-  const at::Tensor* slot(int64_t i) const { return weights_[i].has_value() ? &*weights_[i] : nullptr; }
+  static LinearFields& linear_fields(LayerFields& f, const std::string& linear, const std::string& name, int64_t l) {
+    for (int i = 0; i < 4; ++i)
+      if (linear == kLinearNames[i]) return f.linear[i];
+    TORCH_CHECK(false, kOp, ": layer ", l, ": unknown field '", name,
+                "' (expected input_layernorm, "
+                "post_attention_layernorm or qkv_proj / o_proj / gate_up_proj / down_proj .weight / .qweight / "
+                ".scales / .offsets / .bias / .bits / .group_size)");
+  }
+
+  static std::optional<at::Tensor>* tensor_field(LayerFields& f, const std::string& name, int64_t l) {
+    const auto dot = name.find('.');
+    LinearFields& lf = linear_fields(f, name.substr(0, dot), name, l);
+    const std::string field = dot == std::string::npos ? "" : name.substr(dot + 1);
+    if (field == "weight") return &lf.weight;
+    if (field == "qweight") return &lf.qweight;
+    if (field == "scales") return &lf.scales;
+    if (field == "offsets") return &lf.offsets;
+    if (field == "bias") return &lf.bias;
+    TORCH_CHECK(false, kOp, ": layer ", l, ": unknown tensor field '", name, "'");
+  }
+
+  static const at::Tensor* ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
   void validate() {
     const int64_t q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_, qkv_n = q_size + 2 * kv_size;
     TORCH_CHECK(final_norm_.scalar_type() == dtype_ && final_norm_.dim() == 1 && final_norm_.size(0) == hs_ &&
                     final_norm_.is_contiguous(),
                 kOp, ": final_norm changed dtype or shape since the plan was built");
+    layers_ = static_cast<int64_t>(fields_.size());
     lin_.assign(layers_ * 4, LinearRef{});
     norms_.assign(layers_ * 2, nullptr);
+    held_.clear();
     for (int64_t l = 0; l < layers_; ++l) {
-      const int64_t base = l * kSlotsPerLayer;
+      const LayerFields& f = fields_[l];
+      const std::optional<at::Tensor>* layer_norms[2] = {&f.input_norm, &f.post_norm};
       for (int j = 0; j < 2; ++j) {
-        const at::Tensor* norm = slot(base + j);
+        const at::Tensor* norm = ptr(*layer_norms[j]);
         TORCH_CHECK(norm && norm->device().is_cpu() && norm->scalar_type() == dtype_ && norm->dim() == 1 &&
                         norm->size(0) == hs_ && norm->is_contiguous(),
-                    kOp, ": layer ", l, " norm weights must be [", hs_, "] in the activations' dtype");
+                    kOp, ": layer ", l, " ", j == 0 ? "input_layernorm" : "post_attention_layernorm", " must be [", hs_,
+                    "] in the activations' dtype");
         norms_[l * 2 + j] = norm->const_data_ptr();
+        held_.push_back(norm);
       }
-      const int64_t* meta = meta_.data() + l * 8;
       LinearRef* L = &lin_[l * 4];
-      L[0] = linear_ref(base + 2, meta[0], meta[1], hs_, "qkv_proj", l);
-      L[1] = linear_ref(base + 6, meta[2], meta[3], q_size, "o_proj", l);
-      L[2] = linear_ref(base + 10, meta[4], meta[5], hs_, "gate_up_proj", l);
+      L[0] = linear_ref(f.linear[0], hs_, 0, l);
+      L[1] = linear_ref(f.linear[1], q_size, 1, l);
+      L[2] = linear_ref(f.linear[2], hs_, 2, l);
       TORCH_CHECK(L[0].n == qkv_n && L[1].n == hs_ && L[2].n % 2 == 0, kOp, ": layer ", l,
                   " projection shapes do not match the head counts / hidden size");
       TORCH_CHECK(l == 0 || L[2].n / 2 == inter_, kOp, ": layer ", l, " has a different intermediate size");
       inter_ = L[2].n / 2;
-      L[3] = linear_ref(base + 14, meta[6], meta[7], inter_, "down_proj", l);
+      L[3] = linear_ref(f.linear[3], inter_, 3, l);
       TORCH_CHECK(L[3].n == hs_, kOp, ": layer ", l, " down_proj must have ", hs_, " rows");
+      for (const LinearFields& lf : f.linear)
+        for (const auto* t : {&lf.weight, &lf.qweight, &lf.scales, &lf.offsets, &lf.bias})
+          if (t->has_value()) held_.push_back(&**t);
     }
+    held_.push_back(&final_norm_);
     seen_.clear();
-    for (const auto& w : weights_) {
-      if (!w.has_value()) continue;
+    for (const at::Tensor* w : held_)
       seen_.push_back({w->const_data_ptr(), w->scalar_type(), w->is_contiguous(), w->sizes().vec()});
-    }
+    validated_ = true;
   }
 
   bool weights_unchanged() const {
-    size_t i = 0;
-    for (const auto& w : weights_) {
-      if (!w.has_value()) continue;
-      const Seen& s = seen_[i++];
+    for (size_t i = 0; i < held_.size(); ++i) {
+      const at::Tensor* w = held_[i];
+      const Seen& s = seen_[i];
       if (w->const_data_ptr() != s.data || w->scalar_type() != s.dtype || w->is_contiguous() != s.contiguous ||
           w->sizes() != at::IntArrayRef(s.sizes))
         return false;
@@ -229,32 +276,38 @@ class DecodePlan : public torch::CustomClassHolder {
     return true;
   }
 
-  LinearRef linear_ref(int64_t base, int64_t bits, int64_t group_size, int64_t k_expected, const char* name,
-                       int64_t layer) const {
-    LinearRef r{slot(base), slot(base + 1), slot(base + 2), slot(base + 3), static_cast<int>(bits), group_size, 0, 0,
-                cpu::QuantWeight{}, nullptr, nullptr};
-    TORCH_CHECK(r.w != nullptr, kOp, ": layer ", layer, " ", name, " has no weight");
+  LinearRef linear_ref(const LinearFields& f, int64_t k_expected, int which, int64_t layer) const {
+    const char* name = kLinearNames[which];
+    const int64_t bits = f.bits, group_size = f.group_size;
+    TORCH_CHECK(bits == 0 || bits == 4 || bits == 8, kOp, ": layer ", layer, " ", name,
+                ".bits must be 0 (dense), 4 or 8, got ", bits);
+    const auto& weight = bits == 0 ? f.weight : f.qweight;
+    TORCH_CHECK(!(bits == 0 ? f.qweight : f.weight).has_value() && (bits != 0 || (!f.scales && !f.offsets)), kOp,
+                ": layer ", layer, " ", name,
+                bits == 0 ? " is dense (bits 0) but has quantized fields" : " is quantized but has a dense weight");
+    LinearRef r{ptr(weight), ptr(f.scales),      ptr(f.offsets), ptr(f.bias), static_cast<int>(bits), group_size, 0,
+                0,           cpu::QuantWeight{}, nullptr,        nullptr};
+    TORCH_CHECK(r.w != nullptr, kOp, ": layer ", layer, " ", name, " has no ", bits == 0 ? "weight" : "qweight");
     TORCH_CHECK(r.w->device().is_cpu() && r.w->dim() == 2 && r.w->is_contiguous(), kOp, ": layer ", layer, " ", name,
                 " weight must be a contiguous 2-D CPU tensor");
     r.n = r.w->size(0);
     if (bits == 0) {
-      TORCH_CHECK(r.w->scalar_type() == dtype_, kOp, ": layer ", layer, " ", name, " weight dtype ",
-                  r.w->scalar_type(), " differs from the activations' ", dtype_);
+      TORCH_CHECK(r.w->scalar_type() == dtype_, kOp, ": layer ", layer, " ", name, " weight dtype ", r.w->scalar_type(),
+                  " differs from the activations' ", dtype_);
       r.k = r.w->size(1);
     } else {
-      TORCH_CHECK(bits == 4 || bits == 8, kOp, ": bits must be 0, 4 or 8, got ", bits);
       TORCH_CHECK(r.w->scalar_type() == (bits == 4 ? at::kByte : at::kChar), kOp, ": layer ", layer, " ", name,
                   " qweight has the wrong dtype for bits=", bits);
       r.k = r.w->size(1) * (bits == 4 ? 2 : 1);
       TORCH_CHECK(group_size > 0 && r.k % group_size == 0 && r.scale != nullptr && r.scale->device().is_cpu() &&
                       r.scale->is_contiguous() && r.scale->dim() == 2 && r.scale->size(0) == r.n &&
                       r.scale->size(1) == r.k / group_size,
-                  kOp, ": layer ", layer, " ", name, " scale must be [N, K / group_size] and contiguous");
-      scale_type_of(*r.scale);
+                  kOp, ": layer ", layer, " ", name, " scales must be [N, K / group_size] and contiguous");
+      cpu::scale_type(*r.scale, kOp);
       if (r.offset != nullptr)
         TORCH_CHECK(r.offset->sizes() == r.scale->sizes() && r.offset->scalar_type() == r.scale->scalar_type() &&
                         r.offset->device().is_cpu() && r.offset->is_contiguous(),
-                    kOp, ": layer ", layer, " ", name, " offset must match scale");
+                    kOp, ": layer ", layer, " ", name, " offsets must match scales");
     }
     TORCH_CHECK(r.k == k_expected, kOp, ": layer ", layer, " ", name, " has K=", r.k, ", expected ", k_expected);
     if (r.bias != nullptr)
@@ -264,15 +317,22 @@ class DecodePlan : public torch::CustomClassHolder {
     r.bias_ptr = r.bias ? r.bias->const_data_ptr() : nullptr;
     r.dense = bits == 0 ? r.w->const_data_ptr() : nullptr;
     if (bits != 0)
-      r.q = cpu::QuantWeight{r.w->const_data_ptr(), r.scale->const_data_ptr(),
-                             r.offset ? r.offset->const_data_ptr() : nullptr, scale_type_of(*r.scale), r.bits, r.n,
-                             r.k, r.group_size};
+      r.q = cpu::QuantWeight{r.w->const_data_ptr(),
+                             r.scale->const_data_ptr(),
+                             r.offset ? r.offset->const_data_ptr() : nullptr,
+                             cpu::scale_type(*r.scale, kOp),
+                             r.bits,
+                             r.n,
+                             r.k,
+                             r.group_size};
     return r;
   }
 
   static void run_linear(const LinearRef& r, bool bf16, const void* x, void* out, int64_t m) {
-    if (r.bits == 0) cpu::dense_linear(bf16, x, r.dense, r.bias_ptr, out, m, r.n, r.k);
-    else cpu::quant_linear(bf16, x, r.q, r.bias_ptr, out, m);
+    if (r.bits == 0)
+      cpu::dense_linear(bf16, x, r.dense, r.bias_ptr, out, m, r.n, r.k);
+    else
+      cpu::quant_linear(bf16, x, r.q, r.bias_ptr, out, m);
   }
 
   void check_step(const at::Tensor& hidden, at::TensorList k_caches, at::TensorList v_caches,
@@ -297,9 +357,9 @@ class DecodePlan : public torch::CustomClassHolder {
     TORCH_CHECK(positions.sizes() == at::IntArrayRef({b, t}) && slots.sizes() == at::IntArrayRef({b, t}) &&
                     positions.is_contiguous() && slots.is_contiguous(),
                 kOp, ": positions and slots must be contiguous [B, T]");
-    TORCH_CHECK(kv_lens.scalar_type() == at::kInt && kv_lens.dim() == 1 && kv_lens.size(0) == b &&
-                    kv_lens.is_contiguous(),
-                kOp, ": kv_lens must be contiguous int32 [B]");
+    TORCH_CHECK(
+        kv_lens.scalar_type() == at::kInt && kv_lens.dim() == 1 && kv_lens.size(0) == b && kv_lens.is_contiguous(), kOp,
+        ": kv_lens must be contiguous int32 [B]");
     TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                     sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == head_dim_ / 2 && sin.sizes() == cos.sizes(),
                 kOp, ": cos/sin must be contiguous fp32 [max_pos, head_dim/2]");
@@ -323,8 +383,8 @@ class DecodePlan : public torch::CustomClassHolder {
   enum Scratch { kResidual, kX, kH, kQkv, kAttn, kGateUp, kAct, kScratchCount };
 
   void ensure_scratch() {
-    const int64_t widths[kScratchCount] = {hs_, hs_, hs_, (heads_ + 2 * kv_heads_) * head_dim_, heads_ * head_dim_,
-                                           2 * inter_, inter_};
+    const int64_t widths[kScratchCount] = {
+        hs_, hs_, hs_, (heads_ + 2 * kv_heads_) * head_dim_, heads_ * head_dim_, 2 * inter_, inter_};
     int64_t total = 0;
     for (int i = 0; i < kScratchCount; ++i) {
       offsets_[i] = total;
@@ -334,8 +394,9 @@ class DecodePlan : public torch::CustomClassHolder {
   }
   char* scratch_ptr(Scratch s) { return static_cast<char*>(scratch_.data_ptr()) + offsets_[s]; }
 
-  std::vector<std::optional<at::Tensor>> weights_;  // the flat list, then final_norm
-  std::vector<int64_t> meta_;
+  std::vector<LayerFields> fields_;      // as add_layer received them
+  std::vector<const at::Tensor*> held_;  // every tensor validate() read, final_norm last
+  bool validated_ = false;
   at::Tensor final_norm_;
   int64_t heads_, kv_heads_, head_dim_;
   double eps_;
@@ -355,39 +416,20 @@ at::Tensor decode_step(const c10::intrusive_ptr<DecodePlan>& plan, const at::Ten
   return plan->run(hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin);
 }
 
-at::Tensor decode_layers(const at::Tensor& hidden, const c10::List<std::optional<at::Tensor>>& weights,
-                         at::IntArrayRef linear_meta, at::TensorList k_caches, at::TensorList v_caches,
-                         const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& kv_lens,
-                         int64_t kv_span, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads,
-                         int64_t num_kv_heads, int64_t head_dim, double eps, const at::Tensor& final_norm) {
-  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kBFloat16, kOp,
-              ": hidden must be float32 or bfloat16, got ", hidden.scalar_type());
-  TORCH_CHECK(final_norm.scalar_type() == hidden.scalar_type() && final_norm.dim() == 1 &&
-                  (hidden.dim() < 1 || final_norm.size(0) == hidden.size(-1)),
-              kOp, ": final_norm must be [", hidden.dim() ? hidden.size(-1) : 0, "] in the activations' dtype");
-  DecodePlan plan(weights, linear_meta.vec(), final_norm, num_heads, num_kv_heads, head_dim, eps);
-  return plan.run(hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
   m.class_<DecodePlan>("CpuDecodePlan")
-      .def(torch::init<const c10::List<std::optional<at::Tensor>>&, std::vector<int64_t>, at::Tensor, int64_t,
-                       int64_t, int64_t, double>())
+      .def(torch::init<at::Tensor, int64_t, int64_t, int64_t, double>())
+      .def("add_layer", &DecodePlan::add_layer)
       .def("num_layers", &DecodePlan::num_layers);
-  m.def("cpu_decode_layers(Tensor hidden, Tensor?[] weights, int[] linear_meta, Tensor(a!)[] k_caches, "
-        "Tensor(b!)[] v_caches, Tensor positions, Tensor slots, Tensor kv_lens, int kv_span, Tensor cos, "
-        "Tensor sin, int num_heads, int num_kv_heads, int head_dim, float eps, Tensor final_norm) -> Tensor");
-  // The same step on a plan built once per model (llama_fast/ops/cpu_decode.py).
-  m.def("cpu_decode_step(__torch__.torch.classes.llama_fast.CpuDecodePlan plan, Tensor hidden, "
-        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor positions, Tensor slots, Tensor kv_lens, int kv_span, "
-        "Tensor cos, Tensor sin) -> Tensor");
+  // One decode step of the whole decoder stack on a plan built once per model (llama_fast/ops/cpu_decode.py).
+  m.def(
+      "cpu_decode_step(__torch__.torch.classes.llama_fast.CpuDecodePlan plan, Tensor hidden, "
+      "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor positions, Tensor slots, Tensor kv_lens, int kv_span, "
+      "Tensor cos, Tensor sin) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {
-  m.impl("cpu_decode_layers", &decode_layers);
-  m.impl("cpu_decode_step", &decode_step);
-}
+TORCH_LIBRARY_IMPL(llama_fast, CPU, m) { m.impl("cpu_decode_step", &decode_step); }
 
 }  // namespace llama_fast

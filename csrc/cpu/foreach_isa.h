@@ -60,14 +60,14 @@
 // LF_DISPATCH(fn, args...): calls <isa>::fn(args...) for the instruction set cpu::isa() chose.
 #ifndef LF_DISPATCH
 #ifdef LF_HAVE_X86
-#define LF_DISPATCH(fn, ...)                                                         \
-  do {                                                                               \
-    switch (::llama_fast::cpu::isa()) {                                              \
-      case ::llama_fast::cpu::Isa::kAvx512Bf16:                                      \
+#define LF_DISPATCH(fn, ...)                                                                   \
+  do {                                                                                         \
+    switch (::llama_fast::cpu::isa()) {                                                        \
+      case ::llama_fast::cpu::Isa::kAvx512Bf16:                                                \
       case ::llama_fast::cpu::Isa::kAvx512: ::llama_fast::cpu::avx512::fn(__VA_ARGS__); break; \
       case ::llama_fast::cpu::Isa::kAvx2: ::llama_fast::cpu::avx2::fn(__VA_ARGS__); break;     \
-      default: ::llama_fast::cpu::portable::fn(__VA_ARGS__); break;                  \
-    }                                                                                \
+      default: ::llama_fast::cpu::portable::fn(__VA_ARGS__); break;                            \
+    }                                                                                          \
   } while (0)
 #else
 #define LF_DISPATCH(fn, ...) ::llama_fast::cpu::portable::fn(__VA_ARGS__)

@@ -8,14 +8,32 @@
 namespace llama_fast {
 namespace cpu {
 
-// ---- normalization (norm.cpp) ----------------------------------------------------------------------------
+// Activation rows (batch x new tokens) the GEMV kernels take in one pass over the weights: the largest decode
+// step (the CPU decode plan and the linear wrappers' GEMV / GEMM switch). Python reads it through the op
+// llama_fast::cpu_max_gemv_rows() (csrc/cpu/ops_cpu.cpp), never a copy of the number.
+constexpr int64_t kMaxGemvRows = 8;
+
+// LF_CPU_DISPATCH_DTYPE(bf16, T, body...): runs `body` with T = uint16_t (bf16 bit patterns) when bf16 is true,
+// else with T = float: the one place the kernels turn their `bool bf16` into an element type.
+#define LF_CPU_DISPATCH_DTYPE(bf16, T, ...) \
+  do {                                      \
+    if (bf16) {                             \
+      using T = uint16_t;                   \
+      __VA_ARGS__;                          \
+    } else {                                \
+      using T = float;                      \
+      __VA_ARGS__;                          \
+    }                                       \
+  } while (0)
+
+// ---- normalization (rms_norm.cpp) ----------------------------------------------------------------------------
 // y[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w; bf16 rounds the normalized row before the weight multiply,
 // like transformers.
 void rms_norm(bool bf16, const void* x, const void* w, void* y, int64_t rows, int64_t hidden, float eps);
 // new_residual = x + residual (rounded to the dtype); y = rms_norm(new_residual). y may alias x and
 // new_residual may alias residual (the in-place form of the residual stream).
-void fused_add_rms_norm(bool bf16, const void* x, const void* residual, const void* w, void* y,
-                        void* new_residual, int64_t rows, int64_t hidden, float eps);
+void fused_add_rms_norm(bool bf16, const void* x, const void* residual, const void* w, void* y, void* new_residual,
+                        int64_t rows, int64_t hidden, float eps);
 
 // ---- rotary (rotary.cpp) -----------------------------------------------------------------------------------
 struct Strided4 {  // a [B, T, H, D] tensor whose last dimension is contiguous
@@ -31,35 +49,55 @@ void rotary(bool bf16, Strided4 q, Strided4 k, const void* positions, bool posit
 // ---- attention (attention.cpp) -----------------------------------------------------------------------------
 struct AttentionArgs {
   bool bf16;
-  const void* q; int64_t q_sb, q_st, q_sh;      // [B, Tq, Hq, D]
-  const void* k; int64_t k_sb, k_st, k_sh;      // [B, Tk, Hkv, D]
-  const void* v; int64_t v_sb, v_st, v_sh;
-  void* out;                                    // [B, Tq, Hq, D] contiguous
-  const int32_t* kv_lens;                       // [B] or nullptr (= Tk); values in 0..Tk
+  const void* q;
+  int64_t q_sb, q_st, q_sh;  // [B, Tq, Hq, D]
+  const void* k;
+  int64_t k_sb, k_st, k_sh;  // [B, Tk, Hkv, D]
+  const void* v;
+  int64_t v_sb, v_st, v_sh;
+  void* out;               // [B, Tq, Hq, D] contiguous
+  const int32_t* kv_lens;  // [B] or nullptr (= Tk); values in 0..Tk
   int64_t batch, tq, tk, hq, hkv, head_dim;
   bool causal;
   float scale;
 };
 void attention(const AttentionArgs& a);
+// The one way to fill AttentionArgs: q / k / v as [B, T, H, D] views (Strided4: the head counts come from them),
+// out contiguous [B, Tq, Hq, D].
+inline AttentionArgs attention_args(bool bf16, const Strided4& q, const Strided4& k, const Strided4& v, void* out,
+                                    const int32_t* kv_lens, int64_t batch, int64_t tq, int64_t tk, int64_t head_dim,
+                                    bool causal, float scale) {
+  AttentionArgs a;
+  a.bf16 = bf16;
+  a.q = q.data, a.q_sb = q.sb, a.q_st = q.st, a.q_sh = q.sh;
+  a.k = k.data, a.k_sb = k.sb, a.k_st = k.st, a.k_sh = k.sh;
+  a.v = v.data, a.v_sb = v.sb, a.v_st = v.st, a.v_sh = v.sh;
+  a.out = out;
+  a.kv_lens = kv_lens;
+  a.batch = batch, a.tq = tq, a.tk = tk, a.hq = q.heads, a.hkv = k.heads, a.head_dim = head_dim;
+  a.causal = causal;
+  a.scale = scale;
+  return a;
+}
 
-// ---- elementwise (activation.cpp) --------------------------------------------------------------------------
+// ---- elementwise (silu_and_mul.cpp) --------------------------------------------------------------------------
 // gate_up [rows, 2I] = [gate | up] -> out [rows, I] = silu(gate) * up.
 void silu_and_mul(bool bf16, const void* gate_up, void* out, int64_t rows, int64_t inter);
 
-// ---- dense linear (gemv.cpp) ------------------------------------------------------------------------------
+// ---- dense linear (linear.cpp) ------------------------------------------------------------------------------
 // out[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]); x, w, bias, out share the dtype. Meant for small M (decode);
 // any M works.
 void dense_linear(bool bf16, const void* x, const void* w, const void* bias, void* out, int64_t m, int64_t n,
                   int64_t k);
 
-// ---- weight-only quantized linear (quant_gemv.cpp) ---------------------------------------------------------
+// ---- weight-only quantized linear (quant_linear.cpp) ---------------------------------------------------------
 enum class ScaleType { kF32 = 0, kF16 = 1, kBF16 = 2 };
-struct QuantWeight {  // csrc/common/quant_format.h: w = q * scale + offset, per group of group_size along K
-  const void* q;        // int8 [N, K] or uint8 [N, K/2]
-  const void* scale;    // [N, K / group_size]
-  const void* offset;   // same, or nullptr (zero)
-  ScaleType scale_type; // of scale and offset
-  int bits;             // 4 or 8
+struct QuantWeight {     // csrc/common/quant_format.h: w = q * scale + offset, per group of group_size along K
+  const void* q;         // int8 [N, K] or uint8 [N, K/2]
+  const void* scale;     // [N, K / group_size]
+  const void* offset;    // same, or nullptr (zero)
+  ScaleType scale_type;  // of scale and offset
+  int bits;              // 4 or 8
   int64_t n, k, group_size;
 };
 // out[M, N] = x[M, K] @ dequant(w)^T (+ bias[N]), x / bias / out in the activation dtype, fp32 accumulation.
@@ -73,12 +111,12 @@ bool quant_linear_any_rows(bool bf16, const void* x, const QuantWeight& w, const
 // rows n0..n1-1 of the dequantized weight as fp32 [n1 - n0, K], on the calling thread.
 void dequantize_rows(const QuantWeight& w, int64_t n0, int64_t n1, float* out);
 
-// ---- KV cache (kv_cache.cpp) -----------------------------------------------------------------------------
+// ---- KV cache (store_kv.cpp) -----------------------------------------------------------------------------
 // cache[b, slots[b, t]] = src[b, t] for k and v; caches [B, S, Hkv, D] contiguous; k/v [B, T, Hkv, D] with
 // contiguous rows of Hkv * D elements (strides sb, st); negative slots are skipped; slots are < S.
-void store_kv(int64_t elem_size, void* k_cache, void* v_cache, const void* k, int64_t k_sb, int64_t k_st,
-              const void* v, int64_t v_sb, int64_t v_st, const void* slots, bool slots_int64, int64_t batch,
-              int64_t seq, int64_t cache_len, int64_t row_elems);
+void store_kv(int64_t elem_size, void* k_cache, void* v_cache, const void* k, int64_t k_sb, int64_t k_st, const void* v,
+              int64_t v_sb, int64_t v_st, const void* slots, bool slots_int64, int64_t batch, int64_t seq,
+              int64_t cache_len, int64_t row_elems);
 
 }  // namespace cpu
 }  // namespace llama_fast

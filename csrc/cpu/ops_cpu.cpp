@@ -1,38 +1,25 @@
 // CPU registrations of the llama_fast ops: every argument is checked here (TORCH_CHECK: device, dtype,
 // shape, layout) before the torch-free kernels of csrc/cpu/*.cpp run on raw pointers. Also declares the
-// CPU-only extra ops (TORCH_LIBRARY_FRAGMENT); their fake impls live in llama_fast/ops/cpu.py.
+// CPU-only extra ops (TORCH_LIBRARY_FRAGMENT); the fake of cpu_linear lives in llama_fast/ops/cpu.py (contracts:
+// docs/KERNELS.md).
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 #include <torch/library.h>
 
 #include "cpu/cpu_features.h"
 #include "cpu/kernels.h"
+#include "cpu/torch_args.h"
+#include "op_checks.h"
 
 namespace llama_fast {
 namespace {
 
-bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+using cpu::is_bf16;
 
 void check_activation(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
               " must be float32 or bfloat16, got ", t.scalar_type());
-}
-
-void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              ", expected ", ref.scalar_type(), " (the dtype of the activations)");
-}
-
-void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (got strides ", t.strides(), ")");
-}
-
-// A [B, T, H, D] tensor whose last dimension is contiguous (q / k / v may be views into a fused projection).
-void check_bthd(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [B, T, H, D], got shape ", t.sizes());
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, op, ": ", name,
-              " must have a contiguous last dimension (stride 1), got strides ", t.strides());
 }
 
 // ---- norms -------------------------------------------------------------------------------------------------
@@ -77,19 +64,8 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const
   return {y, new_residual};
 }
 
-// In place: residual += x; x = rms_norm(residual) (the residual stream of a decoder layer, no allocation).
-void fused_add_rms_norm_inplace(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
-  check_norm(x, weight, "fused_add_rms_norm_");
-  check_residual(x, residual, "fused_add_rms_norm_");
-  const auto w = weight.contiguous();
-  const int64_t hidden = x.size(-1);
-  cpu::fused_add_rms_norm(is_bf16(x), x.data_ptr(), residual.data_ptr(), w.data_ptr(), x.data_ptr(),
-                          residual.data_ptr(), hidden ? x.numel() / hidden : 0, hidden, static_cast<float>(eps));
-}
-
 // ---- rotary ------------------------------------------------------------------------------------------------
-void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos,
-             const at::Tensor& sin) {
+void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
   const char* op = "rotary_";
   check_activation(q, op, "q");
   check_activation(k, op, "k");
@@ -119,9 +95,8 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at
     TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < cos.size(0), op, ": positions must lie in [0, ",
                 cos.size(0), "), got [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
   }
-  cpu::rotary(is_bf16(q), {q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), q.size(2)},
-              {k.data_ptr(), k.stride(0), k.stride(1), k.stride(2), k.size(2)}, pos.data_ptr(),
-              pos.scalar_type() == at::kLong, c.data_ptr<float>(), s.data_ptr<float>(), b, t, d);
+  cpu::rotary(is_bf16(q), cpu::strided4(q), cpu::strided4(k), pos.data_ptr(), pos.scalar_type() == at::kLong,
+              c.data_ptr<float>(), s.data_ptr<float>(), b, t, d);
 }
 
 // ---- attention ---------------------------------------------------------------------------------------------
@@ -148,8 +123,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (kv_lens.has_value()) {
     lens = *kv_lens;
     TORCH_CHECK(lens.device().is_cpu(), op, ": kv_lens must be a CPU tensor, got ", lens.device());
-    TORCH_CHECK(lens.scalar_type() == at::kInt || lens.scalar_type() == at::kLong, op,
-                ": kv_lens must be int32, got ", lens.scalar_type());
+    TORCH_CHECK(lens.scalar_type() == at::kInt || lens.scalar_type() == at::kLong, op, ": kv_lens must be int32, got ",
+                lens.scalar_type());
     TORCH_CHECK(lens.dim() == 1 && lens.size(0) == b, op, ": kv_lens must be [B] = [", b, "], got ", lens.sizes());
     lens = lens.to(at::kInt).contiguous();
     if (b > 0) {
@@ -165,24 +140,16 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     bool full = true;
     if (lens.defined()) full = lens.min().item<int>() == tk;
     if (full)
-      return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0,
-                                              true, scale, /*enable_gqa=*/true)
+      return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0, true,
+                                              scale, /*enable_gqa=*/true)
           .transpose(1, 2)
           .contiguous();
   }
   auto out = at::empty({b, tq, hq, d}, q.options());
   if (out.numel() == 0) return out;
-  cpu::AttentionArgs a;
-  a.bf16 = is_bf16(q);
-  a.q = q.data_ptr(); a.q_sb = q.stride(0); a.q_st = q.stride(1); a.q_sh = q.stride(2);
-  a.k = k.data_ptr(); a.k_sb = k.stride(0); a.k_st = k.stride(1); a.k_sh = k.stride(2);
-  a.v = v.data_ptr(); a.v_sb = v.stride(0); a.v_st = v.stride(1); a.v_sh = v.stride(2);
-  a.out = out.data_ptr();
-  a.kv_lens = lens.defined() ? lens.data_ptr<int32_t>() : nullptr;
-  a.batch = b; a.tq = tq; a.tk = tk; a.hq = hq; a.hkv = hkv; a.head_dim = d;
-  a.causal = causal;
-  a.scale = static_cast<float>(scale);
-  cpu::attention(a);
+  cpu::attention(cpu::attention_args(is_bf16(q), cpu::strided4(q), cpu::strided4(k), cpu::strided4(v), out.data_ptr(),
+                                     lens.defined() ? lens.data_ptr<int32_t>() : nullptr, b, tq, tk, d, causal,
+                                     static_cast<float>(scale)));
   return out;
 }
 
@@ -230,17 +197,16 @@ void store_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, co
   const auto s = slots.contiguous();
   if (s.numel() == 0) return;
   const int64_t hi = s.max().item<int64_t>();
-  TORCH_CHECK(hi < k_cache.size(1), op, ": slot ", hi, " is past the end of the cache (length ", k_cache.size(1),
-              ")");
-  cpu::store_kv(k_cache.element_size(), k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), k.stride(0),
-                k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), s.data_ptr(), s.scalar_type() == at::kLong,
-                k.size(0), k.size(1), k_cache.size(1), k.size(2) * k.size(3));
+  TORCH_CHECK(hi < k_cache.size(1), op, ": slot ", hi, " is past the end of the cache (length ", k_cache.size(1), ")");
+  cpu::store_kv(k_cache.element_size(), k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), k.stride(0), k.stride(1),
+                v.data_ptr(), v.stride(0), v.stride(1), s.data_ptr(), s.scalar_type() == at::kLong, k.size(0),
+                k.size(1), k_cache.size(1), k.size(2) * k.size(3));
 }
 
 // ---- linear ------------------------------------------------------------------------------------------------
 // Decode-sized batches (M activation rows) go to the GEMV kernels; larger ones to a GEMM (oneDNN / MKL via
 // at::linear), which is compute bound and better blocked than a GEMV.
-constexpr int64_t kMaxGemvRows = 8;
+using cpu::kMaxGemvRows;
 // Up to this many rows a quantized linear reads its packed weights once for all rows (VNNI kernels); above,
 // dequantized tiles and ATen's GEMM spend fewer instructions per multiply (512-token prefill: ~2x faster).
 constexpr int64_t kMaxOnePassRows = 64;
@@ -248,9 +214,7 @@ constexpr int64_t kMaxOnePassRows = 64;
 void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n, const char* op) {
   if (!bias.has_value()) return;
   check_activation(*bias, op, "bias");
-  check_same_dtype(*bias, x, op, "bias");
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [", n, "], got ", bias->sizes());
-  check_contiguous(*bias, op, "bias");
+  check_bias_shape(*bias, x, n, op);
 }
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -259,8 +223,8 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std
   check_activation(weight, op, "weight");
   check_same_dtype(weight, x, op, "weight");
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [N, K], got shape ", weight.sizes());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x's last dimension (",
-              x.dim() ? x.size(-1) : 0, ") must equal weight's K (", weight.size(1), ")");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x's last dimension (", x.dim() ? x.size(-1) : 0,
+              ") must equal weight's K (", weight.size(1), ")");
   check_contiguous(weight, op, "weight");
   check_bias(bias, x, weight.size(0), op);
   const int64_t k = weight.size(1), n = weight.size(0);
@@ -270,18 +234,9 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std
   auto sizes = x.sizes().vec();
   sizes.back() = n;
   auto out = at::empty(sizes, x.options());
-  cpu::dense_linear(is_bf16(x), xc.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr,
-                    out.data_ptr(), m, n, k);
+  cpu::dense_linear(is_bf16(x), xc.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr, out.data_ptr(), m,
+                    n, k);
   return out;
-}
-
-cpu::ScaleType scale_type(const at::Tensor& s, const char* op) {
-  switch (s.scalar_type()) {
-    case at::kFloat: return cpu::ScaleType::kF32;
-    case at::kHalf: return cpu::ScaleType::kF16;
-    case at::kBFloat16: return cpu::ScaleType::kBF16;
-    default: TORCH_CHECK(false, op, ": scale must be float32, float16 or bfloat16, got ", s.scalar_type());
-  }
 }
 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
@@ -299,7 +254,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   const int64_t n = qweight.size(0), k = qweight.size(1) * (bits == 4 ? 2 : 1);
   TORCH_CHECK(group_size > 0 && k % group_size == 0, op, ": group_size ", group_size, " must divide K=", k);
   const int64_t groups = k / group_size;
-  const auto st = scale_type(scale, op);
+  const auto st = cpu::scale_type(scale, op);
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == n && scale.size(1) == groups, op, ": scale must be [", n, ", ",
               groups, "], got ", scale.sizes());
   check_contiguous(scale, op, "scale");
@@ -314,8 +269,9 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, op, ": x's last dimension (", x.dim() ? x.size(-1) : 0,
               ") must equal the weight's K (", k, ")");
   check_bias(bias, x, n, op);
-  const cpu::QuantWeight w{qweight.data_ptr(), scale.data_ptr(), offset ? offset->data_ptr() : nullptr, st,
-                           static_cast<int>(bits), n, k, group_size};
+  const cpu::QuantWeight w{
+      qweight.data_ptr(), scale.data_ptr(), offset ? offset->data_ptr() : nullptr, st, static_cast<int>(bits), n, k,
+      group_size};
   auto sizes = x.sizes().vec();
   sizes.back() = n;
   const int64_t m = k ? x.numel() / k : 0;
@@ -362,8 +318,8 @@ std::string set_isa(const std::string& name) {
 TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
   // Dense x @ weight^T (+ bias): GEMV kernels for decode-sized batches (<= 8 rows), GEMM beyond.
   m.def("cpu_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  // residual += x; x = rms_norm(residual, weight, eps), in place (the decoder's residual stream).
-  m.def("cpu_fused_add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  // The most activation rows the GEMV kernels (and so a CPU decode step) take: cpu::kMaxGemvRows.
+  m.def("cpu_max_gemv_rows() -> int", []() -> int64_t { return cpu::kMaxGemvRows; });
   // cpu_isa("avx2") forces a lower instruction set for the CPU kernels (tests); cpu_isa("") reports it.
   m.def("cpu_isa(str name) -> str", &set_isa);
 }
@@ -377,7 +333,6 @@ TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {
   m.impl("quant_linear", &quant_linear);
   m.impl("store_kv_", &store_kv_);
   m.impl("cpu_linear", &dense_linear);
-  m.impl("cpu_fused_add_rms_norm_", &fused_add_rms_norm_inplace);
 }
 
 }  // namespace llama_fast

@@ -16,20 +16,22 @@ void rotary(bool bf16, Strided4 q, Strided4 k, const void* positions, bool posit
   const int64_t tokens = batch * seq;
   const int64_t per_token = (q.heads + k.heads) * head_dim;
   parallel_for(tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(per_token, 1)), [&](int64_t t0, int64_t t1) {
-  for (int64_t bt = t0; bt < t1; ++bt) {
-    const int64_t b = bt / seq, t = bt % seq;
-    const int64_t pos = positions_int64 ? static_cast<const int64_t*>(positions)[bt]
-                                        : static_cast<const int32_t*>(positions)[bt];
-    const float* c = cos + pos * half;
-    const float* s = sin + pos * half;
-    for (const Strided4* x : {&q, &k}) {
-      for (int64_t h = 0; h < x->heads; ++h) {
-        const int64_t off = b * x->sb + t * x->st + h * x->sh;
-        if (bf16) LF_DISPATCH(rotate_head, static_cast<uint16_t*>(x->data) + off, c, s, half);
-        else LF_DISPATCH(rotate_head, static_cast<float*>(x->data) + off, c, s, half);
+    for (int64_t bt = t0; bt < t1; ++bt) {
+      const int64_t b = bt / seq, t = bt % seq;
+      const int64_t pos =
+          positions_int64 ? static_cast<const int64_t*>(positions)[bt] : static_cast<const int32_t*>(positions)[bt];
+      const float* c = cos + pos * half;
+      const float* s = sin + pos * half;
+      for (const Strided4* x : {&q, &k}) {
+        for (int64_t h = 0; h < x->heads; ++h) {
+          const int64_t off = b * x->sb + t * x->st + h * x->sh;
+          if (bf16)
+            LF_DISPATCH(rotate_head, static_cast<uint16_t*>(x->data) + off, c, s, half);
+          else
+            LF_DISPATCH(rotate_head, static_cast<float*>(x->data) + off, c, s, half);
+        }
       }
     }
-  }
   });
 }
 

@@ -8,9 +8,16 @@ namespace LF_ISA {
 
 inline float to_f32(float x) { return x; }
 inline float to_f32(uint16_t x) { return bf16_bits_to_float(x); }
-template <typename T> inline T from_f32(float x);
-template <> inline float from_f32<float>(float x) { return x; }
-template <> inline uint16_t from_f32<uint16_t>(float x) { return float_to_bf16_bits(x); }
+template <typename T>
+inline T from_f32(float x);
+template <>
+inline float from_f32<float>(float x) {
+  return x;
+}
+template <>
+inline uint16_t from_f32<uint16_t>(float x) {
+  return float_to_bf16_bits(x);
+}
 
 #if LF_ISA_LEVEL == 2
 // (operators are free functions: GCC does not apply `#pragma GCC target` to in-class friend definitions)

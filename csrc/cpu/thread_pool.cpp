@@ -59,8 +59,10 @@ class Pool {
     work(gen);
     // Only chunks a helper actually claimed are waited for; yield if its thread got preempted meanwhile.
     for (int spins = 0; job.done.load(std::memory_order_acquire) < n; ++spins) {
-      if (spins < 4000) LF_PAUSE();
-      else std::this_thread::yield();
+      if (spins < 4000)
+        LF_PAUSE();
+      else
+        std::this_thread::yield();
     }
   }
 

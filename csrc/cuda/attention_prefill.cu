@@ -25,7 +25,7 @@ constexpr int kPad = 8;  // row padding (elements) that keeps the fragment loads
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(AttentionArgs a) {
-  constexpr int kChunks = D / 16;     // k-chunks of Q K^T
+  constexpr int kChunks = D / 16;  // k-chunks of Q K^T
   constexpr int kScoreTiles = kBlockN / 8;
   constexpr int kOutTiles = D / 8;
   __shared__ __align__(16) T k_s[kBlockN][D + kPad];
@@ -187,11 +187,15 @@ cudaError_t attention_prefill_mma(DType dt, const AttentionArgs& a, cudaStream_t
   if (dt == DType::kF32) return cudaErrorInvalidValue;
   if (a.head_dim != 64 && a.head_dim != 128) return cudaErrorInvalidValue;
   if (dt == DType::kF16) {
-    if (a.head_dim == 64) launch<__half, 64>(a, stream);
-    else launch<__half, 128>(a, stream);
+    if (a.head_dim == 64)
+      launch<__half, 64>(a, stream);
+    else
+      launch<__half, 128>(a, stream);
   } else {
-    if (a.head_dim == 64) launch<__nv_bfloat16, 64>(a, stream);
-    else launch<__nv_bfloat16, 128>(a, stream);
+    if (a.head_dim == 64)
+      launch<__nv_bfloat16, 64>(a, stream);
+    else
+      launch<__nv_bfloat16, 128>(a, stream);
   }
   return cudaGetLastError();
 }

@@ -54,8 +54,8 @@ __device__ __forceinline__ int valid_keys(const AttentionArgs& a, int b, bool* b
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs a, SplitPlan p, float* partial_o,
-                                                                   float* partial_ml) {
+__global__ void __launch_bounds__(kThreads)
+    attention_split_kernel(AttentionArgs a, SplitPlan p, float* partial_o, float* partial_ml) {
   constexpr int kPerLane = D / 32;  // output dims per lane: d = lane + 32 * c
   __shared__ float q_s[kRows][D];
   __shared__ float k_s[kTile][D + 1];  // +1: lane j reading row j, column d hits bank (j + d) % 32
@@ -185,8 +185,8 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs
 
 // One block of D threads per (row, kv head, batch): merges the splits' partials exactly.
 template <typename T, int D>
-__global__ void __launch_bounds__(D) attention_combine_kernel(AttentionArgs a, SplitPlan p, const float* partial_o,
-                                                              const float* partial_ml) {
+__global__ void __launch_bounds__(D)
+    attention_combine_kernel(AttentionArgs a, SplitPlan p, const float* partial_o, const float* partial_ml) {
   const int r = blockIdx.x, kv_head = blockIdx.y, b = blockIdx.z, d = threadIdx.x;
   const int group = a.hq / a.hkv;
   bool bad;
@@ -247,13 +247,15 @@ int64_t attention_split_workspace_floats(const AttentionArgs& a, int num_splits)
   return static_cast<int64_t>(a.batch) * a.hkv * p.rows * p.num_splits * (a.head_dim + 2);
 }
 
-cudaError_t attention_split_k(DType dt, const AttentionArgs& a, int num_splits, float* workspace,
-                              cudaStream_t stream) {
+cudaError_t attention_split_k(DType dt, const AttentionArgs& a, int num_splits, float* workspace, cudaStream_t stream) {
   if (a.batch == 0 || a.tq == 0) return cudaSuccess;
   LF_DISPATCH_DTYPE(dt, T, {
-    if (a.head_dim == 64) launch<T, 64>(a, num_splits, workspace, stream);
-    else if (a.head_dim == 128) launch<T, 128>(a, num_splits, workspace, stream);
-    else return cudaErrorInvalidValue;
+    if (a.head_dim == 64)
+      launch<T, 64>(a, num_splits, workspace, stream);
+    else if (a.head_dim == 128)
+      launch<T, 128>(a, num_splits, workspace, stream);
+    else
+      return cudaErrorInvalidValue;
   });
   return cudaGetLastError();
 }

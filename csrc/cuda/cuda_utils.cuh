@@ -18,15 +18,23 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 // Rounds an fp32 value to T and back: what storing an intermediate in the tensor's dtype does.
 template <typename T>
-__device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
+__device__ __forceinline__ float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
 
 // 16 bytes of T, the unit of a 128-bit load / store.
 template <typename T>
@@ -65,23 +73,23 @@ __device__ __forceinline__ float block_sum(float v) {
 }
 
 // Instantiates `body` with T = the C++ type of dt.
-#define LF_DISPATCH_DTYPE(dt, T, ...)            \
-  switch (dt) {                                  \
-    case DType::kF32: {                          \
-      using T = float;                           \
-      __VA_ARGS__;                               \
-      break;                                     \
-    }                                            \
-    case DType::kF16: {                          \
-      using T = __half;                          \
-      __VA_ARGS__;                               \
-      break;                                     \
-    }                                            \
-    case DType::kBF16: {                         \
-      using T = __nv_bfloat16;                   \
-      __VA_ARGS__;                               \
-      break;                                     \
-    }                                            \
+#define LF_DISPATCH_DTYPE(dt, T, ...) \
+  switch (dt) {                       \
+    case DType::kF32: {               \
+      using T = float;                \
+      __VA_ARGS__;                    \
+      break;                          \
+    }                                 \
+    case DType::kF16: {               \
+      using T = __half;               \
+      __VA_ARGS__;                    \
+      break;                          \
+    }                                 \
+    case DType::kBF16: {              \
+      using T = __nv_bfloat16;        \
+      __VA_ARGS__;                    \
+      break;                          \
+    }                                 \
   }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

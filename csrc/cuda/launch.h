@@ -10,10 +10,10 @@ namespace cuda {
 
 enum class DType { kF32, kF16, kBF16 };
 
-// norm.cu. residual / residual_out null: plain rms_norm. Otherwise r = x + residual is written to
+// rms_norm.cu. residual / residual_out null: plain rms_norm. Otherwise r = x + residual is written to
 // residual_out (rounded to the dtype) and normalized.
-cudaError_t rms_norm(DType dt, const void* x, const void* residual, void* residual_out, const void* weight,
-                     void* y, int64_t rows, int64_t hidden, float eps, cudaStream_t stream);
+cudaError_t rms_norm(DType dt, const void* x, const void* residual, void* residual_out, const void* weight, void* y,
+                     int64_t rows, int64_t hidden, float eps, cudaStream_t stream);
 
 // rotary.cu. q [batch, t, hq, d] and k [batch, t, hkv, d] rotated in place; any strides for the first three
 // dims (views of a fused qkv projection), unit stride along d. positions [batch, t] contiguous (int64 when
@@ -32,11 +32,10 @@ struct RotaryArgs {
 };
 cudaError_t rotary(DType dt, const RotaryArgs& a, cudaStream_t stream);
 
-// activation.cu. gate_up [rows, 2 * inter] -> out [rows, inter].
-cudaError_t silu_and_mul(DType dt, const void* gate_up, void* out, int64_t rows, int64_t inter,
-                         cudaStream_t stream);
+// silu_and_mul.cu. gate_up [rows, 2 * inter] -> out [rows, inter].
+cudaError_t silu_and_mul(DType dt, const void* gate_up, void* out, int64_t rows, int64_t inter, cudaStream_t stream);
 
-// kv_cache.cu. caches [batch, slots_per_seq, hkv * d]; k/v [batch, t, hkv * d]; slots [batch, t]; batch < 65536.
+// store_kv.cu. caches [batch, slots_per_seq, hkv * d]; k/v [batch, t, hkv * d]; slots [batch, t]; batch < 65536.
 // Negative slots are skipped; slots >= slots_per_seq too (the Python cache checks overflow on the host).
 cudaError_t store_kv(DType dt, void* k_cache, void* v_cache, const void* k, const void* v, const void* slots,
                      bool slots_int64, int64_t batch, int64_t t, int64_t slots_per_seq, int64_t row_elems,
@@ -62,14 +61,13 @@ struct AttentionArgs {
 // attention_split_workspace_floats; num_splits from attention_num_splits.
 int attention_num_splits(const AttentionArgs& a, int device);
 int64_t attention_split_workspace_floats(const AttentionArgs& a, int num_splits);
-cudaError_t attention_split_k(DType dt, const AttentionArgs& a, int num_splits, float* workspace,
-                              cudaStream_t stream);
+cudaError_t attention_split_k(DType dt, const AttentionArgs& a, int num_splits, float* workspace, cudaStream_t stream);
 // Tensor-core prefill (fp16 / bf16, head_dim 64 or 128).
 cudaError_t attention_prefill_mma(DType dt, const AttentionArgs& a, cudaStream_t stream);
 // Which kernel attention should use: the tensor-core one when many query rows share a kv head.
 bool attention_prefers_mma(DType dt, const AttentionArgs& a);
 
-// quant_gemv.cu / quant_gemm.cu: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), w in the serialized
+// quant_linear_gemv.cu / quant_linear_gemm.cu: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), w in the serialized
 // format of csrc/common/quant_format.h; offset may be null (int8). scale / offset / bias share x's dtype.
 struct QuantLinearArgs {
   const void* x;

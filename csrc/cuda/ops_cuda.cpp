@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "cuda/launch.h"
+#include "op_checks.h"
 
 namespace llama_fast {
 namespace {
@@ -21,25 +22,14 @@ DType float_dtype(const at::Tensor& t, const char* op, const char* name) {
     case at::kFloat: return DType::kF32;
     case at::kHalf: return DType::kF16;
     case at::kBFloat16: return DType::kBF16;
-    default:
-      TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+    default: TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
   }
   return DType::kF32;
 }
 
 void check_on(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the input is on ",
-              ref.device());
-}
-
-void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (got strides ", t.strides(), ")");
-}
-
-void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
-              " differs from the input dtype ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the input is on ", ref.device());
 }
 
 void check_aligned16(const at::Tensor& t, const char* op, const char* name) {
@@ -74,8 +64,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty_like(x);
   const int64_t hidden = x.size(-1), rows = hidden == 0 ? 0 : x.numel() / hidden;
-  check_launch(cuda::rms_norm(float_dtype(x, op, "x"), x.data_ptr(), nullptr, nullptr, weight.data_ptr(),
-                              y.data_ptr(), rows, hidden, static_cast<float>(eps), stream_of(x)),
+  check_launch(cuda::rms_norm(float_dtype(x, op, "x"), x.data_ptr(), nullptr, nullptr, weight.data_ptr(), y.data_ptr(),
+                              rows, hidden, static_cast<float>(eps), stream_of(x)),
                op);
   return y;
 }
@@ -114,10 +104,9 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at
   const DType dt = float_dtype(q, op, "q");
   check_on(k, q, op, "k");
   check_same_dtype(k, q, op, "k");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, op, ": q and k must be [B, T, H, D], got ", q.sizes(), " and ",
-              k.sizes());
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3), op,
-              ": q ", q.sizes(), " and k ", k.sizes(), " disagree on B, T or D");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, op, ": q and k must be [B, T, H, D], got ", q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3), op, ": q ", q.sizes(),
+              " and k ", k.sizes(), " disagree on B, T or D");
   const int64_t d = q.size(3);
   TORCH_CHECK(d % 2 == 0 && d > 0, op, ": head_dim must be even and positive, got ", d);
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1, op, ": q and k must be contiguous along head_dim");
@@ -167,8 +156,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     check_on(*t, q, op, name);
     check_same_dtype(*t, q, op, name);
   }
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D [B, T, H, D], got ",
-              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D [B, T, H, D], got ", q.sizes(),
+              ", ", k.sizes(), ", ", v.sizes());
   TORCH_CHECK(k.sizes() == v.sizes(), op, ": k ", k.sizes(), " and v ", v.sizes(), " differ");
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), op, ": q ", q.sizes(), " and k ", k.sizes(),
               " disagree on batch or head_dim");
@@ -198,17 +187,29 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     const at::Tensor& kl = *kv_lens;
     check_on(kl, q, op, "kv_lens");
     TORCH_CHECK(kl.scalar_type() == at::kInt, op, ": kv_lens must be int32, got ", kl.scalar_type());
-    TORCH_CHECK(kl.dim() == 1 && kl.size(0) == q.size(0), op, ": kv_lens must be [", q.size(0), "], got ",
-                kl.sizes());
+    TORCH_CHECK(kl.dim() == 1 && kl.size(0) == q.size(0), op, ": kv_lens must be [", q.size(0), "], got ", kl.sizes());
     check_contiguous(kl, op, "kv_lens");
     lens = kl.data_ptr<int32_t>();
   }
   const c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty(q.sizes(), q.options());  // contiguous whatever q's strides
-  cuda::AttentionArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lens,
-                        static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
-                        static_cast<int>(hq), static_cast<int>(hkv), static_cast<int>(d), causal,
-                        static_cast<float>(scale), stride(q, 0), stride(q, 1), stride(k, 0), stride(k, 1)};
+  cuda::AttentionArgs a{q.data_ptr(),
+                        k.data_ptr(),
+                        v.data_ptr(),
+                        out.data_ptr(),
+                        lens,
+                        static_cast<int>(q.size(0)),
+                        static_cast<int>(q.size(1)),
+                        static_cast<int>(k.size(1)),
+                        static_cast<int>(hq),
+                        static_cast<int>(hkv),
+                        static_cast<int>(d),
+                        causal,
+                        static_cast<float>(scale),
+                        stride(q, 0),
+                        stride(q, 1),
+                        stride(k, 0),
+                        stride(k, 1)};
   if (cuda::attention_prefers_mma(dt, a)) {
     check_launch(cuda::attention_prefill_mma(dt, a, stream_of(q)), op);
     return out;
@@ -216,8 +217,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const int splits = cuda::attention_num_splits(a, q.device().index());
   const int64_t floats = cuda::attention_split_workspace_floats(a, splits);
   at::Tensor workspace = floats > 0 ? at::empty({floats}, q.options().dtype(at::kFloat)) : at::Tensor();
-  check_launch(cuda::attention_split_k(dt, a, splits, floats > 0 ? workspace.data_ptr<float>() : nullptr,
-                                       stream_of(q)),
+  check_launch(cuda::attention_split_k(dt, a, splits, floats > 0 ? workspace.data_ptr<float>() : nullptr, stream_of(q)),
                op);
   return out;
 }
@@ -263,8 +263,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   } else {
     TORCH_CHECK(qweight.scalar_type() == at::kByte, op, ": int4 qweight must be uint8 (two codes per byte), got ",
                 qweight.scalar_type());
-    TORCH_CHECK(k % 2 == 0 && qweight.size(1) * 2 == k, op, ": int4 qweight must be [N, ", k / 2, "] for x [..., ",
-                k, "], got ", qweight.sizes());
+    TORCH_CHECK(k % 2 == 0 && qweight.size(1) * 2 == k, op, ": int4 qweight must be [N, ", k / 2, "] for x [..., ", k,
+                "], got ", qweight.sizes());
   }
   TORCH_CHECK(k > 0, op, ": x has an empty last dimension");
   TORCH_CHECK(group_size > 0 && k % group_size == 0, op, ": group_size ", group_size, " does not divide K=", k);
@@ -283,19 +283,24 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   }
   if (bias.has_value()) {
     check_on(*bias, x, op, "bias");
-    check_same_dtype(*bias, x, op, "bias");
-    check_contiguous(*bias, op, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [", n, "], got ", bias->sizes());
+    check_bias_shape(*bias, x, n, op);
   }
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.numel() / k < 65535LL * 64, op, ": more than ", 65535LL * 64, " rows (the GEMM grid limit)");
   auto sizes = x.sizes().vec();
   sizes.back() = n;
   auto out = at::empty(sizes, x.options());
-  cuda::QuantLinearArgs a{x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
+  cuda::QuantLinearArgs a{x.data_ptr(),
+                          qweight.data_ptr(),
+                          scale.data_ptr(),
                           offset.has_value() ? offset->data_ptr() : nullptr,
-                          bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(), x.numel() / k, n, k,
-                          static_cast<int>(bits), static_cast<int>(group_size)};
+                          bias.has_value() ? bias->data_ptr() : nullptr,
+                          out.data_ptr(),
+                          x.numel() / k,
+                          n,
+                          k,
+                          static_cast<int>(bits),
+                          static_cast<int>(group_size)};
   const cudaError_t err = cuda::quant_prefers_gemm(dt, a) ? cuda::quant_gemm_mma(dt, a, stream_of(x))
                                                           : cuda::quant_gemv(dt, a, stream_of(x));
   check_launch(err, op);

@@ -11,8 +11,8 @@ namespace {
 constexpr int kThreads = 128;
 
 template <typename T>
-__device__ __forceinline__ void rotate_heads(T* base, const int64_t head_stride, int heads, int half,
-                                             const float* c, const float* s, bool poison) {
+__device__ __forceinline__ void rotate_heads(T* base, const int64_t head_stride, int heads, int half, const float* c,
+                                             const float* s, bool poison) {
   for (int idx = threadIdx.x; idx < heads * half; idx += kThreads) {
     const int h = idx / half, i = idx - h * half;
     T* x = base + h * head_stride;
@@ -42,8 +42,10 @@ cudaError_t rotary(DType dt, const RotaryArgs& a, cudaStream_t stream) {
   const int64_t tokens = a.batch * a.t;
   if (tokens == 0) return cudaSuccess;
   LF_DISPATCH_DTYPE(dt, T, {
-    if (a.positions_int64) rotary_kernel<T, int64_t><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(a);
-    else rotary_kernel<T, int32_t><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(a);
+    if (a.positions_int64)
+      rotary_kernel<T, int64_t><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(a);
+    else
+      rotary_kernel<T, int32_t><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(a);
   });
   return cudaGetLastError();
 }

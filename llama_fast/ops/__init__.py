@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from llama_fast.ops._backend import (BACKENDS, BackendUnavailableError, default_backend, resolve,
-                                     unavailable_reason)
+from llama_fast.ops._backend import BACKENDS, BackendUnavailableError, default_backend, resolve, unavailable_reason
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "default_backend", "unavailable_reason",

@@ -2,7 +2,7 @@
 
 AVX-512 / AVX2 / portable code paths are picked at run time (LLAMA_FAST_CPU_ISA lowers the choice, `set_isa`
 does the same within a process, for tests). Besides the core ops of csrc/bindings.cpp this backend declares
-CPU-only extra ops (cpu_linear, cpu_fused_add_rms_norm_, cpu_isa) whose fake impls are registered here.
+CPU-only extra ops (cpu_linear, cpu_isa, cpu_max_gemv_rows; the decode step in cpu_decode.py).
 """
 from __future__ import annotations
 
@@ -26,12 +26,6 @@ def rms_norm(x, weight, eps):
 
 def fused_add_rms_norm(x, residual, weight, eps):
     return torch.ops.llama_fast.fused_add_rms_norm(x, residual, weight, eps)
-
-
-def fused_add_rms_norm_(x, residual, weight, eps):
-    """In place: residual += x, then x = rms_norm(residual). Returns (x, residual)."""
-    torch.ops.llama_fast.cpu_fused_add_rms_norm_(x, residual, weight, eps)
-    return x, residual
 
 
 def rotary(q, k, positions, cos, sin):
@@ -79,10 +73,3 @@ if _native.extension() is not None:
     def _cpu_linear_fake(x, weight, bias):
         return x.new_empty(x.shape[:-1] + (weight.shape[0],))
 
-    @torch.library.register_fake("llama_fast::kquant_linear")
-    def _kquant_linear_fake(x, blocks, types, bias):
-        return x.new_empty(x.shape[:-1] + (sum(b.shape[0] for b in blocks),))
-
-    @torch.library.register_fake("llama_fast::cpu_fused_add_rms_norm_")
-    def _cpu_fused_add_rms_norm_fake(x, residual, weight, eps):
-        return None

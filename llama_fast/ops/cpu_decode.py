@@ -1,55 +1,52 @@
-"""The decoder stack of a decode step in one C++ call (llama_fast::cpu_decode_layers) for models on the CPU.
+"""The decoder stack of a decode step in one C++ call (llama_fast::cpu_decode_step) for models on the CPU.
 
 A decode step is a few tokens against a big cache; run layer by layer from Python it costs ~12 op calls per
 layer (qkv, rotary, store_kv, attention, o_proj, two norms, gate_up, silu_and_mul, down), several microseconds
 each, which for a small model weighs as much as the weights' memory traffic. LlamaModel.forward hands such
 steps here (see `can_run`); prefill and everything else keep the op-by-op path.
 
-The weights are gathered and validated once per model into a C++ plan (llama_fast.CpuDecodePlan, which also
-keeps the scratch buffers) and reused; it is rebuilt when the weights change (llama_fast.weights_version).
+The weights are gathered once per model into a C++ plan (llama_fast.CpuDecodePlan, which validates them and
+keeps the scratch buffers), one `add_layer` per decoder layer with the named fields that
+LlamaDecoderLayer.decode_fields builds, and reused; it is rebuilt when that model's weights change
+(llama_fast.weights_version).
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
 
 from llama_fast import _native, weights_version
 
-MAX_ROWS = 8  # batch x new tokens the GEMV kernels take in one pass over the weights
-
-# model -> (weights_version, layers, CpuDecodePlan). Kept outside the module so that copy.deepcopy and pickling
-# of a model never meet the C++ object (a copy builds its own plan on its first step).
+# model -> (WeightsVersion watching it, its count at build time, layers, CpuDecodePlan). Kept outside the module so
+# that copy.deepcopy and pickling of a model never meet the C++ object (a copy builds its own plan on its first
+# step).
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _linear_slots(linear):
-    if getattr(linear, "bits", None) is not None:
-        return [linear.qweight, linear.scales, linear.offsets, linear.bias], [linear.bits, linear.group_size]
-    return [linear.weight, None, None, linear.bias], [0, 0]
+@functools.cache
+def max_rows() -> int:
+    """Batch x new tokens the GEMV kernels take in one pass over the weights (the C++ constant kMaxGemvRows)."""
+    return int(torch.ops.llama_fast.cpu_max_gemv_rows())
 
 
 def _plan(model):
     """The model's llama_fast.CpuDecodePlan: its weights validated once, rebuilt when they change (see
     llama_fast.weights_version; the plan itself re-validates when a tensor it holds changes in place)."""
     cached = _PLANS.get(model)
-    version = weights_version.current()
     layers = tuple(model.layers)
-    if cached is not None and cached[0] == version and cached[1] == layers:
-        return cached[2]
-    weights, meta = [], []
-    for layer in layers:
-        weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-        for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                       layer.mlp.down_proj):
-            w, m = _linear_slots(linear)
-            weights += w
-            meta += m
+    if cached is not None and cached[1] == cached[0].count and cached[2] == layers:
+        return cached[3]
+    version = cached[0] if cached is not None else weights_version.WeightsVersion()
+    version.watch(model)
     attn = layers[0].self_attn
-    # The module's own tensors (not detached copies): a plan holding them sees in-place changes (param.data = ...)
-    plan = torch.classes.llama_fast.CpuDecodePlan(weights, meta, model.norm.weight, attn.num_heads,
-                                                  attn.num_kv_heads, attn.head_dim, float(model.norm.eps))
-    _PLANS[model] = (version, layers, plan)
+    plan = torch.classes.llama_fast.CpuDecodePlan(model.norm.weight, attn.num_heads, attn.num_kv_heads,
+                                                  attn.head_dim, float(model.norm.eps))
+    for layer in layers:
+        # The module's own tensors (not detached copies): a plan holding them sees in-place changes
+        plan.add_layer(*layer.decode_fields())
+    _PLANS[model] = (version, version.count, layers, plan)
     return plan
 
 
@@ -59,7 +56,7 @@ def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidd
         return False
     if output_attentions or output_hidden_states or len(model.layers) == 0:
         return False
-    if hidden.shape[0] * hidden.shape[1] > MAX_ROWS or _native.extension() is None:
+    if _native.extension() is None or hidden.shape[0] * hidden.shape[1] > max_rows():
         return False
     if any(getattr(m, "backend", None) not in (None, "cpu") for m in (model, model.layers[0])):
         return False
@@ -69,14 +66,15 @@ def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidd
 
 def _has_kquant_layers(model) -> bool:
     """Whether a layer holds ggml block weights (llama_fast.kquants), which the C++ plan does not take yet:
-    such models decode op by op (the kquant_linear kernels). Cached per weights version."""
-    version = weights_version.current()
+    such models decode op by op (the kquant_linear kernels). Cached per model until its weights change."""
     cached = _KQUANT.get(model)
-    if cached is None or cached[0] != version:
-        found = any(getattr(m, "kquant", False) for layer in model.layers for m in layer.modules())
-        cached = (version, found)
-        _KQUANT[model] = cached
-    return cached[1]
+    if cached is not None and cached[1] == cached[0].count:
+        return cached[2]
+    version = cached[0] if cached is not None else weights_version.WeightsVersion()
+    version.watch(model)
+    found = any(getattr(m, "kquant", False) for layer in model.layers for m in layer.modules())
+    _KQUANT[model] = (version, version.count, found)
+    return found
 
 
 _KQUANT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -94,11 +92,6 @@ def run(model, hidden: torch.Tensor, step, cache) -> torch.Tensor:
 
 
 if _native.extension() is not None:
-    @torch.library.register_fake("llama_fast::cpu_decode_layers")
-    def _cpu_decode_layers_fake(hidden, weights, linear_meta, k_caches, v_caches, positions, slots, kv_lens, kv_span,
-                                cos, sin, num_heads, num_kv_heads, head_dim, eps, final_norm):
-        return torch.empty_like(hidden)
-
     @torch.library.register_fake("llama_fast::cpu_decode_step")
     def _cpu_decode_step_fake(plan, hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin):
         return torch.empty_like(hidden)

@@ -3,9 +3,10 @@ head_dim 64/128, all dtypes, decode and prefill, kv_lens with left padding and e
 import pytest
 import torch
 
-from cuda_testing import DTYPES, assert_matches, requires_cuda
 from llama_fast import ops
 from llama_fast.ops import reference
+
+from cuda_testing import DTYPES, assert_matches, requires_cuda
 
 pytestmark = requires_cuda
 

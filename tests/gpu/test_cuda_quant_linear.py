@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from cuda_testing import DTYPES, assert_matches, requires_cuda
 from llama_fast import ops, quant
 from llama_fast.ops import reference
+
+from cuda_testing import DTYPES, assert_matches, requires_cuda
 
 pytestmark = requires_cuda
 

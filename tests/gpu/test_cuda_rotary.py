@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from cuda_testing import DTYPES, assert_matches, requires_cuda
 from llama_fast import ops
 from llama_fast.ops import reference
+
+from cuda_testing import DTYPES, assert_matches, requires_cuda
 
 pytestmark = requires_cuda
 

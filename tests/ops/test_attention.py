@@ -5,6 +5,7 @@ import torch
 
 from llama_fast import ops
 from llama_fast.ops import reference
+
 from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
 
 # (B, Tq, Tk, Hq, Hkv, D, kv_lens): prefill, decode against a longer cache (split-K), GQA 1 / 4 / 8 (and
@@ -32,7 +33,11 @@ def _inputs(b, tq, tk, hq, hkv, d, lens, dtype, seed=0):
     return q, k, v, kv_lens
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_Tq{}_Tk{}_H{}/{}_D{}_{}".format(*c[:6], "lens" if c[6] else "full"))
+def _case_id(c) -> str:
+    return "B{}_Tq{}_Tk{}_H{}/{}_D{}_{}".format(*c[:6], "lens" if c[6] else "full")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_matches_reference(backend, case, dtype, causal, matches_reference):
@@ -82,7 +87,7 @@ def test_attention_bad_inputs_cpu():
         ops.attention(q, k, v, True, torch.tensor([5.0, 5.0]), backend="cpu")
     with pytest.raises(RuntimeError, match="v shape"):
         ops.attention(q, k, v[:, :4], backend="cpu")
-    with pytest.raises(RuntimeError, match="v has dtype"):
+    with pytest.raises(RuntimeError, match="v dtype"):
         ops.attention(q, k, v.bfloat16(), backend="cpu")
     with pytest.raises(RuntimeError, match="contiguous last dimension"):
         ops.attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, backend="cpu")

@@ -1,5 +1,6 @@
-"""cpu_decode_layers (the whole decoder stack of a decode step in one C++ call) against the same stack composed
-from the reference ops, for dense fp32/bf16 and int4/int8 weights, GQA, batch > 1 with ragged cache lengths."""
+"""cpu_decode_step on a CpuDecodePlan (the whole decoder stack of a decode step in one C++ call) against the same
+stack composed from the reference ops, for dense fp32/bf16 and int4/int8 weights, GQA, batch > 1 with ragged cache
+lengths; and the plan's checks of its named per-layer fields."""
 import pytest
 import torch
 
@@ -25,18 +26,35 @@ def _stack(layers, hidden, heads, kv_heads, head_dim, inter, dtype, bits, seed=0
     return linears, norms, (1 + rnd(hidden)).to(dtype)
 
 
-def _flat(linears, norms):
-    weights, meta = [], []
+_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def _fields(ls, ns):
+    """One layer's named fields, as LlamaDecoderLayer.decode_fields builds them."""
+    tensors, ints = {"input_layernorm": ns[0], "post_attention_layernorm": ns[1]}, {}
+    for name, w in zip(_LINEARS, ls):
+        if isinstance(w, torch.Tensor):
+            tensors[f"{name}.weight"] = w
+            ints[f"{name}.bits"] = 0
+        else:
+            parts = {"qweight": w.qweight, "scales": w.scale, "offsets": w.offset}
+            tensors.update({f"{name}.{k}": t for k, t in parts.items() if t is not None})
+            ints.update({f"{name}.bits": w.bits, f"{name}.group_size": w.group_size})
+    return tensors, ints
+
+
+def _plan(linears, norms, final, heads, kv_heads, d, eps, edit=None):
+    plan = torch.classes.llama_fast.CpuDecodePlan(final, heads, kv_heads, d, eps)
     for ls, ns in zip(linears, norms):
-        weights += ns
-        for w in ls:
-            if isinstance(w, torch.Tensor):
-                weights += [w, None, None, None]
-                meta += [0, 0]
-            else:
-                weights += [w.qweight, w.scale, w.offset, None]
-                meta += [w.bits, w.group_size]
-    return weights, meta
+        tensors, ints = _fields(ls, ns)
+        if edit is not None:
+            edit(tensors, ints)
+        plan.add_layer(tensors, ints)
+    return plan
+
+
+def _step(plan, *args):
+    return torch.ops.llama_fast.cpu_decode_step(plan, *args)
 
 
 def _reference_step(x, linears, norms, final, kc, vc, pos, slots, kv_lens, span, cos, sin, heads, kv_heads, d, eps):
@@ -80,9 +98,8 @@ def test_decode_layers_matches_composed_reference(dtype, bits, b, t):
     want = _reference_step(x.float() if dtype == torch.bfloat16 and bits == 0 else x, linears, norms, final,
                            kc_ref, vc_ref, pos, slots, kv_lens, span, cos, sin, heads, kv_heads, d, eps) \
         if dtype == torch.float32 else None
-    weights, meta = _flat(linears, norms)
-    out = torch.ops.llama_fast.cpu_decode_layers(x, weights, meta, kc, vc, pos, slots, kv_lens, span, cos, sin, heads,
-                                                 kv_heads, d, eps, final)
+    plan = _plan(linears, norms, final, heads, kv_heads, d, eps)
+    out = _step(plan, x, kc, vc, pos, slots, kv_lens, span, cos, sin)
     assert out.shape == x.shape and out.dtype == dtype
     if dtype == torch.float32:
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
@@ -119,22 +136,41 @@ def _composed_cpu_ops(x, linears, norms, final, kc, vc, pos, slots, kv_lens, spa
 
 def test_decode_layers_bad_inputs():
     linears, norms, final = _stack(1, 64, 2, 1, 32, 64, torch.float32, 0)
-    weights, meta = _flat(linears, norms)
+    plan = _plan(linears, norms, final, 2, 1, 32, 1e-6)
     x = torch.randn(1, 1, 64)
     kc, vc = [torch.zeros(1, 8, 1, 32)], [torch.zeros(1, 8, 1, 32)]
     pos = torch.zeros(1, 1, dtype=torch.long)
     cos, sin = torch.ones(8, 16), torch.zeros(8, 16)
-    f = torch.ops.llama_fast.cpu_decode_layers
-    ok = dict(kv=torch.tensor([1], dtype=torch.int32))
-    out = f(x, weights, meta, kc, vc, pos, pos, ok["kv"], 1, cos, sin, 2, 1, 32, 1e-6, final)
+    kv = torch.tensor([1], dtype=torch.int32)
+    out = _step(plan, x, kc, vc, pos, pos, kv, 1, cos, sin)
     assert out.shape == x.shape
     with pytest.raises(RuntimeError, match="past the end of the cache"):
-        f(x, weights, meta, kc, vc, pos, pos + 8, ok["kv"], 1, cos, sin, 2, 1, 32, 1e-6, final)
-    with pytest.raises(RuntimeError, match="B x T must be"):
-        f(torch.randn(3, 3, 64), weights, meta, kc, vc, pos, pos, ok["kv"], 1, cos, sin, 2, 1, 32, 1e-6, final)
+        _step(plan, x, kc, vc, pos, pos + 8, kv, 1, cos, sin)
+    rows = torch.ops.llama_fast.cpu_max_gemv_rows()
+    with pytest.raises(RuntimeError, match=f"B x T must be 1..{rows}"):
+        _step(plan, torch.randn(rows + 1, 1, 64), kc, vc, pos, pos, kv, 1, cos, sin)
     with pytest.raises(RuntimeError, match="activations. dtype"):
-        f(x.bfloat16(), weights, meta, kc, vc, pos, pos, ok["kv"], 1, cos, sin, 2, 1, 32, 1e-6, final.bfloat16())
+        _step(plan, x.bfloat16(), kc, vc, pos, pos, kv, 1, cos, sin)
     with pytest.raises(RuntimeError, match="kv_lens must lie"):
-        f(x, weights, meta, kc, vc, pos, pos, torch.tensor([5], dtype=torch.int32), 1, cos, sin, 2, 1, 32, 1e-6, final)
-    with pytest.raises(RuntimeError, match="weight slots"):
-        f(x, weights[:-1], meta, kc, vc, pos, pos, ok["kv"], 1, cos, sin, 2, 1, 32, 1e-6, final)
+        _step(plan, x, kc, vc, pos, pos, torch.tensor([5], dtype=torch.int32), 1, cos, sin)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t, i: t.pop("o_proj.weight"), "o_proj has no weight"),
+    (lambda t, i: t.pop("input_layernorm"), "input_layernorm must be"),
+    (lambda t, i: t.__setitem__("down_proj.scales", torch.ones(64, 1)), "dense .bits 0. but has quantized fields"),
+    (lambda t, i: i.__setitem__("qkv_proj.bits", 3), "qkv_proj.bits must be 0 .dense., 4 or 8"),
+    (lambda t, i: t.__setitem__("gate_up_proj.wieght", t["gate_up_proj.weight"]), "unknown tensor field"),
+    (lambda t, i: t.__setitem__("mlp.weight", t["gate_up_proj.weight"]), "unknown field 'mlp.weight'"),
+    (lambda t, i: i.__setitem__("o_proj.group", 32), "unknown int field"),
+])
+def test_decode_plan_rejects_bad_fields(edit, message):
+    """The plan reads its weights by name: a missing, unknown or inconsistent field is a clear error at the first
+    step, never a tensor read in the wrong role."""
+    linears, norms, final = _stack(1, 64, 2, 1, 32, 64, torch.float32, 0)
+    x = torch.randn(1, 1, 64)
+    kc, vc = [torch.zeros(1, 8, 1, 32)], [torch.zeros(1, 8, 1, 32)]
+    pos = torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=message):
+        plan = _plan(linears, norms, final, 2, 1, 32, 1e-6, edit)
+        _step(plan, x, kc, vc, pos, pos, torch.tensor([1], dtype=torch.int32), 1, torch.ones(8, 16), torch.zeros(8, 16))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from llama_fast import ops, quant
+
 from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
 
 # (bits, group_size, symmetric): GGUF Q4_1-like (asymmetric, g=32), Q4_0-like (symmetric, offset = -8 scale),

@@ -3,6 +3,7 @@ import torch
 
 from llama_fast import ops
 from llama_fast.ops import reference
+
 from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
 
 SHAPES = [(1, 1), (7, 83), (3, 5, 576), (2, 769), (4, 4096)]
@@ -34,25 +35,13 @@ def test_fused_add_rms_norm_matches_reference(backend, dtype, matches_reference)
                                  reference.rms_norm(x + r, w, 1e-5))
 
 
-def test_fused_add_rms_norm_in_place_cpu():
-    from llama_fast.ops import cpu
-    torch.manual_seed(2)
-    x, r, w = torch.randn(3, 83), torch.randn(3, 83), torch.randn(83)
-    want_y, want_r = reference.fused_add_rms_norm(x, r, w, 1e-6)
-    xi, ri = x.clone(), r.clone()
-    out_x, out_r = cpu.fused_add_rms_norm_(xi, ri, w, 1e-6)
-    assert out_x is xi and out_r is ri
-    torch.testing.assert_close(xi, want_y, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ri, want_r, rtol=0, atol=0)
-
-
 def test_rms_norm_bad_inputs_cpu():
     x = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="weight must be \\[8\\]"):
         ops.rms_norm(x, torch.ones(7), backend="cpu")
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         ops.rms_norm(x.double(), torch.ones(8, dtype=torch.double), backend="cpu")
-    with pytest.raises(RuntimeError, match="weight has dtype"):
+    with pytest.raises(RuntimeError, match="weight dtype"):
         ops.rms_norm(x, torch.ones(8, dtype=torch.bfloat16), backend="cpu")
     with pytest.raises(RuntimeError, match="contiguous"):
         ops.rms_norm(torch.randn(8, 4).t(), torch.ones(8), backend="cpu")
@@ -64,4 +53,3 @@ def test_opcheck_norms():
     x, r, w = torch.randn(3, 83), torch.randn(3, 83), torch.randn(83)
     torch.library.opcheck(torch.ops.llama_fast.rms_norm.default, (x, w, 1e-6))
     torch.library.opcheck(torch.ops.llama_fast.fused_add_rms_norm.default, (x, r, w, 1e-6))
-    torch.library.opcheck(torch.ops.llama_fast.cpu_fused_add_rms_norm_.default, (x.clone(), r.clone(), w, 1e-6))

@@ -3,6 +3,7 @@ import torch
 
 from llama_fast import ops
 from llama_fast.ops import reference
+
 from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
 
 

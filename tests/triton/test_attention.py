@@ -1,11 +1,13 @@
 import pytest
 import torch
+from tolerance import assert_fp32_close, assert_within_budget
 
 from llama_fast import kernels, ops
-from llama_fast.kernels.flash_attention import decode_attention, prefill_attention
+from llama_fast.kernels import kernel_module
 from llama_fast.ops import reference
 
-from _budget import assert_fp32_close, assert_within_budget
+decode_attention = kernel_module("attention").decode_attention
+prefill_attention = kernel_module("attention").prefill_attention
 
 
 def _plain_attention(q, k, v, causal, kv_lens):

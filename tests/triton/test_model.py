@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from conftest_shared import assert_matches_transformers, left_padded_batch, make_hf_model, tiny_config
-
 from llama_fast import LlamaForCausalLM
+
+from conftest_shared import assert_matches_transformers, left_padded_batch, make_hf_model, tiny_config
 
 
 @pytest.mark.parametrize("config", [dict(num_key_value_heads=2), dict(num_attention_heads=8,

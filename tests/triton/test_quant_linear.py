@@ -1,11 +1,9 @@
 import pytest
 import torch
+from tolerance import assert_fp32_close, assert_within_budget
 
 from llama_fast import kernels, quant
 from llama_fast.ops import reference
-
-from _budget import assert_fp32_close, assert_within_budget
-
 
 # (bits, group_size, symmetric): g = 32 is smaller than the K tile (scales gathered per element), g = 64 /
 # per channel hold a K tile in one group (scaled after the dot in the GEMV), g = 3 splits bytes across

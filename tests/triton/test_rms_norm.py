@@ -1,10 +1,9 @@
 import pytest
 import torch
+from tolerance import assert_fp32_close, assert_within_budget
 
 from llama_fast import kernels
 from llama_fast.ops import reference
-
-from _budget import assert_fp32_close, assert_within_budget
 
 
 @pytest.mark.parametrize("shape", [(1, 83), (2, 7, 769)])

@@ -1,10 +1,9 @@
 import pytest
 import torch
+from tolerance import assert_within_budget
 
 from llama_fast import kernels
 from llama_fast.ops import reference
-
-from _budget import assert_within_budget
 
 
 def _tables(max_pos, half, theta=10000.0):

@@ -1,0 +1,154 @@
+// Dense linear for decode: out[M, N] = x[M, K] @ w[N, K]^T (+ bias), M small. Memory bound: each weight row
+// is streamed once for all M activation rows, several rows at a time so the FMA chains overlap; threads get
+// contiguous row ranges (sequential streams for the prefetcher). bf16 weights with bf16 activations use
+// AVX512-BF16 dot products (vdpbf16ps, exact products, fp32 sums) where the CPU has them.
+#ifndef LF_ISA
+#include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
+#define LF_ISA_SELF "cpu/linear.cpp"
+#include "cpu/foreach_isa.h"
+
+namespace llama_fast {
+namespace cpu {
+
+// Rows 0..n-1 in chunks of ~64 KiB of weights (a multiple of `align` rows), claimed by the pool's threads.
+template <typename F>
+void parallel_rows(int64_t n, int64_t align, int64_t bytes_per_row, F fn) {
+  int64_t grain = std::max<int64_t>(align, (int64_t{1} << 16) / std::max<int64_t>(bytes_per_row, 1));
+  grain = (grain + align - 1) / align * align;
+  parallel_for(n, grain, fn);
+}
+
+void dense_linear(bool bf16, const void* x, const void* w, const void* bias, void* out, int64_t m, int64_t n,
+                  int64_t k) {
+  // bf16 weights with bf16 activations use vdpbf16ps where the CPU has it
+  const bool dp = bf16 && isa() == Isa::kAvx512Bf16;
+  for (int64_t m0 = 0; m0 < m; m0 += kMaxGemvRows) {  // this many activation rows per pass over the weights
+    const int64_t mc = std::min<int64_t>(kMaxGemvRows, m - m0);
+    LF_CPU_DISPATCH_DTYPE(bf16, T, {
+      const T* xs = static_cast<const T*>(x) + m0 * k;
+      T* os = static_cast<T*>(out) + m0 * n;
+      parallel_rows(n, 4, k * static_cast<int64_t>(sizeof(T)), [&](int64_t n0, int64_t n1) {
+        LF_DISPATCH(gemv_rows<T>, xs, static_cast<const T*>(w), static_cast<const T*>(bias), os, mc, n, k, n0, n1, dp);
+      });
+    });
+  }
+}
+
+}  // namespace cpu
+}  // namespace llama_fast
+
+#else  // one ISA pass
+
+namespace llama_fast {
+namespace cpu {
+namespace LF_ISA {
+
+// The weights are read once per call: ask for them 8 KiB ahead of use. The hardware prefetcher alone left the
+// int4/int8 kernels at half a core's DRAM share (see quant_linear_vnni.cpp), and bf16 decode at 70% of the bandwidth
+// (61 -> 68-72 tok/s on the demo model with it).
+inline void prefetch_ahead(const void* p) {
+#ifdef LF_HAVE_X86
+  _mm_prefetch(static_cast<const char*>(p) + 8192, _MM_HINT_T0);
+#else
+  (void)p;
+#endif
+}
+
+// R weight rows x M activation rows per step.
+template <typename T, int R, int M>
+void gemv_block(const T* x, const T* w, const T* bias, T* out, int64_t n, int64_t k, int64_t row) {
+  constexpr int W = VecF::W;
+  VecF acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int mm = 0; mm < M; ++mm) acc[r][mm] = VecF::zero();
+  int64_t kk = 0;
+  for (; kk + W <= k; kk += W) {
+    VecF xv[M];
+    for (int mm = 0; mm < M; ++mm) xv[mm] = VecF::load(x + mm * k + kk);
+    for (int r = 0; r < R; ++r) {
+      // bf16 only: fp32 rows already stream at ~90% of the bandwidth, and measured 3% slower with it
+      if (sizeof(T) == 2 && (kk * sizeof(T)) % 64 == 0) prefetch_ahead(w + (row + r) * k + kk);  // once per line
+      const VecF wv = VecF::load(w + (row + r) * k + kk);
+      for (int mm = 0; mm < M; ++mm) acc[r][mm] = VecF::fma(wv, xv[mm], acc[r][mm]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int mm = 0; mm < M; ++mm) {
+      float s = acc[r][mm].sum();
+      for (int64_t t = kk; t < k; ++t) s += to_f32(w[(row + r) * k + t]) * to_f32(x[mm * k + t]);
+      if (bias != nullptr) s += to_f32(bias[row + r]);
+      out[mm * n + row + r] = from_f32<T>(s);
+    }
+  }
+}
+
+#if LF_ISA_LEVEL == 2
+// bf16 x bf16 with vdpbf16ps: 32 products per instruction, fp32 accumulation.
+template <int R, int M>
+void gemv_block_dpbf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t n, int64_t k,
+                       int64_t row) {
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int mm = 0; mm < M; ++mm) acc[r][mm] = _mm512_setzero_ps();
+  int64_t kk = 0;
+  for (; kk + 32 <= k; kk += 32) {
+    __m512bh xv[M];
+    for (int mm = 0; mm < M; ++mm) xv[mm] = (__m512bh)_mm512_loadu_si512(x + mm * k + kk);
+    for (int r = 0; r < R; ++r) {
+      prefetch_ahead(w + (row + r) * k + kk);
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (row + r) * k + kk);
+      for (int mm = 0; mm < M; ++mm) acc[r][mm] = _mm512_dpbf16_ps(acc[r][mm], wv, xv[mm]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int mm = 0; mm < M; ++mm) {
+      float s = _mm512_reduce_add_ps(acc[r][mm]);
+      for (int64_t t = kk; t < k; ++t) s += to_f32(w[(row + r) * k + t]) * to_f32(x[mm * k + t]);
+      if (bias != nullptr) s += to_f32(bias[row + r]);
+      out[mm * n + row + r] = from_f32<uint16_t>(s);
+    }
+  }
+}
+#endif
+
+template <typename T, int M>
+void gemv_rows_m(const T* x, const T* w, const T* bias, T* out, int64_t n, int64_t k, int64_t n0, int64_t n1,
+                 bool dpbf16) {
+  constexpr int R = M <= 2 ? 4 : 2;
+  int64_t row = n0;
+#if LF_ISA_LEVEL == 2
+  if constexpr (std::is_same<T, uint16_t>::value) {
+    if (dpbf16) {
+      for (; row + R <= n1; row += R) gemv_block_dpbf16<R, M>(x, w, bias, out, n, k, row);
+      for (; row < n1; ++row) gemv_block_dpbf16<1, M>(x, w, bias, out, n, k, row);
+      return;
+    }
+  }
+#endif
+  (void)dpbf16;
+  for (; row + R <= n1; row += R) gemv_block<T, R, M>(x, w, bias, out, n, k, row);
+  for (; row < n1; ++row) gemv_block<T, 1, M>(x, w, bias, out, n, k, row);
+}
+
+static_assert(kMaxGemvRows == 8, "gemv_rows has one case per row count up to kMaxGemvRows");
+
+template <typename T>
+void gemv_rows(const T* x, const T* w, const T* bias, T* out, int64_t m, int64_t n, int64_t k, int64_t n0, int64_t n1,
+               bool dpbf16) {
+  switch (m) {
+    case 1: return gemv_rows_m<T, 1>(x, w, bias, out, n, k, n0, n1, dpbf16);
+    case 2: return gemv_rows_m<T, 2>(x, w, bias, out, n, k, n0, n1, dpbf16);
+    case 3: return gemv_rows_m<T, 3>(x, w, bias, out, n, k, n0, n1, dpbf16);
+    case 4: return gemv_rows_m<T, 4>(x, w, bias, out, n, k, n0, n1, dpbf16);
+    case 5: return gemv_rows_m<T, 5>(x, w, bias, out, n, k, n0, n1, dpbf16);
+    case 6: return gemv_rows_m<T, 6>(x, w, bias, out, n, k, n0, n1, dpbf16);
+    case 7: return gemv_rows_m<T, 7>(x, w, bias, out, n, k, n0, n1, dpbf16);
+    default: return gemv_rows_m<T, 8>(x, w, bias, out, n, k, n0, n1, dpbf16);
+  }
+}
+
+}  // namespace LF_ISA
+}  // namespace cpu
+}  // namespace llama_fast
+#endif

@@ -1,0 +1,204 @@
+"""The `llama-fast` command (also `python -m llama_fast`).
+
+    llama-fast generate --chat "What is the capital of France?"      # the embedded demo model
+    llama-fast generate --model DIR_OR_GGUF --prompt "Once upon a time" --max-new-tokens 64 --temperature 0.8
+    llama-fast convert model.gguf out_dir [--keep-quantized]         # GGUF -> HF directory (safetensors)
+    llama-fast bench --quick                                         # the generate benchmark (tools/bench.py)
+
+User errors (a missing file, a bad option or model) print one line to stderr and exit 1; set
+LLAMA_FAST_DEBUG=1 to see the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+# torch, the model and the tokenizers are imported by the commands that use them, so that `--help` and a
+# usage error answer at once instead of after loading torch.
+
+EXIT_USER_ERROR = 1
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+
+
+class UserError(Exception):
+    """An error the user can fix (bad path, bad option); printed as one line."""
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="llama-fast", description="Fast, faithful LLaMA inference.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,convert,bench}",
+                                     parser_class=_Parser)
+
+    gen = commands.add_parser("generate", help="generate text, streamed, with prefill/decode tokens/s")
+    gen.add_argument("--model", help="HF directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    what = gen.add_mutually_exclusive_group()
+    what.add_argument("--prompt", help="plain text to continue")
+    what.add_argument("--chat", help="a user message, formatted with the model's chat template")
+    gen.add_argument("--system", help="a system message for --chat")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    gen.add_argument("--dtype", choices=DTYPES, default="float32")
+    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    gen.add_argument("--backend", choices=BACKENDS, default=None, help="ops backend (default: best for the device)")
+    gen.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantization at load")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (torch.set_num_threads)")
+
+    conv = commands.add_parser("convert", help="convert a GGUF file into an HF directory")
+    conv.add_argument("gguf", help="the .gguf file")
+    conv.add_argument("out_dir", help="the directory to write")
+    conv.add_argument("--dtype", choices=DTYPES, default="float32")
+    conv.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    conv.add_argument("--keep-quantized", action="store_true",
+                      help="keep Q8_0/Q4_0/Q4_1 weights quantized (llama_fast's format; not readable by transformers)")
+
+    # `bench` hands all its arguments to the harness's own parser (see main).
+    commands.add_parser("bench", help="end-to-end prefill/decode benchmark (llama-fast bench --help)")
+    return parser
+
+
+# ---- generate ------------------------------------------------------------------------------------------
+
+def _resolve_model(path):
+    if path is None:
+        from llama_fast.tools.demo import demo_model_dir
+
+        print("llama-fast: using the embedded SmolLM2-135M-Instruct", file=sys.stderr)
+        return demo_model_dir()
+    if not os.path.exists(path):
+        raise UserError(f"no such model: {path}")
+    return path
+
+
+def _load(path, args):
+    import torch
+    from tqdm.auto import tqdm
+
+    from llama_fast.modeling import LlamaForCausalLM
+    from llama_fast.tokenization import AutoTokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    with tqdm(total=2, desc="loading", unit="part", leave=False, file=sys.stderr, disable=None) as bar:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        bar.update()
+        model = LlamaForCausalLM.from_pretrained(path, dtype=args.dtype, device=device, backend=args.backend,
+                                                 quantize=args.quantize)
+        bar.update()
+    return tokenizer, model.eval()
+
+
+def _prompt_ids(tokenizer, args):
+    if args.prompt is not None:
+        return tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+    messages.append({"role": "user", "content": args.chat if args.chat is not None else "Hello! Who are you?"})
+    if not tokenizer.chat_template:
+        raise UserError("this model has no chat template; use --prompt")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+
+
+def cmd_generate(args):
+    import torch
+
+    from llama_fast.streamers import TextStreamer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.temperature < 0:
+        raise UserError("--temperature must be >= 0 (0 = greedy)")
+    path = _resolve_model(args.model)
+    tokenizer, model = _load(path, args)
+    ids = _prompt_ids(tokenizer, args).to(model.device)
+
+    class TimedStreamer(TextStreamer):
+        """Prints the text and notes when the first new token arrived (prefill end) and the last one."""
+        times: list = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+            super().put(value)
+
+    streamer = TimedStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+    end = time.perf_counter()
+    new_tokens = out.shape[1] - ids.shape[1]
+    first = streamer.times[1] if len(streamer.times) > 1 else end
+    prefill_s, decode_s = first - start, end - first
+    decode_rate = f"{(new_tokens - 1) / decode_s:.1f} tokens/s" if new_tokens > 1 and decode_s > 0 else "n/a"
+    print(f"prefill: {ids.shape[1]} tokens in {prefill_s:.3f} s ({ids.shape[1] / prefill_s:.1f} tokens/s) | "
+          f"decode: {new_tokens} tokens in {decode_s:.3f} s ({decode_rate}) "
+          f"[{args.dtype}, {model.device.type}, backend={args.backend or 'auto'}]", file=sys.stderr)
+    return 0
+
+
+# ---- convert / bench -----------------------------------------------------------------------------------
+
+def cmd_convert(args):
+    from llama_fast.tools.convert import convert_gguf
+
+    if not os.path.isfile(args.gguf):
+        raise UserError(f"no such GGUF file: {args.gguf}")
+    out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, overwrite=args.force,
+                       keep_quantized=args.keep_quantized)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(bench_args):
+    from llama_fast.tools.bench import main as bench_main
+
+    return bench_main(bench_args)
+
+
+COMMANDS = {"generate": cmd_generate, "convert": cmd_convert}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        command, run = "bench", lambda: cmd_bench(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: COMMANDS[args.command](args)
+    try:
+        return run() or 0
+    except KeyboardInterrupt:
+        print("\nllama-fast: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, OSError, ValueError, TypeError, ImportError, RuntimeError) as e:
+        if os.environ.get("LLAMA_FAST_DEBUG"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"llama-fast {command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
