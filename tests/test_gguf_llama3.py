@@ -134,7 +134,7 @@ def test_llama3_tokenizer_matches_transformers(llama3_gguf):
 def test_generate_chat_end_to_end(llama3_gguf):
     path, _, _ = llama3_gguf
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "llama_fast.cli", "generate", "--model", str(path), "--chat",
+    proc = subprocess.run([sys.executable, "-m", "llama_fast", "generate", "--model", str(path), "--chat",
                            "What is 2+2?", "--system", "Be brief.", "--max-new-tokens", "6"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
