@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from llama_fast import kquants, ops
-from llama_fast.kernels import kquant_linear as kq
+from llama_fast.kernels import kquant_linear
 from kquant_util import random_blocks
 
-from _budget import assert_fp32_close, assert_within_budget
+from tolerance import assert_fp32_close, assert_within_budget
 
 
 @pytest.mark.parametrize("kind", kquants.TYPES)
@@ -29,7 +29,7 @@ def test_kquant_linear_half_and_mixed_segments(dtype):
              for kind, rows in (("Q4_K", 16), ("Q6_K", 9), ("Q5_K", 3))]
     w = kquants.concat_rows(parts)
     x = torch.randn(2, 2, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
-    out = kq.kquant_linear(x, w)
+    out = kquant_linear(x, w)
     assert out.dtype == dtype and out.shape == (2, 2, 28)
     want = x.double() @ w.dequantize(torch.float64).t()
     assert_within_budget(out, want, torch.nn.functional.linear(x, w.dequantize(dtype)))
