@@ -28,7 +28,7 @@ ARCHS = {80: ("A100", 163 * 1024), 90: ("H100", 227 * 1024)}
 # check compiles pointers and these integer arguments with that hint, as the GPU would see them; row counts
 # and sequence lengths vary and get none.
 DIVISIBLE_INT = re.compile(r"stride|_s[bthsh]$|^(H|I|K|N|D)$")
-MODULES = ("rms_norm", "rotary", "attention", "silu_and_mul", "quant_linear", "store_kv")
+MODULES = ("rms_norm", "rotary", "attention", "silu_and_mul", "quant_linear", "kquant_linear", "store_kv")
 
 
 def _setup_env() -> None:

@@ -60,6 +60,7 @@ if __name__ != "llama_fast.kernels":
     sys.modules[__name__] = importlib.import_module("llama_fast.kernels")
 elif _triton_importable():          # else unavailable_reason says why; the ops below need triton
     from .attention import attention  # noqa: F401
+    from .kquant_linear import kquant_linear  # noqa: F401
     from .quant_linear import quant_linear  # noqa: F401
     from .rms_norm import fused_add_rms_norm, rms_norm  # noqa: F401
     from .rotary import rotary  # noqa: F401
@@ -67,7 +68,7 @@ elif _triton_importable():          # else unavailable_reason says why; the ops 
     from .store_kv import store_kv  # noqa: F401
 
 # The Triton op files, one per op (the order .ci/check_triton_cubins.py compiles them in).
-KERNEL_MODULES = ("rms_norm", "rotary", "attention", "silu_and_mul", "quant_linear", "store_kv")
+KERNEL_MODULES = ("rms_norm", "rotary", "attention", "silu_and_mul", "quant_linear", "kquant_linear", "store_kv")
 
 
 def kernel_module(op: str):

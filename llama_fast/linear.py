@@ -5,14 +5,16 @@ import torch
 from torch import nn
 
 from llama_fast import ops
+from llama_fast.kquants import KQuantWeight, Segment
 from llama_fast.quant import QuantizedWeight, quantize
 from llama_fast.weights_version import TracksWeights
 
 
 class Linear(TracksWeights):
-    """y = x @ W.T (+ bias). W is dense (`weight`, an nn.Parameter [N, K]) or quantized (`qweight`, `scales`,
-    `offsets` and, for act-order weights, `input_perm` buffers in the format of llama_fast.quant). `backend`
-    is set by the model (see ops).
+    """y = x @ W.T (+ bias). W is dense (`weight`, an nn.Parameter [N, K]), quantized (`qweight`, `scales`,
+    `offsets` and, for act-order weights, `input_perm` buffers in the format of llama_fast.quant) or ggml blocks
+    kept as stored (`kquant_blocks_<i>` buffers, one per row segment, of the types `kquant_kinds`;
+    llama_fast.kquants). `backend` is set by the model (see ops).
     output_sizes: for a fused layer, the row counts of the layers stacked in it (qkv_proj: q, k, v), which
     the model's packed_modules_mapping names; one entry, out_features, for a plain layer."""
 
@@ -31,6 +33,7 @@ class Linear(TracksWeights):
                      if bias else None)
         self.bits: int | None = None
         self.group_size: int | None = None
+        self.kquant_kinds: tuple[str, ...] | None = None
 
     @property
     def quantized(self) -> bool:
@@ -50,6 +53,35 @@ class Linear(TracksWeights):
             self.register_buffer(buffer, value)
         self.bits, self.group_size = qw.bits, qw.group_size
 
+    @property
+    def kquant(self) -> bool:
+        """Whether the weight is held as ggml blocks (llama_fast.kquants.KQuantWeight)."""
+        return self.kquant_kinds is not None
+
+    def set_kquant(self, w: KQuantWeight, name: str | None = None) -> None:
+        """Replaces the weight by ggml blocks `w` (kept as they are), whose shape must match the layer's."""
+        name = name or "linear weight"
+        if w.shape != (self.out_features, self.in_features):
+            raise ValueError(f"{name}: block weight has shape {w.shape}, layer expects "
+                             f"{(self.out_features, self.in_features)}")
+        if self.quantized:
+            raise ValueError(f"{name}: the layer already holds an int{self.bits} weight")
+        self.weight = None
+        for buffer in [b for b in self._buffers if b.startswith("kquant_blocks_")]:
+            del self._buffers[buffer]
+        for i, segment in enumerate(w.segments):
+            self.register_buffer(f"kquant_blocks_{i}", segment.blocks)
+        self.kquant_kinds = w.kinds
+
+    def kquant_weight(self) -> KQuantWeight:
+        blocks = [self._buffers[f"kquant_blocks_{i}"] for i in range(len(self.kquant_kinds))]
+        kw = self.__dict__.get("_kquant_weight")   # reused while the buffers are the same tensors
+        if kw is None or len(kw.segments) != len(blocks) or \
+                not all(s.blocks is b for s, b in zip(kw.segments, blocks)):
+            kw = KQuantWeight([Segment(k, b) for k, b in zip(self.kquant_kinds, blocks)], self.in_features)
+            self.__dict__["_kquant_weight"] = kw
+        return kw
+
     def quantize_(self, bits: int, group_size: int = 128, symmetric: bool = False,
                   scale_dtype: torch.dtype | None = None, name: str | None = None) -> "Linear":
         """Quantizes the dense weight in place (round to nearest, see llama_fast.quant.quantize)."""
@@ -62,6 +94,15 @@ class Linear(TracksWeights):
     def dequantize_(self, dtype: torch.dtype | None = None) -> "Linear":
         """Turns a quantized layer back into a dense one (weight = qweight dequantized, in `dtype`, default
         the bias's dtype or else the scales')."""
+        if self.kquant:
+            dense = self.kquant_weight().dequantize(dtype or (self.bias.dtype if self.bias is not None
+                                                             else torch.float32))
+            for i in range(len(self.kquant_kinds)):
+                del self._buffers[f"kquant_blocks_{i}"]
+            self.__dict__.pop("_kquant_weight", None)
+            self.kquant_kinds = None
+            self.weight = nn.Parameter(dense, requires_grad=False)
+            return self
         if not self.quantized:
             return self
         dtype = dtype or (self.bias.dtype if self.bias is not None else self.scales.dtype)
@@ -87,10 +128,14 @@ class Linear(TracksWeights):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits is not None:
             return ops.quant_linear(x, self.quantized_weight(), self.bias, backend=self.backend)
+        if self.kquant_kinds is not None:
+            return ops.kquant_linear(x, self.kquant_weight(), self.bias, backend=self.backend)
         return ops.linear(x, self.weight, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         q = f", bits={self.bits}, group_size={self.group_size}" if self.quantized else ""
+        if self.kquant:
+            q = f", blocks={'+'.join(self.kquant_kinds)}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{q}"
 
 

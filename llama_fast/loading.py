@@ -56,17 +56,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llama_fast import hub, quant
+from llama_fast import hub, kquants, quant
 from llama_fast.config import LlamaConfig, dtype_from_name
 from llama_fast.formats import gguf as gguf_format
 from llama_fast.formats import quantized_checkpoints
 from llama_fast.formats import safetensors as safetensors_format
 from llama_fast.formats.quantized_checkpoints import LlamaFastFormat
 from llama_fast.formats.safetensors import SafetensorsError, SafetensorsFile
+from llama_fast.kquants import KQuantWeight
 from llama_fast.linear import Linear
 from llama_fast.model_files import model_file
 from llama_fast.ops._backend import check_backend_name
 from llama_fast.quant import QuantizedWeight
+
+# Weights a file may hand over in a native quantized form, kept as they are by linear layers.
+_NATIVE = (QuantizedWeight, KQuantWeight)
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -192,7 +196,7 @@ class TensorLoader:
         target = self.targets[found[0]]
         r0, r1 = target.rows[found[1]]
         if tuple(shape) != (r1 - r0,) + target.shape[1:] or any(
-                isinstance(v, QuantizedWeight) for v in target.received.values()):
+                isinstance(v, _NATIVE) for v in target.received.values()):
             return None
         if target.buffer is None:
             target.buffer = torch.empty(target.shape, dtype=self.dtype, device=self.device)
@@ -223,7 +227,7 @@ class TensorLoader:
         return weight, list(zip(target.parts, target.rows))
 
     def add(self, name: str, value, source: str) -> None:
-        if name in self.tied and isinstance(value, QuantizedWeight):
+        if name in self.tied and isinstance(value, _NATIVE):
             owner_name, _, attr = name.rpartition(".")
             owner = self.model.get_submodule(owner_name)
             if attr == "weight" and isinstance(owner, Linear):
@@ -231,7 +235,10 @@ class TensorLoader:
                 # blocks, the embedding lookup uses its dense copy (see llama_fast.formats.gguf).
                 if name in self.native_tied:
                     raise CheckpointError(f"{source}: tensor {name!r} appears twice")
-                owner.set_quantized(value.to(self.device))
+                if isinstance(value, KQuantWeight):
+                    owner.set_kquant(value.to(self.device))
+                else:
+                    owner.set_quantized(value.to(self.device))
                 self.native_tied.add(name)
                 return
         found = self._resolve(name)
@@ -252,7 +259,7 @@ class TensorLoader:
         if shape != expected:
             raise CheckpointError(f"{source}: tensor {name!r} has shape {list(shape)}, the model expects "
                                   f"{list(expected)} (check config.json against the weights)")
-        if isinstance(value, QuantizedWeight):
+        if isinstance(value, _NATIVE):
             target.received[part] = value.to(self.device)
         else:
             if not value.is_floating_point():
@@ -269,8 +276,14 @@ class TensorLoader:
     def _materialize(self, pname: str, target: _Target) -> None:
         owner, attr = target.module, target.attr
         values = [target.received[i] for i in range(len(target.parts))]
-        quantized = [v for v in values if isinstance(v, QuantizedWeight)]
-        if quantized and len(quantized) == len(values) and isinstance(owner, Linear) and attr == "weight":
+        quantized = [v for v in values if isinstance(v, _NATIVE)]
+        if all(isinstance(v, KQuantWeight) for v in values) and isinstance(owner, Linear) and attr == "weight":
+            # ggml blocks: parts of different types (Q4_K_M's q/k in Q4_K, v in Q6_K) stay row segments
+            owner.set_kquant(kquants.concat_rows(values), pname)
+            target.received = dict.fromkeys(target.received, True)
+            return
+        if quantized and all(isinstance(v, QuantizedWeight) for v in values) and isinstance(owner, Linear) \
+                and attr == "weight":
             try:
                 qw = values[0] if len(values) == 1 else quant.concat_rows(values)
             except quant.InputPermMismatch as e:
@@ -286,7 +299,7 @@ class TensorLoader:
             if target.buffer is None:
                 target.buffer = torch.empty(target.shape, dtype=self.dtype, device=self.device)
             for (r0, r1), v in zip(target.rows, values):
-                if isinstance(v, QuantizedWeight):
+                if isinstance(v, _NATIVE):
                     target.buffer[r0:r1].copy_(v.dequantize(torch.float32))
             target.received = dict.fromkeys(target.received, True)
         dense, target.buffer = target.buffer, None
@@ -597,6 +610,10 @@ QUANT_METHOD = quantized_checkpoints.LLAMA_FAST_METHOD
 def hf_state_items(model: nn.Module):
     """(transformers name, tensor view) of every parameter, fused weights split, a tied lm_head omitted;
     a quantized linear `x` gives x.qweight, x.scales (and x.offsets)."""
+    kquant = [name for name, m in model.named_modules() if isinstance(m, Linear) and m.kquant]
+    if kquant:
+        raise ValueError(f"{len(kquant)} linear layer(s) hold ggml K-quant blocks ({kquant[0]}, ...), which HF "
+                         "checkpoints cannot store; dequantize them first (llama_fast.linear.dequantize_linears_)")
     targets, _ = _targets(model)
     for target in targets.values():
         owner = target.module

@@ -36,6 +36,11 @@ def inv_freq(config: LlamaConfig, seq_len: int | None = None, device=None) -> to
         freq /= s["factor"]
     elif kind == "llama3":
         freq = _llama3_scale(freq, s, config.max_position_embeddings)
+    factors = getattr(config, "rope_freq_factors", None)
+    if factors is not None:  # a GGUF's rope_freqs.weight (Llama 3.1+ scaling as llama.cpp stores it)
+        if len(factors) != dim // 2:
+            raise ValueError(f"rope_freq_factors has {len(factors)} values; head_dim {dim} needs {dim // 2}")
+        freq = freq / torch.tensor(factors, dtype=torch.float32, device=freq.device)
     return freq
 
 

@@ -69,9 +69,12 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_llama_gguf(path, config: dict, tensors: dict[str, np.ndarray], types: dict[str, Q] | None = None,
-                     arch: str = "llama", skip_keys: tuple[str, ...] = (), extra_kv: dict | None = None) -> None:
-    """`tensors` are HF-named float32 arrays; `types` picks each one's GGUF type (default F32); `extra_kv`
-    adds metadata {key: (value, gguf.GGUFValueType)}."""
+                     arch: str = "llama", skip_keys: tuple[str, ...] = (), extra_kv: dict | None = None,
+                     extra=None) -> None:
+    """`tensors` are HF-named float32 arrays, or uint8 arrays of raw blocks [rows, bytes per row] of the type
+    `types` names (K-quants, which the gguf package cannot quantize); `types` picks each float array's GGUF type
+    (default F32); `extra_kv` adds metadata {key: (value, gguf.GGUFValueType)}, `extra(writer)` anything more
+    (a tokenizer, say)."""
     types = types or {}
     w = gguf.GGUFWriter(str(path), arch)
     keys = {
@@ -93,17 +96,22 @@ def write_llama_gguf(path, config: dict, tensors: dict[str, np.ndarray], types: 
             add()
     for key, (value, vtype) in (extra_kv or {}).items():
         w.add_key_value(key, value, vtype)
+    if extra is not None:
+        extra(w)
     if config.get("rope_scaling"):
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(config["rope_scaling"]["factor"])
     for hf, array in tensors.items():
-        array = np.asarray(array, dtype=np.float32)
+        raw = isinstance(array, np.ndarray) and array.dtype == np.uint8
+        array = array if raw else np.asarray(array, dtype=np.float32)
         if hf.endswith("q_proj.weight"):
             array = permute(array, config["num_attention_heads"])
         elif hf.endswith("k_proj.weight"):
             array = permute(array, config["num_key_value_heads"])
         qtype = types.get(hf, Q.F32)
-        if qtype == Q.F32:
+        if raw:
+            w.add_tensor(gguf_name(hf), array, raw_dtype=qtype)
+        elif qtype == Q.F32:
             w.add_tensor(gguf_name(hf), array)
         elif qtype == Q.F16:
             w.add_tensor(gguf_name(hf), array.astype(np.float16))

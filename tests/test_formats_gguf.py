@@ -165,10 +165,14 @@ def test_defaults_when_optional_keys_are_missing(tmp_path, tiny):
 
 def test_unsupported_tensor_type_names_the_tensor(tmp_path, tiny):
     config, sd = tiny
-    path = write(tmp_path, config, sd, {"model.layers.1.mlp.down_proj.weight": G.Q.Q5_0})
+    name = "model.layers.1.mlp.down_proj.weight"
+    rows, cols = sd[name].shape   # IQ4_NL (block 32, 18 bytes) has no quantizer in gguf: random raw blocks
+    raw = np.random.default_rng(0).integers(0, 256, (rows, cols // 32 * 18), dtype=np.uint8)
+    path = write(tmp_path, config, {**sd, name: raw}, {name: G.Q.IQ4_NL})
     _, tensors = read_gguf(path)
-    with pytest.raises(GGUFError, match=r"m.gguf: tensor blk.1.ffn_down.weight has type Q5_0; supported types "
-                                         r"are F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
+    with pytest.raises(GGUFError, match=r"m.gguf: tensor blk.1.ffn_down.weight has type IQ4_NL; supported types "
+                                         r"are F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, "
+                                         r"Q5_0, Q5_1"):
         dict(tensors)
 
 
@@ -216,8 +220,8 @@ def test_not_a_gguf_file(tmp_path):
         read_gguf(tmp_path / "nope.gguf")
 
 
-def test_llama3_rope_factors_are_refused(tmp_path, tiny):
-    config, sd = tiny
-    path = write(tmp_path, config, {**sd, "rope_freqs.weight": np.ones(8, np.float32)})
-    with pytest.raises(GGUFError, match="m.gguf: has rope_freqs.weight"):
+def test_rope_freqs_of_the_wrong_size_is_named(tmp_path, tiny):
+    config, sd = tiny   # head_dim 16: 8 factors expected
+    path = write(tmp_path, config, {**sd, "rope_freqs.weight": np.ones(5, np.float32)})
+    with pytest.raises(GGUFError, match="m.gguf: rope_freqs.weight must be F32 with head_dim / 2 = 8 values"):
         read_gguf(path)

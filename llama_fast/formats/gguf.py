@@ -13,6 +13,9 @@ QuantizedWeight holding the same numbers (no dequantize / requantize), each GGUF
 `QuantizedWeight.dequantize(torch.float32)` reproduces gguf.quants.dequantize bit for bit (for Q4_0,
 q*d - 8d equals (q-8)*d exactly: q*d is exact in fp32 since d has an 11-bit mantissa and q 4 bits).
 Scales stay fp16, their stored type, whatever dtype the model runs in, so nothing is rounded.
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 give a llama_fast.kquants.KQuantWeight: the file's blocks as
+they are (our affine format would cost more bits per weight), run by the kquant_linear kernels; its
+dequantize() equals gguf.quants.dequantize bit for bit.
 With dequantize=True every tensor comes out dense in the requested dtype instead.
 
 Embeddings: a quantized token_embd is dequantized for the lookup (a table, not a matmul). A model without
@@ -32,15 +35,19 @@ import os
 import re
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
+from llama_fast import kquants
+from llama_fast.kquants import KQuantWeight
 from llama_fast.quant import QuantizedWeight, pack_int4
 
 # The GGUF quantized block: 32 weights; the header holds fp16 d (and fp16 m for Q4_1).
 BLOCK = 32
 _HEADER_BYTES = {"Q8_0": 2, "Q4_0": 2, "Q4_1": 4}
 _DENSE_TYPES = ("F32", "F16", "BF16")
-SUPPORTED_TYPES = _DENSE_TYPES + tuple(_HEADER_BYTES)
+SUPPORTED_TYPES = _DENSE_TYPES + tuple(_HEADER_BYTES) + kquants.TYPES
+_NATIVE = (QuantizedWeight, KQuantWeight)
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -70,6 +77,8 @@ def hf_name(gguf_name: str) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if re.fullmatch(r"blk\.\d+\.attn_rot_embd(\.weight)?", gguf_name):  # a rotary table, recomputed
+        return None
+    if gguf_name == "rope_freqs.weight":  # rope scaling factors: part of the config (gguf_config)
         return None
     m = _LAYER_RE.fullmatch(gguf_name)
     if m is None or m.group(2) not in _LAYER_NAMES:
@@ -119,10 +128,6 @@ def gguf_config(reader, path: str = "<gguf>") -> dict:
         return _int_field(reader, f"llama.{key}", path, default)
 
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        # llama.cpp stores Llama 3.1-style rope scaling as per-frequency factors, not as parameters.
-        raise GGUFError(f"{path}: has rope_freqs.weight (Llama 3.1-style rope scaling factors), which is not "
-                        "supported; load the original HF checkpoint instead")
     n_heads = need("attention.head_count")
     hidden = need("embedding_length")
     vocab = _field(reader, "llama.vocab_size")
@@ -155,6 +160,9 @@ def gguf_config(reader, path: str = "<gguf>") -> dict:
         "attention_bias": "blk.0.attn_q.bias" in names,
         "mlp_bias": "blk.0.ffn_up.bias" in names,
     }
+    factors = _rope_freq_factors(reader, config["head_dim"], path)
+    if factors is not None:
+        config["rope_freq_factors"] = factors
     rope_dim = _field(reader, "llama.rope.dimension_count")
     if rope_dim is not None and int(rope_dim) != config["head_dim"]:
         raise GGUFError(f"{path}: llama.rope.dimension_count={rope_dim} differs from head_dim "
@@ -174,6 +182,22 @@ def _check_block_count(block_count: int, names: set[str], path: str) -> None:
         present = f"blk.0..blk.{max(layers)}" if layers else "none"
         raise GGUFError(f"{path}: llama.block_count is {block_count} but the file's layers are {present} "
                         f"({len(layers)} distinct)")
+
+
+def _rope_freq_factors(reader, head_dim: int, path: str) -> list[float] | None:
+    """rope_freqs.weight: Llama 3.1+'s rope scaling as llama.cpp stores it, one divisor per rotary frequency
+    (convert_hf_to_gguf computes them from the llama3 rope parameters, which the file then omits). The model
+    divides its inverse frequencies by them (llama_fast.rope), as llama.cpp does."""
+    t = reader.tensor("rope_freqs.weight")
+    if t is None:
+        return None
+    if t.type_name != "F32" or t.n_elements != head_dim // 2:
+        raise GGUFError(f"{path}: rope_freqs.weight must be F32 with head_dim / 2 = {head_dim // 2} values, got "
+                        f"{t.type_name} of shape {list(t.shape)}")
+    factors = reader.read_tensor(t).view(np.float32)
+    if not np.isfinite(factors).all() or (factors <= 0).any():
+        raise GGUFError(f"{path}: rope_freqs.weight holds non-positive or non-finite factors")
+    return [float(f) for f in factors]
 
 
 def _rope_scaling(reader, path: str) -> dict | None:
@@ -236,7 +260,13 @@ def _native_tensor(reader, t, config: dict, path: str) -> tuple[str, torch.Tenso
     else:
         if len(shape) != 2:
             raise GGUFError(f"{path}: quantized tensor {t.name} has shape {shape}; expected 2-D")
-        value = _quantized(raw, kind, *shape)
+        if kind in kquants.BLOCKS:
+            if shape[1] % kquants.BLOCKS[kind][0]:
+                raise GGUFError(f"{path}: tensor {t.name} of type {kind} has rows of {shape[1]} weights, not a "
+                                f"multiple of its block of {kquants.BLOCKS[kind][0]}")
+            value = KQuantWeight.single(kind, raw.reshape(shape[0], -1), shape[1], t.name)
+        else:
+            value = _quantized(raw, kind, *shape)
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     proj = name.split(".")[-2]
     if proj in heads:
@@ -247,8 +277,8 @@ def _native_tensor(reader, t, config: dict, path: str) -> tuple[str, torch.Tenso
 def _as_loaded(name: str, value, dequantize: bool, dtype: torch.dtype):
     """A native tensor as the model loads it: quantized linear weights stay native unless `dequantize`; the
     embedding table (a lookup) and every dense tensor come out dense in `dtype`."""
-    keep_native = isinstance(value, QuantizedWeight) and not dequantize and name != "model.embed_tokens.weight"
-    if isinstance(value, QuantizedWeight) and not keep_native:
+    keep_native = isinstance(value, _NATIVE) and not dequantize and name != "model.embed_tokens.weight"
+    if isinstance(value, _NATIVE) and not keep_native:
         value = value.dequantize(torch.float32)
     return value.to(dtype) if isinstance(value, torch.Tensor) else value
 
@@ -256,6 +286,8 @@ def _as_loaded(name: str, value, dequantize: bool, dtype: torch.dtype):
 def _take_rows(value, index: torch.Tensor):
     if isinstance(value, torch.Tensor):
         return value[index]
+    if isinstance(value, KQuantWeight):
+        return value.take_rows(index)
     offset = None if value.offset is None else value.offset[index]
     return QuantizedWeight(value.qweight[index], value.scale[index], offset, value.bits, value.group_size)
 
@@ -270,7 +302,7 @@ def gguf_tensors(reader, config: dict, dequantize: bool = False, dtype: torch.dt
             continue
         name, native = item
         yield name, _as_loaded(name, native, dequantize, dtype)
-        if name == "model.embed_tokens.weight" and tied and not dequantize and isinstance(native, QuantizedWeight):
+        if name == "model.embed_tokens.weight" and tied and not dequantize and isinstance(native, _NATIVE):
             # The tied lm_head multiplies by the file's quantized table, as llama.cpp does: the lookup keeps
             # the dense copy (one row per token), the matmul reads the native blocks (Q8_0: 1/4 of fp32).
             yield "lm_head.weight", native

@@ -25,7 +25,7 @@ from llama_fast.ops._backend import (
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "BackendFallbackWarning", "default_backend", "unavailable_reason",
     "rms_norm", "fused_add_rms_norm", "rotary", "attention", "silu_and_mul", "linear", "quant_linear",
-    "store_kv",
+    "kquant_linear", "store_kv",
 ]
 
 
@@ -73,6 +73,13 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None = None,
                  backend: str | None = None) -> torch.Tensor:
     """x @ qweight.dequantize().T (+ bias) for a llama_fast.quant.QuantizedWeight, fp32 accumulation."""
     return resolve("quant_linear", backend, x.device, x.dtype)(x, qweight, bias)
+
+
+def kquant_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
+                  backend: str | None = None) -> torch.Tensor:
+    """x @ weight.dequantize().T (+ bias) for a llama_fast.kquants.KQuantWeight (ggml K-quant / Q5_0 / Q5_1
+    blocks read as stored), fp32 accumulation."""
+    return resolve("kquant_linear", backend, x.device, x.dtype)(x, weight, bias)
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

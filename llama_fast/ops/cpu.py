@@ -53,6 +53,12 @@ def quant_linear(x, qweight, bias=None):
                                              qweight.group_size, bias)
 
 
+def kquant_linear(x, weight, bias=None):
+    from llama_fast.kquants import TYPE_IDS
+    return torch.ops.llama_fast.kquant_linear(x, [s.blocks for s in weight.segments],
+                                              [TYPE_IDS[s.kind] for s in weight.segments], bias)
+
+
 def store_kv(k_cache, v_cache, k, v, slots):
     torch.ops.llama_fast.store_kv_(k_cache, v_cache, k, v, slots)
 

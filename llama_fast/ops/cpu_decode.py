@@ -69,7 +69,24 @@ def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidd
     if any(getattr(m, "backend", None) not in (None, "cpu") for m in (model, model.layers[0])):
         return False
     cfg = model.config
-    return getattr(cfg, "hidden_act", "silu") == "silu" and _plan(model) is not None
+    return getattr(cfg, "hidden_act", "silu") == "silu" and not _has_kquant_layers(model) \
+        and _plan(model) is not None
+
+
+def _has_kquant_layers(model) -> bool:
+    """Whether a layer holds ggml block weights (llama_fast.kquants), which the C++ plan does not take yet:
+    such models decode op by op (the kquant_linear kernels). Cached per model until its weights change."""
+    cached = _KQUANT.get(model)
+    if cached is not None and cached[1] == cached[0].count:
+        return cached[2]
+    version = cached[0] if cached is not None else weights_version.WeightsVersion()
+    version.watch(model)
+    found = any(getattr(m, "kquant", False) for layer in model.layers for m in layer.modules())
+    _KQUANT[model] = (version, version.count, found)
+    return found
+
+
+_KQUANT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def run(model, hidden: torch.Tensor, step, cache) -> torch.Tensor:

@@ -97,5 +97,12 @@ def quant_linear(x, qweight, bias=None):
                                              qweight.group_size, bias)
 
 
+def kquant_linear(x, weight, bias=None):
+    from llama_fast.kquants import TYPE_IDS
+    return torch.ops.llama_fast.kquant_linear(x, [s.blocks for s in weight.segments],
+                                              [TYPE_IDS[s.kind] for s in weight.segments],
+                                              None if bias is None else bias.to(x.dtype))
+
+
 def store_kv(k_cache, v_cache, k, v, slots):
     _kernels.store_kv_(k_cache, v_cache, k.contiguous(), v.contiguous(), slots.contiguous())

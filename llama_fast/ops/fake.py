@@ -38,12 +38,17 @@ def quant_linear(x, qweight, scale, offset, bits, group_size, bias):
     return x.new_empty(x.shape[:-1] + (qweight.shape[0],))
 
 
+def kquant_linear(x, blocks, types, bias):
+    return x.new_empty(x.shape[:-1] + (sum(b.shape[0] for b in blocks),))
+
+
 def store_kv_(k_cache, v_cache, k, v, slots):
     return None
 
 
 OPS = {"rms_norm": rms_norm, "fused_add_rms_norm": fused_add_rms_norm, "rotary_": rotary_,
-       "attention": attention, "silu_and_mul": silu_and_mul, "quant_linear": quant_linear, "store_kv_": store_kv_}
+       "attention": attention, "silu_and_mul": silu_and_mul, "quant_linear": quant_linear,
+       "kquant_linear": kquant_linear, "store_kv_": store_kv_}
 
 
 def register(namespace: str = "llama_fast") -> None:

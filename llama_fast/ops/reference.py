@@ -86,6 +86,12 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -> 
     return out.to(x.dtype)
 
 
+def kquant_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T for a KQuantWeight W, dequantized exactly (gguf.quants' numbers) and multiplied in fp32."""
+    out = F.linear(x.float(), weight.dequantize(torch.float32), None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slots: torch.Tensor) -> None:
     keep = slots >= 0

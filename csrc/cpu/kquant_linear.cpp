@@ -1,0 +1,402 @@
+// x @ W^T for W in ggml's K-quant / Q5_0 / Q5_1 blocks, read as stored (csrc/common/ggml_blocks.h), and the
+// torch op llama_fast::kquant_linear around it (llama_fast/kquants.py holds the weight).
+//
+// Decode (AVX512-VNNI, the top dispatch level): the activations are not rounded to 8 bits as llama.cpp rounds
+// them (q8_K), but carried as 29-bit fixed point in two int16 limbs, prepared by vnni::prepare exactly as the
+// int8 GEMV does (quant_linear_vnni.cpp; elements in order, [hi 32 | lo 32] per 32). Each 32 weights of a block
+// are unpacked to 32 int16 codes in element order (a few shifts and masks per type) and multiplied with both
+// limbs by vpdpwssd: lane l covers elements 2l, 2l+1, so lanes 0-7 meet sub-block 2j's scale and 8-15
+// sub-block 2j+1's. Codes are at most 32 in magnitude, so a lane's partial sum stays below 2^22: exact in
+// int32 and in its conversion to fp32.
+//   w . x = 2^-e * sum_j scale_j (code . X)_j + sum_j offset_j (sum x)_j       (j: sub-blocks of 16)
+// The offset term uses the fp32 sums of x per 16 elements.
+// Other CPUs (and rows holding inf / NaN): each weight row is dequantized exactly (ggml_blocks.h) into fp32
+// and dotted in fp32. Prefill-sized inputs (m > kMaxGemvRows) dequantize a band of rows and use a GEMM.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/ggml_blocks.h"
+#include "common/half_float.h"
+#include "cpu/cpu_features.h"
+#include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
+#include "cpu/quant_linear_vnni.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LF_KQUANT_VNNI 1
+#endif
+
+namespace llama_fast {
+namespace cpu {
+namespace kquant {
+
+using ggml::BlockType;
+
+struct Segment {  // rows of one block type
+  BlockType type;
+  const uint8_t* blocks;  // [rows, K / block_weights * block_bytes]
+  int64_t rows;
+};
+
+inline int64_t row_bytes(BlockType t, int64_t k) { return k / ggml::block_weights(t) * ggml::block_bytes(t); }
+
+// Rows per parallel chunk: ~32 KiB of blocks, at least 4 rows.
+inline int64_t row_grain(BlockType t, int64_t k) {
+  return std::max<int64_t>(4, (int64_t{1} << 15) / std::max<int64_t>(row_bytes(t, k), 1));
+}
+
+// Weight rows r0..r1 of a segment dequantized into fp32 [r1 - r0, K] (exact: ggml_blocks.h). The type is a
+// template argument so that block_code's switch folds away and the per-weight loop vectorizes.
+template <BlockType T>
+void dequantize_rows_t(const Segment& s, int64_t k, int64_t r0, int64_t r1, float* out) {
+  constexpr int bw = T == BlockType::kQ5_0 || T == BlockType::kQ5_1 ? 32 : 256;
+  const int bb = ggml::block_bytes(T);
+  const int64_t rb = row_bytes(T, k);
+  float scale[16], offset[16];
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = s.blocks + r * rb;
+    float* o = out + (r - r0) * k;
+    for (int64_t blk = 0; blk < k / bw; ++blk) {
+      const uint8_t* b = row + blk * bb;
+      ggml::block_scales(T, b, scale, offset);
+      for (int e = 0; e < bw; ++e)
+        o[blk * bw + e] = ggml::dequant(ggml::block_code(T, b, e), scale[e / 16], offset[e / 16]);
+    }
+  }
+}
+
+void dequantize_rows(const Segment& s, int64_t k, int64_t r0, int64_t r1, float* out) {
+  switch (s.type) {
+    case BlockType::kQ4K: return dequantize_rows_t<BlockType::kQ4K>(s, k, r0, r1, out);
+    case BlockType::kQ5K: return dequantize_rows_t<BlockType::kQ5K>(s, k, r0, r1, out);
+    case BlockType::kQ6K: return dequantize_rows_t<BlockType::kQ6K>(s, k, r0, r1, out);
+    case BlockType::kQ2K: return dequantize_rows_t<BlockType::kQ2K>(s, k, r0, r1, out);
+    case BlockType::kQ3K: return dequantize_rows_t<BlockType::kQ3K>(s, k, r0, r1, out);
+    case BlockType::kQ5_0: return dequantize_rows_t<BlockType::kQ5_0>(s, k, r0, r1, out);
+    default: return dequantize_rows_t<BlockType::kQ5_1>(s, k, r0, r1, out);
+  }
+}
+
+inline float load_x(bool bf16, const void* x, int64_t i) {
+  return bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
+}
+
+// The VNNI kernel runs at the AVX-512 dispatch level (and above) on CPUs with AVX512-VNNI; it needs no BF16.
+bool has_vnni() {
+#ifdef LF_KQUANT_VNNI
+  static const bool vnni = __builtin_cpu_supports("avx512vnni");
+  return vnni && isa() >= Isa::kAvx512;
+#else
+  return false;
+#endif
+}
+
+// Any CPU: out[mm * ldo + r] for rows [n0, n1) of a segment, fp32 dot products of exact weights.
+void rows_portable(bool bf16, const void* x, int64_t m, const Segment& s, int64_t k, int64_t n0, int64_t n1,
+                   float* out, int64_t ldo) {
+  std::vector<float> w(k), xf(m * k);
+  for (int64_t i = 0; i < m * k; ++i) xf[i] = load_x(bf16, x, i);
+  for (int64_t r = n0; r < n1; ++r) {
+    dequantize_rows(s, k, r, r + 1, w.data());
+    for (int64_t mm = 0; mm < m; ++mm) {
+      const float* xr = xf.data() + mm * k;
+      float acc = 0.f;
+      for (int64_t i = 0; i < k; ++i) acc += w[i] * xr[i];
+      out[mm * ldo + r] = acc;
+    }
+  }
+}
+
+#ifdef LF_KQUANT_VNNI
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+namespace {
+
+inline __m512i widen(const uint8_t* p) {  // 32 bytes -> 32 uint16
+  return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// The 32 codes of weights 32j..32j+31 of a block, as int16 in element order (ggml_blocks.h, block_code).
+template <BlockType T>
+inline __m512i codes32(const uint8_t* b, int j) {
+  const __m512i m4 = _mm512_set1_epi16(0x0F), m2 = _mm512_set1_epi16(3), one = _mm512_set1_epi16(1);
+  if constexpr (T == BlockType::kQ4K || T == BlockType::kQ5K) {
+    const __m512i w = widen(b + (T == BlockType::kQ4K ? 16 : 48) + 32 * (j >> 1));
+    __m512i q = (j & 1) ? _mm512_srli_epi16(w, 4) : _mm512_and_si512(w, m4);
+    if constexpr (T == BlockType::kQ5K) {
+      const __m512i h = _mm512_and_si512(_mm512_srl_epi16(widen(b + 16), _mm_cvtsi32_si128(j)), one);
+      q = _mm512_or_si512(q, _mm512_slli_epi16(h, 4));
+    }
+    return q;
+  } else if constexpr (T == BlockType::kQ6K) {
+    const int half = j >> 2, g = j & 3;
+    const __m512i w = widen(b + 64 * half + 32 * (g & 1));
+    const __m512i low = (g >> 1) ? _mm512_srli_epi16(w, 4) : _mm512_and_si512(w, m4);
+    const __m512i high = _mm512_and_si512(_mm512_srl_epi16(widen(b + 128 + 32 * half), _mm_cvtsi32_si128(2 * g)), m2);
+    return _mm512_sub_epi16(_mm512_or_si512(low, _mm512_slli_epi16(high, 4)), _mm512_set1_epi16(32));
+  } else if constexpr (T == BlockType::kQ2K || T == BlockType::kQ3K) {
+    const int half = j >> 2, g = j & 3;
+    const __m512i low = _mm512_and_si512(
+        _mm512_srl_epi16(widen(b + (T == BlockType::kQ2K ? 16 : 32) + 32 * half), _mm_cvtsi32_si128(2 * g)), m2);
+    if constexpr (T == BlockType::kQ2K) return low;
+    const __m512i hbit = _mm512_and_si512(_mm512_srl_epi16(widen(b), _mm_cvtsi32_si128(j)), one);
+    return _mm512_sub_epi16(_mm512_add_epi16(low, _mm512_slli_epi16(hbit, 2)), _mm512_set1_epi16(4));
+  } else {  // Q5_0 / Q5_1, j == 0
+    constexpr int start = T == BlockType::kQ5_0 ? 2 : 4;
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + start + 4)));
+    const __m256i lo = _mm256_and_si256(w, _mm256_set1_epi16(0x0F)), hi = _mm256_srli_epi16(w, 4);
+    __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    uint32_t qh;
+    std::memcpy(&qh, b + start, 4);
+    q = _mm512_mask_add_epi16(q, static_cast<__mmask32>(qh), q, _mm512_set1_epi16(16));
+    if constexpr (T == BlockType::kQ5_0) q = _mm512_sub_epi16(q, _mm512_set1_epi16(16));
+    return q;
+  }
+}
+
+struct HardF16 {
+  float operator()(const uint8_t* p) const {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+  }
+};
+
+// M activation rows x weight rows [n0, n1) of one segment. xp / xscale from vnni::prepare, xsum16 [M, K/16].
+// kTwoLimbs: fp32 rows (hi * 2^15 + lo); a bf16 row is one limb (vnni::prepare), its lo limb zero.
+template <BlockType T, int M, bool kTwoLimbs>
+void rows_vnni(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale,
+               int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  constexpr int bw = T == BlockType::kQ5_0 || T == BlockType::kQ5_1 ? 32 : 256;
+  constexpr int units = bw / 32, subs = bw / 16;
+  const int bb = ggml::block_bytes(T);
+  const int64_t rb = row_bytes(T, k), nblk = k / bw;
+  const bool offsets = ggml::has_offset(T);
+  const __m512 limb = _mm512_set1_ps(32768.f);
+  alignas(64) float scale[16], offset[16];
+  for (int64_t r = n0; r < n1; ++r) {
+    const uint8_t* row = s.blocks + r * rb;
+    __m512 acc[M], off[M];
+    float off_scalar[M];
+    for (int mm = 0; mm < M; ++mm) acc[mm] = off[mm] = _mm512_setzero_ps(), off_scalar[mm] = 0.f;
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const uint8_t* b = row + blk * bb;
+      _mm_prefetch(reinterpret_cast<const char*>(b + 4096), _MM_HINT_T0);
+      ggml::block_scales_with(T, b, scale, offset, HardF16{});
+      for (int j = 0; j < units; ++j) {
+        const __m512i q = codes32<T>(b, j);
+        const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(scale[2 * j]), _mm256_set1_ps(scale[2 * j + 1]), 1);
+        for (int mm = 0; mm < M; ++mm) {
+          const int16_t* xc = xp + mm * 2 * k + 2 * (blk * bw + 32 * j);
+          const __m512i ih = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(xc));
+          __m512 f = _mm512_cvtepi32_ps(ih);
+          if constexpr (kTwoLimbs) {
+            const __m512i il = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(xc + 32));
+            f = _mm512_fmadd_ps(f, limb, _mm512_cvtepi32_ps(il));
+          }
+          acc[mm] = _mm512_fmadd_ps(f, sv, acc[mm]);
+        }
+      }
+      if (offsets) {
+        if constexpr (subs == 16) {
+          const __m512 o = _mm512_load_ps(offset);
+          for (int mm = 0; mm < M; ++mm)
+            off[mm] = _mm512_fmadd_ps(o, _mm512_loadu_ps(xsum16 + mm * (k / 16) + blk * 16), off[mm]);
+        } else {
+          for (int mm = 0; mm < M; ++mm) {
+            const float* xs = xsum16 + mm * (k / 16) + blk * subs;
+            off_scalar[mm] += offset[0] * xs[0] + offset[1] * xs[1];
+          }
+        }
+      }
+    }
+    for (int mm = 0; mm < M; ++mm)
+      out[mm * ldo + r] = _mm512_reduce_add_ps(acc[mm]) * xscale[mm] + _mm512_reduce_add_ps(off[mm]) + off_scalar[mm];
+  }
+}
+
+template <BlockType T, bool kTwoLimbs>
+void rows_any_m(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale, int64_t m,
+                int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  for (int64_t m0 = 0; m0 < m;) {
+    const int64_t left = m - m0;
+    const int step = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    const int16_t* x = xp + m0 * 2 * k;
+    const float* xs = xsum16 + m0 * (k / 16);
+    float* o = out + m0 * ldo;
+    switch (step) {
+      case 8: rows_vnni<T, 8, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
+      case 4: rows_vnni<T, 4, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
+      case 2: rows_vnni<T, 2, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
+      default: rows_vnni<T, 1, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
+    }
+    m0 += step;
+  }
+}
+
+template <bool kTwoLimbs>
+void rows_dispatch(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale,
+                   int64_t m, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  switch (s.type) {
+    case BlockType::kQ4K: return rows_any_m<BlockType::kQ4K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ5K: return rows_any_m<BlockType::kQ5K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ6K: return rows_any_m<BlockType::kQ6K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ2K: return rows_any_m<BlockType::kQ2K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ3K: return rows_any_m<BlockType::kQ3K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ5_0: return rows_any_m<BlockType::kQ5_0, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    default: return rows_any_m<BlockType::kQ5_1, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+  }
+}
+
+}  // namespace
+
+// False (nothing written) when x holds values the fixed point cannot carry.
+bool linear_vnni(bool bf16, const void* x, int64_t m, const std::vector<Segment>& segs, int64_t k, float* out,
+                 int64_t ldo) {
+  thread_local std::vector<int16_t> xp;
+  thread_local std::vector<float> xsum32, xsum16, xscale;
+  xp.resize(m * 2 * k);
+  xsum32.resize(m * (k / 32));
+  xsum16.resize(m * (k / 16));
+  xscale.resize(m);
+  const QuantWeight as_int8{nullptr, nullptr, nullptr, ScaleType::kF32, 8, 0, k, 32};  // in-order layout
+  if (!vnni::prepare(bf16, x, m, as_int8, xp.data(), xsum32.data(), xscale.data())) return false;
+  for (int64_t i = 0; i < m * (k / 16); ++i) {
+    float acc = 0.f;
+    for (int e = 0; e < 16; ++e) acc += load_x(bf16, x, i * 16 + e);
+    xsum16[i] = acc;
+  }
+  const int16_t* xs = xp.data();
+  const float *s16 = xsum16.data(), *sc = xscale.data();
+  int64_t col = 0;
+  for (const Segment& s : segs) {
+    parallel_for(s.rows, row_grain(s.type, k), [&](int64_t n0, int64_t n1) {
+      if (bf16) rows_dispatch<false>(s, k, xs, s16, sc, m, n0, n1, out + col, ldo);
+      else rows_dispatch<true>(s, k, xs, s16, sc, m, n0, n1, out + col, ldo);
+    });
+    col += s.rows;
+  }
+  return true;
+}
+
+#pragma GCC pop_options
+#else
+bool linear_vnni(bool, const void*, int64_t, const std::vector<Segment>&, int64_t, float*, int64_t) { return false; }
+#endif
+
+// out[m, N] (fp32) = x[m, K] @ W^T over the segments (stacked along N).
+void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& segs, int64_t k, float* out) {
+  int64_t n = 0;
+  for (const Segment& s : segs) n += s.rows;
+  if (has_vnni() && linear_vnni(bf16, x, m, segs, k, out, n)) return;
+  int64_t col = 0;
+  for (const Segment& s : segs) {
+    parallel_for(s.rows, row_grain(s.type, k), [&](int64_t n0, int64_t n1) {
+      rows_portable(bf16, x, m, s, k, n0, n1, out + col, n);
+    });
+    col += s.rows;
+  }
+}
+
+}  // namespace kquant
+}  // namespace cpu
+
+namespace {
+
+constexpr int64_t kMaxGemvRows = 16;  // beyond: dequantize bands of rows and multiply with a GEMM
+
+at::Tensor kquant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types,
+                         const std::optional<at::Tensor>& bias) {
+  const char* op = "kquant_linear";
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(!blocks.empty() && blocks.size() == types.size(), op, ": need one type per block tensor, got ",
+              blocks.size(), " tensors and ", types.size(), " types");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  const int64_t k = x.size(-1);
+  std::vector<cpu::kquant::Segment> segs;
+  int64_t n = 0;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    TORCH_CHECK(ggml::valid_type(static_cast<int>(types[i])), op, ": unknown block type id ", types[i]);
+    const auto t = static_cast<ggml::BlockType>(types[i]);
+    const auto& b = blocks[i];
+    TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == at::kByte && b.dim() == 2 && b.is_contiguous(), op,
+                ": blocks must be contiguous 2-D uint8 CPU tensors, got ", b.scalar_type(), " ", b.sizes());
+    TORCH_CHECK(k > 0 && k % ggml::block_weights(t) == 0, op, ": K=", k, " is not a multiple of the block size ",
+                ggml::block_weights(t), " of type id ", types[i]);
+    TORCH_CHECK(b.size(1) == cpu::kquant::row_bytes(t, k), op, ": blocks of type id ", types[i], " for K=", k,
+                " must have ", cpu::kquant::row_bytes(t, k), " bytes per row, got ", b.size(1));
+    segs.push_back({t, b.data_ptr<uint8_t>(), b.size(0)});
+    n += b.size(0);
+  }
+  if (bias.has_value())
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == n, op, ": bias must be a CPU [", n,
+                "] tensor, got ", bias->sizes());
+  auto sizes = x.sizes().vec();
+  sizes.back() = n;
+  const int64_t m = x.numel() / k;
+  const auto xc = x.contiguous();
+  auto out = at::empty({m, n}, x.options().dtype(at::kFloat));
+  if (m > 0 && n > 0) {
+    if (m <= kMaxGemvRows) {
+      cpu::kquant::linear(x.scalar_type() == at::kBFloat16, xc.data_ptr(), m, segs, k, out.data_ptr<float>());
+    } else {
+      // Prefill: a band of exact fp32 rows at a time (fits L2), then a GEMM.
+      const auto x2 = xc.reshape({m, k}).to(at::kFloat);
+      const int64_t band = std::max<int64_t>(16, (int64_t{1} << 20) / k);
+      auto tile = at::empty({band, k}, x.options().dtype(at::kFloat));
+      int64_t col = 0;
+      for (const auto& s : segs) {
+        for (int64_t r0 = 0; r0 < s.rows; r0 += band) {
+          const int64_t r1 = std::min(s.rows, r0 + band);
+          float* tp = tile.data_ptr<float>();
+          at::parallel_for(r0, r1, 8, [&](int64_t a, int64_t b) {
+            cpu::kquant::dequantize_rows(s, k, a, b, tp + (a - r0) * k);
+          });
+          out.narrow(1, col + r0, r1 - r0).copy_(at::mm(x2, tile.narrow(0, 0, r1 - r0).t()));
+        }
+        col += s.rows;
+      }
+    }
+  }
+  if (bias.has_value()) out.add_(bias->to(at::kFloat));
+  return out.to(x.scalar_type()).reshape(sizes);
+}
+
+// The dequantized weight (the kernels' own decoding), for tests: fp32 [N, K].
+at::Tensor kquant_dequantize(const at::Tensor& blocks, int64_t type, int64_t k) {
+  const char* op = "kquant_dequantize";
+  TORCH_CHECK(ggml::valid_type(static_cast<int>(type)), op, ": unknown block type id ", type);
+  const auto t = static_cast<ggml::BlockType>(type);
+  TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.dim() == 2 &&
+                  blocks.is_contiguous(), op, ": blocks must be contiguous 2-D uint8");
+  TORCH_CHECK(k > 0 && k % ggml::block_weights(t) == 0 && blocks.size(1) == cpu::kquant::row_bytes(t, k), op,
+              ": blocks ", blocks.sizes(), " do not hold rows of K=", k);
+  auto out = at::empty({blocks.size(0), k}, blocks.options().dtype(at::kFloat));
+  const cpu::kquant::Segment s{t, blocks.data_ptr<uint8_t>(), blocks.size(0)};
+  cpu::kquant::dequantize_rows(s, k, 0, s.rows, out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
+  // x @ W^T (+ bias) for W stacked from row segments of ggml block types (llama_fast.kquants.TYPE_IDS).
+  m.def("kquant_linear(Tensor x, Tensor[] blocks, int[] types, Tensor? bias) -> Tensor");
+  m.def("kquant_dequantize(Tensor blocks, int type, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {
+  m.impl("kquant_linear", &kquant_linear);
+  m.impl("kquant_dequantize", &kquant_dequantize);
+}
+
+}  // namespace llama_fast

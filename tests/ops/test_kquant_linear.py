@@ -1,0 +1,61 @@
+"""x @ W^T for ggml block weights (llama_fast.kquants) read as stored, against the fp64 product with the exact
+dequantized weight: the VNNI fixed-point decode path, the portable path, and the prefill GEMM path."""
+import pytest
+import torch
+from kquant_util import random_blocks
+
+from llama_fast import kquants, ops
+
+from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
+
+
+@pytest.mark.parametrize("kind", kquants.TYPES)
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kquant_linear_matches_reference(backend, kind, m, dtype, matches_reference):
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CUDA backend has no kquant_linear yet")
+    k = 512 if kquants.BLOCKS[kind][0] == 256 else 160
+    w = kquants.KQuantWeight.single(kind, random_blocks(kind, 37, k, seed=m), k)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(37, generator=g).to(dtype) if m == 3 else None
+    out = ops.kquant_linear(x, w, bias, backend=name)
+    assert out.dtype == dtype and out.shape == (m, 37)
+    want = x.double() @ w.dequantize(torch.float64).t() + (0 if bias is None else bias.double())
+    low = torch.nn.functional.linear(x, w.dequantize(dtype), bias)
+    matches_reference(out, want.float(), low)
+
+
+def test_kquant_linear_mixed_segments(backend, matches_reference):
+    """A fused weight of several types (Q4_K_M's q/k in Q4_K and v in Q6_K) in one call, 3-D input."""
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CUDA backend has no kquant_linear yet")
+    parts = [kquants.KQuantWeight.single(kind, random_blocks(kind, rows, 256, seed=rows), 256)
+             for kind, rows in (("Q4_K", 16), ("Q6_K", 9), ("Q5_K", 3), ("Q2_K", 5), ("Q3_K", 4))]
+    w = kquants.concat_rows(parts)
+    x = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(0))
+    out = ops.kquant_linear(x, w, backend=name)
+    want = x.double() @ w.dequantize(torch.float64).t()
+    matches_reference(out, want.float())
+
+
+def test_kquant_linear_extreme_activations(backend):
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CUDA backend has no kquant_linear yet")
+    w = kquants.KQuantWeight.single("Q4_K", random_blocks("Q4_K", 11, 256, seed=5), 256)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 256, generator=g) * 1e-3
+    x[0, 17] = 3e4            # an outlier next to small values
+    x[1] = 0.0
+    x[2] = torch.randn(256, generator=g) * 1e-39
+    x[3, 100] = float("nan")  # the fixed point cannot carry it: the call takes the exact fp32 path
+    want = (x.double() @ w.dequantize(torch.float64).t()).float()
+    out = ops.kquant_linear(x, w, backend=name)
+    for r in (0, 1, 2, 4):
+        scale = want[r].abs().max().item()
+        torch.testing.assert_close(out[r], want[r], rtol=1e-5, atol=1e-5 * scale)
+    assert torch.isnan(out[3]).all()
