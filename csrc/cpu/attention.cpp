@@ -36,7 +36,7 @@ void finalize(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t 
     bool only_neg_inf = false;
     for (int64_t s = 0; s < nsplit; ++s) {
       const float* p = part + s * part_stride;
-      mmax = std::max(mmax, p[r]);      // std::max drops a NaN operand: NaNs are caught by `nan` instead
+      mmax = std::max(mmax, p[r]);  // std::max drops a NaN operand: NaNs are caught by `nan` instead
       nan = nan || std::isnan(p[r]) || std::isnan(p[R + r]);
       only_neg_inf = only_neg_inf || (p[R + r] == 0.f && std::signbit(p[R + r]));
     }
@@ -44,8 +44,10 @@ void finalize(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t 
     // valid key at all (left padding) keeps its zeros.
     if (nan || (only_neg_inf && mmax == -std::numeric_limits<float>::infinity())) {
       for (int64_t d = 0; d < D; ++d) {
-        if constexpr (std::is_same<T, float>::value) dst[d] = std::numeric_limits<float>::quiet_NaN();
-        else dst[d] = float_to_bf16_bits(std::numeric_limits<float>::quiet_NaN());
+        if constexpr (std::is_same<T, float>::value)
+          dst[d] = std::numeric_limits<float>::quiet_NaN();
+        else
+          dst[d] = float_to_bf16_bits(std::numeric_limits<float>::quiet_NaN());
       }
       continue;
     }

@@ -24,8 +24,8 @@
 #include "common/half_float.h"
 #include "cpu/cpu_features.h"
 #include "cpu/kernels.h"
-#include "cpu/thread_pool.h"
 #include "cpu/quant_linear_vnni.h"
+#include "cpu/thread_pool.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -98,8 +98,8 @@ bool has_vnni() {
 }
 
 // Any CPU: out[mm * ldo + r] for rows [n0, n1) of a segment, fp32 dot products of exact weights.
-void rows_portable(bool bf16, const void* x, int64_t m, const Segment& s, int64_t k, int64_t n0, int64_t n1,
-                   float* out, int64_t ldo) {
+void rows_portable(bool bf16, const void* x, int64_t m, const Segment& s, int64_t k, int64_t n0, int64_t n1, float* out,
+                   int64_t ldo) {
   std::vector<float> w(k), xf(m * k);
   for (int64_t i = 0; i < m * k; ++i) xf[i] = load_x(bf16, x, i);
   for (int64_t r = n0; r < n1; ++r) {
@@ -172,8 +172,8 @@ struct HardF16 {
 // M activation rows x weight rows [n0, n1) of one segment. xp / xscale from vnni::prepare, xsum16 [M, K/16].
 // kTwoLimbs: fp32 rows (hi * 2^15 + lo); a bf16 row is one limb (vnni::prepare), its lo limb zero.
 template <BlockType T, int M, bool kTwoLimbs>
-void rows_vnni(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale,
-               int64_t n0, int64_t n1, float* out, int64_t ldo) {
+void rows_vnni(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale, int64_t n0,
+               int64_t n1, float* out, int64_t ldo) {
   constexpr int bw = T == BlockType::kQ5_0 || T == BlockType::kQ5_1 ? 32 : 256;
   constexpr int units = bw / 32, subs = bw / 16;
   const int bb = ggml::block_bytes(T);
@@ -242,15 +242,16 @@ void rows_any_m(const Segment& s, int64_t k, const int16_t* xp, const float* xsu
 }
 
 template <bool kTwoLimbs>
-void rows_dispatch(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale,
-                   int64_t m, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+void rows_dispatch(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale, int64_t m,
+                   int64_t n0, int64_t n1, float* out, int64_t ldo) {
   switch (s.type) {
     case BlockType::kQ4K: return rows_any_m<BlockType::kQ4K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
     case BlockType::kQ5K: return rows_any_m<BlockType::kQ5K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
     case BlockType::kQ6K: return rows_any_m<BlockType::kQ6K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
     case BlockType::kQ2K: return rows_any_m<BlockType::kQ2K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
     case BlockType::kQ3K: return rows_any_m<BlockType::kQ3K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ5_0: return rows_any_m<BlockType::kQ5_0, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ5_0:
+      return rows_any_m<BlockType::kQ5_0, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
     default: return rows_any_m<BlockType::kQ5_1, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
   }
 }
@@ -278,8 +279,10 @@ bool linear_vnni(bool bf16, const void* x, int64_t m, const std::vector<Segment>
   int64_t col = 0;
   for (const Segment& s : segs) {
     parallel_for(s.rows, row_grain(s.type, k), [&](int64_t n0, int64_t n1) {
-      if (bf16) rows_dispatch<false>(s, k, xs, s16, sc, m, n0, n1, out + col, ldo);
-      else rows_dispatch<true>(s, k, xs, s16, sc, m, n0, n1, out + col, ldo);
+      if (bf16)
+        rows_dispatch<false>(s, k, xs, s16, sc, m, n0, n1, out + col, ldo);
+      else
+        rows_dispatch<true>(s, k, xs, s16, sc, m, n0, n1, out + col, ldo);
     });
     col += s.rows;
   }
@@ -298,9 +301,8 @@ void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& seg
   if (has_vnni() && linear_vnni(bf16, x, m, segs, k, out, n)) return;
   int64_t col = 0;
   for (const Segment& s : segs) {
-    parallel_for(s.rows, row_grain(s.type, k), [&](int64_t n0, int64_t n1) {
-      rows_portable(bf16, x, m, s, k, n0, n1, out + col, n);
-    });
+    parallel_for(s.rows, row_grain(s.type, k),
+                 [&](int64_t n0, int64_t n1) { rows_portable(bf16, x, m, s, k, n0, n1, out + col, n); });
     col += s.rows;
   }
 }
@@ -358,9 +360,8 @@ at::Tensor kquant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArra
         for (int64_t r0 = 0; r0 < s.rows; r0 += band) {
           const int64_t r1 = std::min(s.rows, r0 + band);
           float* tp = tile.data_ptr<float>();
-          at::parallel_for(r0, r1, 8, [&](int64_t a, int64_t b) {
-            cpu::kquant::dequantize_rows(s, k, a, b, tp + (a - r0) * k);
-          });
+          at::parallel_for(r0, r1, 8,
+                           [&](int64_t a, int64_t b) { cpu::kquant::dequantize_rows(s, k, a, b, tp + (a - r0) * k); });
           out.narrow(1, col + r0, r1 - r0).copy_(at::mm(x2, tile.narrow(0, 0, r1 - r0).t()));
         }
         col += s.rows;
@@ -376,8 +377,9 @@ at::Tensor kquant_dequantize(const at::Tensor& blocks, int64_t type, int64_t k) 
   const char* op = "kquant_dequantize";
   TORCH_CHECK(ggml::valid_type(static_cast<int>(type)), op, ": unknown block type id ", type);
   const auto t = static_cast<ggml::BlockType>(type);
-  TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.dim() == 2 &&
-                  blocks.is_contiguous(), op, ": blocks must be contiguous 2-D uint8");
+  TORCH_CHECK(
+      blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.is_contiguous(), op,
+      ": blocks must be contiguous 2-D uint8");
   TORCH_CHECK(k > 0 && k % ggml::block_weights(t) == 0 && blocks.size(1) == cpu::kquant::row_bytes(t, k), op,
               ": blocks ", blocks.sizes(), " do not hold rows of K=", k);
   auto out = at::empty({blocks.size(0), k}, blocks.options().dtype(at::kFloat));

@@ -133,8 +133,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     TORCH_CHECK(lens.dim() == 1 && lens.size(0) == b, op, ": kv_lens must be [B] = [", b, "], got ", lens.sizes());
     if (b > 0) {  // checked in the given dtype: narrowing int64 first would turn 2^32 + 2 into 2
       const auto [lo, hi] = at::aminmax(lens);
-      TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() <= tk, op, ": kv_lens must lie in [0, ", tk,
-                  "], got [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+      TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() <= tk, op, ": kv_lens must lie in [0, ", tk, "], got [",
+                  lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
     }
     lens = lens.to(at::kInt).contiguous();
   }

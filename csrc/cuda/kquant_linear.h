@@ -10,11 +10,11 @@ namespace llama_fast {
 namespace cuda {
 
 struct KQuantLinearArgs {
-  const void* x;         // [m, k] activations (dtype dt), contiguous
-  const uint8_t* blocks; // [n, k / block_weights * block_bytes] of block type `type` (ggml_blocks.h)
-  const void* bias;      // [n] or null
-  void* out;             // [m, ldo] (dtype dt): columns 0..n-1 written
-  int type;              // ggml::BlockType
+  const void* x;          // [m, k] activations (dtype dt), contiguous
+  const uint8_t* blocks;  // [n, k / block_weights * block_bytes] of block type `type` (ggml_blocks.h)
+  const void* bias;       // [n] or null
+  void* out;              // [m, ldo] (dtype dt): columns 0..n-1 written
+  int type;               // ggml::BlockType
   int64_t m, n, k, ldo;
 };
 

@@ -27,28 +27,34 @@ at::Tensor kquant_linear_cuda(const at::Tensor& x, at::TensorList blocks, at::In
     const auto& b = blocks[i];
     TORCH_CHECK(b.device() == x.device() && b.scalar_type() == at::kByte && b.dim() == 2 && b.is_contiguous(), op,
                 ": blocks must be contiguous 2-D uint8 tensors on x's device");
-    TORCH_CHECK(k % ggml::block_weights(t) == 0 && b.size(1) == k / ggml::block_weights(t) * ggml::block_bytes(t),
-                op, ": blocks ", b.sizes(), " of type id ", types[i], " do not hold rows of K=", k);
+    TORCH_CHECK(k % ggml::block_weights(t) == 0 && b.size(1) == k / ggml::block_weights(t) * ggml::block_bytes(t), op,
+                ": blocks ", b.sizes(), " of type id ", types[i], " do not hold rows of K=", k);
     n += b.size(0);
   }
   if (bias.has_value())
     TORCH_CHECK(bias->device() == x.device() && bias->scalar_type() == x.scalar_type() && bias->dim() == 1 &&
-                    bias->size(0) == n && bias->is_contiguous(), op, ": bias must be a contiguous [", n,
-                "] tensor of x's dtype and device");
+                    bias->size(0) == n && bias->is_contiguous(),
+                op, ": bias must be a contiguous [", n, "] tensor of x's dtype and device");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   const int64_t m = x.numel() / k;
   auto out = at::empty({m, n}, x.options());
-  const auto dt = x.scalar_type() == at::kFloat ? cuda::DType::kF32
-                  : x.scalar_type() == at::kHalf ? cuda::DType::kF16 : cuda::DType::kBF16;
+  const auto dt = x.scalar_type() == at::kFloat  ? cuda::DType::kF32
+                  : x.scalar_type() == at::kHalf ? cuda::DType::kF16
+                                                 : cuda::DType::kBF16;
   const auto stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   int64_t col = 0;
   for (size_t i = 0; i < blocks.size(); ++i) {
     const int64_t rows = blocks[i].size(0);
-    const cuda::KQuantLinearArgs a{xc.data_ptr(), blocks[i].data_ptr<uint8_t>(),
+    const cuda::KQuantLinearArgs a{xc.data_ptr(),
+                                   blocks[i].data_ptr<uint8_t>(),
                                    bias ? static_cast<const char*>(bias->data_ptr()) + col * x.element_size() : nullptr,
                                    static_cast<char*>(out.data_ptr()) + col * x.element_size(),
-                                   static_cast<int>(types[i]), m, rows, k, n};
+                                   static_cast<int>(types[i]),
+                                   m,
+                                   rows,
+                                   k,
+                                   n};
     const cudaError_t err = cuda::kquant_linear(dt, a, stream);
     TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
     col += rows;
