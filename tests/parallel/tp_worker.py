@@ -1,0 +1,55 @@
+"""One rank of the tensor-parallel tests (tests/parallel/test_tensor_parallel.py starts two with
+llama_fast.parallel.launch.run_ranks): for each case of a JSON list it loads the model with tp_plan="auto",
+runs a left-padded forward, greedy and seeded sampled generation, and writes the results (or the error it
+raised) to OUT/<case>.rank<r>.*; the test compares them with the one-process model."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from llama_fast import LlamaForCausalLM
+from llama_fast.formats import safetensors
+
+
+def inputs(vocab: int):
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (2, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return ids, mask
+
+
+def run_case(case: dict, out: str, rank: int) -> None:
+    stem = os.path.join(out, f"{case['name']}.rank{rank}")
+    try:
+        model = LlamaForCausalLM.from_pretrained(case["path"], tp_plan="auto", **case.get("kwargs", {}))
+    except Exception as e:
+        with open(stem + ".error.txt", "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        return
+    ids, mask = inputs(model.config.vocab_size)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=1.0,
+                             top_k=0, seed=123)
+    safetensors.write(stem + ".safetensors", [("logits", logits.float()), ("greedy", greedy), ("sampled", sampled)])
+
+
+def main() -> int:
+    cases, out = json.load(open(sys.argv[1])), sys.argv[2]
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+    for case in cases:
+        run_case(case, out, rank)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
