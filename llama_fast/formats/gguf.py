@@ -267,7 +267,8 @@ def _read_raw(reader, t, split, path: str) -> tuple[torch.Tensor, tuple[int, ...
     return raw.reshape(-1), (rows[1] - rows[0], cols[1] - cols[0])
 
 
-def _native_tensor(reader, t, config: dict, path: str, select=None) -> tuple[str, torch.Tensor | QuantizedWeight] | None:
+def _native_tensor(reader, t, config: dict, path: str,
+                   select=None) -> tuple[str, torch.Tensor | QuantizedWeight] | None:
     """(HF name, the tensor as stored: dense, or QuantizedWeight with the same numbers), Q/K rows unpermuted.
     select: HF name -> the Split a tensor-parallel rank reads (None: the whole tensor)."""
     try:

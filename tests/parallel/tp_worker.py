@@ -26,6 +26,8 @@ def inputs(vocab: int):
 
 def run_case(case: dict, out: str, rank: int) -> None:
     stem = os.path.join(out, f"{case['name']}.rank{rank}")
+    if case.get("fail_rank") == rank:     # a failure on one rank only: the others must not wait for it
+        _fail_loading_here()
     try:
         model = LlamaForCausalLM.from_pretrained(case["path"], tp_plan="auto", **case.get("kwargs", {}))
     except Exception as e:
@@ -41,12 +43,27 @@ def run_case(case: dict, out: str, rank: int) -> None:
     safetensors.write(stem + ".safetensors", [("logits", logits.float()), ("greedy", greedy), ("sampled", sampled)])
 
 
+def _fail_loading_here() -> None:
+    from llama_fast import loading
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure on this rank")
+    original = loading._load_hf_directory
+    loading._load_hf_directory = fail
+    _RESTORE.append(lambda: setattr(loading, "_load_hf_directory", original))
+
+
+_RESTORE: list = []
+
+
 def main() -> int:
     cases, out = json.load(open(sys.argv[1])), sys.argv[2]
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
     for case in cases:
         run_case(case, out, rank)
+        while _RESTORE:
+            _RESTORE.pop()()
     dist.destroy_process_group()
     return 0
 
