@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -161,3 +163,34 @@ def test_bad_layout_is_an_error_on_every_rank(tp_run, name):
             continue
         assert isinstance(got, str), f"rank {rank} loaded a model it should have refused"
         assert case["error"] in got, f"rank {rank}: {got}"
+
+
+def _run_cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m llama_fast ...` in its own session, so that a timeout kills torchrun's ranks too (by the
+    session's process group, which holds only what this call started)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "llama_fast", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_cli_tp_prints_the_one_process_text_once(tmp_path, capsys):
+    from test_cli import save_tiny_cli_model  # the CLI tests' tiny model with a word-level tokenizer
+
+    from llama_fast.tools.cli import main
+
+    model_dir = save_tiny_cli_model(tmp_path)
+    args = ["generate", "--model", str(model_dir), "--prompt", "hello w1 w2", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    one = capsys.readouterr().out
+    assert one.strip(), "no text generated"
+    two = _run_cli(args + ["--tp", "2"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one     # greedy fp32: the same text, printed by rank 0 alone
+    assert "tensor parallel over 2 ranks" in two.stderr and two.stderr.count("prefill:") == 1
