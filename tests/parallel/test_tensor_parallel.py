@@ -28,7 +28,7 @@ from llama_fast import LlamaForCausalLM
 from llama_fast.formats.safetensors import SafetensorsFile
 from llama_fast.parallel.launch import run_ranks
 
-from conftest import assert_greedy_agrees, make_hf_model
+from conftest import BF16_FACTOR, BF16_SLACK, assert_greedy_agrees, make_hf_model
 from gguf_util import Q, random_state_dict, write_llama_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +92,7 @@ def tp_run(tmp_path_factory):
         dict(name="int4_on_load", path=tied, kwargs=dict(quantize="int4", group_size=32)),
         dict(name="int4_checkpoint", path=_quantized_checkpoint(mha, tmp / "int4", "int4", 32)),
         dict(name="int8_checkpoint", path=_quantized_checkpoint(tied, tmp / "int8", "int8", 32)),
+        dict(name="bf16", path=tied, kwargs=dict(dtype="bfloat16")),
         dict(name="gguf_q8_q4", path=_gguf(tmp / "q.gguf")),
         dict(name="gguf_q4_k", path=_gguf(tmp / "k.gguf", kquant=True)),
         # layouts that cannot be split over two ranks
@@ -152,6 +153,20 @@ def test_two_ranks_match_one_process(tp_run, name):
     logits, greedy, prompt_len = _reference(case)
     assert_fp32_close(first["logits"], logits, f"{name}: logits of rank 0 vs one process")
     assert_greedy_agrees(first["greedy"], greedy, prompt_len, rel_tol=1e-5)
+
+
+def test_bf16_two_ranks_within_the_bf16_budget(tp_run):
+    """bf16: each rank rounds its partial sums to bf16 before the all-reduce, so the error against the fp32
+    model may differ from the one-process bf16 model's; it must stay within conftest's bf16 rule (2x the
+    one-process bf16 error plus one bf16 rounding step of the logits' scale)."""
+    case, ranks = tp_run["bf16"]
+    assert isinstance(ranks[0], dict), ranks[0]
+    assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])      # the same sums on both ranks
+    exact, _, _ = _reference(dict(case, kwargs={"dtype": "float32"}))
+    one_process, _, _ = _reference(case)
+    err = (ranks[0]["logits"] - exact).abs().max().item()
+    own = (one_process.float() - exact).abs().max().item()
+    assert err <= BF16_FACTOR * own + BF16_SLACK * exact.abs().max().item(), (err, own)
 
 
 @pytest.mark.parametrize("name", ["heads_not_divisible", "world_over_heads", "group_split", "one_rank_fails"])
