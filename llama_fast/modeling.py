@@ -270,6 +270,9 @@ class LlamaModel(LlamaPreTrainedModel):
         """Arguments as transformers' LlamaModel.forward. cache_position is accepted and ignored (each row's
         cache position is known from the cache). Returns BaseModelOutputWithPast, or its tuple."""
         _reject_unknown(kwargs)
+        if output_attentions and self.tensor_parallel is not None:
+            raise ValueError("output_attentions is not available under tensor parallelism: each rank holds the "
+                             "attention of its own heads only")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         hidden, cache, step = self._prepare(input_ids, attention_mask, position_ids, past_key_values,
                                             inputs_embeds, use_cache)

@@ -147,6 +147,7 @@ def test_two_ranks_match_one_process(tp_run, name):
     for rank, got in enumerate(ranks):
         assert isinstance(got, dict), f"rank {rank} failed: {got}"
     first, second = ranks
+    assert int(first["refuses_output_attentions"]) == 1
     for key in ("logits", "greedy", "sampled"):
         # Exact by construction: both ranks hold the same all-reduced sums and gathered shards
         assert torch.equal(first[key], second[key]), f"{key} differ between the ranks"

@@ -40,7 +40,13 @@ def run_case(case: dict, out: str, rank: int) -> None:
     greedy = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     sampled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=1.0,
                              top_k=0, seed=123)
-    safetensors.write(stem + ".safetensors", [("logits", logits.float()), ("greedy", greedy), ("sampled", sampled)])
+    try:    # a rank holds only its heads' attention: refused rather than half an answer
+        model(ids, output_attentions=True)
+        refused = 0
+    except ValueError:
+        refused = 1
+    safetensors.write(stem + ".safetensors", [("logits", logits.float()), ("greedy", greedy), ("sampled", sampled),
+                                              ("refuses_output_attentions", torch.tensor([refused]))])
 
 
 def _fail_loading_here() -> None:
