@@ -2,10 +2,15 @@
 // per kv head) and for fp32 everywhere.
 //
 // Grid (kv head x row block, split, batch). A block owns up to kRows query rows that all read the same kv head:
-// row r = qi * group + g (query qi of head kv_head * group + g), so with GQA one kv head's K/V tile is loaded into
-// shared memory once for its whole query group. It streams its split's keys in tiles of kTile with an online
-// softmax (csrc/common/softmax_math.h) and writes either the final rows (one split) or unnormalized partials
-// (o, m, l) that attention_combine_kernel merges.
+// row r = qi * group + g (query qi of head kv_head * group + g). Two kernels, by how many rows a kv head has:
+// - attention_split_kernel (more than kRowsPerWarp rows: prefill in fp32, decode with a GQA group > 4): the
+//   block's warps split the rows, 4 each, and one kv head's K/V tile is staged in shared memory once for all.
+// - attention_split_keys_kernel (at most kRowsPerWarp rows: decode with MHA or a GQA group <= 4, e.g. Llama 2 7B
+//   and Llama 3): splitting 1-4 rows over 4 warps would leave 15 of 16 row slots idle (MHA), so the warps
+//   split the keys instead: each warp scores all of the block's rows against its own key tiles, read straight
+//   from global memory (nothing to share), and the warps' partials merge in shared memory at the end.
+// Both stream their split's keys in tiles of kTile with an online softmax (csrc/common/softmax_math.h) and write
+// either the final rows (one split) or unnormalized partials (o, m, l) that attention_combine_kernel merges.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -27,17 +32,23 @@ constexpr int kMaxSplits = 64;
 
 struct SplitPlan {
   int num_splits;
-  int keys_per_split;  // a multiple of kTile
+  int keys_per_split;  // a multiple of kTile (of kWarps * kTile when the warps split the keys)
   int row_blocks;
-  int rows;  // tq * group
+  int rows;               // tq * group
+  bool warps_split_keys;  // attention_split_keys_kernel
 };
+
+// Few rows per kv head: the warps split the keys (attention_split_keys_kernel) rather than the rows.
+bool warps_split_keys(const AttentionArgs& a) { return a.tq * (a.hq / a.hkv) <= kRowsPerWarp; }
 
 SplitPlan plan(const AttentionArgs& a, int num_splits) {
   SplitPlan p;
   p.rows = a.tq * (a.hq / a.hkv);
   p.row_blocks = static_cast<int>(ceil_div(p.rows, kRows));
+  p.warps_split_keys = warps_split_keys(a);
+  const int64_t granule = p.warps_split_keys ? kWarps * kTile : kTile;  // every warp gets whole tiles
   const int64_t per = ceil_div(std::max(a.tk, 1), num_splits);
-  p.keys_per_split = static_cast<int>(ceil_div(per, kTile) * kTile);
+  p.keys_per_split = static_cast<int>(ceil_div(per, granule) * granule);
   p.num_splits = static_cast<int>(ceil_div(std::max(a.tk, 1), p.keys_per_split));
   return p;
 }
@@ -183,6 +194,134 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The few-rows kernel (see the top of the file): p.rows <= kRowsPerWarp, one block per (kv head, split, batch).
+// Warp w takes the split's key tiles w, w + kWarps, ...; lane j scores key tile + j against every row (K read as
+// 16-byte vectors of its own row), then the warp accumulates P V with lane owning dims lane + 32c (V rows read
+// coalesced). The kWarps partials (m, l, o) of a row merge exactly like the splits' (softmax::merge).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    attention_split_keys_kernel(AttentionArgs a, SplitPlan p, float* partial_o, float* partial_ml) {
+  constexpr int kPerLane = D / 32;
+  constexpr int kVec = Vec16<T>::kN, kVecsPerRow = D / kVec;
+  __shared__ float q_s[kRowsPerWarp][D];
+  __shared__ float o_s[kWarps][kRowsPerWarp][D];
+  __shared__ float ml_s[kWarps][kRowsPerWarp][2];
+
+  const int kv_head = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const int group = a.hq / a.hkv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  bool bad;
+  const int kv_len = valid_keys(a, b, &bad);
+
+  const T* q = static_cast<const T*>(a.q);
+  for (int i = threadIdx.x; i < kRowsPerWarp * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    float v = 0.0f;
+    if (r < p.rows) {
+      const int qi = r / group, head = kv_head * group + r % group;
+      v = to_float(q[b * a.q_stride_b + qi * a.q_stride_t + head * D + d]) * a.scale;
+    }
+    q_s[r][d] = v;
+  }
+  __syncthreads();
+
+  int key_end = min(kv_len, (split + 1) * p.keys_per_split);
+  if (a.causal) key_end = min(key_end, kv_len - a.tq + (p.rows - 1) / group + 1);  // the last row's position
+  const int key_begin = split * p.keys_per_split;
+
+  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kPerLane];
+  int qpos[kRowsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kPerLane; ++c) acc[i][c] = 0.0f;
+    qpos[i] = i < p.rows ? (a.causal ? kv_len - a.tq + i / group : kv_len - 1) : -1;
+  }
+
+  const T* k = static_cast<const T*>(a.k) + b * a.kv_stride_b + kv_head * D;
+  const T* v = static_cast<const T*>(a.v) + b * a.kv_stride_b + kv_head * D;
+  for (int tile = key_begin + warp * kTile; tile < key_end; tile += kWarps * kTile) {
+    const int key = tile + lane;
+    float s[kRowsPerWarp];
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) s[i] = 0.0f;
+    if (key < key_end) {
+      const T* k_row = k + static_cast<int64_t>(key) * a.kv_stride_t;
+#pragma unroll 4
+      for (int c = 0; c < kVecsPerRow; ++c) {
+        const Vec16<T> kv = *reinterpret_cast<const Vec16<T>*>(k_row + c * kVec);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const float kd = to_float(kv.v[e]);
+#pragma unroll
+          for (int i = 0; i < kRowsPerWarp; ++i) s[i] += q_s[i][c * kVec + e] * kd;  // a broadcast read
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      if (key >= key_end || key > qpos[i]) s[i] = -INFINITY;
+      const float m_new = fmaxf(m[i], warp_max(s[i]));
+      const float alpha = softmax::rescale(m[i], m_new);
+      const float prob = softmax::weight(s[i], m_new);
+      l[i] = l[i] * alpha + warp_sum(prob);
+      m[i] = m_new;
+#pragma unroll
+      for (int c = 0; c < kPerLane; ++c) acc[i][c] *= alpha;
+      s[i] = prob;
+    }
+    const int keys_here = min(kTile, key_end - tile);  // the same in every lane: the shuffles stay converged
+    for (int j = 0; j < keys_here; ++j) {
+      const T* v_row = v + static_cast<int64_t>(tile + j) * a.kv_stride_t;
+      float vj[kPerLane];
+#pragma unroll
+      for (int c = 0; c < kPerLane; ++c) vj[c] = to_float(v_row[lane + 32 * c]);
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        const float pj = __shfl_sync(0xffffffffu, s[i], j);
+#pragma unroll
+        for (int c = 0; c < kPerLane; ++c) acc[i][c] += pj * vj[c];
+      }
+    }
+  }
+
+  // Merge the warps' partials of each row, then write the final row or this split's partial.
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+#pragma unroll
+    for (int c = 0; c < kPerLane; ++c) o_s[warp][i][lane + 32 * c] = acc[i][c];
+    if (lane == 0) {
+      ml_s[warp][i][0] = m[i];
+      ml_s[warp][i][1] = l[i];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < p.rows * D; idx += kThreads) {
+    const int r = idx / D, d = idx % D;
+    float mm = -INFINITY, ll = 0.0f, o = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      float scale_o, scale_w;
+      softmax::merge(mm, ll, ml_s[w][r][0], ml_s[w][r][1], &scale_o, &scale_w);
+      o = o * scale_o + o_s[w][r][d] * scale_w;
+    }
+    if (p.num_splits == 1) {
+      const int qi = r / group, head = kv_head * group + r % group;
+      T* out = static_cast<T*>(a.out) + ((static_cast<int64_t>(b) * a.tq + qi) * a.hq + head) * D;
+      out[d] = from_float<T>(bad ? NAN : o * softmax::inverse_sum(ll));
+    } else {
+      const int64_t prow = ((static_cast<int64_t>(b) * a.hkv + kv_head) * p.rows + r) * p.num_splits + split;
+      partial_o[prow * D + d] = o;
+      if (d == 0) {
+        partial_ml[prow * 2] = mm;
+        partial_ml[prow * 2 + 1] = ll;
+      }
+    }
+  }
+}
+
 // One block of D threads per (row, kv head, batch): merges the splits' partials exactly.
 template <typename T, int D>
 __global__ void __launch_bounds__(D)
@@ -210,7 +349,10 @@ void launch(const AttentionArgs& a, int num_splits, float* workspace, cudaStream
   float* partial_o = workspace;
   float* partial_ml = workspace + partial_rows * D;
   const dim3 grid(a.hkv * p.row_blocks, p.num_splits, a.batch);
-  attention_split_kernel<T, D><<<grid, kThreads, 0, stream>>>(a, p, partial_o, partial_ml);
+  if (p.warps_split_keys)  // p.row_blocks == 1
+    attention_split_keys_kernel<T, D><<<grid, kThreads, 0, stream>>>(a, p, partial_o, partial_ml);
+  else
+    attention_split_kernel<T, D><<<grid, kThreads, 0, stream>>>(a, p, partial_o, partial_ml);
   if (p.num_splits > 1)
     attention_combine_kernel<T, D><<<dim3(p.rows, a.hkv, a.batch), D, 0, stream>>>(a, p, partial_o, partial_ml);
 }
@@ -236,7 +378,9 @@ int attention_num_splits(const AttentionArgs& a, int device) {
   const int sms = multiprocessors(device);
   const int64_t blocks = static_cast<int64_t>(a.batch) * a.hkv * ceil_div(a.tq * (a.hq / a.hkv), kRows);
   const int64_t want = ceil_div(2 * sms, std::max<int64_t>(blocks, 1));  // about two waves of blocks
-  const int64_t most = std::max<int64_t>(1, a.tk / kMinKeysPerSplit);
+  // A split must keep each of a few-rows block's warps busy with at least one tile.
+  const int64_t min_keys = warps_split_keys(a) ? std::max(kMinKeysPerSplit, kWarps * kTile) : kMinKeysPerSplit;
+  const int64_t most = std::max<int64_t>(1, a.tk / min_keys);
   const int splits = static_cast<int>(std::min<int64_t>({want, most, kMaxSplits}));
   return plan(a, std::max(splits, 1)).num_splits;
 }
