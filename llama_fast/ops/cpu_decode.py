@@ -64,7 +64,8 @@ def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidd
         return False
     if output_attentions or output_hidden_states or len(model.layers) == 0:
         return False
-    if getattr(model, "tensor_parallel", None) is not None:
+    tensor_parallel = getattr(model, "tensor_parallel", None)
+    if tensor_parallel is not None and tensor_parallel.world > 1:
         # The C++ stack runs every layer in one call, with no place for the all-reduces after o_proj and
         # down_proj: a tensor-parallel rank decodes op by op (llama_fast.parallel).
         return False

@@ -75,7 +75,8 @@ class VocabParallelEmbedding(nn.Embedding):
         outside = (local < 0) | (local >= self.num_embeddings)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out.masked_fill_(outside[..., None], 0)
-        dist.all_reduce(out, group=self.group)
+        if self.group is not None:      # None: a world of one rank, which holds every row
+            dist.all_reduce(out, group=self.group)
         return out
 
     def extra_repr(self) -> str:
@@ -108,7 +109,14 @@ def row_parallel_input_sizes(model: nn.Module, layout: TensorParallelLayout) -> 
 
 
 def attach(model: nn.Module, layout: TensorParallelLayout, group) -> nn.Module:
-    """Installs the collectives on a loaded shard (see the module docstring)."""
+    """Installs the collectives on a loaded shard (see the module docstring). A world of one rank needs none:
+    its model is the whole model, and decodes as one (the fused CPU decode stack included)."""
+    info = TensorParallel(layout, group)
+    for module in model.modules():
+        if hasattr(type(module), "tensor_parallel"):
+            module.tensor_parallel = info
+    if layout.world == 1:
+        return model
     reduce = all_reduce_sum(group)
     for name, module in model.named_modules():
         if isinstance(module, Linear) and name.rpartition(".")[2] in ("o_proj", "down_proj"):
@@ -118,10 +126,6 @@ def attach(model: nn.Module, layout: TensorParallelLayout, group) -> nn.Module:
     if layout.vocab == "sharded" and isinstance(getattr(model, "lm_head", None), Linear):
         model.lm_head.combine_output = gather_vocab(group, layout.world, layout.vocab_shard,
                                                     layout.config.vocab_size)
-    info = TensorParallel(layout, group)
-    for module in model.modules():
-        if hasattr(type(module), "tensor_parallel"):
-            module.tensor_parallel = info
     return model
 
 
