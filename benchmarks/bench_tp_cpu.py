@@ -41,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CACHE = os.path.join(RESULTS, ".cache")
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=8,
              num_key_value_heads=2, head_dim=72, max_position_embeddings=2048, rms_norm_eps=1e-5,
@@ -193,6 +194,17 @@ def worker(args) -> int:
 
 # ---- the driver -----------------------------------------------------------------------------------------
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def checkpoint(layers: int) -> str:
     from llama_fast import LlamaConfig, LlamaForCausalLM
 
@@ -219,8 +231,11 @@ def main() -> int:
 
     from llama_fast.parallel.launch import run_ranks
 
+    from _machine import cpu_read_bandwidth
+
     model = checkpoint(args.layers)
     load_start = os.getloadavg()
+    bandwidth = cpu_read_bandwidth()
     rounds: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     env = dict(os.environ, PYTHONPATH=ROOT)
     for _ in range(args.rounds):
@@ -239,7 +254,7 @@ def main() -> int:
     out = {
         "what": "decode tok/s of a SmolLM2-135M-shaped random fp32 model (8 heads x 72, 2 KV heads: 9 heads do not "
                 "split over 2 ranks), batch 1, 16-token prompt; best round's median step",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "read_bandwidth_GB_s": round(bandwidth, 1),
                     "torch": torch.__version__, "load_average_start": load_start,
                     "load_average_end": os.getloadavg()},
         "tokens": args.tokens, "rounds": args.rounds, "layers": args.layers,
