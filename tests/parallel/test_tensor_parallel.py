@@ -45,14 +45,15 @@ def _hf(directory: Path, **config) -> str:
     return str(directory)
 
 
-def _quantized_checkpoint(src: str, directory: Path, bits: str, group_size: int) -> str:
+def _quantized_checkpoint(src: str, directory: Path, bits: str, group_size: int, **save) -> str:
     LlamaForCausalLM.from_pretrained(src, dtype="float32", quantize=bits, group_size=group_size).save_pretrained(
-        directory)
+        directory, **save)
     return str(directory)
 
 
-def _gguf(path: Path, kquant: bool = False) -> str:
-    """Q8_0 attention, Q4_0 (or Q4_K with rows of 256) MLP, F32 rest: every block type split both ways."""
+def _gguf(path: Path, kquant: bool = False, kquant_o_proj: bool = False) -> str:
+    """Q8_0 attention, Q4_0 (or Q4_K with rows of 256) MLP, F32 rest: every block type split both ways.
+    kquant_o_proj: o_proj in Q4_K too, whose 256 input columns two ranks cannot split without splitting a block."""
     if kquant:
         config = dict(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
@@ -64,7 +65,10 @@ def _gguf(path: Path, kquant: bool = False) -> str:
     tensors = random_state_dict(config)
     types = {}
     for name, value in list(tensors.items()):
-        if ".self_attn." in name:
+        if kquant_o_proj and name.endswith("o_proj.weight"):
+            tensors[name] = random_blocks("Q4_K", *value.shape, seed=len(types)).numpy()
+            types[name] = Q.Q4_K
+        elif ".self_attn." in name:
             types[name] = Q.Q8_0
         elif ".mlp." in name:
             if kquant:
@@ -92,6 +96,9 @@ def tp_run(tmp_path_factory):
         dict(name="int4_on_load", path=tied, kwargs=dict(quantize="int4", group_size=32)),
         dict(name="int4_checkpoint", path=_quantized_checkpoint(mha, tmp / "int4", "int4", 32)),
         dict(name="int8_checkpoint", path=_quantized_checkpoint(tied, tmp / "int8", "int8", 32)),
+        # a checkpoint in several files: a quantized linear's codes and scales may sit in different ones
+        dict(name="int4_several_files", path=_quantized_checkpoint(tied, tmp / "int4_files", "int4", 32,
+                                                                   max_shard_size="20KB")),
         dict(name="bf16", path=tied, kwargs=dict(dtype="bfloat16")),
         dict(name="gguf_q8_q4", path=_gguf(tmp / "q.gguf")),
         dict(name="gguf_q4_k", path=_gguf(tmp / "k.gguf", kquant=True)),
@@ -102,6 +109,8 @@ def tp_run(tmp_path_factory):
                                               hidden_size=16), error="needs at least 2 attention heads"),
         dict(name="group_split", path=_quantized_checkpoint(mha, tmp / "g64", "int4", 64),
              error="would split a block of 64 weights"),
+        dict(name="kquant_block_split", path=_gguf(tmp / "ko.gguf", kquant=True, kquant_o_proj=True),
+             error="would split a block of 256 weights"),
         dict(name="one_rank_fails", path=mha, fail_rank=1, error="rank 1 of 2 failed to load its shard"),
     ]
     out = tmp / "out"
@@ -138,7 +147,7 @@ def _reference(case: dict):
 
 
 MATCH_CASES = ["mha", "mha_vocab_replicated", "gqa_tied", "gqa_kv1_bias", "int4_on_load", "int4_checkpoint",
-               "int8_checkpoint", "gguf_q8_q4", "gguf_q4_k"]
+               "int8_checkpoint", "int4_several_files", "gguf_q8_q4", "gguf_q4_k"]
 
 
 @pytest.mark.parametrize("name", MATCH_CASES)
@@ -170,7 +179,8 @@ def test_bf16_two_ranks_within_the_bf16_budget(tp_run):
     assert err <= BF16_FACTOR * own + BF16_SLACK * exact.abs().max().item(), (err, own)
 
 
-@pytest.mark.parametrize("name", ["heads_not_divisible", "world_over_heads", "group_split", "one_rank_fails"])
+@pytest.mark.parametrize("name", ["heads_not_divisible", "world_over_heads", "group_split", "kquant_block_split",
+                                  "one_rank_fails"])
 def test_bad_layout_is_an_error_on_every_rank(tp_run, name):
     case, ranks = tp_run[name]
     for rank, got in enumerate(ranks):
