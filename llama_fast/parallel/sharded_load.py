@@ -8,10 +8,13 @@ with vocab="replicated", the embedding and lm_head are read whole by every rank.
 
 A failure on any rank (a bad layout, a file error, a shard boundary that would split a quantization group)
 becomes an error on every rank: the ranks exchange their outcome once before anything runs collectively, so
-no rank waits forever for one that gave up.
+no rank waits forever for one that gave up. The same exchange compares what each rank loaded (the shapes the
+collectives depend on, and the dtype): ranks given different models fail there, not in a mismatched
+all-reduce.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -23,6 +26,7 @@ from llama_fast.parallel.layout import VOCAB_MODES, TensorParallelError, TensorP
 
 TP_PLANS = ("auto",)
 _MESSAGE_BYTES = 1024
+_FINGERPRINT_BYTES = 32      # sha256
 
 
 class ShardedLoad:
@@ -126,20 +130,34 @@ class ShardedLoad:
             model = load()
         except Exception as e:     # re-raised below, after telling the other ranks
             error = e
-        failures = self._exchange_outcome(error)
+        failures, fingerprints = self._exchange_outcome(error, None if model is None else self._fingerprint(model))
         if error is not None:
             raise error
         if failures:
             rank, message = failures[0]
             raise TensorParallelError(f"rank {rank} of {self.world} failed to load its shard: {message}")
+        if len(set(fingerprints)) != 1:
+            differ = [r for r, f in enumerate(fingerprints) if f != fingerprints[self.rank]]
+            raise TensorParallelError(f"rank {self.rank} and rank(s) {differ} loaded different models (sizes, "
+                                      "layers, vocabulary mode or dtype differ): every rank must load the same one")
         runtime.attach(model, self.layout, self.group)
         return model
 
-    def _exchange_outcome(self, error: Exception | None) -> list[tuple[int, str]]:
-        """[(rank, message)] of the ranks that failed, the same list on every rank (one all-gather of a fixed-size
-        byte record: no pickling)."""
+    def _fingerprint(self, model) -> bytes:
+        """What the collectives' shapes and the ranks' agreement depend on, hashed."""
+        c = self.layout.config
+        what = (c.hidden_size, c.vocab_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+                c.head_dim, c.intermediate_size, self.layout.vocab, str(model.dtype))
+        return hashlib.sha256(repr(what).encode()).digest()
+
+    def _exchange_outcome(self, error: Exception | None,
+                          fingerprint: bytes | None) -> tuple[list[tuple[int, str]], list[bytes]]:
+        """([(rank, message)] of the ranks that failed, every rank's fingerprint), the same on every rank (one
+        all-gather of a fixed-size byte record: no pickling)."""
         device = self.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
-        record = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+        record = torch.zeros(_MESSAGE_BYTES + _FINGERPRINT_BYTES, dtype=torch.uint8)
+        if fingerprint is not None:
+            record[_MESSAGE_BYTES:] = torch.frombuffer(bytearray(fingerprint), dtype=torch.uint8)
         if error is not None:
             text = f"{type(error).__name__}: {error}".encode("utf-8", "replace")[:_MESSAGE_BYTES - 3]
             record[0] = 1
@@ -148,10 +166,11 @@ class ShardedLoad:
         record = record.to(device)
         records = [torch.empty_like(record) for _ in range(self.world)]
         dist.all_gather(records, record, group=self.group)
-        failures = []
+        failures, fingerprints = [], []
         for rank, r in enumerate(records):
             r = r.cpu()
             if int(r[0]):
                 n = int(r[1]) + 256 * int(r[2])
                 failures.append((rank, bytes(r[3:3 + n].tolist()).decode("utf-8", "replace")))
-        return failures
+            fingerprints.append(bytes(r[_MESSAGE_BYTES:].tolist()))
+        return failures, fingerprints

@@ -112,6 +112,7 @@ def tp_run(tmp_path_factory):
         dict(name="kquant_block_split", path=_gguf(tmp / "ko.gguf", kquant=True, kquant_o_proj=True),
              error="would split a block of 256 weights"),
         dict(name="one_rank_fails", path=mha, fail_rank=1, error="rank 1 of 2 failed to load its shard"),
+        dict(name="ranks_load_different_models", path=mha, path_rank1=tied, error="loaded different models"),
     ]
     out = tmp / "out"
     out.mkdir()
@@ -180,7 +181,7 @@ def test_bf16_two_ranks_within_the_bf16_budget(tp_run):
 
 
 @pytest.mark.parametrize("name", ["heads_not_divisible", "world_over_heads", "group_split", "kquant_block_split",
-                                  "one_rank_fails"])
+                                  "one_rank_fails", "ranks_load_different_models"])
 def test_bad_layout_is_an_error_on_every_rank(tp_run, name):
     case, ranks = tp_run[name]
     for rank, got in enumerate(ranks):

@@ -29,7 +29,8 @@ def run_case(case: dict, out: str, rank: int) -> None:
     if case.get("fail_rank") == rank:     # a failure on one rank only: the others must not wait for it
         _fail_loading_here()
     try:
-        model = LlamaForCausalLM.from_pretrained(case["path"], tp_plan="auto", **case.get("kwargs", {}))
+        path = case.get(f"path_rank{rank}", case["path"])     # a rank given another model: refused by all
+        model = LlamaForCausalLM.from_pretrained(path, tp_plan="auto", **case.get("kwargs", {}))
     except Exception as e:
         with open(stem + ".error.txt", "w") as f:
             f.write(f"{type(e).__name__}: {e}")
