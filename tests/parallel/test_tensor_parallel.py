@@ -37,7 +37,7 @@ WORLD = 2
 DEADLINE_S = 240     # the whole job; it takes ~15 s on an idle 2-core machine
 
 sys.path.insert(0, str(WORKER.parent))
-from tp_worker import inputs  # noqa: E402
+from tp_worker import inputs, static_steps  # noqa: E402
 
 
 def _hf(directory: Path, **config) -> str:
@@ -142,9 +142,10 @@ def _reference(case: dict):
     ids, mask = inputs(model.config.vocab_size)
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits
+        steps = static_steps(model, ids, mask)
     greedy = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                             return_dict_in_generate=True, output_logits=True)
-    return logits, greedy, ids.shape[1]
+    return logits, greedy, ids.shape[1], steps
 
 
 MATCH_CASES = ["mha", "mha_vocab_replicated", "gqa_tied", "gqa_kv1_bias", "int4_on_load", "int4_checkpoint",
@@ -158,11 +159,13 @@ def test_two_ranks_match_one_process(tp_run, name):
         assert isinstance(got, dict), f"rank {rank} failed: {got}"
     first, second = ranks
     assert int(first["refuses_output_attentions"]) == 1
-    for key in ("logits", "greedy", "sampled"):
+    for key in ("logits", "greedy", "sampled", "static_steps"):
         # Exact by construction: both ranks hold the same all-reduced sums and gathered shards
         assert torch.equal(first[key], second[key]), f"{key} differ between the ranks"
-    logits, greedy, prompt_len = _reference(case)
+    logits, greedy, prompt_len, steps = _reference(case)
     assert_fp32_close(first["logits"], logits, f"{name}: logits of rank 0 vs one process")
+    # the static decode step (what a GPU rank's CUDA graph would capture), collectives included
+    assert_fp32_close(first["static_steps"], steps, f"{name}: decode_step logits of rank 0 vs one process")
     assert_greedy_agrees(first["greedy"], greedy, prompt_len, rel_tol=1e-5)
 
 
@@ -173,8 +176,8 @@ def test_bf16_two_ranks_within_the_bf16_budget(tp_run):
     case, ranks = tp_run["bf16"]
     assert isinstance(ranks[0], dict), ranks[0]
     assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])      # the same sums on both ranks
-    exact, _, _ = _reference(dict(case, kwargs={"dtype": "float32"}))
-    one_process, _, _ = _reference(case)
+    exact = _reference(dict(case, kwargs={"dtype": "float32"}))[0]
+    one_process = _reference(case)[0]
     err = (ranks[0]["logits"] - exact).abs().max().item()
     own = (one_process.float() - exact).abs().max().item()
     assert err <= BF16_FACTOR * own + BF16_SLACK * exact.abs().max().item(), (err, own)

@@ -24,6 +24,20 @@ def inputs(vocab: int):
     return ids, mask
 
 
+def static_steps(model, ids, mask, steps: int = 4) -> torch.Tensor:
+    """Logits [steps, B, V] of LlamaForCausalLM.decode_step (the static step CUDA graphs capture) after a
+    prefill, fed fixed tokens (not the argmax, which a near-tie could flip between two computations)."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + steps)
+    model(ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1)
+    cos, sin = model.rope_tables(cache)
+    out = []
+    for step in range(steps):
+        tok = (torch.arange(ids.shape[0]) * 5 + step * 11) % model.config.vocab_size
+        out.append(model.decode_step(tok[:, None], cache, cos, sin))
+        cache.seen_tokens += 1
+    return torch.stack(out)
+
+
 def run_case(case: dict, out: str, rank: int) -> None:
     stem = os.path.join(out, f"{case['name']}.rank{rank}")
     if case.get("fail_rank") == rank:     # a failure on one rank only: the others must not wait for it
@@ -38,6 +52,7 @@ def run_case(case: dict, out: str, rank: int) -> None:
     ids, mask = inputs(model.config.vocab_size)
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits
+        steps = static_steps(model, ids, mask)
     greedy = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     sampled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=1.0,
                              top_k=0, seed=123)
@@ -47,7 +62,8 @@ def run_case(case: dict, out: str, rank: int) -> None:
     except ValueError:
         refused = 1
     safetensors.write(stem + ".safetensors", [("logits", logits.float()), ("greedy", greedy), ("sampled", sampled),
-                                              ("refuses_output_attentions", torch.tensor([refused]))])
+                                              ("refuses_output_attentions", torch.tensor([refused])),
+                                              ("static_steps", steps.float())])
 
 
 def _fail_loading_here() -> None:
