@@ -360,13 +360,14 @@ def _group_size_for(k: int, requested: int, name: str) -> int:
 
 
 def load_tensors(model: nn.Module, named_tensors: Iterable, source: str, quantize: str | None = None,
-                 group_size: int = 128, dtype: torch.dtype | None = None, device="cpu") -> nn.Module:
+                 group_size: int = 128, dtype: torch.dtype | None = None, device="cpu",
+                 group_basis: dict[str, int] | None = None) -> nn.Module:
     """Fills the meta-device `model` from (transformers name, Tensor | QuantizedWeight) pairs (see the
     module docstring), in `dtype` (default: the dtype of its meta parameters, the one meta_model built it
-    in) on `device`."""
+    in) on `device`. group_basis: see TensorLoader (tensor-parallel ranks)."""
     if dtype is None:
         dtype = next(model.parameters()).dtype
-    loader = TensorLoader(model, dtype, device, quantize, group_size)
+    loader = TensorLoader(model, dtype, device, quantize, group_size, group_basis)
     for name, value in named_tensors:
         loader.add(name, value, source)
     loader.finish(source)
@@ -468,16 +469,12 @@ def _load_gguf(cls, path: str, dtype, device, dequantize: bool, quantize, group_
     torch_dtype = dtype_from_name("float32" if dtype in ("auto", None) else dtype)
     config = LlamaConfig.from_dict(config_dict)
     if shard is None:
-        model = meta_model(cls, config, torch_dtype)
-        tensors = gguf_format.gguf_tensors(reader, config_dict, dequantize, torch_dtype, path)
-        return load_tensors(model, tensors, path, quantize, group_size, torch_dtype, device)
-    model = shard.meta_model(cls, config, torch_dtype)
-    tensors = gguf_format.gguf_tensors(reader, config_dict, dequantize, torch_dtype, path, shard.split)
-    loader = TensorLoader(model, torch_dtype, device, quantize, group_size, shard.group_basis(model))
-    for name, value in tensors:
-        loader.add(name, value, path)
-    loader.finish(path)
-    return model
+        model, select, group_basis = meta_model(cls, config, torch_dtype), None, None
+    else:
+        model = shard.meta_model(cls, config, torch_dtype)
+        select, group_basis = shard.split, shard.group_basis(model)
+    tensors = gguf_format.gguf_tensors(reader, config_dict, dequantize, torch_dtype, path, select)
+    return load_tensors(model, tensors, path, quantize, group_size, torch_dtype, device, group_basis)
 
 
 def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size, shard=None):
