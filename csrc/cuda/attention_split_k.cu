@@ -64,10 +64,96 @@ __device__ __forceinline__ int valid_keys(const AttentionArgs& a, int b, bool* b
   return min(max(len, 0), a.tk);
 }
 
+// Rows [row0, row0 + n) of the block's query rows, pre-scaled, into q_s (rows past p.rows are zero).
+template <typename T, int D>
+__device__ __forceinline__ void load_queries(const AttentionArgs& a, const SplitPlan& p, int b, int kv_head, int row0,
+                                             int n, float (*q_s)[D]) {
+  const int group = a.hq / a.hkv;
+  const T* q = static_cast<const T*>(a.q);
+  for (int i = threadIdx.x; i < n * D; i += kThreads) {
+    const int r = row0 + i / D, d = i % D;
+    float v = 0.0f;
+    if (r < p.rows) {
+      const int qi = r / group, head = kv_head * group + r % group;
+      v = to_float(q[b * a.q_stride_b + qi * a.q_stride_t + head * D + d]) * a.scale;
+    }
+    q_s[i / D][d] = v;
+  }
+}
+
+// A warp's online softmax over kRowsPerWarp query rows (rows first_row, first_row + 1, ...); lane owns output dims
+// lane + 32c. Per key tile: fold(s) with lane j holding the scores of key tile + j, then add_value(s, j, v_j) for
+// each key j of the tile with the lane's dims of its value row.
+template <int D>
+struct WarpRows {
+  static constexpr int kPerLane = D / 32;
+  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kPerLane];
+  int qpos[kRowsPerWarp];  // the position each row attends up to; -1 (no key) for rows past the end
+
+  __device__ __forceinline__ WarpRows(const AttentionArgs& a, const SplitPlan& p, int kv_len, int first_row) {
+    const int group = a.hq / a.hkv;
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      m[i] = -INFINITY;
+      l[i] = 0.0f;
+#pragma unroll
+      for (int c = 0; c < kPerLane; ++c) acc[i][c] = 0.0f;
+      const int r = first_row + i;
+      qpos[i] = r < p.rows ? (a.causal ? kv_len - a.tq + r / group : kv_len - 1) : -1;
+    }
+  }
+
+  // Masks key `key` (this lane's) past key_end or a row's position, updates (m, l), rescales acc and leaves in
+  // s[i] the key's weight for row i.
+  __device__ __forceinline__ void fold(float (&s)[kRowsPerWarp], int key, int key_end) {
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      if (key >= key_end || key > qpos[i]) s[i] = -INFINITY;
+      const float m_new = fmaxf(m[i], warp_max(s[i]));
+      const float alpha = softmax::rescale(m[i], m_new);
+      const float prob = softmax::weight(s[i], m_new);
+      l[i] = l[i] * alpha + warp_sum(prob);
+      m[i] = m_new;
+#pragma unroll
+      for (int c = 0; c < kPerLane; ++c) acc[i][c] *= alpha;
+      s[i] = prob;
+    }
+  }
+
+  // acc += weight of key j (broadcast from lane j) x its value dims vj.
+  __device__ __forceinline__ void add_value(const float (&s)[kRowsPerWarp], int j, const float (&vj)[kPerLane]) {
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const float pj = __shfl_sync(0xffffffffu, s[i], j);
+#pragma unroll
+      for (int c = 0; c < kPerLane; ++c) acc[i][c] += pj * vj[c];
+    }
+  }
+};
+
+// Query row r's output (one split) or its partial (several), for dim d.
+template <typename T, int D>
+__device__ __forceinline__ void write_row(const AttentionArgs& a, const SplitPlan& p, int b, int kv_head, int split,
+                                          int r, int d, float o, float m, float l, bool bad, float* partial_o,
+                                          float* partial_ml) {
+  if (p.num_splits == 1) {
+    const int group = a.hq / a.hkv, qi = r / group, head = kv_head * group + r % group;
+    T* out = static_cast<T*>(a.out) + ((static_cast<int64_t>(b) * a.tq + qi) * a.hq + head) * D;
+    out[d] = from_float<T>(bad ? NAN : o * softmax::inverse_sum(l));
+  } else {
+    const int64_t prow = ((static_cast<int64_t>(b) * a.hkv + kv_head) * p.rows + r) * p.num_splits + split;
+    partial_o[prow * D + d] = o;
+    if (d == 0) {
+      partial_ml[prow * 2] = m;
+      partial_ml[prow * 2 + 1] = l;
+    }
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
     attention_split_kernel(AttentionArgs a, SplitPlan p, float* partial_o, float* partial_ml) {
-  constexpr int kPerLane = D / 32;  // output dims per lane: d = lane + 32 * c
+  constexpr int kPerLane = D / 32;
   __shared__ float q_s[kRows][D];
   __shared__ float k_s[kTile][D + 1];  // +1: lane j reading row j, column d hits bank (j + d) % 32
   __shared__ float v_s[kTile][D];
@@ -78,18 +164,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   bool bad;
   const int kv_len = valid_keys(a, b, &bad);
-
-  // Query rows, pre-scaled.
-  const T* q = static_cast<const T*>(a.q);
-  for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
-    const int r = row0 + i / D, d = i % D;
-    float v = 0.0f;
-    if (r < p.rows) {
-      const int qi = r / group, head = kv_head * group + r % group;
-      v = to_float(q[b * a.q_stride_b + qi * a.q_stride_t + head * D + d]) * a.scale;
-    }
-    q_s[i / D][d] = v;
-  }
+  load_queries<T, D>(a, p, b, kv_head, row0, kRows, q_s);
 
   // This block's keys: its split, cut at the valid length and, when causal, at its last query's position.
   int key_end = min(kv_len, (split + 1) * p.keys_per_split);
@@ -98,19 +173,7 @@ __global__ void __launch_bounds__(kThreads)
     key_end = min(key_end, kv_len - a.tq + last_qi + 1);
   }
   const int key_begin = split * p.keys_per_split;
-
-  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kPerLane];
-  int qpos[kRowsPerWarp];
-#pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    m[i] = -INFINITY;
-    l[i] = 0.0f;
-#pragma unroll
-    for (int c = 0; c < kPerLane; ++c) acc[i][c] = 0.0f;
-    const int r = row0 + warp * kRowsPerWarp + i;
-    // Rows past the end get position -1: no key is valid for them.
-    qpos[i] = r < p.rows ? (a.causal ? kv_len - a.tq + r / group : kv_len - 1) : -1;
-  }
+  WarpRows<D> rows(a, p, kv_len, row0 + warp * kRowsPerWarp);
 
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
@@ -143,31 +206,14 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i) s[i] += q_s[warp * kRowsPerWarp + i][d] * kd;
     }
-    const int key = tile + lane;
-#pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      if (key >= key_end || key > qpos[i]) s[i] = -INFINITY;
-      const float m_new = fmaxf(m[i], warp_max(s[i]));
-      const float alpha = softmax::rescale(m[i], m_new);
-      const float prob = softmax::weight(s[i], m_new);
-      l[i] = l[i] * alpha + warp_sum(prob);
-      m[i] = m_new;
-#pragma unroll
-      for (int c = 0; c < kPerLane; ++c) acc[i][c] *= alpha;
-      s[i] = prob;
-    }
+    rows.fold(s, tile + lane, key_end);
     // o += P V: lane owns dims lane + 32c; the probabilities are broadcast from their lanes.
 #pragma unroll 4
     for (int j = 0; j < kTile; ++j) {
       float vj[kPerLane];
 #pragma unroll
       for (int c = 0; c < kPerLane; ++c) vj[c] = v_s[j][lane + 32 * c];
-#pragma unroll
-      for (int i = 0; i < kRowsPerWarp; ++i) {
-        const float pj = __shfl_sync(0xffffffffu, s[i], j);
-#pragma unroll
-        for (int c = 0; c < kPerLane; ++c) acc[i][c] += pj * vj[c];
-      }
+      rows.add_value(s, j, vj);
     }
   }
 
@@ -176,21 +222,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int r = row0 + warp * kRowsPerWarp + i;
     if (r >= p.rows) continue;
-    if (p.num_splits == 1) {
-      const int qi = r / group, head = kv_head * group + r % group;
-      T* out = static_cast<T*>(a.out) + ((static_cast<int64_t>(b) * a.tq + qi) * a.hq + head) * D;
-      const float inv = bad ? NAN : softmax::inverse_sum(l[i]);
 #pragma unroll
-      for (int c = 0; c < kPerLane; ++c) out[lane + 32 * c] = from_float<T>(acc[i][c] * inv);
-    } else {
-      const int64_t prow = ((static_cast<int64_t>(b) * a.hkv + kv_head) * p.rows + r) * p.num_splits + split;
-#pragma unroll
-      for (int c = 0; c < kPerLane; ++c) partial_o[prow * D + lane + 32 * c] = acc[i][c];
-      if (lane == 0) {
-        partial_ml[prow * 2] = m[i];
-        partial_ml[prow * 2 + 1] = l[i];
-      }
-    }
+    for (int c = 0; c < kPerLane; ++c)
+      write_row<T, D>(a, p, b, kv_head, split, r, lane + 32 * c, rows.acc[i][c], rows.m[i], rows.l[i], bad, partial_o,
+                      partial_ml);
   }
 }
 
@@ -212,33 +247,13 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   bool bad;
   const int kv_len = valid_keys(a, b, &bad);
-
-  const T* q = static_cast<const T*>(a.q);
-  for (int i = threadIdx.x; i < kRowsPerWarp * D; i += kThreads) {
-    const int r = i / D, d = i % D;
-    float v = 0.0f;
-    if (r < p.rows) {
-      const int qi = r / group, head = kv_head * group + r % group;
-      v = to_float(q[b * a.q_stride_b + qi * a.q_stride_t + head * D + d]) * a.scale;
-    }
-    q_s[r][d] = v;
-  }
+  load_queries<T, D>(a, p, b, kv_head, 0, kRowsPerWarp, q_s);
   __syncthreads();
 
   int key_end = min(kv_len, (split + 1) * p.keys_per_split);
   if (a.causal) key_end = min(key_end, kv_len - a.tq + (p.rows - 1) / group + 1);  // the last row's position
   const int key_begin = split * p.keys_per_split;
-
-  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kPerLane];
-  int qpos[kRowsPerWarp];
-#pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    m[i] = -INFINITY;
-    l[i] = 0.0f;
-#pragma unroll
-    for (int c = 0; c < kPerLane; ++c) acc[i][c] = 0.0f;
-    qpos[i] = i < p.rows ? (a.causal ? kv_len - a.tq + i / group : kv_len - 1) : -1;
-  }
+  WarpRows<D> rows(a, p, kv_len, 0);
 
   const T* k = static_cast<const T*>(a.k) + b * a.kv_stride_b + kv_head * D;
   const T* v = static_cast<const T*>(a.v) + b * a.kv_stride_b + kv_head * D;
@@ -260,30 +275,14 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-#pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      if (key >= key_end || key > qpos[i]) s[i] = -INFINITY;
-      const float m_new = fmaxf(m[i], warp_max(s[i]));
-      const float alpha = softmax::rescale(m[i], m_new);
-      const float prob = softmax::weight(s[i], m_new);
-      l[i] = l[i] * alpha + warp_sum(prob);
-      m[i] = m_new;
-#pragma unroll
-      for (int c = 0; c < kPerLane; ++c) acc[i][c] *= alpha;
-      s[i] = prob;
-    }
+    rows.fold(s, key, key_end);
     const int keys_here = min(kTile, key_end - tile);  // the same in every lane: the shuffles stay converged
     for (int j = 0; j < keys_here; ++j) {
       const T* v_row = v + static_cast<int64_t>(tile + j) * a.kv_stride_t;
       float vj[kPerLane];
 #pragma unroll
       for (int c = 0; c < kPerLane; ++c) vj[c] = to_float(v_row[lane + 32 * c]);
-#pragma unroll
-      for (int i = 0; i < kRowsPerWarp; ++i) {
-        const float pj = __shfl_sync(0xffffffffu, s[i], j);
-#pragma unroll
-        for (int c = 0; c < kPerLane; ++c) acc[i][c] += pj * vj[c];
-      }
+      rows.add_value(s, j, vj);
     }
   }
 
@@ -291,34 +290,23 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
 #pragma unroll
-    for (int c = 0; c < kPerLane; ++c) o_s[warp][i][lane + 32 * c] = acc[i][c];
+    for (int c = 0; c < kPerLane; ++c) o_s[warp][i][lane + 32 * c] = rows.acc[i][c];
     if (lane == 0) {
-      ml_s[warp][i][0] = m[i];
-      ml_s[warp][i][1] = l[i];
+      ml_s[warp][i][0] = rows.m[i];
+      ml_s[warp][i][1] = rows.l[i];
     }
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < p.rows * D; idx += kThreads) {
     const int r = idx / D, d = idx % D;
-    float mm = -INFINITY, ll = 0.0f, o = 0.0f;
+    float m = -INFINITY, l = 0.0f, o = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
       float scale_o, scale_w;
-      softmax::merge(mm, ll, ml_s[w][r][0], ml_s[w][r][1], &scale_o, &scale_w);
+      softmax::merge(m, l, ml_s[w][r][0], ml_s[w][r][1], &scale_o, &scale_w);
       o = o * scale_o + o_s[w][r][d] * scale_w;
     }
-    if (p.num_splits == 1) {
-      const int qi = r / group, head = kv_head * group + r % group;
-      T* out = static_cast<T*>(a.out) + ((static_cast<int64_t>(b) * a.tq + qi) * a.hq + head) * D;
-      out[d] = from_float<T>(bad ? NAN : o * softmax::inverse_sum(ll));
-    } else {
-      const int64_t prow = ((static_cast<int64_t>(b) * a.hkv + kv_head) * p.rows + r) * p.num_splits + split;
-      partial_o[prow * D + d] = o;
-      if (d == 0) {
-        partial_ml[prow * 2] = mm;
-        partial_ml[prow * 2 + 1] = ll;
-      }
-    }
+    write_row<T, D>(a, p, b, kv_head, split, r, d, o, m, l, bad, partial_o, partial_ml);
   }
 }
 
