@@ -45,11 +45,11 @@ class RankResult:
 
 
 def run_ranks(argv: list[str], world: int, timeout: float, threads: int = 1, env: dict | None = None,
-              cwd: str | None = None) -> list[RankResult]:
+              cwd: str | None = None, grace: float = 10.0) -> list[RankResult]:
     """Runs `argv` as ranks 0..world-1 of one process group (env:// rendezvous on a free local port), each
     with `threads` CPU threads, and waits at most `timeout` seconds in all. When a rank fails, the others get
-    a few seconds to report the same error, then every rank still running is killed (by PID, with its process
-    group); so are all of them at the deadline. -> each rank's exit code and output (stdout + stderr)."""
+    `grace` seconds to report the same error, then every rank still running is killed (by PID, with its
+    process group); so are all of them at the deadline. -> each rank's exit code and output (stdout + stderr)."""
     port = free_port()
     procs, logs = [], []
     base = dict(os.environ if env is None else env)
@@ -63,11 +63,11 @@ def run_ranks(argv: list[str], world: int, timeout: float, threads: int = 1, env
             procs.append(subprocess.Popen(argv, env=rank_env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
                                           start_new_session=True))
         deadline = time.monotonic() + timeout
-        grace = None
+        give_up = None
         while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            if grace is None and any(p.poll() not in (None, 0) for p in procs):
-                grace = time.monotonic() + 10.0      # the others should raise the same error soon
-            if grace is not None and time.monotonic() > grace:
+            if give_up is None and any(p.poll() not in (None, 0) for p in procs):
+                give_up = time.monotonic() + grace      # the others should raise the same error soon
+            if give_up is not None and time.monotonic() > give_up:
                 break
             time.sleep(0.05)
     finally:
