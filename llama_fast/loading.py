@@ -429,6 +429,14 @@ def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantiz
     return load() if shard is None else shard.run(load)
 
 
+def read_config(path: str) -> LlamaConfig:
+    """The config of the model at a local `path` (an HF directory or a .gguf file), reading no weights."""
+    gguf = _gguf_path(path)
+    if gguf is not None:
+        return LlamaConfig.from_dict(gguf_format.gguf_config(gguf_format.open_gguf(gguf), gguf))
+    return LlamaConfig.from_pretrained(model_file(path, "config.json", "config"))
+
+
 def _resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
     if dtype in ("auto", None):
         return dtype_from_name(config.dtype or "float32", "config torch_dtype")

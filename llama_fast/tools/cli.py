@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 
@@ -144,18 +145,38 @@ def _tensor_parallel_world(args) -> int:
 
 
 def _launch_tensor_parallel(args) -> int:
-    """`--tp N` outside torchrun: resolve the model once (the demo model is converted once, not per rank) and
-    run this same command on N ranks under torchrun; its exit code is ours."""
+    """`--tp N` outside torchrun: resolve the model once (the demo model is converted once, not per rank),
+    check that its layout splits over N ranks (one line, before any process starts), and run this same command
+    on N ranks under torchrun. The ranks' output passes through; torchrun's own report of a failed rank (a
+    traceback) does not: the ranks have said what failed, one line each."""
     import subprocess
 
+    from llama_fast.loading import read_config
     from llama_fast.parallel.launch import torchrun_command
+    from llama_fast.parallel.layout import TensorParallelLayout
 
-    argv = list(args.argv)
+    argv = list(args.argv) + (["--debug"] if args.debug else [])
     path = _resolve_model(args.model)
     if args.model is None:
         argv += ["--model", path]
+    TensorParallelLayout(read_config(path), args.tp, 0)      # raises TensorParallelError naming the problem
     command, env = torchrun_command(args.tp, ["llama_fast", *argv], args.threads)
-    return subprocess.run(command, env=env).returncode
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    user_error = False
+    for line in proc.stderr:
+        if not args.debug and _TORCHRUN_REPORT.match(line):
+            continue
+        user_error |= line.startswith("llama-fast generate (rank") and ": error: " in line
+        sys.stderr.write(line)
+    code = proc.wait()
+    return EXIT_USER_ERROR if code != 0 and user_error else code
+
+
+# A line torchrun's agent writes: its OMP_NUM_THREADS banner, its log records ("E1201 03:45:36.97 ...") and the
+# ChildFailedError traceback it ends with after a rank fails.
+_TORCHRUN_REPORT = re.compile(r"(\*{5,}|Setting OMP_NUM_THREADS|[EWI]\d{4} \d\d:\d\d|Traceback|  File |    |"
+                              r"torch\.distributed|=+$|-+$|llama_fast FAILED|Failures:|Root Cause|\[\d+\]:|"
+                              r"  (time|host|rank|exitcode|error_file|traceback)\s*:|\s*$)")
 
 
 def _load(path, args, tensor_parallel: bool = False):
@@ -265,7 +286,7 @@ def main(argv=None) -> int:
         command, run = "bench", lambda: cmd_bench(argv[1:])
     else:
         args = build_parser().parse_args(argv)
-        args.argv = argv
+        args.argv, args.debug = argv, debug
         command, run = args.command, lambda: COMMANDS[args.command](args)
     try:
         return run() or 0
@@ -278,11 +299,13 @@ def main(argv=None) -> int:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             command = f"{command} (rank {os.environ.get('RANK', '?')})"
+        # One write per line (print writes the newline separately): ranks sharing a terminal must not
+        # interleave their messages
         if isinstance(e, (UserError,) + USER_ERRORS):
-            print(f"llama-fast {command}: error: {message}", file=sys.stderr)
+            sys.stderr.write(f"llama-fast {command}: error: {message}\n")
             return EXIT_USER_ERROR
-        print(f"llama-fast {command}: internal error ({type(e).__name__}: {message}); rerun with --debug for the "
-              "traceback", file=sys.stderr)
+        sys.stderr.write(f"llama-fast {command}: internal error ({type(e).__name__}: {message}); rerun with --debug "
+                         "for the traceback\n")
         return EXIT_INTERNAL_ERROR
 
 

@@ -224,3 +224,15 @@ def test_cli_tp_prints_the_one_process_text_once(tmp_path, capsys):
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout == one     # greedy fp32: the same text, printed by rank 0 alone
     assert "tensor parallel over 2 ranks" in two.stderr and two.stderr.count("prefill:") == 1
+
+
+def test_cli_tp_layout_that_does_not_split_is_one_line_before_any_rank_starts(tmp_path, capsys):
+    from test_cli import save_tiny_cli_model
+
+    from llama_fast.tools.cli import main
+
+    model_dir = save_tiny_cli_model(tmp_path)     # 4 heads
+    assert main(["generate", "--model", str(model_dir), "--prompt", "hello", "--tp", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["llama-fast generate: error: num_attention_heads=4 is not divisible by the world size 3: each "
+                   "rank must hold the same number of query heads"]
