@@ -20,6 +20,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from llama_fast.formats.regions import SplitsBlockError
 from llama_fast.formats.safetensors import SafetensorsFile
 from llama_fast.parallel import runtime
 from llama_fast.parallel.layout import VOCAB_MODES, TensorParallelError, TensorParallelLayout
@@ -113,7 +114,7 @@ class ShardedLoad:
                 per = per_code if part == "qweight" else group_size
                 try:
                     out[part] = st.read_rectangle(name, cols=(split.start, split.stop), weights_per_element=per)
-                except ValueError as e:
+                except SplitsBlockError as e:
                     raise TensorParallelError(f"{e} (a quantization group of {group_size} weights; "
                                               f"{base} has K={k} over {self.world} ranks)") from None
         return out
