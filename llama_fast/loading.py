@@ -67,6 +67,7 @@ from llama_fast.kquants import KQuantWeight
 from llama_fast.linear import Linear
 from llama_fast.model_files import model_file
 from llama_fast.ops._backend import check_backend_name
+from llama_fast.parallel.sharded_load import ShardedLoad
 from llama_fast.quant import QuantizedWeight
 
 # Weights a file may hand over in a native quantized form, kept as they are by linear layers.
@@ -412,7 +413,6 @@ def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantiz
     _check_group_size(group_size)
     shard = None
     if tp_plan is not None:
-        from llama_fast.parallel.sharded_load import ShardedLoad
         shard = ShardedLoad.start(tp_plan, tp_group, tp_vocab, device)
         device = shard.device
 
