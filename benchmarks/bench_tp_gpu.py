@@ -108,36 +108,26 @@ def allreduce_latency(numel: int, dtype) -> dict:
 def decode_rate(model, cuda_graphs) -> dict:
     """Median decode step (after the prefill) of a 32-token greedy generation, after a warm-up."""
     import torch
+    from _ranks import TokenStamps
 
     ids = torch.randint(3, SHAPE["vocab_size"], (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     ids = ids.to("cuda")
 
-    class Stamps:
-        def __init__(self):
-            self.times = []
-
-        def put(self, value):
-            torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
     try:
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, cuda_graphs=cuda_graphs)       # warm-up
-        stamps = Stamps()
+        stamps = TokenStamps(sync=torch.cuda.synchronize)
         model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, streamer=stamps,
                        cuda_graphs=cuda_graphs)
     except Exception as e:  # noqa: BLE001  (recorded: e.g. a graph that cannot capture a collective)
         return {"error": f"{type(e).__name__}: {e}"[:500]}
-    steps = [b - a for a, b in zip(stamps.times[1:], stamps.times[2:])]
-    median = statistics.median(steps)
+    median = statistics.median(stamps.decode_steps())
     return {"decode_step_median_ms": round(median * 1e3, 3), "decode_tok_s": round(1 / median, 1)}
 
 
 def worker(args) -> int:
     import torch
     import torch.distributed as dist
+    from _ranks import finish_rank
 
     from llama_fast import LlamaForCausalLM
 
@@ -157,11 +147,7 @@ def worker(args) -> int:
     result["eager"] = decode_rate(model, cuda_graphs=False)
     result["cuda_graphs"] = decode_rate(model, cuda_graphs=None)
     result["memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    if int(os.environ.get("RANK", "0")) == 0:
-        with open(args.result, "w") as f:
-            json.dump(result, f)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish_rank(result, args.result)
     return 0
 
 
