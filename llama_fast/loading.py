@@ -49,6 +49,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -404,8 +405,43 @@ def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantiz
         model = _load_gguf(cls, gguf, dtype, device, dequantize, quantize, group_size)
     else:
         model = _load_hf_directory(cls, path, dtype, device, quantize, group_size)
+    if _float16_for_cpu_kernels(model, device, backend):
+        _float16_parameters_to_float32(model)
     model.set_backend(backend)
     return model.eval()
+
+
+class Float16OnCpuWarning(UserWarning):
+    """A float16 model bound for the CPU kernels was given float32 parameters (they take float32 and bfloat16)."""
+
+
+def _float16_for_cpu_kernels(model: nn.Module, device, backend: str | None) -> bool:
+    """Whether `model` is float16 and bound for the CPU kernels (device cpu, backend None or "cpu"), which take
+    float32 and bfloat16 activations only (llama_fast.ops.cpu.DTYPES): it would otherwise run every op on the
+    slow reference ops. Says so in one notice. backend="torch" keeps float16 as asked."""
+    if model.dtype != torch.float16 or torch.device(device).type != "cpu" or backend not in (None, "cpu"):
+        return False
+    from llama_fast.ops import _backend, cpu
+    if torch.float16 in cpu.DTYPES or _backend.unavailable_reason("cpu", torch.device("cpu")) is not None:
+        return False
+    warnings.warn("llama_fast: float16 weights run as float32 on the CPU kernels (exact; they take float32 and "
+                  "bfloat16): dtype='bfloat16' halves the memory, backend='torch' keeps float16",
+                  Float16OnCpuWarning, stacklevel=4)  # the caller of LlamaForCausalLM.from_pretrained
+    return True
+
+
+def _float16_parameters_to_float32(model: nn.Module) -> None:
+    """Every float16 parameter as float32, one at a time (tied ones stay one tensor). Exact: each float16 value
+    is a float32 value, so the model computes the float16 model's own weights. Quantized weights keep their
+    codes and scales (buffers, not parameters; the kernels take float16 scales)."""
+    converted: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or param.dtype != torch.float16:
+                continue
+            if id(param) not in converted:
+                converted[id(param)] = nn.Parameter(param.detach().float(), requires_grad=param.requires_grad)
+            setattr(module, name, converted[id(param)])
 
 
 def _resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
