@@ -46,9 +46,11 @@ A quantized value for a parameter that is not a linear weight (embeddings, norms
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -59,6 +61,7 @@ from tqdm.auto import tqdm
 
 from llama_fast import hub, kquants, quant
 from llama_fast.config import LlamaConfig, dtype_from_name
+from llama_fast.embedding import Embedding
 from llama_fast.formats import gguf as gguf_format
 from llama_fast.formats import quantized_checkpoints
 from llama_fast.formats import safetensors as safetensors_format
@@ -129,6 +132,8 @@ def _targets(model: nn.Module) -> tuple[dict[str, _Target], dict[str, tuple[str,
     weights = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
     weights += [(f"{prefix}.weight", (m.out_features, m.in_features)) for prefix, m in modules.items()
                 if isinstance(m, Linear) and m.quantized]
+    weights += [(f"{prefix}.weight", (m.num_embeddings, m.embedding_dim)) for prefix, m in modules.items()
+                if isinstance(m, Embedding) and m.native]
     for name, shape in weights:
         owner_name, _, attr = name.rpartition(".")
         owner = modules[owner_name]
@@ -278,6 +283,10 @@ class TensorLoader:
         owner, attr = target.module, target.attr
         values = [target.received[i] for i in range(len(target.parts))]
         quantized = [v for v in values if isinstance(v, _NATIVE)]
+        if quantized and isinstance(owner, Embedding) and attr == "weight" and len(values) == 1:
+            owner.set_native(values[0], pname)    # a quantized token table stays as stored (a GGUF's)
+            target.received = dict.fromkeys(target.received, True)
+            return
         if all(isinstance(v, KQuantWeight) for v in values) and isinstance(owner, Linear) and attr == "weight":
             # ggml blocks: parts of different types (Q4_K_M's q/k in Q4_K, v in Q6_K) stay row segments
             owner.set_kquant(kquants.concat_rows(values), pname)
@@ -408,7 +417,21 @@ def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantiz
     if _float16_for_cpu_kernels(model, device, backend):
         _float16_parameters_to_float32(model)
     model.set_backend(backend)
+    _return_freed_heap_to_the_os()
     return model.eval()
+
+
+def _return_freed_heap_to_the_os() -> None:
+    """glibc keeps freed heap memory mapped: the load's transient buffers (file reads, repacked blocks, converted
+    tensors) would stay resident next to the model, ~40% of the demo GGUF's size. malloc_trim(0) hands it back,
+    so the resident memory after a load is the model's (issue 14: <= 1.15x a quantized GGUF's file size)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim   # glibc only (musl has none)
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 class Float16OnCpuWarning(UserWarning):
@@ -665,7 +688,8 @@ def hf_state_items(model: nn.Module):
                 if part.input_perm is not None:
                     yield f"{base}.input_perm", part.input_perm
             continue
-        tensor = getattr(owner, target.attr)
+        # a native token table is saved dense (the HF layout; the lookup of the reloaded model is the same)
+        tensor = owner.dequantized() if isinstance(owner, Embedding) else getattr(owner, target.attr)
         for hf, (r0, r1) in zip(target.parts, target.rows):
             yield hf, tensor[r0:r1] if len(target.parts) > 1 else tensor
 

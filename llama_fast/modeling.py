@@ -29,6 +29,7 @@ from torch import nn
 from llama_fast import generation, loading, ops
 from llama_fast.cache import StaticCache, as_static_cache, left_padding
 from llama_fast.config import LlamaConfig
+from llama_fast.embedding import Embedding
 from llama_fast.linear import Linear
 from llama_fast.ops import cpu_decode
 from llama_fast.ops._backend import check_backend_name
@@ -219,11 +220,11 @@ class LlamaPreTrainedModel(TracksWeights):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.get_input_embeddings().weight.dtype
+        return self.get_input_embeddings().dtype
 
     @property
     def device(self) -> torch.device:
-        return self.get_input_embeddings().weight.device
+        return self.get_input_embeddings().device
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -249,8 +250,7 @@ class LlamaPreTrainedModel(TracksWeights):
 class LlamaModel(LlamaPreTrainedModel):
     def __init__(self, config: LlamaConfig, dtype: torch.dtype | None = None, device=None):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype, device)
                                     for i in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
@@ -318,7 +318,7 @@ class LlamaModel(LlamaPreTrainedModel):
         valid, cos/sin are `rope_tables(cache)`. lengths is advanced in place; the caller counts
         cache.seen_tokens (a host int) itself, outside whatever was compiled or captured. The ids are not
         checked: generate feeds the sampler's, in range by construction (forward checks what users pass)."""
-        hidden = F.embedding(input_ids, self.embed_tokens.weight)
+        hidden = self.embed_tokens(input_ids)
         slots = cache.lengths[:, None]
         step = _Step(slots, slots, cache.lengths + 1, cache.max_len, cos, sin, cache.max_len)
         hidden = self._stack(hidden, step, cache)
@@ -336,7 +336,7 @@ class LlamaModel(LlamaPreTrainedModel):
                 raise ValueError(f"input_ids are on {input_ids.device}, the model on {self.device}; move them "
                                  f"with .to({str(self.device)!r})")
             _check_token_ids(input_ids, self.config.vocab_size)
-            hidden = F.embedding(input_ids, self.embed_tokens.weight)
+            hidden = self.embed_tokens(input_ids)
         else:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
                 raise ValueError(f"inputs_embeds must be [batch, seq_len, {self.config.hidden_size}], got "
