@@ -329,6 +329,16 @@ class TensorLoader:
         for name, source_name in self.tied.items():
             if name not in self.native_tied:
                 owner_name, _, attr = name.rpartition(".")
+                table = self.model.get_submodule(source_name.rpartition(".")[0])
+                if isinstance(table, Embedding) and table.native:
+                    # a quantized token table (saved once for both, see hf_state_items): the head shares it
+                    native = table.native_weight()
+                    head = self.model.get_submodule(owner_name)
+                    if isinstance(native, KQuantWeight):
+                        head.set_kquant(native)
+                    else:
+                        head.set_quantized(native)
+                    continue
                 tied_to = self.model.get_parameter(source_name)
                 stored = self.stored_tied.pop(name, None)
                 if stored is not None and not torch.equal(stored.to(tied_to), tied_to):
@@ -674,10 +684,14 @@ def hf_state_items(model: nn.Module):
         raise ValueError(f"{len(kquant)} linear layer(s) hold ggml K-quant blocks ({kquant[0]}, ...), which HF "
                          "checkpoints cannot store; dequantize them first (llama_fast.linear.dequantize_linears_)")
     targets, _ = _targets(model)
+    shared_head = _head_sharing_the_token_table(model)
     for target in targets.values():
         owner = target.module
-        if isinstance(owner, Linear) and owner.quantized and target.attr == "weight":
-            qw = owner.quantized_weight()
+        if owner is shared_head:
+            continue      # tied: the loader gives it the embedding's table again (TensorLoader.finish)
+        if target.attr == "weight" and (isinstance(owner, Linear) and owner.quantized or
+                                        shared_head is not None and isinstance(owner, Embedding)):
+            qw = owner.quantized_weight() if isinstance(owner, Linear) else owner.native_weight()
             for hf, (r0, r1) in zip(target.parts, target.rows):
                 part = quant.slice_rows(qw, r0, r1)
                 base = hf.removesuffix(".weight")
@@ -688,10 +702,24 @@ def hf_state_items(model: nn.Module):
                 if part.input_perm is not None:
                     yield f"{base}.input_perm", part.input_perm
             continue
-        # a native token table is saved dense (the HF layout; the lookup of the reloaded model is the same)
+        # any other native token table is saved dense (the HF layout; the reloaded lookup gives the same rows)
         tensor = owner.dequantized() if isinstance(owner, Embedding) else getattr(owner, target.attr)
         for hf, (r0, r1) in zip(target.parts, target.rows):
             yield hf, tensor[r0:r1] if len(target.parts) > 1 else tensor
+
+
+def _head_sharing_the_token_table(model: nn.Module) -> Linear | None:
+    """The tied head whose int4 / int8 codes are the embedding's native table (a GGUF's Q8_0 token table), or
+    None. Such a table is saved once, quantized, under the embedding's name."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return None
+    for name, source_name in getattr(model, "tied_weights", {}).items():
+        head = model.get_submodule(name.rpartition(".")[0])
+        table = model.get_submodule(source_name.rpartition(".")[0])
+        if (isinstance(table, Embedding) and table.bits is not None and isinstance(head, Linear) and head.quantized
+                and head.qweight.data_ptr() == table.qweight.data_ptr()):
+            return head
+    return None
 
 
 def save_pretrained(model: nn.Module, directory, max_shard_size: int | str = "50GB") -> None:

@@ -156,7 +156,9 @@ def test_tied_quantized_table_gives_a_native_lm_head(tmp_path, qtype):
     # saved and loaded back: still the native head, same logits
     model.save_pretrained(tmp_path / "saved")
     again = llama_fast.LlamaForCausalLM.from_pretrained(str(tmp_path / "saved"), dtype="float32")
-    assert again.lm_head.quantized    # (its embedding saved dense: the HF layout)
+    assert again.lm_head.quantized    # the table saved once, as the embedding's; the head shares it again
+    assert again.model.embed_tokens.native
+    assert again.model.embed_tokens.qweight.data_ptr() == again.lm_head.qweight.data_ptr()
     with torch.inference_mode():
         assert torch.equal(again(ids).logits, logits)
 
