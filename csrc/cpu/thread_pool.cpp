@@ -33,10 +33,13 @@ constexpr uint64_t kIndexMask = (uint64_t{1} << kIndexBits) - 1;
 // code must not alternate our loops with ATen's (OpenMP) parallel regions in a hot path, whose threads it
 // starves (a quantized prefill that did took 2 s for 42 tokens; see ops_cpu.cpp's quant_linear).
 constexpr auto kSpinBeforeSleep = std::chrono::microseconds(1000);
-// While spinning, every this many pauses a helper looks at the clock and yields its core to any other runnable
-// thread (of the user's process or another), so an idle helper never keeps a waiting thread off a core for
-// more than a few microseconds; with nothing else runnable the yield returns at once.
-constexpr int kPausesPerYield = 64;
+// A helper looks at the clock every this many pauses. Past the first kSpinWithoutYield of a wait it also yields
+// its core to any other runnable thread (of the user's process or another) each time, so a helper that waits
+// long (between decode steps, or after the model stopped) keeps no waiting thread off a core for more than a
+// few microseconds; the short gaps between the loops of one step stay pure spinning, as before. With nothing
+// else runnable a yield returns at once.
+constexpr int kPausesPerCheck = 64;
+constexpr auto kSpinWithoutYield = std::chrono::microseconds(100);
 
 class Pool {
  public:
@@ -125,13 +128,14 @@ class Pool {
     uint64_t seen = 0;
     for (;;) {
       int spins = 0;
-      auto sleep_at = std::chrono::steady_clock::now() + kSpinBeforeSleep;
+      auto spin_start = std::chrono::steady_clock::now();
       uint64_t gen;
       while ((gen = ticket_.load(std::memory_order_acquire) >> kIndexBits) == seen) {
         LF_PAUSE();
-        if (++spins % kPausesPerYield != 0) continue;
-        if (std::chrono::steady_clock::now() < sleep_at) {
-          std::this_thread::yield();
+        if (++spins % kPausesPerCheck != 0) continue;
+        const auto waited = std::chrono::steady_clock::now() - spin_start;
+        if (waited < kSpinBeforeSleep) {
+          if (waited >= kSpinWithoutYield) std::this_thread::yield();
           continue;
         }
         std::unique_lock<std::mutex> lock(mu_);
@@ -139,7 +143,7 @@ class Pool {
         cv_.wait(lock, [&] { return stop_ || (ticket_.load(std::memory_order_acquire) >> kIndexBits) != seen; });
         sleeping_.fetch_sub(1, std::memory_order_acq_rel);
         if (stop_) return;
-        sleep_at = std::chrono::steady_clock::now() + kSpinBeforeSleep;
+        spin_start = std::chrono::steady_clock::now();
       }
       seen = gen;
       work(gen);
