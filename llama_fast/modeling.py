@@ -183,6 +183,8 @@ class LlamaPreTrainedModel(TracksWeights):
     tied_weights: dict[str, str] = {}
     # Checkpoint entries the model does not need (old checkpoints saved the rotary table).
     unused_checkpoint_suffixes = ("rotary_emb.inv_freq",)
+    # This rank's share of a tensor-parallel model (llama_fast.parallel.runtime.TensorParallel), else None.
+    tensor_parallel = None
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -194,7 +196,8 @@ class LlamaPreTrainedModel(TracksWeights):
     def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantize=None, group_size=128,
                         **kwargs):
         """Loads an HF directory (config.json + safetensors, single or sharded) or a .gguf file; see
-        llama_fast.loading.from_pretrained."""
+        llama_fast.loading.from_pretrained. tp_plan="auto" inside a torch.distributed process group loads this
+        rank's shard of a tensor-parallel model (llama_fast.parallel)."""
         return loading.from_pretrained(cls, path, dtype=dtype, device=device, backend=backend, quantize=quantize,
                                        group_size=group_size, **kwargs)
 
@@ -220,11 +223,13 @@ class LlamaPreTrainedModel(TracksWeights):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.get_input_embeddings().dtype
+        table = self.get_input_embeddings()     # ours (maybe a quantized table) or a tensor-parallel shard
+        return table.dtype if isinstance(table, Embedding) else table.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.get_input_embeddings().device
+        table = self.get_input_embeddings()
+        return table.device if isinstance(table, Embedding) else table.weight.device
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -267,6 +272,9 @@ class LlamaModel(LlamaPreTrainedModel):
         """Arguments as transformers' LlamaModel.forward. cache_position is accepted and ignored (each row's
         cache position is known from the cache). Returns BaseModelOutputWithPast, or its tuple."""
         _reject_unknown(kwargs)
+        if output_attentions and self.tensor_parallel is not None:
+            raise ValueError("output_attentions is not available under tensor parallelism: each rank holds the "
+                             "attention of its own heads only")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         hidden, cache, step = self._prepare(input_ids, attention_mask, position_ids, past_key_values,
                                             inputs_embeds, use_cache)
