@@ -9,6 +9,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
 #include "cpu/torch_args.h"
 #include "op_checks.h"
 
@@ -341,6 +342,11 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
   m.def("cpu_max_gemv_rows() -> int", []() -> int64_t { return cpu::kMaxGemvRows; });
   // cpu_isa("avx2") forces a lower instruction set for the CPU kernels (tests); cpu_isa("") reports it.
   m.def("cpu_isa(str name) -> str", &set_isa);
+  // [helper threads started, helpers blocked] of the CPU kernels' thread pool (tests: idle helpers block).
+  m.def("cpu_pool_state() -> int[]", []() -> std::vector<int64_t> {
+    const auto s = cpu::pool_state();
+    return {s.helpers, s.sleeping};
+  });
 }
 
 TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {

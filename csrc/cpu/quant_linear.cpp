@@ -89,6 +89,7 @@ void dequantize_rows(const QuantWeight& w, int64_t n0, int64_t n1, float* out) {
 int64_t int4_chunk() {
   switch (isa()) {
     case Isa::kAvx512Bf16:
+    case Isa::kAvx512Vnni:
     case Isa::kAvx512: return 32;
     case Isa::kAvx2: return 16;
     default: return 0;
