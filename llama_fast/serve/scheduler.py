@@ -2,7 +2,7 @@
 
 Every step of the scheduler thread does two things with the rows of the batch cache:
 
-- a decode step: every row whose prompt is in its cache feeds its last token; the rows [0, highest such row]
+- a decode step (after the prefill below): every row whose prompt is in its cache feeds its last token; the rows [0, highest such row]
   run as one batch of single tokens (StaticCache.rows: a view of those rows whose writes land in the shared
   storage); every row attends to its own cache length (the cache keeps per-row lengths, the attention kernels
   take per-row kv_lens), so requests at different lengths share a step. Rows inside that range that are not
@@ -10,12 +10,13 @@ Every step of the scheduler thread does two things with the rows of the batch ca
   leaves their length as it is (wasted work, never read); new requests take the lowest free row to keep the
   range short.
 - chunked prefill: queued requests take free rows at once, and their prompts go into their rows' caches in
-  chunks, at most `prefill_chunk` prompt tokens per step in all (oldest request first), right after the decode
-  step. So a new request never stalls the running ones for longer than one bounded chunk: they keep emitting a
-  token every step while it prefills (on the CPU a chunk of up to cpu_decode.max_rows() tokens runs through the
-  fused decode stack, which reads the weights once for all of its rows). When no row is decoding nobody waits,
-  and up to `prefill_budget` prompt tokens go in per step. When a prompt's last chunk is in, its first token is
-  sampled from that chunk's logits and the request decodes from the next step on.
+  chunks, one forward per step over the oldest prefilling requests' rows, each
+  chunk right-aligned in a [rows, width] batch of at most `prefill_chunk` tokens, pads included. So new
+  requests never stall the running ones for longer than one bounded forward: those keep emitting a token every
+  step while they prefill (on the CPU a batch of up to cpu_decode.max_rows() tokens runs through the fused
+  decode stack, which reads the weights once for all of its rows). When no row is decoding nobody waits, and
+  the batch may hold up to `prefill_budget` tokens. When a prompt's last chunk is in, its first token is
+  sampled from that chunk's logits and the request decodes from the same step on.
 
 A request leaves its row as soon as it finishes (eos, a stop string, max_tokens, or its client went away) and
 the row takes the next request. On the CPU a batch wider than the fused decode stack's row limit runs as
@@ -219,42 +220,67 @@ class Scheduler:
             self._rows[slot] = _Row(request, slot, sampler, IncrementalText(self.tokenizer, request.stop))
 
     def _step(self) -> None:
-        """A decode step of the rows whose prompts are in, then the next prompt chunks (oldest request first)
-        within this step's prompt-token budget."""
+        """One forward of the next prompt chunks (bounded by prefill_chunk while rows decode), then a decode step
+        of the rows whose prompts are in (including any whose last chunk just went in)."""
         busy = [row for row in self._rows if row is not None]
-        decoding = [row for row in busy if row.decoding]
         prefilling = sorted((row for row in busy if not row.decoding), key=lambda row: row.request.id)
+        if prefilling:
+            others_decode = len(prefilling) < len(busy)
+            self._prefill_chunks(prefilling, self.prefill_chunk if others_decode else self.prefill_budget)
+        decoding = [row for row in self._rows if row is not None and row.decoding]
         if decoding:
             self._decode_step(decoding)
-        budget = self.prefill_chunk if decoding else self.prefill_budget
-        for row in prefilling:
-            if budget <= 0:
-                break
-            n = min(budget, len(row.request.prompt_ids) - row.prefilled)
-            self._prefill_chunk(row, n)
-            budget -= n
 
-    def _prefill_chunk(self, row: _Row, n: int) -> None:
-        """The next n prompt tokens of `row` into its cache row. After the last chunk the first token is sampled
-        from its logits (only that chunk computes the head)."""
-        prompt = row.request.prompt_ids
-        ids = torch.tensor([prompt[row.prefilled:row.prefilled + n]], dtype=torch.long, device=self.cache.device)
-        view = self.cache.rows(row.slot, row.slot + 1)
-        view.lengths.fill_(row.prefilled)
-        view.seen_tokens = row.prefilled
-        last = row.prefilled + n == len(prompt)
+    def _prefill_chunks(self, prefilling: list, area: int) -> None:
+        """The next prompt chunks of the oldest prefilling requests in one forward over their contiguous rows
+        [lo, hi], each chunk right-aligned in a [hi - lo + 1, width] batch (left pads: no key written, length
+        kept; rows of that range not in the group are all pads). The batch's area, pads included, stays within
+        `area` tokens (at least the oldest request's next token): one forward, so its cost is bounded however
+        many requests join at once. After a prompt's last chunk its first token is sampled from its logits."""
+        first = prefilling[0]
+        remaining = lambda row: len(row.request.prompt_ids) - row.prefilled  # noqa: E731
+        group, lo, hi, width = [first], first.slot, first.slot, max(1, min(remaining(first), area))
+        for row in prefilling[1:]:
+            new_lo, new_hi = min(lo, row.slot), max(hi, row.slot)
+            new_width = max(width, min(remaining(row), area))
+            if (new_hi - new_lo + 1) * new_width <= area:
+                group.append(row)
+                lo, hi, width = new_lo, new_hi, new_width
+        chunks = {row.slot: min(remaining(row), width) for row in group}
+        ids = torch.zeros(hi - lo + 1, width, dtype=torch.long)
+        mask = torch.zeros(hi - lo + 1, width, dtype=torch.long)
+        # the other rows of the range are all pads with length 0 here (keys read: none); their real lengths are
+        # the host's, copied into the cache before each decode step
+        lengths = [0] * (hi - lo + 1)
+        for row in group:
+            lengths[row.slot - lo] = row.length
+        for row in group:
+            n = chunks[row.slot]
+            ids[row.slot - lo, width - n:] = torch.tensor(row.request.prompt_ids[row.prefilled:row.prefilled + n])
+            mask[row.slot - lo, width - n:] = 1
+        device = self.cache.device
+        view = self.cache.rows(lo, hi + 1)
+        view.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
+        view.seen_tokens = max(lengths)
+        finishing = [row for row in group if row.prefilled + chunks[row.slot] == len(row.request.prompt_ids)]
+        ids, mask = ids.to(device), mask.to(device)
+        mask_arg = None if bool(mask.all()) else mask
         try:
-            if last:
-                out = self.model(ids, past_key_values=view, use_cache=True, logits_to_keep=1)
-            else:
-                self._stack(ids, past_key_values=view, use_cache=True)
-        except Exception as e:         # e.g. out of memory: this request fails, the running ones go on
-            self._finish(row, "error", error=f"prefill failed: {type(e).__name__}: {e}")
+            if finishing:
+                out = self.model(ids, past_key_values=view, use_cache=True, logits_to_keep=1, attention_mask=mask_arg)
+            else:     # no prompt ends here: no head
+                self._stack(ids, past_key_values=view, use_cache=True, attention_mask=mask_arg)
+        except Exception as e:         # e.g. out of memory: these requests fail, the running ones go on
+            for row in group:
+                self._finish(row, "error", error=f"prefill failed: {type(e).__name__}: {e}")
             return
-        row.prefilled += n
-        row.length = row.prefilled
-        if last:
-            self._advance(row, out.logits[0, -1].float())
+        for row in group:
+            row.prefilled += chunks[row.slot]
+            row.length = row.prefilled
+        if finishing:
+            logits = out.logits[:, -1].float()
+            for row in finishing:
+                self._advance(row, logits[row.slot - lo])
 
     def _decode_step(self, decoding: list) -> None:
         top = max(row.slot for row in decoding) + 1
@@ -340,13 +366,12 @@ def _decode_rows(device: torch.device, max_batch: int) -> int:
 
 
 def _prefill_chunk(device: torch.device) -> int:
-    """Prompt tokens per step while rows decode. On the CPU a chunk of up to cpu_decode.max_rows() tokens runs
-    through the fused decode stack (one pass over the weights); half of that keeps a step with a chunk within
-    about twice a plain decode step of a full batch. On a GPU a chunk of 512 costs about as much as a decode
-    step."""
+    """Prompt tokens (pads included) per step while rows decode. On the CPU, where a batched step's cost grows
+    with its rows (the FMA work), 16: a chunk costs about as much as a decode step of 16 rows. On a GPU a chunk
+    of 512 costs about as much as a decode step."""
     if device.type != "cpu" or _native.extension() is None:
         return 512
-    return max(1, cpu_decode.max_rows() // 2)
+    return 16
 
 
 def _eos_ids(model, tokenizer) -> set:
