@@ -2,13 +2,13 @@
 
 Every step of the scheduler thread does two things with the rows of the batch cache:
 
-- a decode step (after the prefill below): every row whose prompt is in its cache feeds its last token; the rows [0, highest such row]
-  run as one batch of single tokens (StaticCache.rows: a view of those rows whose writes land in the shared
-  storage); every row attends to its own cache length (the cache keeps per-row lengths, the attention kernels
-  take per-row kv_lens), so requests at different lengths share a step. Rows inside that range that are not
-  decoding (free, or still prefilling) ride along masked out: their token is a pad, which writes no key and
-  leaves their length as it is (wasted work, never read); new requests take the lowest free row to keep the
-  range short.
+- a decode step (after the prefill below): every row whose prompt is in its cache feeds its last token; the
+  rows [0, highest such row] run as one batch of single tokens (StaticCache.rows: a view of those rows whose
+  writes land in the shared storage); every row attends to its own cache length (the cache keeps per-row
+  lengths, the attention kernels take per-row kv_lens), so requests at different lengths share a step. Rows
+  inside that range that are not decoding (free, or still prefilling) ride along masked out: their token is a
+  pad, which writes no key and leaves their length as it is (wasted work, never read); new requests take the
+  lowest free row to keep the range short.
 - chunked prefill: queued requests take free rows at once, and their prompts go into their rows' caches in
   chunks, one forward per step over the oldest prefilling requests' rows, each
   chunk right-aligned in a [rows, width] batch of at most `prefill_chunk` tokens, pads included. So new
