@@ -66,45 +66,6 @@ namespace llama_fast {
 namespace cpu {
 namespace LF_ISA {
 
-// The weights are read once per call: ask for them 8 KiB ahead of use. The hardware prefetcher alone left the
-// int4/int8 kernels at half a core's DRAM share (see quant_linear_vnni.cpp), and bf16 decode at 70% of the bandwidth
-// (61 -> 68-72 tok/s on the demo model with it).
-inline void prefetch_ahead(const void* p) {
-#ifdef LF_HAVE_X86
-  _mm_prefetch(static_cast<const char*>(p) + 8192, _MM_HINT_T0);
-#else
-  (void)p;
-#endif
-}
-
-// R weight rows x M activation rows per step.
-template <typename T, int R, int M>
-void gemv_block(const T* x, const T* w, const T* bias, T* out, int64_t n, int64_t k, int64_t row) {
-  constexpr int W = VecF::W;
-  VecF acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int mm = 0; mm < M; ++mm) acc[r][mm] = VecF::zero();
-  int64_t kk = 0;
-  for (; kk + W <= k; kk += W) {
-    VecF xv[M];
-    for (int mm = 0; mm < M; ++mm) xv[mm] = VecF::load(x + mm * k + kk);
-    for (int r = 0; r < R; ++r) {
-      // bf16 only: fp32 rows already stream at ~90% of the bandwidth, and measured 3% slower with it
-      if (sizeof(T) == 2 && (kk * sizeof(T)) % 64 == 0) prefetch_ahead(w + (row + r) * k + kk);  // once per line
-      const VecF wv = VecF::load(w + (row + r) * k + kk);
-      for (int mm = 0; mm < M; ++mm) acc[r][mm] = VecF::fma(wv, xv[mm], acc[r][mm]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int mm = 0; mm < M; ++mm) {
-      float s = acc[r][mm].sum();
-      for (int64_t t = kk; t < k; ++t) s += to_f32(w[(row + r) * k + t]) * to_f32(x[mm * k + t]);
-      if (bias != nullptr) s += to_f32(bias[row + r]);
-      out[mm * n + row + r] = from_f32<T>(s);
-    }
-  }
-}
-
 #if LF_ISA_LEVEL == 2
 // bf16 x bf16 with vdpbf16ps: 32 products per instruction, fp32 accumulation.
 template <int R, int M>
@@ -149,8 +110,9 @@ void gemv_rows_m(const T* x, const T* w, const T* bias, T* out, int64_t n, int64
   }
 #endif
   (void)dpbf16;
-  for (; row + R <= n1; row += R) gemv_block<T, R, M>(x, w, bias, out, n, k, row);
-  for (; row < n1; ++row) gemv_block<T, 1, M>(x, w, bias, out, n, k, row);
+  // R weight rows x M activation rows per block (row_tiles.h's kernel, on the weights as stored)
+  for (; row + R <= n1; row += R) tile_dot<R, M>(w + row * k, x, k, bias ? bias + row : nullptr, out + row, n);
+  for (; row < n1; ++row) tile_dot<1, M>(w + row * k, x, k, bias ? bias + row : nullptr, out + row, n);
 }
 
 static_assert(kGemvBlockRows == 8, "gemv_rows has one case per row count up to kGemvBlockRows");
