@@ -87,11 +87,10 @@ inline float load_x(bool bf16, const void* x, int64_t i) {
   return bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
 }
 
-// The VNNI kernel runs at the AVX-512 dispatch level (and above) on CPUs with AVX512-VNNI; it needs no BF16.
+// The VNNI kernel runs at the avx512_vnni dispatch level and above (cpu_features.cpp); it needs no BF16.
 bool has_vnni() {
 #ifdef LF_KQUANT_VNNI
-  static const bool vnni = __builtin_cpu_supports("avx512vnni");
-  return vnni && isa() >= Isa::kAvx512;
+  return isa() >= Isa::kAvx512Vnni;
 #else
   return false;
 #endif
