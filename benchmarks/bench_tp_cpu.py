@@ -140,6 +140,7 @@ def allreduce_latency_fit(sizes=(576, 2304, 9216, 36864), repeat: int = 200) -> 
 
 def worker(args) -> int:
     import torch.distributed as dist
+    from _ranks import TokenStamps, finish_rank
 
     from llama_fast import LlamaForCausalLM
     from llama_fast.ops import cpu_decode
@@ -159,36 +160,19 @@ def worker(args) -> int:
         runtime.dist = timed
     model = LlamaForCausalLM.from_pretrained(args.model, dtype="float32", **extra)
     ids = torch.randint(3, SHAPE["vocab_size"], (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
-
-    class Stamps:
-        """A streamer (put / end) that notes when each token arrives."""
-
-        def __init__(self):
-            self.times = []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
     model.generate(ids, max_new_tokens=4, min_new_tokens=4)      # warm-up
     if tensor_parallel:
         timed.reset()
-    stamps = Stamps()
+    stamps = TokenStamps()
     model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, streamer=stamps)
-    steps = [b - a for a, b in zip(stamps.times[1:], stamps.times[2:])]     # decode steps (after the prefill)
+    steps = stamps.decode_steps()
     result["decode_step_median_ms"] = statistics.median(steps) * 1e3
     result["decode_tok_s"] = 1 / statistics.median(steps)
     if tensor_parallel:
         tokens = args.tokens   # the prefill's collectives are in the totals too; per token is an upper bound
         result["collectives_per_token"] = {name: {"calls": timed.calls[name] / tokens,
                                                   "ms": timed.seconds[name] / tokens * 1e3} for name in timed.calls}
-    if int(os.environ.get("RANK", "0")) == 0:
-        with open(args.result, "w") as f:
-            json.dump(result, f)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish_rank(result, args.result)
     return 0
 
 

@@ -571,10 +571,6 @@ def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size, shar
         model = meta_model(cls, config, torch_dtype)
         loader = TensorLoader(model, torch_dtype, device, quantize, group_size)
     else:
-        if not isinstance(reader, LlamaFastFormat):
-            raise CheckpointError(f"{path}: tensor parallelism reads dense, llama_fast-quantized and GGUF "
-                                  f"checkpoints; this one is {type(reader).__name__.removesuffix('Format')}, whose "
-                                  "packed layout is not split yet (load it once and save_pretrained it)")
         model = shard.meta_model(cls, config, torch_dtype)
         loader = TensorLoader(model, torch_dtype, device, quantize, group_size, shard.group_basis(model))
     source = files[0][0] if len(files) == 1 else os.path.join(path, SAFE_INDEX)
@@ -693,7 +689,7 @@ def _add_quantized(loader: TensorLoader, quant_parts: dict, source: str, reader=
         parts = quant_parts.pop(base)        # the packed parts go as soon as their weight exists
         if shard is not None:
             try:
-                parts = shard.read_quantized(base, parts)
+                parts = shard.read_quantized(base, parts, reader)
             except SafetensorsError as e:
                 raise CheckpointError(str(e)) from None
         for needed in reader.required:

@@ -77,5 +77,9 @@ def test_read_rectangle_reads_the_rows_and_columns_of_a_slice(tmp_path, dtype):
     assert torch.equal(st.read_rectangle("b", rows=(1, 4)), bias[1:4])
     # packed int4 codes: two weights per byte, so weight columns 8..24 are bytes 4..12
     assert torch.equal(st.read_rectangle("w", cols=(8, 24), weights_per_element=2), full[:, 4:12])
-    with pytest.raises(SplitsBlockError, match="input column 3 would split a block of 2"):
+    with pytest.raises(SplitsBlockError, match="column 3 would split a block of 2"):
         st.read_rectangle("w", cols=(3, 9), weights_per_element=2)
+    # codes packed along dim 0 (GPTQ's qweight: 8 weight rows to a stored row): weight rows 8..40 are rows 1..5
+    assert torch.equal(st.read_rectangle("w", rows=(8, 40), weights_per_row=8), full[1:5])
+    with pytest.raises(SplitsBlockError, match="row 12 would split a block of 8"):
+        st.read_rectangle("w", rows=(12, 40), weights_per_row=8)

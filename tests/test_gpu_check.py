@@ -40,8 +40,9 @@ class FakeClock:
 
 def test_time_boxes_pass_unused_time_downstream_and_keep_later_minimums(gc):
     clock = FakeClock()
-    nominal = {"build": 100, "tests": 50, "bench": 50, "sanitizer": 20}
-    minimum = {"build": 30, "tests": 10, "bench": 10, "sanitizer": 10}
+    # multi_gpu as on a one-GPU machine (gpu_check.step_times): no time of its own
+    nominal = {"build": 100, "tests": 50, "bench": 50, "multi_gpu": 0, "sanitizer": 20}
+    minimum = {"build": 30, "tests": 10, "bench": 10, "multi_gpu": 0, "sanitizer": 10}
     boxes = gc.TimeBoxes(gc.STEPS, nominal, minimum, deadline_s=220, clock=clock)
     assert boxes.timeout("build") == 100                  # 220 - (50 + 50 + 20)
     clock.now += 40                                        # the build took 40 of its 100
@@ -86,8 +87,9 @@ def test_run_logged_kills_at_the_time_box(gc, tmp_path):
     assert (status, rc) == ("failed", 3)
 
 
-def _fake_machine(gc, monkeypatch, cuda: bool):
-    monkeypatch.setattr(gc, "probe", lambda python: {"cuda": cuda, "device": "FakeGPU", "capability": "9.0"})
+def _fake_machine(gc, monkeypatch, cuda: bool, gpus: int = 1):
+    monkeypatch.setattr(gc, "probe", lambda python: {"cuda": cuda, "device": "FakeGPU", "capability": "9.0",
+                                                     "gpu_count": gpus if cuda else 0})
     monkeypatch.setattr(gc, "collect_gpu_tests", lambda python, timeout_s=120: [
         f"tests/gpu/t.py::{case}" for case in gc.SANITIZER_TESTS] + list(gc.NEEDS_DEMO_MODEL))
 
@@ -98,6 +100,7 @@ def test_no_gpu_says_so_checks_the_plan_and_exits_0(gc, monkeypatch, tmp_path, c
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"].startswith("skipped: no CUDA GPU here")
     assert len(summary["plan"]["sanitizer_tests"]) == len(gc.SANITIZER_TESTS)
+    assert summary["plan"]["multi_gpu_worlds"] == {"1": [], "2": [2], "4": [2, 4], "8": [2, 4, 8]}
     assert {s["status"] for s in summary["steps"].values()} == {"skipped"}
     assert "no CUDA GPU here" in capsys.readouterr().out
 
@@ -110,7 +113,7 @@ def test_a_broken_plan_fails_ci(gc, monkeypatch, tmp_path):
 
 
 def test_steps_run_in_order_and_every_outcome_is_recorded(gc, monkeypatch, tmp_path):
-    _fake_machine(gc, monkeypatch, cuda=True)
+    _fake_machine(gc, monkeypatch, cuda=True, gpus=2)
     calls = []
 
     def fake(name, status):
@@ -124,12 +127,14 @@ def test_steps_run_in_order_and_every_outcome_is_recorded(gc, monkeypatch, tmp_p
 
     monkeypatch.setattr(gc, "STEP_FUNCTIONS", {
         "build": fake("build", "passed"), "tests": fake("tests", "failed"),
-        "bench": fake("bench", "raise"), "sanitizer": fake("sanitizer", "timeout")})
+        "bench": fake("bench", "raise"), "multi_gpu": fake("multi_gpu", "passed"),
+        "sanitizer": fake("sanitizer", "timeout")})
     assert gc.main(["--out", str(tmp_path)]) == 1
     assert calls == list(gc.STEPS)
     summary = json.loads((tmp_path / "summary.json").read_text())
     states = {name: s["status"] for name, s in summary["steps"].items()}
-    assert states == {"build": "passed", "tests": "failed", "bench": "failed", "sanitizer": "timeout"}
+    assert states == {"build": "passed", "tests": "failed", "bench": "failed", "multi_gpu": "passed",
+                      "sanitizer": "timeout"}
     assert "the bench crashed" in summary["steps"]["bench"]["note"]
     assert summary["status"] == "failed" and "finished_unix" in summary
 
@@ -189,3 +194,54 @@ def test_a_run_where_every_gpu_test_skipped_is_a_failure(gc, monkeypatch, tmp_pa
 
     monkeypatch.setattr(gc, "run_logged", fake_run)
     assert gc.step_tests(gc.parse_args(["--out", str(tmp_path)]), {}, 100).status == "failed"
+
+
+def test_multi_gpu_world_sizes(gc):
+    assert [gc.multi_gpu_worlds(n) for n in (0, 1, 2, 3, 4, 7, 8, 16)] == [
+        [], [], [2], [2], [2, 4], [2, 4], [2, 4, 8], [2, 4, 8]]
+
+
+def test_one_gpu_skips_the_multi_gpu_step_and_gives_its_time_to_the_others(gc, monkeypatch, tmp_path):
+    _fake_machine(gc, monkeypatch, cuda=True, gpus=1)
+    boxes = {}
+
+    def fake(name):
+        def step(args, info, timeout_s):
+            boxes[name] = timeout_s
+            return gc.StepResult(name, "passed", 0.0, timeout_s)
+        return step
+
+    monkeypatch.setattr(gc, "STEP_FUNCTIONS", {s: fake(s) for s in gc.STEPS})
+    assert gc.main(["--out", str(tmp_path)]) == 0
+    steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
+    assert steps["multi_gpu"]["status"] == "skipped" and steps["multi_gpu"]["note"] == "skipped: 1 GPU(s)"
+    assert "multi_gpu" not in boxes
+    # the build's box: the deadline less the later steps' nominal times, multi_gpu's counted as none
+    later = sum(gc.NOMINAL_S[s] for s in ("tests", "bench", "sanitizer"))
+    assert boxes["build"] > gc.NOMINAL_S["build"] and boxes["build"] <= gc.DEADLINE_S - later
+
+
+def test_multi_gpu_step_runs_the_benchmark_in_its_box_and_keeps_its_numbers(gc, monkeypatch, tmp_path):
+    seen = []
+
+    def fake_run(cmd, log_path, timeout_s, env=None, cwd=None):
+        seen.append((cmd, log_path, timeout_s))
+        out = cmd[cmd.index("--out") + 1]
+        with open(out, "w") as f:
+            json.dump({"results": [
+                {"gpus": 1, "eager": {"decode_tok_s": 100.0}, "cuda_graphs": {"decode_tok_s": 200.0}, "load_s": 3},
+                {"gpus": 2, "eager": {"decode_tok_s": 150.0}, "cuda_graphs": {"error": "RuntimeError: x"},
+                 "allreduce": [{"bytes": 8192, "synchronized_median_us": 30.0, "back_to_back_mean_us": 12.0}]},
+                {"gpus": 4, "error": "not run: 5 s left of the budget"}]}, f)
+        return "passed", 0, 50.0
+
+    monkeypatch.setattr(gc, "run_logged", fake_run)
+    args = gc.parse_args(["--out", str(tmp_path)])
+    result = gc.step_multi_gpu(args, {"gpu_count": 4}, 60)
+    (cmd, log, box), = seen
+    assert gc.MULTI_GPU_SCRIPT in cmd and float(cmd[cmd.index("--budget-s") + 1]) < box == 60
+    assert log.endswith("bench.log") and "multi_gpu.json" in gc.OUTPUT_FILES
+    assert result.status == "passed" and result.details["worlds"] == [2, 4]
+    assert [r["gpus"] for r in result.details["results"]] == [1, 2, 4]
+    assert result.details["results"][1]["allreduce"][0]["synchronized_median_us"] == 30.0
+    assert result.details["results"][2]["error"].startswith("not run")

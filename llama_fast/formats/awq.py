@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from llama_fast.formats.zero_point import check_packed_parts, unpack_int32, zero_point_weight
+from llama_fast.formats.zero_point import PackedAxis, check_packed_parts, unpack_int32, zero_point_weight
 from llama_fast.quant import QuantizedWeight
 
 METHOD = "awq"
@@ -38,6 +38,17 @@ class AwqFormat:
         self.group_size = config.get("group_size", config.get("q_group_size", 128))
         if not isinstance(self.group_size, int) or (self.group_size <= 0 and self.group_size != -1):
             raise ValueError(f"AWQ group_size must be a positive integer or -1, got {self.group_size!r}")
+
+    def shard_axes(self, base: str, part: str, dtype: torch.dtype) -> tuple[PackedAxis | None, PackedAxis | None]:
+        """(N axis, K axis) of a stored part (formats.zero_point): codes and zeros 8 to a word along N (the
+        interleave stays inside a word), K unpacked; one group over K is read whole."""
+        group = None if self.group_size == -1 else PackedAxis(0, self.group_size)
+        return {"qweight": (PackedAxis(1, 8), PackedAxis(0, 1)),
+                "qzeros": (PackedAxis(1, 8), group),
+                "scales": (PackedAxis(1, 1), group)}.get(part, (None, None))
+
+    def localize(self, base: str, parts: dict[str, torch.Tensor], split_dim: int, size: int) -> None:
+        pass     # every AWQ part is sliced in place
 
     def weight(self, base: str, parts: dict[str, torch.Tensor]) -> QuantizedWeight:
         qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]

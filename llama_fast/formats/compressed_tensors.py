@@ -22,7 +22,7 @@ import re
 
 import torch
 
-from llama_fast.formats.zero_point import unpack_int32, zero_point_weight
+from llama_fast.formats.zero_point import PackedAxis, split_group_index, unpack_int32, zero_point_weight
 from llama_fast.quant import QuantizedWeight
 
 METHOD = "compressed-tensors"
@@ -81,6 +81,34 @@ class CompressedTensorsFormat:
             if any(_matches(t, module) for t in scheme["targets"]):
                 return scheme
         raise ValueError(f"{module}: stored quantized but no config group targets it")
+
+    def shard_axes(self, base: str, part: str, dtype: torch.dtype) -> tuple[PackedAxis | None, PackedAxis | None]:
+        """(N axis, K axis) of a stored part (formats.zero_point). Strategies channel / tensor have one group
+        over K (read whole along K); tensor has one scale in all."""
+        scheme = self.scheme_for(base)
+        per = 32 // scheme["bits"]
+        group = PackedAxis(1, scheme["group_size"]) if scheme["strategy"] == "group" else None
+        rows = None if scheme["strategy"] == "tensor" else PackedAxis(0, 1)
+        if part == "weight_packed":
+            return PackedAxis(0, 1), PackedAxis(1, per)
+        if part == "weight_scale":
+            return rows, group
+        if part == "weight_zero_point":     # packed along N (int32), or older files' unpacked int8
+            return PackedAxis(0, per if dtype == torch.int32 else 1), group
+        return None, None                   # weight_shape, weight_g_idx: see localize
+
+    def localize(self, base: str, parts: dict[str, torch.Tensor], split_dim: int, size: int) -> None:
+        """weight_shape becomes the slice's (N, K); weight_g_idx as GPTQ's g_idx."""
+        shape = parts.get("weight_shape")
+        if shape is not None and shape.numel() == 2 and not shape.is_floating_point():
+            local = shape.clone().reshape(2)
+            local[split_dim] = size
+            parts["weight_shape"] = local
+        if "weight_g_idx" in parts:
+            g_idx = split_group_index(base, parts.pop("weight_g_idx"), split_dim,
+                                      self.scheme_for(base)["group_size"])
+            if g_idx is not None:
+                parts["weight_g_idx"] = g_idx
 
     def weight(self, base: str, parts: dict[str, torch.Tensor]) -> QuantizedWeight:
         scheme = self.scheme_for(base)

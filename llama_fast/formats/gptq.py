@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from llama_fast.formats.zero_point import check_packed_parts, unpack_int32, zero_point_weight
+from llama_fast.formats.zero_point import (
+    PackedAxis,
+    check_packed_parts,
+    split_group_index,
+    unpack_int32,
+    zero_point_weight,
+)
 from llama_fast.quant import QuantizedWeight
 
 METHOD = "gptq"
@@ -46,6 +52,21 @@ class GptqFormat:
                              f"{' and '.join(FORMATS)} layouts (kernel-specific repacked layouts such as marlin "
                              "or bitblas need the original GPTQ checkpoint)")
         self.zero_plus_one = layout == "gptq"
+
+    def shard_axes(self, base: str, part: str, dtype: torch.dtype) -> tuple[PackedAxis | None, PackedAxis | None]:
+        """(N axis, K axis) of a stored part (formats.zero_point); None: the part is read whole along it
+        (one group over K: the same scale for every input column, so each rank's slice is one group)."""
+        per = 32 // self.bits
+        group = None if self.group_size == -1 else PackedAxis(0, self.group_size)
+        return {"qweight": (PackedAxis(1, 1), PackedAxis(0, per)),
+                "qzeros": (PackedAxis(1, per), group),
+                "scales": (PackedAxis(1, 1), group)}.get(part, (None, None))     # g_idx: see localize
+
+    def localize(self, base: str, parts: dict[str, torch.Tensor], split_dim: int, size: int) -> None:
+        if "g_idx" in parts:
+            g_idx = split_group_index(base, parts.pop("g_idx"), split_dim, self.group_size)
+            if g_idx is not None:
+                parts["g_idx"] = g_idx
 
     def weight(self, base: str, parts: dict[str, torch.Tensor]) -> QuantizedWeight:
         bits, per = self.bits, 32 // self.bits

@@ -22,14 +22,15 @@ class SplitsBlockError(ValueError):
     """A column range that starts or ends inside a block (a quantization group, a GGUF block, an int4 byte)."""
 
 
-def block_columns(cols: tuple[int, int], block_elems: int, block_bytes: int, what: str) -> tuple[int, int]:
-    """Weight columns [c0, c1) -> byte columns of a stored row. SplitsBlockError when c0 or c1 falls inside a
-    block."""
+def block_columns(cols: tuple[int, int], block_elems: int, block_bytes: int, what: str,
+                  axis: str = "input column") -> tuple[int, int]:
+    """Weight columns [c0, c1) -> byte columns of a stored row (or, with block_bytes 1, weight rows -> stored
+    rows; `axis` names them in the error). SplitsBlockError when c0 or c1 falls inside a block."""
     c0, c1 = cols
     for c in (c0, c1):
         if c % block_elems:
-            raise SplitsBlockError(f"{what}: a shard boundary at input column {c} would split a block of {block_elems} "
-                             f"weights (the shard's columns {c0}:{c1} must start and end on a block boundary)")
+            raise SplitsBlockError(f"{what}: a shard boundary at {axis} {c} would split a block of {block_elems} "
+                             f"weights (the shard's {axis}s {c0}:{c1} must start and end on a block boundary)")
     return c0 // block_elems * block_bytes, c1 // block_elems * block_bytes
 
 

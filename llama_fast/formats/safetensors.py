@@ -164,12 +164,16 @@ class SafetensorsFile:
 
 
     def read_rectangle(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
-                       weights_per_element: int = 1) -> torch.Tensor:
+                       weights_per_element: int = 1, weights_per_row: int = 1) -> torch.Tensor:
         """Rows [r0, r1) and weight columns [c0, c1) of a 1-D (rows only) or 2-D tensor, reading only those bytes
         (llama_fast.formats.regions). A stored element may stand for several weights along a row
         (`weights_per_element`: 2 for packed int4 codes, the group size for the scales of a quantized weight):
-        columns count weights, and must not split an element. None: the whole dimension."""
+        columns count weights, and must not split an element. Likewise a stored row may stand for several
+        weight rows (`weights_per_row`: codes packed along dim 0, such as GPTQ's qweight); rows then count
+        weights and must not split a stored row. None: the whole dimension."""
         dtype, shape, begin, _ = self.entries[name]
+        if rows is not None and weights_per_row != 1:
+            rows = regions.block_columns(rows, weights_per_row, 1, f"{self.path}: tensor {name!r}", axis="row")
         if len(shape) not in (1, 2) or (cols is not None and len(shape) != 2):
             raise ValueError(f"{self.path}: tensor {name!r} has shape {list(shape)}; a rectangle needs a 2-D tensor "
                              "(or a 1-D one, by rows)")
@@ -177,7 +181,8 @@ class SafetensorsFile:
         n_rows, row_elems = shape[0], shape[1] if len(shape) == 2 else 1
         rows = (0, n_rows) if rows is None else rows
         cols = (0, row_elems * weights_per_element) if cols is None else cols
-        byte_cols = regions.block_columns(cols, weights_per_element, size, f"{self.path}: tensor {name!r}")
+        byte_cols = regions.block_columns(cols, weights_per_element, size, f"{self.path}: tensor {name!r}",
+                                          axis="column")
         raw = regions.read_rectangle(self.path, self.data_start + begin, n_rows, row_elems * size, rows, byte_cols)
         out = raw.view(dtype)
         return out.reshape(-1) if len(shape) == 1 else out

@@ -12,8 +12,16 @@ q * scale, zero * scale and (q - zero) * scale all fit fp32's 24 bits exactly; l
 q * scale + offset therefore equals the formula exactly. The offset is kept in the scales' dtype when that
 holds it exactly (symmetric files: offset = -8 * scale), else scales and offsets are widened to fp32
 (a few percent more memory, no rounding).
+
+Tensor parallelism (llama_fast.parallel.sharded_load) reads a rank's slice of each stored part without
+unpacking it: each reader's `shard_axes(base, part, dtype)` says along which stored dimension the weight's
+output rows N and input columns K run in that part, and how many weights one stored element there covers
+(`PackedAxis`: codes per int32 word, weights per group); `localize` then fixes what the slice leaves stale
+(a stored shape, a group index).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -41,6 +49,31 @@ def unpack_int32(words: torch.Tensor, bits: int, dim: int, positions: list[int] 
         else:
             view[:, :, i] = codes
     return out
+
+
+class PackedAxis(NamedTuple):
+    """A weight dimension (N or K) in a stored part: it runs along the part's dimension `dim`, `per` weights
+    to a stored element (so a slice of it must start and end on a multiple of `per`)."""
+    dim: int
+    per: int
+
+
+def split_group_index(base: str, g_idx: torch.Tensor | None, split_dim: int, group_size: int | None):
+    """A rank's g_idx (the group of each input feature): whole for a column-parallel slice (dim 0: K is whole);
+    for a row-parallel one (dim 1) the slice holds whole contiguous groups, so g_idx is dropped (None:
+    contiguous groups). Act-order (g_idx not k // group_size) cannot be split by input columns: its groups
+    are scattered over all of K."""
+    if g_idx is None or split_dim == 0:
+        return g_idx
+    k = g_idx.shape[0] if g_idx.dim() == 1 else -1
+    contiguous = g_idx.dim() == 1 and not g_idx.is_floating_point() and torch.equal(
+        g_idx.to(torch.int64), torch.arange(k) // (group_size if group_size and group_size > 0 else k))
+    if not contiguous:
+        raise ValueError(f"{base}: act-order (desc_act: g_idx is not k // group_size) scatters each quantization "
+                         "group over all input columns, so this row-parallel layer cannot be split by input "
+                         "columns over tensor-parallel ranks (column-parallel layers are fine); use a checkpoint "
+                         "quantized without desc_act")
+    return None
 
 
 def check_packed_parts(base: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> None:

@@ -3,7 +3,8 @@ points where a one-process load builds the model, reads a tensor and finishes.
 
 Each rank reads only its part of each tensor (layout.Split -> byte ranges of the file): safetensors
 rectangles (SafetensorsFile.read_rectangle), llama_fast's quantized format part by part (codes, scales and
-offsets of whole groups), GGUF rows / whole blocks (formats.gguf). The norms, the row-parallel biases and,
+offsets of whole groups), GPTQ / AWQ / compressed-tensors parts still packed, in whole words and groups (each
+reader's shard_axes), GGUF rows / whole blocks (formats.gguf). The norms, the row-parallel biases and,
 with vocab="replicated", the embedding and lm_head are read whole by every rank.
 
 A failure on any rank (a bad layout, a file error, a shard boundary that would split a quantization group)
@@ -86,7 +87,45 @@ class ShardedLoad:
             return st.read_rectangle(name, rows=(split.start, split.stop))
         return st.read_rectangle(name, cols=(split.start, split.stop))
 
-    def read_quantized(self, base: str, handles: dict[str, tuple[SafetensorsFile, str]]) -> dict[str, torch.Tensor]:
+    def read_quantized(self, base: str, handles: dict[str, tuple[SafetensorsFile, str]],
+                       reader=None) -> dict[str, torch.Tensor]:
+        """This rank's part of each stored part of a quantized linear: by the checkpoint format's reader
+        (GPTQ, AWQ, compressed-tensors: `read_packed`), else in llama_fast's own format (`read_own_format`)."""
+        if hasattr(reader, "shard_axes"):
+            return self.read_packed(base, handles, reader)
+        return self.read_own_format(base, handles)
+
+    def read_packed(self, base: str, handles: dict[str, tuple[SafetensorsFile, str]],
+                    reader) -> dict[str, torch.Tensor]:
+        """This rank's slice of each part of a GPTQ / AWQ / compressed-tensors linear, still packed: along the
+        stored dimension where the split weight dimension runs in that part (reader.shard_axes), in whole
+        words and whole groups (a boundary inside one is an error naming the tensor); then reader.localize
+        mends what slicing leaves stale (a stored shape; a group index, refused for act-order row splits)."""
+        split = self.split(f"{base}.weight")
+        if split is None:
+            return {part: st.read(name) for part, (st, name) in handles.items()}
+        out = {}
+        for part, (st, name) in handles.items():
+            axis = reader.shard_axes(base, part, st.dtype(name))[split.dim]
+            span = (split.start, split.stop)
+            try:
+                if axis is None:
+                    out[part] = st.read(name)
+                elif axis.dim == 0:
+                    out[part] = st.read_rectangle(name, rows=span, weights_per_row=axis.per)
+                else:
+                    out[part] = st.read_rectangle(name, cols=span, weights_per_element=axis.per)
+            except SplitsBlockError as e:
+                what = "input columns" if split.dim else "output rows"
+                raise TensorParallelError(f"{e} (a packed word or quantization group; {base} split by {what} over "
+                                          f"{self.world} ranks)") from None
+        try:
+            reader.localize(base, out, split.dim, split.size)
+        except ValueError as e:
+            raise TensorParallelError(str(e)) from None
+        return out
+
+    def read_own_format(self, base: str, handles: dict[str, tuple[SafetensorsFile, str]]) -> dict[str, torch.Tensor]:
         """This rank's part of each stored part of a linear in llama_fast's quantized format (llama_fast.quant):
         output rows of every part, or input columns counted in weights: two per byte of int4 codes, a group
         per scale / offset column (a boundary inside a group is an error naming it)."""

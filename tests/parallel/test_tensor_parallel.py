@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_quant_util import tiny_llama, write_checkpoint
 from kquant_util import random_blocks
 from tolerance import assert_fp32_close
 
@@ -48,6 +49,14 @@ def _hf(directory: Path, **config) -> str:
 def _quantized_checkpoint(src: str, directory: Path, bits: str, group_size: int, **save) -> str:
     LlamaForCausalLM.from_pretrained(src, dtype="float32", quantize=bits, group_size=group_size).save_pretrained(
         directory, **save)
+    return str(directory)
+
+
+def _third_party(directory: Path, fmt: str, model=None, **options) -> str:
+    """A GPTQ / AWQ / compressed-tensors checkpoint of a tiny random Llama (tests/hf_quant_util.py: hidden 128,
+    4 heads of 32, 2 KV heads, intermediate 256: every split over two ranks falls on whole words and on
+    groups of 32)."""
+    write_checkpoint(directory, tiny_llama(3) if model is None else model, fmt, **options)
     return str(directory)
 
 
@@ -102,6 +111,18 @@ def tp_run(tmp_path_factory):
         dict(name="bf16", path=tied, kwargs=dict(dtype="bfloat16")),
         dict(name="gguf_q8_q4", path=_gguf(tmp / "q.gguf")),
         dict(name="gguf_q4_k", path=_gguf(tmp / "k.gguf", kquant=True)),
+        dict(name="gptq_sym_v1", path=_third_party(tmp / "gptq_sym", "gptq", symmetric=True)),
+        dict(name="gptq_asym_v1", path=_third_party(tmp / "gptq_asym", "gptq", symmetric=False)),
+        dict(name="gptq_int8", path=_third_party(tmp / "gptq8", "gptq", bits=8, symmetric=False)),
+        # act-order on the column-parallel layers (their K is whole on every rank); o_proj / down_proj dense
+        dict(name="gptq_act_order_columns", path=_third_party(
+            tmp / "gptq_act", "gptq", desc_act=True, dense_modules=[f"model.layers.{i}.{m}" for i in range(2)
+                                                                      for m in ("self_attn.o_proj", "mlp.down_proj")])),
+        dict(name="gptq_one_group", path=_third_party(tmp / "gptq_g1", "gptq", group_size=-1)),
+        dict(name="awq", path=_third_party(tmp / "awq", "awq")),
+        dict(name="compressed_tensors_w4a16", path=_third_party(tmp / "ct", "compressed-tensors", symmetric=True)),
+        dict(name="compressed_tensors_asym_channel", path=_third_party(tmp / "ct_ch", "compressed-tensors",
+                                                                       strategy="channel")),
         # layouts that cannot be split over two ranks
         dict(name="heads_not_divisible", path=_hf(tmp / "h3", num_attention_heads=3, num_key_value_heads=1,
                                                  hidden_size=48), error="num_attention_heads=3 is not divisible"),
@@ -111,6 +132,14 @@ def tp_run(tmp_path_factory):
              error="would split a block of 64 weights"),
         dict(name="kquant_block_split", path=_gguf(tmp / "ko.gguf", kquant=True, kquant_o_proj=True),
              error="would split a block of 256 weights"),
+        dict(name="gptq_act_order_rows", path=_third_party(tmp / "gptq_act_all", "gptq", desc_act=True),
+             error="act-order (desc_act"),
+        # o_proj's 128 input columns in one group of 128: two ranks would split it
+        dict(name="gptq_group_split", path=_third_party(tmp / "gptq_g128", "gptq", group_size=128),
+             error="would split a block of 128 weights"),
+        # head_dim 4: k_proj's 8 output rows split at 4, inside AWQ's words of 8 codes
+        dict(name="awq_word_split", path=_third_party(tmp / "awq_small", "awq", group_size=8, model=tiny_llama(
+            3, hidden_size=16, intermediate_size=32)), error="would split a block of 8 weights"),
         dict(name="one_rank_fails", path=mha, fail_rank=1, error="rank 1 of 2 failed to load its shard"),
         dict(name="ranks_load_different_models", path=mha, path_rank1=tied, error="loaded different models"),
     ]
@@ -149,7 +178,9 @@ def _reference(case: dict):
 
 
 MATCH_CASES = ["mha", "mha_vocab_replicated", "gqa_tied", "gqa_kv1_bias", "int4_on_load", "int4_checkpoint",
-               "int8_checkpoint", "int4_several_files", "gguf_q8_q4", "gguf_q4_k"]
+               "int8_checkpoint", "int4_several_files", "gguf_q8_q4", "gguf_q4_k", "gptq_sym_v1", "gptq_asym_v1",
+               "gptq_int8", "gptq_act_order_columns", "gptq_one_group", "awq", "compressed_tensors_w4a16",
+               "compressed_tensors_asym_channel"]
 
 
 @pytest.mark.parametrize("name", MATCH_CASES)
@@ -184,7 +215,8 @@ def test_bf16_two_ranks_within_the_bf16_budget(tp_run):
 
 
 @pytest.mark.parametrize("name", ["heads_not_divisible", "world_over_heads", "group_split", "kquant_block_split",
-                                  "one_rank_fails", "ranks_load_different_models"])
+                                  "gptq_act_order_rows", "gptq_group_split", "awq_word_split", "one_rank_fails",
+                                  "ranks_load_different_models"])
 def test_bad_layout_is_an_error_on_every_rank(tp_run, name):
     case, ranks = tp_run[name]
     for rank, got in enumerate(ranks):
