@@ -165,3 +165,73 @@ def test_changing_one_models_weights_keeps_the_other_models_plan(tmp_path):
     assert cpu_decode._PLANS[a.model][3] is not plan_a
     assert cpu_decode._PLANS[b.model][3] is plan_b
     assert conftest.max_rel_diff(got_a, _step_logits(_reference_copy(a), ids)) <= 1e-4
+
+
+# ---- every weight form in the plan: ggml blocks (K-quants, Q5_0 / Q5_1) and GPTQ act-order -------------------
+
+def _decode_both_ways(model, ids, prompt_len, monkeypatch):
+    """The logits of _decode through the fused plan, then through the op-by-op path (the same CPU kernels)."""
+    fused = _decode(model, ids, torch.ones_like(ids), prompt_len)
+    with monkeypatch.context() as m:
+        m.setattr(cpu_decode, "can_run", lambda *args, **kwargs: False)
+        op_by_op = _decode(model, ids, torch.ones_like(ids), prompt_len)
+    return fused, op_by_op
+
+
+def _kquant_models(tmp_path):
+    from kquant_util import write_mixed_gguf
+    mixed = tmp_path / "mix.gguf"
+    write_mixed_gguf(mixed)
+    data = __import__("pathlib").Path(__file__).parent / "data"
+    return [mixed, data / "kquant_Q4_K_M.gguf", data / "kquant_Q3_K_M.gguf"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_of_block_weights_equals_op_by_op(tmp_path, count_fused, monkeypatch, dtype):
+    """K-quant files (all seven block types, fused q/k/v and gate/up made of segments of different types, a tied
+    Q6_K lm_head) decode through the plan. Exact: the plan calls the op-by-op path's kernels (kquant::linear,
+    the norms, rotary, attention) on the same inputs in the same order, and adds the bias / rounds to bf16 as
+    the kquant_linear op does."""
+    for path in _kquant_models(tmp_path):
+        model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, backend="cpu")
+        assert model.model.layers[0].self_attn.qkv_proj.kquant, path
+        ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
+        count_fused.clear()
+        fused, op_by_op = _decode_both_ways(model, ids, 5, monkeypatch)
+        assert len(count_fused) == 4, path       # every decode step ran the plan (and none of the op-by-op run)
+        assert torch.equal(fused, op_by_op), path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_of_act_order_gptq_equals_op_by_op(tmp_path, count_fused, monkeypatch, dtype):
+    """GPTQ desc_act: the plan gathers each linear's input by its permutation (once per fused linear) and runs
+    the quant_linear kernel, as the op-by-op path does after index_select: exact (same kernels, same inputs).
+    Also against the reference backend, within the tolerance rule's fp32 budget."""
+    import hf_quant_util as H
+
+    import conftest
+    H.write_checkpoint(tmp_path, H.tiny_llama(), "gptq", bits=4, group_size=32, desc_act=True)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=dtype, backend="cpu")
+    perms = [lin.input_perm for layer in model.model.layers
+             for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                         layer.mlp.down_proj)]
+    assert all(p is not None and not torch.equal(p, torch.arange(p.numel())) for p in perms)
+    ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(7))
+    fused, op_by_op = _decode_both_ways(model, ids, 5, monkeypatch)
+    assert len(count_fused) == 4
+    assert torch.equal(fused, op_by_op)
+    if dtype == torch.float32:
+        ref = LlamaForCausalLM.from_pretrained(tmp_path, dtype=dtype, backend="torch")
+        assert conftest.max_rel_diff(fused, _decode(ref, ids, torch.ones_like(ids), 5)) <= 1e-4
+
+
+def test_decode_plan_rejects_a_broken_permutation(tmp_path):
+    """An input_perm changed in place to an index outside [0, K) is an error, never an out-of-bounds read."""
+    import hf_quant_util as H
+    H.write_checkpoint(tmp_path, H.tiny_llama(), "gptq", bits=4, group_size=32, desc_act=True)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", backend="cpu")
+    ids = torch.randint(0, 128, (1, 4))
+    _step_logits(model, ids)
+    model.model.layers[1].mlp.down_proj.input_perm[3] = 10 ** 6
+    with pytest.raises(RuntimeError, match="input_perm holds 1000000"):
+        _step_logits(model, ids)

@@ -24,6 +24,7 @@
 #include "common/half_float.h"
 #include "cpu/cpu_features.h"
 #include "cpu/kernels.h"
+#include "cpu/kquant_linear.h"
 #include "cpu/quant_linear_vnni.h"
 #include "cpu/thread_pool.h"
 
@@ -37,14 +38,6 @@ namespace cpu {
 namespace kquant {
 
 using ggml::BlockType;
-
-struct Segment {  // rows of one block type
-  BlockType type;
-  const uint8_t* blocks;  // [rows, K / block_weights * block_bytes]
-  int64_t rows;
-};
-
-inline int64_t row_bytes(BlockType t, int64_t k) { return k / ggml::block_weights(t) * ggml::block_bytes(t); }
 
 // Rows per parallel chunk: ~32 KiB of blocks, at least 4 rows.
 inline int64_t row_grain(BlockType t, int64_t k) {
@@ -294,7 +287,6 @@ bool linear_vnni(bool bf16, const void* x, int64_t m, const std::vector<Segment>
 bool linear_vnni(bool, const void*, int64_t, const std::vector<Segment>&, int64_t, float*, int64_t) { return false; }
 #endif
 
-// out[m, N] (fp32) = x[m, K] @ W^T over the segments (stacked along N).
 void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& segs, int64_t k, float* out) {
   int64_t n = 0;
   for (const Segment& s : segs) n += s.rows;
