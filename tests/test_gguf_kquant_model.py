@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from kquant_util import random_blocks, write_mixed_gguf
+from kquant_util import write_mixed_gguf
 
 from llama_fast import LlamaForCausalLM, kquants
 from llama_fast.formats.gguf import GGUFError, read_gguf

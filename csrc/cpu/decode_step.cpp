@@ -52,8 +52,8 @@ constexpr const char* kLinearNames[4] = {"qkv_proj", "o_proj", "gate_up_proj", "
 struct LinearFields {
   std::optional<at::Tensor> weight, qweight, scales, offsets, bias, input_perm;
   int64_t bits = 0, group_size = 0;
-  std::map<int64_t, at::Tensor> blocks;        // "blocks.<i>": ggml row segments, in i order
-  std::map<int64_t, int64_t> block_types;      // "block_type.<i>"
+  std::map<int64_t, at::Tensor> blocks;    // "blocks.<i>": ggml row segments, in i order
+  std::map<int64_t, int64_t> block_types;  // "block_type.<i>"
 };
 
 struct LayerFields {
@@ -315,7 +315,7 @@ class DecodePlan : public torch::CustomClassHolder {
   LinearRef linear_ref(const LinearFields& f, int64_t k_expected, int which, int64_t layer) const {
     const char* name = kLinearNames[which];
     LinearRef r = f.blocks.empty() && f.block_types.empty() ? affine_or_dense_ref(f, k_expected, which, layer)
-                                                             : block_ref(f, k_expected, which, layer);
+                                                            : block_ref(f, k_expected, which, layer);
     if (r.bias != nullptr)
       TORCH_CHECK(r.bias->device().is_cpu() && r.bias->scalar_type() == dtype_ && r.bias->dim() == 1 &&
                       r.bias->size(0) == r.n && r.bias->is_contiguous(),
@@ -323,9 +323,9 @@ class DecodePlan : public torch::CustomClassHolder {
     r.bias_ptr = r.bias ? r.bias->const_data_ptr() : nullptr;
     if (f.input_perm.has_value()) {
       const at::Tensor& p = *f.input_perm;
-      TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kLong && p.dim() == 1 && p.size(0) == r.k &&
-                      p.is_contiguous(),
-                  kOp, ": layer ", layer, " ", name, ".input_perm must be a contiguous int64 CPU tensor [", r.k, "]");
+      TORCH_CHECK(
+          p.device().is_cpu() && p.scalar_type() == at::kLong && p.dim() == 1 && p.size(0) == r.k && p.is_contiguous(),
+          kOp, ": layer ", layer, " ", name, ".input_perm must be a contiguous int64 CPU tensor [", r.k, "]");
       r.perm = p.const_data_ptr<int64_t>();  // each index is range-checked where it is read (gather_inputs)
     }
     return r;
@@ -334,8 +334,8 @@ class DecodePlan : public torch::CustomClassHolder {
   // A linear held as ggml blocks: "blocks.<i>" with "block_type.<i>" for i = 0, 1, ..., stacked along N.
   LinearRef block_ref(const LinearFields& f, int64_t k, int which, int64_t layer) const {
     const char* name = kLinearNames[which];
-    TORCH_CHECK(!f.weight && !f.qweight && !f.scales && !f.offsets && f.bits == 0 && f.group_size == 0, kOp,
-                ": layer ", layer, " ", name, " has ggml blocks and another weight form");
+    TORCH_CHECK(!f.weight && !f.qweight && !f.scales && !f.offsets && f.bits == 0 && f.group_size == 0, kOp, ": layer ",
+                layer, " ", name, " has ggml blocks and another weight form");
     TORCH_CHECK(f.blocks.size() == f.block_types.size(), kOp, ": layer ", layer, " ", name,
                 " needs one block_type per blocks tensor");
     LinearRef r;
@@ -499,8 +499,15 @@ class DecodePlan : public torch::CustomClassHolder {
 
   void ensure_scratch() {
     const int64_t qkv_n = (heads_ + 2 * kv_heads_) * head_dim_, q_size = heads_ * head_dim_;
-    const int64_t widths[kScratchCount] = {hs_,        hs_,    hs_, qkv_n, q_size, 2 * inter_, inter_,
-                                           std::max({hs_, q_size, inter_}), std::max({qkv_n, hs_, 2 * inter_})};
+    const int64_t widths[kScratchCount] = {hs_,
+                                           hs_,
+                                           hs_,
+                                           qkv_n,
+                                           q_size,
+                                           2 * inter_,
+                                           inter_,
+                                           std::max({hs_, q_size, inter_}),
+                                           std::max({qkv_n, hs_, 2 * inter_})};
     int64_t total = 0;
     for (int i = 0; i < kScratchCount; ++i) {
       offsets_[i] = total;

@@ -286,13 +286,14 @@ void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32,
       const int16_t* xb = xp + 2 * blk * 256;
       auto chunk = [&](auto jc, __m512i low, __m512i high) {
         constexpr int j = decltype(jc)::value;
-        const __m512i scv = T == BlockType::kQ6K ? _mm512_permutexvar_epi16(scale_index[j], sc6)
-                                                 : _mm512_set1_epi16(sc[j]);
+        const __m512i scv =
+            T == BlockType::kQ6K ? _mm512_permutexvar_epi16(scale_index[j], sc6) : _mm512_set1_epi16(sc[j]);
         const __m512i q = _mm512_mullo_epi16(codes_k<T, j>(low, high), scv);
         for (int mm = 0; mm < M; ++mm) {
           const int16_t* xc = xb + mm * 2 * k + 64 * j;
           ih[mm][j % kSplit] = _mm512_dpwssd_epi32(ih[mm][j % kSplit], q, _mm512_loadu_si512(xc));
-          if constexpr (kTwoLimbs) il[mm][j % kSplit] = _mm512_dpwssd_epi32(il[mm][j % kSplit], q, _mm512_loadu_si512(xc + 32));
+          if constexpr (kTwoLimbs)
+            il[mm][j % kSplit] = _mm512_dpwssd_epi32(il[mm][j % kSplit], q, _mm512_loadu_si512(xc + 32));
         }
       };
       if constexpr (T == BlockType::kQ6K) {
@@ -322,7 +323,8 @@ void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32,
       const __m512 d = _mm512_set1_ps(HardF16{}(b + (T == BlockType::kQ6K ? 208 : 0)));
       __m256 neg_min = _mm256_setzero_ps();
       if constexpr (T != BlockType::kQ6K) {
-        const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn))));
+        const __m256 m =
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn))));
         neg_min = _mm256_mul_ps(m, _mm256_set1_ps(-HardF16{}(b + 2)));  // -(dmin * m_j), as the dequantization
       }
       for (int mm = 0; mm < M; ++mm) {
@@ -386,9 +388,12 @@ template <bool kTwoLimbs>
 void rows_dispatch(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xsum32,
                    const float* xscale, int64_t m, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   switch (s.type) {
-    case BlockType::kQ4K: return rows_k_any_m<BlockType::kQ4K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ5K: return rows_k_any_m<BlockType::kQ5K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ6K: return rows_k_any_m<BlockType::kQ6K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ4K:
+      return rows_k_any_m<BlockType::kQ4K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ5K:
+      return rows_k_any_m<BlockType::kQ5K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ6K:
+      return rows_k_any_m<BlockType::kQ6K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
     case BlockType::kQ2K: return rows_any_m<BlockType::kQ2K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
     case BlockType::kQ3K: return rows_any_m<BlockType::kQ3K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
     case BlockType::kQ5_0:
