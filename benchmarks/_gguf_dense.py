@@ -24,14 +24,26 @@ def write_dense_gguf(src: str, dst: str, kind: str = "F32") -> str:
         if field.name == gguf.Keys.General.FILE_TYPE:
             writer.add_file_type(0 if kind == "F32" else 1)
             continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        copy_field(writer, field)
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         # llama.cpp keeps 1-D tensors (norms) in F32
         qtype, np_dtype = target if data.ndim > 1 else (gguf.GGMLQuantizationType.F32, np.float32)
         writer.add_tensor(t.name, data.astype(np_dtype), raw_dtype=qtype)
+    return finish(writer, tmp, dst)
+
+
+def copy_field(writer, field) -> None:
+    """Copies one metadata field of a gguf.GGUFReader into a gguf.GGUFWriter, keeping its value types."""
+    import gguf
+
+    vtype = field.types[0]
+    sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+    writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+
+def finish(writer, tmp: str, dst: str) -> str:
+    """Writes out a gguf.GGUFWriter opened on `tmp` and moves the file to `dst` (no half-written dst)."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -151,21 +151,28 @@ def _decode_loop(model, new_input, attention_mask, output, prompt_len, max_new, 
     # criteria read the output on the host anyway, so with them the loop checks every step.
     watch = FinishWatch(output.device) if eos is not None and not criteria else None
     decode = _decode_function(model, cache, graphed)
+    # Plain greedy with a CUDA graph: the graph itself ends with the choice (cuda_graphs.GraphedDecode.greedy).
+    greedy_in_graph = graphed is not None and choose is _cuda_graphs.greedy_choice and not processors \
+        and raw_logits is None and scores is None
     out = model(new_input, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1, :]
+    chosen = None      # next tokens chosen by the graph, when greedy_in_graph
     length = prompt_len
     for step in range(max_new):
-        if processors or raw_logits is not None or scores is not None:
-            logits = logits.float()
-            step_scores = logits_process.apply(processors, output[:, :length], logits.clone()) if processors \
-                else logits
-            if raw_logits is not None:
-                raw_logits.append(logits)
-            if scores is not None:
-                scores.append(step_scores)
+        if chosen is not None:
+            next_tokens = chosen      # the graph's buffer: used (copied) before the next replay on the same stream
         else:
-            step_scores = logits      # plain greedy: no fp32 copy (the argmax is the same)
-        next_tokens = choose(step_scores)
+            if processors or raw_logits is not None or scores is not None:
+                logits = logits.float()
+                step_scores = logits_process.apply(processors, output[:, :length], logits.clone()) if processors \
+                    else logits
+                if raw_logits is not None:
+                    raw_logits.append(logits)
+                if scores is not None:
+                    scores.append(step_scores)
+            else:
+                step_scores = logits      # plain greedy: no fp32 copy (the argmax is the same)
+            next_tokens = choose(step_scores)
         # transformers pads finished rows only when an eos criterion exists (a stop string alone does not)
         if pad is not None and eos is not None:
             next_tokens = torch.where(unfinished, next_tokens, pad)
@@ -184,7 +191,11 @@ def _decode_loop(model, new_input, attention_mask, output, prompt_len, max_new, 
         if stop:
             break
         if step + 1 < max_new:
-            logits = decode(output[:, length - 1:length])
+            if greedy_in_graph:
+                cache.seen_tokens += 1
+                chosen = graphed.greedy(model, output[:, length - 1:length])
+            else:
+                logits = decode(output[:, length - 1:length])
     if watch is not None:
         length = watch.final_length(length)    # on a GPU the loop may have run a few (pad-only) steps past it
     return length
@@ -316,9 +327,7 @@ def _make_chooser(do_sample: bool, generator, seed, device):
     """A function scores [B, V] -> next token ids [B]: argmax, or a multinomial draw from `generator` (seeded
     from `seed` if given) over softmax(scores); the scores are already warped by the processors."""
     if not do_sample:
-        # max().indices: the same first maximal index as argmax, ~3x faster on CPU (a 49K vocabulary: 20 us
-        # instead of 60 per token)
-        return lambda scores: scores.max(dim=-1).indices
+        return _cuda_graphs.greedy_choice   # the decode loop may take it from inside the CUDA graph
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
 

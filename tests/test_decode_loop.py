@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama_fast import LlamaForCausalLM, decode_loop
+from llama_fast import LlamaForCausalLM, cuda_graphs, decode_loop
 from llama_fast.config import LlamaConfig
 
 from conftest import tiny_config
@@ -115,3 +115,52 @@ def test_generate_through_the_static_decode_step_equals_forward(model, monkeypat
     monkeypatch.setattr(type(model), "decode_step", lambda self, *a: steps.append(1) or real(self, *a))
     got = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
     assert len(steps) == 11 and torch.equal(got, want)
+
+
+class ReplayedStep:
+    """A CUDA graph's semantics on the CPU: capture records the step once; replay reruns it reading the static
+    input buffer and writing into the same output buffers (whose storage the caller keeps reading)."""
+
+    def __init__(self, graphed, model):
+        self.graphed, self.model, self.replays = graphed, model, 0
+
+    def run(self):
+        g = self.graphed
+        logits = self.model.decode_step(g.tokens, g.cache, g.cos, g.sin)
+        return logits, cuda_graphs.greedy_choice(logits)
+
+    def replay(self):
+        self.replays += 1
+        logits, tokens = self.run()
+        self.graphed.logits.copy_(logits)
+        self.graphed.greedy_tokens.copy_(tokens)
+
+
+def fake_capture(self, model):
+    self.graph = ReplayedStep(self, model)
+    self.logits, self.greedy_tokens = (t.clone() for t in self.graph.run())   # the "capture" (a step)
+    self.cache.reset()
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_generate_through_a_replayed_graph_equals_forward(model, monkeypatch, do_sample):
+    # generate's CUDA-graph path on the CPU, with the graph replaced by ReplayedStep (same static buffers):
+    # greedy takes its tokens from the graph's own argmax (GraphedDecode.greedy), sampling reads its logits.
+    ids = torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[2, :2] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, do_sample=do_sample, seed=3)
+    want = model.generate(ids, **kwargs)
+    monkeypatch.setattr(cuda_graphs, "supported", lambda m: None)
+    monkeypatch.setattr(cuda_graphs.GraphedDecode, "_capture", fake_capture)
+    greedy_calls = []
+    real_greedy = cuda_graphs.GraphedDecode.greedy
+    monkeypatch.setattr(cuda_graphs.GraphedDecode, "greedy",
+                        lambda self, *a: greedy_calls.append(1) or real_greedy(self, *a))
+    got = model.generate(ids, **kwargs)
+    again = model.generate(ids, **kwargs)          # the same graph and cache, reset, serve a second call
+    graphed = cuda_graphs._GRAPHS[model][3]
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert graphed.graph.replays == 2 * 11
+    assert len(greedy_calls) == (0 if do_sample else 2 * 11)
+    cuda_graphs.release(model)

@@ -111,6 +111,8 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at
   TORCH_CHECK(d % 2 == 0 && d > 0, op, ": head_dim must be even and positive, got ", d);
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1, op, ": q and k must be contiguous along head_dim");
   TORCH_CHECK(q.size(0) * q.size(1) < (1LL << 31), op, ": more than 2^31 - 1 tokens");
+  TORCH_CHECK((q.size(2) + k.size(2)) * (d / 2) <= 65535LL * 128, op,
+              ": too many heads for one token's grid: ", q.size(2), " + ", k.size(2), " heads of ", d);
   check_index_tensor(positions, q, op, "positions");
   TORCH_CHECK(positions.dim() == 2 && positions.size(0) == q.size(0) && positions.size(1) == q.size(1), op,
               ": positions must be [", q.size(0), ", ", q.size(1), "], got ", positions.sizes());

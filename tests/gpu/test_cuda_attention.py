@@ -66,7 +66,7 @@ def test_not_causal(dtype, d):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tq", [1, 4, 37])
-@pytest.mark.parametrize("hq,hkv", [(9, 3), (16, 2)])
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (16, 2), (4, 4)])   # (4, 4) with tq 1 / 4: the warps split the keys
 def test_kv_cache_with_lengths(dtype, tq, hq, hkv):
     # A static cache of 600 slots, sequences of different lengths; one has fewer keys than queries
     # (its first rows see no key and must be zero), one is empty.

@@ -1,0 +1,90 @@
+"""Random-weight Llama GGUF files of real shapes for the speed benchmarks (speed does not depend on the values).
+
+The tokenizer metadata is copied from the demo model (SmolLM2's 49152-token BPE vocabulary), so both engines open
+the file as they would a real checkpoint; the weights are N(0, 0.02) in F16 (norms 1.0, F32 as llama.cpp wants
+1-D tensors). Quantized copies are made by llama.cpp's own quantizer (`llama_model_quantize`), the way users get
+their files, with the token table in Q8_0 (tied: it also serves as the output head).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+# name -> (hidden, layers, heads, kv heads, intermediate); vocabulary 49152 (the copied tokenizer's), tied head.
+SHAPES = {
+    "llama-1b": (2048, 16, 32, 8, 8192),        # Llama 3.2 1B's body with the copied vocabulary
+    "llama-8b": (4096, 32, 32, 8, 14336),       # Llama 3.1 8B's body (about 15 GB in F16: written only on request)
+}
+
+
+def write_random_f16(demo_gguf: str, dst: str, shape: str, seed: int = 0) -> str:
+    import gguf
+
+    from _gguf_dense import copy_field, finish
+
+    if os.path.exists(dst):
+        return dst
+    hidden, layers, heads, kv_heads, inter = SHAPES[shape]
+    head_dim = hidden // heads
+    reader = gguf.GGUFReader(demo_gguf)
+    tmp = dst + ".tmp"
+    writer = gguf.GGUFWriter(tmp, "llama")
+    writer.add_name(f"random-{shape}")
+    writer.add_context_length(8192)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(inter)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(1)  # MOSTLY_F16
+    vocab = None
+    for field in reader.fields.values():
+        if not field.name.startswith("tokenizer."):
+            continue
+        copy_field(writer, field)
+        if field.name == "tokenizer.ggml.tokens":
+            vocab = len(field.data)
+    rng = np.random.default_rng(seed)
+
+    def weight(rows, cols):  # GGUF stores [rows, cols] row-major as ne = (cols, rows)
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float16)
+
+    writer.add_tensor("token_embd.weight", weight(vocab, hidden))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        p = f"blk.{i}."
+        writer.add_tensor(p + "attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(p + "attn_q.weight", weight(heads * head_dim, hidden))
+        writer.add_tensor(p + "attn_k.weight", weight(kv_heads * head_dim, hidden))
+        writer.add_tensor(p + "attn_v.weight", weight(kv_heads * head_dim, hidden))
+        writer.add_tensor(p + "attn_output.weight", weight(hidden, heads * head_dim))
+        writer.add_tensor(p + "ffn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(p + "ffn_gate.weight", weight(inter, hidden))
+        writer.add_tensor(p + "ffn_up.weight", weight(inter, hidden))
+        writer.add_tensor(p + "ffn_down.weight", weight(hidden, inter))
+    return finish(writer, tmp, dst)
+
+
+def quantize_with_llama_cpp(src: str, dst: str, kind: str) -> str:
+    """`kind` in Q4_0, Q4_1, Q8_0, Q4_K_M, Q5_K_M, Q6_K: llama.cpp's quantizer, token table (and so the tied
+    head) in Q8_0 for the legacy types as in issue 14's 1B file, llama.cpp's own choice for the K-quant mixes."""
+    import llama_cpp
+
+    if os.path.exists(dst):
+        return dst
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
+    params.nthread = os.cpu_count() or 1
+    if not kind.endswith(("_K_M", "_K")):
+        params.token_embedding_type = llama_cpp.GGML_TYPE_Q8_0
+        params.output_tensor_type = llama_cpp.GGML_TYPE_Q8_0
+    tmp = dst + ".tmp"
+    status = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), params)
+    if status != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {kind}) failed with status {status}")
+    os.replace(tmp, dst)
+    return dst
