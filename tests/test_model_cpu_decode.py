@@ -235,3 +235,38 @@ def test_decode_plan_rejects_a_broken_permutation(tmp_path):
     model.model.layers[1].mlp.down_proj.input_perm[3] = 10 ** 6
     with pytest.raises(RuntimeError, match="input_perm holds 1000000"):
         _step_logits(model, ids)
+
+
+def test_decode_plan_names_bad_block_fields():
+    """Block segments the plan cannot read are named at the first step, never read out of bounds."""
+    from kquant_util import random_blocks
+
+    from llama_fast import kquants
+    norm = torch.ones(256)
+    cos = sin = torch.zeros(8, 32)
+    good = random_blocks("Q4_K", 1, 256)
+
+    def step(blocks, types):
+        plan = torch.classes.llama_fast.CpuDecodePlan(norm, 4, 2, 64, 1e-5)
+        tensors = {"input_layernorm": norm, "post_attention_layernorm": norm}
+        ints = {}
+        for name, n, k in (("qkv_proj", 512, 256), ("o_proj", 256, 256), ("gate_up_proj", 512, 256),
+                           ("down_proj", 256, 256)):
+            for i, b in enumerate(blocks(n, k)):
+                tensors[f"{name}.blocks.{i}"] = b
+                if i < len(types):
+                    ints[f"{name}.block_type.{i}"] = types[i]
+        plan.add_layer(tensors, ints)
+        cache = torch.zeros(1, 8, 2, 64)
+        torch.ops.llama_fast.cpu_decode_step(plan, torch.zeros(1, 1, 256), [cache], [cache.clone()],
+                                             torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                                             torch.ones(1, dtype=torch.int32), 1, cos, sin)
+
+    q4k = kquants.TYPE_IDS["Q4_K"]
+    step(lambda n, k: [random_blocks("Q4_K", n, k)], [q4k])          # well formed: runs
+    with pytest.raises(RuntimeError, match="unknown block type id 9"):
+        step(lambda n, k: [random_blocks("Q4_K", n, k)], [9])
+    with pytest.raises(RuntimeError, match=r"qkv_proj.blocks.0 must be contiguous uint8 \[rows, 144\]"):
+        step(lambda n, k: [good[:, :100].contiguous()], [q4k])
+    with pytest.raises(RuntimeError, match="one block_type per blocks tensor"):
+        step(lambda n, k: [random_blocks("Q4_K", n, k)], [])
