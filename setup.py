@@ -89,8 +89,8 @@ setup(
     # import finder, not in the tree, so a checkout run without installing it (PYTHONPATH=.) has no
     # llama_fast.kernels, and a second checkout (a git worktree) on the same environment silently imports
     # the installed checkout's kernels. See docs/DESIGN.md, "Packaging".
-    packages=["llama_fast", "llama_fast.formats", "llama_fast.kernels", "llama_fast.ops", "llama_fast.serve",
-              "llama_fast.tokenization", "llama_fast.tools"],
+    packages=["llama_fast", "llama_fast.formats", "llama_fast.kernels", "llama_fast.ops", "llama_fast.parallel",
+              "llama_fast.serve", "llama_fast.tokenization", "llama_fast.tools"],
     package_data={"llama_fast": ["data/*"]},
     ext_modules=[_extension()],
     cmdclass=_cmdclass(),

@@ -34,6 +34,10 @@ class Linear(TracksWeights):
         self.bits: int | None = None
         self.group_size: int | None = None
         self.kquant_kinds: tuple[str, ...] | None = None
+        # Tensor parallelism (llama_fast.parallel): turns this rank's partial output into the whole one, e.g. the
+        # all-reduce of a row-parallel layer or the gather of a vocab-sharded head. The bias is added after it,
+        # so that it counts once.
+        self.combine_output = None
 
     @property
     def quantized(self) -> bool:
@@ -126,11 +130,18 @@ class Linear(TracksWeights):
         return qw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        combine = self.combine_output
+        bias = self.bias if combine is None else None
         if self.bits is not None:
-            return ops.quant_linear(x, self.quantized_weight(), self.bias, backend=self.backend)
-        if self.kquant_kinds is not None:
-            return ops.kquant_linear(x, self.kquant_weight(), self.bias, backend=self.backend)
-        return ops.linear(x, self.weight, self.bias, backend=self.backend)
+            y = ops.quant_linear(x, self.quantized_weight(), bias, backend=self.backend)
+        elif self.kquant_kinds is not None:
+            y = ops.kquant_linear(x, self.kquant_weight(), bias, backend=self.backend)
+        else:
+            y = ops.linear(x, self.weight, bias, backend=self.backend)
+        if combine is None:
+            return y
+        y = combine(y)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         q = f", bits={self.bits}, group_size={self.group_size}" if self.quantized else ""

@@ -67,6 +67,7 @@ from llama_fast.kquants import KQuantWeight
 from llama_fast.linear import Linear
 from llama_fast.model_files import model_file
 from llama_fast.ops._backend import check_backend_name
+from llama_fast.parallel.sharded_load import ShardedLoad
 from llama_fast.quant import QuantizedWeight
 
 # Weights a file may hand over in a native quantized form, kept as they are by linear layers.
@@ -149,7 +150,7 @@ class TensorLoader:
     """Fills a meta-device model from (transformers name, tensor) pairs: `add` each, then `finish`."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, device, quantize: str | None = None,
-                 group_size: int = 128):
+                 group_size: int = 128, group_basis: dict[str, int] | None = None):
         if quantize is not None and quantize not in _QUANTIZE_BITS:
             raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
         _check_group_size(group_size)
@@ -158,6 +159,9 @@ class TensorLoader:
         self.device = torch.device(device)
         self.bits = _QUANTIZE_BITS.get(quantize)
         self.group_size = group_size
+        # Parameter -> the input size quantize= picks the group size for, where a tensor-parallel rank holds
+        # only some input columns (llama_fast.parallel): the group the one-process model would use.
+        self.group_basis = group_basis or {}
         self.targets, self.by_hf = _targets(model)
         tie = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
         self.tied: dict[str, str] = dict(getattr(model, "tied_weights", {})) if tie else {}
@@ -304,7 +308,11 @@ class TensorLoader:
             target.received = dict.fromkeys(target.received, True)
         dense, target.buffer = target.buffer, None
         if self.bits is not None and target.quantizable:
-            group_size = _group_size_for(dense.shape[1], self.group_size, pname)
+            k = dense.shape[1]
+            group_size = _group_size_for(self.group_basis.get(pname, k), self.group_size, pname)
+            if k % group_size:
+                raise CheckpointError(f"{pname}: this rank's {k} input columns are not a whole number of "
+                                      f"quantization groups of {group_size}; pass a group_size that divides {k}")
             owner.set_quantized(quant.quantize(dense, self.bits, group_size, name=pname))
             return
         setattr(owner, attr, nn.Parameter(dense, requires_grad=False))
@@ -353,13 +361,14 @@ def _group_size_for(k: int, requested: int, name: str) -> int:
 
 
 def load_tensors(model: nn.Module, named_tensors: Iterable, source: str, quantize: str | None = None,
-                 group_size: int = 128, dtype: torch.dtype | None = None, device="cpu") -> nn.Module:
+                 group_size: int = 128, dtype: torch.dtype | None = None, device="cpu",
+                 group_basis: dict[str, int] | None = None) -> nn.Module:
     """Fills the meta-device `model` from (transformers name, Tensor | QuantizedWeight) pairs (see the
     module docstring), in `dtype` (default: the dtype of its meta parameters, the one meta_model built it
-    in) on `device`."""
+    in) on `device`. group_basis: see TensorLoader (tensor-parallel ranks)."""
     if dtype is None:
         dtype = next(model.parameters()).dtype
-    loader = TensorLoader(model, dtype, device, quantize, group_size)
+    loader = TensorLoader(model, dtype, device, quantize, group_size, group_basis)
     for name, value in named_tensors:
         loader.add(name, value, source)
     loader.finish(source)
@@ -377,14 +386,18 @@ def meta_model(cls, config: LlamaConfig, dtype: torch.dtype) -> nn.Module:
 
 def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantize=None, group_size=128,
                     torch_dtype=None, device_map=None, dequantize=False, revision=None, cache_dir=None,
-                    local_files_only=False, token=None):
+                    local_files_only=False, token=None, tp_plan=None, tp_group=None, tp_vocab="sharded"):
     """`cls` (LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification) from an HF directory or a GGUF
     file. dtype: "auto" (config's torch_dtype, float32 if absent), "float32", "bfloat16", "float16" or a
     torch.dtype. backend: the ops backend (None: the best one for each op on the tensors' device).
     transformers' spellings work too: torch_dtype= for dtype, device_map="cpu" / "cuda:0" for device (one
     device; the model is not split). dequantize: load a GGUF file's quantized tensors as dense weights
     instead of natively (llama_fast.formats.gguf). A `path` that does not exist locally is a Hub repo id,
-    found in the Hugging Face cache (or downloaded) at `revision` as transformers does (llama_fast.hub)."""
+    found in the Hugging Face cache (or downloaded) at `revision` as transformers does (llama_fast.hub).
+    tp_plan="auto": this process is one rank of a tensor-parallel model over `tp_group` (default: the
+    torch.distributed world, initialized from torchrun's environment if need be) and loads only its shard;
+    tp_vocab="sharded" | "replicated" splits the embedding and lm_head over the ranks or not
+    (llama_fast.parallel). model.config is then the rank's config (its heads, its intermediate size)."""
     if torch_dtype is not None:
         if dtype not in ("auto", None):
             raise ValueError("pass dtype or torch_dtype, not both")
@@ -398,14 +411,30 @@ def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantiz
     if quantize is not None and quantize not in _QUANTIZE_BITS:
         raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
     _check_group_size(group_size)
-    path = hub.resolve(path, hub.MODEL_FILES, revision, cache_dir, local_files_only, token)
+    shard = None
+    if tp_plan is not None:
+        shard = ShardedLoad.start(tp_plan, tp_group, tp_vocab, device)
+        device = shard.device
+
+    def load():
+        resolved = hub.resolve(path, hub.MODEL_FILES, revision, cache_dir, local_files_only, token)
+        gguf = _gguf_path(resolved)
+        if gguf is not None:
+            model = _load_gguf(cls, gguf, dtype, device, dequantize, quantize, group_size, shard)
+        else:
+            model = _load_hf_directory(cls, resolved, dtype, device, quantize, group_size, shard)
+        model.set_backend(backend)
+        return model.eval()
+
+    return load() if shard is None else shard.run(load)
+
+
+def read_config(path: str) -> LlamaConfig:
+    """The config of the model at a local `path` (an HF directory or a .gguf file), reading no weights."""
     gguf = _gguf_path(path)
     if gguf is not None:
-        model = _load_gguf(cls, gguf, dtype, device, dequantize, quantize, group_size)
-    else:
-        model = _load_hf_directory(cls, path, dtype, device, quantize, group_size)
-    model.set_backend(backend)
-    return model.eval()
+        return LlamaConfig.from_dict(gguf_format.gguf_config(gguf_format.open_gguf(gguf), gguf))
+    return LlamaConfig.from_pretrained(model_file(path, "config.json", "config"))
 
 
 def _resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
@@ -439,19 +468,24 @@ def _refuse_pickles(path: str) -> None:
             "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir, safe_serialization=True)")
 
 
-def _load_gguf(cls, path: str, dtype, device, dequantize: bool, quantize, group_size):
+def _load_gguf(cls, path: str, dtype, device, dequantize: bool, quantize, group_size, shard=None):
     """`cls` from a Llama GGUF file. dtype "auto" is float32 (GGUF records no compute dtype; its norms are
     F32). Q8_0 / Q4_0 / Q4_1 linear weights stay quantized (exact) unless dequantize=True; `quantize`
-    applies to dense ones only."""
+    applies to dense ones only. shard: a tensor-parallel rank's load (llama_fast.parallel.sharded_load)."""
     reader = gguf_format.open_gguf(path)
     config_dict = gguf_format.gguf_config(reader, path)
     torch_dtype = dtype_from_name("float32" if dtype in ("auto", None) else dtype)
-    model = meta_model(cls, LlamaConfig.from_dict(config_dict), torch_dtype)
-    tensors = gguf_format.gguf_tensors(reader, config_dict, dequantize, torch_dtype, path)
-    return load_tensors(model, tensors, path, quantize, group_size, torch_dtype, device)
+    config = LlamaConfig.from_dict(config_dict)
+    if shard is None:
+        model, select, group_basis = meta_model(cls, config, torch_dtype), None, None
+    else:
+        model = shard.meta_model(cls, config, torch_dtype)
+        select, group_basis = shard.split, shard.group_basis(model)
+    tensors = gguf_format.gguf_tensors(reader, config_dict, dequantize, torch_dtype, path, select)
+    return load_tensors(model, tensors, path, quantize, group_size, torch_dtype, device, group_basis)
 
 
-def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
+def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size, shard=None):
     if os.path.isfile(path):
         _refuse_pickles(path)
         raise CheckpointError(f"{path}: expected a directory with config.json and *.safetensors, or a .gguf file")
@@ -459,20 +493,28 @@ def _load_hf_directory(cls, path: str, dtype, device, quantize, group_size):
     files = _safetensors_files(path)
     _check_layer_count(config, files, path)
     torch_dtype = _resolve_dtype(dtype, config)
-    model = meta_model(cls, config, torch_dtype)
-    loader = TensorLoader(model, torch_dtype, device, quantize, group_size)
     try:   # llama_fast's own quantized format, GPTQ, AWQ or compressed-tensors
         reader = quantized_checkpoints.reader_for(quantized_checkpoints.checkpoint_quantization(
             path, getattr(config, "quantization_config", None)))
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if shard is None:
+        model = meta_model(cls, config, torch_dtype)
+        loader = TensorLoader(model, torch_dtype, device, quantize, group_size)
+    else:
+        if not isinstance(reader, LlamaFastFormat):
+            raise CheckpointError(f"{path}: tensor parallelism reads dense, llama_fast-quantized and GGUF "
+                                  f"checkpoints; this one is {type(reader).__name__.removesuffix('Format')}, whose "
+                                  "packed layout is not split yet (load it once and save_pretrained it)")
+        model = shard.meta_model(cls, config, torch_dtype)
+        loader = TensorLoader(model, torch_dtype, device, quantize, group_size, shard.group_basis(model))
     source = files[0][0] if len(files) == 1 else os.path.join(path, SAFE_INDEX)
     quant_parts: dict[str, dict[str, torch.Tensor]] = {}
     # A progress bar on terminals only (tqdm's disable=None), for big checkpoints.
     with tqdm(total=len(loader.by_hf), desc="Loading weights", unit="tensor", disable=None, leave=False) as bar:
         for file, names in files:
-            _load_safetensors_file(loader, file, names, bar, quant_parts, reader.parts)
-    _add_quantized(loader, quant_parts, source, reader)
+            _load_safetensors_file(loader, file, names, bar, quant_parts, reader.parts, shard)
+    _add_quantized(loader, quant_parts, source, reader, shard)
     loader.finish(source)
     model.generation_config = _read_generation_config(path)
     return model
@@ -542,10 +584,11 @@ def _weight_map(index: str) -> dict[str, str]:
 
 
 def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | None, bar=None,
-                           quant_parts: dict | None = None, part_names=LlamaFastFormat.parts) -> None:
+                           quant_parts: dict | None = None, part_names=LlamaFastFormat.parts, shard=None) -> None:
     """Adds the file's tensors to `loader`; the parts of quantized linears (x.<part> for a part in
     `part_names`: x.qweight / x.scales / x.offsets in llama_fast's format) are collected in `quant_parts`
-    instead (they may sit in different shards)."""
+    instead (they may sit in different shards; a tensor-parallel `shard` collects where they are and reads
+    its part of them once all are known)."""
     try:
         st = SafetensorsFile(file)
     except SafetensorsError as e:
@@ -556,14 +599,15 @@ def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | N
         base, _, part = name.rpartition(".")
         if part in part_names and quant_parts is not None:
             try:
-                quant_parts.setdefault(base, {})[part] = st.read(name)
+                quant_parts.setdefault(base, {})[part] = st.read(name) if shard is None else (st, name)
             except SafetensorsError as e:
                 raise CheckpointError(str(e)) from None
             continue
-        # Read straight into the parameter when no conversion is needed; else into a temporary.
-        out = loader.slot(name, st.shape(name), st.dtype(name))
         try:
-            tensor = st.read(name, out)
+            if shard is not None:
+                tensor = shard.read_dense(st, name)
+            else:   # read straight into the parameter when no conversion is needed; else into a temporary
+                tensor = st.read(name, loader.slot(name, st.shape(name), st.dtype(name)))
         except SafetensorsError as e:
             raise CheckpointError(str(e)) from None
         loader.add(name, tensor, file)
@@ -571,12 +615,18 @@ def _load_safetensors_file(loader: TensorLoader, file: str, names: list[str] | N
             bar.update()
 
 
-def _add_quantized(loader: TensorLoader, quant_parts: dict, source: str, reader=None) -> None:
+def _add_quantized(loader: TensorLoader, quant_parts: dict, source: str, reader=None, shard=None) -> None:
     """Each quantized linear's parts -> one QuantizedWeight for `loader`, by the checkpoint format's reader
-    (llama_fast.formats.quantized_checkpoints; default llama_fast's own format)."""
+    (llama_fast.formats.quantized_checkpoints; default llama_fast's own format). With a tensor-parallel `shard`
+    the parts are (file, name) handles, read here for this rank."""
     reader = reader or LlamaFastFormat()
     for base in list(quant_parts):
         parts = quant_parts.pop(base)        # the packed parts go as soon as their weight exists
+        if shard is not None:
+            try:
+                parts = shard.read_quantized(base, parts)
+            except SafetensorsError as e:
+                raise CheckpointError(str(e)) from None
         for needed in reader.required:
             if needed not in parts:
                 raise CheckpointError(f"{source}: tensor {base}.{needed!s} is missing (the other parts of the "
@@ -638,6 +688,9 @@ def save_pretrained(model: nn.Module, directory, max_shard_size: int | str = "50
     """config.json, the weights and generation_config.json: a directory transformers loads. The weights go to
     model.safetensors, or, past max_shard_size (bytes, or "500MB" / "5GB" / "2GiB" as transformers spells it),
     to model-0000i-of-0000n.safetensors shards with model.safetensors.index.json."""
+    if getattr(model, "tensor_parallel", None) is not None:
+        raise ValueError("save_pretrained of a tensor-parallel rank would write one shard as if it were the model; "
+                         "save the one-process model instead")
     items = list(hf_state_items(model))     # views; raises before anything is written
     shards = _shard(items, _size_in_bytes(max_shard_size))
     directory = os.fspath(directory)

@@ -188,6 +188,8 @@ class LlamaPreTrainedModel(TracksWeights):
     tied_weights: dict[str, str] = {}
     # Checkpoint entries the model does not need (old checkpoints saved the rotary table).
     unused_checkpoint_suffixes = ("rotary_emb.inv_freq",)
+    # This rank's share of a tensor-parallel model (llama_fast.parallel.runtime.TensorParallel), else None.
+    tensor_parallel = None
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -199,7 +201,8 @@ class LlamaPreTrainedModel(TracksWeights):
     def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantize=None, group_size=128,
                         **kwargs):
         """Loads an HF directory (config.json + safetensors, single or sharded) or a .gguf file; see
-        llama_fast.loading.from_pretrained."""
+        llama_fast.loading.from_pretrained. tp_plan="auto" inside a torch.distributed process group loads this
+        rank's shard of a tensor-parallel model (llama_fast.parallel)."""
         return loading.from_pretrained(cls, path, dtype=dtype, device=device, backend=backend, quantize=quantize,
                                        group_size=group_size, **kwargs)
 
@@ -273,6 +276,9 @@ class LlamaModel(LlamaPreTrainedModel):
         """Arguments as transformers' LlamaModel.forward. cache_position is accepted and ignored (each row's
         cache position is known from the cache). Returns BaseModelOutputWithPast, or its tuple."""
         _reject_unknown(kwargs)
+        if output_attentions and self.tensor_parallel is not None:
+            raise ValueError("output_attentions is not available under tensor parallelism: each rank holds the "
+                             "attention of its own heads only")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         hidden, cache, step = self._prepare(input_ids, attention_mask, position_ids, past_key_values,
                                             inputs_embeds, use_cache)
@@ -324,7 +330,7 @@ class LlamaModel(LlamaPreTrainedModel):
         valid, cos/sin are `rope_tables(cache)`. lengths is advanced in place; the caller counts
         cache.seen_tokens (a host int) itself, outside whatever was compiled or captured. The ids are not
         checked: generate feeds the sampler's, in range by construction (forward checks what users pass)."""
-        hidden = F.embedding(input_ids, self.embed_tokens.weight)
+        hidden = self.embed_tokens(input_ids)
         slots = cache.lengths[:, None]
         step = _Step(slots, slots, cache.lengths + 1, cache.max_len, cos, sin, cache.max_len)
         hidden = self._stack(hidden, step, cache)
@@ -342,7 +348,7 @@ class LlamaModel(LlamaPreTrainedModel):
                 raise ValueError(f"input_ids are on {input_ids.device}, the model on {self.device}; move them "
                                  f"with .to({str(self.device)!r})")
             _check_token_ids(input_ids, self.config.vocab_size)
-            hidden = F.embedding(input_ids, self.embed_tokens.weight)
+            hidden = self.embed_tokens(input_ids)
         else:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
                 raise ValueError(f"inputs_embeds must be [batch, seq_len, {self.config.hidden_size}], got "

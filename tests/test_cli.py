@@ -31,10 +31,13 @@ def assert_one_line_error(proc, *words):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A tiny random model with a word-level tokenizer and a chat template, as an HF directory."""
+    return save_tiny_cli_model(tmp_path_factory.mktemp("tiny"))
+
+
+def save_tiny_cli_model(path):
+    """A tiny random model with a word-level tokenizer and a chat template, as an HF directory at `path`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    path = tmp_path_factory.mktemp("tiny")
     words = ["<unk>", "<s>", "</s>", "user", "assistant", "hello"] + [f"w{i}" for i in range(58)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

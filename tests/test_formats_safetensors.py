@@ -58,3 +58,24 @@ def test_size_mismatch_and_unknown_dtype(tmp_path):
     _raw_file(tmp_path / "e.safetensors", {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, bytes(2))
     with pytest.raises(SafetensorsError, match=r"corrupt safetensors header entry for tensor 'w'"):
         SafetensorsFile(tmp_path / "e.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_read_rectangle_reads_the_rows_and_columns_of_a_slice(tmp_path, dtype):
+    """What a tensor-parallel rank reads (llama_fast.parallel): equal to slicing the whole tensor (exact: the
+    same bytes)."""
+    from llama_fast.formats.regions import SplitsBlockError
+
+    gen = torch.Generator().manual_seed(0)
+    full = (torch.randn(6, 20, generator=gen) * 50).to(dtype)
+    bias = torch.randn(6, generator=gen)
+    path = tmp_path / "m.safetensors"
+    safetensors_format.write(path, [("w", full), ("b", bias)])
+    st = SafetensorsFile(path)
+    assert torch.equal(st.read_rectangle("w", rows=(2, 5)), full[2:5])
+    assert torch.equal(st.read_rectangle("w", cols=(4, 12)), full[:, 4:12])
+    assert torch.equal(st.read_rectangle("b", rows=(1, 4)), bias[1:4])
+    # packed int4 codes: two weights per byte, so weight columns 8..24 are bytes 4..12
+    assert torch.equal(st.read_rectangle("w", cols=(8, 24), weights_per_element=2), full[:, 4:12])
+    with pytest.raises(SplitsBlockError, match="input column 3 would split a block of 2"):
+        st.read_rectangle("w", cols=(3, 9), weights_per_element=2)

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 
 from llama_fast import kquants
+from llama_fast.formats import regions
+from llama_fast.formats.gguf_reader import ggml_type_sizes
 from llama_fast.kquants import KQuantWeight
 from llama_fast.quant import QuantizedWeight, pack_int4
 
@@ -241,8 +243,34 @@ def _quantized(raw: torch.Tensor, kind: str, n: int, k: int) -> QuantizedWeight:
 _DENSE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _native_tensor(reader, t, config: dict, path: str) -> tuple[str, torch.Tensor | QuantizedWeight] | None:
-    """(HF name, the tensor as stored: dense, or QuantizedWeight with the same numbers), Q/K rows unpermuted."""
+def _read_raw(reader, t, split, path: str) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(uint8 bytes, shape) of tensor `t`, or of the rows (split.dim 0) or input columns (split.dim 1) that a
+    tensor-parallel rank reads (llama_fast.parallel.layout.Split): only those bytes are read, and a column
+    range must not split a quantized block."""
+    if split is None:
+        return torch.from_numpy(reader.read_tensor(t)), t.shape   # a buffer of our own: views copy nothing
+    shape = t.shape
+    if len(shape) == 1:       # a bias: small, read whole
+        raw = torch.from_numpy(reader.read_tensor(t)).view(shape[0], -1)
+        return raw[split.start:split.stop].reshape(-1), (split.size,)
+    if len(shape) != 2:
+        raise GGUFError(f"{path}: tensor {t.name} has shape {list(shape)}; only 1-D and 2-D tensors can be split")
+    n, k = shape
+    _, block_elems, block_bytes = ggml_type_sizes()[t.type_id]
+    rows = (split.start, split.stop) if split.dim == 0 else (0, n)
+    cols = (split.start, split.stop) if split.dim == 1 else (0, k)
+    try:
+        byte_cols = regions.block_columns(cols, block_elems, block_bytes, f"{path}: tensor {t.name} ({t.type_name})")
+        raw = regions.read_rectangle(reader.path, t.offset, n, t.n_bytes // n, rows, byte_cols)
+    except ValueError as e:
+        raise GGUFError(str(e)) from None
+    return raw.reshape(-1), (rows[1] - rows[0], cols[1] - cols[0])
+
+
+def _native_tensor(reader, t, config: dict, path: str,
+                   select=None) -> tuple[str, torch.Tensor | QuantizedWeight] | None:
+    """(HF name, the tensor as stored: dense, or QuantizedWeight with the same numbers), Q/K rows unpermuted.
+    select: HF name -> the Split a tensor-parallel rank reads (None: the whole tensor)."""
     try:
         name = hf_name(t.name)
     except KeyError:
@@ -253,8 +281,7 @@ def _native_tensor(reader, t, config: dict, path: str) -> tuple[str, torch.Tenso
     if kind not in SUPPORTED_TYPES:
         raise GGUFError(f"{path}: tensor {t.name} has type {kind}; supported types are "
                         f"{', '.join(SUPPORTED_TYPES)}")
-    shape = t.shape
-    raw = torch.from_numpy(reader.read_tensor(t))   # a buffer of our own: the dense view below copies nothing
+    raw, shape = _read_raw(reader, t, None if select is None else select(name), path)
     if kind in _DENSE_TYPES:
         value: torch.Tensor | QuantizedWeight = raw.view(_DENSE_DTYPES[kind]).reshape(shape)
     else:
@@ -270,7 +297,8 @@ def _native_tensor(reader, t, config: dict, path: str) -> tuple[str, torch.Tenso
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     proj = name.split(".")[-2]
     if proj in heads:
-        value = _take_rows(value, _rows_unpermute(shape[0], heads[proj]))
+        # convert_hf_to_gguf permutes rows within each head, so a rank's heads are a row range of the file too
+        value = _take_rows(value, _rows_unpermute(shape[0], heads[proj] * shape[0] // t.shape[0]))
     return name, value
 
 
@@ -293,11 +321,12 @@ def _take_rows(value, index: torch.Tensor):
 
 
 def gguf_tensors(reader, config: dict, dequantize: bool = False, dtype: torch.dtype = torch.float32,
-                 path: str = "<gguf>") -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
-    """(HF name, tensor) for every tensor the model uses, one at a time (peak memory: one tensor)."""
+                 path: str = "<gguf>", select=None) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """(HF name, tensor) for every tensor the model uses, one at a time (peak memory: one tensor). select:
+    HF name -> the part a tensor-parallel rank reads (llama_fast.parallel.layout.Split) or None (all)."""
     tied = bool(config.get("tie_word_embeddings"))
     for t in reader.tensors:
-        item = _native_tensor(reader, t, config, path)
+        item = _native_tensor(reader, t, config, path, select)
         if item is None:
             continue
         name, native = item

@@ -22,6 +22,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from llama_fast.formats import regions
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
@@ -159,6 +161,26 @@ class SafetensorsFile:
             if got != end - begin:
                 raise SafetensorsError(f"{self.path}: truncated while reading tensor {name!r}")
         return out
+
+
+    def read_rectangle(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
+                       weights_per_element: int = 1) -> torch.Tensor:
+        """Rows [r0, r1) and weight columns [c0, c1) of a 1-D (rows only) or 2-D tensor, reading only those bytes
+        (llama_fast.formats.regions). A stored element may stand for several weights along a row
+        (`weights_per_element`: 2 for packed int4 codes, the group size for the scales of a quantized weight):
+        columns count weights, and must not split an element. None: the whole dimension."""
+        dtype, shape, begin, _ = self.entries[name]
+        if len(shape) not in (1, 2) or (cols is not None and len(shape) != 2):
+            raise ValueError(f"{self.path}: tensor {name!r} has shape {list(shape)}; a rectangle needs a 2-D tensor "
+                             "(or a 1-D one, by rows)")
+        size = torch.empty((), dtype=dtype).element_size()
+        n_rows, row_elems = shape[0], shape[1] if len(shape) == 2 else 1
+        rows = (0, n_rows) if rows is None else rows
+        cols = (0, row_elems * weights_per_element) if cols is None else cols
+        byte_cols = regions.block_columns(cols, weights_per_element, size, f"{self.path}: tensor {name!r}")
+        raw = regions.read_rectangle(self.path, self.data_start + begin, n_rows, row_elems * size, rows, byte_cols)
+        out = raw.view(dtype)
+        return out.reshape(-1) if len(shape) == 1 else out
 
 
 def write(path: str | os.PathLike, items: Iterable[tuple[str, torch.Tensor]],

@@ -60,6 +60,11 @@ def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidd
         return False
     if output_attentions or output_hidden_states or len(model.layers) == 0:
         return False
+    tensor_parallel = getattr(model, "tensor_parallel", None)
+    if tensor_parallel is not None and tensor_parallel.world > 1:
+        # The C++ stack runs every layer in one call, with no place for the all-reduces after o_proj and
+        # down_proj: a tensor-parallel rank decodes op by op (llama_fast.parallel).
+        return False
     if _native.extension() is None or hidden.shape[0] * hidden.shape[1] > max_rows():
         return False
     if any(getattr(m, "backend", None) not in (None, "cpu") for m in (model, model.layers[0])):

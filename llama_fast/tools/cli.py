@@ -5,6 +5,8 @@
     llama-fast convert model.gguf out_dir [--keep-quantized]         # GGUF -> HF directory (safetensors)
     llama-fast bench --quick                                         # the generate benchmark (tools/bench.py)
     llama-fast serve [--model DIR_OR_GGUF] [--port 8000]             # OpenAI-compatible server (llama_fast.serve)
+    llama-fast generate --tp 2 --model DIR --prompt "Hi"             # tensor parallel: 2 ranks (torchrun, gloo on CPU)
+    torchrun --nproc-per-node 2 -m llama_fast generate --model DIR --prompt "Hi"     # the same, started by hand
 
 User errors (a missing file, a bad option, a malformed model) print one line to stderr and exit 2, never a
 traceback; `--debug` (anywhere on the line) or LLAMA_FAST_DEBUG=1 shows the traceback instead. Anything else
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 
@@ -99,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=_non_negative_int, default=50)
     gen.add_argument("--top-p", type=_finite_float(0.0, 1.0, low_inclusive=False), default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (torch.set_num_threads)")
+    gen.add_argument("--threads", type=_positive_int, default=None,
+                     help="CPU threads (torch.set_num_threads); per rank with --tp")
+    gen.add_argument("--tp", type=_positive_int, default=None,
+                     help="tensor parallel over N ranks on this machine (started with torchrun; rank 0 prints)")
 
     conv = commands.add_parser("convert", help="convert a GGUF file into an HF directory")
     conv.add_argument("gguf", help="the .gguf file")
@@ -129,7 +135,51 @@ def _resolve_model(path):
     return path
 
 
-def _load(path, args):
+def _tensor_parallel_world(args) -> int:
+    """The ranks of a tensor-parallel run: torchrun's WORLD_SIZE inside one (which --tp, if given, must
+    match), else 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tp is not None and "WORLD_SIZE" in os.environ and args.tp != world:
+        raise UserError(f"--tp {args.tp} but torchrun started {world} ranks")
+    return world
+
+
+def _launch_tensor_parallel(args) -> int:
+    """`--tp N` outside torchrun: resolve the model once (the demo model is converted once, not per rank),
+    check that its layout splits over N ranks (one line, before any process starts), and run this same command
+    on N ranks under torchrun. The ranks' output passes through; torchrun's own report of a failed rank (a
+    traceback) does not: the ranks have said what failed, one line each."""
+    import subprocess
+
+    from llama_fast.loading import read_config
+    from llama_fast.parallel.launch import torchrun_command
+    from llama_fast.parallel.layout import TensorParallelLayout
+
+    argv = list(args.argv) + (["--debug"] if args.debug else [])
+    path = _resolve_model(args.model)
+    if args.model is None:
+        argv += ["--model", path]
+    TensorParallelLayout(read_config(path), args.tp, 0)      # raises TensorParallelError naming the problem
+    command, env = torchrun_command(args.tp, ["llama_fast", *argv], args.threads)
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    user_error = False
+    for line in proc.stderr:
+        if not args.debug and _TORCHRUN_REPORT.match(line):
+            continue
+        user_error |= line.startswith("llama-fast generate (rank") and ": error: " in line
+        sys.stderr.write(line)
+    code = proc.wait()
+    return EXIT_USER_ERROR if code != 0 and user_error else code
+
+
+# A line torchrun's agent writes: its OMP_NUM_THREADS banner, its log records ("E1201 03:45:36.97 ...") and the
+# ChildFailedError traceback it ends with after a rank fails.
+_TORCHRUN_REPORT = re.compile(r"(\*{5,}|Setting OMP_NUM_THREADS|[EWI]\d{4} \d\d:\d\d|Traceback|  File |    |"
+                              r"torch\.distributed|=+$|-+$|llama_fast FAILED|Failures:|Root Cause|\[\d+\]:|"
+                              r"  (time|host|rank|exitcode|error_file|traceback)\s*:|\s*$)")
+
+
+def _load(path, args, tensor_parallel: bool = False):
     import torch
     from tqdm.auto import tqdm
 
@@ -142,8 +192,9 @@ def _load(path, args):
     with tqdm(total=2, desc="loading", unit="part", leave=False, file=sys.stderr, disable=None) as bar:
         tokenizer = AutoTokenizer.from_pretrained(path)
         bar.update()
+        extra = {"tp_plan": "auto"} if tensor_parallel else {}
         model = LlamaForCausalLM.from_pretrained(path, dtype=args.dtype, device=device, backend=args.backend,
-                                                 quantize=args.quantize)
+                                                 quantize=args.quantize, **extra)
         bar.update()
     return tokenizer, model.eval()
 
@@ -163,11 +214,20 @@ def cmd_generate(args):
 
     from llama_fast.streamers import TextStreamer
 
+    world = _tensor_parallel_world(args)
+    if args.tp not in (None, 1) and world == 1:
+        return _launch_tensor_parallel(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     path = _resolve_model(args.model)
-    tokenizer, model = _load(path, args)
+    tokenizer, model = _load(path, args, tensor_parallel=world > 1)
     ids = _prompt_ids(tokenizer, args).to(model.device)
+    sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Every rank generates (each step needs all of them); rank 0 alone prints the text and the timings.
+        model.generate(ids, max_new_tokens=args.max_new_tokens, **sampling)
+        return 0
 
     class TimedStreamer(TextStreamer):
         """Prints the text and notes when the first new token arrived (prefill end) and the last one."""
@@ -178,8 +238,6 @@ def cmd_generate(args):
             super().put(value)
 
     streamer = TimedStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed)
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
     end = time.perf_counter()
@@ -189,7 +247,8 @@ def cmd_generate(args):
     decode_rate = f"{(new_tokens - 1) / decode_s:.1f} tokens/s" if new_tokens > 1 and decode_s > 0 else "n/a"
     print(f"prefill: {ids.shape[1]} tokens in {prefill_s:.3f} s ({ids.shape[1] / prefill_s:.1f} tokens/s) | "
           f"decode: {new_tokens} tokens in {decode_s:.3f} s ({decode_rate}) "
-          f"[{args.dtype}, {model.device.type}, backend={args.backend or 'auto'}]", file=sys.stderr)
+          f"[{args.dtype}, {model.device.type}, backend={args.backend or 'auto'}"
+          f"{f', tensor parallel over {world} ranks' if world > 1 else ''}]", file=sys.stderr)
     return 0
 
 
@@ -227,6 +286,7 @@ def main(argv=None) -> int:
         command, run = "bench", lambda: cmd_bench(argv[1:])
     else:
         args = build_parser().parse_args(argv)
+        args.argv, args.debug = argv, debug
         command, run = args.command, lambda: COMMANDS[args.command](args)
     try:
         return run() or 0
@@ -237,11 +297,15 @@ def main(argv=None) -> int:
         if debug:
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            command = f"{command} (rank {os.environ.get('RANK', '?')})"
+        # One write per line (print writes the newline separately): ranks sharing a terminal must not
+        # interleave their messages
         if isinstance(e, (UserError,) + USER_ERRORS):
-            print(f"llama-fast {command}: error: {message}", file=sys.stderr)
+            sys.stderr.write(f"llama-fast {command}: error: {message}\n")
             return EXIT_USER_ERROR
-        print(f"llama-fast {command}: internal error ({type(e).__name__}: {message}); rerun with --debug for the "
-              "traceback", file=sys.stderr)
+        sys.stderr.write(f"llama-fast {command}: internal error ({type(e).__name__}: {message}); rerun with --debug "
+                         "for the traceback\n")
         return EXIT_INTERNAL_ERROR
 
 
