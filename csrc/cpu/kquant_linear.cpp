@@ -347,58 +347,63 @@ void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32,
   }
 }
 
-template <BlockType T, bool kTwoLimbs>
-void rows_k_any_m(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32, const float* xscale, int64_t m,
-                  int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  for (int64_t m0 = 0; m0 < m;) {  // at most 4 activation rows per pass: the accumulators fit the registers
+// Calls body(std::integral_constant<int, M>{}, m0) over activation rows [0, m) in steps of M = kMax, 4, 2, 1 (the
+// largest left): the kernels keep their accumulators per activation row in compile-time sized arrays.
+template <int kMax, class Body>
+void row_steps(int64_t m, Body body) {
+  for (int64_t m0 = 0; m0 < m;) {
     const int64_t left = m - m0;
-    const int step = left >= 4 ? 4 : left >= 2 ? 2 : 1;
-    const int16_t* x = xp + m0 * 2 * k;
-    const float* xs = xsum32 + m0 * (k / 32);
-    float* o = out + m0 * ldo;
-    switch (step) {
-      case 4: rows_k<T, 4, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
-      case 2: rows_k<T, 2, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
-      default: rows_k<T, 1, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
+    if constexpr (kMax >= 8) {
+      if (left >= 8) {
+        body(std::integral_constant<int, 8>{}, m0);
+        m0 += 8;
+        continue;
+      }
     }
-    m0 += step;
+    if (left >= 4) {
+      body(std::integral_constant<int, 4>{}, m0);
+      m0 += 4;
+    } else if (left >= 2) {
+      body(std::integral_constant<int, 2>{}, m0);
+      m0 += 2;
+    } else {
+      body(std::integral_constant<int, 1>{}, m0);
+      m0 += 1;
+    }
   }
 }
 
+// All m activation rows against weight rows [n0, n1) of a segment: rows_k for Q4_K / Q5_K / Q6_K (at most 4
+// activation rows per pass: its int32 accumulators fill the registers; xsum = sums per 32), rows_vnni for the
+// others (8 per pass; xsum = sums per 16).
 template <BlockType T, bool kTwoLimbs>
-void rows_any_m(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale, int64_t m,
+void rows_all_m(const Segment& s, int64_t k, const int16_t* xp, const float* xsum, const float* xscale, int64_t m,
                 int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  for (int64_t m0 = 0; m0 < m;) {
-    const int64_t left = m - m0;
-    const int step = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+  constexpr bool kFast = T == BlockType::kQ4K || T == BlockType::kQ5K || T == BlockType::kQ6K;
+  const int64_t sums_per_row = k / (kFast ? 32 : 16);
+  row_steps<kFast ? 4 : 8>(m, [&](auto rows, int64_t m0) {
+    constexpr int M = decltype(rows)::value;
     const int16_t* x = xp + m0 * 2 * k;
-    const float* xs = xsum16 + m0 * (k / 16);
-    float* o = out + m0 * ldo;
-    switch (step) {
-      case 8: rows_vnni<T, 8, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
-      case 4: rows_vnni<T, 4, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
-      case 2: rows_vnni<T, 2, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
-      default: rows_vnni<T, 1, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
-    }
-    m0 += step;
-  }
+    const float* xs = xsum + m0 * sums_per_row;
+    if constexpr (kFast)
+      rows_k<T, M, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, out + m0 * ldo, ldo);
+    else
+      rows_vnni<T, M, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, out + m0 * ldo, ldo);
+  });
 }
 
 template <bool kTwoLimbs>
 void rows_dispatch(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xsum32,
                    const float* xscale, int64_t m, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   switch (s.type) {
-    case BlockType::kQ4K:
-      return rows_k_any_m<BlockType::kQ4K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ5K:
-      return rows_k_any_m<BlockType::kQ5K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ6K:
-      return rows_k_any_m<BlockType::kQ6K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ2K: return rows_any_m<BlockType::kQ2K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ3K: return rows_any_m<BlockType::kQ3K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ4K: return rows_all_m<BlockType::kQ4K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ5K: return rows_all_m<BlockType::kQ5K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ6K: return rows_all_m<BlockType::kQ6K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ2K: return rows_all_m<BlockType::kQ2K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ3K: return rows_all_m<BlockType::kQ3K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
     case BlockType::kQ5_0:
-      return rows_any_m<BlockType::kQ5_0, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    default: return rows_any_m<BlockType::kQ5_1, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+      return rows_all_m<BlockType::kQ5_0, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    default: return rows_all_m<BlockType::kQ5_1, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
   }
 }
 
