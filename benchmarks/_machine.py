@@ -2,6 +2,7 @@
 measured in the same run (a shared 2-core machine varies from minute to minute), GPU peaks from a table."""
 from __future__ import annotations
 
+import platform
 import time
 
 import torch
@@ -56,3 +57,14 @@ def gpu_peaks() -> tuple[str, float, float] | None:
         if key in name:
             return name, bw, tflops * 1e3
     return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name, family and model number (/proc/cpuinfo), for the record next to each result."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or platform.machine()
+    info = dict((k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line))
+    return " ".join(f"{k}={info[k]}" for k in ("model name", "cpu family", "model") if k in info)

@@ -46,9 +46,12 @@ A quantized value for a parameter that is not a linear weight (embeddings, norms
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
+import sys
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -58,6 +61,7 @@ from tqdm.auto import tqdm
 
 from llama_fast import hub, kquants, quant
 from llama_fast.config import LlamaConfig, dtype_from_name
+from llama_fast.embedding import Embedding
 from llama_fast.formats import gguf as gguf_format
 from llama_fast.formats import quantized_checkpoints
 from llama_fast.formats import safetensors as safetensors_format
@@ -129,6 +133,8 @@ def _targets(model: nn.Module) -> tuple[dict[str, _Target], dict[str, tuple[str,
     weights = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
     weights += [(f"{prefix}.weight", (m.out_features, m.in_features)) for prefix, m in modules.items()
                 if isinstance(m, Linear) and m.quantized]
+    weights += [(f"{prefix}.weight", (m.num_embeddings, m.embedding_dim)) for prefix, m in modules.items()
+                if isinstance(m, Embedding) and m.native]
     for name, shape in weights:
         owner_name, _, attr = name.rpartition(".")
         owner = modules[owner_name]
@@ -281,6 +287,10 @@ class TensorLoader:
         owner, attr = target.module, target.attr
         values = [target.received[i] for i in range(len(target.parts))]
         quantized = [v for v in values if isinstance(v, _NATIVE)]
+        if quantized and isinstance(owner, Embedding) and attr == "weight" and len(values) == 1:
+            owner.set_native(values[0], pname)    # a quantized token table stays as stored (a GGUF's)
+            target.received = dict.fromkeys(target.received, True)
+            return
         if all(isinstance(v, KQuantWeight) for v in values) and isinstance(owner, Linear) and attr == "weight":
             # ggml blocks: parts of different types (Q4_K_M's q/k in Q4_K, v in Q6_K) stay row segments
             owner.set_kquant(kquants.concat_rows(values), pname)
@@ -327,6 +337,16 @@ class TensorLoader:
         for name, source_name in self.tied.items():
             if name not in self.native_tied:
                 owner_name, _, attr = name.rpartition(".")
+                table = self.model.get_submodule(source_name.rpartition(".")[0])
+                if isinstance(table, Embedding) and table.native:
+                    # a quantized token table (saved once for both, see hf_state_items): the head shares it
+                    native = table.native_weight()
+                    head = self.model.get_submodule(owner_name)
+                    if isinstance(native, KQuantWeight):
+                        head.set_kquant(native)
+                    else:
+                        head.set_quantized(native)
+                    continue
                 tied_to = self.model.get_parameter(source_name)
                 stored = self.stored_tied.pop(name, None)
                 if stored is not None and not torch.equal(stored.to(tied_to), tied_to):
@@ -423,7 +443,10 @@ def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantiz
             model = _load_gguf(cls, gguf, dtype, device, dequantize, quantize, group_size, shard)
         else:
             model = _load_hf_directory(cls, resolved, dtype, device, quantize, group_size, shard)
+        if _float16_for_cpu_kernels(model, device, backend):
+            _float16_parameters_to_float32(model)
         model.set_backend(backend)
+        _return_freed_heap_to_the_os()
         return model.eval()
 
     return load() if shard is None else shard.run(load)
@@ -435,6 +458,52 @@ def read_config(path: str) -> LlamaConfig:
     if gguf is not None:
         return LlamaConfig.from_dict(gguf_format.gguf_config(gguf_format.open_gguf(gguf), gguf))
     return LlamaConfig.from_pretrained(model_file(path, "config.json", "config"))
+
+
+def _return_freed_heap_to_the_os() -> None:
+    """glibc keeps freed heap memory mapped: the load's transient buffers (file reads, repacked blocks, converted
+    tensors) would stay resident next to the model, ~40% of the demo GGUF's size. malloc_trim(0) hands it back,
+    so the resident memory after a load is the model's (issue 14: <= 1.15x a quantized GGUF's file size)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim   # glibc only (musl has none)
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
+class Float16OnCpuWarning(UserWarning):
+    """A float16 model bound for the CPU kernels was given float32 parameters (they take float32 and bfloat16)."""
+
+
+def _float16_for_cpu_kernels(model: nn.Module, device, backend: str | None) -> bool:
+    """Whether `model` is float16 and bound for the CPU kernels (device cpu, backend None or "cpu"), which take
+    float32 and bfloat16 activations only (llama_fast.ops.cpu.DTYPES): it would otherwise run every op on the
+    slow reference ops. Says so in one notice. backend="torch" keeps float16 as asked."""
+    if model.dtype != torch.float16 or torch.device(device).type != "cpu" or backend not in (None, "cpu"):
+        return False
+    from llama_fast.ops import _backend, cpu
+    if torch.float16 in cpu.DTYPES or _backend.unavailable_reason("cpu", torch.device("cpu")) is not None:
+        return False
+    warnings.warn("llama_fast: float16 weights run as float32 on the CPU kernels (exact; they take float32 and "
+                  "bfloat16): dtype='bfloat16' halves the memory, backend='torch' keeps float16",
+                  Float16OnCpuWarning, stacklevel=5)  # the caller of LlamaForCausalLM.from_pretrained
+    return True
+
+
+def _float16_parameters_to_float32(model: nn.Module) -> None:
+    """Every float16 parameter as float32, one at a time (tied ones stay one tensor). Exact: each float16 value
+    is a float32 value, so the model computes the float16 model's own weights. Quantized weights keep their
+    codes and scales (buffers, not parameters; the kernels take float16 scales)."""
+    converted: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or param.dtype != torch.float16:
+                continue
+            if id(param) not in converted:
+                converted[id(param)] = nn.Parameter(param.detach().float(), requires_grad=param.requires_grad)
+            setattr(module, name, converted[id(param)])
 
 
 def _resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
@@ -665,10 +734,14 @@ def hf_state_items(model: nn.Module):
         raise ValueError(f"{len(kquant)} linear layer(s) hold ggml K-quant blocks ({kquant[0]}, ...), which HF "
                          "checkpoints cannot store; dequantize them first (llama_fast.linear.dequantize_linears_)")
     targets, _ = _targets(model)
+    shared_head = _head_sharing_the_token_table(model)
     for target in targets.values():
         owner = target.module
-        if isinstance(owner, Linear) and owner.quantized and target.attr == "weight":
-            qw = owner.quantized_weight()
+        if owner is shared_head:
+            continue      # tied: the loader gives it the embedding's table again (TensorLoader.finish)
+        if target.attr == "weight" and (isinstance(owner, Linear) and owner.quantized or
+                                        shared_head is not None and isinstance(owner, Embedding)):
+            qw = owner.quantized_weight() if isinstance(owner, Linear) else owner.native_weight()
             for hf, (r0, r1) in zip(target.parts, target.rows):
                 part = quant.slice_rows(qw, r0, r1)
                 base = hf.removesuffix(".weight")
@@ -679,9 +752,24 @@ def hf_state_items(model: nn.Module):
                 if part.input_perm is not None:
                     yield f"{base}.input_perm", part.input_perm
             continue
-        tensor = getattr(owner, target.attr)
+        # any other native token table is saved dense (the HF layout; the reloaded lookup gives the same rows)
+        tensor = owner.dequantized() if isinstance(owner, Embedding) else getattr(owner, target.attr)
         for hf, (r0, r1) in zip(target.parts, target.rows):
             yield hf, tensor[r0:r1] if len(target.parts) > 1 else tensor
+
+
+def _head_sharing_the_token_table(model: nn.Module) -> Linear | None:
+    """The tied head whose int4 / int8 codes are the embedding's native table (a GGUF's Q8_0 token table), or
+    None. Such a table is saved once, quantized, under the embedding's name."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return None
+    for name, source_name in getattr(model, "tied_weights", {}).items():
+        head = model.get_submodule(name.rpartition(".")[0])
+        table = model.get_submodule(source_name.rpartition(".")[0])
+        if (isinstance(table, Embedding) and table.bits is not None and isinstance(head, Linear) and head.quantized
+                and head.qweight.data_ptr() == table.qweight.data_ptr()):
+            return head
+    return None
 
 
 def save_pretrained(model: nn.Module, directory, max_shard_size: int | str = "50GB") -> None:

@@ -29,6 +29,7 @@ from torch import nn
 from llama_fast import generation, kquants, loading, ops
 from llama_fast.cache import StaticCache, as_static_cache, left_padding
 from llama_fast.config import LlamaConfig
+from llama_fast.embedding import Embedding
 from llama_fast.linear import Linear
 from llama_fast.ops import cpu_decode
 from llama_fast.ops._backend import check_backend_name
@@ -228,11 +229,13 @@ class LlamaPreTrainedModel(TracksWeights):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.get_input_embeddings().weight.dtype
+        table = self.get_input_embeddings()     # ours (maybe a quantized table) or a tensor-parallel shard
+        return table.dtype if isinstance(table, Embedding) else table.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.get_input_embeddings().weight.device
+        table = self.get_input_embeddings()
+        return table.device if isinstance(table, Embedding) else table.weight.device
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -258,8 +261,7 @@ class LlamaPreTrainedModel(TracksWeights):
 class LlamaModel(LlamaPreTrainedModel):
     def __init__(self, config: LlamaConfig, dtype: torch.dtype | None = None, device=None):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype, device)
                                     for i in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)

@@ -170,6 +170,12 @@ class QuantizedWeight:
             w = ordered
         return w.to(dtype or self.dtype)
 
+    def take_rows(self, index: torch.Tensor) -> "QuantizedWeight":
+        """Rows in the order `index` (whole rows: codes with their own scales and offsets)."""
+        offset = None if self.offset is None else self.offset[index]
+        return QuantizedWeight(self.qweight[index], self.scale[index], offset, self.bits, self.group_size,
+                               self.input_perm)
+
     def to(self, *args, **kwargs) -> "QuantizedWeight":
         """Moves to a device; a floating dtype applies to the scales and offsets only."""
         def move(t, float_too):

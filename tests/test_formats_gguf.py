@@ -95,11 +95,13 @@ def test_quantized_tensors_load_natively_and_bit_exact(tmp_path, tiny, qtype, bi
         assert torch.equal(dense[name], torch.from_numpy(theirs)), name
         # and it is the right weight: within the quantization error of the original
         assert np.abs(theirs - sd[name]).max() < 0.1
-    # The embedding table is a lookup, so it is always dense (same numbers as the quantized file).
-    embed = native["model.embed_tokens.weight"]
+    # The embedding table stays native too (its lookup dequantizes rows: llama_fast.embedding), dense with
+    # dequantize=True; both the same numbers as the file.
     t = raw["token_embd.weight"]
-    assert isinstance(embed, torch.Tensor)
-    assert torch.equal(embed, torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)))
+    theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
+    embed = native["model.embed_tokens.weight"]
+    assert isinstance(embed, QuantizedWeight) and torch.equal(embed.dequantize(torch.float32), theirs)
+    assert torch.equal(dense["model.embed_tokens.weight"], theirs)
 
 
 def test_q4_0_with_huge_scales_stays_exact(tmp_path):
@@ -126,20 +128,26 @@ def test_tied_embeddings_and_rope_scaling_in_config(tmp_path):
 @pytest.mark.parametrize("qtype", [G.Q.Q8_0, G.Q.Q4_1])
 def test_tied_quantized_table_gives_a_native_lm_head(tmp_path, qtype):
     """A tied model with a quantized token_embd (SmolLM2's GGUF: Q8_0): lm_head multiplies by the native
-    blocks, as llama.cpp does, the lookup uses the dense table; both hold the same numbers. dequantize=True
-    ties lm_head to the dense table instead."""
+    blocks, as llama.cpp does, and the lookup reads the same tensors (one copy of the table); both hold the
+    file's numbers. dequantize=True ties lm_head to the dense table instead."""
     import llama_fast
     config = G.tiny_config(tie_word_embeddings=True)
     sd = G.random_state_dict(config)
     path = write(tmp_path, config, sd, {"model.embed_tokens.weight": qtype})
     tensors = dict(read_gguf(path)[1])
-    head, embed = tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]
-    assert isinstance(head, QuantizedWeight) and isinstance(embed, torch.Tensor)
+    head, native_embed = tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]
+    assert head is native_embed and isinstance(head, QuantizedWeight)
+    dequantized = dict(read_gguf(path, dequantize=True)[1])
+    assert "lm_head.weight" not in dequantized
+    embed = dequantized["model.embed_tokens.weight"]
     assert torch.equal(head.dequantize(torch.float32), embed)
-    assert "lm_head.weight" not in dict(read_gguf(path, dequantize=True)[1])
     model = llama_fast.LlamaForCausalLM.from_pretrained(str(path), dtype="float32")
     assert model.lm_head.quantized and model.lm_head.bits == (8 if qtype == G.Q.Q8_0 else 4)
-    assert torch.equal(model.model.embed_tokens.weight, embed)
+    table = model.model.embed_tokens
+    assert table.native and table.weight is None
+    assert table.qweight.data_ptr() == model.lm_head.qweight.data_ptr()    # one copy for both
+    # exact by construction: each row is dequantized by the same per-row formula as the whole table
+    assert torch.equal(table.dequantized(), embed)
     ids = torch.tensor([[1, 5, 9, 2, 7]])
     with torch.inference_mode():
         logits = model(ids).logits
@@ -148,7 +156,9 @@ def test_tied_quantized_table_gives_a_native_lm_head(tmp_path, qtype):
     # saved and loaded back: still the native head, same logits
     model.save_pretrained(tmp_path / "saved")
     again = llama_fast.LlamaForCausalLM.from_pretrained(str(tmp_path / "saved"), dtype="float32")
-    assert again.lm_head.quantized
+    assert again.lm_head.quantized    # the table saved once, as the embedding's; the head shares it again
+    assert again.model.embed_tokens.native
+    assert again.model.embed_tokens.qweight.data_ptr() == again.lm_head.qweight.data_ptr()
     with torch.inference_mode():
         assert torch.equal(again(ids).logits, logits)
 

@@ -42,7 +42,8 @@ def test_dtype_auto_follows_config_and_explicit_dtype(tmp_path):
     assert auto.dtype == torch.bfloat16
     assert LlamaForCausalLM.from_pretrained(tmp_path / "bf16", dtype="float32").dtype == torch.float32
     assert LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
-    assert LlamaForCausalLM.from_pretrained(tmp_path, dtype="float16").dtype == torch.float16
+    # float16 keeps float16 where the kernels take it (backend="torch" here; tests/test_fp16_cpu.py: the rest)
+    assert LlamaForCausalLM.from_pretrained(tmp_path, dtype="float16", backend="torch").dtype == torch.float16
     with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
         LlamaForCausalLM.from_pretrained(tmp_path, dtype="int8")
 

@@ -83,11 +83,14 @@ def test_mixed_formats_are_dequantized(checkpoint):
     assert max_rel_diff(_logits(model), _logits(_load(config, dense2.items()))) <= 1e-6
 
 
-def test_quantized_embedding_is_dequantized(checkpoint):
+def test_quantized_embedding_stays_native(checkpoint):
     config, state, _ = checkpoint
     values, dense = _with_quantized(state, ["model.embed_tokens.weight"], bits=8)
     model = _load(config, values.items())
-    assert torch.equal(model.model.embed_tokens.weight, dense["model.embed_tokens.weight"])
+    table = model.model.embed_tokens
+    assert table.native and table.weight is None and table.dtype == dense["model.embed_tokens.weight"].dtype
+    # exact by construction: the lookup dequantizes each row by the same per-row formula as the whole table
+    assert torch.equal(table.dequantized(), dense["model.embed_tokens.weight"])
 
 
 def test_errors_name_the_source(checkpoint):

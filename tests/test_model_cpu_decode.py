@@ -43,7 +43,8 @@ def test_fused_decode_matches_transformers_fp32(tmp_path, count_fused, kv_heads)
         want = hf(ids, attention_mask=mask, position_ids=position_ids).logits
     ours = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", backend="cpu")
     got = _decode(ours, ids, mask, prompt_len=6)
-    assert len(count_fused) == 6  # every decode step took the fused path
+    # every decode step took the fused path, and so did the prefill when its B x T rows fit
+    assert len(count_fused) == 6 + (ids.shape[0] * 6 <= cpu_decode.max_rows())
     real = mask.bool()
     assert conftest.max_rel_diff(got[real], want[real]) <= 1e-4
 
@@ -57,7 +58,7 @@ def test_fused_decode_bf16_within_budget(tmp_path, count_fused):
         want = conftest.load_hf(tmp_path)(ids).logits
         hf_low = conftest.load_hf(tmp_path, dtype=torch.bfloat16)(ids).logits
     got = _decode(LlamaForCausalLM.from_pretrained(tmp_path, dtype="bfloat16"), ids, mask, prompt_len=4)
-    assert len(count_fused) == 7  # the 4-token prefill (B x T <= 8) and the 6 decode steps
+    assert len(count_fused) == 7  # the 4-token prefill (B x T <= cpu_decode.max_rows()) and the 6 decode steps
     err, err_hf = (got.float() - want).abs().max().item(), (hf_low.float() - want).abs().max().item()
     assert err <= conftest.BF16_FACTOR * err_hf + conftest.BF16_SLACK * want.abs().max().item()
 
@@ -70,7 +71,7 @@ def test_fused_decode_quantized_equals_op_by_op(tmp_path, count_fused, quantize)
     mask = torch.ones_like(ids)
     fused = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", quantize=quantize, group_size=32)
     got = _decode(fused, ids, mask, prompt_len=5)
-    assert len(count_fused) == 4
+    assert len(count_fused) == 4 + (3 * 5 <= cpu_decode.max_rows())   # the decode steps (and the prefill)
     ref = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", quantize=quantize, group_size=32,
                                            backend="torch")
     want = _decode(ref, ids, mask, prompt_len=5)
@@ -112,7 +113,8 @@ def test_decode_plan_is_built_once_and_follows_weight_changes(tmp_path, count_fu
     _step_logits(model, ids)
     plan = cpu_decode._PLANS[model.model][3]
     _step_logits(model, ids)
-    assert cpu_decode._PLANS[model.model][3] is plan and len(count_fused) == 2
+    calls_per_step = 1 + (2 * 5 <= cpu_decode.max_rows())     # the decode step (and the 5-token prefill)
+    assert cpu_decode._PLANS[model.model][3] is plan and len(count_fused) == 2 * calls_per_step
 
     layers = model.model.layers
     changes = [
@@ -198,7 +200,8 @@ def test_fused_decode_of_block_weights_equals_op_by_op(tmp_path, count_fused, mo
         ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
         count_fused.clear()
         fused, op_by_op = _decode_both_ways(model, ids, 5, monkeypatch)
-        assert len(count_fused) == 4, path       # every decode step ran the plan (and none of the op-by-op run)
+        # the 10-row prefill (B x T <= cpu_max_gemv_rows) and every decode step ran the plan, none of the op-by-op run
+        assert len(count_fused) == 5, path
         assert torch.equal(fused, op_by_op), path
 
 
@@ -218,7 +221,7 @@ def test_fused_decode_of_act_order_gptq_equals_op_by_op(tmp_path, count_fused, m
     assert all(p is not None and not torch.equal(p, torch.arange(p.numel())) for p in perms)
     ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(7))
     fused, op_by_op = _decode_both_ways(model, ids, 5, monkeypatch)
-    assert len(count_fused) == 4
+    assert len(count_fused) == 5     # the 15-row prefill (B x T <= cpu_max_gemv_rows) and the 4 decode steps
     assert torch.equal(fused, op_by_op)
     if dtype == torch.float32:
         ref = LlamaForCausalLM.from_pretrained(tmp_path, dtype=dtype, backend="torch")

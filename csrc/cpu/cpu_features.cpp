@@ -16,9 +16,11 @@ Isa detect() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  // The top level also takes VNNI (the int4 GEMV's integer dot products); every CPU with AVX512-BF16 has it.
-  const bool avx512_bf16 = avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+  const bool avx512_vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+  // The levels are a chain: the top one takes VNNI too (every CPU with AVX512-BF16 has it).
+  const bool avx512_bf16 = avx512_vnni && __builtin_cpu_supports("avx512bf16");
   if (avx512_bf16) return Isa::kAvx512Bf16;
+  if (avx512_vnni) return Isa::kAvx512Vnni;
   if (avx512) return Isa::kAvx512;
   if (avx2) return Isa::kAvx2;
 #endif
@@ -33,11 +35,13 @@ Isa parse_and_clamp(const char* env, Isa best) {
     want = Isa::kAvx2;
   else if (!std::strcmp(env, "avx512"))
     want = Isa::kAvx512;
+  else if (!std::strcmp(env, "avx512_vnni"))
+    want = Isa::kAvx512Vnni;
   else if (!std::strcmp(env, "avx512_bf16"))
     want = Isa::kAvx512Bf16;
   else
     throw std::invalid_argument(std::string("LLAMA_FAST_CPU_ISA=") + env +
-                                " is not one of portable, avx2, avx512, avx512_bf16");
+                                " is not one of portable, avx2, avx512, avx512_vnni, avx512_bf16");
   // Never go above what the CPU has: forcing avx512 on an AVX2 machine would crash with SIGILL.
   return static_cast<int>(want) < static_cast<int>(best) ? want : best;
 }
@@ -67,6 +71,7 @@ const char* isa_name(Isa i) {
     case Isa::kPortable: return "portable";
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512Vnni: return "avx512_vnni";
     case Isa::kAvx512Bf16: return "avx512_bf16";
   }
   return "unknown";

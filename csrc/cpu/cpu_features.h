@@ -7,14 +7,15 @@
 namespace llama_fast {
 namespace cpu {
 
-// kAvx512Bf16: AVX-512 with BF16 and VNNI.
-enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+// Ordered: each level has everything below it. kAvx512Vnni: AVX-512 with AVX512-VNNI (the int4/int8/K-quant
+// integer GEMVs); kAvx512Bf16: that plus AVX512-BF16 (the bf16 dot products of linear.cpp).
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3, kAvx512Bf16 = 4 };
 
 // The best instruction set this CPU supports, lowered by LLAMA_FAST_CPU_ISA; read once.
 Isa isa();
 const char* isa_name(Isa isa);
-// Lowers the instruction set to `name` (portable, avx2, avx512, avx512_bf16; never above what the CPU has),
-// for tests that exercise each path in one process. Throws std::invalid_argument on an unknown name.
+// Lowers the instruction set to `name` (portable, avx2, avx512, avx512_vnni, avx512_bf16; never above what the
+// CPU has), for tests that exercise each path in one process. Throws std::invalid_argument on an unknown name.
 void set_isa(const char* name);
 
 }  // namespace cpu

@@ -5,7 +5,7 @@
 // `#pragma GCC target` region and after the matching cpu/simd.h, so the same templated kernel source becomes
 // three namespaces llama_fast::cpu::{portable,avx2,avx512}. The dispatching code picks one at run time with
 // LF_DISPATCH (cpu::isa()). The AVX-512 pass may also use AVX512-BF16 intrinsics, but only in code that a
-// run-time check of cpu::isa() == Isa::kAvx512Bf16 guards.
+// run-time check of cpu::isa() == Isa::kAvx512Bf16 guards (AVX512-VNNI ones: isa() >= Isa::kAvx512Vnni).
 #ifndef LF_ISA_SELF
 #error "define LF_ISA_SELF (the including file's path) before including cpu/foreach_isa.h"
 #endif
@@ -64,6 +64,7 @@
   do {                                                                                         \
     switch (::llama_fast::cpu::isa()) {                                                        \
       case ::llama_fast::cpu::Isa::kAvx512Bf16:                                                \
+      case ::llama_fast::cpu::Isa::kAvx512Vnni:                                                \
       case ::llama_fast::cpu::Isa::kAvx512: ::llama_fast::cpu::avx512::fn(__VA_ARGS__); break; \
       case ::llama_fast::cpu::Isa::kAvx2: ::llama_fast::cpu::avx2::fn(__VA_ARGS__); break;     \
       default: ::llama_fast::cpu::portable::fn(__VA_ARGS__); break;                            \

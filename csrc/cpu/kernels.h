@@ -8,10 +8,15 @@
 namespace llama_fast {
 namespace cpu {
 
-// Activation rows (batch x new tokens) the GEMV kernels take in one pass over the weights: the largest decode
-// step (the CPU decode plan and the linear wrappers' GEMV / GEMM switch). Python reads it through the op
-// llama_fast::cpu_max_gemv_rows() (csrc/cpu/ops_cpu.cpp), never a copy of the number.
-constexpr int64_t kMaxGemvRows = 8;
+// Activation rows (batch x new tokens) the linear kernels take in one pass over the weights: the largest decode
+// step (the CPU decode plan, incl. prefill tokens riding along, and the linear wrappers' GEMV / GEMM switch).
+// Python reads it through the op llama_fast::cpu_max_gemv_rows() (csrc/cpu/ops_cpu.cpp), never a copy of the
+// number.
+constexpr int64_t kMaxGemvRows = 64;
+// The most rows the register-blocked GEMV kernels take (all rows' accumulators of a few weight rows in
+// registers: memory bound). linear.cpp and quant_linear.cpp pick them or the tiled multi-row kernel of
+// cpu/row_tiles.h (compute bound) by the number of rows.
+constexpr int64_t kGemvBlockRows = 8;
 
 // LF_CPU_DISPATCH_DTYPE(bf16, T, body...): runs `body` with T = uint16_t (bf16 bit patterns) when bf16 is true,
 // else with T = float: the one place the kernels turn their `bool bf16` into an element type.

@@ -91,11 +91,10 @@ inline float load_x(bool bf16, const void* x, int64_t i) {
   return bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
 }
 
-// The VNNI kernel runs at the AVX-512 dispatch level (and above) on CPUs with AVX512-VNNI; it needs no BF16.
+// The VNNI kernel runs at the avx512_vnni dispatch level and above (cpu_features.cpp); it needs no BF16.
 bool has_vnni() {
 #ifdef LF_KQUANT_VNNI
-  static const bool vnni = __builtin_cpu_supports("avx512vnni");
-  return vnni && isa() >= Isa::kAvx512;
+  return isa() >= Isa::kAvx512Vnni;
 #else
   return false;
 #endif
@@ -471,7 +470,9 @@ namespace {
 // from cache for every 4 activation rows, on the work-claiming pool. The dequantize + at::mm path spent 10x
 // longer in OpenMP barriers than in arithmetic on a busy 2-core machine (128-token prefill of a 115M-parameter
 // Q4_K_M model: 7.3 s against 1.0 s). The portable path dots each row in scalar fp32: small m only.
-constexpr int64_t kMaxGemvRows = 16, kMaxVnniRows = 1024;
+// Up to cpu::kMaxGemvRows (the CPU decode plan's largest step) on every CPU, so that the plan and this op run
+// the same kernel.
+constexpr int64_t kMaxGemvRows = cpu::kMaxGemvRows, kMaxVnniRows = 1024;
 
 at::Tensor kquant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types,
                          const std::optional<at::Tensor>& bias) {

@@ -1,7 +1,10 @@
-// Dense linear for decode: out[M, N] = x[M, K] @ w[N, K]^T (+ bias), M small. Memory bound: each weight row
-// is streamed once for all M activation rows, several rows at a time so the FMA chains overlap; threads get
-// contiguous row ranges (sequential streams for the prefetcher). bf16 weights with bf16 activations use
-// AVX512-BF16 dot products (vdpbf16ps, exact products, fp32 sums) where the CPU has them.
+// Dense linear for decode: out[M, N] = x[M, K] @ w[N, K]^T (+ bias), M up to kMaxGemvRows. Each weight row is
+// streamed once for all M activation rows; threads get contiguous row ranges (sequential streams for the
+// prefetcher). For a few rows (memory bound) the GEMV kernels below keep all rows' accumulators of a
+// few weight rows in registers; bf16 weights with bf16 activations use AVX512-BF16 dot products (vdpbf16ps,
+// exact products, fp32 sums) where the CPU has them. More rows (a batched decode step: compute bound) go to the
+// register-tiled multi-row kernel of cpu/row_tiles.h, on fp32 activations (bf16 widened once per call, weights
+// widened per block of rows: exact, like vdpbf16ps's products).
 #ifndef LF_ISA
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
@@ -21,18 +24,35 @@ void parallel_rows(int64_t n, int64_t align, int64_t bytes_per_row, F fn) {
 
 void dense_linear(bool bf16, const void* x, const void* w, const void* bias, void* out, int64_t m, int64_t n,
                   int64_t k) {
-  // bf16 weights with bf16 activations use vdpbf16ps where the CPU has it
-  const bool dp = bf16 && isa() == Isa::kAvx512Bf16;
-  for (int64_t m0 = 0; m0 < m; m0 += kMaxGemvRows) {  // this many activation rows per pass over the weights
-    const int64_t mc = std::min<int64_t>(kMaxGemvRows, m - m0);
+  // From this many rows the tiled kernel beats the GEMV (measured on the demo model's shapes: fp32 from 4
+  // rows; bf16 weights must be widened per block first, which 4..8 rows do not repay).
+  const int64_t tiled_from = bf16 ? kGemvBlockRows + 1 : 4;
+  if (m >= tiled_from) {
+    // fp32 activation rows for the tiled kernel (bf16 widened here once, exactly)
+    const float* xf = static_cast<const float*>(x);
+    thread_local std::vector<float> widened;  // the calling thread's: grown once, reused
+    if (bf16) {
+      widened.resize(m * k);
+      const uint16_t* xb = static_cast<const uint16_t*>(x);
+      for (int64_t i = 0; i < m * k; ++i) widened[i] = bf16_bits_to_float(xb[i]);
+      xf = widened.data();
+    }
     LF_CPU_DISPATCH_DTYPE(bf16, T, {
-      const T* xs = static_cast<const T*>(x) + m0 * k;
-      T* os = static_cast<T*>(out) + m0 * n;
       parallel_rows(n, 4, k * static_cast<int64_t>(sizeof(T)), [&](int64_t n0, int64_t n1) {
-        LF_DISPATCH(gemv_rows<T>, xs, static_cast<const T*>(w), static_cast<const T*>(bias), os, mc, n, k, n0, n1, dp);
+        LF_DISPATCH(dense_tiled_rows<T>, xf, static_cast<const T*>(w), static_cast<const T*>(bias),
+                    static_cast<T*>(out), m, n, k, n0, n1);
       });
     });
+    return;
   }
+  // bf16 weights with bf16 activations use vdpbf16ps where the CPU has it
+  const bool dp = bf16 && isa() == Isa::kAvx512Bf16;
+  LF_CPU_DISPATCH_DTYPE(bf16, T, {
+    parallel_rows(n, 4, k * static_cast<int64_t>(sizeof(T)), [&](int64_t n0, int64_t n1) {
+      LF_DISPATCH(gemv_rows<T>, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(bias),
+                  static_cast<T*>(out), m, n, k, n0, n1, dp);
+    });
+  });
 }
 
 }  // namespace cpu
@@ -40,48 +60,11 @@ void dense_linear(bool bf16, const void* x, const void* w, const void* bias, voi
 
 #else  // one ISA pass
 
+#include "cpu/row_tiles.h"
+
 namespace llama_fast {
 namespace cpu {
 namespace LF_ISA {
-
-// The weights are read once per call: ask for them 8 KiB ahead of use. The hardware prefetcher alone left the
-// int4/int8 kernels at half a core's DRAM share (see quant_linear_vnni.cpp), and bf16 decode at 70% of the bandwidth
-// (61 -> 68-72 tok/s on the demo model with it).
-inline void prefetch_ahead(const void* p) {
-#ifdef LF_HAVE_X86
-  _mm_prefetch(static_cast<const char*>(p) + 8192, _MM_HINT_T0);
-#else
-  (void)p;
-#endif
-}
-
-// R weight rows x M activation rows per step.
-template <typename T, int R, int M>
-void gemv_block(const T* x, const T* w, const T* bias, T* out, int64_t n, int64_t k, int64_t row) {
-  constexpr int W = VecF::W;
-  VecF acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int mm = 0; mm < M; ++mm) acc[r][mm] = VecF::zero();
-  int64_t kk = 0;
-  for (; kk + W <= k; kk += W) {
-    VecF xv[M];
-    for (int mm = 0; mm < M; ++mm) xv[mm] = VecF::load(x + mm * k + kk);
-    for (int r = 0; r < R; ++r) {
-      // bf16 only: fp32 rows already stream at ~90% of the bandwidth, and measured 3% slower with it
-      if (sizeof(T) == 2 && (kk * sizeof(T)) % 64 == 0) prefetch_ahead(w + (row + r) * k + kk);  // once per line
-      const VecF wv = VecF::load(w + (row + r) * k + kk);
-      for (int mm = 0; mm < M; ++mm) acc[r][mm] = VecF::fma(wv, xv[mm], acc[r][mm]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int mm = 0; mm < M; ++mm) {
-      float s = acc[r][mm].sum();
-      for (int64_t t = kk; t < k; ++t) s += to_f32(w[(row + r) * k + t]) * to_f32(x[mm * k + t]);
-      if (bias != nullptr) s += to_f32(bias[row + r]);
-      out[mm * n + row + r] = from_f32<T>(s);
-    }
-  }
-}
 
 #if LF_ISA_LEVEL == 2
 // bf16 x bf16 with vdpbf16ps: 32 products per instruction, fp32 accumulation.
@@ -127,11 +110,12 @@ void gemv_rows_m(const T* x, const T* w, const T* bias, T* out, int64_t n, int64
   }
 #endif
   (void)dpbf16;
-  for (; row + R <= n1; row += R) gemv_block<T, R, M>(x, w, bias, out, n, k, row);
-  for (; row < n1; ++row) gemv_block<T, 1, M>(x, w, bias, out, n, k, row);
+  // R weight rows x M activation rows per block (row_tiles.h's kernel, on the weights as stored)
+  for (; row + R <= n1; row += R) tile_dot<R, M>(w + row * k, x, k, bias ? bias + row : nullptr, out + row, n);
+  for (; row < n1; ++row) tile_dot<1, M>(w + row * k, x, k, bias ? bias + row : nullptr, out + row, n);
 }
 
-static_assert(kMaxGemvRows == 8, "gemv_rows has one case per row count up to kMaxGemvRows");
+static_assert(kGemvBlockRows == 8, "gemv_rows has one case per row count up to kGemvBlockRows");
 
 template <typename T>
 void gemv_rows(const T* x, const T* w, const T* bias, T* out, int64_t m, int64_t n, int64_t k, int64_t n0, int64_t n1,
@@ -146,6 +130,27 @@ void gemv_rows(const T* x, const T* w, const T* bias, T* out, int64_t m, int64_t
     case 7: return gemv_rows_m<T, 7>(x, w, bias, out, n, k, n0, n1, dpbf16);
     default: return gemv_rows_m<T, 8>(x, w, bias, out, n, k, n0, n1, dpbf16);
   }
+}
+
+// Rows n0..n1-1 of out[m, n] for a batch of activation rows (xf: them in fp32): the tiled kernel
+// over the weights in place (fp32) or widened a block of rows at a time (bf16).
+template <typename T>
+void dense_tiled_rows(const float* xf, const T* w, const T* bias, T* out, int64_t m, int64_t n, int64_t k, int64_t n0,
+                      int64_t n1) {
+  tiled_rows<T>(xf, m, k, bias, out, n, n0, n1, [&](int64_t row, int count, float* buffer) -> const float* {
+    const T* src = w + row * k;
+    if constexpr (std::is_same<T, float>::value) {
+      (void)count, (void)buffer;
+      return src;
+    } else {
+      constexpr int W = VecF::W;
+      const int64_t total = count * k;
+      int64_t i = 0;
+      for (; i + W <= total; i += W) VecF::load(src + i).store(buffer + i);
+      for (; i < total; ++i) buffer[i] = to_f32(src[i]);
+      return buffer;
+    }
+  });
 }
 
 }  // namespace LF_ISA

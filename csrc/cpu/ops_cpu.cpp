@@ -9,6 +9,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
 #include "cpu/torch_args.h"
 #include "op_checks.h"
 
@@ -209,12 +210,12 @@ void store_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, co
 }
 
 // ---- linear ------------------------------------------------------------------------------------------------
-// Decode-sized batches (M activation rows) go to the GEMV kernels; larger ones to a GEMM (oneDNN / MKL via
-// at::linear), which is compute bound and better blocked than a GEMV.
+// Decode-sized batches (M activation rows) go to our kernels; larger ones to a GEMM (oneDNN / MKL via
+// at::linear), which is better blocked for long prompts.
 using cpu::kMaxGemvRows;
-// Up to this many rows a quantized linear reads its packed weights once for all rows (VNNI kernels); above,
-// dequantized tiles and ATen's GEMM spend fewer instructions per multiply (512-token prefill: ~2x faster).
-constexpr int64_t kMaxOnePassRows = 64;
+// Up to kMaxGemvRows rows a linear reads its weights once for all rows (cpu::dense_linear / quant_linear);
+// above, ATen's GEMM on the dense (or band-wise dequantized) weights spends fewer instructions per multiply
+// (512-token prefill: ~2x faster).
 
 void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n, const char* op) {
   if (!bias.has_value()) return;
@@ -291,22 +292,6 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
       cpu::quant_linear(is_bf16(x), xc.data_ptr(), w, bias ? bias->data_ptr() : nullptr, out.data_ptr(), m);
     return out;
   }
-  if (m <= kMaxOnePassRows) {
-    auto out = at::empty(sizes, x.options());
-    const void* b = bias ? bias->data_ptr() : nullptr;
-    if (out.numel() == 0 || cpu::quant_linear_any_rows(is_bf16(x), xc.data_ptr(), w, b, out.data_ptr(), m)) return out;
-    // No one-pass kernel on this CPU (no AVX512-VNNI): the GEMV kernel on kMaxGemvRows rows at a time reads the
-    // packed weights ceil(m / 8) times, still far less than dequantizing the whole matrix to fp32 for a GEMM
-    // (a 16-row batched decode step of the int4 demo model was ~100x slower that way).
-    const auto* xb = static_cast<const char*>(xc.data_ptr());
-    auto* ob = static_cast<char*>(out.data_ptr());
-    const int64_t esz = xc.element_size();
-    for (int64_t r0 = 0; r0 < m; r0 += kMaxGemvRows) {
-      const int64_t rows = std::min(kMaxGemvRows, m - r0);
-      cpu::quant_linear(is_bf16(x), xb + r0 * k * esz, w, b, ob + r0 * n * esz, rows);
-    }
-    return out;
-  }
   // Prefill: dequantize a band of rows at a time (fits L2) and multiply with a fp32 GEMM. Both run on ATen's
   // (OpenMP) threads: alternating them with our pool's, whose helpers spin between loops, starves whichever
   // side's thread is descheduled (a 42-token prefill took 2 s that way).
@@ -341,6 +326,11 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
   m.def("cpu_max_gemv_rows() -> int", []() -> int64_t { return cpu::kMaxGemvRows; });
   // cpu_isa("avx2") forces a lower instruction set for the CPU kernels (tests); cpu_isa("") reports it.
   m.def("cpu_isa(str name) -> str", &set_isa);
+  // [helper threads started, helpers blocked] of the CPU kernels' thread pool (tests: idle helpers block).
+  m.def("cpu_pool_state() -> int[]", []() -> std::vector<int64_t> {
+    const auto s = cpu::pool_state();
+    return {s.helpers, s.sleeping};
+  });
 }
 
 TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {

@@ -89,6 +89,7 @@ void dequantize_rows(const QuantWeight& w, int64_t n0, int64_t n1, float* out) {
 int64_t int4_chunk() {
   switch (isa()) {
     case Isa::kAvx512Bf16:
+    case Isa::kAvx512Vnni:
     case Isa::kAvx512: return 32;
     case Isa::kAvx2: return 16;
     default: return 0;
@@ -118,6 +119,12 @@ void store_output(bool bf16, const float* outf, const void* bias, void* out, int
     }
   }
 }
+
+// From this many activation rows, dequantizing a block of weight rows once and multiplying it with every row
+// (row_tiles.h) beats the GEMV kernels below, whose per-row work includes the dequantization (measured on the
+// demo model's shapes).
+constexpr int64_t kQuantTiledFromRows = 4;
+static_assert(kQuantTiledFromRows <= kGemvBlockRows + 1, "the GEMV kernels take fewer rows");
 
 // int4 / int8 on AVX512-VNNI (quant_linear_vnni.cpp), any number of rows. False when x holds values fixed point cannot
 // carry (inf, NaN).
@@ -178,13 +185,15 @@ void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bi
       xsum[r * groups + g] = s;
     }
   }
-  for (int64_t m0 = 0; m0 < m; m0 += 8) {
-    const int64_t mc = std::min<int64_t>(8, m - m0);
-    const float* xs = xf.data() + m0 * k;
-    const float* ss = xsum.data() + m0 * groups;
-    float* os = outf.data() + m0 * n;
+  const float* xs = xf.data();
+  const float* ss = xsum.data();
+  float* os = outf.data();
+  if (m < kQuantTiledFromRows) {
     parallel_for(n, row_grain(w),
-                 [&](int64_t n0, int64_t n1) { LF_DISPATCH(quant_rows, w, xs, ss, mc, chunk, n0, n1, os, n); });
+                 [&](int64_t n0, int64_t n1) { LF_DISPATCH(quant_rows, w, xs, ss, m, chunk, n0, n1, os, n); });
+  } else {  // a batch: each block of weight rows dequantized once, then multiplied with every row (row_tiles.h)
+    parallel_for(n, row_grain(w),
+                 [&](int64_t n0, int64_t n1) { LF_DISPATCH(quant_tiled_rows, w, xs, m, chunk, n0, n1, os, n); });
   }
   store_output(bf16, outf.data(), bias, out, m, n);
 }
@@ -193,6 +202,8 @@ void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bi
 }  // namespace llama_fast
 
 #else  // one ISA pass
+
+#include "cpu/row_tiles.h"
 
 namespace llama_fast {
 namespace cpu {
@@ -343,6 +354,55 @@ void factored_rows(const QuantWeight& w, const float* x, const float* xsum, int6
 }
 #endif
 
+// `count` weight rows from `row` dequantized to fp32 [count, K], in the element order of the prepared activations
+// (int4 with chunk = 2W: [even | odd] per chunk, see the top of this file; otherwise natural).
+inline void dequantize_block(const QuantWeight& w, int64_t row, int count, int64_t chunk, float* dst) {
+  const int64_t k = w.k, gs = w.group_size, groups = k / gs;
+  for (int r = 0; r < count; ++r) {
+    const int64_t n = row + r;
+    float* d = dst + r * k;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = scale_at(w.scale, w.scale_type, n * groups + g);
+      const float off = w.offset ? scale_at(w.offset, w.scale_type, n * groups + g) : 0.f;
+#if LF_ISA_LEVEL >= 1
+      constexpr int W = VecF::W;
+      const VecF sv = VecF::set1(s), ov = VecF::set1(off);
+      if (w.bits == 4 && chunk == 2 * W) {
+        const uint8_t* q = static_cast<const uint8_t*>(w.q) + n * (k / 2);
+        for (int64_t c = g * gs; c < (g + 1) * gs; c += 2 * W) {
+          VecF even, odd;
+          int4_codes(q + c / 2, even, odd);
+          (even * sv + ov).store(d + c);
+          (odd * sv + ov).store(d + c + W);
+        }
+        continue;
+      }
+      if (w.bits == 8 && gs % W == 0) {
+        const int8_t* q = static_cast<const int8_t*>(w.q) + n * k;
+        for (int64_t c = g * gs; c < (g + 1) * gs; c += W) (int8_codes(q + c) * sv + ov).store(d + c);
+        continue;
+      }
+#endif
+      (void)chunk;  // the scalar path: natural order (the dispatcher prepared x so when the vector one is off)
+      for (int64_t kk = g * gs; kk < (g + 1) * gs; ++kk) {
+        const int code = w.bits == 4 ? quant::int4_code(static_cast<const uint8_t*>(w.q) + n * (k / 2), kk)
+                                     : static_cast<const int8_t*>(w.q)[n * k + kk];
+        d[kk] = quant::dequant_value(code, s, off);
+      }
+    }
+  }
+}
+
+// Rows n0..n1-1 of out[m, N] (fp32) for any number m of prepared activation rows x (see quant_rows): each block
+// of weight rows is dequantized once and multiplied with all m rows by the tiled kernel.
+inline void quant_tiled_rows(const QuantWeight& w, const float* x, int64_t m, int64_t chunk, int64_t n0, int64_t n1,
+                             float* out, int64_t ldo) {
+  tiled_rows<float>(x, m, w.k, nullptr, out, ldo, n0, n1, [&](int64_t row, int count, float* buffer) -> const float* {
+    dequantize_block(w, row, count, chunk, buffer);
+    return buffer;
+  });
+}
+
 template <int M>
 void quant_rows_m(const QuantWeight& w, const float* x, const float* xsum, int64_t chunk, int64_t n0, int64_t n1,
                   float* out, int64_t ldo) {
@@ -362,7 +422,7 @@ void quant_rows_m(const QuantWeight& w, const float* x, const float* xsum, int64
   quant_rows_scalar(w, x, M, n0, n1, out, ldo);
 }
 
-// Rows n0..n1-1 of out[M, N] (fp32) for M <= 8 activation rows x (prepared by the dispatcher: fp32,
+// Rows n0..n1-1 of out[M, N] (fp32) for M <= kGemvBlockRows activation rows x (prepared by the dispatcher: fp32,
 // de-interleaved per `chunk` for int4), xsum[M, groups] the per-group sums of x.
 inline void quant_rows(const QuantWeight& w, const float* x, const float* xsum, int64_t m, int64_t chunk, int64_t n0,
                        int64_t n1, float* out, int64_t ldo) {

@@ -44,7 +44,7 @@ namespace vnni {
 
 bool supports(const QuantWeight& w) {
 #ifdef LF_INT4_VNNI
-  return (w.bits == 4 || w.bits == 8) && w.group_size % 32 == 0 && w.k % w.group_size == 0 && isa() == Isa::kAvx512Bf16;
+  return (w.bits == 4 || w.bits == 8) && w.group_size % 32 == 0 && w.k % w.group_size == 0 && isa() >= Isa::kAvx512Vnni;
 #else
   (void)w;
   return false;

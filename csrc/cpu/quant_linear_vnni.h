@@ -1,5 +1,5 @@
 // int4 GEMV on AVX512-VNNI integer dot products (quant_linear_vnni.cpp): the decode path of quant_linear for
-// int4 weights whose group size is a multiple of 32, on CPUs at the top dispatch level (AVX512-BF16 + VNNI).
+// int4 / int8 weights whose group size is a multiple of 32, at the dispatch level avx512_vnni and above.
 #pragma once
 #include <cstdint>
 
@@ -9,7 +9,7 @@ namespace llama_fast {
 namespace cpu {
 namespace vnni {
 
-// Whether this kernel takes `w` on this CPU (int4 or int8, group_size a multiple of 32, isa() == kAvx512Bf16).
+// Whether this kernel takes `w` on this CPU (int4 or int8, group_size a multiple of 32, isa() >= kAvx512Vnni).
 bool supports(const QuantWeight& w);
 
 // The activations of `m` rows x[m, K] (fp32 or bf16) as fixed point, prepared once per call for rows():

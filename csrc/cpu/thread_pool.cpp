@@ -3,10 +3,13 @@
 #include <omp.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -24,11 +27,19 @@ namespace {
 // that wakes up late can never claim a chunk of a newer job with the older job's function.
 constexpr int kIndexBits = 40;
 constexpr uint64_t kIndexMask = (uint64_t{1} << kIndexBits) - 1;
-// Pause iterations (a pause is ~40-140 cycles: up to ~1 ms) before a helper blocks, so the many short loops of
-// a decode step never pay a wake-up (1000 measured ~5% slower decode). The cost: a spinning helper holds a
-// core, so code must not alternate our loops with ATen's (OpenMP) parallel regions in a hot path, whose
-// threads it starves (a quantized prefill that did took 2 s for 42 tokens; see ops_cpu.cpp's quant_linear).
-constexpr int kSpinBeforeSleep = 20000;
+// How long an idle helper spins before it blocks, so the many short loops of a decode step never pay a wake-up
+// (a ~0.05 ms spin measured ~5% slower decode than ~1 ms). Bounded in time, not in pause instructions: a pause
+// takes ~10 to ~140 cycles depending on the microarchitecture. The cost: a spinning helper holds a core, so
+// code must not alternate our loops with ATen's (OpenMP) parallel regions in a hot path, whose threads it
+// starves (a quantized prefill that did took 2 s for 42 tokens; see ops_cpu.cpp's quant_linear).
+constexpr auto kSpinBeforeSleep = std::chrono::microseconds(1000);
+// A helper looks at the clock every this many pauses. Past the first kSpinWithoutYield of a wait it also yields
+// its core to any other runnable thread (of the user's process or another) each time, so a helper that waits
+// long (between decode steps, or after the model stopped) keeps no waiting thread off a core for more than a
+// few microseconds; the short gaps between the loops of one step stay pure spinning, as before. With nothing
+// else runnable a yield returns at once.
+constexpr int kPausesPerCheck = 64;
+constexpr auto kSpinWithoutYield = std::chrono::microseconds(100);
 
 class Pool {
  public:
@@ -51,6 +62,7 @@ class Pool {
     job.n.store(n, std::memory_order_relaxed);
     job.grain.store(grain, std::memory_order_relaxed);
     job.done.store(0, std::memory_order_relaxed);
+    job.error = nullptr;
     ticket_.store(gen << kIndexBits, std::memory_order_release);
     if (sleeping_.load(std::memory_order_acquire) > 0) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -64,6 +76,8 @@ class Pool {
       else
         std::this_thread::yield();
     }
+    // fn threw (on any thread): every claimed chunk has finished and fn is no longer referenced; rethrow here
+    if (job.error) std::rethrow_exception(std::exchange(job.error, nullptr));
   }
 
  private:
@@ -83,8 +97,30 @@ class Pool {
       if (!ticket_.compare_exchange_weak(t, (gen << kIndexBits) | static_cast<uint64_t>(end),
                                          std::memory_order_acq_rel))
         continue;
-      (*fn)(begin, end);
+      try {
+        (*fn)(begin, end);
+      } catch (...) {
+        {
+          std::lock_guard<std::mutex> lock(error_mu_);
+          if (!job.error) job.error = std::current_exception();  // read by the caller after done reaches n
+        }
+        skip_rest(gen);
+      }
       job.done.fetch_add(end - begin, std::memory_order_acq_rel);
+    }
+  }
+
+  // After an exception: the chunks of generation `gen` nobody has claimed are not run, only counted as done.
+  void skip_rest(uint64_t gen) {
+    Job& job = jobs_[gen & 1];
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    const int64_t n = job.n.load(std::memory_order_relaxed);
+    while ((t >> kIndexBits) == gen && static_cast<int64_t>(t & kIndexMask) < n) {
+      const int64_t begin = static_cast<int64_t>(t & kIndexMask);
+      if (ticket_.compare_exchange_weak(t, (gen << kIndexBits) | static_cast<uint64_t>(n), std::memory_order_acq_rel)) {
+        job.done.fetch_add(n - begin, std::memory_order_acq_rel);
+        return;
+      }
     }
   }
 
@@ -92,10 +128,14 @@ class Pool {
     uint64_t seen = 0;
     for (;;) {
       int spins = 0;
+      auto spin_start = std::chrono::steady_clock::now();
       uint64_t gen;
       while ((gen = ticket_.load(std::memory_order_acquire) >> kIndexBits) == seen) {
-        if (++spins < kSpinBeforeSleep) {
-          LF_PAUSE();
+        LF_PAUSE();
+        if (++spins % kPausesPerCheck != 0) continue;
+        const auto waited = std::chrono::steady_clock::now() - spin_start;
+        if (waited < kSpinBeforeSleep) {
+          if (waited >= kSpinWithoutYield) std::this_thread::yield();
           continue;
         }
         std::unique_lock<std::mutex> lock(mu_);
@@ -103,18 +143,25 @@ class Pool {
         cv_.wait(lock, [&] { return stop_ || (ticket_.load(std::memory_order_acquire) >> kIndexBits) != seen; });
         sleeping_.fetch_sub(1, std::memory_order_acq_rel);
         if (stop_) return;
-        spins = 0;
+        spin_start = std::chrono::steady_clock::now();
       }
       seen = gen;
       work(gen);
     }
   }
 
+ public:
+  PoolState state() {
+    std::lock_guard<std::mutex> caller(caller_mu_);  // threads_ grows under it
+    return {static_cast<int>(threads_.size()), sleeping_.load(std::memory_order_acquire)};
+  }
+
+ private:
   void grow(int helpers) {
     while (static_cast<int>(threads_.size()) < helpers) threads_.emplace_back([this] { helper_loop(); });
   }
 
-  std::mutex caller_mu_, mu_;
+  std::mutex caller_mu_, mu_, error_mu_;
   std::condition_variable cv_;
   std::vector<std::thread> threads_;
   std::atomic<uint64_t> ticket_{0};
@@ -122,6 +169,7 @@ class Pool {
     std::atomic<const std::function<void(int64_t, int64_t)>*> fn{nullptr};
     std::atomic<int64_t> n{0}, grain{1};
     std::atomic<int64_t> done{0};
+    std::exception_ptr error;  // the first exception fn threw (under error_mu_)
   };
   Job jobs_[2];
   std::atomic<int> sleeping_{0};
@@ -140,6 +188,8 @@ thread_local bool in_parallel = false;
 
 int num_threads() { return std::max(1, omp_get_max_threads()); }
 
+PoolState pool_state() { return pool().state(); }
+
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(1, grain);
@@ -148,14 +198,17 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
     fn(0, n);
     return;
   }
-  in_parallel = true;
+  // (restored on the way out, an exception from fn included)
+  struct InParallel {
+    bool outer = in_parallel;
+    InParallel() { in_parallel = true; }
+    ~InParallel() { in_parallel = outer; }
+  };
+  InParallel caller;
   pool().run(n, grain, threads - 1, [&](int64_t b, int64_t e) {
-    const bool outer = in_parallel;
-    in_parallel = true;
+    InParallel chunk;
     fn(b, e);
-    in_parallel = outer;
   });
-  in_parallel = false;
 }
 
 }  // namespace cpu

@@ -16,9 +16,18 @@ namespace cpu {
 // Threads the kernels use: omp_get_max_threads() (OMP_NUM_THREADS / torch.set_num_threads).
 int num_threads();
 
+// The helper threads started so far and how many of them are blocked (not spinning): an idle helper spins
+// about a millisecond after its last loop, then blocks, so that it takes no core from the rest of the process.
+struct PoolState {
+  int helpers, sleeping;
+};
+PoolState pool_state();
+
 // Calls fn(begin, end) over [0, n) in chunks of `grain` (the last may be shorter) on the calling thread and
 // up to num_threads() - 1 helper threads. Returns when every chunk is done. Runs inline when n <= grain or
-// with one thread. Not reentrant: fn must not call parallel_for (nested calls run inline).
+// with one thread. Not reentrant: fn must not call parallel_for (nested calls run inline). If fn throws (on
+// any thread), the chunks not yet claimed are skipped and the first exception is rethrown here once every
+// claimed chunk has finished (fn is never called after parallel_for returns).
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
 }  // namespace cpu

@@ -18,11 +18,11 @@ they are (our affine format would cost more bits per weight), run by the kquant_
 dequantize() equals gguf.quants.dequantize bit for bit.
 With dequantize=True every tensor comes out dense in the requested dtype instead.
 
-Embeddings: a quantized token_embd is dequantized for the lookup (a table, not a matmul). A model without
-output.weight ties lm_head to the embedding: with a quantized token_embd, lm_head then reads the native
-blocks, as llama.cpp does (the same numbers; for SmolLM2's Q8_0 table a quarter of the bytes per token of
-the dense copy, which at 113 MB in fp32 would cost more than all the int4 layers). With dequantize=True
-lm_head is tied to the dense table instead. An untied quantized output.weight stays native.
+Embeddings: a quantized token_embd stays native too: the lookup dequantizes only the rows it needs
+(llama_fast.embedding; a dense fp32 copy would be 113 MB for SmolLM2's Q8_0 table, more than all its int4
+layers). A model without output.weight ties lm_head to the embedding: with a quantized token_embd, lm_head
+then reads the same native blocks, as llama.cpp does (one copy of the table for both). With dequantize=True
+both use the dense table instead. An untied quantized output.weight stays native.
 
 Q/K rows: convert_hf_to_gguf.py permutes the rows of q_proj / k_proj within each head so that llama.cpp's
 interleaved-pair rotary works on them; we undo it (HF rotate_half convention). A row permutation moves
@@ -302,11 +302,10 @@ def _native_tensor(reader, t, config: dict, path: str,
     return name, value
 
 
-def _as_loaded(name: str, value, dequantize: bool, dtype: torch.dtype):
-    """A native tensor as the model loads it: quantized linear weights stay native unless `dequantize`; the
-    embedding table (a lookup) and every dense tensor come out dense in `dtype`."""
-    keep_native = isinstance(value, _NATIVE) and not dequantize and name != "model.embed_tokens.weight"
-    if isinstance(value, _NATIVE) and not keep_native:
+def _as_loaded(value, dequantize: bool, dtype: torch.dtype):
+    """A native tensor as the model loads it: quantized weights (linears and the token table) stay native unless
+    `dequantize`; every dense tensor comes out dense in `dtype`."""
+    if isinstance(value, _NATIVE) and dequantize:
         value = value.dequantize(torch.float32)
     return value.to(dtype) if isinstance(value, torch.Tensor) else value
 
@@ -314,10 +313,7 @@ def _as_loaded(name: str, value, dequantize: bool, dtype: torch.dtype):
 def _take_rows(value, index: torch.Tensor):
     if isinstance(value, torch.Tensor):
         return value[index]
-    if isinstance(value, KQuantWeight):
-        return value.take_rows(index)
-    offset = None if value.offset is None else value.offset[index]
-    return QuantizedWeight(value.qweight[index], value.scale[index], offset, value.bits, value.group_size)
+    return value.take_rows(index)
 
 
 def gguf_tensors(reader, config: dict, dequantize: bool = False, dtype: torch.dtype = torch.float32,
@@ -330,10 +326,10 @@ def gguf_tensors(reader, config: dict, dequantize: bool = False, dtype: torch.dt
         if item is None:
             continue
         name, native = item
-        yield name, _as_loaded(name, native, dequantize, dtype)
+        yield name, _as_loaded(native, dequantize, dtype)
         if name == "model.embed_tokens.weight" and tied and not dequantize and isinstance(native, _NATIVE):
-            # The tied lm_head multiplies by the file's quantized table, as llama.cpp does: the lookup keeps
-            # the dense copy (one row per token), the matmul reads the native blocks (Q8_0: 1/4 of fp32).
+            # The tied lm_head multiplies by the file's quantized table, as llama.cpp does: the same tensors
+            # as the embedding's (llama_fast.embedding), so the table is held once.
             yield "lm_head.weight", native
 
 

@@ -64,8 +64,8 @@ def store_kv(k_cache, v_cache, k, v, slots):
 
 
 def set_isa(name: str = "") -> str:
-    """Lowers the instruction set of the CPU kernels to `name` ("portable", "avx2", "avx512", "avx512_bf16";
-    never above what this CPU has) and returns the one in effect; "" only reports it."""
+    """Lowers the instruction set of the CPU kernels to `name` ("portable", "avx2", "avx512", "avx512_vnni",
+    "avx512_bf16"; never above what this CPU has) and returns the one in effect; "" only reports it."""
     return torch.ops.llama_fast.cpu_isa(name)
 
 

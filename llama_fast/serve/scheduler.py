@@ -1,16 +1,26 @@
 """The continuous-batching scheduler: one thread owns the model and its KV cache of `max_batch` rows.
 
-Between decode steps it admits queued requests into free rows: the new prompts are prefilled together (one
-forward, left padded, into a staging cache whose rows are copied into theirs), each first token is sampled,
-and from the next step on they decode together with the others. A decode step runs the rows
-[0, highest busy row] as one batch of single tokens (StaticCache.rows: a view of those rows whose writes land
-in the shared storage); every row attends to its own cache length (the cache keeps
-per-row lengths, the attention kernels take per-row kv_lens), so requests at different lengths share a step.
+Every step of the scheduler thread does two things with the rows of the batch cache:
+
+- a decode step (after the prefill below): every row whose prompt is in its cache feeds its last token; the
+  rows [0, highest such row] run as one batch of single tokens (StaticCache.rows: a view of those rows whose
+  writes land in the shared storage); every row attends to its own cache length (the cache keeps per-row
+  lengths, the attention kernels take per-row kv_lens), so requests at different lengths share a step. Rows
+  inside that range that are not decoding (free, or still prefilling) ride along masked out: their token is a
+  pad, which writes no key and leaves their length as it is (wasted work, never read); new requests take the
+  lowest free row to keep the range short.
+- chunked prefill: queued requests take free rows at once, and their prompts go into their rows' caches in
+  chunks, one forward per step over the oldest prefilling requests' rows, each
+  chunk right-aligned in a [rows, width] batch of at most `prefill_chunk` tokens, pads included. So new
+  requests never stall the running ones for longer than one bounded forward: those keep emitting a token every
+  step while they prefill (on the CPU a batch of up to cpu_decode.max_rows() tokens runs through the fused
+  decode stack, which reads the weights once for all of its rows). When no row is decoding nobody waits, and
+  the batch may hold up to `prefill_budget` tokens. When a prompt's last chunk is in, its first token is
+  sampled from that chunk's logits and the request decodes from the same step on.
+
 A request leaves its row as soon as it finishes (eos, a stop string, max_tokens, or its client went away) and
-the row takes the next request. Free rows below the highest busy one ride along with a dummy token and length 0
-(wasted work, never read); new requests take the lowest free row to keep that range short. On the CPU a
-batch wider than the fused decode kernels' row limit runs as consecutive forwards of at most that many rows
-(`decode_rows`), each over its own contiguous slice of the cache.
+the row takes the next request. On the CPU a batch wider than the fused decode stack's row limit runs as
+consecutive forwards of at most that many rows (`decode_rows`), each over its own contiguous slice of the cache.
 
 The host keeps each row's length (the scheduler is the only writer), copies them into the cache before a step
 and sets the view's seen_tokens to the longest, so the model never syncs with the device to plan a step.
@@ -76,14 +86,22 @@ class _Row:
     def __init__(self, request: Request, slot: int, sampler: RowSampler, text: IncrementalText):
         self.request, self.slot, self.sampler, self.text = request, slot, sampler, text
         self.length = 0                 # tokens in this row's cache
+        self.prefilled = 0              # prompt tokens in this row's cache
         self.next_token = 0             # the token the next decode step feeds
         self.generated = 0
+
+    @property
+    def decoding(self) -> bool:
+        """Whether the whole prompt is in the cache (the row then takes part in decode steps)."""
+        return self.prefilled == len(self.request.prompt_ids)
 
 
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
                  eos_token_ids=None, prefill_budget: int = 4096, decode_rows: int | None = None,
                  prefill_chunk: int | None = None):
+        """prefill_chunk: prompt tokens prefilled per step while other rows decode (default: _prefill_chunk);
+        prefill_budget: per step while none decodes (nobody waits then)."""
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_seq_len = int(min(max_seq_len or 2048, limit))
         if max_batch < 1 or max_queue < 0 or self.max_seq_len < 2:
@@ -93,15 +111,16 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.prefill_budget = prefill_budget
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 tokens, got {prefill_chunk}")
-        self.prefill_chunk = prefill_chunk
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer))
         self._base = model if hasattr(model, "new_cache") else model.model
+        self._stack = getattr(model, "model", model)       # the decoder stack without the head
         self.cache = self._base.new_cache(max_batch, self.max_seq_len)
         self.decode_rows = decode_rows or _decode_rows(self.cache.device, max_batch)
+        self.prefill_chunk = prefill_chunk or _prefill_chunk(self.cache.device)
+        self.prefill_budget = max(prefill_budget, self.prefill_chunk)
         self._rows: list[_Row | None] = [None] * max_batch
         self._pending: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -165,7 +184,7 @@ class Scheduler:
                     self._drop_cancelled()
                     self._admit()
                     if self.running:
-                        self._decode_step()
+                        self._step()
                 except Exception as e:     # a bug or a device error: fail what runs, keep serving
                     for row in self._rows:
                         if row is not None:
@@ -184,98 +203,118 @@ class Scheduler:
                 self._finish(row, "abort")
 
     def _admit(self) -> None:
-        """Moves queued requests into free rows: all that fit (rows, prefill_budget prompt tokens, and with
-        prefill_chunk at most that many prompts; at least one) are prefilled together."""
+        """Moves queued requests into free rows (lowest first); their prompts go in chunk by chunk (_step)."""
         free = [i for i, row in enumerate(self._rows) if row is None]
-        admitted, aborted, used = [], [], 0
+        admitted, aborted = [], []
         with self._wake:
             while free and self._pending:
-                if self.prefill_chunk is not None and len(admitted) >= self.prefill_chunk:
-                    break              # the next group waits for the next step: running rows keep decoding
-                request = self._pending[0]
-                if not request.cancelled and admitted and used + len(request.prompt_ids) > self.prefill_budget:
-                    break
-                self._pending.popleft()
+                request = self._pending.popleft()
                 if request.cancelled:
                     aborted.append(request)
                     continue
                 admitted.append((request, free.pop(0)))
-                used += len(request.prompt_ids)
         for request in aborted:
             _send(request, FinishEvent("abort", len(request.prompt_ids), 0))
-        if admitted:
-            self._prefill(admitted)
-
-    def _prefill(self, admitted: list) -> None:
-        """One forward over the new prompts (left padded) into a staging cache, whose rows are then copied into
-        the requests' rows of the batch cache (the staging cache stores each prompt compactly from slot 0, as
-        the batch cache does). One forward, not one per prompt: the weights are read once for all of them.
-        With prefill_chunk, at most that many prompts come at once (see _admit) and their columns go through in
-        chunks of at most prefill_chunk tokens in all (for kernels that are fast only up to a number of rows;
-        a chunk's pads are still leading ones)."""
-        rows = []
         for request, slot in admitted:
             sampler = RowSampler(request.sampling, request.prompt_ids, self.vocab_size, self.cache.device)
-            row = _Row(request, slot, sampler, IncrementalText(self.tokenizer, request.stop))
-            self._rows[slot] = row
-            rows.append(row)
-        lengths = [len(row.request.prompt_ids) for row in rows]
-        width = max(lengths)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - lengths[i]:] = torch.tensor(row.request.prompt_ids)
-            mask[i, width - lengths[i]:] = 1
+            self._rows[slot] = _Row(request, slot, sampler, IncrementalText(self.tokenizer, request.stop))
+
+    def _step(self) -> None:
+        """One forward of the next prompt chunks (bounded by prefill_chunk while rows decode), then a decode step
+        of the rows whose prompts are in (including any whose last chunk just went in)."""
+        busy = [row for row in self._rows if row is not None]
+        prefilling = sorted((row for row in busy if not row.decoding), key=lambda row: row.request.id)
+        if prefilling:
+            others_decode = len(prefilling) < len(busy)
+            self._prefill_chunks(prefilling, self.prefill_chunk if others_decode else self.prefill_budget)
+        decoding = [row for row in self._rows if row is not None and row.decoding]
+        if decoding:
+            self._decode_step(decoding)
+
+    def _prefill_chunks(self, prefilling: list, area: int) -> None:
+        """The next prompt chunks of the oldest prefilling requests in one forward over their contiguous rows
+        [lo, hi], each chunk right-aligned in a [hi - lo + 1, width] batch (left pads: no key written, length
+        kept; rows of that range not in the group are all pads). The batch's area, pads included, stays within
+        `area` tokens (at least the oldest request's next token): one forward, so its cost is bounded however
+        many requests join at once. After a prompt's last chunk its first token is sampled from its logits."""
+        first = prefilling[0]
+        remaining = lambda row: len(row.request.prompt_ids) - row.prefilled  # noqa: E731
+        group, lo, hi, width = [first], first.slot, first.slot, max(1, min(remaining(first), area))
+        for row in prefilling[1:]:
+            new_lo, new_hi = min(lo, row.slot), max(hi, row.slot)
+            new_width = max(width, min(remaining(row), area))
+            if (new_hi - new_lo + 1) * new_width <= area:
+                group.append(row)
+                lo, hi, width = new_lo, new_hi, new_width
+        chunks = {row.slot: min(remaining(row), width) for row in group}
+        ids = torch.zeros(hi - lo + 1, width, dtype=torch.long)
+        mask = torch.zeros(hi - lo + 1, width, dtype=torch.long)
+        # the other rows of the range are all pads with length 0 here (keys read: none); their real lengths are
+        # the host's, copied into the cache before each decode step
+        lengths = [0] * (hi - lo + 1)
+        for row in group:
+            lengths[row.slot - lo] = row.length
+        for row in group:
+            n = chunks[row.slot]
+            ids[row.slot - lo, width - n:] = torch.tensor(row.request.prompt_ids[row.prefilled:row.prefilled + n])
+            mask[row.slot - lo, width - n:] = 1
         device = self.cache.device
+        view = self.cache.rows(lo, hi + 1)
+        view.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
+        view.seen_tokens = max(lengths)
+        finishing = [row for row in group if row.prefilled + chunks[row.slot] == len(row.request.prompt_ids)]
         ids, mask = ids.to(device), mask.to(device)
-        # columns per forward: all of them, or as many as keep rows x columns within prefill_chunk
-        step = width if self.prefill_chunk is None else max(1, self.prefill_chunk // len(rows))
+        mask_arg = None if bool(mask.all()) else mask
         try:
-            staging = self._base.new_cache(len(rows), width)
-            for col in range(0, width, step):
-                chunk_mask = mask[:, col:col + step]
-                out = self.model(ids[:, col:col + step], past_key_values=staging, use_cache=True, logits_to_keep=1,
-                                 attention_mask=None if bool(chunk_mask.all()) else chunk_mask)
+            if finishing:
+                out = self.model(ids, past_key_values=view, use_cache=True, logits_to_keep=1, attention_mask=mask_arg)
+            else:     # no prompt ends here: no head
+                self._stack(ids, past_key_values=view, use_cache=True, attention_mask=mask_arg)
         except Exception as e:         # e.g. out of memory: these requests fail, the running ones go on
-            for row in rows:
+            for row in group:
                 self._finish(row, "error", error=f"prefill failed: {type(e).__name__}: {e}")
             return
-        for i, (row, n) in enumerate(zip(rows, lengths)):
-            for layer in range(self.cache.num_layers):
-                self.cache.k[layer][row.slot, :n] = staging.k[layer][i, :n]
-                self.cache.v[layer][row.slot, :n] = staging.v[layer][i, :n]
-            row.length = n
-        logits = out.logits[:, -1].float()
-        for i, row in enumerate(rows):
-            self._advance(row, logits[i])
+        for row in group:
+            row.prefilled += chunks[row.slot]
+            row.length = row.prefilled
+        if finishing:
+            logits = out.logits[:, -1].float()
+            for row in finishing:
+                self._advance(row, logits[row.slot - lo])
 
-    def _decode_step(self) -> None:
-        busy = [row for row in self._rows if row is not None]
-        top = max(row.slot for row in busy) + 1
+    def _decode_step(self, decoding: list) -> None:
+        top = max(row.slot for row in decoding) + 1
         tokens = [0] * top
         lengths = [0] * top
-        for row in busy:
+        live = [0] * top                   # 1 for the rows that decode, 0 for free and prefilling ones (pads)
+        for row in self._rows[:top]:
+            if row is not None:
+                lengths[row.slot] = row.length
+        for row in decoding:
             tokens[row.slot] = row.next_token
-            lengths[row.slot] = row.length
+            live[row.slot] = 1
         logits = [None] * top
         for start in range(0, top, self.decode_rows):
             stop = min(top, start + self.decode_rows)
-            if not any(lengths[start:stop]):
-                continue                   # only free rows here
+            if not any(live[start:stop]):
+                continue                   # no decoding row here
             view = self.cache.rows(start, stop)
             view.lengths.copy_(torch.tensor(lengths[start:stop], dtype=torch.int32))
             view.seen_tokens = max(lengths[start:stop])
-            ids = torch.tensor(tokens[start:stop], dtype=torch.long, device=self.cache.device)[:, None]
+            device = self.cache.device
+            ids = torch.tensor(tokens[start:stop], dtype=torch.long, device=device)[:, None]
+            # a pad (mask 0) writes no key and leaves its row's length: a prefilling row's cache stays intact
+            mask = None if all(live[start:stop]) else torch.tensor(live[start:stop], device=device)[:, None]
             try:
-                out = self.model(ids, past_key_values=view, use_cache=True, logits_to_keep=1)
+                out = self.model(ids, past_key_values=view, use_cache=True, logits_to_keep=1, attention_mask=mask)
             except Exception as e:         # e.g. out of memory: fail the batch, keep serving
-                for row in busy:
+                for row in decoding:
                     self._finish(row, "error", error=f"decode failed: {e}")
                 return
             logits[start:stop] = out.logits[:, -1].float().unbind(0)
         self.steps += 1
-        self.max_rows_in_step = max(self.max_rows_in_step, len(busy))
-        for row in busy:
+        self.max_rows_in_step = max(self.max_rows_in_step, len(decoding))
+        for row in decoding:
             row.length += 1
             self._advance(row, logits[row.slot])
 
@@ -320,12 +359,19 @@ def _send(request: Request, event) -> None:
 def _decode_rows(device: torch.device, max_batch: int) -> int:
     """Rows per decode forward. On the CPU, the fused decode stack takes up to cpu_decode.max_rows() rows in one
     pass over the weights; a larger batch runs as several such passes (beyond that many rows, quantized
-    linears without the VNNI kernels dequantize whole weight matrices per call: far slower per step; a dense
-    model would do as well or better in one forward, which `decode_rows=max_batch` asks for).
-    Elsewhere the whole batch is one forward."""
+    linears dequantize whole weight matrices per call for a GEMM). Elsewhere the whole batch is one forward."""
     if device.type != "cpu" or _native.extension() is None:
         return max_batch
     return min(max_batch, cpu_decode.max_rows())
+
+
+def _prefill_chunk(device: torch.device) -> int:
+    """Prompt tokens (pads included) per step while rows decode. On the CPU, where a batched step's cost grows
+    with its rows (the FMA work), 16: a chunk costs about as much as a decode step of 16 rows. On a GPU a chunk
+    of 512 costs about as much as a decode step."""
+    if device.type != "cpu" or _native.extension() is None:
+        return 512
+    return 16
 
 
 def _eos_ids(model, tokenizer) -> set:

@@ -1,7 +1,8 @@
 """Fixtures of the op tests (imported by each test file: a tests/ops/conftest.py would shadow tests/conftest.py,
 which the model tests import as `conftest`): which backends run here and, for the C++ CPU backend, which
-instruction-set paths (AVX-512-BF16 / AVX-512 / AVX2 / portable) this CPU can exercise. The tolerance rule is
-tests/tolerance.py's. The CUDA kernels are tested by tests/gpu (with compute-sanitizer runs), not here."""
+instruction-set paths (AVX-512-BF16 / AVX-512-VNNI / AVX-512 / AVX2 / portable) this CPU can exercise. The
+tolerance rule is tests/tolerance.py's. The CUDA kernels are tested by tests/gpu (with compute-sanitizer runs),
+not here."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,7 @@ from tolerance import assert_matches_reference
 
 from llama_fast import _native
 
-_ISA_ORDER = ("portable", "avx2", "avx512", "avx512_bf16")
+_ISA_ORDER = ("portable", "avx2", "avx512", "avx512_vnni", "avx512_bf16")
 
 
 def _cpu_isas() -> list[str]:

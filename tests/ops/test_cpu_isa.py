@@ -38,7 +38,7 @@ def test_env_var_lowers_the_isa():
 
 def test_env_var_unknown_value_is_an_error():
     r = _isa_in_subprocess("sse9")
-    assert r.returncode != 0 and "is not one of portable, avx2, avx512, avx512_bf16" in r.stderr
+    assert r.returncode != 0 and "is not one of portable, avx2, avx512, avx512_vnni, avx512_bf16" in r.stderr
 
 
 def test_set_isa_never_exceeds_the_cpu_and_round_trips():
@@ -51,6 +51,10 @@ def test_set_isa_never_exceeds_the_cpu_and_round_trips():
         torch.testing.assert_close(ops.rms_norm(x, w, backend="cpu"), ops.rms_norm(x, w, backend="torch"))
         assert cpu.set_isa("avx512_bf16") == best
         assert cpu.set_isa("avx2") == ("avx2" if best != "portable" else "portable")
+        # the levels are a chain: asking for one between two clamps to the lower of it and the CPU's best
+        order = ("portable", "avx2", "avx512", "avx512_vnni", "avx512_bf16")
+        for want in order:
+            assert cpu.set_isa(want) == order[min(order.index(want), order.index(best))]
     finally:
         cpu.set_isa(current)
     with pytest.raises(ValueError, match="is not one of"):

@@ -78,13 +78,16 @@ def _reference_step(x, linears, norms, final, kc, vc, pos, slots, kv_lens, span,
 
 @pytest.mark.parametrize("dtype,bits", [(torch.float32, 0), (torch.bfloat16, 0), (torch.float32, 4),
                                         (torch.float32, 8), (torch.bfloat16, 4)])
-@pytest.mark.parametrize("b,t", [(1, 1), (3, 1), (2, 2)])
+# Batches past the GEMV kernels' register blocks (9, 17 rows: the tiled multi-row kernels) and a prefill chunk
+# riding in a step (1 x 24 tokens).
+@pytest.mark.parametrize("b,t", [(1, 1), (3, 1), (2, 2), (9, 1), (17, 1), (1, 24)])
 def test_decode_layers_matches_composed_reference(dtype, bits, b, t):
-    layers, hidden, heads, kv_heads, d, inter, cap, eps = 3, 96, 6, 2, 64, 160, 40, 1e-5
+    layers, hidden, heads, kv_heads, d, inter, eps = 3, 96, 6, 2, 64, 160, 1e-5
     linears, norms, final = _stack(layers, hidden, heads, kv_heads, d, inter, dtype, bits)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(b, t, hidden, generator=g).to(dtype)
-    lengths = torch.tensor([30, 3, 17][:b], dtype=torch.int32)  # ragged cache fill per sequence
+    lengths = torch.tensor([(30, 3, 17)[i % 3] for i in range(b)], dtype=torch.int32)  # ragged cache fill
+    cap = int(lengths.max()) + t + 2
     kc = [torch.randn(b, cap, kv_heads, d, generator=g).to(dtype) for _ in range(layers)]
     vc = [torch.randn(b, cap, kv_heads, d, generator=g).to(dtype) for _ in range(layers)]
     slots = lengths[:, None] + torch.arange(t, dtype=torch.int32)[None]

@@ -10,7 +10,7 @@ from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtur
 
 
 @pytest.mark.parametrize("kind", kquants.TYPES)
-@pytest.mark.parametrize("m", [1, 3, 8, 13, 40])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 40, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kquant_linear_matches_reference(backend, kind, m, dtype, matches_reference):
     name, device = backend

@@ -96,10 +96,10 @@ def test_rows_of_different_lengths_decode_like_each_alone(tiny_chat):
 
 @pytest.mark.parametrize("max_batch,decode_rows,prefill_chunk", [(3, None, None), (5, 2, 3)])
 def test_batch_equals_generate_and_rows_are_reused(tiny_chat, max_batch, decode_rows, prefill_chunk):
-    """Nine requests, three (five) rows: all admitted ones are prefilled together (with prefill_chunk=3: in
-    groups of three prompts, one column at a time) and decode together (in forwards of two rows when
-    decode_rows=2),
-    finished rows take the next request, and every request's tokens are generate()'s."""
+    """Nine requests, three (five) rows: the first ones are prefilled before any decodes and then decode
+    together (in forwards of two rows when decode_rows=2); finished rows take the next request, whose prompt
+    goes in while the others decode (with prefill_chunk=3: three prompt tokens per step), and every request's
+    tokens are generate()'s."""
     model, tokenizer = tiny_chat
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=16, max_seq_len=128,
                           decode_rows=decode_rows, prefill_chunk=prefill_chunk)
@@ -145,6 +145,48 @@ def test_request_joins_a_running_batch_and_cancel_frees_the_row(tiny_chat):
             assert sink.finish.reason == "length"
         assert b.tokens == _greedy(model, b_prompt, len(b.tokens))
         assert scheduler.max_rows_in_step == 2 and scheduler.running == 0
+
+
+class _Logged(Collector):
+    """A Collector that also appends (name, token) to a log shared by several requests: their interleaving."""
+
+    def __init__(self, name, log):
+        super().__init__()
+        self.name, self.log = name, log
+
+    def __call__(self, event):
+        if isinstance(event, TokenEvent):
+            self.log.append((self.name, event.choice.token))
+        super().__call__(event)
+
+
+@pytest.mark.parametrize("chunk", [3, 5])
+def test_long_prompt_prefills_in_chunks_while_others_decode(tiny_chat, chunk):
+    """A request joining a running batch has its prompt prefilled `chunk` tokens per step, each step followed
+    by the running row's decode step: the running row emits a token every step meanwhile, and both answers are
+    generate()'s."""
+    model, tokenizer = tiny_chat
+    a_prompt = _prompts(tokenizer, 1)[0]
+    b_prompt = tokenizer.encode("A long time ago in a galaxy far, far away, a small robot read every book it found")
+    if len(b_prompt) % chunk == 1:
+        b_prompt = b_prompt[:-1]    # the gated model would take a last chunk of one token for a decode step
+    chunks = -(-len(b_prompt) // chunk)
+    assert chunks >= 3
+    log = []
+    with gated_scheduler(model, tokenizer, max_batch=2, max_queue=4, max_seq_len=128, prefill_chunk=chunk) as (
+            scheduler, gated):
+        a, b = _Logged("a", log), _Logged("b", log)
+        scheduler.submit(Request(a_prompt, 40, SamplingParams(temperature=0.0), a, ignore_eos=True))
+        assert a.first_token.wait(WAIT_S)     # no permit given yet: a holds exactly this one token
+        scheduler.submit(Request(b_prompt, 6, SamplingParams(temperature=0.0), b, ignore_eos=True))
+        gated.allow(200)
+        a.wait(), b.wait()
+    a_before_b = next(i for i, (name, _) in enumerate(log) if name == "b")
+    # a's first token, maybe a step that began before b was admitted, then a decode step after each of b's
+    # chunks but the last (whose first token comes before that step's decode)
+    assert a_before_b in (chunks, chunks + 1), (a_before_b, chunks)
+    assert a.tokens == _greedy(model, a_prompt, 40)
+    assert b.tokens == _greedy(model, b_prompt, 6)
 
 
 def test_queue_limit_and_context_limit(tiny_chat):
