@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_fast import generation, loading, ops
+from llama_fast import generation, kquants, loading, ops
 from llama_fast.cache import StaticCache, as_static_cache, left_padding
 from llama_fast.config import LlamaConfig
 from llama_fast.embedding import Embedding
@@ -153,8 +153,14 @@ class LlamaDecoderLayer(TracksWeights):
         ints = {}
         for name, linear in (("qkv_proj", self.self_attn.qkv_proj), ("o_proj", self.self_attn.o_proj),
                              ("gate_up_proj", self.mlp.gate_up_proj), ("down_proj", self.mlp.down_proj)):
-            if linear.quantized:
-                parts = {"qweight": linear.qweight, "scales": linear.scales, "offsets": linear.offsets}
+            if linear.kquant:   # ggml blocks: one tensor and type id per row segment (llama_fast.kquants)
+                parts = {}
+                for i, kind in enumerate(linear.kquant_kinds):
+                    parts[f"blocks.{i}"] = linear.get_buffer(f"kquant_blocks_{i}")
+                    ints[f"{name}.block_type.{i}"] = kquants.TYPE_IDS[kind]
+            elif linear.quantized:
+                parts = {"qweight": linear.qweight, "scales": linear.scales, "offsets": linear.offsets,
+                         "input_perm": linear.input_perm}     # act-order: the plan gathers x[:, input_perm]
                 ints[f"{name}.bits"], ints[f"{name}.group_size"] = linear.bits, linear.group_size
             else:
                 parts = {"weight": linear.weight}

@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from kquant_util import random_blocks
+from kquant_util import write_mixed_gguf
 
 from llama_fast import LlamaForCausalLM, kquants
 from llama_fast.formats.gguf import GGUFError, read_gguf
@@ -17,39 +17,10 @@ import gguf_util as G
 Q = gguf.GGMLQuantizationType
 
 
-def _config():
-    return G.tiny_config(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-
-
-# A Q4_K_M-like mix: q/k/gate/up Q4_K, v Q6_K in layer 1 (fused with Q4_K q/k), down Q5_K / Q6_K, o Q3_K / Q2_K,
-# the tied token table Q6_K; one layer's up_proj in Q5_1 and gate in Q5_0 (what llama.cpp falls back to).
-def _types(config):
-    types = {"model.embed_tokens.weight": "Q6_K"}
-    for n in range(config["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        types.update({p + "self_attn.q_proj.weight": "Q4_K", p + "self_attn.k_proj.weight": "Q4_K",
-                      p + "self_attn.v_proj.weight": "Q4_K" if n == 0 else "Q6_K",
-                      p + "self_attn.o_proj.weight": "Q3_K" if n == 0 else "Q2_K",
-                      p + "mlp.gate_proj.weight": "Q4_K" if n == 0 else "Q5_0",
-                      p + "mlp.up_proj.weight": "Q5_K" if n == 0 else "Q5_1",
-                      p + "mlp.down_proj.weight": "Q6_K" if n == 0 else "Q5_K"})
-    return types
-
-
 @pytest.fixture(scope="module")
 def kquant_file(tmp_path_factory):
-    config = _config()
-    sd = G.random_state_dict(config)
-    types = _types(config)
-    tensors = {}
-    for i, (name, value) in enumerate(sd.items()):
-        if name in types:
-            tensors[name] = random_blocks(types[name], value.shape[0], value.shape[1], seed=i).numpy()
-        else:
-            tensors[name] = value
     path = tmp_path_factory.mktemp("kq") / "mix.gguf"
-    G.write_llama_gguf(path, config, tensors, {k: Q[v] for k, v in types.items()})
+    config, types = write_mixed_gguf(path)
     return path, config, types
 
 

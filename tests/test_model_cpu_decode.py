@@ -167,3 +167,109 @@ def test_changing_one_models_weights_keeps_the_other_models_plan(tmp_path):
     assert cpu_decode._PLANS[a.model][3] is not plan_a
     assert cpu_decode._PLANS[b.model][3] is plan_b
     assert conftest.max_rel_diff(got_a, _step_logits(_reference_copy(a), ids)) <= 1e-4
+
+
+# ---- every weight form in the plan: ggml blocks (K-quants, Q5_0 / Q5_1) and GPTQ act-order -------------------
+
+def _decode_both_ways(model, ids, prompt_len, monkeypatch):
+    """The logits of _decode through the fused plan, then through the op-by-op path (the same CPU kernels)."""
+    fused = _decode(model, ids, torch.ones_like(ids), prompt_len)
+    with monkeypatch.context() as m:
+        m.setattr(cpu_decode, "can_run", lambda *args, **kwargs: False)
+        op_by_op = _decode(model, ids, torch.ones_like(ids), prompt_len)
+    return fused, op_by_op
+
+
+def _kquant_models(tmp_path):
+    from kquant_util import write_mixed_gguf
+    mixed = tmp_path / "mix.gguf"
+    write_mixed_gguf(mixed)
+    data = __import__("pathlib").Path(__file__).parent / "data"
+    return [mixed, data / "kquant_Q4_K_M.gguf", data / "kquant_Q3_K_M.gguf"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_of_block_weights_equals_op_by_op(tmp_path, count_fused, monkeypatch, dtype):
+    """K-quant files (all seven block types, fused q/k/v and gate/up made of segments of different types, a tied
+    Q6_K lm_head) decode through the plan. Exact: the plan calls the op-by-op path's kernels (kquant::linear,
+    the norms, rotary, attention) on the same inputs in the same order, and adds the bias / rounds to bf16 as
+    the kquant_linear op does."""
+    for path in _kquant_models(tmp_path):
+        model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, backend="cpu")
+        assert model.model.layers[0].self_attn.qkv_proj.kquant, path
+        ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
+        count_fused.clear()
+        fused, op_by_op = _decode_both_ways(model, ids, 5, monkeypatch)
+        # the 10-row prefill (B x T <= cpu_max_gemv_rows) and every decode step ran the plan, none of the op-by-op run
+        assert len(count_fused) == 5, path
+        assert torch.equal(fused, op_by_op), path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_of_act_order_gptq_equals_op_by_op(tmp_path, count_fused, monkeypatch, dtype):
+    """GPTQ desc_act: the plan gathers each linear's input by its permutation (once per fused linear) and runs
+    the quant_linear kernel, as the op-by-op path does after index_select: exact (same kernels, same inputs).
+    Also against the reference backend, within the tolerance rule's fp32 budget."""
+    import hf_quant_util as H
+
+    import conftest
+    H.write_checkpoint(tmp_path, H.tiny_llama(), "gptq", bits=4, group_size=32, desc_act=True)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=dtype, backend="cpu")
+    perms = [lin.input_perm for layer in model.model.layers
+             for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                         layer.mlp.down_proj)]
+    assert all(p is not None and not torch.equal(p, torch.arange(p.numel())) for p in perms)
+    ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(7))
+    fused, op_by_op = _decode_both_ways(model, ids, 5, monkeypatch)
+    assert len(count_fused) == 5     # the 15-row prefill (B x T <= cpu_max_gemv_rows) and the 4 decode steps
+    assert torch.equal(fused, op_by_op)
+    if dtype == torch.float32:
+        ref = LlamaForCausalLM.from_pretrained(tmp_path, dtype=dtype, backend="torch")
+        assert conftest.max_rel_diff(fused, _decode(ref, ids, torch.ones_like(ids), 5)) <= 1e-4
+
+
+def test_decode_plan_rejects_a_broken_permutation(tmp_path):
+    """An input_perm changed in place to an index outside [0, K) is an error, never an out-of-bounds read."""
+    import hf_quant_util as H
+    H.write_checkpoint(tmp_path, H.tiny_llama(), "gptq", bits=4, group_size=32, desc_act=True)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", backend="cpu")
+    ids = torch.randint(0, 128, (1, 4))
+    _step_logits(model, ids)
+    model.model.layers[1].mlp.down_proj.input_perm[3] = 10 ** 6
+    with pytest.raises(RuntimeError, match="input_perm holds 1000000"):
+        _step_logits(model, ids)
+
+
+def test_decode_plan_names_bad_block_fields():
+    """Block segments the plan cannot read are named at the first step, never read out of bounds."""
+    from kquant_util import random_blocks
+
+    from llama_fast import kquants
+    norm = torch.ones(256)
+    cos = sin = torch.zeros(8, 32)
+    good = random_blocks("Q4_K", 1, 256)
+
+    def step(blocks, types):
+        plan = torch.classes.llama_fast.CpuDecodePlan(norm, 4, 2, 64, 1e-5)
+        tensors = {"input_layernorm": norm, "post_attention_layernorm": norm}
+        ints = {}
+        for name, n, k in (("qkv_proj", 512, 256), ("o_proj", 256, 256), ("gate_up_proj", 512, 256),
+                           ("down_proj", 256, 256)):
+            for i, b in enumerate(blocks(n, k)):
+                tensors[f"{name}.blocks.{i}"] = b
+                if i < len(types):
+                    ints[f"{name}.block_type.{i}"] = types[i]
+        plan.add_layer(tensors, ints)
+        cache = torch.zeros(1, 8, 2, 64)
+        torch.ops.llama_fast.cpu_decode_step(plan, torch.zeros(1, 1, 256), [cache], [cache.clone()],
+                                             torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                                             torch.ones(1, dtype=torch.int32), 1, cos, sin)
+
+    q4k = kquants.TYPE_IDS["Q4_K"]
+    step(lambda n, k: [random_blocks("Q4_K", n, k)], [q4k])          # well formed: runs
+    with pytest.raises(RuntimeError, match="unknown block type id 9"):
+        step(lambda n, k: [random_blocks("Q4_K", n, k)], [9])
+    with pytest.raises(RuntimeError, match=r"qkv_proj.blocks.0 must be contiguous uint8 \[rows, 144\]"):
+        step(lambda n, k: [good[:, :100].contiguous()], [q4k])
+    with pytest.raises(RuntimeError, match="one block_type per blocks tensor"):
+        step(lambda n, k: [random_blocks("Q4_K", n, k)], [])

@@ -7,9 +7,16 @@
 //
 // The weights come per layer as named fields (LlamaDecoderLayer.decode_fields in llama_fast/modeling.py builds
 // them; the names are the modules' attribute paths): tensors "input_layernorm", "post_attention_layernorm" and,
-// for each projection P in qkv_proj, o_proj, gate_up_proj, down_proj, "P.weight" (dense [N, K]) or "P.qweight",
-// "P.scales", "P.offsets" (csrc/common/quant_format.h), optionally "P.bias"; ints "P.bits" (0 = dense) and
-// "P.group_size". An unknown or missing name is an error, so Python and C++ cannot silently disagree.
+// for each projection P in qkv_proj, o_proj, gate_up_proj, down_proj, one weight form:
+//   dense:        "P.weight" [N, K] in the activations' dtype, int "P.bits" = 0;
+//   affine int:   "P.qweight", "P.scales", "P.offsets" (csrc/common/quant_format.h), ints "P.bits" (4 / 8) and
+//                 "P.group_size";
+//   ggml blocks:  "P.blocks.<i>" (uint8 [rows_i, row bytes]) with int "P.block_type.<i>" (llama_fast.kquants
+//                 TYPE_IDS), i = 0, 1, ... the row segments stacked along N (llama_fast/kquants.py);
+// optionally "P.bias" and "P.input_perm" (int64 [K], GPTQ act-order: the linear multiplies x[:, input_perm],
+// gathered here once per linear, as the op-by-op path's index_select does; q/k/v and gate/up are fused
+// linears, so each input is gathered once). An unknown or missing name is an error, so Python and C++ cannot
+// silently disagree.
 //
 // llama_fast.CpuDecodePlan (a torch custom class) is built once per model (llama_fast/ops/cpu_decode.py) with
 // add_layer() per layer: it validates the ~400 weight tensors once and keeps the scratch buffers, and
@@ -21,11 +28,17 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
+#include <map>
 #include <mutex>
+#include <vector>
+
+#include "common/half_float.h"
 
 #include "cpu/decode_profile.h"
 #include "cpu/kernels.h"
+#include "cpu/kquant_linear.h"
 #include "cpu/torch_args.h"
 
 namespace llama_fast {
@@ -37,8 +50,10 @@ constexpr const char* kLinearNames[4] = {"qkv_proj", "o_proj", "gate_up_proj", "
 
 // One projection's named fields, as add_layer received them.
 struct LinearFields {
-  std::optional<at::Tensor> weight, qweight, scales, offsets, bias;
+  std::optional<at::Tensor> weight, qweight, scales, offsets, bias, input_perm;
   int64_t bits = 0, group_size = 0;
+  std::map<int64_t, at::Tensor> blocks;    // "blocks.<i>": ggml row segments, in i order
+  std::map<int64_t, int64_t> block_types;  // "block_type.<i>"
 };
 
 struct LayerFields {
@@ -49,17 +64,19 @@ struct LayerFields {
 using Profile = cpu::DecodeProfile;
 
 struct LinearRef {
-  const at::Tensor* w;  // weight (dense) or qweight
-  const at::Tensor* scale;
-  const at::Tensor* offset;
-  const at::Tensor* bias;
-  int bits;
-  int64_t group_size;
-  int64_t n, k;
+  const at::Tensor* w = nullptr;  // weight (dense) or qweight; nullptr for ggml blocks
+  const at::Tensor* scale = nullptr;
+  const at::Tensor* offset = nullptr;
+  const at::Tensor* bias = nullptr;
+  int bits = 0;
+  int64_t group_size = 0;
+  int64_t n = 0, k = 0;
   // The raw view the kernels take, filled in by validate(); valid while weights_unchanged().
-  cpu::QuantWeight q;
-  const void* dense;
-  const void* bias_ptr;
+  cpu::QuantWeight q{};
+  const void* dense = nullptr;
+  const void* bias_ptr = nullptr;
+  std::vector<cpu::kquant::Segment> segs;  // non-empty: the weight is ggml blocks (kquant::linear)
+  const int64_t* perm = nullptr;           // act-order: multiply x[:, perm]
 };
 
 // Smallest and largest of an int32/int64 tensor of a few elements (positions, slots, kv_lens), without a
@@ -98,7 +115,7 @@ class DecodePlan : public torch::CustomClassHolder {
       else if (name == "post_attention_layernorm")
         f.post_norm = item.value();
       else
-        *tensor_field(f, name, l) = item.value();
+        set_tensor_field(f, name, item.value(), l);
     }
     for (const auto& item : ints) {
       const std::string& name = item.key();
@@ -109,6 +126,8 @@ class DecodePlan : public torch::CustomClassHolder {
         lf.bits = item.value();
       else if (field == "group_size")
         lf.group_size = item.value();
+      else if (field.rfind("block_type.", 0) == 0)
+        lf.block_types[segment_index(field, name, l)] = item.value();
       else
         TORCH_CHECK(false, kOp, ": layer ", l, ": unknown int field '", name, "'");
     }
@@ -206,19 +225,34 @@ class DecodePlan : public torch::CustomClassHolder {
     TORCH_CHECK(false, kOp, ": layer ", l, ": unknown field '", name,
                 "' (expected input_layernorm, "
                 "post_attention_layernorm or qkv_proj / o_proj / gate_up_proj / down_proj .weight / .qweight / "
-                ".scales / .offsets / .bias / .bits / .group_size)");
+                ".scales / .offsets / .bias / .input_perm / .blocks.<i> / .bits / .group_size / .block_type.<i>)");
   }
 
-  static std::optional<at::Tensor>* tensor_field(LayerFields& f, const std::string& name, int64_t l) {
+  static void set_tensor_field(LayerFields& f, const std::string& name, const at::Tensor& t, int64_t l) {
     const auto dot = name.find('.');
     LinearFields& lf = linear_fields(f, name.substr(0, dot), name, l);
     const std::string field = dot == std::string::npos ? "" : name.substr(dot + 1);
-    if (field == "weight") return &lf.weight;
-    if (field == "qweight") return &lf.qweight;
-    if (field == "scales") return &lf.scales;
-    if (field == "offsets") return &lf.offsets;
-    if (field == "bias") return &lf.bias;
-    TORCH_CHECK(false, kOp, ": layer ", l, ": unknown tensor field '", name, "'");
+    std::optional<at::Tensor>* slot = field == "weight"       ? &lf.weight
+                                      : field == "qweight"    ? &lf.qweight
+                                      : field == "scales"     ? &lf.scales
+                                      : field == "offsets"    ? &lf.offsets
+                                      : field == "bias"       ? &lf.bias
+                                      : field == "input_perm" ? &lf.input_perm
+                                                              : nullptr;
+    if (slot != nullptr)
+      *slot = t;
+    else if (field.rfind("blocks.", 0) == 0)
+      lf.blocks[segment_index(field, name, l)] = t;
+    else
+      TORCH_CHECK(false, kOp, ": layer ", l, ": unknown tensor field '", name, "'");
+  }
+
+  // i of "blocks.<i>" / "block_type.<i>": a small non-negative decimal.
+  static int64_t segment_index(const std::string& field, const std::string& name, int64_t l) {
+    const std::string digits = field.substr(field.find('.') + 1);
+    TORCH_CHECK(!digits.empty() && digits.size() <= 3 && digits.find_first_not_of("0123456789") == std::string::npos,
+                kOp, ": layer ", l, ": bad segment index in '", name, "'");
+    return std::stoll(digits);
   }
 
   static const at::Tensor* ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
@@ -254,9 +288,11 @@ class DecodePlan : public torch::CustomClassHolder {
       inter_ = L[2].n / 2;
       L[3] = linear_ref(f.linear[3], inter_, 3, l);
       TORCH_CHECK(L[3].n == hs_, kOp, ": layer ", l, " down_proj must have ", hs_, " rows");
-      for (const LinearFields& lf : f.linear)
-        for (const auto* t : {&lf.weight, &lf.qweight, &lf.scales, &lf.offsets, &lf.bias})
+      for (const LinearFields& lf : f.linear) {
+        for (const auto* t : {&lf.weight, &lf.qweight, &lf.scales, &lf.offsets, &lf.bias, &lf.input_perm})
           if (t->has_value()) held_.push_back(&**t);
+        for (const auto& seg : lf.blocks) held_.push_back(&seg.second);
+      }
     }
     held_.push_back(&final_norm_);
     seen_.clear();
@@ -278,6 +314,55 @@ class DecodePlan : public torch::CustomClassHolder {
 
   LinearRef linear_ref(const LinearFields& f, int64_t k_expected, int which, int64_t layer) const {
     const char* name = kLinearNames[which];
+    LinearRef r = f.blocks.empty() && f.block_types.empty() ? affine_or_dense_ref(f, k_expected, which, layer)
+                                                            : block_ref(f, k_expected, which, layer);
+    if (r.bias != nullptr)
+      TORCH_CHECK(r.bias->device().is_cpu() && r.bias->scalar_type() == dtype_ && r.bias->dim() == 1 &&
+                      r.bias->size(0) == r.n && r.bias->is_contiguous(),
+                  kOp, ": layer ", layer, " ", name, " bias must be [", r.n, "] in the activations' dtype");
+    r.bias_ptr = r.bias ? r.bias->const_data_ptr() : nullptr;
+    if (f.input_perm.has_value()) {
+      const at::Tensor& p = *f.input_perm;
+      TORCH_CHECK(
+          p.device().is_cpu() && p.scalar_type() == at::kLong && p.dim() == 1 && p.size(0) == r.k && p.is_contiguous(),
+          kOp, ": layer ", layer, " ", name, ".input_perm must be a contiguous int64 CPU tensor [", r.k, "]");
+      r.perm = p.const_data_ptr<int64_t>();  // each index is range-checked where it is read (gather_inputs)
+    }
+    return r;
+  }
+
+  // A linear held as ggml blocks: "blocks.<i>" with "block_type.<i>" for i = 0, 1, ..., stacked along N.
+  LinearRef block_ref(const LinearFields& f, int64_t k, int which, int64_t layer) const {
+    const char* name = kLinearNames[which];
+    TORCH_CHECK(!f.weight && !f.qweight && !f.scales && !f.offsets && f.bits == 0 && f.group_size == 0, kOp, ": layer ",
+                layer, " ", name, " has ggml blocks and another weight form");
+    TORCH_CHECK(f.blocks.size() == f.block_types.size(), kOp, ": layer ", layer, " ", name,
+                " needs one block_type per blocks tensor");
+    LinearRef r;
+    r.bias = ptr(f.bias);
+    r.k = k;
+    int64_t expect = 0;
+    for (const auto& [i, t] : f.blocks) {
+      TORCH_CHECK(i == expect++ && f.block_types.count(i), kOp, ": layer ", layer, " ", name,
+                  " block segments must be numbered 0, 1, ... with a block_type each");
+      const int64_t type = f.block_types.at(i);
+      TORCH_CHECK(ggml::valid_type(static_cast<int>(type)), kOp, ": layer ", layer, " ", name,
+                  ": unknown block type id ", type);
+      const auto bt = static_cast<ggml::BlockType>(type);
+      TORCH_CHECK(k % ggml::block_weights(bt) == 0, kOp, ": layer ", layer, " ", name, ": K=", k,
+                  " is not a multiple of the block size ", ggml::block_weights(bt));
+      TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kByte && t.dim() == 2 && t.is_contiguous() &&
+                      t.size(1) == cpu::kquant::row_bytes(bt, k),
+                  kOp, ": layer ", layer, " ", name, ".blocks.", i, " must be contiguous uint8 [rows, ",
+                  cpu::kquant::row_bytes(bt, k), "] on the CPU, got ", t.scalar_type(), " ", t.sizes());
+      r.segs.push_back({bt, t.const_data_ptr<uint8_t>(), t.size(0)});
+      r.n += t.size(0);
+    }
+    return r;
+  }
+
+  LinearRef affine_or_dense_ref(const LinearFields& f, int64_t k_expected, int which, int64_t layer) const {
+    const char* name = kLinearNames[which];
     const int64_t bits = f.bits, group_size = f.group_size;
     TORCH_CHECK(bits == 0 || bits == 4 || bits == 8, kOp, ": layer ", layer, " ", name,
                 ".bits must be 0 (dense), 4 or 8, got ", bits);
@@ -285,8 +370,9 @@ class DecodePlan : public torch::CustomClassHolder {
     TORCH_CHECK(!(bits == 0 ? f.qweight : f.weight).has_value() && (bits != 0 || (!f.scales && !f.offsets)), kOp,
                 ": layer ", layer, " ", name,
                 bits == 0 ? " is dense (bits 0) but has quantized fields" : " is quantized but has a dense weight");
-    LinearRef r{ptr(weight), ptr(f.scales),      ptr(f.offsets), ptr(f.bias), static_cast<int>(bits), group_size, 0,
-                0,           cpu::QuantWeight{}, nullptr,        nullptr};
+    LinearRef r;
+    r.w = ptr(weight), r.scale = ptr(f.scales), r.offset = ptr(f.offsets), r.bias = ptr(f.bias);
+    r.bits = static_cast<int>(bits), r.group_size = group_size;
     TORCH_CHECK(r.w != nullptr, kOp, ": layer ", layer, " ", name, " has no ", bits == 0 ? "weight" : "qweight");
     TORCH_CHECK(r.w->device().is_cpu() && r.w->dim() == 2 && r.w->is_contiguous(), kOp, ": layer ", layer, " ", name,
                 " weight must be a contiguous 2-D CPU tensor");
@@ -310,11 +396,6 @@ class DecodePlan : public torch::CustomClassHolder {
                     kOp, ": layer ", layer, " ", name, " offsets must match scales");
     }
     TORCH_CHECK(r.k == k_expected, kOp, ": layer ", layer, " ", name, " has K=", r.k, ", expected ", k_expected);
-    if (r.bias != nullptr)
-      TORCH_CHECK(r.bias->device().is_cpu() && r.bias->scalar_type() == dtype_ && r.bias->dim() == 1 &&
-                      r.bias->size(0) == r.n && r.bias->is_contiguous(),
-                  kOp, ": layer ", layer, " ", name, " bias must be [", r.n, "] in the activations' dtype");
-    r.bias_ptr = r.bias ? r.bias->const_data_ptr() : nullptr;
     r.dense = bits == 0 ? r.w->const_data_ptr() : nullptr;
     if (bits != 0)
       r.q = cpu::QuantWeight{r.w->const_data_ptr(),
@@ -328,11 +409,44 @@ class DecodePlan : public torch::CustomClassHolder {
     return r;
   }
 
-  static void run_linear(const LinearRef& r, bool bf16, const void* x, void* out, int64_t m) {
-    if (r.bits == 0)
+  // out[m, N] = x[m, K] @ W^T (+ bias) with the kernel the op-by-op path runs for this weight form (ops/cpu.py:
+  // linear, quant_linear, kquant_linear), on the same inputs: the same numbers.
+  void run_linear(const LinearRef& r, bool bf16, const void* x, void* out, int64_t m) {
+    if (r.perm != nullptr) x = gather_inputs(r, bf16, x, m);
+    if (!r.segs.empty()) {
+      // kquant_linear's op: fp32 out, + bias in fp32, then rounded to the activations' dtype
+      float* acc = bf16 ? reinterpret_cast<float*>(scratch_ptr(kBlockOut)) : static_cast<float*>(out);
+      cpu::kquant::linear(bf16, x, m, r.segs, r.k, acc);
+      if (r.bias_ptr != nullptr)
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < r.n; ++j)
+            acc[i * r.n + j] += bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(r.bias_ptr)[j])
+                                     : static_cast<const float*>(r.bias_ptr)[j];
+      if (bf16)
+        for (int64_t i = 0; i < m * r.n; ++i) static_cast<uint16_t*>(out)[i] = float_to_bf16_bits(acc[i]);
+    } else if (r.bits == 0) {
       cpu::dense_linear(bf16, x, r.dense, r.bias_ptr, out, m, r.n, r.k);
-    else
+    } else {
       cpu::quant_linear(bf16, x, r.q, r.bias_ptr, out, m);
+    }
+  }
+
+  // x[:, perm] into the plan's scratch (x.index_select(-1, perm) of the op-by-op path: copies, exact).
+  const void* gather_inputs(const LinearRef& r, bool bf16, const void* x, int64_t m) {
+    void* dst = scratch_ptr(kGathered);
+    const int64_t k = r.k;
+    LF_CPU_DISPATCH_DTYPE(bf16, T, {
+      const T* src = static_cast<const T*>(x);
+      T* out = static_cast<T*>(dst);
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t p = r.perm[j];
+        // validate() saw a permutation; an in-place change since then must not read out of bounds
+        TORCH_CHECK(static_cast<uint64_t>(p) < static_cast<uint64_t>(k), kOp, ": input_perm holds ", p,
+                    ", outside [0, ", k, ")");
+        for (int64_t i = 0; i < m; ++i) out[i * k + j] = src[i * k + p];
+      }
+    });
+    return dst;
   }
 
   void check_step(const at::Tensor& hidden, at::TensorList k_caches, at::TensorList v_caches,
@@ -379,12 +493,21 @@ class DecodePlan : public torch::CustomClassHolder {
     }
   }
 
-  // Scratch, reused across layers and steps: residual, normed h, o / down out, qkv, attention out, gate_up, act.
-  enum Scratch { kResidual, kX, kH, kQkv, kAttn, kGateUp, kAct, kScratchCount };
+  // Scratch, reused across layers and steps: residual, normed h, o / down out, qkv, attention out, gate_up, act,
+  // a linear's gathered input (act-order) and a block linear's fp32 output (bf16 models).
+  enum Scratch { kResidual, kX, kH, kQkv, kAttn, kGateUp, kAct, kGathered, kBlockOut, kScratchCount };
 
   void ensure_scratch() {
-    const int64_t widths[kScratchCount] = {
-        hs_, hs_, hs_, (heads_ + 2 * kv_heads_) * head_dim_, heads_ * head_dim_, 2 * inter_, inter_};
+    const int64_t qkv_n = (heads_ + 2 * kv_heads_) * head_dim_, q_size = heads_ * head_dim_;
+    const int64_t widths[kScratchCount] = {hs_,
+                                           hs_,
+                                           hs_,
+                                           qkv_n,
+                                           q_size,
+                                           2 * inter_,
+                                           inter_,
+                                           std::max({hs_, q_size, inter_}),
+                                           std::max({qkv_n, hs_, 2 * inter_})};
     int64_t total = 0;
     for (int i = 0; i < kScratchCount; ++i) {
       offsets_[i] = total;

@@ -10,20 +10,32 @@
 // int32 and in its conversion to fp32.
 //   w . x = 2^-e * sum_j scale_j (code . X)_j + sum_j offset_j (sum x)_j       (j: sub-blocks of 16)
 // The offset term uses the fp32 sums of x per 16 elements.
+// Q4_K, Q5_K and Q6_K (the types of a Q4_K_M / Q5_K_M / Q6_K file's big matrices) have a faster kernel,
+// rows_k: their sub-block scales are small integers times one fp16 d per super-block, so each 32 codes are
+// multiplied by their integer scale in int16 (|q * sc| <= 4096) and the whole super-block accumulates in int32
+// lanes; one conversion to fp32 and one multiply by d per super-block instead of per 32 weights. Lane bound:
+// 16 products per lane per super-block; q * sc lies in [0, 15*63] (Q4_K), [0, 31*63] (Q5_K), [-4064, 4096]
+// (Q6_K: codes -32..31, scales -128..127) and a limb in [-2^14, 2^14] (fp32 hi), [0, 32767] (lo) or
+// [-32768, 32767] (bf16's one limb), so a lane stays in [-2^31, 16 * 4064 * 32768 < 2^31): exact.
+// tests/ops/test_kquant_linear.py runs these extremes.
+// The mins go into an fp32 term per super-block: -dmin * sum_j m_j (sum x)_j over the 8 sums per 32.
 // Other CPUs (and rows holding inf / NaN): each weight row is dequantized exactly (ggml_blocks.h) into fp32
-// and dotted in fp32. Prefill-sized inputs (m > kMaxGemvRows) dequantize a band of rows and use a GEMM.
+// and dotted in fp32. Prefill-sized inputs (m > kMaxGemvRows, or > kMaxVnniRows on VNNI CPUs) dequantize a band
+// of rows and use a GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/ggml_blocks.h"
 #include "common/half_float.h"
 #include "cpu/cpu_features.h"
 #include "cpu/kernels.h"
+#include "cpu/kquant_linear.h"
 #include "cpu/quant_linear_vnni.h"
 #include "cpu/thread_pool.h"
 
@@ -37,14 +49,6 @@ namespace cpu {
 namespace kquant {
 
 using ggml::BlockType;
-
-struct Segment {  // rows of one block type
-  BlockType type;
-  const uint8_t* blocks;  // [rows, K / block_weights * block_bytes]
-  int64_t rows;
-};
-
-inline int64_t row_bytes(BlockType t, int64_t k) { return k / ggml::block_weights(t) * ggml::block_bytes(t); }
 
 // Rows per parallel chunk: ~32 KiB of blocks, at least 4 rows.
 inline int64_t row_grain(BlockType t, int64_t k) {
@@ -122,25 +126,12 @@ inline __m512i widen(const uint8_t* p) {  // 32 bytes -> 32 uint16
   return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// The 32 codes of weights 32j..32j+31 of a block, as int16 in element order (ggml_blocks.h, block_code).
+// The 32 codes of weights 32j..32j+31 of a Q2_K / Q3_K / Q5_0 / Q5_1 block, as int16 in element order
+// (ggml_blocks.h, block_code). Q4_K / Q5_K / Q6_K: codes_k.
 template <BlockType T>
 inline __m512i codes32(const uint8_t* b, int j) {
-  const __m512i m4 = _mm512_set1_epi16(0x0F), m2 = _mm512_set1_epi16(3), one = _mm512_set1_epi16(1);
-  if constexpr (T == BlockType::kQ4K || T == BlockType::kQ5K) {
-    const __m512i w = widen(b + (T == BlockType::kQ4K ? 16 : 48) + 32 * (j >> 1));
-    __m512i q = (j & 1) ? _mm512_srli_epi16(w, 4) : _mm512_and_si512(w, m4);
-    if constexpr (T == BlockType::kQ5K) {
-      const __m512i h = _mm512_and_si512(_mm512_srl_epi16(widen(b + 16), _mm_cvtsi32_si128(j)), one);
-      q = _mm512_or_si512(q, _mm512_slli_epi16(h, 4));
-    }
-    return q;
-  } else if constexpr (T == BlockType::kQ6K) {
-    const int half = j >> 2, g = j & 3;
-    const __m512i w = widen(b + 64 * half + 32 * (g & 1));
-    const __m512i low = (g >> 1) ? _mm512_srli_epi16(w, 4) : _mm512_and_si512(w, m4);
-    const __m512i high = _mm512_and_si512(_mm512_srl_epi16(widen(b + 128 + 32 * half), _mm_cvtsi32_si128(2 * g)), m2);
-    return _mm512_sub_epi16(_mm512_or_si512(low, _mm512_slli_epi16(high, 4)), _mm512_set1_epi16(32));
-  } else if constexpr (T == BlockType::kQ2K || T == BlockType::kQ3K) {
+  const __m512i m2 = _mm512_set1_epi16(3), one = _mm512_set1_epi16(1);
+  if constexpr (T == BlockType::kQ2K || T == BlockType::kQ3K) {
     const int half = j >> 2, g = j & 3;
     const __m512i low = _mm512_and_si512(
         _mm512_srl_epi16(widen(b + (T == BlockType::kQ2K ? 16 : 32) + 32 * half), _mm_cvtsi32_si128(2 * g)), m2);
@@ -168,7 +159,8 @@ struct HardF16 {
   }
 };
 
-// M activation rows x weight rows [n0, n1) of one segment. xp / xscale from vnni::prepare, xsum16 [M, K/16].
+// M activation rows x weight rows [n0, n1) of a Q2_K / Q3_K / Q5_0 / Q5_1 segment. xp / xscale from
+// vnni::prepare, xsum16 [M, K/16].
 // kTwoLimbs: fp32 rows (hi * 2^15 + lo); a bf16 row is one limb (vnni::prepare), its lo limb zero.
 template <BlockType T, int M, bool kTwoLimbs>
 void rows_vnni(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale, int64_t n0,
@@ -221,37 +213,196 @@ void rows_vnni(const Segment& s, int64_t k, const int16_t* xp, const float* xsum
   }
 }
 
-template <BlockType T, bool kTwoLimbs>
-void rows_any_m(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale, int64_t m,
-                int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  for (int64_t m0 = 0; m0 < m;) {
-    const int64_t left = m - m0;
-    const int step = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-    const int16_t* x = xp + m0 * 2 * k;
-    const float* xs = xsum16 + m0 * (k / 16);
-    float* o = out + m0 * ldo;
-    switch (step) {
-      case 8: rows_vnni<T, 8, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
-      case 4: rows_vnni<T, 4, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
-      case 2: rows_vnni<T, 2, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
-      default: rows_vnni<T, 1, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, o, ldo); break;
-    }
-    m0 += step;
+// Q4_K / Q5_K: the eight 6-bit scales (as int16, for broadcasts) and mins of a super-block from its 12 packed
+// bytes, k_scale_min for every j at once: bytes 0-3 hold scales 0-3 and bits 4-5 of scales 4-7 in their top two
+// bits, bytes 4-7 the same for the mins, bytes 8-11 the low nibbles of scales 4-7 and mins 4-7.
+inline void k_scales_mins(const uint8_t* packed, int16_t* sc, uint8_t* mn) {
+  uint32_t a[3];
+  std::memcpy(a, packed, 12);
+  const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, top2 = 0x03030303;
+  const uint32_t words[4] = {a[0] & low6, (a[2] & low4) | (((a[0] >> 6) & top2) << 4), a[1] & low6,
+                             ((a[2] >> 4) & low4) | (((a[1] >> 6) & top2) << 4)};
+  uint8_t bytes[16];
+  std::memcpy(bytes, words, 16);
+  for (int j = 0; j < 8; ++j) sc[j] = bytes[j];
+  std::memcpy(mn, bytes + 8, 8);
+}
+
+// The codes of weights 32j..32j+31 of a Q4_K / Q5_K / Q6_K block as int16 in element order. `low` holds the
+// widened qs bytes of the chunk's 64-weight pair (Q4_K / Q5_K) or its ql bytes (Q6_K); `high` the widened qh.
+template <BlockType T, int j>
+inline __m512i codes_k(__m512i low, __m512i high) {
+  const __m512i m4 = _mm512_set1_epi16(0x0F);
+  if constexpr (T == BlockType::kQ6K) {
+    constexpr int g = j & 3;
+    const __m512i lo = (g >> 1) ? _mm512_srli_epi16(low, 4) : _mm512_and_si512(low, m4);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(high, 2 * g), _mm512_set1_epi16(3));
+    return _mm512_sub_epi16(_mm512_or_si512(lo, _mm512_slli_epi16(hi, 4)), _mm512_set1_epi16(32));
+  } else {
+    __m512i q = (j & 1) ? _mm512_srli_epi16(low, 4) : _mm512_and_si512(low, m4);
+    if constexpr (T == BlockType::kQ5K)
+      q = _mm512_or_si512(q, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(high, j), _mm512_set1_epi16(1)), 4));
+    return q;
   }
 }
 
+// Weights ahead of the current block to prefetch (bytes): the hardware prefetcher alone leaves a core well short
+// of its share of the bandwidth on a stream read once (as in quant_linear_vnni.cpp).
+constexpr int kPrefetchBytes = 8192;
+
+// M activation rows x weight rows [n0, n1) of a Q4_K / Q5_K / Q6_K segment (see the top of the file).
+// xsum32 [M, K/32]: the activations' sums per 32 elements (vnni::prepare, in real units).
+template <BlockType T, int M, bool kTwoLimbs>
+void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32, const float* xscale, int64_t n0,
+            int64_t n1, float* out, int64_t ldo) {
+  constexpr int bb = T == BlockType::kQ4K ? 144 : T == BlockType::kQ5K ? 176 : 210;
+  constexpr int kSplit = M <= 2 ? 2 : 1;  // int32 accumulators per limb: enough chains to hide vpdpwssd's latency
+  const int64_t nblk = k / 256, rb = nblk * bb;
+  const __m512 limb = _mm512_set1_ps(32768.f);
+  // Q6_K: chunk j's scale vector is [sc[2j] x 16 | sc[2j+1] x 16], a permutation of the 16 scales
+  __m512i scale_index[8];
+  for (int j = 0; j < 8; ++j)
+    scale_index[j] = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(2 * j), _mm512_set1_epi16(2 * j + 1));
+  for (int64_t r = n0; r < n1; ++r) {
+    const uint8_t* row = s.blocks + r * rb;
+    __m512 acc[M];
+    __m256 off[M];
+    for (int mm = 0; mm < M; ++mm) acc[mm] = _mm512_setzero_ps(), off[mm] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const uint8_t* b = row + blk * bb;
+      for (int p = 0; p < bb; p += 64) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes + p), _MM_HINT_T0);
+      __m512i ih[M][kSplit], il[M][kSplit];
+      for (int mm = 0; mm < M; ++mm)
+        for (int h = 0; h < kSplit; ++h) ih[mm][h] = il[mm][h] = _mm512_setzero_si512();
+      alignas(16) int16_t sc[8];
+      alignas(16) uint8_t mn[8];
+      __m512i sc6 = _mm512_setzero_si512();
+      if constexpr (T == BlockType::kQ6K)
+        sc6 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192))));
+      else
+        k_scales_mins(b + 4, sc, mn);
+      const __m512i qh = T == BlockType::kQ5K ? widen(b + 16) : _mm512_setzero_si512();
+      const int16_t* xb = xp + 2 * blk * 256;
+      auto chunk = [&](auto jc, __m512i low, __m512i high) {
+        constexpr int j = decltype(jc)::value;
+        const __m512i scv =
+            T == BlockType::kQ6K ? _mm512_permutexvar_epi16(scale_index[j], sc6) : _mm512_set1_epi16(sc[j]);
+        const __m512i q = _mm512_mullo_epi16(codes_k<T, j>(low, high), scv);
+        for (int mm = 0; mm < M; ++mm) {
+          const int16_t* xc = xb + mm * 2 * k + 64 * j;
+          ih[mm][j % kSplit] = _mm512_dpwssd_epi32(ih[mm][j % kSplit], q, _mm512_loadu_si512(xc));
+          if constexpr (kTwoLimbs)
+            il[mm][j % kSplit] = _mm512_dpwssd_epi32(il[mm][j % kSplit], q, _mm512_loadu_si512(xc + 32));
+        }
+      };
+      if constexpr (T == BlockType::kQ6K) {
+        auto half = [&](auto hc) {
+          constexpr int h = decltype(hc)::value;
+          const __m512i high = widen(b + 128 + 32 * h), low0 = widen(b + 64 * h), low1 = widen(b + 64 * h + 32);
+          chunk(std::integral_constant<int, 4 * h>{}, low0, high);
+          chunk(std::integral_constant<int, 4 * h + 1>{}, low1, high);
+          chunk(std::integral_constant<int, 4 * h + 2>{}, low0, high);
+          chunk(std::integral_constant<int, 4 * h + 3>{}, low1, high);
+        };
+        half(std::integral_constant<int, 0>{});
+        half(std::integral_constant<int, 1>{});
+      } else {
+        constexpr int qs = T == BlockType::kQ4K ? 16 : 48;
+        auto pair = [&](auto pc) {
+          constexpr int p = decltype(pc)::value;
+          const __m512i low = widen(b + qs + 32 * p);
+          chunk(std::integral_constant<int, 2 * p>{}, low, qh);
+          chunk(std::integral_constant<int, 2 * p + 1>{}, low, qh);
+        };
+        pair(std::integral_constant<int, 0>{});
+        pair(std::integral_constant<int, 1>{});
+        pair(std::integral_constant<int, 2>{});
+        pair(std::integral_constant<int, 3>{});
+      }
+      const __m512 d = _mm512_set1_ps(HardF16{}(b + (T == BlockType::kQ6K ? 208 : 0)));
+      __m256 neg_min = _mm256_setzero_ps();
+      if constexpr (T != BlockType::kQ6K) {
+        const __m256 m =
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn))));
+        neg_min = _mm256_mul_ps(m, _mm256_set1_ps(-HardF16{}(b + 2)));  // -(dmin * m_j), as the dequantization
+      }
+      for (int mm = 0; mm < M; ++mm) {
+        __m512i hi = ih[mm][0], lo = il[mm][0];
+        if constexpr (kSplit == 2) hi = _mm512_add_epi32(hi, ih[mm][1]), lo = _mm512_add_epi32(lo, il[mm][1]);
+        __m512 f = _mm512_cvtepi32_ps(hi);
+        if constexpr (kTwoLimbs) f = _mm512_fmadd_ps(f, limb, _mm512_cvtepi32_ps(lo));
+        acc[mm] = _mm512_fmadd_ps(f, d, acc[mm]);
+        if constexpr (T != BlockType::kQ6K)
+          off[mm] = _mm256_fmadd_ps(neg_min, _mm256_loadu_ps(xsum32 + mm * (k / 32) + blk * 8), off[mm]);
+      }
+    }
+    for (int mm = 0; mm < M; ++mm) {
+      const __m256 o = off[mm];
+      __m128 o4 = _mm_add_ps(_mm256_castps256_ps128(o), _mm256_extractf128_ps(o, 1));
+      o4 = _mm_add_ps(o4, _mm_movehl_ps(o4, o4));
+      o4 = _mm_add_ss(o4, _mm_movehdup_ps(o4));
+      out[mm * ldo + r] = _mm512_reduce_add_ps(acc[mm]) * xscale[mm] + _mm_cvtss_f32(o4);
+    }
+  }
+}
+
+// Calls body(std::integral_constant<int, M>{}, m0) over activation rows [0, m) in steps of M = kMax, 4, 2, 1 (the
+// largest left): the kernels keep their accumulators per activation row in compile-time sized arrays.
+template <int kMax, class Body>
+void row_steps(int64_t m, Body body) {
+  for (int64_t m0 = 0; m0 < m;) {
+    const int64_t left = m - m0;
+    if constexpr (kMax >= 8) {
+      if (left >= 8) {
+        body(std::integral_constant<int, 8>{}, m0);
+        m0 += 8;
+        continue;
+      }
+    }
+    if (left >= 4) {
+      body(std::integral_constant<int, 4>{}, m0);
+      m0 += 4;
+    } else if (left >= 2) {
+      body(std::integral_constant<int, 2>{}, m0);
+      m0 += 2;
+    } else {
+      body(std::integral_constant<int, 1>{}, m0);
+      m0 += 1;
+    }
+  }
+}
+
+// All m activation rows against weight rows [n0, n1) of a segment: rows_k for Q4_K / Q5_K / Q6_K (at most 4
+// activation rows per pass: its int32 accumulators fill the registers; xsum = sums per 32), rows_vnni for the
+// others (8 per pass; xsum = sums per 16).
+template <BlockType T, bool kTwoLimbs>
+void rows_all_m(const Segment& s, int64_t k, const int16_t* xp, const float* xsum, const float* xscale, int64_t m,
+                int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  constexpr bool kFast = T == BlockType::kQ4K || T == BlockType::kQ5K || T == BlockType::kQ6K;
+  const int64_t sums_per_row = k / (kFast ? 32 : 16);
+  row_steps<kFast ? 4 : 8>(m, [&](auto rows, int64_t m0) {
+    constexpr int M = decltype(rows)::value;
+    const int16_t* x = xp + m0 * 2 * k;
+    const float* xs = xsum + m0 * sums_per_row;
+    if constexpr (kFast)
+      rows_k<T, M, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, out + m0 * ldo, ldo);
+    else
+      rows_vnni<T, M, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, out + m0 * ldo, ldo);
+  });
+}
+
 template <bool kTwoLimbs>
-void rows_dispatch(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale, int64_t m,
-                   int64_t n0, int64_t n1, float* out, int64_t ldo) {
+void rows_dispatch(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xsum32,
+                   const float* xscale, int64_t m, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   switch (s.type) {
-    case BlockType::kQ4K: return rows_any_m<BlockType::kQ4K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ5K: return rows_any_m<BlockType::kQ5K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ6K: return rows_any_m<BlockType::kQ6K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ2K: return rows_any_m<BlockType::kQ2K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ3K: return rows_any_m<BlockType::kQ3K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ4K: return rows_all_m<BlockType::kQ4K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ5K: return rows_all_m<BlockType::kQ5K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ6K: return rows_all_m<BlockType::kQ6K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ2K: return rows_all_m<BlockType::kQ2K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ3K: return rows_all_m<BlockType::kQ3K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
     case BlockType::kQ5_0:
-      return rows_any_m<BlockType::kQ5_0, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    default: return rows_any_m<BlockType::kQ5_1, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+      return rows_all_m<BlockType::kQ5_0, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    default: return rows_all_m<BlockType::kQ5_1, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
   }
 }
 
@@ -268,20 +419,24 @@ bool linear_vnni(bool bf16, const void* x, int64_t m, const std::vector<Segment>
   xscale.resize(m);
   const QuantWeight as_int8{nullptr, nullptr, nullptr, ScaleType::kF32, 8, 0, k, 32};  // in-order layout
   if (!vnni::prepare(bf16, x, m, as_int8, xp.data(), xsum32.data(), xscale.data())) return false;
-  for (int64_t i = 0; i < m * (k / 16); ++i) {
+  // The sums per 16 elements, for the offset term of the types without a fast kernel (rows_vnni)
+  const bool need16 = std::any_of(segs.begin(), segs.end(), [](const Segment& s) {
+    return ggml::has_offset(s.type) && s.type != BlockType::kQ4K && s.type != BlockType::kQ5K;
+  });
+  for (int64_t i = 0; need16 && i < m * (k / 16); ++i) {
     float acc = 0.f;
     for (int e = 0; e < 16; ++e) acc += load_x(bf16, x, i * 16 + e);
     xsum16[i] = acc;
   }
   const int16_t* xs = xp.data();
-  const float *s16 = xsum16.data(), *sc = xscale.data();
+  const float *s16 = xsum16.data(), *s32 = xsum32.data(), *sc = xscale.data();
   int64_t col = 0;
   for (const Segment& s : segs) {
     parallel_for(s.rows, row_grain(s.type, k), [&](int64_t n0, int64_t n1) {
       if (bf16)
-        rows_dispatch<false>(s, k, xs, s16, sc, m, n0, n1, out + col, ldo);
+        rows_dispatch<false>(s, k, xs, s16, s32, sc, m, n0, n1, out + col, ldo);
       else
-        rows_dispatch<true>(s, k, xs, s16, sc, m, n0, n1, out + col, ldo);
+        rows_dispatch<true>(s, k, xs, s16, s32, sc, m, n0, n1, out + col, ldo);
     });
     col += s.rows;
   }
@@ -293,7 +448,6 @@ bool linear_vnni(bool bf16, const void* x, int64_t m, const std::vector<Segment>
 bool linear_vnni(bool, const void*, int64_t, const std::vector<Segment>&, int64_t, float*, int64_t) { return false; }
 #endif
 
-// out[m, N] (fp32) = x[m, K] @ W^T over the segments (stacked along N).
 void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& segs, int64_t k, float* out) {
   int64_t n = 0;
   for (const Segment& s : segs) n += s.rows;
@@ -311,7 +465,14 @@ void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& seg
 
 namespace {
 
-constexpr int64_t kMaxGemvRows = 16;  // beyond: dequantize bands of rows and multiply with a GEMM
+// Activation rows up to which the GEMV kernels run (beyond: dequantize bands of rows and multiply with a GEMM).
+// The VNNI kernel takes prefill-sized inputs too: it reads each ~32 KiB chunk of blocks once from memory and then
+// from cache for every 4 activation rows, on the work-claiming pool. The dequantize + at::mm path spent 10x
+// longer in OpenMP barriers than in arithmetic on a busy 2-core machine (128-token prefill of a 115M-parameter
+// Q4_K_M model: 7.3 s against 1.0 s). The portable path dots each row in scalar fp32: small m only.
+// Up to cpu::kMaxGemvRows (the CPU decode plan's largest step) on every CPU, so that the plan and this op run
+// the same kernel.
+constexpr int64_t kMaxGemvRows = cpu::kMaxGemvRows, kMaxVnniRows = 1024;
 
 at::Tensor kquant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types,
                          const std::optional<at::Tensor>& bias) {
@@ -347,7 +508,7 @@ at::Tensor kquant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArra
   const auto xc = x.contiguous();
   auto out = at::empty({m, n}, x.options().dtype(at::kFloat));
   if (m > 0 && n > 0) {
-    if (m <= kMaxGemvRows) {
+    if (m <= (cpu::kquant::has_vnni() ? kMaxVnniRows : kMaxGemvRows)) {
       cpu::kquant::linear(x.scalar_type() == at::kBFloat16, xc.data_ptr(), m, segs, k, out.data_ptr<float>());
     } else {
       // Prefill: a band of exact fp32 rows at a time (fits L2), then a GEMM.
@@ -359,8 +520,10 @@ at::Tensor kquant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArra
         for (int64_t r0 = 0; r0 < s.rows; r0 += band) {
           const int64_t r1 = std::min(s.rows, r0 + band);
           float* tp = tile.data_ptr<float>();
-          at::parallel_for(r0, r1, 8,
-                           [&](int64_t a, int64_t b) { cpu::kquant::dequantize_rows(s, k, a, b, tp + (a - r0) * k); });
+          // the work-claiming pool (thread_pool.h), not OpenMP: its barrier stalled on a busy machine
+          cpu::parallel_for(r1 - r0, 8, [&](int64_t a, int64_t b) {
+            cpu::kquant::dequantize_rows(s, k, r0 + a, r0 + b, tp + a * k);
+          });
           out.narrow(1, col + r0, r1 - r0).copy_(at::mm(x2, tile.narrow(0, 0, r1 - r0).t()));
         }
         col += s.rows;

@@ -5,7 +5,9 @@ layer (qkv, rotary, store_kv, attention, o_proj, two norms, gate_up, silu_and_mu
 each, which for a small model weighs as much as the weights' memory traffic. LlamaModel.forward hands such
 steps here (see `can_run`); prefill and everything else keep the op-by-op path.
 
-The weights are gathered once per model into a C++ plan (llama_fast.CpuDecodePlan, which validates them and
+Every weight form of llama_fast.linear.Linear runs there with the kernel the op-by-op path uses: dense, affine
+int4 / int8 (with GPTQ act-order's input permutation, gathered in the plan) and ggml blocks (K-quants, Q5_0 /
+Q5_1). The weights are gathered once per model into a C++ plan (llama_fast.CpuDecodePlan, which validates them and
 keeps the scratch buffers), one `add_layer` per decoder layer with the named fields that
 LlamaDecoderLayer.decode_fields builds, and reused; it is rebuilt when that model's weights change
 (llama_fast.weights_version).
@@ -34,20 +36,14 @@ def max_rows() -> int:
 def _plan(model):
     """The model's llama_fast.CpuDecodePlan: its weights validated once, rebuilt when they change (see
     llama_fast.weights_version; the plan itself re-validates when a tensor it holds changes in place).
-    None for a model the stack cannot run."""
+    Every layer form runs there (decode_fields names them); an invalid weight is an error from add_layer or
+    the first step."""
     cached = _PLANS.get(model)
     layers = tuple(model.layers)
     if cached is not None and cached[1] == cached[0].count and cached[2] == layers:
         return cached[3]
     version = cached[0] if cached is not None else weights_version.WeightsVersion()
     version.watch(model)
-    if any(getattr(linear, "input_perm", None) is not None for layer in layers
-           for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                          layer.mlp.down_proj)):
-        # Act-order weights (llama_fast.quant input_perm) gather their activations first, which the C++
-        # stack does not do: such models decode op by op.
-        _PLANS[model] = (version, version.count, layers, None)
-        return None
     attn = layers[0].self_attn
     plan = torch.classes.llama_fast.CpuDecodePlan(model.norm.weight, attn.num_heads, attn.num_kv_heads,
                                                   attn.head_dim, float(model.norm.eps))
@@ -74,24 +70,7 @@ def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidd
     if any(getattr(m, "backend", None) not in (None, "cpu") for m in (model, model.layers[0])):
         return False
     cfg = model.config
-    return getattr(cfg, "hidden_act", "silu") == "silu" and not _has_kquant_layers(model) \
-        and _plan(model) is not None
-
-
-def _has_kquant_layers(model) -> bool:
-    """Whether a layer holds ggml block weights (llama_fast.kquants), which the C++ plan does not take yet:
-    such models decode op by op (the kquant_linear kernels). Cached per model until its weights change."""
-    cached = _KQUANT.get(model)
-    if cached is not None and cached[1] == cached[0].count:
-        return cached[2]
-    version = cached[0] if cached is not None else weights_version.WeightsVersion()
-    version.watch(model)
-    found = any(getattr(m, "kquant", False) for layer in model.layers for m in layer.modules())
-    _KQUANT[model] = (version, version.count, found)
-    return found
-
-
-_KQUANT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    return getattr(cfg, "hidden_act", "silu") == "silu" and _plan(model) is not None
 
 
 def run(model, hidden: torch.Tensor, step, cache) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Writes the K-quant GGUF fixtures of tests/data (kquant_*.gguf) with llama.cpp's own quantizer.
 
-A tiny random Llama (hidden 256, intermediate 512, 2 layers, 4 heads / 2 KV heads, vocab 512, tied
+A tiny random Llama (hidden 256, intermediate 256, 2 layers, 4 heads / 2 KV heads, vocab 384, tied
 embeddings: rows and columns multiples of 256, so that every tensor gets a K-quant type) is written as an F32
 GGUF the way convert_hf_to_gguf.py writes one (tests/gguf_util.py), with a sentencepiece-style vocabulary that
 llama.cpp accepts (byte tokens <0x00>..<0xFF>, so it can load and run the file), then quantized by
@@ -9,7 +9,7 @@ src/llama-quant.cpp picks (a Q4_K_M file keeps the tied token table in Q6_K and 
 in Q6_K; Q2_K files mix Q2_K with Q3_K / Q4_K).
 
     pip install llama-cpp-python      # builds llama.cpp (minutes); CI never runs this script
-    python tests/data/make_kquant_fixtures.py [--out tests/data] [--hidden 256 --intermediate 512 --layers 2]
+    python tests/data/make_kquant_fixtures.py [--out tests/data] [--hidden 256 --intermediate 256 --layers 2]
 
 Without llama-cpp-python (or with --quantizer own) the tensors are quantized by tests/kquant_quantize.py, a
 plain round-to-nearest K-quant quantizer written from the block layouts, into the same per-tensor type mix
@@ -34,7 +34,7 @@ import gguf_util as G  # noqa: E402
 FTYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K")
 
 
-def fixture_config(hidden: int = 256, intermediate: int = 512, layers: int = 2, vocab: int = 512,
+def fixture_config(hidden: int = 256, intermediate: int = 256, layers: int = 2, vocab: int = 384,
                    heads: int = 4, kv_heads: int = 2) -> dict:
     return G.tiny_config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -52,14 +52,17 @@ def sentencepiece_vocab(size: int) -> dict:
     return {"tokens": tokens, "types": types, "scores": scores}
 
 
-def write_f32(path: str, config: dict, seed: int = 0) -> None:
-    """The F32 source model (deterministic for a seed)."""
+def write_f32(path: str, config: dict, seed: int = 0, name: str | None = None) -> None:
+    """The F32 source model (deterministic for a seed); `name` goes to general.name (llama.cpp's quantizer
+    copies it into the files it writes)."""
     import gguf
 
     sd = G.random_state_dict(config, seed=seed)
     vocab = sentencepiece_vocab(config["vocab_size"])
 
     def add_vocab(w: gguf.GGUFWriter) -> None:
+        if name:
+            w.add_name(name)
         w.add_tokenizer_model("llama")
         w.add_token_list(vocab["tokens"])
         w.add_token_scores(vocab["scores"])
@@ -147,9 +150,9 @@ def main() -> None:
     p.add_argument("--out", default=HERE)
     p.add_argument("--prefix", default="kquant")
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=384)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--types", default=",".join(FTYPES))
@@ -162,7 +165,7 @@ def main() -> None:
     config = fixture_config(args.hidden, args.intermediate, args.layers, args.vocab, args.heads, args.kv_heads)
     os.makedirs(args.out, exist_ok=True)
     f32 = os.path.join(args.out, f"{args.prefix}_F32.gguf")
-    write_f32(f32, config)
+    write_f32(f32, config, name="kquant fixture (llama.cpp)" if args.quantizer == "llama_cpp" else None)
     for ftype in args.types.split(","):
         dst = os.path.join(args.out, f"{args.prefix}_{ftype}.gguf")
         if args.quantizer == "llama_cpp":

@@ -10,7 +10,7 @@ from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtur
 
 
 @pytest.mark.parametrize("kind", kquants.TYPES)
-@pytest.mark.parametrize("m", [1, 3, 8, 13, 40])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 40, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kquant_linear_matches_reference(backend, kind, m, dtype, matches_reference):
     name, device = backend
@@ -59,3 +59,34 @@ def test_kquant_linear_extreme_activations(backend):
         scale = want[r].abs().max().item()
         torch.testing.assert_close(out[r], want[r], rtol=1e-5, atol=1e-5 * scale)
     assert torch.isnan(out[3]).all()
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kquant_linear_int32_accumulation_extremes(backend, kind, dtype):
+    """The largest codes times the largest sub-block scales against activations at the row maximum, every
+    product of a lane with the same sign: the int32 sums per super-block (kquant_linear.cpp, rows_k) must not
+    overflow. Q6_K: code -32 with scale -128 gives +4096, the largest product; x = -max makes it negative."""
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CUDA backend has no kquant_linear yet")
+    weights, nbytes = kquants.BLOCKS[kind]
+    k = 512
+    blocks = torch.zeros(3, k // weights, nbytes, dtype=torch.uint8)
+    d = torch.tensor([1e-3], dtype=torch.float16).view(torch.uint8)
+    if kind == "Q6_K":
+        blocks[..., 0:192] = 0                       # low and high bits 0: code 0 - 32 = -32
+        blocks[..., 192:208] = 0x80                  # int8 scale -128
+        blocks[..., 208:210] = d
+    else:
+        blocks[..., 0:2] = d
+        blocks[..., 2:4] = torch.tensor([1e-3], dtype=torch.float16).view(torch.uint8)
+        blocks[..., 4:16] = 0xFF                     # every 6-bit scale and min 63
+        blocks[..., 16:] = 0xFF                      # every code at its maximum (15 / 31)
+    w = kquants.KQuantWeight.single(kind, blocks.reshape(3, -1), k)
+    x = torch.full((2, k), -1.99)       # just below a power of two: the fixed point's largest limbs (-2^14 / -32640)
+    x[1] = 1.99
+    x = x.to(dtype)
+    want = (x.double() @ w.dequantize(torch.float64).t()).float()
+    out = ops.kquant_linear(x, w, backend=name).float()
+    torch.testing.assert_close(out, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
