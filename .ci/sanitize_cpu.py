@@ -47,7 +47,10 @@ def main() -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([pkg_root, os.path.join(ROOT, "tests")]),
                LD_PRELOAD=f"{libasan} {libstdcxx}",
                ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1:halt_on_error=1",
-               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+               # -P for the tests' own `python -c` subprocesses too: without it their working directory (the
+               # checkout, with its in-place unsanitized _C) would come first on sys.path.
+               PYTHONSAFEPATH="1")
     check = subprocess.run([sys.executable, "-P", "-c", "import torch, llama_fast._C as c; print(c.__file__)"], env=env,
                            capture_output=True, text=True, cwd=ROOT)
     if pkg_root not in check.stdout:
