@@ -86,7 +86,28 @@ def measure_llama_cpp(path: str, fmt: str, context: int, steps: int, threads: in
             "system_info": llama_cpp.llama_print_system_info().decode()}
 
 
+def next_token_ids(spec: dict) -> dict:
+    """Teacher-forced argmax next token at every position of spec["ids"] (for top-1 agreement)."""
+    ids = spec["ids"]
+    if spec["engine"] == "llama_fast":
+        import torch
+
+        import llama_fast
+        dtype = {"F32": torch.float32, "F16": torch.bfloat16}.get(spec["format"], torch.float32)
+        model = llama_fast.LlamaForCausalLM.from_pretrained(spec["path"], dtype=dtype, device="cpu")
+        with torch.inference_mode():
+            return {"argmax": model(torch.tensor([ids])).logits[0].argmax(-1).tolist()}
+    import llama_cpp
+    import numpy as np
+    llm = llama_cpp.Llama(model_path=spec["path"], n_ctx=len(ids) + 16, n_batch=512, n_threads=spec["threads"],
+                          n_threads_batch=spec["threads"], logits_all=True, verbose=False)
+    llm.eval(ids)
+    return {"argmax": np.argmax(llm.scores[: len(ids)], axis=-1).tolist()}
+
+
 def worker(spec: dict) -> dict:
+    if "ids" in spec:
+        return next_token_ids(spec)
     if spec["engine"] == "llama_fast":
         return measure_llama_fast(spec["path"], spec["format"], spec["context"], spec["steps"])
     return measure_llama_cpp(spec["path"], spec["format"], spec["context"], spec["steps"], spec["threads"])
@@ -171,6 +192,25 @@ def summarize(runs: list[dict]) -> dict:
             **{k: ok[0][k] for k in ("dtype", "system_info") if k in ok[0]}}
 
 
+def top1_agreement(args, formats: list[str]) -> dict:
+    """For each engine and SmolLM2 file: the fraction of positions whose greedy next token equals the same
+    engine's on the F32 file (quantization error only, each engine against itself)."""
+    from llama_fast import AutoTokenizer
+    from llama_fast.tools.demo import find_demo_gguf
+
+    text = open(os.path.join(os.path.dirname(HERE), "tests", "data", "public_domain_english.txt")).read()
+    ids = AutoTokenizer.from_pretrained(find_demo_gguf())(text)["input_ids"][: args.agreement_tokens]
+    files = model_files("smollm2", sorted(set(formats) | {"F32"}))
+    out = {"tokens": len(ids)}
+    for engine in ENGINES:
+        argmax = {fmt: run_in_process(dict(engine=engine, path=path, format=fmt, ids=ids, threads=args.threads),
+                                      args.timeout).get("argmax") for fmt, path in files.items()}
+        ref = argmax["F32"]
+        out[engine] = {fmt: (sum(a == b for a, b in zip(got, ref)) / len(ref) if got and ref else None)
+                       for fmt, got in argmax.items() if fmt != "F32"}
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -181,6 +221,9 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--agreement-tokens", type=int, default=0,
+                   help="also: top-1 agreement of each file with the same engine's F32 file over this many tokens of "
+                        "tests/data/public_domain_english.txt (SmolLM2 only: the random model's is meaningless)")
     p.add_argument("--out", default=os.path.join(RESULTS, "decode_separate.json"))
     args = p.parse_args()
     if args.worker:
@@ -227,6 +270,9 @@ def main():
         nan = float("nan")
         print(f"{entry['model']:9s} {entry['format']:5s} ctx {entry['context']:5d}: decode ratio "
               f"{entry.get('decode_ratio', nan):.2f}, prefill ratio {entry.get('prefill_ratio', nan):.2f}")
+    if args.agreement_tokens:
+        results["top1_agreement_with_own_f32"] = top1_agreement(args, formats)
+        print(json.dumps(results["top1_agreement_with_own_f32"], indent=1))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
