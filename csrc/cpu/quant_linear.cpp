@@ -209,23 +209,19 @@ namespace llama_fast {
 namespace cpu {
 namespace LF_ISA {
 
-// Element-by-element dequantization: the portable path and any group size the vector kernels do not tile.
+// Element-by-element dequantization (dequantize_rows, one weight row at a time): the portable path and any group
+// size the vector kernels do not tile.
 inline void quant_rows_scalar(const QuantWeight& w, const float* x, int64_t m, int64_t n0, int64_t n1, float* out,
                               int64_t ldo) {
-  const int64_t groups = w.k / w.group_size;
+  thread_local std::vector<float> row;  // this thread's (called inside parallel_for)
+  row.resize(w.k);
   for (int64_t n = n0; n < n1; ++n) {
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int64_t g = 0; g < groups; ++g) {
-      const float s = scale_at(w.scale, w.scale_type, n * groups + g);
-      const float off = w.offset ? scale_at(w.offset, w.scale_type, n * groups + g) : 0.f;
-      for (int64_t kk = g * w.group_size; kk < (g + 1) * w.group_size; ++kk) {
-        const int code = w.bits == 4 ? quant::int4_code(static_cast<const uint8_t*>(w.q) + n * (w.k / 2), kk)
-                                     : static_cast<const int8_t*>(w.q)[n * w.k + kk];
-        const float wv = quant::dequant_value(code, s, off);
-        for (int64_t r = 0; r < m; ++r) acc[r] += wv * x[r * w.k + kk];
-      }
+    dequantize_rows(w, n, n + 1, row.data());
+    for (int64_t r = 0; r < m; ++r) {
+      float acc = 0.f;
+      for (int64_t kk = 0; kk < w.k; ++kk) acc += row[kk] * x[r * w.k + kk];
+      out[r * ldo + n] = acc;
     }
-    for (int64_t r = 0; r < m; ++r) out[r * ldo + n] = acc[r];
   }
 }
 
