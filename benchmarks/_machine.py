@@ -2,6 +2,7 @@
 measured in the same run (a shared 2-core machine varies from minute to minute), GPU peaks from a table."""
 from __future__ import annotations
 
+import os
 import platform
 import time
 
@@ -68,3 +69,18 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
     info = dict((k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line))
     return " ".join(f"{k}={info[k]}" for k in ("model name", "cpu family", "model") if k in info)
+
+
+def cpu_record() -> dict:
+    """What each CPU benchmark result records of the machine: the CPU model, family and model number, the
+    instruction set and the run-time tuning (cache sizes, prefetch distance) the CPU kernels chose here."""
+    record = {"cpu": cpu_model(), "logical_cpus": os.cpu_count()}
+    try:
+        from llama_fast import _native
+        from llama_fast.ops import cpu
+        if _native.extension() is not None:
+            record["isa"] = cpu.set_isa("")
+            record["kernel_tuning"] = cpu.tuning()
+    except ImportError:
+        pass
+    return record

@@ -5,7 +5,8 @@ process that loads one file in one engine, prefills a prompt of the given contex
 step on its own (llama.cpp: `Llama.eval` of one token, not create_completion's sampling and detokenizing;
 llama_fast: one `forward` of one token through its cache). Engines alternate within each round, rounds repeat,
 and the result keeps every per-step median, the best round, the read bandwidth measured before each round, the
-CPU model and family and the load average.
+CPU model and family, the kernels' run-time tuning, the load average and, per file, whether the caches hold a
+buffer of its size (its read bandwidth against the 1 GiB one).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_decode_separate.py [--models smollm2,llama-1b]
         [--formats F32,F16,Q8_0,Q4_0,Q4_1] [--contexts 128,4096] [--steps 32] [--rounds 3] [--threads 2]
@@ -173,10 +174,18 @@ def cpu_description() -> dict:
     return info
 
 
-def read_bandwidth() -> float:
+def read_bandwidth(mib: int = 1024) -> float:
     sys.path.insert(0, HERE)
     from _machine import cpu_read_bandwidth
-    return cpu_read_bandwidth(mib=1024, repeat=5)
+    return cpu_read_bandwidth(mib=mib, repeat=5)
+
+
+def cache_holds(file_bytes: int, dram_gbps: float) -> dict:
+    """Whether this machine's caches hold a model of this size: the read bandwidth over a buffer of the file's
+    size, read again and again as decode reads its weights, next to the 1 GiB one (DRAM). A CPU that reports
+    a large L3 (260 MiB on the Intel Xeon) may still not keep the model in it (other tenants share it)."""
+    gbps = read_bandwidth(mib=max(1, file_bytes >> 20))
+    return {"read_bandwidth_at_file_size_GBps": gbps, "over_dram": gbps / dram_gbps}
 
 
 # ---- main ------------------------------------------------------------------------------------------------
@@ -238,8 +247,11 @@ def main():
         for fmt, path in model_files(model, formats).items():
             for context in contexts:
                 cases.append({"model": model, "format": fmt, "path": path, "context": context})
-    results = {"cpu": cpu_description(), "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
-               "read_bandwidth_GBps": [], "load_average": [], "cases": []}
+    from _machine import cpu_record
+    machine = cpu_record()
+    results = {"cpu": cpu_description(), "isa": machine.get("isa"), "kernel_tuning": machine.get("kernel_tuning"),
+               "threads": args.threads, "steps": args.steps, "rounds": args.rounds, "read_bandwidth_GBps": [],
+               "load_average": [], "cases": []}
     runs = {(c["model"], c["format"], c["context"], e): [] for c in cases for e in ENGINES}
     for r in range(args.rounds):
         results["read_bandwidth_GBps"].append(read_bandwidth())
@@ -258,6 +270,7 @@ def main():
     for case in cases:
         entry = {k: case[k] for k in ("model", "format", "context")}
         entry["file_bytes"] = os.path.getsize(case["path"])
+        entry["cache"] = cache_holds(entry["file_bytes"], max(results["read_bandwidth_GBps"]))
         for engine in ENGINES:
             entry[engine] = summarize(runs[(case["model"], case["format"], case["context"], engine)])
         ours, peer = entry["llama_fast"], entry["llama.cpp"]
