@@ -193,7 +193,10 @@ def read_bandwidth(mib: int = 1024) -> float:
 def cache_holds(file_bytes: int, dram_gbps: float) -> dict:
     """Whether this machine's caches hold a model of this size: the read bandwidth over a buffer of the file's
     size, read again and again as decode reads its weights, next to the 1 GiB one (DRAM). A CPU that reports
-    a large L3 (260 MiB on the Intel Xeon) may still not keep the model in it (other tenants share it)."""
+    a large L3 (260 MiB on the Intel Xeon) may still not keep the model in it (other tenants share it). Files
+    over 1 GiB (larger than any CPU cache) are not probed."""
+    if file_bytes > 1 << 30:
+        return {"read_bandwidth_at_file_size_GBps": None, "over_dram": None}
     gbps = read_bandwidth(mib=max(1, file_bytes >> 20))
     return {"read_bandwidth_at_file_size_GBps": gbps, "over_dram": gbps / dram_gbps}
 
