@@ -81,6 +81,6 @@ def cpu_record() -> dict:
         if _native.extension() is not None:
             record["isa"] = cpu.set_isa("")
             record["kernel_tuning"] = cpu.tuning()
-    except ImportError:
+    except (ImportError, AttributeError):    # no extension, or one older than the tuning op
         pass
     return record
