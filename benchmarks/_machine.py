@@ -71,6 +71,15 @@ def cpu_model() -> str:
     return " ".join(f"{k}={info[k]}" for k in ("model name", "cpu family", "model") if k in info)
 
 
+def write_result(path: str, result: dict) -> None:
+    """Writes a benchmark's result as indented JSON (making its folder) and says where."""
+    import json
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", path)
+
+
 def cpu_record() -> dict:
     """What each CPU benchmark result records of the machine: the CPU model, family and model number, the
     instruction set and the run-time tuning (cache sizes, prefetch distance) the CPU kernels chose here."""

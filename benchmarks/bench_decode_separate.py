@@ -260,7 +260,7 @@ def main():
         for fmt, path in model_files(model, formats).items():
             for context in contexts:
                 cases.append({"model": model, "format": fmt, "path": path, "context": context})
-    from _machine import cpu_record
+    from _machine import cpu_record, write_result
     machine = cpu_record()
     results = {"cpu": cpu_description(), "isa": machine.get("isa"), "kernel_tuning": machine.get("kernel_tuning"),
                "threads": args.threads, "steps": args.steps, "rounds": args.rounds, "read_bandwidth_GBps": [],
@@ -299,10 +299,7 @@ def main():
     if args.agreement_tokens:
         results["top1_agreement_with_own_f32"] = top1_agreement(args, formats)
         print(json.dumps(results["top1_agreement_with_own_f32"], indent=1))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print("wrote", args.out)
+    write_result(args.out, results)
 
 
 if __name__ == "__main__":

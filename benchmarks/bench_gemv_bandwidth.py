@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from llama_fast import quant  # noqa: E402
 from llama_fast.ops import cpu  # noqa: E402
 
-from _machine import cpu_read_bandwidth, cpu_record  # noqa: E402
+from _machine import cpu_read_bandwidth, cpu_record, write_result  # noqa: E402
 
 N, K = 3072, 576  # SmolLM2-135M's gate_up_proj: [2 x 1536, 576]
 FORMS = ("fp32", "bf16", "int8_g32", "int4_g32_sym", "int4_g32_asym")
@@ -92,10 +92,7 @@ def main():
               flush=True)
     result["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(result["read_bandwidth_GBps_by_working_set_MiB"]))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote", args.out)
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
