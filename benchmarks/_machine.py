@@ -36,6 +36,18 @@ def cpu_read_bandwidth(mib: int = 512, repeat: int = 10) -> float:
     return x.numel() * 4 / times[len(times) // 2] / 1e9
 
 
+def cpu_cache_read_bandwidth(mib: int, repeat: int = 5) -> float:
+    """cpu_read_bandwidth on one thread, over a buffer of `mib` read again and again: where it falls to the
+    1 GiB value, the caches no longer hold that much (whatever L3 size the CPU reports). One thread, because a
+    multi-threaded sum of a small buffer measures the threads' barrier on a busy machine, not the memory."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cpu_read_bandwidth(mib=mib, repeat=repeat)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def cpu_copy_bandwidth(mib: int = 256, repeat: int = 10) -> float:
     """GB/s (read + write bytes) of a large copy."""
     a, b = torch.ones(mib * 2**20 // 4), torch.empty(mib * 2**20 // 4)

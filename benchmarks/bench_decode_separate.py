@@ -6,7 +6,7 @@ step on its own (llama.cpp: `Llama.eval` of one token, not create_completion's s
 llama_fast: one `forward` of one token through its cache). Engines alternate within each round, rounds repeat,
 and the result keeps every per-step median, the best round, the read bandwidth measured before each round, the
 CPU model and family, the kernels' run-time tuning, the load average and, per file, whether the caches hold a
-buffer of its size (its read bandwidth against the 1 GiB one).
+buffer of its size (one thread's read bandwidth over it against a 1 GiB one).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_decode_separate.py [--models smollm2,llama-1b]
         [--formats F32,F16,Q8_0,Q4_0,Q4_1] [--contexts 128,4096] [--steps 32] [--rounds 3] [--threads 2]
@@ -184,21 +184,23 @@ def cpu_description() -> dict:
     return info
 
 
-def read_bandwidth(mib: int = 1024) -> float:
+def read_bandwidth() -> float:
     sys.path.insert(0, HERE)
     from _machine import cpu_read_bandwidth
-    return cpu_read_bandwidth(mib=mib, repeat=5)
+    return cpu_read_bandwidth(mib=1024, repeat=5)
 
 
-def cache_holds(file_bytes: int, dram_gbps: float) -> dict:
-    """Whether this machine's caches hold a model of this size: the read bandwidth over a buffer of the file's
-    size, read again and again as decode reads its weights, next to the 1 GiB one (DRAM). A CPU that reports
-    a large L3 (260 MiB on the Intel Xeon) may still not keep the model in it (other tenants share it). Files
-    over 1 GiB (larger than any CPU cache) are not probed."""
+def cache_holds(file_bytes: int) -> dict:
+    """Whether this machine's caches hold a model of this size: one thread's read bandwidth over a buffer of the
+    file's size, read again and again as decode reads its weights, over its bandwidth from a 1 GiB one (DRAM).
+    A CPU that reports a large L3 (260 MiB on the Intel Xeon) may still not keep the model in it (other tenants
+    share it). Files over 1 GiB (larger than any CPU cache) are not probed."""
     if file_bytes > 1 << 30:
-        return {"read_bandwidth_at_file_size_GBps": None, "over_dram": None}
-    gbps = read_bandwidth(mib=max(1, file_bytes >> 20))
-    return {"read_bandwidth_at_file_size_GBps": gbps, "over_dram": gbps / dram_gbps}
+        return {"one_thread_read_bandwidth_at_file_size_GBps": None, "over_1GiB": None}
+    sys.path.insert(0, HERE)
+    from _machine import cpu_cache_read_bandwidth
+    gbps = cpu_cache_read_bandwidth(max(1, file_bytes >> 20))
+    return {"one_thread_read_bandwidth_at_file_size_GBps": gbps, "over_1GiB": gbps / cpu_cache_read_bandwidth(1024)}
 
 
 # ---- main ------------------------------------------------------------------------------------------------
@@ -283,7 +285,7 @@ def main():
     for case in cases:
         entry = {k: case[k] for k in ("model", "format", "context")}
         entry["file_bytes"] = os.path.getsize(case["path"])
-        entry["cache"] = cache_holds(entry["file_bytes"], max(results["read_bandwidth_GBps"]))
+        entry["cache"] = cache_holds(entry["file_bytes"])
         for engine in ENGINES:
             entry[engine] = summarize(runs[(case["model"], case["format"], case["context"], engine)])
         ours, peer = entry["llama_fast"], entry["llama.cpp"]

@@ -4,8 +4,9 @@ machine's caches actually hold (issue 14, item 2: decode at the memory limit).
 Decode reads every weight once per token, so a model whose weights do not stay in the caches between tokens is
 bounded by the DRAM read bandwidth, and one that does by the kernels' compute. This measures, in one process
 and at the threads torch uses:
-- the read bandwidth (a sum over a buffer) at working sets from 16 MiB to 1 GiB: where it drops to the DRAM
-  value the caches stop holding the data, whatever L3 size the CPU reports;
+- the read bandwidth (a sum over a buffer) at working sets from 16 MiB to 1 GiB on one thread: where it drops
+  to the 1 GiB value the caches stop holding the data, whatever L3 size the CPU reports; and on all threads
+  over 1 GiB (DRAM, the roofline of the GEMVs below);
 - one-row linears (llama_fast's CPU kernels: fp32, bf16, int8 g32 = GGUF Q8_0, int4 g32 symmetric = Q4_0,
   asymmetric = Q4_1) at SmolLM2's gate_up shape (3072 x 576), over many copies of the weights cycled
   (`--cold-mib`, larger than the caches: the decode regime) and over a few (16 MiB: in cache, the kernel's
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from llama_fast import quant  # noqa: E402
 from llama_fast.ops import cpu  # noqa: E402
 
-from _machine import cpu_read_bandwidth, cpu_record, write_result  # noqa: E402
+from _machine import cpu_cache_read_bandwidth, cpu_read_bandwidth, cpu_record, write_result  # noqa: E402
 
 N, K = 3072, 576  # SmolLM2-135M's gate_up_proj: [2 x 1536, 576]
 FORMS = ("fp32", "bf16", "int8_g32", "int4_g32_sym", "int4_g32_asym")
@@ -79,9 +80,9 @@ def main():
         raise SystemExit(f"unknown forms {sorted(unknown)}; choose from {FORMS}")
     result = {"machine": cpu_record(), "threads": torch.get_num_threads(), "shape": [N, K],
               "load_average_before": os.getloadavg()[0]}
-    result["read_bandwidth_GBps_by_working_set_MiB"] = {
-        mib: cpu_read_bandwidth(mib=mib, repeat=max(5, 4096 // mib)) for mib in (16, 32, 64, 128, 256, 1024)}
-    dram = result["read_bandwidth_GBps_by_working_set_MiB"][1024]
+    result["one_thread_read_bandwidth_GBps_by_working_set_MiB"] = {
+        mib: cpu_cache_read_bandwidth(mib, repeat=max(5, 2048 // mib)) for mib in (16, 32, 64, 128, 256, 1024)}
+    dram = result["read_bandwidth_GBps"] = cpu_read_bandwidth(mib=1024, repeat=5)
     x = torch.randn(1, K)
     result["gemv"] = {}
     for form in forms:
@@ -91,7 +92,8 @@ def main():
         print(f"{form:14s} cold {cold:6.1f} GB/s ({cold / dram:4.0%} of {dram:.1f}), in cache {warm:6.1f} GB/s",
               flush=True)
     result["load_average_after"] = os.getloadavg()[0]
-    print(json.dumps(result["read_bandwidth_GBps_by_working_set_MiB"]))
+    curve = result["one_thread_read_bandwidth_GBps_by_working_set_MiB"]
+    print("one thread, GB/s by working set (MiB):", json.dumps(curve))
     write_result(args.out, result)
 
 
