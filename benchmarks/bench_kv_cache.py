@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -68,17 +67,16 @@ def measure_llama_fast(path: str, fmt: str, context: int, steps: int, kv: str) -
 
 def measure_llama_cpp(path: str, context: int, steps: int, threads: int, kv: str) -> dict:
     import llama_cpp
-    import numpy as np
     kind = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[kv]
     llm = llama_cpp.Llama(model_path=path, n_ctx=context + steps + 16, n_batch=512, n_ubatch=512, n_threads=threads,
                           n_threads_batch=threads, logits_all=False, verbose=False, type_k=kind, type_v=kind,
                           flash_attn=kv == "q8_0")         # a quantized V cache needs flash attention
-    llm.eval(harness.prompt_ids(context))
+    prompt = harness.prompt_ids(context)
+    llm.eval(prompt)
     step_s = []
-    for _ in range(steps):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        t0 = time.perf_counter()
-        llm.eval([tok])
+    for i in range(steps):       # fixed tokens: the step's time does not depend on which (llm.scores keeps only
+        t0 = time.perf_counter()  # n_batch rows without logits_all, so the prompt's last logits are not there)
+        llm.eval([prompt[i]])
         step_s.append(time.perf_counter() - t0)
     return {"step_s": step_s}
 
@@ -118,15 +116,6 @@ def quality(tokens: int) -> dict:
                        "top1_agreement": (got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
                        "mean_kl": kl.mean().item()}
     return out
-
-
-def run_in_process(spec: dict, timeout: float) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        return {"error": f"exit status {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -173,7 +162,7 @@ def main():
         order = range(len(cases)) if r % 2 == 0 else reversed(range(len(cases)))   # alternate the order
         for i in order:
             spec = dict(cases[i], steps=args.steps, threads=args.threads)
-            out = run_in_process(spec, args.timeout)
+            out = harness.run_in_process(spec, args.timeout, script=__file__)
             out["load_average"] = os.getloadavg()[0]
             runs[i].append(out)
             c = cases[i]

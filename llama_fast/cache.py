@@ -3,9 +3,10 @@
 Per layer k/v [B, S, Hkv, D] in the model dtype, or in the model's `config.kv_cache_dtype` (bfloat16, float16,
 or int8 with one fp32 scale per token per kv head: k_scale / v_scale [B, S, Hkv], key = code x scale; like
 llama.cpp's `-ctk/-ctv q8_0` with one block per head vector). The ops read and write those natively
-(llama_fast.ops.store_kv / attention with k_scale, v_scale). Each sequence's REAL tokens are stored compactly from slot 0
-(left padding never takes a slot), `lengths[b]` (int32, on the cache's device) counts them, and slot i holds
-the token at rotary position i. So the attention of row b reads keys 0..lengths[b]-1 and nothing else.
+(llama_fast.ops.store_kv / attention with k_scale, v_scale).
+Each sequence's REAL tokens are stored compactly from slot 0 (left padding never takes a slot), `lengths[b]`
+(int32, on the cache's device) counts them, and slot i holds the token at rotary position i. So the attention
+of row b reads keys 0..lengths[b]-1 and nothing else.
 
 `seen_tokens` counts the columns of all input chunks so far (a host int, an upper bound of every length):
 capacity checks use it, so the forward pass never syncs with the device to decide whether the cache fits.
@@ -219,7 +220,7 @@ def as_static_cache(past, config, past_mask: torch.Tensor | None = None, dtype=N
     dtype = dtype or k0.dtype
     device = device or k0.device
     cache = StaticCache.for_model(config, batch, max(2 * past_len, 16), dtype, device, growable=True)
-    from llama_fast.ops.reference import store_kv_any_cache   # rounds / quantizes into the cache's dtype
+    from llama_fast.ops.reference import store_kv_any_cache  # rounds / quantizes into the cache's dtype
     if past_mask is None:
         pads = torch.zeros(batch, dtype=torch.long, device=device)
     else:

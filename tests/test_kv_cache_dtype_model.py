@@ -5,6 +5,8 @@ same cache semantics. (The error that storing in a smaller dtype makes is bounde
 tests/ops/test_kv_cache_dtype.py and reported for real models by benchmarks/bench_kv_cache.py.)"""
 import pytest
 import torch
+from test_model_cpu_decode import _decode
+from tolerance import assert_within_budget
 
 from llama_fast import LlamaForCausalLM
 from llama_fast.cache import StaticCache, kv_cache_dtype_name
@@ -12,23 +14,10 @@ from llama_fast.config import LlamaConfig
 from llama_fast.ops import cpu_decode
 
 import conftest
-from tolerance import assert_within_budget
 
 pytest.importorskip("llama_fast._C")
 
 KV = ["int8", "bfloat16", "float16"]
-
-
-def _decode(model, ids, mask, prompt_len):
-    """Prefill ids[:, :prompt_len], then one token at a time; logits of every position and the cache."""
-    with torch.no_grad():
-        out = model(ids[:, :prompt_len], attention_mask=mask[:, :prompt_len], use_cache=True)
-        logits, past = [out.logits], out.past_key_values
-        for i in range(prompt_len, ids.shape[1]):
-            out = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=past, use_cache=True)
-            logits.append(out.logits)
-            past = out.past_key_values
-    return torch.cat(logits, 1), past
 
 
 @pytest.mark.parametrize("kv", KV)
@@ -40,16 +29,18 @@ def test_fused_and_op_by_op_decode_match_the_reference_on_the_same_cache(tmp_pat
     run = cpu_decode.run
     monkeypatch.setattr(cpu_decode, "run", lambda *a, **k: fused_calls.append(1) or run(*a, **k))
     ours = LlamaForCausalLM.from_pretrained(tmp_path, dtype=dtype, backend="cpu", kv_cache_dtype=kv)
-    got, cache = _decode(ours, ids, mask, prompt_len=6)
+    got = _decode(ours, ids, mask, prompt_len=6)
+    with torch.no_grad():
+        cache = ours(ids[:, :6], attention_mask=mask[:, :6], use_cache=True).past_key_values
     assert fused_calls and isinstance(cache, StaticCache) and cache.dtype == getattr(torch, kv)
     assert (cache.k_scale[0] is not None) == (kv == "int8")
     # op by op on the CPU kernels: the same numbers as the fused stack up to summation order
     monkeypatch.setattr(cpu_decode, "can_run", lambda *a, **k: False)
-    op_by_op, _ = _decode(ours, ids, mask, prompt_len=6)
+    op_by_op = _decode(ours, ids, mask, prompt_len=6)
     # the reference ops on the same cache semantics (reference.store_kv_any_cache quantizes bit for bit as the C++
     # store does; attention dequantizes exactly)
     ref = LlamaForCausalLM.from_pretrained(tmp_path, dtype=dtype, backend="torch", kv_cache_dtype=kv)
-    want, _ = _decode(ref, ids, mask, prompt_len=6)
+    want = _decode(ref, ids, mask, prompt_len=6)
     real = mask.bool()
     if dtype == "float32":          # rounding of a different summation order
         assert conftest.max_rel_diff(got[real], want[real]) <= 1e-4
@@ -58,7 +49,7 @@ def test_fused_and_op_by_op_decode_match_the_reference_on_the_same_cache(tmp_pat
     # bf16: the tolerance rule against the fp32 reference model with the same kv_cache_dtype (oracle), PyTorch's
     # own bf16 computation (the reference model in bf16) being the plain one
     oracle = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", backend="torch", kv_cache_dtype=kv)
-    oracle_logits, _ = _decode(oracle.to(torch.bfloat16).float(), ids, mask, prompt_len=6)
+    oracle_logits = _decode(oracle.to(torch.bfloat16).float(), ids, mask, prompt_len=6)
     assert_within_budget(got[real], oracle_logits[real], want[real], f"fused bf16, {kv} cache")
     assert_within_budget(op_by_op[real], oracle_logits[real], want[real], f"op by op bf16, {kv} cache")
 

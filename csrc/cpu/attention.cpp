@@ -400,8 +400,8 @@ void attention_task(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, in
 // products are D/W FMAs per row into one vector, and lane_sums finishes W keys' sums together. The tail of a
 // D that is not a multiple of W is added per key afterwards.
 template <int KV, int R>
-void few_rows_scores(const AttentionArgs& a, const char* k, const float* kscale, const float* qf, int64_t k0,
-                     int64_t n, int64_t stride, float* sc) {
+void few_rows_scores(const AttentionArgs& a, const char* k, const float* kscale, const float* qf, int64_t k0, int64_t n,
+                     int64_t stride, float* sc) {
   constexpr int W = VecF::W;
   const int64_t D = a.head_dim, DV = D / W * W, row_bytes = a.k_st * kv_bytes<KV>();
   const int64_t d_bytes = D * kv_bytes<KV>();

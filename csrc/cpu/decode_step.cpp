@@ -195,8 +195,8 @@ class DecodePlan : public torch::CustomClassHolder {
       cpu::Strided4 kcs{kc.data_ptr(), cs, kv_size, head_dim, kv_heads_};
       cpu::Strided4 vcs{vc.data_ptr(), cs, kv_size, head_dim, kv_heads_};
       cpu::attention(cpu::with_kv_cache(
-          cpu::attention_args(bf16, q, kcs, vcs, attn, kv_lens.const_data_ptr<int32_t>(), b, t, kv_span, head_dim,
-                              true, 1.f / std::sqrt(static_cast<float>(head_dim))),
+          cpu::attention_args(bf16, q, kcs, vcs, attn, kv_lens.const_data_ptr<int32_t>(), b, t, kv_span, head_dim, true,
+                              1.f / std::sqrt(static_cast<float>(head_dim))),
           kv_type, ks, vs, cache_len * kv_heads_, kv_heads_));
       prof.mark(Profile::kAttention);
       run_linear(L[1], bf16, attn, x, m);
@@ -497,10 +497,12 @@ class DecodePlan : public torch::CustomClassHolder {
     const at::ScalarType cache_dtype = k_caches[0].scalar_type();
     cpu::kv_type(k_caches[0], kOp);  // an error naming the dtypes a cache may have
     const bool int8 = cache_dtype == at::kChar;
-    TORCH_CHECK(int8 ? static_cast<int64_t>(k_scales.size()) == layers_ && static_cast<int64_t>(v_scales.size()) == layers_
-                     : k_scales.empty() && v_scales.empty(),
-                kOp, int8 ? ": an int8 KV cache needs k_scales and v_scales, one per layer"
-                          : ": k_scales / v_scales go with an int8 KV cache only");
+    TORCH_CHECK(
+        int8 ? static_cast<int64_t>(k_scales.size()) == layers_ && static_cast<int64_t>(v_scales.size()) == layers_
+             : k_scales.empty() && v_scales.empty(),
+        kOp,
+        int8 ? ": an int8 KV cache needs k_scales and v_scales, one per layer"
+             : ": k_scales / v_scales go with an int8 KV cache only");
     for (int64_t l = 0; l < layers_; ++l) {
       for (const at::Tensor& c : {k_caches[l], v_caches[l]}) {
         TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == cache_dtype && c.is_contiguous() && c.dim() == 4 &&

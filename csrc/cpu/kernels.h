@@ -96,8 +96,8 @@ inline AttentionArgs attention_args(bool bf16, const Strided4& q, const Strided4
   return a;
 }
 // `a` reading a cache of type `kv` (int8: with its scales, strides s_sb / s_st in elements).
-inline AttentionArgs with_kv_cache(AttentionArgs a, KvType kv, const float* k_scale, const float* v_scale,
-                                   int64_t s_sb, int64_t s_st) {
+inline AttentionArgs with_kv_cache(AttentionArgs a, KvType kv, const float* k_scale, const float* v_scale, int64_t s_sb,
+                                   int64_t s_st) {
   a.kv = kv;
   a.k_scale = k_scale, a.v_scale = v_scale;
   a.s_sb = s_sb, a.s_st = s_st;

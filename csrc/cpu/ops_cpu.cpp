@@ -108,6 +108,23 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at
 // ---- attention ---------------------------------------------------------------------------------------------
 constexpr int64_t kDelegatePrefillFrom = 128;  // queries
 
+// Whether a cache of type `kv` (k / v [B, S, Hkv, D]) is int8, checking that its scales come with it and only then:
+// fp32 [B, S, Hkv] each, with the same strides.
+bool check_cache_scales(cpu::KvType kv, const std::optional<at::Tensor>& k_scale,
+                        const std::optional<at::Tensor>& v_scale, const at::Tensor& k, const at::Tensor& v,
+                        const char* op) {
+  const bool int8 = kv == cpu::KvType::kI8;
+  TORCH_CHECK(
+      int8 == k_scale.has_value() && int8 == v_scale.has_value(), op,
+      int8 ? ": an int8 KV cache needs k_scale and v_scale" : ": k_scale / v_scale go with an int8 KV cache only");
+  if (int8) {
+    cpu::check_kv_scale(*k_scale, k, op, "k_scale");
+    cpu::check_kv_scale(*v_scale, v, op, "v_scale");
+    TORCH_CHECK(k_scale->strides() == v_scale->strides(), op, ": k_scale and v_scale must have the same strides");
+  }
+  return int8;
+}
+
 // q / out in fp32 or bf16; k / v as the KV cache holds them (kv_cache_dtype): fp32, bf16, fp16 or int8 with
 // k_scale / v_scale [B, Tk, Hkv]. The core op `attention` keeps the contract of docs/KERNELS.md (k, v in q's
 // dtype); the CPU-only `cpu_attention` reads any cache type.
@@ -129,14 +146,7 @@ at::Tensor attention_any_cache(const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK(v.sizes() == k.sizes(), op, ": v shape ", v.sizes(), " differs from k shape ", k.sizes());
   TORCH_CHECK(hkv > 0 && hq % hkv == 0, op, ": the number of query heads (", hq,
               ") must be a multiple of the number of kv heads (", hkv, ")");
-  const bool int8 = kv == cpu::KvType::kI8;
-  TORCH_CHECK(int8 == k_scale.has_value() && int8 == v_scale.has_value(), op,
-              int8 ? ": an int8 KV cache needs k_scale and v_scale" : ": k_scale / v_scale go with an int8 KV cache only");
-  if (int8) {
-    cpu::check_kv_scale(*k_scale, k, op, "k_scale");
-    cpu::check_kv_scale(*v_scale, v, op, "v_scale");
-    TORCH_CHECK(k_scale->strides() == v_scale->strides(), op, ": k_scale and v_scale must have the same strides");
-  }
+  const bool int8 = check_cache_scales(kv, k_scale, v_scale, k, v, op);
   at::Tensor lens;
   if (kv_lens.has_value()) {
     lens = *kv_lens;
@@ -232,12 +242,8 @@ void store_kv_any_cache(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tens
   const cpu::KvType type = cpu::kv_type(k_cache, op);
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache dtype ", v_cache.scalar_type(),
               " differs from k_cache dtype ", k_cache.scalar_type());
-  const bool int8 = type == cpu::KvType::kI8;
-  TORCH_CHECK(int8 == k_scale.has_value() && int8 == v_scale.has_value(), op,
-              int8 ? ": an int8 KV cache needs k_scale and v_scale" : ": k_scale / v_scale go with an int8 KV cache only");
+  const bool int8 = check_cache_scales(type, k_scale, v_scale, k_cache, v_cache, op);
   if (int8) {
-    cpu::check_kv_scale(*k_scale, k_cache, op, "k_scale");
-    cpu::check_kv_scale(*v_scale, v_cache, op, "v_scale");
     check_contiguous(*k_scale, op, "k_scale");
     check_contiguous(*v_scale, op, "v_scale");
   }

@@ -60,9 +60,7 @@ void store_row(bool src_bf16, const void* src, KvType type, void* dst, float* sc
   }
 }
 
-int64_t element_size(KvType type) {
-  return type == KvType::kF32 ? 4 : type == KvType::kI8 ? 1 : 2;
-}
+int64_t element_size(KvType type) { return type == KvType::kF32 ? 4 : type == KvType::kI8 ? 1 : 2; }
 
 }  // namespace
 
