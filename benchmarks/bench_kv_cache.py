@@ -118,6 +118,42 @@ def quality(tokens: int) -> dict:
     return out
 
 
+def attention_op_times(repeat: int = 20) -> list[dict]:
+    """One decode step's attention of one layer (ops.attention, backend cpu, the calling thread only) over 128 and
+    4096 cached tokens per cache dtype, SmolLM2's (9 / 3 heads) and the 1B's (32 / 8) shapes, head_dim 64: the
+    best per-call thread CPU time (robust to other processes on a shared machine) and the cache bytes it read."""
+    import torch
+
+    from llama_fast import ops
+    torch.set_num_threads(1)
+    rows = []
+    for shape, hq, hkv in (("smollm2", 9, 3), ("llama-1b", 32, 8)):
+        for context in (128, 4096):
+            for kv in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
+                q = torch.randn(1, 1, hq, 64)
+                kc = torch.zeros(1, context, hkv, 64, dtype=kv)
+                vc = torch.zeros_like(kc)
+                ks, vs = (torch.zeros(1, context, hkv), torch.zeros(1, context, hkv)) if kv == torch.int8 else (None,
+                                                                                                                None)
+                ops.store_kv(kc, vc, torch.randn(1, context, hkv, 64), torch.randn(1, context, hkv, 64),
+                             torch.arange(context)[None], k_scale=ks, v_scale=vs)
+                def call():
+                    return ops.attention(q, kc, vc, backend="cpu", k_scale=ks, v_scale=vs)
+                for _ in range(5):
+                    call()
+                best = float("inf")
+                for _ in range(5):
+                    t0 = time.thread_time()
+                    for _ in range(repeat):
+                        call()
+                    best = min(best, (time.thread_time() - t0) / repeat)
+                nbytes = 2 * kc.numel() * kc.element_size() + (0 if ks is None else 2 * ks.numel() * 4)
+                rows.append({"shape": shape, "context": context, "kv": str(kv).removeprefix("torch."),
+                             "us_per_call": best * 1e6, "cache_bytes": nbytes, "GBps": nbytes / best / 1e9})
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -129,6 +165,9 @@ def main():
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--no-peer", action="store_true", help="llama_fast only")
     p.add_argument("--quality-tokens", type=int, default=0)
+    p.add_argument("--quality-only", action="store_true", help="only the logits comparison (no timing)")
+    p.add_argument("--attention-only", action="store_true",
+                   help="only the attention op's thread CPU time per cache dtype and context (1 thread)")
     p.add_argument("--out", default=os.path.join(harness.RESULTS, "kv_cache.json"))
     args = p.parse_args()
     if args.worker:
@@ -138,6 +177,19 @@ def main():
         else:
             result = measure_llama_cpp(spec["path"], spec["context"], spec["steps"], spec["threads"], spec["kv"])
         print(json.dumps(result))
+        return
+    if args.attention_only:
+        results = {"cpu": harness.cpu_description(), "load_average": os.getloadavg(),
+                   "note": "thread CPU time of one call on the calling thread (1 thread)",
+                   "attention_op": attention_op_times()}
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        return
+    if args.quality_only:
+        results = {"cpu": harness.cpu_description(), "quality_vs_float32_cache": quality(args.quality_tokens or 128)}
+        print(json.dumps(results["quality_vs_float32_cache"], indent=1))
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
         return
     contexts = [int(c) for c in args.contexts.split(",")]
     cases = []
