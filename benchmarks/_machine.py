@@ -2,6 +2,7 @@
 measured in the same run (a shared 2-core machine varies from minute to minute), GPU peaks from a table."""
 from __future__ import annotations
 
+import os
 import platform
 import time
 
@@ -33,6 +34,18 @@ def cpu_read_bandwidth(mib: int = 512, repeat: int = 10) -> float:
     x = torch.ones(mib * 2**20 // 4)
     times = sorted(timed(lambda: x.sum(), repeat=repeat, warmup=2))
     return x.numel() * 4 / times[len(times) // 2] / 1e9
+
+
+def cpu_cache_read_bandwidth(mib: int, repeat: int = 5) -> float:
+    """cpu_read_bandwidth on one thread, over a buffer of `mib` read again and again: where it falls to the
+    1 GiB value, the caches no longer hold that much (whatever L3 size the CPU reports). One thread, because a
+    multi-threaded sum of a small buffer measures the threads' barrier on a busy machine, not the memory."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cpu_read_bandwidth(mib=mib, repeat=repeat)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def cpu_copy_bandwidth(mib: int = 256, repeat: int = 10) -> float:
@@ -68,3 +81,27 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
     info = dict((k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line))
     return " ".join(f"{k}={info[k]}" for k in ("model name", "cpu family", "model") if k in info)
+
+
+def write_result(path: str, result: dict) -> None:
+    """Writes a benchmark's result as indented JSON (making its folder) and says where."""
+    import json
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", path)
+
+
+def cpu_record() -> dict:
+    """What each CPU benchmark result records of the machine: the CPU model, family and model number, the
+    instruction set and the run-time tuning (cache sizes, prefetch distance) the CPU kernels chose here."""
+    record = {"cpu": cpu_model(), "logical_cpus": os.cpu_count()}
+    try:
+        from llama_fast import _native
+        from llama_fast.ops import cpu
+        if _native.extension() is not None:
+            record["isa"] = cpu.set_isa("")
+            record["kernel_tuning"] = cpu.tuning()
+    except (ImportError, AttributeError):    # no extension, or one older than the tuning op
+        pass
+    return record

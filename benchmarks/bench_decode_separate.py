@@ -5,7 +5,8 @@ process that loads one file in one engine, prefills a prompt of the given contex
 step on its own (llama.cpp: `Llama.eval` of one token, not create_completion's sampling and detokenizing;
 llama_fast: one `forward` of one token through its cache). Engines alternate within each round, rounds repeat,
 and the result keeps every per-step median, the best round, the read bandwidth measured before each round, the
-CPU model and family and the load average.
+CPU model and family, the kernels' run-time tuning, the load average and, per file, whether the caches hold a
+buffer of its size (one thread's read bandwidth over it against a 1 GiB one).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_decode_separate.py [--models smollm2,llama-1b]
         [--formats F32,F16,Q8_0,Q4_0,Q4_1] [--contexts 128,4096] [--steps 32] [--rounds 3] [--threads 2]
@@ -190,6 +191,19 @@ def read_bandwidth() -> float:
     return cpu_read_bandwidth(mib=1024, repeat=5)
 
 
+def cache_holds(file_bytes: int) -> dict:
+    """Whether this machine's caches hold a model of this size: one thread's read bandwidth over a buffer of the
+    file's size, read again and again as decode reads its weights, over its bandwidth from a 1 GiB one (DRAM).
+    A CPU that reports a large L3 (260 MiB on the Intel Xeon) may still not keep the model in it (other tenants
+    share it). Files over 1 GiB (larger than any CPU cache) are not probed."""
+    if file_bytes > 1 << 30:
+        return {"one_thread_read_bandwidth_at_file_size_GBps": None, "over_1GiB": None}
+    sys.path.insert(0, HERE)
+    from _machine import cpu_cache_read_bandwidth
+    gbps = cpu_cache_read_bandwidth(max(1, file_bytes >> 20))
+    return {"one_thread_read_bandwidth_at_file_size_GBps": gbps, "over_1GiB": gbps / cpu_cache_read_bandwidth(1024)}
+
+
 # ---- main ------------------------------------------------------------------------------------------------
 
 def summarize(runs: list[dict]) -> dict:
@@ -249,8 +263,11 @@ def main():
         for fmt, path in model_files(model, formats).items():
             for context in contexts:
                 cases.append({"model": model, "format": fmt, "path": path, "context": context})
-    results = {"cpu": cpu_description(), "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
-               "read_bandwidth_GBps": [], "load_average": [], "cases": []}
+    from _machine import cpu_record, write_result
+    machine = cpu_record()
+    results = {"cpu": cpu_description(), "isa": machine.get("isa"), "kernel_tuning": machine.get("kernel_tuning"),
+               "threads": args.threads, "steps": args.steps, "rounds": args.rounds, "read_bandwidth_GBps": [],
+               "load_average": [], "cases": []}
     runs = {(c["model"], c["format"], c["context"], e): [] for c in cases for e in ENGINES}
     for r in range(args.rounds):
         results["read_bandwidth_GBps"].append(read_bandwidth())
@@ -269,6 +286,7 @@ def main():
     for case in cases:
         entry = {k: case[k] for k in ("model", "format", "context")}
         entry["file_bytes"] = os.path.getsize(case["path"])
+        entry["cache"] = cache_holds(entry["file_bytes"])
         for engine in ENGINES:
             entry[engine] = summarize(runs[(case["model"], case["format"], case["context"], engine)])
         ours, peer = entry["llama_fast"], entry["llama.cpp"]
@@ -284,10 +302,7 @@ def main():
     if args.agreement_tokens:
         results["top1_agreement_with_own_f32"] = top1_agreement(args, formats)
         print(json.dumps(results["top1_agreement_with_own_f32"], indent=1))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print("wrote", args.out)
+    write_result(args.out, results)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ struct LinearRef {
   const void* bias_ptr = nullptr;
   std::vector<cpu::kquant::Segment> segs;  // non-empty: the weight is ggml blocks (kquant::linear)
   const int64_t* perm = nullptr;           // act-order: multiply x[:, perm]
+  int64_t weight_bytes = 0;                // what one call reads of the weights (the decode profile's GB/s)
 };
 
 // Smallest and largest of an int32/int64 tensor of a few elements (positions, slots, kv_lens), without a
@@ -175,7 +176,7 @@ class DecodePlan : public torch::CustomClassHolder {
         cpu::fused_add_rms_norm(bf16, x, residual, norms_[l * 2], h, residual, m, hs, eps);
       prof.mark(Profile::kNorm);
       run_linear(L[0], bf16, h, qkv, m);
-      prof.mark(Profile::kQkv);
+      prof.mark(Profile::kQkv, L[0].weight_bytes);
       cpu::Strided4 q{qkv, t * row, row, head_dim, heads_};
       cpu::Strided4 k{qkv + q_size * es, t * row, row, head_dim, kv_heads_};
       cpu::rotary(bf16, q, k, positions.const_data_ptr(), pos64, cos.const_data_ptr<float>(),
@@ -200,15 +201,15 @@ class DecodePlan : public torch::CustomClassHolder {
           kv_type, ks, vs, cache_len * kv_heads_, kv_heads_));
       prof.mark(Profile::kAttention);
       run_linear(L[1], bf16, attn, x, m);
-      prof.mark(Profile::kO);
+      prof.mark(Profile::kO, L[1].weight_bytes);
       cpu::fused_add_rms_norm(bf16, x, residual, norms_[l * 2 + 1], h, residual, m, hs, eps);
       prof.mark(Profile::kNorm);
       run_linear(L[2], bf16, h, gate_up, m);
-      prof.mark(Profile::kGateUp);
+      prof.mark(Profile::kGateUp, L[2].weight_bytes);
       cpu::silu_and_mul(bf16, gate_up, act, m, inter_);
       prof.mark(Profile::kSilu);
       run_linear(L[3], bf16, act, x, m);
-      prof.mark(Profile::kDown);
+      prof.mark(Profile::kDown, L[3].weight_bytes);
     }
     at::Tensor out = at::empty_like(hidden);
     if (layers_ == 0)
@@ -297,10 +298,17 @@ class DecodePlan : public torch::CustomClassHolder {
       inter_ = L[2].n / 2;
       L[3] = linear_ref(f.linear[3], inter_, 3, l);
       TORCH_CHECK(L[3].n == hs_, kOp, ": layer ", l, " down_proj must have ", hs_, " rows");
-      for (const LinearFields& lf : f.linear) {
+      for (int j = 0; j < 4; ++j) {
+        const LinearFields& lf = f.linear[j];
         for (const auto* t : {&lf.weight, &lf.qweight, &lf.scales, &lf.offsets, &lf.bias, &lf.input_perm})
-          if (t->has_value()) held_.push_back(&**t);
-        for (const auto& seg : lf.blocks) held_.push_back(&seg.second);
+          if (t->has_value()) {
+            held_.push_back(&**t);
+            L[j].weight_bytes += static_cast<int64_t>((*t)->nbytes());
+          }
+        for (const auto& seg : lf.blocks) {
+          held_.push_back(&seg.second);
+          L[j].weight_bytes += static_cast<int64_t>(seg.second.nbytes());
+        }
       }
     }
     held_.push_back(&final_norm_);

@@ -21,6 +21,7 @@
 #include "common/half_float.h"
 #include "common/quant_format.h"
 #include "cpu/cpu_features.h"
+#include "cpu/tuning.h"
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define LF_HAVE_X86 1

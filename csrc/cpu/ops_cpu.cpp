@@ -11,6 +11,7 @@
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
 #include "cpu/torch_args.h"
+#include "cpu/tuning.h"
 #include "op_checks.h"
 
 namespace llama_fast {
@@ -411,6 +412,12 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
       "Tensor(d!)? v_scale) -> ()");
   // cpu_isa("avx2") forces a lower instruction set for the CPU kernels (tests); cpu_isa("") reports it.
   m.def("cpu_isa(str name) -> str", &set_isa);
+  // [L1d, L2, L3 bytes, prefetch distance] of cpu::tuning(): the machine-dependent choices, for the benchmarks'
+  // records next to the CPU model.
+  m.def("cpu_tuning() -> int[]", []() -> std::vector<int64_t> {
+    const auto& t = cpu::tuning();
+    return {t.l1d_bytes, t.l2_bytes, t.l3_bytes, t.prefetch_bytes};
+  });
   // [helper threads started, helpers blocked] of the CPU kernels' thread pool (tests: idle helpers block).
   m.def("cpu_pool_state() -> int[]", []() -> std::vector<int64_t> {
     const auto s = cpu::pool_state();

@@ -15,12 +15,12 @@ namespace LF_ISA {
 constexpr int kTileWeightRows = 4;  // weight rows per block (4 x K fp32: 9 KiB for K = 576, 24 KiB for 1536)
 constexpr int kTileActRows = 6;     // activation rows per register tile: 24 accumulators + 6 x + 1 w of 32
 
-// The weights are read once per call: ask for them 8 KiB ahead of use. The hardware prefetcher alone left the
-// int4/int8 kernels at half a core's DRAM share (see quant_linear_vnni.cpp), and bf16 decode at 70% of the
-// bandwidth (61 -> 68-72 tok/s on the demo model with it).
+// The weights are read once per call: ask for them cpu::tuning().prefetch_bytes ahead of use (from the L1d size).
+// The hardware prefetcher alone left the int4/int8 kernels at half a core's DRAM share (see
+// quant_linear_vnni.cpp), and bf16 decode at 70% of the bandwidth (61 -> 68-72 tok/s on the demo model with 8 KiB).
 inline void prefetch_ahead(const void* p) {
 #ifdef LF_HAVE_X86
-  _mm_prefetch(static_cast<const char*>(p) + 8192, _MM_HINT_T0);
+  _mm_prefetch(static_cast<const char*>(p) + tuning().prefetch_bytes, _MM_HINT_T0);
 #else
   (void)p;
 #endif

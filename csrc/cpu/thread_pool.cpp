@@ -69,12 +69,19 @@ class Pool {
       cv_.notify_all();
     }
     work(gen);
-    // Only chunks a helper actually claimed are waited for; yield if its thread got preempted meanwhile.
-    for (int spins = 0; job.done.load(std::memory_order_acquire) < n; ++spins) {
-      if (spins < 4000)
+    // Only chunks a helper actually claimed are waited for; past kSpinWithoutYield (a time, not a count of
+    // pauses, whose length varies ~10x between cores) yield, in case its thread got preempted meanwhile.
+    if (job.done.load(std::memory_order_acquire) < n) {
+      const auto wait_start = std::chrono::steady_clock::now();
+      bool yield = false;
+      for (int spins = 1; job.done.load(std::memory_order_acquire) < n; ++spins) {
+        if (yield) {
+          std::this_thread::yield();
+          continue;
+        }
         LF_PAUSE();
-      else
-        std::this_thread::yield();
+        if (spins % kPausesPerCheck == 0) yield = std::chrono::steady_clock::now() - wait_start >= kSpinWithoutYield;
+      }
     }
     // fn threw (on any thread): every claimed chunk has finished and fn is no longer referenced; rethrow here
     if (job.error) std::rethrow_exception(std::exchange(job.error, nullptr));

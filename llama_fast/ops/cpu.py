@@ -80,6 +80,13 @@ def set_isa(name: str = "") -> str:
     return torch.ops.llama_fast.cpu_isa(name)
 
 
+def tuning() -> dict:
+    """The CPU kernels' machine-dependent choices, made at run time from this CPU's caches (csrc/cpu/tuning.h):
+    the cache sizes they were derived from and the weight streams' software prefetch distance, in bytes."""
+    l1d, l2, l3, prefetch = torch.ops.llama_fast.cpu_tuning()
+    return {"l1d_bytes": l1d, "l2_bytes": l2, "l3_bytes": l3, "prefetch_bytes": prefetch}
+
+
 if _native.extension() is not None:
     @torch.library.register_fake("llama_fast::cpu_linear")
     def _cpu_linear_fake(x, weight, bias):

@@ -1,0 +1,61 @@
+"""The CPU kernels' machine-dependent choices (csrc/cpu/tuning.h): derived at run time from this CPU's caches,
+overridable for measurements, and never a change to any result (a prefetch distance moves no arithmetic)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("llama_fast._C")
+
+from llama_fast.ops import cpu  # noqa: E402
+
+# Every weight-streaming kernel that prefetches (dense fp32 / bf16 GEMV, int4 / int8 GEMV on every ISA level this
+# CPU has), on a few rows; prints a digest of the outputs' bytes.
+_OUTPUTS = """
+import hashlib, json, torch
+from llama_fast import quant
+from llama_fast.ops import cpu
+torch.manual_seed(0)
+digest = hashlib.sha256()
+for isa in ("avx512_bf16", "avx512_vnni", "avx512", "avx2", "portable"):
+    cpu.set_isa(isa)
+    for m in (1, 3):
+        x = torch.randn(m, 384)
+        w = torch.randn(700, 384)
+        outs = [cpu.linear(x, w), cpu.linear(x.bfloat16(), w.bfloat16())]
+        for bits in (4, 8):
+            q = quant.quantize(w, bits=bits, group_size=32, symmetric=bits == 8)
+            outs += [cpu.quant_linear(x, q), cpu.quant_linear(x.bfloat16(), q)]
+        for o in outs:
+            digest.update(o.float().numpy().tobytes())
+print(json.dumps({"tuning": cpu.tuning(), "digest": digest.hexdigest()}))
+"""
+
+
+def _run(prefetch: str | None) -> dict:
+    import json
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env.pop("LLAMA_FAST_PREFETCH_BYTES", None)
+    if prefetch is not None:
+        env["LLAMA_FAST_PREFETCH_BYTES"] = prefetch
+    r = subprocess.run([sys.executable, "-c", _OUTPUTS], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_prefetch_distance_follows_the_l1d_size():
+    t = cpu.tuning()
+    assert t["l1d_bytes"] >= 0 and t["l2_bytes"] >= 0 and t["l3_bytes"] >= 0
+    if "LLAMA_FAST_PREFETCH_BYTES" in os.environ:
+        pytest.skip("the prefetch distance is overridden in this environment")
+    l1d = t["l1d_bytes"] or 32 * 1024
+    assert t["prefetch_bytes"] == min(max(l1d // 4, 2048), 16384) // 64 * 64
+
+
+def test_prefetch_distance_changes_no_result():
+    default, off, far = _run(None), _run("0"), _run("1048576")
+    assert off["tuning"]["prefetch_bytes"] == 0
+    assert far["tuning"]["prefetch_bytes"] == 1048576
+    # bit for bit: a software prefetch only moves data between memory and the caches
+    assert default["digest"] == off["digest"] == far["digest"]
