@@ -181,6 +181,11 @@ template <typename T>
 struct DenseRows {
   const T* w;
   int64_t k;
+  // the bytes fill(row, k0, kc, ...) reads
+  const void* segment(int64_t row, int64_t k0, int64_t kc, int64_t& bytes) const {
+    bytes = kc * int64_t{sizeof(T)};
+    return w + row * k + k0;
+  }
   void fill(int64_t row, int64_t k0, int64_t kc, float* dst, int64_t stride) const {
     const T* src = w + row * k + k0;
     int64_t kk = 0;
@@ -221,6 +226,14 @@ inline VecF int4_codes_fp32(const uint8_t* p) {
 
 struct QuantRows {
   const QuantWeight& w;
+  const void* segment(int64_t row, int64_t k0, int64_t kc, int64_t& bytes) const {  // the codes fill reads
+    if (w.bits == 4) {
+      bytes = kc / 2 + 1;
+      return static_cast<const uint8_t*>(w.q) + row * (w.k / 2) + k0 / 2;
+    }
+    bytes = kc;
+    return static_cast<const int8_t*>(w.q) + row * w.k + k0;
+  }
   void fill(int64_t row, int64_t k0, int64_t kc, float* dst, int64_t stride) const {
     const int64_t k = w.k, gs = w.group_size, groups = k / gs;
     const uint8_t* q4 = static_cast<const uint8_t*>(w.q) + row * (k / 2);
@@ -250,6 +263,43 @@ struct QuantRows {
       }
     }
   }
+};
+
+// Fetches the weights of a chunk's next K block into L2 a few lines at a time while the current block computes.
+// Each weight row's block is only kc elements (a few cache lines) and the next row's lies K elements further on:
+// a pattern the hardware prefetchers do not follow, so without this, making the tile fp32 waited on memory
+// (~13% of a 128-token prefill).
+template <typename Rows>
+class NextBlockPrefetch {
+ public:
+  NextBlockPrefetch(const Rows& rows, int64_t r0, int64_t r1, int64_t k0, int64_t kc)
+      : rows_(rows), row_(r0), r1_(r1), k0_(k0), kc_(kc) {
+    if (kc_ > 0) start_row();
+  }
+  void step(int lines) {
+    for (; lines > 0 && row_ < r1_ && kc_ > 0; --lines) {
+#ifdef LF_HAVE_X86
+      _mm_prefetch(begin_ + offset_, _MM_HINT_T1);
+#endif
+      offset_ += 64;
+      if (offset_ >= end_) {
+        if (++row_ < r1_) start_row();
+      }
+    }
+  }
+
+ private:
+  void start_row() {
+    int64_t bytes;
+    const char* p = static_cast<const char*>(rows_.segment(row_, k0_, kc_, bytes));
+    begin_ = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63});  // line aligned
+    offset_ = 0;
+    end_ = (p + bytes) - begin_;
+  }
+  const Rows& rows_;
+  int64_t row_, r1_, k0_, kc_;
+  const char* begin_ = nullptr;
+  int64_t offset_ = 0, end_ = 0;
 };
 
 // The blocking of one call, from the cache sizes (see the top of the file).
@@ -295,7 +345,8 @@ void write_transposed(const float* ct, int64_t ldct, int64_t i0, int64_t i1, int
 }
 
 template <typename T, typename Rows>
-void gemm_blocked(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows, const T* bias, T* out) {
+void gemm_blocked(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows, double bytes_per_weight, const T* bias,
+                  T* out) {
   if (m == 0 || n == 0) return;
   const Blocking blk = blocking(n, k);
   const int64_t kp = round_up(k, W), panels = (m + kMr - 1) / kMr, mp = panels * kMr;
@@ -330,9 +381,14 @@ void gemm_blocked(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows,
           }
         }
         const bool last = pc + kc == k;
+        NextBlockPrefetch<Rows> ahead(rows, r0, r1, pc + kc, last ? 0 : std::min(blk.kc, k - pc - kc));
+        // spread over this block's micro-tiles: lines of the next block per tile, rounded up
+        const int64_t row_lines = static_cast<int64_t>(std::min(blk.kc, k) * bytes_per_weight) / 64 + 2;
+        const int lines_per_tile = static_cast<int>((r1 - r0) * row_lines / (panels * strips) + 1);
         for (int64_t p = 0; p < panels; ++p) {
           const float* a = ap + (p * kp + pc) * kMr;
           for (int64_t s = 0; s < strips; ++s) {
+            ahead.step(lines_per_tile);
             float* c = ct.get() + s * kNr * ldct + p * kMr;
             const float* c_next = s + 1 < strips ? c + kNr * ldct : ct.get() + (p + 1 < panels ? p + 1 : 0) * kMr;
             micro_tile(a, tile.data() + s * kcp * kNr, kcp, c, ldct, pc > 0, c_next);
@@ -347,12 +403,12 @@ void gemm_blocked(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows,
 
 template <typename T>
 void gemm_dense_weights(const T* x, const T* w, const T* bias, T* out, int64_t m, int64_t n, int64_t k) {
-  gemm_blocked(x, m, n, k, DenseRows<T>{w, k}, bias, out);
+  gemm_blocked(x, m, n, k, DenseRows<T>{w, k}, sizeof(T), bias, out);
 }
 
 template <typename T>
 void gemm_quant_weights(const T* x, const QuantWeight& w, const T* bias, T* out, int64_t m) {
-  gemm_blocked(x, m, w.n, w.k, QuantRows{w}, bias, out);
+  gemm_blocked(x, m, w.n, w.k, QuantRows{w}, w.bits / 8.0, bias, out);
 }
 
 }  // namespace LF_ISA
