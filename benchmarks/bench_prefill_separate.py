@@ -1,8 +1,8 @@
 """CPU prefill, llama_fast against llama.cpp (the same GGUF files) and transformers, each engine in its own process.
 
 The prefill sibling of bench_decode_separate.py (same files, same CPU description). Every measurement is a fresh
-process that loads one file in one engine, runs a 16-token warm-up prefill (first-call costs), then `--repeats`
-prefills of the context length into a fresh cache, and keeps the best. It records the wall clock and the calling
+process that loads one file in one engine, runs one warm-up prefill of the context length (first-call costs), then
+`--repeats` more into a fresh cache each, and keeps the best. It records the wall clock and the calling
 thread's CPU time: with --threads 1 both engines compute on the calling thread, so that CPU time is the engine's
 whole work and holds on a machine that other processes load (their time slices are not counted; their cache
 pressure still is). With --threads 2 only the wall clock means anything, and only on an idle machine.
@@ -39,7 +39,7 @@ def timed(fn) -> tuple[float, float]:
 
 def measure(spec: dict) -> dict:
     context, repeats, engine = spec["context"], spec["repeats"], spec["engine"]
-    ids, warm = prompt_ids(context), prompt_ids(16)
+    ids = prompt_ids(context)
     if engine == "llama.cpp":
         import llama_cpp
         llm = llama_cpp.Llama(model_path=spec["path"], n_ctx=context + 32, n_batch=512, n_ubatch=512,
@@ -70,7 +70,7 @@ def measure(spec: dict) -> dict:
             def run(tokens):
                 with torch.inference_mode():
                     model(torch.tensor([tokens]), use_cache=True, logits_to_keep=1)
-    run(warm)
+    run(ids)  # warm-up at full length: first-call costs (buffers, page faults, pool start) are not prefill
     times = [timed(lambda: run(ids)) for _ in range(repeats)]
     return {"wall_s": [t[0] for t in times], "thread_cpu_s": [t[1] for t in times]}
 

@@ -6,7 +6,7 @@
 // - the weights are split over the threads in chunks of nc rows (a multiple of kNr); per block of kc along K a
 //   thread makes its chunk's weights fp32 once (copied, bf16 widened, or dequantized as dequantize_rows does:
 //   code * scale + offset) into a tile of nc x kc floats that stays in half of L2, and every panel of activations
-//   (kc x kMr floats, half of L1) is multiplied with the whole tile before the next K block;
+//   (kc x kMr floats, a quarter of L1: the rest holds the weight rows streaming through) is multiplied with the whole tile before the next K block;
 // - the micro-kernel keeps a kMr x kNr tile of the output in registers (AVX-512: 32 x 12 in 24 zmm accumulators,
 //   AVX2: 16 x 6 in 12 ymm), vectors along the activation rows, each weight broadcast.
 // So each weight is read from memory and converted once per call whatever M, the FMAs dominate, and the products
@@ -312,7 +312,7 @@ struct Blocking {
 inline Blocking blocking(int64_t n, int64_t k) {
   const CacheSizes caches = cache_sizes();
   Blocking b;
-  // an activation panel (kc x kMr floats) in half of L1: 192 on a 48 KiB L1, 128 on 32 KiB (AVX-512)
+  // an activation panel (kc x kMr floats) in a quarter of L1: 96 on a 48 KiB L1, 64 on 32 KiB (AVX-512)
   b.kc = std::max<int64_t>(W, caches.l1d / 4 / (kMr * int64_t{sizeof(float)}) / W * W);
   b.kc = std::min(b.kc, round_up(k, W));
   // a chunk's weight tile (nc x kc floats) in half of L2
