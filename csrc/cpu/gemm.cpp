@@ -6,14 +6,15 @@
 // - the weights are split over the threads in chunks of nc rows (a multiple of kNr); per block of kc along K a
 //   thread makes its chunk's weights fp32 once (copied, bf16 widened, or dequantized as dequantize_rows does:
 //   code * scale + offset) into a tile of nc x kc floats that stays in half of L2, and every panel of activations
-//   (kc x kMr floats, a quarter of L1: the rest holds the weight rows streaming through) is multiplied with the whole tile before the next K block;
+//   (kc x kMr floats, a quarter of L1: the rest holds the weight rows streaming through) is multiplied with the
+//   whole tile before the next K block;
 // - the micro-kernel keeps a kMr x kNr tile of the output in registers (AVX-512: 32 x 12 in 24 zmm accumulators,
 //   AVX2: 16 x 6 in 12 ymm), vectors along the activation rows, each weight broadcast.
 // So each weight is read from memory and converted once per call whatever M, the FMAs dominate, and the products
 // and sums are fp32 (each output element a sequential fp32 sum over K, blocks of kc added in order), like the
-// fp32 GEMM on widened / dequantized weights that this replaces. The output tile is accumulated transposed
-// ([n][m], contiguous vectors) and written to out[m][n] once at the end, with the bias, rounded once to the
-// output dtype.
+// fp32 GEMM on widened / dequantized weights that this replaces. The output is accumulated transposed ([n][m],
+// contiguous vectors) and written to out[m][n] panel by panel after the last K block, with the bias, rounded once
+// to the output dtype.
 #ifndef LF_ISA
 #include <memory>
 
@@ -131,7 +132,8 @@ inline VecF gather_column(const float* p, int64_t ld) {
                                          _mm512_set1_epi32(static_cast<int>(ld)));
   return _mm512_i32gather_ps(idx, p, 4);
 #elif LF_ISA_LEVEL == 1
-  const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(ld)));
+  const __m256i idx =
+      _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(ld)));
   return _mm256_i32gather_ps(p, idx, 4);
 #else
   (void)ld;
@@ -144,7 +146,8 @@ inline VecF gather_column(const uint16_t* p, int64_t ld) {
                                          _mm512_set1_epi32(static_cast<int>(ld)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_i32gather_epi32(idx, p, 2), 16));
 #elif LF_ISA_LEVEL == 1
-  const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(ld)));
+  const __m256i idx =
+      _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(ld)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_i32gather_epi32(reinterpret_cast<const int*>(p), idx, 2), 16));
 #else
   (void)ld;
