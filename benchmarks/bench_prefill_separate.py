@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_decode_separate import cpu_description, model_files, prompt_ids  # noqa: E402
+from bench_decode_separate import cpu_description, model_files, prompt_ids, run_in_process  # noqa: E402
 
 ENGINES = ("llama_fast", "llama.cpp", "transformers")
 
@@ -75,15 +74,6 @@ def measure(spec: dict) -> dict:
     return {"wall_s": [t[0] for t in times], "thread_cpu_s": [t[1] for t in times]}
 
 
-def run_in_process(spec: dict, timeout: float) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        return {"error": f"exit status {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -117,7 +107,7 @@ def main():
                        (case["context"] in hf_contexts and case["format"] in ("F32", "F16"))]
             for engine in (engines if (r + i) % 2 == 0 else engines[::-1]):    # alternate who goes first
                 spec = dict(case, engine=engine, threads=args.threads, repeats=args.repeats)
-                out = run_in_process(spec, args.timeout)
+                out = run_in_process(spec, args.timeout, __file__)
                 runs.setdefault((case["model"], case["format"], case["context"], engine), []).append(out)
                 line = out.get("error") or f"prefill {case['context'] / min(out[clock]):8.1f} tok/s ({clock})"
                 print(f"round {r} {case['model']} {case['format']:5s} ctx {case['context']:5d} {engine:12s} {line}",
