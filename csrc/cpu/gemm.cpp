@@ -3,11 +3,12 @@
 //
 // Cache-blocked, in the usual three levels, with the sizes derived from this CPU's caches (cpu::cache_sizes()):
 // - the activations are packed once per call into panels of kMr rows, [K][kMr] fp32 each (bf16 widened, exactly);
-// - the weights are split over the threads in chunks of nc rows (a multiple of kNr); per block of kc along K a
-//   thread makes its chunk's weights fp32 once (copied, bf16 widened, or dequantized as dequantize_rows does:
-//   code * scale + offset) into a tile of nc x kc floats that stays in half of L2, and every panel of activations
-//   (kc x kMr floats, a quarter of L1: the rest holds the weight rows streaming through) is multiplied with the
-//   whole tile before the next K block;
+// - the weights are split over the threads in chunks of nc rows (a multiple of kNr, each thread a contiguous
+//   range of chunks); a thread makes its chunk's weights fp32 once (copied, bf16 widened, or dequantized as
+//   dequantize_rows does: code * scale + offset), reading each row from start to end, into a tile of nc x K floats
+//   in half of L2 cut into K blocks of kc, while its next chunk's weights are prefetched into L2;
+// - per K block, every panel of activations (kc x kMr floats, a quarter of L1: the rest holds the weights
+//   streaming through) is multiplied with the chunk's block of the tile;
 // - the micro-kernel keeps a kMr x kNr tile of the output in registers (AVX-512: 32 x 12 in 24 zmm accumulators,
 //   AVX2: 16 x 6 in 12 ymm), vectors along the activation rows, each weight broadcast.
 // So each weight is read from memory and converted once per call whatever M, the FMAs dominate, and the products
@@ -268,10 +269,9 @@ struct QuantRows {
   }
 };
 
-// Fetches the weights of a chunk's next K block into L2 a few lines at a time while the current block computes.
-// Each weight row's block is only kc elements (a few cache lines) and the next row's lies K elements further on:
-// a pattern the hardware prefetchers do not follow, so without this, making the tile fp32 waited on memory
-// (~13% of a 128-token prefill).
+// Fetches the weights of a thread's next chunk into L2 a few lines at a time while the current chunk computes, so
+// that making them fp32 does not wait on memory (with 4-byte fp32 weights that wait was ~25% of a 128-token
+// prefill).
 template <typename Rows>
 class NextBlockPrefetch {
  public:
@@ -318,8 +318,9 @@ inline Blocking blocking(int64_t n, int64_t k) {
   // an activation panel (kc x kMr floats) in a quarter of L1: 96 on a 48 KiB L1, 64 on 32 KiB (AVX-512)
   b.kc = std::max<int64_t>(W, caches.l1d / 4 / (kMr * int64_t{sizeof(float)}) / W * W);
   b.kc = std::min(b.kc, round_up(k, W));
-  // a chunk's weight tile (nc x kc floats) in half of L2
-  const int64_t nc_cache = std::max<int64_t>(kNr, caches.l2 / 2 / (b.kc * int64_t{sizeof(float)}) / kNr * kNr);
+  // a chunk's weight tile (nc x K floats, all of its K blocks) in half of L2
+  const int64_t nc_cache =
+      std::max<int64_t>(kNr, caches.l2 / 2 / (round_up(k, W) * int64_t{sizeof(float)}) / kNr * kNr);
   // at least one chunk per thread, and a multiple of the thread count so that they finish together
   const int64_t threads = num_threads();
   int64_t chunks = std::max((n + nc_cache - 1) / nc_cache, threads);
@@ -358,10 +359,11 @@ void gemm_blocked(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows,
   const Scratch apack(apack_reuse, panels * kp * kMr);
   float* ap = apack.get();
   parallel_for(panels, 1, [&](int64_t p0, int64_t p1) { pack_activations(x, m, k, kp, p0, p1, ap); });
-  parallel_for(blk.chunks, 1, [&](int64_t c0, int64_t c1) {
+  // each thread one contiguous range of chunks, so that it knows which weights it reads next
+  const int64_t per_thread = (blk.chunks + num_threads() - 1) / num_threads();
+  parallel_for(blk.chunks, per_thread, [&](int64_t c0, int64_t c1) {
     thread_local std::vector<float> tile;  // this thread's weight tile: bounded by half of L2
-    const int64_t strips_max = blk.nc / kNr;
-    tile.resize(strips_max * blk.kc * kNr);
+    tile.resize(blk.nc * kp);
     // this chunk's output, transposed [nc][ldct]: as large as the output's share of this chunk. One
     // cache line more than the panels (ldct * 4 bytes is then no multiple of 4 KiB: see write_transposed).
     const int64_t ldct = mp + 64 / sizeof(float);
@@ -370,31 +372,39 @@ void gemm_blocked(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows,
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r0 = c * blk.nc, r1 = std::min(n, r0 + blk.nc);
       const int64_t strips = (r1 - r0 + kNr - 1) / kNr;
-      for (int64_t pc = 0; pc < k; pc += blk.kc) {
-        const int64_t kc = std::min(blk.kc, k - pc), kcp = round_up(kc, W);
-        for (int64_t s = 0; s < strips; ++s) {
-          float* strip = tile.data() + s * kcp * kNr;
-          for (int j = 0; j < kNr; ++j) {
-            const int64_t row = r0 + s * kNr + j;
+      // the chunk's weights as fp32, row by row over the whole of K (sequential reads), into K blocks
+      // [block][strip][kcp / W][kNr][W]: block pc starts at strips * pc * kNr (the blocks before it are full)
+      for (int64_t s = 0; s < strips; ++s) {
+        for (int j = 0; j < kNr; ++j) {
+          const int64_t row = r0 + s * kNr + j;
+          for (int64_t pc = 0; pc < k; pc += blk.kc) {
+            const int64_t kc = std::min(blk.kc, k - pc), kcp = round_up(kc, W);
+            float* dst = tile.data() + strips * pc * kNr + s * kcp * kNr + j * W;
             if (row < r1) {
-              rows.fill(row, pc, kc, strip + j * W, int64_t{kNr} * W);
+              rows.fill(row, pc, kc, dst, int64_t{kNr} * W);
             } else {  // past the chunk: zero weights, their outputs are not written
-              for (int64_t kk = 0; kk < kcp; kk += W) VecF::zero().store(strip + kk * kNr + j * W);
+              for (int64_t kk = 0; kk < kcp; kk += W) VecF::zero().store(dst + kk * kNr);
             }
           }
         }
+      }
+      // the next chunk's weights into L2 meanwhile, spread over this chunk's micro-tiles
+      const int64_t next_r1 = c + 1 < c1 ? std::min(n, r1 + blk.nc) : r1;
+      NextBlockPrefetch<Rows> ahead(rows, r1, next_r1, 0, k);
+      const int64_t row_lines = static_cast<int64_t>(k * bytes_per_weight) / 64 + 2;
+      const int64_t tiles = (k + blk.kc - 1) / blk.kc * panels * strips;
+      const int lines_per_tile = static_cast<int>((next_r1 - r1) * row_lines / tiles + 1);
+      for (int64_t pc = 0; pc < k; pc += blk.kc) {
+        const int64_t kc = std::min(blk.kc, k - pc), kcp = round_up(kc, W);
+        const float* block = tile.data() + strips * pc * kNr;
         const bool last = pc + kc == k;
-        NextBlockPrefetch<Rows> ahead(rows, r0, r1, pc + kc, last ? 0 : std::min(blk.kc, k - pc - kc));
-        // spread over this block's micro-tiles: lines of the next block per tile, rounded up
-        const int64_t row_lines = static_cast<int64_t>(std::min(blk.kc, k) * bytes_per_weight) / 64 + 2;
-        const int lines_per_tile = static_cast<int>((r1 - r0) * row_lines / (panels * strips) + 1);
         for (int64_t p = 0; p < panels; ++p) {
           const float* a = ap + (p * kp + pc) * kMr;
           for (int64_t s = 0; s < strips; ++s) {
             ahead.step(lines_per_tile);
-            float* c = ct.get() + s * kNr * ldct + p * kMr;
-            const float* c_next = s + 1 < strips ? c + kNr * ldct : ct.get() + (p + 1 < panels ? p + 1 : 0) * kMr;
-            micro_tile(a, tile.data() + s * kcp * kNr, kcp, c, ldct, pc > 0, c_next);
+            float* o = ct.get() + s * kNr * ldct + p * kMr;
+            const float* o_next = s + 1 < strips ? o + kNr * ldct : ct.get() + (p + 1 < panels ? p + 1 : 0) * kMr;
+            micro_tile(a, block + s * kcp * kNr, kcp, o, ldct, pc > 0, o_next);
           }
           // this panel's outputs are complete and still in cache
           if (last) write_transposed(ct.get(), ldct, p * kMr, std::min(m, (p + 1) * kMr), r0, r1, bias, out, n);
