@@ -116,7 +116,7 @@ def worker(spec: dict) -> dict:
 
 
 def run_in_process(spec: dict, timeout: float, script: str = __file__) -> dict:
-    """`script --worker spec` in a fresh process with spec["threads"] threads: its last stdout line as JSON."""
+    """`script --worker spec` in a fresh process (OMP_NUM_THREADS = spec["threads"]): its last stdout line, parsed."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
     proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)], env=env,
                           capture_output=True, text=True, timeout=timeout)
