@@ -1,10 +1,13 @@
 #include "cpu/cpu_features.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+
+#include <unistd.h>
 
 namespace llama_fast {
 namespace cpu {
@@ -64,6 +67,19 @@ Isa isa() { return static_cast<Isa>(current().load(std::memory_order_relaxed)); 
 void set_isa(const char* name) {
   static const Isa best = detect();
   current().store(static_cast<int>(parse_and_clamp(name, best)));
+}
+
+CacheSizes cache_sizes() {
+  static const CacheSizes sizes = [] {
+    // sysconf reports 0 (or -1) where it does not know; clamp to what real x86 cores have
+    auto read = [](int name, long fallback, long lo, long hi) {
+      const long v = sysconf(name);
+      return v > 0 ? std::min(std::max(v, lo), hi) : fallback;
+    };
+    return CacheSizes{read(_SC_LEVEL1_DCACHE_SIZE, 32L << 10, 16L << 10, 128L << 10),
+                      read(_SC_LEVEL2_CACHE_SIZE, 1L << 20, 256L << 10, 8L << 20)};
+  }();
+  return sizes;
 }
 
 const char* isa_name(Isa i) {

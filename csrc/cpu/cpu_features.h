@@ -18,5 +18,12 @@ const char* isa_name(Isa isa);
 // CPU has), for tests that exercise each path in one process. Throws std::invalid_argument on an unknown name.
 void set_isa(const char* name);
 
+// This CPU's per-core data caches in bytes, for the blocking of the prefill GEMM (gemm.cpp): tile sizes follow
+// from them instead of from one machine's measurements. Read once (sysconf); 32 KiB / 1 MiB where unknown.
+struct CacheSizes {
+  long l1d, l2;
+};
+CacheSizes cache_sizes();
+
 }  // namespace cpu
 }  // namespace llama_fast

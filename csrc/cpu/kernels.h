@@ -135,6 +135,16 @@ bool quant_linear_any_rows(bool bf16, const void* x, const QuantWeight& w, const
 // rows n0..n1-1 of the dequantized weight as fp32 [n1 - n0, K], on the calling thread.
 void dequantize_rows(const QuantWeight& w, int64_t n0, int64_t n1, float* out);
 
+// ---- prefill GEMM (gemm.cpp) ---------------------------------------------------------------------------------
+// out[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]) for prompt-sized M (the linear wrappers use it above
+// kMaxGemvRows rows): cache-blocked, each weight made fp32 once per call (bf16 widened, quantized ones
+// dequantized exactly as dequantize_rows does) and multiplied with all M rows; fp32 products and sums, the
+// output rounded once to the activation dtype. K >= 1.
+void gemm_dense(bool bf16, const void* x, const void* w, const void* bias, void* out, int64_t m, int64_t n, int64_t k);
+void gemm_quant(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m);
+// Whether the instruction set in effect has a vector GEMM (AVX2 and above); without one the wrappers use ATen's.
+bool prefill_gemm_available();
+
 // ---- KV cache (store_kv.cpp) -----------------------------------------------------------------------------
 // A layer's cache: k / v [B, S, Hkv, D] contiguous of type `type`; int8 caches also hold the fp32 scales
 // k_scale / v_scale [B, S, Hkv] contiguous (nullptr otherwise).

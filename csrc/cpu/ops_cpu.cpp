@@ -288,12 +288,10 @@ void cpu_store_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k
 }
 
 // ---- linear ------------------------------------------------------------------------------------------------
-// Decode-sized batches (M activation rows) go to our kernels; larger ones to a GEMM (oneDNN / MKL via
-// at::linear), which is better blocked for long prompts.
+// Up to kMaxGemvRows rows (a decode step) a linear reads its weights once for all rows (cpu::dense_linear /
+// quant_linear); above (prefill), the cache-blocked GEMM of gemm.cpp, which spends fewer instructions per
+// multiply and makes each weight fp32 once for all rows (ATen's GEMM on an ISA without it: portable).
 using cpu::kMaxGemvRows;
-// Up to kMaxGemvRows rows a linear reads its weights once for all rows (cpu::dense_linear / quant_linear);
-// above, ATen's GEMM on the dense (or band-wise dequantized) weights spends fewer instructions per multiply
-// (512-token prefill: ~2x faster).
 
 void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n, const char* op) {
   if (!bias.has_value()) return;
@@ -313,13 +311,17 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std
   check_bias(bias, x, weight.size(0), op);
   const int64_t k = weight.size(1), n = weight.size(0);
   const int64_t m = k ? x.numel() / k : 0;
-  if (m > kMaxGemvRows || k == 0) return at::linear(x, weight, bias);
+  const bool gemm = m > kMaxGemvRows;
+  if (k == 0 || (gemm && !cpu::prefill_gemm_available())) return at::linear(x, weight, bias);
   const auto xc = x.contiguous();
   auto sizes = x.sizes().vec();
   sizes.back() = n;
   auto out = at::empty(sizes, x.options());
-  cpu::dense_linear(is_bf16(x), xc.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr, out.data_ptr(), m,
-                    n, k);
+  const void* b = bias ? bias->data_ptr() : nullptr;
+  if (gemm)
+    cpu::gemm_dense(is_bf16(x), xc.data_ptr(), weight.data_ptr(), b, out.data_ptr(), m, n, k);
+  else
+    cpu::dense_linear(is_bf16(x), xc.data_ptr(), weight.data_ptr(), b, out.data_ptr(), m, n, k);
   return out;
 }
 
@@ -364,13 +366,17 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   }
   const int64_t m = x.numel() / k;
   const auto xc = x.contiguous();
-  if (m <= kMaxGemvRows) {
+  if (m <= kMaxGemvRows || cpu::prefill_gemm_available()) {
     auto out = at::empty(sizes, x.options());
-    if (out.numel() > 0)
-      cpu::quant_linear(is_bf16(x), xc.data_ptr(), w, bias ? bias->data_ptr() : nullptr, out.data_ptr(), m);
+    const void* b = bias ? bias->data_ptr() : nullptr;
+    if (out.numel() == 0) return out;
+    if (m <= kMaxGemvRows)
+      cpu::quant_linear(is_bf16(x), xc.data_ptr(), w, b, out.data_ptr(), m);
+    else
+      cpu::gemm_quant(is_bf16(x), xc.data_ptr(), w, b, out.data_ptr(), m);
     return out;
   }
-  // Prefill: dequantize a band of rows at a time (fits L2) and multiply with a fp32 GEMM. Both run on ATen's
+  // Prefill without a vector GEMM (portable): dequantize a band of rows at a time (fits L2) and multiply with a fp32 GEMM. Both run on ATen's
   // (OpenMP) threads: alternating them with our pool's, whose helpers spin between loops, starves whichever
   // side's thread is descheduled (a 42-token prefill took 2 s that way).
   const auto x2 = xc.reshape({m, k}).to(at::kFloat);
