@@ -291,6 +291,11 @@ class TensorLoader:
             owner.set_native(values[0], pname)    # a quantized token table stays as stored (a GGUF's)
             target.received = dict.fromkeys(target.received, True)
             return
+        if any(isinstance(v, KQuantWeight) for v in values) and isinstance(owner, Linear) and attr == "weight":
+            # a Q8_0 part next to ggml blocks (SmolLM2 Q4_K_M: q/k Q5_0, v Q8_0) joins them as Q8_0 blocks
+            repacked = [kquants.from_q8_0(v, pname) if isinstance(v, QuantizedWeight) else v for v in values]
+            if all(isinstance(v, KQuantWeight) for v in repacked):
+                values = repacked
         if all(isinstance(v, KQuantWeight) for v in values) and isinstance(owner, Linear) and attr == "weight":
             # ggml blocks: parts of different types (Q4_K_M's q/k in Q4_K, v in Q6_K) stay row segments
             owner.set_kquant(kquants.concat_rows(values), pname)
