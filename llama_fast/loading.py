@@ -40,7 +40,8 @@ the model does not have, and parameters nothing was given for, raise an error na
 tensors. A QuantizedWeight makes its linear layer quantized, keeping
 its format (quantize= does not re-quantize it); the parts of a fused layer are joined with
 quant.concat_rows. If the parts of a fused layer differ in format (say q_proj Q4_0 and v_proj Q8_0, or one
-part dense), all of them are dequantized to a dense weight in the model dtype: correct, but not native.
+part dense), all of them are dequantized to a dense weight in the model dtype: correct, but not native. The
+exception: ggml blocks (KQuantWeight) next to Q8_0 parts, which join them as Q8_0 blocks (kquants.from_q8_0).
 A quantized value for a parameter that is not a linear weight (embeddings, norms) is dequantized.
 `TensorLoader` is the same thing in steps, for sources spread over several files (sharded checkpoints).
 """

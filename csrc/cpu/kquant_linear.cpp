@@ -1,4 +1,4 @@
-// x @ W^T for W in ggml's K-quant / Q5_0 / Q5_1 blocks, read as stored (csrc/common/ggml_blocks.h), and the
+// x @ W^T for W in ggml's K-quant / Q5_0 / Q5_1 / Q8_0 blocks, read as stored (csrc/common/ggml_blocks.h), and the
 // torch op llama_fast::kquant_linear around it (llama_fast/kquants.py holds the weight).
 //
 // Decode (AVX512-VNNI, the top dispatch level): the activations are not rounded to 8 bits as llama.cpp rounds
@@ -6,19 +6,19 @@
 // int8 GEMV does (quant_linear_vnni.cpp; elements in order, [hi 32 | lo 32] per 32). Each 32 weights of a block
 // are unpacked to 32 int16 codes in element order (a few shifts and masks per type) and multiplied with both
 // limbs by vpdpwssd: lane l covers elements 2l, 2l+1, so lanes 0-7 meet sub-block 2j's scale and 8-15
-// sub-block 2j+1's. Codes are at most 32 in magnitude, so a lane's partial sum stays below 2^22: exact in
-// int32 and in its conversion to fp32.
-//   w . x = 2^-e * sum_j scale_j (code . X)_j + sum_j offset_j (sum x)_j       (j: sub-blocks of 16)
-// The offset term uses the fp32 sums of x per 16 elements.
-// Q4_K, Q5_K and Q6_K (the types of a Q4_K_M / Q5_K_M / Q6_K file's big matrices) have a faster kernel,
-// rows_k: their sub-block scales are small integers times one fp16 d per super-block, so each 32 codes are
-// multiplied by their integer scale in int16 (|q * sc| <= 4096) and the whole super-block accumulates in int32
-// lanes; one conversion to fp32 and one multiply by d per super-block instead of per 32 weights. Lane bound:
-// 16 products per lane per super-block; q * sc lies in [0, 15*63] (Q4_K), [0, 31*63] (Q5_K), [-4064, 4096]
-// (Q6_K: codes -32..31, scales -128..127) and a limb in [-2^14, 2^14] (fp32 hi), [0, 32767] (lo) or
-// [-32768, 32767] (bf16's one limb), so a lane stays in [-2^31, 16 * 4064 * 32768 < 2^31): exact.
-// tests/ops/test_kquant_linear.py runs these extremes.
-// The mins go into an fp32 term per super-block: -dmin * sum_j m_j (sum x)_j over the 8 sums per 32.
+// sub-block 2j+1's.
+//   w . x = 2^-e * sum_j scale_j (code . X)_j + sum_j offset_j (sum x)_j       (j: sub-blocks)
+// The K-quants (rows_k): their sub-block scales are small integers times one fp16 d per super-block, so each 32
+// codes are multiplied by their integer scale in int16 and the whole super-block accumulates in int32 lanes; one
+// conversion to fp32 and one multiply by d per super-block. Lane bound: 16 products per lane per super-block;
+// q * sc lies in [0, 15*63] (Q4_K), [0, 31*63] (Q5_K), [-4064, 4096] (Q6_K: codes -32..31, scales -128..127),
+// [0, 3*15] (Q2_K), [-128, 128] (Q3_K: codes -4..3, scales -32..31) and a limb in [-2^14, 2^14] (fp32 hi),
+// [0, 32767] (lo) or [-32768, 32767] (bf16's one limb), so a lane stays in [-2^31, 16 * 4096 * 32768 = 2^31):
+// exact. The mins go into an fp32 term per super-block: -dmin * sum_j m_j (sum x)_j over the sums per 32
+// (Q4_K / Q5_K) or per 16 (Q2_K).
+// Q5_0 / Q5_1 / Q8_0 (rows_b32): one fp16 d per 32 weights, no integer scale to fold, so each block's lanes
+// (2 products of |code| <= 128 and a limb: below 2^23) are converted and multiplied by d; Q5_1's offsets m take
+// the sums per 32. tests/ops/test_kquant_linear.py runs every type's extremes.
 // Other CPUs (and rows holding inf / NaN): each weight row is dequantized exactly (ggml_blocks.h) into fp32
 // and dotted in fp32. Prefill-sized inputs (m > kMaxGemvRows, or > kMaxVnniRows on VNNI CPUs) dequantize a band
 // of rows and use a GEMM.
@@ -110,8 +110,13 @@ void rows_portable(bool bf16, const void* x, int64_t m, const Segment& s, int64_
     dequantize_rows(s, k, r, r + 1, w.data());
     for (int64_t mm = 0; mm < m; ++mm) {
       const float* xr = xf.data() + mm * k;
+      // 16 running sums, one per lane: the compiler vectorizes this loop (one running sum waits an add's
+      // latency per weight). K is a multiple of 32, so no tail is left.
+      float lane[16] = {};
+      for (int64_t i = 0; i < k; i += 16)
+        for (int l = 0; l < 16; ++l) lane[l] += w[i + l] * xr[i + l];
       float acc = 0.f;
-      for (int64_t i = 0; i < k; ++i) acc += w[i] * xr[i];
+      for (int l = 0; l < 16; ++l) acc += lane[l];
       out[mm * ldo + r] = acc;
     }
   }
