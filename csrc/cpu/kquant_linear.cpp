@@ -338,26 +338,19 @@ void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32,
             il[mm][j % kSplit] = _mm512_dpwssd_epi32(il[mm][j % kSplit], q, _mm512_loadu_si512(xc + 32));
         }
       };
-      if constexpr (T == BlockType::kQ6K) {
+      if constexpr (kSixteen) {  // four chunks of 32 per 128-weight half
         auto half = [&](auto hc) {
           constexpr int h = decltype(hc)::value;
-          const __m512i qh = widen(b + 128 + 32 * h), low0 = widen(b + 64 * h), low1 = widen(b + 64 * h + 32);
-          chunk(std::integral_constant<int, 4 * h>{}, low0, qh);
-          chunk(std::integral_constant<int, 4 * h + 1>{}, low1, qh);
-          chunk(std::integral_constant<int, 4 * h + 2>{}, low0, qh);
-          chunk(std::integral_constant<int, 4 * h + 3>{}, low1, qh);
-        };
-        half(std::integral_constant<int, 0>{});
-        half(std::integral_constant<int, 1>{});
-      } else if constexpr (T == BlockType::kQ2K || T == BlockType::kQ3K) {
-        constexpr int qs = T == BlockType::kQ2K ? 16 : 32;
-        auto half = [&](auto hc) {  // 32 qs bytes per 128 weights: 2-bit field g is weights 32g..32g+31
-          constexpr int h = decltype(hc)::value;
-          const __m512i low = widen(b + qs + 32 * h);
-          chunk(std::integral_constant<int, 4 * h>{}, low, high);
-          chunk(std::integral_constant<int, 4 * h + 1>{}, low, high);
-          chunk(std::integral_constant<int, 4 * h + 2>{}, low, high);
-          chunk(std::integral_constant<int, 4 * h + 3>{}, low, high);
+          __m512i low0, low1, hi_bits;
+          if constexpr (T == BlockType::kQ6K) {  // ql: 64 bytes per half, low nibbles then high; qh: 32
+            hi_bits = widen(b + 128 + 32 * h), low0 = widen(b + 64 * h), low1 = widen(b + 64 * h + 32);
+          } else {  // Q2_K / Q3_K: 32 qs bytes per half, 2-bit field g is weights 32g..32g+31
+            hi_bits = high, low0 = low1 = widen(b + (T == BlockType::kQ2K ? 16 : 32) + 32 * h);
+          }
+          chunk(std::integral_constant<int, 4 * h>{}, low0, hi_bits);
+          chunk(std::integral_constant<int, 4 * h + 1>{}, low1, hi_bits);
+          chunk(std::integral_constant<int, 4 * h + 2>{}, low0, hi_bits);
+          chunk(std::integral_constant<int, 4 * h + 3>{}, low1, hi_bits);
         };
         half(std::integral_constant<int, 0>{});
         half(std::integral_constant<int, 1>{});
