@@ -1,9 +1,10 @@
 """ggml's block-quantized weights that our affine int4/int8 format cannot hold at the same bits per weight:
 the K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; super-blocks of QK_K = 256 weights) and the 5-bit Q5_0 / Q5_1
-(blocks of 32). Q8_0 is one of these types only as a segment of a fused weight whose other parts are (a Q4_K_M
-file of SmolLM2 has v_proj in Q8_0 next to q/k in Q5_0): `from_q8_0` re-packs it into its file bytes, so the
-fused layer stays native; a weight all in Q8_0 stays a llama_fast.quant weight (llama_fast/formats/gguf.py). They stay in the file's bytes (`KQuantWeight`), and the kernels decode them on the fly
+(blocks of 32). They stay in the file's bytes (`KQuantWeight`), and the kernels decode them on the fly
 (csrc/common/ggml_blocks.h for C++/CUDA, csrc/cpu/kquant_linear.cpp, kernels/kquant_linear.py).
+Q8_0 is one of these types only as a segment of a fused weight whose other parts are (a Q4_K_M file of SmolLM2
+has v_proj in Q8_0 next to q/k in Q5_0): `from_q8_0` re-packs it into its file bytes, so the fused layer stays
+native; a weight all in Q8_0 stays a llama_fast.quant weight (llama_fast/formats/gguf.py).
 
 Block layouts (llama.cpp ggml-common.h; every multi-byte field little-endian, d / dmin fp16):
     Q4_K (144 B): d, dmin, scales[12], qs[128]          8 sub-blocks of 32, 6-bit scale sc and min m each
