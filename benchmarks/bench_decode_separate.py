@@ -32,6 +32,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# this checkout's llama_fast, not whichever one is installed (the workers run this file as a script, whose
+# sys.path starts at benchmarks/)
+sys.path.insert(0, os.path.dirname(HERE))
 RESULTS = os.path.join(HERE, "results")
 CACHE = os.path.join(RESULTS, ".cache")
 ENGINES = ("llama_fast", "llama.cpp")
