@@ -263,7 +263,7 @@ def test_decode_plan_names_bad_block_fields():
         cache = torch.zeros(1, 8, 2, 64)
         torch.ops.llama_fast.cpu_decode_step(plan, torch.zeros(1, 1, 256), [cache], [cache.clone()],
                                              torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
-                                             torch.ones(1, dtype=torch.int32), 1, cos, sin)
+                                             torch.ones(1, dtype=torch.int32), 1, cos, sin, [], [])
 
     q4k = kquants.TYPE_IDS["Q4_K"]
     step(lambda n, k: [random_blocks("Q4_K", n, k)], [q4k])          # well formed: runs

@@ -141,12 +141,12 @@ class DecodePlan : public torch::CustomClassHolder {
   // states [B, T, H]; `hidden` (the embeddings) is left untouched.
   at::Tensor run(const at::Tensor& hidden, at::TensorList k_caches, at::TensorList v_caches,
                  const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& kv_lens, int64_t kv_span,
-                 const at::Tensor& cos, const at::Tensor& sin) {
+                 const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_scales, at::TensorList v_scales) {
     std::lock_guard<std::mutex> lock(mu_);  // the scratch buffers are the plan's: one step at a time
     Profile& prof = Profile::get();
     prof.begin();
     if (!validated_ || !weights_unchanged()) validate();
-    check_step(hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin);
+    check_step(hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin, k_scales, v_scales);
     const bool bf16 = dtype_ == at::kBFloat16;
     const int64_t b = hidden.size(0), t = hidden.size(1), m = b * t, hs = hs_, head_dim = head_dim_;
     const int64_t q_size = heads_ * head_dim, kv_size = kv_heads_ * head_dim, row = q_size + 2 * kv_size;
@@ -162,6 +162,9 @@ class DecodePlan : public torch::CustomClassHolder {
     char* act = scratch_ptr(kAct);
     std::memcpy(residual, hidden.const_data_ptr(), m * hs * es);
     const bool pos64 = positions.scalar_type() == at::kLong, slots64 = slots.scalar_type() == at::kLong;
+    // check_step: every layer's cache alike
+    const cpu::KvType kv_type = layers_ ? cpu::kv_type(k_caches[0], kOp) : cpu::KvType::kF32;
+    const bool int8 = kv_type == cpu::KvType::kI8;
     prof.mark(Profile::kChecks);
 
     for (int64_t l = 0; l < layers_; ++l) {
@@ -181,14 +184,20 @@ class DecodePlan : public torch::CustomClassHolder {
       const at::Tensor& kc = k_caches[l];
       const at::Tensor& vc = v_caches[l];
       const int64_t cache_len = kc.size(1);
-      cpu::store_kv(es, kc.data_ptr(), vc.data_ptr(), qkv + q_size * es, t * row, row, qkv + (q_size + kv_size) * es,
-                    t * row, row, slots.const_data_ptr(), slots64, b, t, cache_len, kv_size);
+      float* ks = int8 ? k_scales[l].data_ptr<float>() : nullptr;
+      float* vs = int8 ? v_scales[l].data_ptr<float>() : nullptr;
+      const cpu::KvCache cache{kv_type, kc.data_ptr(), vc.data_ptr(), ks, vs, cache_len, kv_heads_, head_dim};
+      cpu::store_kv(bf16, cache, qkv + q_size * es, t * row, row, qkv + (q_size + kv_size) * es, t * row, row,
+                    slots.const_data_ptr(), slots64, b, t);
       prof.mark(Profile::kStoreKv);
+      // The cache as attention reads it: k / v rows of kv_size elements, scales [B, S, Hkv] (int8)
       const int64_t cs = cache_len * kv_size;
       cpu::Strided4 kcs{kc.data_ptr(), cs, kv_size, head_dim, kv_heads_};
       cpu::Strided4 vcs{vc.data_ptr(), cs, kv_size, head_dim, kv_heads_};
-      cpu::attention(cpu::attention_args(bf16, q, kcs, vcs, attn, kv_lens.const_data_ptr<int32_t>(), b, t, kv_span,
-                                         head_dim, true, 1.f / std::sqrt(static_cast<float>(head_dim))));
+      cpu::attention(cpu::with_kv_cache(
+          cpu::attention_args(bf16, q, kcs, vcs, attn, kv_lens.const_data_ptr<int32_t>(), b, t, kv_span, head_dim, true,
+                              1.f / std::sqrt(static_cast<float>(head_dim))),
+          kv_type, ks, vs, cache_len * kv_heads_, kv_heads_));
       prof.mark(Profile::kAttention);
       run_linear(L[1], bf16, attn, x, m);
       prof.mark(Profile::kO);
@@ -451,7 +460,8 @@ class DecodePlan : public torch::CustomClassHolder {
 
   void check_step(const at::Tensor& hidden, at::TensorList k_caches, at::TensorList v_caches,
                   const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& kv_lens, int64_t kv_span,
-                  const at::Tensor& cos, const at::Tensor& sin) const {
+                  const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_scales,
+                  at::TensorList v_scales) const {
     TORCH_CHECK(hidden.device().is_cpu() && hidden.dim() == 3 && hidden.is_contiguous(), kOp,
                 ": hidden must be a contiguous [B, T, H] CPU tensor");
     TORCH_CHECK(hidden.scalar_type() == dtype_, kOp, ": hidden is ", hidden.scalar_type(),
@@ -482,13 +492,31 @@ class DecodePlan : public torch::CustomClassHolder {
     const auto [lmin, lmax] = min_max(kv_lens);
     TORCH_CHECK(lmin >= 0 && lmax <= kv_span, kOp, ": kv_lens must lie in [0, kv_span=", kv_span, "]");
     const int64_t smax = min_max(slots).second;
+    // Every layer's cache: one kv_cache_dtype (fp32, bf16, fp16, or int8 with fp32 scales [B, S, Hkv] per layer)
+    if (layers_ == 0) return;
+    const at::ScalarType cache_dtype = k_caches[0].scalar_type();
+    cpu::kv_type(k_caches[0], kOp);  // an error naming the dtypes a cache may have
+    const bool int8 = cache_dtype == at::kChar;
+    TORCH_CHECK(
+        int8 ? static_cast<int64_t>(k_scales.size()) == layers_ && static_cast<int64_t>(v_scales.size()) == layers_
+             : k_scales.empty() && v_scales.empty(),
+        kOp,
+        int8 ? ": an int8 KV cache needs k_scales and v_scales, one per layer"
+             : ": k_scales / v_scales go with an int8 KV cache only");
     for (int64_t l = 0; l < layers_; ++l) {
       for (const at::Tensor& c : {k_caches[l], v_caches[l]}) {
-        TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == dtype_ && c.is_contiguous() && c.dim() == 4 &&
+        TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == cache_dtype && c.is_contiguous() && c.dim() == 4 &&
                         c.size(0) == b && c.size(2) == kv_heads_ && c.size(3) == head_dim_,
-                    kOp, ": layer ", l, " caches must be contiguous [B, S, Hkv, D] in the activations' dtype");
+                    kOp, ": layer ", l, " caches must be contiguous [B, S, Hkv, D], all layers of one dtype");
         TORCH_CHECK(smax < c.size(1) && kv_span <= c.size(1), kOp, ": slot or kv_span past the end of the cache (",
                     c.size(1), ")");
+      }
+      TORCH_CHECK(v_caches[l].sizes() == k_caches[l].sizes(), kOp, ": layer ", l, " k and v caches differ in shape");
+      if (int8) {
+        for (const at::Tensor& s : {k_scales[l], v_scales[l]}) {
+          cpu::check_kv_scale(s, k_caches[l], kOp, "k/v scale");
+          TORCH_CHECK(s.is_contiguous(), kOp, ": layer ", l, " scales must be contiguous");
+        }
       }
     }
   }
@@ -535,8 +563,9 @@ class DecodePlan : public torch::CustomClassHolder {
 
 at::Tensor decode_step(const c10::intrusive_ptr<DecodePlan>& plan, const at::Tensor& hidden, at::TensorList k_caches,
                        at::TensorList v_caches, const at::Tensor& positions, const at::Tensor& slots,
-                       const at::Tensor& kv_lens, int64_t kv_span, const at::Tensor& cos, const at::Tensor& sin) {
-  return plan->run(hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin);
+                       const at::Tensor& kv_lens, int64_t kv_span, const at::Tensor& cos, const at::Tensor& sin,
+                       at::TensorList k_scales, at::TensorList v_scales) {
+  return plan->run(hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin, k_scales, v_scales);
 }
 
 }  // namespace
@@ -550,7 +579,7 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
   m.def(
       "cpu_decode_step(__torch__.torch.classes.llama_fast.CpuDecodePlan plan, Tensor hidden, "
       "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor positions, Tensor slots, Tensor kv_lens, int kv_span, "
-      "Tensor cos, Tensor sin) -> Tensor");
+      "Tensor cos, Tensor sin, Tensor(c!)[] k_scales, Tensor(d!)[] v_scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_fast, CPU, m) { m.impl("cpu_decode_step", &decode_step); }
