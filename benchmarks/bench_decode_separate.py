@@ -6,7 +6,10 @@ step on its own (llama.cpp: `Llama.eval` of one token, not create_completion's s
 llama_fast: one `forward` of one token through its cache). Engines alternate within each round, rounds repeat,
 and the result keeps every per-step median, the best round, the read bandwidth measured before each round, the
 CPU model and family, the kernels' run-time tuning, the load average and, per file, whether the caches hold a
-buffer of its size (one thread's read bandwidth over it against a 1 GiB one).
+buffer of its size (one thread's read bandwidth over it against a 1 GiB one). Each step's process CPU time is kept
+too: with --threads 1 it is what other processes' load disturbs least (a preempted step loses wall time, not CPU
+time), so on a shared machine `decode_cpu_time_ratio` (llama.cpp's CPU ms per token over ours) is the steadier
+comparison.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_decode_separate.py [--models smollm2,llama-1b]
         [--formats F32,F16,Q8_0,Q4_0,Q4_1] [--contexts 128,4096] [--steps 32] [--rounds 3] [--threads 2]
@@ -31,6 +34,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# this checkout's llama_fast, not whichever one is installed (the workers run this file as a script, whose
+# sys.path starts at benchmarks/)
+sys.path.insert(0, os.path.dirname(HERE))
 RESULTS = os.path.join(HERE, "results")
 CACHE = os.path.join(RESULTS, ".cache")
 ENGINES = ("llama_fast", "llama.cpp")
@@ -59,13 +65,15 @@ def measure_llama_fast(path: str, fmt: str, context: int, steps: int) -> dict:
         out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         prefill_s = time.perf_counter() - t0
         tok = out.logits[:, -1:].argmax(-1)
-        step_s = []
+        step_s, step_cpu_s = [], []
         for _ in range(steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = model(tok, past_key_values=cache, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
             step_s.append(time.perf_counter() - t0)
-    return {"load_s": load_s, "prefill_s": prefill_s, "step_s": step_s, "dtype": str(dtype).replace("torch.", "")}
+            step_cpu_s.append(time.process_time() - c0)
+    return {"load_s": load_s, "prefill_s": prefill_s, "step_s": step_s, "step_cpu_s": step_cpu_s,
+            "dtype": str(dtype).replace("torch.", "")}
 
 
 def measure_llama_cpp(path: str, fmt: str, context: int, steps: int, threads: int) -> dict:
@@ -79,13 +87,14 @@ def measure_llama_cpp(path: str, fmt: str, context: int, steps: int, threads: in
     t0 = time.perf_counter()
     llm.eval(prompt_ids(context))
     prefill_s = time.perf_counter() - t0
-    step_s = []
+    step_s, step_cpu_s = [], []
     for _ in range(steps):
         tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         llm.eval([tok])
         step_s.append(time.perf_counter() - t0)
-    return {"load_s": load_s, "prefill_s": prefill_s, "step_s": step_s,
+        step_cpu_s.append(time.process_time() - c0)
+    return {"load_s": load_s, "prefill_s": prefill_s, "step_s": step_s, "step_cpu_s": step_cpu_s,
             "system_info": llama_cpp.llama_print_system_info().decode()}
 
 
@@ -211,7 +220,9 @@ def summarize(runs: list[dict]) -> dict:
     if not ok:
         return {"error": runs[-1].get("error") if runs else "no run"}
     medians = [statistics.median(r["step_s"]) for r in ok]
+    cpu = [statistics.median(r["step_cpu_s"]) for r in ok]
     return {"decode_tok_s_per_round": [1 / m for m in medians], "decode_tok_s_best": 1 / min(medians),
+            "decode_cpu_ms_per_tok_per_round": [1e3 * c for c in cpu], "decode_cpu_ms_per_tok_best": 1e3 * min(cpu),
             "prefill_tok_s_best": max(r["context"] / r["prefill_s"] for r in ok),
             "load_s_best": min(r["load_s"] for r in ok),
             **{k: ok[0][k] for k in ("dtype", "system_info") if k in ok[0]}}
@@ -293,12 +304,14 @@ def main():
         if "decode_tok_s_best" in ours and "decode_tok_s_best" in peer:
             entry["decode_ratio"] = ours["decode_tok_s_best"] / peer["decode_tok_s_best"]
             entry["prefill_ratio"] = ours["prefill_tok_s_best"] / peer["prefill_tok_s_best"]
+            entry["decode_cpu_time_ratio"] = peer["decode_cpu_ms_per_tok_best"] / ours["decode_cpu_ms_per_tok_best"]
             bw = max(results["read_bandwidth_GBps"]) * 1e9
             entry["llama_fast_file_bytes_x_tok_s_over_bandwidth"] = entry["file_bytes"] * ours["decode_tok_s_best"] / bw
         results["cases"].append(entry)
         nan = float("nan")
         print(f"{entry['model']:9s} {entry['format']:5s} ctx {entry['context']:5d}: decode ratio "
-              f"{entry.get('decode_ratio', nan):.2f}, prefill ratio {entry.get('prefill_ratio', nan):.2f}")
+              f"{entry.get('decode_ratio', nan):.2f}, prefill ratio {entry.get('prefill_ratio', nan):.2f}, "
+              f"decode CPU-time ratio {entry.get('decode_cpu_time_ratio', nan):.2f}")
     if args.agreement_tokens:
         results["top1_agreement_with_own_f32"] = top1_agreement(args, formats)
         print(json.dumps(results["top1_agreement_with_own_f32"], indent=1))

@@ -1,11 +1,11 @@
-"""x @ W^T for W in ggml's K-quant / Q5_0 / Q5_1 blocks read as stored (llama_fast.kquants; the byte layouts are
+"""x @ W^T for W in ggml's K-quant / Q5_0 / Q5_1 / Q8_0 blocks read as stored (llama_fast.kquants; the byte layouts are
 those of csrc/common/ggml_blocks.h, which the CPU and CUDA kernels share):
 
     out[m, n] = sum_k x[m, k] * (code[n, k] * scale[n, k // 16] + offset[n, k // 16])   (+ bias[n])
 
 Each program takes BLOCK_N weight rows and BLOCK_M activation rows and walks K in steps of SUB weights (64 of
 a 256-weight K-quant block: a whole block as one [BLOCK_N, 256] fp32 tile spilled registers on sm_80 / sm_90;
-32 = one Q5_0 / Q5_1 block): it gathers the bytes, decodes every weight's integer code and its
+32 = one Q5_0 / Q5_1 / Q8_0 block): it gathers the bytes, decodes every weight's integer code and its
 sub-block's (scale, offset) in fp32 (the products gguf.quants computes, multiply then add), and accumulates
 x @ w^T with an fp32 tl.dot (ieee precision: no tf32 rounding of the weights). A weight of several row
 segments of different types (Q4_K_M's fused q/k/v) is one launch per segment, each writing its columns.
@@ -21,9 +21,9 @@ from llama_fast.ops import fake
 from ._common import CompileCase, check, check_same_device
 
 # ids of llama_fast.kquants.TYPE_IDS
-Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, Q5_0, Q5_1 = range(7)
-BLOCK_WEIGHTS = {Q4_K: 256, Q5_K: 256, Q6_K: 256, Q2_K: 256, Q3_K: 256, Q5_0: 32, Q5_1: 32}
-BLOCK_BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210, Q2_K: 84, Q3_K: 110, Q5_0: 22, Q5_1: 24}
+Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, Q5_0, Q5_1, Q8_0 = range(8)
+BLOCK_WEIGHTS = {Q4_K: 256, Q5_K: 256, Q6_K: 256, Q2_K: 256, Q3_K: 256, Q5_0: 32, Q5_1: 32, Q8_0: 32}
+BLOCK_BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210, Q2_K: 84, Q3_K: 110, Q5_0: 22, Q5_1: 24, Q8_0: 34}
 GEMV_MAX_ROWS = 16
 # (BLOCK_M, BLOCK_N, num_warps): decode pads M to the 16 of the mma shape; prefill reuses a weight tile over
 # 64 rows. A 256-weight block decoded for 32 rows is an [32, 256] fp32 tile: 64 registers per thread at 4 warps.
@@ -87,6 +87,11 @@ def _decode(b, e, mask, TYPE: tl.constexpr):
         sl = (_byte(b, 96 + j % 8, mask) >> (4 * (j // 8))) & 0x0F
         sh = (_byte(b, 104 + j % 4, mask) >> (2 * (j // 4))) & 3
         scale = _f16(b, 108, mask) * ((sl | (sh << 4)) - 32).to(tl.float32)
+        offset = tl.full(q.shape, -0.0, tl.float32)
+    elif TYPE == 7:  # Q8_0: d, then 32 int8 codes
+        c = _byte(b, 2 + e, mask)
+        q = tl.where(c >= 128, c - 256, c)
+        scale = tl.broadcast_to(_f16(b, 0, mask), q.shape)
         offset = tl.full(q.shape, -0.0, tl.float32)
     else:  # Q5_0 / Q5_1: qs low nibbles = weights 0..15, high = 16..31; bit e of the u32 qh = the 5th bit
         start = 2 if TYPE == 5 else 4

@@ -2,6 +2,9 @@
 the K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; super-blocks of QK_K = 256 weights) and the 5-bit Q5_0 / Q5_1
 (blocks of 32). They stay in the file's bytes (`KQuantWeight`), and the kernels decode them on the fly
 (csrc/common/ggml_blocks.h for C++/CUDA, csrc/cpu/kquant_linear.cpp, kernels/kquant_linear.py).
+Q8_0 is one of these types only as a segment of a fused weight whose other parts are (a Q4_K_M file of SmolLM2
+has v_proj in Q8_0 next to q/k in Q5_0): `from_q8_0` re-packs it into its file bytes, so the fused layer stays
+native; a weight all in Q8_0 stays a llama_fast.quant weight (llama_fast/formats/gguf.py).
 
 Block layouts (llama.cpp ggml-common.h; every multi-byte field little-endian, d / dmin fp16):
     Q4_K (144 B): d, dmin, scales[12], qs[128]          8 sub-blocks of 32, 6-bit scale sc and min m each
@@ -11,6 +14,7 @@ Block layouts (llama.cpp ggml-common.h; every multi-byte field little-endian, d 
     Q3_K (110 B): hmask[32], qs[64], scales[12] (16 6-bit, biased by 32), d
     Q5_0  (22 B): d, qh (u32), qs[16]                   one block of 32
     Q5_1  (24 B): d, m, qh (u32), qs[16]
+    Q8_0  (34 B): d, qs[32] (int8)
 
 Every one of them dequantizes as   w = code * scale + offset   with an integer code per weight and an fp32
 (scale, offset) per sub-block of 16 weights (a sub-block of 32 repeats its pair), where
@@ -20,6 +24,7 @@ Every one of them dequantizes as   w = code * scale + offset   with an integer c
     Q6_K:       code = q - 32 (-32..31),  scale = d * sc
     Q5_0:       code = q - 16 (-16..15),  scale = d
     Q5_1:       code = q (0..31),         scale = d, offset = m
+    Q8_0:       code = q (-128..127),     scale = d
 `decode` computes exactly these fp32 products in the order gguf.quants does, and `dequantize` multiplies
 then adds without an fma: x - y and x + (-y) are the same IEEE operation, so the result equals
 gguf.quants.dequantize bit for bit (tests/test_kquants.py checks every type on random and real blocks).
@@ -45,10 +50,11 @@ BLOCKS = {
     "Q6_K": (QK_K, 210),
     "Q5_0": (32, 22),
     "Q5_1": (32, 24),
+    "Q8_0": (32, 34),
 }
 TYPES = tuple(BLOCKS)
 # ids the C++ / CUDA / Triton kernels use for the types (csrc/common/ggml_blocks.h: enum class BlockType)
-TYPE_IDS = {"Q4_K": 0, "Q5_K": 1, "Q6_K": 2, "Q2_K": 3, "Q3_K": 4, "Q5_0": 5, "Q5_1": 6}
+TYPE_IDS = {"Q4_K": 0, "Q5_K": 1, "Q6_K": 2, "Q2_K": 3, "Q3_K": 4, "Q5_0": 5, "Q5_1": 6, "Q8_0": 7}
 
 
 def row_bytes(kind: str, k: int) -> int:
@@ -144,6 +150,19 @@ class KQuantWeight:
         return f"KQuantWeight([{n}, {k}], {'+'.join(f'{s.rows}x{s.kind}' for s in self.segments)})"
 
 
+def from_q8_0(weight, name: str = "weight") -> KQuantWeight | None:
+    """A llama_fast.quant weight that is exactly GGUF Q8_0 (int8 codes, one fp16 scale per 32, no offset, no
+    input permutation) re-packed into Q8_0 blocks: the same bytes per weight as the file. None for any other."""
+    if (getattr(weight, "bits", None) != 8 or weight.group_size != 32 or weight.offset is not None
+            or weight.scale.dtype != torch.float16 or getattr(weight, "input_perm", None) is not None):
+        return None
+    codes = weight.qweight
+    n, k = codes.shape
+    d = weight.scale.reshape(n, k // 32, 1).contiguous().view(torch.uint8)        # [n, k/32, 2]
+    q = codes.reshape(n, k // 32, 32).contiguous().view(torch.uint8)
+    return KQuantWeight.single("Q8_0", torch.cat([d, q], dim=-1).reshape(n, -1), k, name)
+
+
 def concat_rows(parts: list[KQuantWeight]) -> KQuantWeight:
     """Stacks weights along N (q/k/v into qkv); neighbouring segments of one type merge into one."""
     k = parts[0].k
@@ -229,6 +248,9 @@ def decode_blocks(kind: str, raw: torch.Tensor, k: int):
         ql = _bits(qs.reshape(nb, 2, 32), (0, 2, 4, 6), 0x03).reshape(nb, weights).to(torch.int16)
         hb = _bits(hmask, range(8), 1).reshape(nb, weights).to(torch.int16)
         codes = (ql - ((1 - hb) << 2)).to(torch.int8)   # a clear high bit subtracts 4
+    elif kind == "Q8_0":
+        codes = b[:, 2:].contiguous().view(torch.int8)
+        scale = _f16(b[:, 0:2])[:, None].expand(nb, 2)
     else:  # Q5_0 / Q5_1
         d = _f16(b[:, 0:2])
         start = 2 if kind == "Q5_0" else 4
@@ -242,7 +264,7 @@ def decode_blocks(kind: str, raw: torch.Tensor, k: int):
             codes = q.to(torch.int8)
             offset = _f16(b[:, 2:4])[:, None].expand(nb, 2)
         scale = d[:, None].expand(nb, 2)
-    if kind in ("Q6_K", "Q3_K", "Q5_0"):
+    if kind in ("Q6_K", "Q3_K", "Q5_0", "Q8_0"):
         offset = torch.full_like(scale, -0.0)   # x + (-0.0) == x for every x, -0.0 included (+0.0 is not)
     per_row = k // SUB_BLOCK
     return (codes.reshape(n, k), scale.reshape(n, per_row).contiguous(), offset.reshape(n, per_row).contiguous())

@@ -40,7 +40,8 @@ the model does not have, and parameters nothing was given for, raise an error na
 tensors. A QuantizedWeight makes its linear layer quantized, keeping
 its format (quantize= does not re-quantize it); the parts of a fused layer are joined with
 quant.concat_rows. If the parts of a fused layer differ in format (say q_proj Q4_0 and v_proj Q8_0, or one
-part dense), all of them are dequantized to a dense weight in the model dtype: correct, but not native.
+part dense), all of them are dequantized to a dense weight in the model dtype: correct, but not native. The
+exception: ggml blocks (KQuantWeight) next to Q8_0 parts, which join them as Q8_0 blocks (kquants.from_q8_0).
 A quantized value for a parameter that is not a linear weight (embeddings, norms) is dequantized.
 `TensorLoader` is the same thing in steps, for sources spread over several files (sharded checkpoints).
 """
@@ -291,6 +292,11 @@ class TensorLoader:
             owner.set_native(values[0], pname)    # a quantized token table stays as stored (a GGUF's)
             target.received = dict.fromkeys(target.received, True)
             return
+        if any(isinstance(v, KQuantWeight) for v in values) and isinstance(owner, Linear) and attr == "weight":
+            # a Q8_0 part next to ggml blocks (SmolLM2 Q4_K_M: q/k Q5_0, v Q8_0) joins them as Q8_0 blocks
+            repacked = [kquants.from_q8_0(v, pname) if isinstance(v, QuantizedWeight) else v for v in values]
+            if all(isinstance(v, KQuantWeight) for v in repacked):
+                values = repacked
         if all(isinstance(v, KQuantWeight) for v in values) and isinstance(owner, Linear) and attr == "weight":
             # ggml blocks: parts of different types (Q4_K_M's q/k in Q4_K, v in Q6_K) stay row segments
             owner.set_kquant(kquants.concat_rows(values), pname)

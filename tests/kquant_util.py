@@ -12,7 +12,7 @@ import gguf_util as G
 
 # byte offsets of each type's fp16 fields (d, and dmin or m) within its block
 FP16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82), "Q3_K": (108,),
-               "Q5_0": (0,), "Q5_1": (0, 2)}
+               "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,)}
 
 
 def random_blocks(kind: str, n: int, k: int, seed: int = 0, magnitude: float = 0.02) -> torch.Tensor:

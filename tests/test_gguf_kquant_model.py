@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from kquant_util import write_mixed_gguf
+from kquant_util import random_blocks, write_mixed_gguf
 
 from llama_fast import LlamaForCausalLM, kquants
 from llama_fast.formats.gguf import GGUFError, read_gguf
@@ -88,3 +88,31 @@ def test_save_pretrained_refuses_block_weights(kquant_file, tmp_path):
     model = LlamaForCausalLM.from_pretrained(kquant_file[0])
     with pytest.raises(ValueError, match="ggml K-quant blocks"):
         model.save_pretrained(tmp_path / "out")
+
+
+def test_q8_0_part_of_a_fused_ggml_layer_stays_native(tmp_path):
+    """SmolLM2's Q4_K_M file keeps q/k in Q5_0 and v in Q8_0 (llama.cpp's fallbacks for 576-wide rows): the Q8_0
+    part joins the fused layer as Q8_0 blocks of the file's bytes (kquants.from_q8_0) instead of making the whole
+    layer dense, and the logits equal those of the dequantized model."""
+    config = G.tiny_config(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2)
+    sd = G.random_state_dict(config)
+    p = "model.layers.0."
+    types = {p + "self_attn.q_proj.weight": "Q5_0", p + "self_attn.k_proj.weight": "Q5_0",
+             p + "self_attn.v_proj.weight": "Q8_0", p + "mlp.gate_proj.weight": "Q8_0",
+             p + "mlp.up_proj.weight": "Q5_1", p + "self_attn.o_proj.weight": "Q8_0"}
+    tensors = {name: random_blocks(types[name], *value.shape, seed=i).numpy() if name in types else value
+               for i, (name, value) in enumerate(sd.items())}
+    path = tmp_path / "q8_mix.gguf"
+    G.write_llama_gguf(path, config, tensors, {k: Q[v] for k, v in types.items()})
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, backend="cpu")
+    layer = model.model.layers[0]
+    assert layer.self_attn.qkv_proj.kquant_kinds == ("Q5_0", "Q8_0")
+    assert layer.mlp.gate_up_proj.kquant_kinds == ("Q8_0", "Q5_1")
+    assert layer.self_attn.o_proj.kquant_kinds is None and layer.self_attn.o_proj.bits == 8   # all Q8_0: as before
+    dense = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, dequantize=True, backend="torch")
+    ids = torch.randint(0, config["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = dense(ids).logits.double()
+        got = model(ids).logits.double()
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()

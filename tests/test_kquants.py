@@ -56,3 +56,19 @@ def test_bad_shapes_are_named():
         kquants.KQuantWeight.single("Q4_K", torch.zeros(2, 100, dtype=torch.uint8), 256)
     with pytest.raises(ValueError, match="IQ4_XS is not a block type"):
         kquants.KQuantWeight.single("IQ4_XS", torch.zeros(2, 136, dtype=torch.uint8), 256)
+
+
+def test_from_q8_0_repacks_the_files_bytes():
+    """A GGUF Q8_0 tensor read as a llama_fast.quant weight re-packs into exactly its file bytes (a fused layer
+    whose other parts are ggml blocks keeps it as a Q8_0 segment); any other int8 format is not Q8_0."""
+    from llama_fast import quant
+    from llama_fast.formats.gguf import _quantized
+    raw = random_blocks("Q8_0", 6, 96, seed=4)
+    qw = _quantized(raw, "Q8_0", 6, 96)
+    w = kquants.from_q8_0(qw)
+    assert w.kinds == ("Q8_0",) and torch.equal(w.segments[0].blocks, raw)
+    assert torch.equal(w.dequantize(), qw.dequantize(torch.float32))
+    dense = torch.randn(4, 64)
+    assert kquants.from_q8_0(quant.quantize(dense, 8, 32, symmetric=True, scale_dtype=torch.float32)) is None
+    assert kquants.from_q8_0(quant.quantize(dense, 8, 64, symmetric=True, scale_dtype=torch.float16)) is None
+    assert kquants.from_q8_0(quant.quantize(dense, 4, 32, symmetric=True, scale_dtype=torch.float16)) is None

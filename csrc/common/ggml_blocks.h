@@ -1,6 +1,6 @@
 // ggml's block-quantized weights that llama_fast keeps in the file's bytes (llama_fast/kquants.py documents the
-// layouts): the K-quants Q4_K, Q5_K, Q6_K, Q2_K, Q3_K (super-blocks of 256 weights) and Q5_0 / Q5_1 (blocks of
-// 32). Shared by the CPU and CUDA kernels as __host__ __device__ inline functions.
+// layouts): the K-quants Q4_K, Q5_K, Q6_K, Q2_K, Q3_K (super-blocks of 256 weights) and Q5_0 / Q5_1 / Q8_0 (blocks
+// of 32; Q8_0 only as a segment of a weight fused with other ggml types, see kquants.py). Shared by the CPU and CUDA kernels as __host__ __device__ inline functions.
 //
 // Every type decodes as  w = code * scale + offset  with an integer code per weight and an fp32 (scale, offset)
 // per sub-block of 16 weights, computed exactly as gguf.quants does (d * sc in fp32, offset = -(dmin * m)),
@@ -15,15 +15,17 @@ namespace llama_fast {
 namespace ggml {
 
 // The ids llama_fast.kquants.TYPE_IDS gives the types.
-enum class BlockType : int { kQ4K = 0, kQ5K = 1, kQ6K = 2, kQ2K = 3, kQ3K = 4, kQ5_0 = 5, kQ5_1 = 6 };
-constexpr int kNumBlockTypes = 7;
+enum class BlockType : int { kQ4K = 0, kQ5K = 1, kQ6K = 2, kQ2K = 3, kQ3K = 4, kQ5_0 = 5, kQ5_1 = 6, kQ8_0 = 7 };
+constexpr int kNumBlockTypes = 8;
 constexpr int kSubBlock = 16;  // weights per (scale, offset) pair
 
 LF_HD bool valid_type(int t) { return t >= 0 && t < kNumBlockTypes; }
 
-LF_HD int block_weights(BlockType t) { return t == BlockType::kQ5_0 || t == BlockType::kQ5_1 ? 32 : 256; }
+LF_HD constexpr int block_weights(BlockType t) {
+  return t == BlockType::kQ5_0 || t == BlockType::kQ5_1 || t == BlockType::kQ8_0 ? 32 : 256;
+}
 
-LF_HD int block_bytes(BlockType t) {
+LF_HD constexpr int block_bytes(BlockType t) {
   switch (t) {
     case BlockType::kQ4K: return 144;
     case BlockType::kQ5K: return 176;
@@ -31,6 +33,7 @@ LF_HD int block_bytes(BlockType t) {
     case BlockType::kQ2K: return 84;
     case BlockType::kQ3K: return 110;
     case BlockType::kQ5_0: return 22;
+    case BlockType::kQ8_0: return 34;
     default: return 24;  // kQ5_1
   }
 }
@@ -87,6 +90,7 @@ LF_HD void sub_block_scale_with(BlockType t, const uint8_t* b, int j, float* sca
       *offset = -0.0f;
       return;
     case BlockType::kQ5_0:
+    case BlockType::kQ8_0:
       *scale = f16_at(b);
       *offset = -0.0f;
       return;
@@ -101,7 +105,7 @@ LF_HD void sub_block_scale_with(BlockType t, const uint8_t* b, int j, float* sca
 template <class F16>
 LF_HD void block_scales_with(BlockType t, const uint8_t* b, float* scale, float* offset, F16 f16_at) {
   const int subs = block_weights(t) / kSubBlock;
-  const bool pairs = t == BlockType::kQ4K || t == BlockType::kQ5K || t == BlockType::kQ5_0 || t == BlockType::kQ5_1;
+  const bool pairs = t == BlockType::kQ4K || t == BlockType::kQ5K || block_weights(t) == 32;
   for (int j = 0; j < subs; j += pairs ? 2 : 1) {
     sub_block_scale_with(t, b, j, scale + j, offset + j, f16_at);
     if (pairs) scale[j + 1] = scale[j], offset[j + 1] = offset[j];  // one pair per 32 weights
@@ -146,6 +150,8 @@ LF_HD int block_code(BlockType t, const uint8_t* b, int e) {
       const int hbit = (b[l] >> (e >> 5)) & 1;
       return low - (hbit ? 0 : 4);  // a clear high bit subtracts 4
     }
+    case BlockType::kQ8_0:  // d, then 32 int8 codes in order
+      return static_cast<int8_t>(b[2 + e]);
     default: {  // kQ5_0 / kQ5_1: qs[16] low nibbles = weights 0..15, high = 16..31; qh bit e = 5th bit
       const int start = t == BlockType::kQ5_0 ? 2 : 4;
       const int low = (b[start + 4 + (e & 15)] >> (4 * (e >> 4))) & 0x0F;

@@ -1,4 +1,4 @@
-// x @ W^T for W in ggml's K-quant / Q5_0 / Q5_1 blocks, read as stored (csrc/common/ggml_blocks.h), and the
+// x @ W^T for W in ggml's K-quant / Q5_0 / Q5_1 / Q8_0 blocks, read as stored (csrc/common/ggml_blocks.h), and the
 // torch op llama_fast::kquant_linear around it (llama_fast/kquants.py holds the weight).
 //
 // Decode (AVX512-VNNI, the top dispatch level): the activations are not rounded to 8 bits as llama.cpp rounds
@@ -6,19 +6,19 @@
 // int8 GEMV does (quant_linear_vnni.cpp; elements in order, [hi 32 | lo 32] per 32). Each 32 weights of a block
 // are unpacked to 32 int16 codes in element order (a few shifts and masks per type) and multiplied with both
 // limbs by vpdpwssd: lane l covers elements 2l, 2l+1, so lanes 0-7 meet sub-block 2j's scale and 8-15
-// sub-block 2j+1's. Codes are at most 32 in magnitude, so a lane's partial sum stays below 2^22: exact in
-// int32 and in its conversion to fp32.
-//   w . x = 2^-e * sum_j scale_j (code . X)_j + sum_j offset_j (sum x)_j       (j: sub-blocks of 16)
-// The offset term uses the fp32 sums of x per 16 elements.
-// Q4_K, Q5_K and Q6_K (the types of a Q4_K_M / Q5_K_M / Q6_K file's big matrices) have a faster kernel,
-// rows_k: their sub-block scales are small integers times one fp16 d per super-block, so each 32 codes are
-// multiplied by their integer scale in int16 (|q * sc| <= 4096) and the whole super-block accumulates in int32
-// lanes; one conversion to fp32 and one multiply by d per super-block instead of per 32 weights. Lane bound:
-// 16 products per lane per super-block; q * sc lies in [0, 15*63] (Q4_K), [0, 31*63] (Q5_K), [-4064, 4096]
-// (Q6_K: codes -32..31, scales -128..127) and a limb in [-2^14, 2^14] (fp32 hi), [0, 32767] (lo) or
-// [-32768, 32767] (bf16's one limb), so a lane stays in [-2^31, 16 * 4064 * 32768 < 2^31): exact.
-// tests/ops/test_kquant_linear.py runs these extremes.
-// The mins go into an fp32 term per super-block: -dmin * sum_j m_j (sum x)_j over the 8 sums per 32.
+// sub-block 2j+1's.
+//   w . x = 2^-e * sum_j scale_j (code . X)_j + sum_j offset_j (sum x)_j       (j: sub-blocks)
+// The K-quants (rows_k): their sub-block scales are small integers times one fp16 d per super-block, so each 32
+// codes are multiplied by their integer scale in int16 and the whole super-block accumulates in int32 lanes; one
+// conversion to fp32 and one multiply by d per super-block. Lane bound: 16 products per lane per super-block;
+// q * sc lies in [0, 15*63] (Q4_K), [0, 31*63] (Q5_K), [-4064, 4096] (Q6_K: codes -32..31, scales -128..127),
+// [0, 3*15] (Q2_K), [-128, 128] (Q3_K: codes -4..3, scales -32..31) and a limb in [-2^14, 2^14] (fp32 hi),
+// [0, 32767] (lo) or [-32768, 32767] (bf16's one limb), so a lane stays in [-2^31, 16 * 4096 * 32768 = 2^31):
+// exact. The mins go into an fp32 term per super-block: -dmin * sum_j m_j (sum x)_j over the sums per 32
+// (Q4_K / Q5_K) or per 16 (Q2_K).
+// Q5_0 / Q5_1 / Q8_0 (rows_b32): one fp16 d per 32 weights, no integer scale to fold, so each block's lanes
+// (2 products of |code| <= 128 and a limb: below 2^23) are converted and multiplied by d; Q5_1's offsets m take
+// the sums per 32. tests/ops/test_kquant_linear.py runs every type's extremes.
 // Other CPUs (and rows holding inf / NaN): each weight row is dequantized exactly (ggml_blocks.h) into fp32
 // and dotted in fp32. Prefill-sized inputs (m > kMaxGemvRows, or > kMaxVnniRows on VNNI CPUs) dequantize a band
 // of rows and use a GEMM.
@@ -59,7 +59,7 @@ inline int64_t row_grain(BlockType t, int64_t k) {
 // template argument so that block_code's switch folds away and the per-weight loop vectorizes.
 template <BlockType T>
 void dequantize_rows_t(const Segment& s, int64_t k, int64_t r0, int64_t r1, float* out) {
-  constexpr int bw = T == BlockType::kQ5_0 || T == BlockType::kQ5_1 ? 32 : 256;
+  constexpr int bw = ggml::block_weights(T);
   const int bb = ggml::block_bytes(T);
   const int64_t rb = row_bytes(T, k);
   float scale[16], offset[16];
@@ -83,6 +83,7 @@ void dequantize_rows(const Segment& s, int64_t k, int64_t r0, int64_t r1, float*
     case BlockType::kQ2K: return dequantize_rows_t<BlockType::kQ2K>(s, k, r0, r1, out);
     case BlockType::kQ3K: return dequantize_rows_t<BlockType::kQ3K>(s, k, r0, r1, out);
     case BlockType::kQ5_0: return dequantize_rows_t<BlockType::kQ5_0>(s, k, r0, r1, out);
+    case BlockType::kQ8_0: return dequantize_rows_t<BlockType::kQ8_0>(s, k, r0, r1, out);
     default: return dequantize_rows_t<BlockType::kQ5_1>(s, k, r0, r1, out);
   }
 }
@@ -109,8 +110,13 @@ void rows_portable(bool bf16, const void* x, int64_t m, const Segment& s, int64_
     dequantize_rows(s, k, r, r + 1, w.data());
     for (int64_t mm = 0; mm < m; ++mm) {
       const float* xr = xf.data() + mm * k;
+      // 16 running sums, one per lane: the compiler vectorizes this loop (one running sum waits an add's
+      // latency per weight). K is a multiple of 32, so no tail is left.
+      float lane[16] = {};
+      for (int64_t i = 0; i < k; i += 16)
+        for (int l = 0; l < 16; ++l) lane[l] += w[i + l] * xr[i + l];
       float acc = 0.f;
-      for (int64_t i = 0; i < k; ++i) acc += w[i] * xr[i];
+      for (int l = 0; l < 16; ++l) acc += lane[l];
       out[mm * ldo + r] = acc;
     }
   }
@@ -126,31 +132,6 @@ inline __m512i widen(const uint8_t* p) {  // 32 bytes -> 32 uint16
   return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// The 32 codes of weights 32j..32j+31 of a Q2_K / Q3_K / Q5_0 / Q5_1 block, as int16 in element order
-// (ggml_blocks.h, block_code). Q4_K / Q5_K / Q6_K: codes_k.
-template <BlockType T>
-inline __m512i codes32(const uint8_t* b, int j) {
-  const __m512i m2 = _mm512_set1_epi16(3), one = _mm512_set1_epi16(1);
-  if constexpr (T == BlockType::kQ2K || T == BlockType::kQ3K) {
-    const int half = j >> 2, g = j & 3;
-    const __m512i low = _mm512_and_si512(
-        _mm512_srl_epi16(widen(b + (T == BlockType::kQ2K ? 16 : 32) + 32 * half), _mm_cvtsi32_si128(2 * g)), m2);
-    if constexpr (T == BlockType::kQ2K) return low;
-    const __m512i hbit = _mm512_and_si512(_mm512_srl_epi16(widen(b), _mm_cvtsi32_si128(j)), one);
-    return _mm512_sub_epi16(_mm512_add_epi16(low, _mm512_slli_epi16(hbit, 2)), _mm512_set1_epi16(4));
-  } else {  // Q5_0 / Q5_1, j == 0
-    constexpr int start = T == BlockType::kQ5_0 ? 2 : 4;
-    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + start + 4)));
-    const __m256i lo = _mm256_and_si256(w, _mm256_set1_epi16(0x0F)), hi = _mm256_srli_epi16(w, 4);
-    __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    uint32_t qh;
-    std::memcpy(&qh, b + start, 4);
-    q = _mm512_mask_add_epi16(q, static_cast<__mmask32>(qh), q, _mm512_set1_epi16(16));
-    if constexpr (T == BlockType::kQ5_0) q = _mm512_sub_epi16(q, _mm512_set1_epi16(16));
-    return q;
-  }
-}
-
 struct HardF16 {
   float operator()(const uint8_t* p) const {
     uint16_t h;
@@ -159,57 +140,93 @@ struct HardF16 {
   }
 };
 
-// M activation rows x weight rows [n0, n1) of a Q2_K / Q3_K / Q5_0 / Q5_1 segment. xp / xscale from
-// vnni::prepare, xsum16 [M, K/16].
-// kTwoLimbs: fp32 rows (hi * 2^15 + lo); a bf16 row is one limb (vnni::prepare), its lo limb zero.
+// Weights ahead of the current block to prefetch (bytes): the hardware prefetcher alone leaves a core well short
+// of its share of the bandwidth on a stream read once (as in quant_linear_vnni.cpp).
+constexpr int kPrefetchBytes = 8192;
+
+// M activation rows x weight rows [n0, n1) of a Q5_0 / Q5_1 / Q8_0 segment: blocks of 32 weights, each with its
+// own fp16 scale d (and Q5_1's fp16 offset m), so there is no integer scale to fold into the codes: every block's
+// vpdpwssd lanes (two products each, |lane| <= 2 * 128 * 32768 = 2^23: exact in int32 and in fp32) are converted
+// and multiplied by d in fp32. The headers of 16 blocks at a time come in one gather of their first 4 bytes
+// (d, and m or the low half of qh) and one vcvtph2ps, so each block's d is a broadcast from memory in the inner
+// loop; Q5_1's offset term sum_b m_b (sum x)_b takes one fma per 16 blocks with the sums per 32 (xsum32).
+// Codes: the 16 qs bytes are broadcast to both 256-bit halves and widened, the low nibbles kept in words 0-15
+// and the high ones in 16-31 (weights 0-15 / 16-31), then one masked op with the 32 qh bits as the mask adds
+// the 5th bit (Q5_1: +16 where set; Q5_0, code = q - 16: -16 where clear). Q8_0: 32 int8 codes, sign-extended.
 template <BlockType T, int M, bool kTwoLimbs>
-void rows_vnni(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xscale, int64_t n0,
-               int64_t n1, float* out, int64_t ldo) {
-  constexpr int bw = T == BlockType::kQ5_0 || T == BlockType::kQ5_1 ? 32 : 256;
-  constexpr int units = bw / 32, subs = bw / 16;
-  const int bb = ggml::block_bytes(T);
-  const int64_t rb = row_bytes(T, k), nblk = k / bw;
-  const bool offsets = ggml::has_offset(T);
+void rows_b32(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32, const float* xscale, int64_t n0,
+             int64_t n1, float* out, int64_t ldo) {
+  constexpr int bb = ggml::block_bytes(T), qh_at = T == BlockType::kQ5_1 ? 4 : 2;
+  constexpr int kSplit = M <= 2 ? 2 : 1;  // fp32 accumulators per activation row (fma latency)
+  const int64_t nblk = k / 32, rb = nblk * bb;
   const __m512 limb = _mm512_set1_ps(32768.f);
-  alignas(64) float scale[16], offset[16];
+  const __m512i header_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(bb));
+  const __m512i nibble_shift = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_setzero_si512(), _mm512_set1_epi16(4));
+  const __m512i m4 = _mm512_set1_epi16(0x0F), sixteen = _mm512_set1_epi16(16);
+  alignas(64) float dv[16];
   for (int64_t r = n0; r < n1; ++r) {
     const uint8_t* row = s.blocks + r * rb;
-    __m512 acc[M], off[M];
-    float off_scalar[M];
-    for (int mm = 0; mm < M; ++mm) acc[mm] = off[mm] = _mm512_setzero_ps(), off_scalar[mm] = 0.f;
-    for (int64_t blk = 0; blk < nblk; ++blk) {
-      const uint8_t* b = row + blk * bb;
-      _mm_prefetch(reinterpret_cast<const char*>(b + 4096), _MM_HINT_T0);
-      ggml::block_scales_with(T, b, scale, offset, HardF16{});
-      for (int j = 0; j < units; ++j) {
-        const __m512i q = codes32<T>(b, j);
-        const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(scale[2 * j]), _mm256_set1_ps(scale[2 * j + 1]), 1);
-        for (int mm = 0; mm < M; ++mm) {
-          const int16_t* xc = xp + mm * 2 * k + 2 * (blk * bw + 32 * j);
-          const __m512i ih = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(xc));
-          __m512 f = _mm512_cvtepi32_ps(ih);
-          if constexpr (kTwoLimbs) {
-            const __m512i il = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(xc + 32));
-            f = _mm512_fmadd_ps(f, limb, _mm512_cvtepi32_ps(il));
-          }
-          acc[mm] = _mm512_fmadd_ps(f, sv, acc[mm]);
-        }
-      }
-      if (offsets) {
-        if constexpr (subs == 16) {
-          const __m512 o = _mm512_load_ps(offset);
-          for (int mm = 0; mm < M; ++mm)
-            off[mm] = _mm512_fmadd_ps(o, _mm512_loadu_ps(xsum16 + mm * (k / 16) + blk * 16), off[mm]);
-        } else {
-          for (int mm = 0; mm < M; ++mm) {
-            const float* xs = xsum16 + mm * (k / 16) + blk * subs;
-            off_scalar[mm] += offset[0] * xs[0] + offset[1] * xs[1];
-          }
-        }
-      }
+    __m512 acc[M][kSplit], off[M];
+    for (int mm = 0; mm < M; ++mm) {
+      off[mm] = _mm512_setzero_ps();
+      for (int h = 0; h < kSplit; ++h) acc[mm][h] = _mm512_setzero_ps();
     }
-    for (int mm = 0; mm < M; ++mm)
-      out[mm * ldo + r] = _mm512_reduce_add_ps(acc[mm]) * xscale[mm] + _mm512_reduce_add_ps(off[mm]) + off_scalar[mm];
+    for (int64_t blk0 = 0; blk0 < nblk; blk0 += 16) {
+      const int nb = static_cast<int>(std::min<int64_t>(16, nblk - blk0));
+      const __mmask16 live = nb == 16 ? __mmask16(0xFFFF) : __mmask16((1u << nb) - 1);
+      const uint8_t* g = row + blk0 * bb;
+      // bytes 0-3 of each live block: d and the next two bytes (Q5_1's m); nothing outside the row
+      const __m512i head = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, header_at, g, 1);
+      _mm512_store_ps(dv, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head)));
+      if constexpr (T == BlockType::kQ5_1) {
+        const __m512 m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16)));
+        for (int mm = 0; mm < M; ++mm)
+          off[mm] = _mm512_fmadd_ps(m, _mm512_maskz_loadu_ps(live, xsum32 + mm * nblk + blk0), off[mm]);
+      }
+      // block i into accumulator h (a compile-time index: a runtime one would keep acc in memory)
+      auto one = [&](int i, auto hc) {
+        constexpr int h = decltype(hc)::value % kSplit;
+        const uint8_t* b = g + i * bb;
+        _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes), _MM_HINT_T0);
+        __m512i q;
+        if constexpr (T == BlockType::kQ8_0) {
+          q = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)));
+        } else {
+          const __m512i w = _mm512_cvtepu8_epi16(
+              _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + qh_at + 4))));
+          q = _mm512_and_si512(_mm512_srlv_epi16(w, nibble_shift), m4);
+          uint32_t qh;
+          std::memcpy(&qh, b + qh_at, 4);
+          if constexpr (T == BlockType::kQ5_0)
+            q = _mm512_mask_sub_epi16(q, static_cast<__mmask32>(~qh), q, sixteen);
+          else
+            q = _mm512_mask_add_epi16(q, static_cast<__mmask32>(qh), q, sixteen);
+        }
+        const __m512 d = _mm512_set1_ps(dv[i]);
+        const int16_t* xb = xp + 2 * 32 * (blk0 + i);
+        for (int mm = 0; mm < M; ++mm) {
+          const int16_t* xc = xb + mm * 2 * k;
+          __m512 f = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(xc)));
+          if constexpr (kTwoLimbs)
+            f = _mm512_fmadd_ps(f, limb,
+                                _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), q,
+                                                                       _mm512_loadu_si512(xc + 32))));
+          acc[mm][h] = _mm512_fmadd_ps(f, d, acc[mm][h]);
+        }
+      };
+      int i = 0;
+      for (; i + 2 <= nb; i += 2) {
+        one(i, std::integral_constant<int, 0>{});
+        one(i + 1, std::integral_constant<int, 1>{});
+      }
+      if (i < nb) one(i, std::integral_constant<int, 0>{});
+    }
+    for (int mm = 0; mm < M; ++mm) {
+      __m512 a = acc[mm][0];
+      if constexpr (kSplit == 2) a = _mm512_add_ps(a, acc[mm][1]);
+      out[mm * ldo + r] = _mm512_reduce_add_ps(a) * xscale[mm] + _mm512_reduce_add_ps(off[mm]);
+    }
   }
 }
 
@@ -228,8 +245,24 @@ inline void k_scales_mins(const uint8_t* packed, int16_t* sc, uint8_t* mn) {
   std::memcpy(mn, bytes + 8, 8);
 }
 
-// The codes of weights 32j..32j+31 of a Q4_K / Q5_K / Q6_K block as int16 in element order. `low` holds the
-// widened qs bytes of the chunk's 64-weight pair (Q4_K / Q5_K) or its ql bytes (Q6_K); `high` the widened qh.
+// Q3_K: the sixteen 6-bit scales of a super-block, unbiased (-32..31), as int16 in the low 256 bits, from its 12
+// packed bytes (ggml_blocks.h, q3k_scale, for every j at once): bytes 0-7 hold the low nibbles (scales 0-7 low,
+// 8-15 high), bytes 8-11 the top two bits (scale j at bits 2 (j >> 2) of byte 8 + (j & 3)).
+inline __m512i q3k_scales(const uint8_t* packed) {
+  const __m128i lo8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed)), m4 = _mm_set1_epi8(0x0F);
+  const __m128i low = _mm_unpacklo_epi64(_mm_and_si128(lo8, m4), _mm_and_si128(_mm_srli_epi16(lo8, 4), m4));
+  uint32_t top;
+  std::memcpy(&top, packed + 8, 4);
+  // scale j = 4 w + i takes bits 2w, 2w+1 of byte i: word w of [top, top >> 2, top >> 4, top >> 6]
+  const __m128i high = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32(static_cast<int>(top)), _mm_setr_epi32(0, 2, 4, 6)),
+                                     _mm_set1_epi8(3));
+  const __m256i sc = _mm256_cvtepu8_epi16(_mm_or_si128(low, _mm_slli_epi32(high, 4)));
+  return _mm512_castsi256_si512(_mm256_sub_epi16(sc, _mm256_set1_epi16(32)));
+}
+
+// The codes of weights 32j..32j+31 of a K-quant block as int16 in element order. `low` holds the widened qs bytes
+// of the chunk's 64-weight pair (Q4_K / Q5_K), its ql bytes (Q6_K) or its 128-weight half's qs bytes (Q2_K /
+// Q3_K); `high` the widened qh (Q5_K / Q6_K) or hmask (Q3_K).
 template <BlockType T, int j>
 inline __m512i codes_k(__m512i low, __m512i high) {
   const __m512i m4 = _mm512_set1_epi16(0x0F);
@@ -238,6 +271,13 @@ inline __m512i codes_k(__m512i low, __m512i high) {
     const __m512i lo = (g >> 1) ? _mm512_srli_epi16(low, 4) : _mm512_and_si512(low, m4);
     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(high, 2 * g), _mm512_set1_epi16(3));
     return _mm512_sub_epi16(_mm512_or_si512(lo, _mm512_slli_epi16(hi, 4)), _mm512_set1_epi16(32));
+  } else if constexpr (T == BlockType::kQ2K || T == BlockType::kQ3K) {
+    constexpr int g = j & 3;  // 2-bit field g of each qs byte
+    const __m512i q = _mm512_and_si512(_mm512_srli_epi16(low, 2 * g), _mm512_set1_epi16(3));
+    if constexpr (T == BlockType::kQ2K) return q;
+    // Q3_K: bit j of hmask[l] clear subtracts 4
+    const __mmask32 clear = _mm512_testn_epi16_mask(high, _mm512_set1_epi16(1 << j));
+    return _mm512_mask_sub_epi16(q, clear, q, _mm512_set1_epi16(4));
   } else {
     __m512i q = (j & 1) ? _mm512_srli_epi16(low, 4) : _mm512_and_si512(low, m4);
     if constexpr (T == BlockType::kQ5K)
@@ -246,28 +286,25 @@ inline __m512i codes_k(__m512i low, __m512i high) {
   }
 }
 
-// Weights ahead of the current block to prefetch (bytes): the hardware prefetcher alone leaves a core well short
-// of its share of the bandwidth on a stream read once (as in quant_linear_vnni.cpp).
-constexpr int kPrefetchBytes = 8192;
-
-// M activation rows x weight rows [n0, n1) of a Q4_K / Q5_K / Q6_K segment (see the top of the file).
-// xsum32 [M, K/32]: the activations' sums per 32 elements (vnni::prepare, in real units).
+// M activation rows x weight rows [n0, n1) of a K-quant segment (see the top of the file).
+// xsum32 [M, K/32] / xsum16 [M, K/16]: the activations' sums per 32 / 16 elements (Q4_K, Q5_K / Q2_K mins).
 template <BlockType T, int M, bool kTwoLimbs>
-void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32, const float* xscale, int64_t n0,
-            int64_t n1, float* out, int64_t ldo) {
-  constexpr int bb = T == BlockType::kQ4K ? 144 : T == BlockType::kQ5K ? 176 : 210;
+void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32, const float* xsum16,
+            const float* xscale, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  constexpr int bb = ggml::block_bytes(T);
+  constexpr bool kSixteen = T == BlockType::kQ6K || T == BlockType::kQ2K || T == BlockType::kQ3K;  // 16 scales
   constexpr int kSplit = M <= 2 ? 2 : 1;  // int32 accumulators per limb: enough chains to hide vpdpwssd's latency
   const int64_t nblk = k / 256, rb = nblk * bb;
   const __m512 limb = _mm512_set1_ps(32768.f);
-  // Q6_K: chunk j's scale vector is [sc[2j] x 16 | sc[2j+1] x 16], a permutation of the 16 scales
+  // Q6_K / Q2_K / Q3_K: chunk j's scale vector is [sc[2j] x 16 | sc[2j+1] x 16], a permutation of the 16 scales
   __m512i scale_index[8];
   for (int j = 0; j < 8; ++j)
     scale_index[j] = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(2 * j), _mm512_set1_epi16(2 * j + 1));
   for (int64_t r = n0; r < n1; ++r) {
     const uint8_t* row = s.blocks + r * rb;
-    __m512 acc[M];
+    __m512 acc[M], off16[M];
     __m256 off[M];
-    for (int mm = 0; mm < M; ++mm) acc[mm] = _mm512_setzero_ps(), off[mm] = _mm256_setzero_ps();
+    for (int mm = 0; mm < M; ++mm) acc[mm] = off16[mm] = _mm512_setzero_ps(), off[mm] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < nblk; ++blk) {
       const uint8_t* b = row + blk * bb;
       for (int p = 0; p < bb; p += 64) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes + p), _MM_HINT_T0);
@@ -276,18 +313,24 @@ void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32,
         for (int h = 0; h < kSplit; ++h) ih[mm][h] = il[mm][h] = _mm512_setzero_si512();
       alignas(16) int16_t sc[8];
       alignas(16) uint8_t mn[8];
-      __m512i sc6 = _mm512_setzero_si512();
+      __m512i sc16 = _mm512_setzero_si512();
       if constexpr (T == BlockType::kQ6K)
-        sc6 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192))));
+        sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192))));
+      else if constexpr (T == BlockType::kQ2K)
+        sc16 = _mm512_castsi256_si512(_mm256_and_si256(
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))), _mm256_set1_epi16(0x0F)));
+      else if constexpr (T == BlockType::kQ3K)
+        sc16 = q3k_scales(b + 96);
       else
         k_scales_mins(b + 4, sc, mn);
-      const __m512i qh = T == BlockType::kQ5K ? widen(b + 16) : _mm512_setzero_si512();
+      const __m512i high = T == BlockType::kQ5K   ? widen(b + 16)
+                           : T == BlockType::kQ3K ? widen(b)
+                                                  : _mm512_setzero_si512();
       const int16_t* xb = xp + 2 * blk * 256;
-      auto chunk = [&](auto jc, __m512i low, __m512i high) {
+      auto chunk = [&](auto jc, __m512i low, __m512i hi_bits) {
         constexpr int j = decltype(jc)::value;
-        const __m512i scv =
-            T == BlockType::kQ6K ? _mm512_permutexvar_epi16(scale_index[j], sc6) : _mm512_set1_epi16(sc[j]);
-        const __m512i q = _mm512_mullo_epi16(codes_k<T, j>(low, high), scv);
+        const __m512i scv = kSixteen ? _mm512_permutexvar_epi16(scale_index[j], sc16) : _mm512_set1_epi16(sc[j]);
+        const __m512i q = _mm512_mullo_epi16(codes_k<T, j>(low, hi_bits), scv);
         for (int mm = 0; mm < M; ++mm) {
           const int16_t* xc = xb + mm * 2 * k + 64 * j;
           ih[mm][j % kSplit] = _mm512_dpwssd_epi32(ih[mm][j % kSplit], q, _mm512_loadu_si512(xc));
@@ -295,14 +338,19 @@ void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32,
             il[mm][j % kSplit] = _mm512_dpwssd_epi32(il[mm][j % kSplit], q, _mm512_loadu_si512(xc + 32));
         }
       };
-      if constexpr (T == BlockType::kQ6K) {
+      if constexpr (kSixteen) {  // four chunks of 32 per 128-weight half
         auto half = [&](auto hc) {
           constexpr int h = decltype(hc)::value;
-          const __m512i high = widen(b + 128 + 32 * h), low0 = widen(b + 64 * h), low1 = widen(b + 64 * h + 32);
-          chunk(std::integral_constant<int, 4 * h>{}, low0, high);
-          chunk(std::integral_constant<int, 4 * h + 1>{}, low1, high);
-          chunk(std::integral_constant<int, 4 * h + 2>{}, low0, high);
-          chunk(std::integral_constant<int, 4 * h + 3>{}, low1, high);
+          __m512i low0, low1, hi_bits;
+          if constexpr (T == BlockType::kQ6K) {  // ql: 64 bytes per half, low nibbles then high; qh: 32
+            hi_bits = widen(b + 128 + 32 * h), low0 = widen(b + 64 * h), low1 = widen(b + 64 * h + 32);
+          } else {  // Q2_K / Q3_K: 32 qs bytes per half, 2-bit field g is weights 32g..32g+31
+            hi_bits = high, low0 = low1 = widen(b + (T == BlockType::kQ2K ? 16 : 32) + 32 * h);
+          }
+          chunk(std::integral_constant<int, 4 * h>{}, low0, hi_bits);
+          chunk(std::integral_constant<int, 4 * h + 1>{}, low1, hi_bits);
+          chunk(std::integral_constant<int, 4 * h + 2>{}, low0, hi_bits);
+          chunk(std::integral_constant<int, 4 * h + 3>{}, low1, hi_bits);
         };
         half(std::integral_constant<int, 0>{});
         half(std::integral_constant<int, 1>{});
@@ -311,20 +359,26 @@ void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32,
         auto pair = [&](auto pc) {
           constexpr int p = decltype(pc)::value;
           const __m512i low = widen(b + qs + 32 * p);
-          chunk(std::integral_constant<int, 2 * p>{}, low, qh);
-          chunk(std::integral_constant<int, 2 * p + 1>{}, low, qh);
+          chunk(std::integral_constant<int, 2 * p>{}, low, high);
+          chunk(std::integral_constant<int, 2 * p + 1>{}, low, high);
         };
         pair(std::integral_constant<int, 0>{});
         pair(std::integral_constant<int, 1>{});
         pair(std::integral_constant<int, 2>{});
         pair(std::integral_constant<int, 3>{});
       }
-      const __m512 d = _mm512_set1_ps(HardF16{}(b + (T == BlockType::kQ6K ? 208 : 0)));
+      constexpr int d_at = T == BlockType::kQ6K ? 208 : T == BlockType::kQ2K ? 80 : T == BlockType::kQ3K ? 108 : 0;
+      const __m512 d = _mm512_set1_ps(HardF16{}(b + d_at));
       __m256 neg_min = _mm256_setzero_ps();
-      if constexpr (T != BlockType::kQ6K) {
+      __m512 neg_min16 = _mm512_setzero_ps();
+      if constexpr (T == BlockType::kQ4K || T == BlockType::kQ5K) {
         const __m256 m =
             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn))));
         neg_min = _mm256_mul_ps(m, _mm256_set1_ps(-HardF16{}(b + 2)));  // -(dmin * m_j), as the dequantization
+      } else if constexpr (T == BlockType::kQ2K) {  // the mins: the high nibbles of the 16 scale bytes
+        const __m128i m = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 4),
+                                        _mm_set1_epi8(0x0F));
+        neg_min16 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m)), _mm512_set1_ps(-HardF16{}(b + 82)));
       }
       for (int mm = 0; mm < M; ++mm) {
         __m512i hi = ih[mm][0], lo = il[mm][0];
@@ -332,12 +386,15 @@ void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32,
         __m512 f = _mm512_cvtepi32_ps(hi);
         if constexpr (kTwoLimbs) f = _mm512_fmadd_ps(f, limb, _mm512_cvtepi32_ps(lo));
         acc[mm] = _mm512_fmadd_ps(f, d, acc[mm]);
-        if constexpr (T != BlockType::kQ6K)
+        if constexpr (T == BlockType::kQ4K || T == BlockType::kQ5K)
           off[mm] = _mm256_fmadd_ps(neg_min, _mm256_loadu_ps(xsum32 + mm * (k / 32) + blk * 8), off[mm]);
+        if constexpr (T == BlockType::kQ2K)
+          off16[mm] = _mm512_fmadd_ps(neg_min16, _mm512_loadu_ps(xsum16 + mm * (k / 16) + blk * 16), off16[mm]);
       }
     }
     for (int mm = 0; mm < M; ++mm) {
-      const __m256 o = off[mm];
+      const __m256 o = _mm256_add_ps(off[mm], _mm256_add_ps(_mm512_castps512_ps256(off16[mm]),
+                                                             _mm512_extractf32x8_ps(off16[mm], 1)));
       __m128 o4 = _mm_add_ps(_mm256_castps256_ps128(o), _mm256_extractf128_ps(o, 1));
       o4 = _mm_add_ps(o4, _mm_movehl_ps(o4, o4));
       o4 = _mm_add_ss(o4, _mm_movehdup_ps(o4));
@@ -372,37 +429,39 @@ void row_steps(int64_t m, Body body) {
   }
 }
 
-// All m activation rows against weight rows [n0, n1) of a segment: rows_k for Q4_K / Q5_K / Q6_K (at most 4
-// activation rows per pass: its int32 accumulators fill the registers; xsum = sums per 32), rows_vnni for the
-// others (8 per pass; xsum = sums per 16).
+// All m activation rows against weight rows [n0, n1) of a segment: rows_k for the K-quants (at most 4
+// activation rows per pass: its int32 accumulators fill the registers), rows_b32 for Q5_0 / Q5_1 / Q8_0 (8 per
+// pass).
 template <BlockType T, bool kTwoLimbs>
-void rows_all_m(const Segment& s, int64_t k, const int16_t* xp, const float* xsum, const float* xscale, int64_t m,
-                int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  constexpr bool kFast = T == BlockType::kQ4K || T == BlockType::kQ5K || T == BlockType::kQ6K;
-  const int64_t sums_per_row = k / (kFast ? 32 : 16);
-  row_steps<kFast ? 4 : 8>(m, [&](auto rows, int64_t m0) {
+void rows_all_m(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32, const float* xsum16,
+                const float* xscale, int64_t m, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  constexpr bool kSuper = ggml::block_weights(T) == 256;
+  row_steps<kSuper ? 4 : 8>(m, [&](auto rows, int64_t m0) {
     constexpr int M = decltype(rows)::value;
     const int16_t* x = xp + m0 * 2 * k;
-    const float* xs = xsum + m0 * sums_per_row;
-    if constexpr (kFast)
-      rows_k<T, M, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, out + m0 * ldo, ldo);
+    const float* s32 = xsum32 + m0 * (k / 32);
+    if constexpr (kSuper)
+      rows_k<T, M, kTwoLimbs>(s, k, x, s32, xsum16 + m0 * (k / 16), xscale + m0, n0, n1, out + m0 * ldo, ldo);
     else
-      rows_vnni<T, M, kTwoLimbs>(s, k, x, xs, xscale + m0, n0, n1, out + m0 * ldo, ldo);
+      rows_b32<T, M, kTwoLimbs>(s, k, x, s32, xscale + m0, n0, n1, out + m0 * ldo, ldo);
   });
 }
 
 template <bool kTwoLimbs>
-void rows_dispatch(const Segment& s, int64_t k, const int16_t* xp, const float* xsum16, const float* xsum32,
+void rows_dispatch(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32, const float* xsum16,
                    const float* xscale, int64_t m, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  auto run = [&](auto tc) {
+    rows_all_m<decltype(tc)::value, kTwoLimbs>(s, k, xp, xsum32, xsum16, xscale, m, n0, n1, out, ldo);
+  };
   switch (s.type) {
-    case BlockType::kQ4K: return rows_all_m<BlockType::kQ4K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ5K: return rows_all_m<BlockType::kQ5K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ6K: return rows_all_m<BlockType::kQ6K, kTwoLimbs>(s, k, xp, xsum32, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ2K: return rows_all_m<BlockType::kQ2K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ3K: return rows_all_m<BlockType::kQ3K, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    case BlockType::kQ5_0:
-      return rows_all_m<BlockType::kQ5_0, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
-    default: return rows_all_m<BlockType::kQ5_1, kTwoLimbs>(s, k, xp, xsum16, xscale, m, n0, n1, out, ldo);
+    case BlockType::kQ4K: return run(std::integral_constant<BlockType, BlockType::kQ4K>{});
+    case BlockType::kQ5K: return run(std::integral_constant<BlockType, BlockType::kQ5K>{});
+    case BlockType::kQ6K: return run(std::integral_constant<BlockType, BlockType::kQ6K>{});
+    case BlockType::kQ2K: return run(std::integral_constant<BlockType, BlockType::kQ2K>{});
+    case BlockType::kQ3K: return run(std::integral_constant<BlockType, BlockType::kQ3K>{});
+    case BlockType::kQ5_0: return run(std::integral_constant<BlockType, BlockType::kQ5_0>{});
+    case BlockType::kQ8_0: return run(std::integral_constant<BlockType, BlockType::kQ8_0>{});
+    default: return run(std::integral_constant<BlockType, BlockType::kQ5_1>{});
   }
 }
 
@@ -419,10 +478,8 @@ bool linear_vnni(bool bf16, const void* x, int64_t m, const std::vector<Segment>
   xscale.resize(m);
   const QuantWeight as_int8{nullptr, nullptr, nullptr, ScaleType::kF32, 8, 0, k, 32};  // in-order layout
   if (!vnni::prepare(bf16, x, m, as_int8, xp.data(), xsum32.data(), xscale.data())) return false;
-  // The sums per 16 elements, for the offset term of the types without a fast kernel (rows_vnni)
-  const bool need16 = std::any_of(segs.begin(), segs.end(), [](const Segment& s) {
-    return ggml::has_offset(s.type) && s.type != BlockType::kQ4K && s.type != BlockType::kQ5K;
-  });
+  // The sums per 16 elements, for Q2_K's mins (one per 16 weights): those per 32 of the others come with prepare
+  const bool need16 = std::any_of(segs.begin(), segs.end(), [](const Segment& s) { return s.type == BlockType::kQ2K; });
   for (int64_t i = 0; need16 && i < m * (k / 16); ++i) {
     float acc = 0.f;
     for (int e = 0; e < 16; ++e) acc += load_x(bf16, x, i * 16 + e);
@@ -434,9 +491,9 @@ bool linear_vnni(bool bf16, const void* x, int64_t m, const std::vector<Segment>
   for (const Segment& s : segs) {
     parallel_for(s.rows, row_grain(s.type, k), [&](int64_t n0, int64_t n1) {
       if (bf16)
-        rows_dispatch<false>(s, k, xs, s16, s32, sc, m, n0, n1, out + col, ldo);
+        rows_dispatch<false>(s, k, xs, s32, s16, sc, m, n0, n1, out + col, ldo);
       else
-        rows_dispatch<true>(s, k, xs, s16, s32, sc, m, n0, n1, out + col, ldo);
+        rows_dispatch<true>(s, k, xs, s32, s16, sc, m, n0, n1, out + col, ldo);
     });
     col += s.rows;
   }

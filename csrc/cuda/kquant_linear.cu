@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kThreads) kquant_gemv_kernel(KQuantLinearArgs 
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows;
   const int lane = threadIdx.x & 31;
   if (n >= a.n) return;
-  constexpr int bw = kType == ggml::BlockType::kQ5_0 || kType == ggml::BlockType::kQ5_1 ? 32 : 256;
+  constexpr int bw = ggml::block_weights(kType);
   const int bb = ggml::block_bytes(kType);
   const uint8_t* row = a.blocks + n * (a.k / bw) * bb;
   const T* x = static_cast<const T*>(a.x);
@@ -84,6 +84,7 @@ cudaError_t launch_typed(const KQuantLinearArgs& a, cudaStream_t stream) {
     case ggml::BlockType::kQ2K: kquant_gemv_kernel<T, ggml::BlockType::kQ2K><<<grid, kThreads, 0, stream>>>(a); break;
     case ggml::BlockType::kQ3K: kquant_gemv_kernel<T, ggml::BlockType::kQ3K><<<grid, kThreads, 0, stream>>>(a); break;
     case ggml::BlockType::kQ5_0: kquant_gemv_kernel<T, ggml::BlockType::kQ5_0><<<grid, kThreads, 0, stream>>>(a); break;
+    case ggml::BlockType::kQ8_0: kquant_gemv_kernel<T, ggml::BlockType::kQ8_0><<<grid, kThreads, 0, stream>>>(a); break;
     default: kquant_gemv_kernel<T, ggml::BlockType::kQ5_1><<<grid, kThreads, 0, stream>>>(a); break;
   }
   return cudaGetLastError();

@@ -48,7 +48,7 @@ from llama_fast.quant import QuantizedWeight, pack_int4
 BLOCK = 32
 _HEADER_BYTES = {"Q8_0": 2, "Q4_0": 2, "Q4_1": 4}
 _DENSE_TYPES = ("F32", "F16", "BF16")
-SUPPORTED_TYPES = _DENSE_TYPES + tuple(_HEADER_BYTES) + kquants.TYPES
+SUPPORTED_TYPES = _DENSE_TYPES + tuple(_HEADER_BYTES) + tuple(t for t in kquants.TYPES if t not in _HEADER_BYTES)
 _NATIVE = (QuantizedWeight, KQuantWeight)
 
 _GLOBAL_NAMES = {
@@ -287,7 +287,7 @@ def _native_tensor(reader, t, config: dict, path: str,
     else:
         if len(shape) != 2:
             raise GGUFError(f"{path}: quantized tensor {t.name} has shape {shape}; expected 2-D")
-        if kind in kquants.BLOCKS:
+        if kind in kquants.BLOCKS and kind not in _HEADER_BYTES:   # Q8_0: a quant weight (kquants.from_q8_0)
             if shape[1] % kquants.BLOCKS[kind][0]:
                 raise GGUFError(f"{path}: tensor {t.name} of type {kind} has rows of {shape[1]} weights, not a "
                                 f"multiple of its block of {kquants.BLOCKS[kind][0]}")

@@ -2,7 +2,7 @@
 dequantized weight: the VNNI fixed-point decode path, the portable path, and the prefill GEMM path."""
 import pytest
 import torch
-from kquant_util import random_blocks
+from kquant_util import FP16_FIELDS, random_blocks
 
 from llama_fast import kquants, ops
 
@@ -16,7 +16,12 @@ def test_kquant_linear_matches_reference(backend, kind, m, dtype, matches_refere
     name, device = backend
     if name != "cpu":
         pytest.skip("the CUDA backend has no kquant_linear yet")
-    k = 512 if kquants.BLOCKS[kind][0] == 256 else 160
+    # odd m: a few blocks per row; even m: rows of more than 16 blocks of 32 (rows_b32 reads their headers 16
+    # at a time, the last group partial) and of 5 super-blocks
+    if kquants.BLOCKS[kind][0] == 256:
+        k = 512 if m % 2 else 1280
+    else:
+        k = 160 if m % 2 else 576
     w = kquants.KQuantWeight.single(kind, random_blocks(kind, 37, k, seed=m), k)
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, k, generator=g).to(dtype)
@@ -61,29 +66,40 @@ def test_kquant_linear_extreme_activations(backend):
     assert torch.isnan(out[3]).all()
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+def _extreme_blocks(kind: str, rows: int, k: int) -> torch.Tensor:
+    """Blocks whose every weight has the largest |code * integer sub-block scale| of its type (the int32 lane
+    bound of kquant_linear.cpp): Q4_K / Q5_K 15 / 31 times scale 63; Q6_K -32 times -128 (+4096); Q2_K 3 times 15;
+    Q3_K -4 times -32; Q5_0 -16, Q5_1 31, Q8_0 -128 (one fp16 scale per block)."""
+    weights, nbytes = kquants.BLOCKS[kind]
+    b = torch.zeros(rows, k // weights, nbytes, dtype=torch.uint8)
+    f16 = torch.tensor([1e-3], dtype=torch.float16).view(torch.uint8)
+    if kind == "Q6_K":
+        b[..., 192:208] = 0x80                       # int8 scale -128; low and high bits 0: code 0 - 32 = -32
+    elif kind in ("Q4_K", "Q5_K"):
+        b[..., 4:] = 0xFF                            # every 6-bit scale and min 63, every code 15 / 31
+    elif kind == "Q2_K":
+        b[..., 0:80] = 0xFF                          # scale and min 15, code 3
+    elif kind == "Q5_1":
+        b[..., 4:] = 0xFF                            # code 31
+    elif kind == "Q8_0":
+        b[..., 2:] = 0x80                            # code -128
+    # Q3_K: hmask, qs and scales 0: code 0 - 4, scale 0 - 32; Q5_0: qh and qs 0: code -16
+    for at in FP16_FIELDS[kind]:
+        b[..., at:at + 2] = f16
+    return b.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", kquants.TYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kquant_linear_int32_accumulation_extremes(backend, kind, dtype):
     """The largest codes times the largest sub-block scales against activations at the row maximum, every
-    product of a lane with the same sign: the int32 sums per super-block (kquant_linear.cpp, rows_k) must not
-    overflow. Q6_K: code -32 with scale -128 gives +4096, the largest product; x = -max makes it negative."""
+    product of a lane with the same sign: the int32 sums per super-block (rows_k) and per block (rows_b32) must not
+    overflow or lose bits in their conversion to fp32; x = -max flips the sign."""
     name, device = backend
     if name != "cpu":
         pytest.skip("the CUDA backend has no kquant_linear yet")
-    weights, nbytes = kquants.BLOCKS[kind]
     k = 512
-    blocks = torch.zeros(3, k // weights, nbytes, dtype=torch.uint8)
-    d = torch.tensor([1e-3], dtype=torch.float16).view(torch.uint8)
-    if kind == "Q6_K":
-        blocks[..., 0:192] = 0                       # low and high bits 0: code 0 - 32 = -32
-        blocks[..., 192:208] = 0x80                  # int8 scale -128
-        blocks[..., 208:210] = d
-    else:
-        blocks[..., 0:2] = d
-        blocks[..., 2:4] = torch.tensor([1e-3], dtype=torch.float16).view(torch.uint8)
-        blocks[..., 4:16] = 0xFF                     # every 6-bit scale and min 63
-        blocks[..., 16:] = 0xFF                      # every code at its maximum (15 / 31)
-    w = kquants.KQuantWeight.single(kind, blocks.reshape(3, -1), k)
+    w = kquants.KQuantWeight.single(kind, _extreme_blocks(kind, 3, k), k)
     x = torch.full((2, k), -1.99)       # just below a power of two: the fixed point's largest limbs (-2^14 / -32640)
     x[1] = 1.99
     x = x.to(dtype)
