@@ -17,6 +17,11 @@ SHAPES = {
     "llama-8b": (4096, 32, 32, 8, 14336),       # Llama 3.1 8B's body (about 15 GB in F16: written only on request)
 }
 
+# Legacy block types written directly as random blocks (write_random_blocks): bytes per block of 32 weights,
+# where the fp16 scale sits, and the scale that makes the weights' spread about 0.02 like write_random_f16's.
+# (Q4_0: codes q - 8 uniform on -8..7, std ~4.6; Q8_0: int8 codes uniform on -127..127, std ~73.)
+RANDOM_BLOCKS = {"Q4_0": (18, 0.02 / 4.6), "Q8_0": (34, 0.02 / 73.0)}
+
 
 def write_random_f16(demo_gguf: str, dst: str, shape: str, seed: int = 0) -> str:
     import gguf
@@ -67,6 +72,78 @@ def write_random_f16(demo_gguf: str, dst: str, shape: str, seed: int = 0) -> str
         writer.add_tensor(p + "ffn_up.weight", weight(inter, hidden))
         writer.add_tensor(p + "ffn_down.weight", weight(hidden, inter))
     return finish(writer, tmp, dst)
+
+
+def write_random_blocks(demo_gguf: str, dst: str, shape: str, kind: str, seed: int = 0) -> str:
+    """A random model of `shape` whose matrices are random `kind` (Q4_0 / Q8_0) blocks written directly, token
+    table in Q8_0: the way to get an 8B-shaped file without writing and quantizing a 15 GB F16 one first. Each
+    tensor is generated and written on its own (add_tensor_info + write_tensor_data), so memory stays at one
+    tensor, not the whole file."""
+    import gguf
+
+    from _gguf_dense import copy_field
+
+    if os.path.exists(dst):
+        return dst
+    hidden, layers, heads, kv_heads, inter = SHAPES[shape]
+    head_dim = hidden // heads
+    reader = gguf.GGUFReader(demo_gguf)
+    tmp = dst + ".tmp"
+    writer = gguf.GGUFWriter(tmp, "llama")
+    writer.add_name(f"random-{shape}-{kind}")
+    writer.add_context_length(8192)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(inter)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type({"Q4_0": 2, "Q8_0": 7}[kind])
+    vocab = None
+    for field in reader.fields.values():
+        if field.name.startswith("tokenizer."):
+            copy_field(writer, field)
+            if field.name == "tokenizer.ggml.tokens":
+                vocab = len(field.data)
+    tensors = [("token_embd.weight", (vocab, hidden), "Q8_0"), ("output_norm.weight", (hidden,), "F32")]
+    for i in range(layers):
+        p = f"blk.{i}."
+        tensors += [(p + "attn_norm.weight", (hidden,), "F32"),
+                    (p + "attn_q.weight", (heads * head_dim, hidden), kind),
+                    (p + "attn_k.weight", (kv_heads * head_dim, hidden), kind),
+                    (p + "attn_v.weight", (kv_heads * head_dim, hidden), kind),
+                    (p + "attn_output.weight", (hidden, heads * head_dim), kind),
+                    (p + "ffn_norm.weight", (hidden,), "F32"),
+                    (p + "ffn_gate.weight", (inter, hidden), kind),
+                    (p + "ffn_up.weight", (inter, hidden), kind),
+                    (p + "ffn_down.weight", (hidden, inter), kind)]
+    rng = np.random.default_rng(seed)
+
+    def data(shape, ttype):
+        if ttype == "F32":
+            return np.ones(shape, np.float32)
+        rows, cols = shape
+        block_bytes, scale = RANDOM_BLOCKS[ttype]
+        blocks = rng.integers(0, 256, size=(rows, cols // 32, block_bytes), dtype=np.uint8)
+        blocks[:, :, 0:2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)   # every block's fp16 d
+        return blocks.reshape(rows, -1)
+
+    for name, shape_, ttype in tensors:
+        qtype = getattr(gguf.GGMLQuantizationType, ttype)
+        nbytes = int(np.prod(shape_)) * 4 if ttype == "F32" else shape_[0] * shape_[1] // 32 * RANDOM_BLOCKS[ttype][0]
+        byte_shape = shape_ if ttype == "F32" else (shape_[0], nbytes // shape_[0])
+        writer.add_tensor_info(name, byte_shape, np.float32 if ttype == "F32" else np.uint8, nbytes,
+                               raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, shape_, ttype in tensors:
+        writer.write_tensor_data(data(shape_, ttype))
+    writer.close()
+    os.replace(tmp, dst)
+    return dst
 
 
 def quantize_with_llama_cpp(src: str, dst: str, kind: str) -> str:

@@ -11,7 +11,9 @@ CPU model and family and the load average.
         [--formats F32,F16,Q8_0,Q4_0,Q4_1] [--contexts 128,4096] [--steps 32] [--rounds 3] [--threads 2]
 
 Files: the demo model (SmolLM2-135M, Q4_1 as shipped; F32 / F16 dense copies; Q8_0 / Q4_0 made from the F32 copy by
-llama.cpp's quantizer) and a random 1B-shaped Llama (benchmarks/_random_gguf.py), cached in benchmarks/results/.cache.
+llama.cpp's quantizer), a random 1B-shaped Llama (benchmarks/_random_gguf.py; F16, quantized by llama.cpp) and a
+random 8B-shaped one (`--models llama-8b`: random Q4_0 / Q8_0 blocks written directly, since speed does not depend on
+the values and a 15 GB F16 file is not needed), cached in benchmarks/results/.cache.
 llama_fast runs F32 files in fp32, F16 files in bf16 (the same two bytes per weight: its CPU kernels take bf16, and
 an fp16 model bound for them is widened to fp32 at load) and quantized files natively with fp32 activations.
 Writes benchmarks/results/decode_separate.json.
@@ -125,7 +127,7 @@ def run_in_process(spec: dict, timeout: float) -> dict:
 # ---- files -----------------------------------------------------------------------------------------------
 
 def model_files(model: str, formats: list[str]) -> dict:
-    from _random_gguf import quantize_with_llama_cpp, write_random_f16
+    from _random_gguf import RANDOM_BLOCKS, quantize_with_llama_cpp, write_random_blocks, write_random_f16
 
     from llama_fast.tools.demo import find_demo_gguf
 
@@ -145,6 +147,14 @@ def model_files(model: str, formats: list[str]) -> dict:
                 files[fmt] = demo    # as shipped (Q4_1 layers, Q8_0 token table)
             else:
                 files[fmt] = quantize_with_llama_cpp(f32, os.path.join(CACHE, f"smollm2-{fmt}.gguf"), fmt)
+        return files
+    if model == "llama-8b":
+        # Random Q4_0 / Q8_0 blocks written directly: a 15 GB F16 file to quantize from is not needed for speed.
+        for fmt in formats:
+            if fmt in RANDOM_BLOCKS:
+                files[fmt] = write_random_blocks(demo, os.path.join(CACHE, f"{model}-{fmt}-random.gguf"), model, fmt)
+            else:
+                print(f"llama-8b: skipping {fmt} (only {', '.join(RANDOM_BLOCKS)} are written for the 8B shape)")
         return files
     f16 = write_random_f16(demo, os.path.join(CACHE, f"{model}-F16.gguf"), model)
     for fmt in formats:
