@@ -115,9 +115,10 @@ def worker(spec: dict) -> dict:
     return measure_llama_cpp(spec["path"], spec["format"], spec["context"], spec["steps"], spec["threads"])
 
 
-def run_in_process(spec: dict, timeout: float) -> dict:
+def run_in_process(spec: dict, timeout: float, script: str = __file__) -> dict:
+    """`script --worker spec` in a fresh process (OMP_NUM_THREADS = spec["threads"]): its last stdout line, parsed."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], env=env,
+    proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)], env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         return {"error": f"exit status {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] }"}

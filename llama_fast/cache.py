@@ -1,8 +1,12 @@
 """StaticCache: the preallocated key/value cache of a batch of sequences.
 
-Per layer k/v [B, S, Hkv, D] in the model dtype. Each sequence's REAL tokens are stored compactly from slot 0
-(left padding never takes a slot), `lengths[b]` (int32, on the cache's device) counts them, and slot i holds
-the token at rotary position i. So the attention of row b reads keys 0..lengths[b]-1 and nothing else.
+Per layer k/v [B, S, Hkv, D] in the model dtype, or in the model's `config.kv_cache_dtype` (bfloat16, float16,
+or int8 with one fp32 scale per token per kv head: k_scale / v_scale [B, S, Hkv], key = code x scale; like
+llama.cpp's `-ctk/-ctv q8_0` with one block per head vector). The ops read and write those natively
+(llama_fast.ops.store_kv / attention with k_scale, v_scale).
+Each sequence's REAL tokens are stored compactly from slot 0 (left padding never takes a slot), `lengths[b]`
+(int32, on the cache's device) counts them, and slot i holds the token at rotary position i. So the attention
+of row b reads keys 0..lengths[b]-1 and nothing else.
 
 `seen_tokens` counts the columns of all input chunks so far (a host int, an upper bound of every length):
 capacity checks use it, so the forward pass never syncs with the device to decide whether the cache fits.
@@ -16,6 +20,22 @@ from __future__ import annotations
 
 import torch
 
+# kv_cache_dtype names -> the storage dtype of the cache's k / v (torch.int8: codes, with fp32 scales).
+KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                   "int8": torch.int8}
+
+
+def kv_cache_dtype_name(value) -> str | None:
+    """The canonical name of a kv_cache_dtype setting: None (the model dtype), torch.bfloat16 / "bfloat16",
+    torch.float16 / "float16", torch.float32 / "float32" or torch.int8 / "int8"; anything else is a ValueError."""
+    if value is None:
+        return None
+    for name, dtype in KV_CACHE_DTYPES.items():
+        if value is dtype or (isinstance(value, str) and value.removeprefix("torch.") == name):
+            return name
+    raise ValueError(f"kv_cache_dtype must be None (the model dtype), 'bfloat16', 'float16', 'float32' or 'int8' "
+                     f"(or the torch dtype), got {value!r}")
+
 
 class CacheOverflowError(ValueError):
     """A chunk does not fit in a fixed-size cache."""
@@ -28,9 +48,14 @@ class StaticCache:
             raise ValueError("StaticCache sizes must be positive: "
                              f"layers={num_layers} batch={batch_size} max_len={max_len} "
                              f"kv_heads={num_kv_heads} head_dim={head_dim}")
+        dtype = KV_CACHE_DTYPES[kv_cache_dtype_name(dtype)]
         shape = (batch_size, max_len, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # int8: one fp32 scale per (row, slot, kv head); None per layer for a float cache.
+        scales = dtype == torch.int8
+        self.k_scale = [torch.zeros(shape[:3], device=device) if scales else None for _ in range(num_layers)]
+        self.v_scale = [torch.zeros(shape[:3], device=device) if scales else None for _ in range(num_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.seen_tokens = 0
         self.growable = growable
@@ -38,8 +63,11 @@ class StaticCache:
     @classmethod
     def for_model(cls, config, batch_size: int, max_len: int, dtype: torch.dtype, device=None,
                   growable: bool = False) -> "StaticCache":
+        """A cache for a model of `config` whose activations are `dtype`: stored in config.kv_cache_dtype when
+        that is set, else in `dtype`."""
+        kv_dtype = getattr(config, "kv_cache_dtype", None)
         return cls(config.num_hidden_layers, batch_size, max_len, config.num_key_value_heads, config.head_dim,
-                   dtype=dtype, device=device, growable=growable)
+                   dtype=dtype if kv_dtype is None else kv_dtype, device=device, growable=growable)
 
     # ---- sizes --------------------------------------------------------------------------------------------
 
@@ -57,7 +85,21 @@ class StaticCache:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The storage dtype of keys and values (torch.int8 for a quantized cache)."""
         return self.k[0].dtype
+
+    def scales(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(k_scale, v_scale) [B, S, Hkv] of an int8 cache's layer; (None, None) for a float cache."""
+        return self.k_scale[layer_idx], self.v_scale[layer_idx]
+
+    def dequantized(self, layer_idx: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer keys / values of slots [0, span) as fp32 for an int8 cache, else as stored (views)."""
+        k, v = self.k[layer_idx][:, :span], self.v[layer_idx][:, :span]
+        if self.dtype != torch.int8:
+            return k, v
+        from llama_fast.ops.reference import dequantize_kv
+        return (dequantize_kv(k, self.k_scale[layer_idx][:, :span]),
+                dequantize_kv(v, self.v_scale[layer_idx][:, :span]))
 
     @property
     def device(self) -> torch.device:
@@ -84,6 +126,8 @@ class StaticCache:
             new_len *= 2
         self.k = [_grow(t, new_len) for t in self.k]
         self.v = [_grow(t, new_len) for t in self.v]
+        self.k_scale = [None if t is None else _grow(t, new_len) for t in self.k_scale]
+        self.v_scale = [None if t is None else _grow(t, new_len) for t in self.v_scale]
 
     def reset(self) -> None:
         self.lengths.zero_()
@@ -99,6 +143,8 @@ class StaticCache:
         view = StaticCache.__new__(StaticCache)
         view.k = [t[start:stop] for t in self.k]
         view.v = [t[start:stop] for t in self.v]
+        view.k_scale = [None if t is None else t[start:stop] for t in self.k_scale]
+        view.v_scale = [None if t is None else t[start:stop] for t in self.v_scale]
         view.lengths = self.lengths[start:stop]
         view.seen_tokens = self.seen_tokens
         view.growable = False
@@ -108,9 +154,11 @@ class StaticCache:
 
     def to_legacy_cache(self) -> tuple:
         """((k, v) per layer), k/v [B, Hkv, T, D] with T = max(lengths); row b's tokens are left-aligned
-        (slot i = position i), rows shorter than T are zero beyond their length."""
+        (slot i = position i), rows shorter than T are zero beyond their length. An int8 cache gives its
+        dequantized values in fp32."""
         t = int(self.lengths.max()) if self.batch_size else 0
-        return tuple((k[:, :t].transpose(1, 2), v[:, :t].transpose(1, 2)) for k, v in zip(self.k, self.v))
+        layers = (self.dequantized(i, t) for i in range(self.num_layers))
+        return tuple((k.transpose(1, 2), v.transpose(1, 2)) for k, v in layers)
 
     def __getitem__(self, layer_idx: int):
         return self.to_legacy_cache()[layer_idx]
@@ -172,17 +220,16 @@ def as_static_cache(past, config, past_mask: torch.Tensor | None = None, dtype=N
     dtype = dtype or k0.dtype
     device = device or k0.device
     cache = StaticCache.for_model(config, batch, max(2 * past_len, 16), dtype, device, growable=True)
+    from llama_fast.ops.reference import store_kv_any_cache  # rounds / quantizes into the cache's dtype
     if past_mask is None:
         pads = torch.zeros(batch, dtype=torch.long, device=device)
     else:
         pads = left_padding(past_mask.to(device))
     # column j of row b is real token j - pads[b]; pads go to slot -1 and are dropped.
     slots = torch.arange(past_len, device=device)[None, :] - pads[:, None]
-    keep = slots >= 0
-    rows = torch.arange(batch, device=device)[:, None].expand_as(slots)[keep]
     for layer, (k, v) in enumerate(layers):
-        cache.k[layer][rows, slots[keep]] = k.transpose(1, 2).to(device, dtype)[keep]
-        cache.v[layer][rows, slots[keep]] = v.transpose(1, 2).to(device, dtype)[keep]
+        store_kv_any_cache(cache.k[layer], cache.v[layer], k.transpose(1, 2).to(device, dtype),
+                           v.transpose(1, 2).to(device, dtype), slots, *cache.scales(layer))
     cache.lengths.copy_((past_len - pads).to(torch.int32))
     cache.seen_tokens = past_len
     return cache

@@ -187,6 +187,9 @@ class LlamaConfig:
             raise ValueError(f"quantization_config must be an object, got {type(quantization).__name__}")
         if self.dtype is not None:
             dtype_from_name(self.dtype, "torch_dtype")
+        if getattr(self, "kv_cache_dtype", None) is not None:     # set by the user, not by checkpoints
+            from llama_fast.cache import kv_cache_dtype_name
+            self.kv_cache_dtype = kv_cache_dtype_name(self.kv_cache_dtype)
         eos = self.eos_token_id
         if eos is not None and not _int_not_bool(eos) and not (
                 isinstance(eos, list) and all(_int_not_bool(e) for e in eos)):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama_fast import generation, kquants, loading, ops
-from llama_fast.cache import StaticCache, as_static_cache, left_padding
+from llama_fast.cache import StaticCache, as_static_cache, kv_cache_dtype_name, left_padding
 from llama_fast.config import LlamaConfig
 from llama_fast.embedding import Embedding
 from llama_fast.linear import Linear
@@ -74,13 +74,17 @@ class LlamaAttention(TracksWeights):
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
         ops.rotary(q, k, step.positions, step.cos, step.sin, backend=self.backend)
         k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
-        ops.store_kv(k_cache, v_cache, k, v, step.slots, backend=self.backend)
-        k_span, v_span = k_cache[:, :step.kv_span], v_cache[:, :step.kv_span]
-        out = ops.attention(q, k_span, v_span, causal=True, kv_lens=step.kv_lens, scale=self.scale,
-                            backend=self.backend)
+        k_scale, v_scale = cache.scales(self.layer_idx)          # int8 kv_cache_dtype; else None
+        ops.store_kv(k_cache, v_cache, k, v, step.slots, backend=self.backend, k_scale=k_scale, v_scale=v_scale)
+        span = step.kv_span
+        out = ops.attention(q, k_cache[:, :span], v_cache[:, :span], causal=True, kv_lens=step.kv_lens,
+                            scale=self.scale, backend=self.backend,
+                            k_scale=None if k_scale is None else k_scale[:, :span],
+                            v_scale=None if v_scale is None else v_scale[:, :span])
         probs = None
         if output_attentions:
-            probs = attention_probs(q, k_cache[:, :step.columns], step.kv_lens, self.scale)
+            keys = cache.dequantized(self.layer_idx, step.columns)[0]
+            probs = attention_probs(q, keys, step.kv_lens, self.scale)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), probs
 
 
@@ -200,12 +204,27 @@ class LlamaPreTrainedModel(TracksWeights):
 
     @classmethod
     def from_pretrained(cls, path, dtype="auto", device="cpu", backend=None, quantize=None, group_size=128,
-                        **kwargs):
+                        kv_cache_dtype=None, **kwargs):
         """Loads an HF directory (config.json + safetensors, single or sharded) or a .gguf file; see
         llama_fast.loading.from_pretrained. tp_plan="auto" inside a torch.distributed process group loads this
-        rank's shard of a tensor-parallel model (llama_fast.parallel)."""
-        return loading.from_pretrained(cls, path, dtype=dtype, device=device, backend=backend, quantize=quantize,
-                                       group_size=group_size, **kwargs)
+        rank's shard of a tensor-parallel model (llama_fast.parallel). kv_cache_dtype: see the property."""
+        kv_cache_dtype = kv_cache_dtype_name(kv_cache_dtype)         # a bad value fails before loading
+        model = loading.from_pretrained(cls, path, dtype=dtype, device=device, backend=backend, quantize=quantize,
+                                        group_size=group_size, **kwargs)
+        if kv_cache_dtype is not None:
+            model.kv_cache_dtype = kv_cache_dtype
+        return model
+
+    @property
+    def kv_cache_dtype(self) -> str | None:
+        """How the KV caches this model makes store keys and values (config.kv_cache_dtype): None = the model
+        dtype, "bfloat16", "float16", "float32", or "int8" (symmetric, one fp32 scale per token per kv head).
+        Set it here, in the config or with from_pretrained(..., kv_cache_dtype=...)."""
+        return getattr(self.config, "kv_cache_dtype", None)
+
+    @kv_cache_dtype.setter
+    def kv_cache_dtype(self, value) -> None:
+        self.config.kv_cache_dtype = kv_cache_dtype_name(value)
 
     @classmethod
     def from_transformers(cls, hf_model, backend=None):

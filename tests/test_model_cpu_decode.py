@@ -263,7 +263,7 @@ def test_decode_plan_names_bad_block_fields():
         cache = torch.zeros(1, 8, 2, 64)
         torch.ops.llama_fast.cpu_decode_step(plan, torch.zeros(1, 1, 256), [cache], [cache.clone()],
                                              torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
-                                             torch.ones(1, dtype=torch.int32), 1, cos, sin)
+                                             torch.ones(1, dtype=torch.int32), 1, cos, sin, [], [])
 
     q4k = kquants.TYPE_IDS["Q4_K"]
     step(lambda n, k: [random_blocks("Q4_K", n, k)], [q4k])          # well formed: runs
@@ -297,7 +297,7 @@ def _ragged_step(model, prompts, step_tokens):
     return logits, mask.bool(), cache.lengths.tolist()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int4"])
+@pytest.mark.parametrize("dtype", ["float32", "int4", "int8_kv"])
 def test_padded_step_runs_fused_on_its_real_tokens(tmp_path, count_fused, dtype):
     """A serving step: one row's 20-token prompt chunk next to rows of one token and a row of pads only. B x T
     (4 x 20) exceeds the fused stack's rows, its real tokens (22) do not: the stack runs on those alone, and every
@@ -308,7 +308,7 @@ def test_padded_step_runs_fused_on_its_real_tokens(tmp_path, count_fused, dtype)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 3, 9, 4)]
     step_tokens = [[7], torch.randint(0, 128, (20,), generator=g).tolist(), [11], []]
-    kw = {"quantize": "int4", "group_size": 32} if dtype == "int4" else {}
+    kw = {"int4": {"quantize": "int4", "group_size": 32}, "int8_kv": {"kv_cache_dtype": "int8"}}.get(dtype, {})
     fused = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", **kw)
     ref = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", backend="torch", **kw)
     got, real, lengths = _ragged_step(fused, prompts, step_tokens)

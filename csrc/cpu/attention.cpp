@@ -6,8 +6,13 @@
 // transposed once into Kt[D][W] so the scores of a row are D broadcast-FMAs (no horizontal sums), then an
 // online softmax (running max m, sum l, unnormalized acc) folds the block in. No T x T matrix exists.
 // When there are fewer tasks than threads (decode: B x Hkv small), the keys are split into chunks (split-K)
-// whose partial (m, l, acc) are merged at the end.
+// whose partial (m, l, acc) are merged at the end; the chunk count makes the work a multiple of the threads.
+//
+// Keys and values are read as the cache stores them (AttentionArgs::kv): fp32, bf16, fp16 or int8 with a
+// per-(token, head) scale. The int8 scales are applied per key, not per element: a key's score is
+// scale_k * (q . k_int8) and a value enters as (p * scale_v) * v_int8, so the inner loops only widen the bytes.
 #ifndef LF_ISA
+#include "common/fp16_bits.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
 #define LF_ISA_SELF "cpu/attention.cpp"
@@ -21,6 +26,19 @@ constexpr int64_t kRowsPerTask = 32;  // query rows (queries x group) per task: 
 constexpr int64_t kFewRows = 8;       // tasks of at most this many rows (decode) take attention_task_few_rows
 
 int64_t key_chunk_alignment() { return 16; }
+
+// The kernels' template parameter: bit 2 = q / out in bf16, bits 0-1 = the cache's KvType.
+int task_mode(const AttentionArgs& a) { return (a.bf16 ? 4 : 0) | static_cast<int>(a.kv); }
+
+// One work item: the state (m, l, acc) of rows [i0, i1) x group of kv head h over keys [k0, k1) into p.
+template <int Mode>
+void run_task(const AttentionArgs& a, int64_t R, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t k0, int64_t k1,
+              float* p) {
+  if (R <= kFewRows)
+    LF_DISPATCH(attention_task_few_rows<Mode>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
+  else
+    LF_DISPATCH(attention_task<Mode>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
+}
 
 template <typename T>
 void finalize(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t nsplit, const float* part,
@@ -96,7 +114,11 @@ void attention(const AttentionArgs& a) {
   const int64_t threads = num_threads();
   int64_t nsplit = 1;
   if (tasks < 4 * threads && kmax >= 256) {
-    nsplit = std::min<int64_t>((4 * threads + tasks - 1) / tasks, kmax / 128);
+    // At least 4 work items per thread, and a multiple of the threads (9 equal items on 2 threads leave one
+    // thread idle for the last ninth), with chunks of at least 128 keys.
+    const int64_t max_split = std::max<int64_t>(1, kmax / 128);
+    nsplit = std::min<int64_t>((4 * threads + tasks - 1) / tasks, max_split);
+    while (nsplit < max_split && (tasks * nsplit) % threads != 0) ++nsplit;
     nsplit = std::max<int64_t>(nsplit, 1);
   }
   int64_t chunk = (kmax + nsplit - 1) / nsplit;
@@ -111,6 +133,7 @@ void attention(const AttentionArgs& a) {
   // Work below ~2^18 query-key-dim products (a decode step over a few hundred keys: microseconds) stays on
   // the calling thread: a fork/join costs as much, and far more when a helper thread is not running now.
   const bool small = a.tq * kmax * a.hq * D < (1 << 18);
+  const int mode = task_mode(a);
   parallel_for(work, small ? work : 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t split = w % nsplit, task = w / nsplit;
@@ -119,15 +142,15 @@ void attention(const AttentionArgs& a) {
       const int64_t k0 = split * chunk, k1 = std::min(kmax, k0 + chunk);
       const int64_t R = (i1 - i0) * G;
       float* p = base + w * part_stride;
-      if (R <= kFewRows) {
-        if (a.bf16)
-          LF_DISPATCH(attention_task_few_rows<uint16_t>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
-        else
-          LF_DISPATCH(attention_task_few_rows<float>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
-      } else if (a.bf16) {
-        LF_DISPATCH(attention_task<uint16_t>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
-      } else {
-        LF_DISPATCH(attention_task<float>, a, b, h, i0, i1, k0, k1, p, p + R, p + 2 * R);
+      switch (mode) {
+        case 0: run_task<0>(a, R, b, h, i0, i1, k0, k1, p); break;
+        case 1: run_task<1>(a, R, b, h, i0, i1, k0, k1, p); break;
+        case 2: run_task<2>(a, R, b, h, i0, i1, k0, k1, p); break;
+        case 3: run_task<3>(a, R, b, h, i0, i1, k0, k1, p); break;
+        case 4: run_task<4>(a, R, b, h, i0, i1, k0, k1, p); break;
+        case 5: run_task<5>(a, R, b, h, i0, i1, k0, k1, p); break;
+        case 6: run_task<6>(a, R, b, h, i0, i1, k0, k1, p); break;
+        default: run_task<7>(a, R, b, h, i0, i1, k0, k1, p); break;
       }
     }
   });
@@ -158,6 +181,82 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // The l of a row that had valid keys in a task but only -inf scores: -0, which sums like 0 but lets finalize
 // tell it from a row without valid keys (+0).
 constexpr float kSawOnlyNegInf = -0.f;
+
+// ---- reading the cache's element types (Mode bits 0-1: KvType) ---------------------------------------------
+constexpr int kKvF32 = static_cast<int>(KvType::kF32), kKvBF16 = static_cast<int>(KvType::kBF16),
+              kKvF16 = static_cast<int>(KvType::kF16), kKvI8 = static_cast<int>(KvType::kI8);
+
+template <int KV>
+constexpr int64_t kv_bytes() {
+  return KV == kKvF32 ? 4 : KV == kKvI8 ? 1 : 2;
+}
+
+// Element i of a cache row as fp32 (an int8 element unscaled).
+template <int KV>
+inline float kv_at(const char* row, int64_t i) {
+  if constexpr (KV == kKvF32) return reinterpret_cast<const float*>(row)[i];
+  if constexpr (KV == kKvBF16) return bf16_bits_to_float(reinterpret_cast<const uint16_t*>(row)[i]);
+  if constexpr (KV == kKvF16) return half_bits_to_float(reinterpret_cast<const uint16_t*>(row)[i]);
+  return static_cast<float>(reinterpret_cast<const int8_t*>(row)[i]);
+}
+
+// W elements of a cache row from element i as fp32 (int8 unscaled).
+template <int KV>
+inline VecF kv_load(const char* row, int64_t i) {
+  if constexpr (KV == kKvF32) return VecF::load(reinterpret_cast<const float*>(row) + i);
+  if constexpr (KV == kKvBF16) return VecF::load(reinterpret_cast<const uint16_t*>(row) + i);
+#if LF_ISA_LEVEL == 2
+  if constexpr (KV == kKvF16)
+    return VecF(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * i))));
+  return VecF(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)))));
+#elif LF_ISA_LEVEL == 1
+  if constexpr (KV == kKvF16)
+    return VecF(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * i))));
+  return VecF(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + i)))));
+#else
+  return VecF(kv_at<KV>(row, i));
+#endif
+}
+
+#if LF_ISA_LEVEL == 2
+// [pair sums of a's lanes | pair sums of b's lanes]: AVX-512 has no hadd_ps.
+inline __m512 hadd(__m512 a, __m512 b) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return _mm512_add_ps(_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b));
+}
+#endif
+
+// Keys ahead of the one being read that the few-rows kernels prefetch. A kv head's rows are Hkv x D elements
+// apart, so a task walks memory with a stride the hardware prefetchers follow poorly (at 8 kv heads x 64 fp32 a
+// row of 256 bytes every 2 KiB); asking for each row's lines a fixed number of keys ahead keeps enough misses
+// in flight whatever the stride and core.
+constexpr int64_t kPrefetchKeys = 16;
+
+// The cache lines of one cache row of `bytes` bytes (prefetch for reading, into all levels).
+inline void prefetch_row(const char* row, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
+}
+
+// v[0..W) -> one vector whose lane j is the sum of v[j]'s lanes (W dot products finished at once, instead of
+// W horizontal sums).
+inline VecF lane_sums(const VecF* v) {
+#if LF_ISA_LEVEL == 2
+  // hadd(a, b) = [pair sums of a | pair sums of b]; four rounds pair up 16 vectors into one, lanes in order.
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i) x[i] = hadd(v[2 * i].v, v[2 * i + 1].v);
+  for (int i = 0; i < 4; ++i) y[i] = hadd(x[2 * i], x[2 * i + 1]);
+  for (int i = 0; i < 2; ++i) z[i] = hadd(y[2 * i], y[2 * i + 1]);
+  return VecF(hadd(z[0], z[1]));
+#elif LF_ISA_LEVEL == 1
+  // _mm256_hadd_ps works within 128-bit halves; after two rounds each half holds 4 partial sums of 4 vectors.
+  const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0].v, v[1].v), _mm256_hadd_ps(v[2].v, v[3].v));
+  const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4].v, v[5].v), _mm256_hadd_ps(v[6].v, v[7].v));
+  return VecF(_mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31)));
+#else
+  return v[0];
+#endif
+}
 
 // Whether scores[0..n) hold a NaN or a +inf. The reference's softmax makes such a row NaN (+inf - max(+inf) is
 // NaN); the vector exp here clamps its input, which would turn both into a finite weight, so the row's l is
@@ -190,11 +289,29 @@ inline void block_scores(const float* qf, int64_t D, const float* kt, VecF* out)
   for (int r = 0; r < RB; ++r) out[r] = a0[r] + a1[r];
 }
 
+// The queries of rows r = (i - i0) * G + g (query i, head h*G+g) as fp32 times the softmax scale, and each
+// row's key limit (bottom-right causal: query i sits at position kv_len - tq + i), capped at k1.
+template <typename TQ>
+void load_queries(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t R, int64_t k1, float* qf,
+                  int64_t* lim) {
+  const int64_t G = a.hq / a.hkv, D = a.head_dim;
+  const int64_t kv_len = a.kv_lens ? a.kv_lens[b] : a.tk;
+  const TQ* q = static_cast<const TQ*>(a.q);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t i = i0 + r / G, head = h * G + r % G;
+    const TQ* src = q + b * a.q_sb + i * a.q_st + head * a.q_sh;
+    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_f32(src[d]) * a.scale;
+    lim[r] = std::min(k1, a.causal ? std::min(kv_len, kv_len - a.tq + i + 1) : kv_len);
+  }
+}
+
 // One task: rows r = (i - i0) * G + g for queries i0..i1-1 and heads h*G+g, keys k0..k1-1. Writes the
-// unnormalized online-softmax state m[R], l[R], acc[R][D].
-template <typename T>
+// unnormalized online-softmax state m[R], l[R], acc[R][D]. Mode: see task_mode.
+template <int Mode>
 void attention_task(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t k0, int64_t k1,
                     float* m, float* l, float* acc) {
+  using TQ = std::conditional_t<(Mode & 4) != 0, uint16_t, float>;
+  constexpr int KV = Mode & 3;
   constexpr int W = VecF::W;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t G = a.hq / a.hkv, D = a.head_dim, R = (i1 - i0) * G;
@@ -204,17 +321,12 @@ void attention_task(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, in
   kt.resize(D * W);
   vb.resize(W * D);
   lim.resize(R);
-  const T* q = static_cast<const T*>(a.q);
-  const T* k = static_cast<const T*>(a.k);
-  const T* v = static_cast<const T*>(a.v);
-  const int64_t kv_len = a.kv_lens ? a.kv_lens[b] : a.tk;
+  const char* k = static_cast<const char*>(a.k) + (b * a.k_sb + h * a.k_sh) * kv_bytes<KV>();
+  const char* v = static_cast<const char*>(a.v) + (b * a.v_sb + h * a.v_sh) * kv_bytes<KV>();
+  const int64_t scale_base = b * a.s_sb + h;
+  load_queries<TQ>(a, b, h, i0, R, a.tk, qf.data(), lim.data());
   int64_t kend = 0;
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t i = i0 + r / G, head = h * G + r % G;
-    const T* src = q + b * a.q_sb + i * a.q_st + head * a.q_sh;
-    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_f32(src[d]) * a.scale;
-    // bottom-right causal: query i sits at position kv_len - tq + i
-    lim[r] = a.causal ? std::min(kv_len, kv_len - a.tq + i + 1) : kv_len;
     kend = std::max(kend, lim[r]);
     m[r] = kNegInf;
     l[r] = 0.f;
@@ -227,10 +339,13 @@ void attention_task(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, in
     const int64_t jn = std::min<int64_t>(W, kend - j0);
     for (int64_t j = 0; j < W; ++j) {
       if (j < jn) {
-        const T* kr = k + b * a.k_sb + (j0 + j) * a.k_st + h * a.k_sh;
-        const T* vr = v + b * a.v_sb + (j0 + j) * a.v_st + h * a.v_sh;
-        for (int64_t d = 0; d < D; ++d) kt[d * W + j] = to_f32(kr[d]);
-        for (int64_t d = 0; d < D; ++d) vb[j * D + d] = to_f32(vr[d]);
+        const char* kr = k + (j0 + j) * a.k_st * kv_bytes<KV>();
+        const char* vr = v + (j0 + j) * a.v_st * kv_bytes<KV>();
+        // int8: the key's scale is applied to each element here (the prefill kernel transposes the block anyway)
+        const float ks = KV == kKvI8 ? a.k_scale[scale_base + (j0 + j) * a.s_st] : 1.f;
+        const float vs = KV == kKvI8 ? a.v_scale[scale_base + (j0 + j) * a.s_st] : 1.f;
+        for (int64_t d = 0; d < D; ++d) kt[d * W + j] = kv_at<KV>(kr, d) * ks;
+        for (int64_t d = 0; d < D; ++d) vb[j * D + d] = kv_at<KV>(vr, d) * vs;
       } else {
         for (int64_t d = 0; d < D; ++d) kt[d * W + j] = 0.f;
         for (int64_t d = 0; d < D; ++d) vb[j * D + d] = 0.f;
@@ -281,57 +396,113 @@ void attention_task(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, in
   }
 }
 
-// A task of at most kFewRows rows (decode: the G query heads of one kv head, one or two tokens). Each key
-// is scored by one dot product per row over its D contiguous values (no transposed key block, which costs
-// more than the few rows' FMAs), then an exact two-pass softmax over the chunk's score buffer, then P V with
-// the accumulators in registers. Writes the same unnormalized (m, l, acc) as attention_task.
-template <typename T>
-void attention_task_few_rows(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t k0,
-                             int64_t k1, float* m, float* l, float* acc) {
+// Scores sc[r][j] = q_r . k_(k0+j) (times the key's int8 scale) for j < n, W keys at a time: each key's dot
+// products are D/W FMAs per row into one vector, and lane_sums finishes W keys' sums together. The tail of a
+// D that is not a multiple of W is added per key afterwards.
+template <int KV, int R>
+void few_rows_scores(const AttentionArgs& a, const char* k, const float* kscale, const float* qf, int64_t k0, int64_t n,
+                     int64_t stride, float* sc) {
   constexpr int W = VecF::W;
-  constexpr int kRows = 8;
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const int64_t G = a.hq / a.hkv, D = a.head_dim, R = (i1 - i0) * G;
-  const int64_t DV = D / W * W;  // the vector part of a row
-  thread_local std::vector<float> qf, sc;
-  qf.resize(R * D);
-  const T* q = static_cast<const T*>(a.q);
-  const T* k = static_cast<const T*>(a.k) + b * a.k_sb + h * a.k_sh;
-  const T* v = static_cast<const T*>(a.v) + b * a.v_sb + h * a.v_sh;
-  const int64_t kv_len = a.kv_lens ? a.kv_lens[b] : a.tk;
-  int64_t lim[kRows], kend = k0;
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t i = i0 + r / G, head = h * G + r % G;
-    const T* src = q + b * a.q_sb + i * a.q_st + head * a.q_sh;
-    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_f32(src[d]) * a.scale;
-    // bottom-right causal: query i sits at position kv_len - tq + i
-    lim[r] = std::min(k1, a.causal ? std::min(kv_len, kv_len - a.tq + i + 1) : kv_len);
-    kend = std::max(kend, lim[r]);
-    m[r] = kNegInf;
-    l[r] = 0.f;
+  const int64_t D = a.head_dim, DV = D / W * W, row_bytes = a.k_st * kv_bytes<KV>();
+  const int64_t d_bytes = D * kv_bytes<KV>();
+  alignas(64) float tmp[W];
+  VecF part[R][W];
+  for (int64_t j0 = 0; j0 < n; j0 += W) {
+    const int64_t jn = std::min<int64_t>(W, n - j0);
+    for (int64_t jj = 0; jj < W; ++jj) {
+      VecF s[R];
+      for (int r = 0; r < R; ++r) s[r] = VecF::zero();
+      if (jj < jn) {
+        const char* kr = k + (k0 + j0 + jj) * row_bytes;
+        if (j0 + jj + kPrefetchKeys < n) prefetch_row(kr + kPrefetchKeys * row_bytes, d_bytes);
+        for (int64_t d = 0; d < DV; d += W) {
+          const VecF kv = kv_load<KV>(kr, d);
+          for (int r = 0; r < R; ++r) s[r] = VecF::fma(VecF::load(qf + r * D + d), kv, s[r]);
+        }
+      }
+      for (int r = 0; r < R; ++r) part[r][jj] = s[r];
+    }
+    for (int r = 0; r < R; ++r) {
+      lane_sums(part[r]).store(tmp);
+      for (int64_t jj = 0; jj < jn; ++jj) sc[r * stride + j0 + jj] = tmp[jj];
+    }
   }
+  if (DV < D) {
+    for (int64_t j = 0; j < n; ++j) {
+      const char* kr = k + (k0 + j) * row_bytes;
+      for (int r = 0; r < R; ++r) {
+        float t = 0.f;
+        for (int64_t d = DV; d < D; ++d) t += qf[r * D + d] * kv_at<KV>(kr, d);
+        sc[r * stride + j] += t;
+      }
+    }
+  }
+  if constexpr (KV == kKvI8)
+    for (int64_t j = 0; j < n; ++j) {
+      const float ks = kscale[(k0 + j) * a.s_st];
+      for (int r = 0; r < R; ++r) sc[r * stride + j] *= ks;
+    }
+}
+
+// acc[r] = sum_j p[r][j] v_(k0+j) for j < n, with p already times the value's int8 scale. Keys outer, a block of
+// up to NV vectors of each row's accumulator in registers, so each value row is read once per block.
+template <int KV, int R>
+void few_rows_values(const AttentionArgs& a, const char* v, const float* p, int64_t k0, int64_t n, int64_t stride,
+                     float* acc) {
+  constexpr int W = VecF::W;
+  constexpr int kRegs = W == 16 ? 32 : 16;
+  constexpr int NV = std::max(1, std::min(4, (kRegs - 4) / R));
+  const int64_t D = a.head_dim, DV = D / W * W, row_bytes = a.v_st * kv_bytes<KV>();
+  const int64_t d_bytes = D * kv_bytes<KV>();
+  for (int64_t d0 = 0; d0 < DV; d0 += NV * W) {
+    const int nv = static_cast<int>(std::min<int64_t>(NV, (DV - d0) / W));
+    VecF o[R][NV];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < NV; ++c) o[r][c] = VecF::zero();
+    for (int64_t j = 0; j < n; ++j) {
+      const char* vr = v + (k0 + j) * row_bytes;
+      if (d0 == 0 && j + kPrefetchKeys < n) prefetch_row(vr + kPrefetchKeys * row_bytes, d_bytes);
+      VecF vv[NV];
+      for (int c = 0; c < NV; ++c)
+        if (c < nv) vv[c] = kv_load<KV>(vr, d0 + c * W);
+      for (int r = 0; r < R; ++r) {
+        const VecF pr = VecF::set1(p[r * stride + j]);
+        for (int c = 0; c < NV; ++c)
+          if (c < nv) o[r][c] = VecF::fma(pr, vv[c], o[r][c]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < nv; ++c) o[r][c].store(acc + r * D + d0 + c * W);
+  }
+  for (int64_t d = DV; d < D; ++d)
+    for (int r = 0; r < R; ++r) {
+      float o = 0.f;
+      for (int64_t j = 0; j < n; ++j) o += p[r * stride + j] * kv_at<KV>(v + (k0 + j) * row_bytes, d);
+      acc[r * D + d] = o;
+    }
+}
+
+// A task of at most kFewRows rows (decode: the G query heads of one kv head, one or two tokens): the chunk's
+// scores into a buffer (few_rows_scores), an exact two-pass softmax over it, then P V (few_rows_values). Writes
+// the same unnormalized (m, l, acc) as attention_task. R is a template parameter so that the rows' accumulators
+// live in registers.
+template <int KV, int R>
+void few_rows(const AttentionArgs& a, int64_t b, int64_t h, const float* qf, const int64_t* lim, int64_t k0,
+              int64_t kend, float* m, float* l, float* acc) {
+  constexpr int W = VecF::W;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t D = a.head_dim;
   std::fill(acc, acc + R * D, 0.f);
   const int64_t n = kend - k0;
   if (n <= 0) return;
+  thread_local std::vector<float> sc;
   sc.resize(R * n);
-
-  // scores sc[r][j] = q_r . k_j (-inf past the row's causal limit)
-  for (int64_t j = 0; j < n; ++j) {
-    const T* kr = k + (k0 + j) * a.k_st;
-    VecF s[kRows];
-    for (int64_t r = 0; r < R; ++r) s[r] = VecF::zero();
-    for (int64_t d = 0; d < DV; d += W) {
-      const VecF kv = VecF::load(kr + d);
-      for (int64_t r = 0; r < R; ++r) s[r] = VecF::fma(VecF::load(qf.data() + r * D + d), kv, s[r]);
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      float dot = s[r].sum();
-      for (int64_t d = DV; d < D; ++d) dot += qf[r * D + d] * to_f32(kr[d]);
-      sc[r * n + j] = k0 + j < lim[r] ? dot : kNegInf;
-    }
-  }
-  // softmax numerators p = exp(s - max) in place (0 past the limit); m and l per row
-  for (int64_t r = 0; r < R; ++r) {
+  const char* k = static_cast<const char*>(a.k) + (b * a.k_sb + h * a.k_sh) * kv_bytes<KV>();
+  const char* v = static_cast<const char*>(a.v) + (b * a.v_sb + h * a.v_sh) * kv_bytes<KV>();
+  const int64_t scale_base = b * a.s_sb + h;
+  few_rows_scores<KV, R>(a, k, KV == kKvI8 ? a.k_scale + scale_base : nullptr, qf, k0, n, n, sc.data());
+  // softmax numerators p = exp(s - max) in place (0 past the row's causal limit); m and l per row
+  for (int r = 0; r < R; ++r) {
     float* sr = sc.data() + r * n;
     const int64_t nr = std::max<int64_t>(0, lim[r] - k0);
     if (nr == 0) {
@@ -364,22 +535,42 @@ void attention_task_few_rows(const AttentionArgs& a, int64_t b, int64_t h, int64
     m[r] = mx;
     l[r] = poisoned ? kNaN : sum;
   }
-  // acc[r] = sum_j p[r][j] v_j
-  for (int64_t d = 0; d < DV; d += W) {
-    VecF o[kRows];
-    for (int64_t r = 0; r < R; ++r) o[r] = VecF::zero();
+  if constexpr (KV == kKvI8) {  // the values' scales go into the weights (l keeps the unscaled sum)
+    const float* vscale = a.v_scale + scale_base;
     for (int64_t j = 0; j < n; ++j) {
-      const VecF vv = VecF::load(v + (k0 + j) * a.v_st + d);
-      for (int64_t r = 0; r < R; ++r) o[r] = VecF::fma(VecF::set1(sc[r * n + j]), vv, o[r]);
+      const float vs = vscale[(k0 + j) * a.s_st];
+      for (int r = 0; r < R; ++r) sc[r * n + j] *= vs;
     }
-    for (int64_t r = 0; r < R; ++r) o[r].store(acc + r * D + d);
   }
-  for (int64_t d = DV; d < D; ++d) {
-    for (int64_t r = 0; r < R; ++r) {
-      float o = 0.f;
-      for (int64_t j = 0; j < n; ++j) o += sc[r * n + j] * to_f32(v[(k0 + j) * a.v_st + d]);
-      acc[r * D + d] = o;
-    }
+  few_rows_values<KV, R>(a, v, sc.data(), k0, n, n, acc);
+}
+
+template <int Mode>
+void attention_task_few_rows(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t k0,
+                             int64_t k1, float* m, float* l, float* acc) {
+  using TQ = std::conditional_t<(Mode & 4) != 0, uint16_t, float>;
+  constexpr int KV = Mode & 3;
+  constexpr int kRows = 8;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t G = a.hq / a.hkv, D = a.head_dim, R = (i1 - i0) * G;
+  thread_local std::vector<float> qf;
+  qf.resize(R * D);
+  int64_t lim[kRows], kend = k0;
+  load_queries<TQ>(a, b, h, i0, R, k1, qf.data(), lim);
+  for (int64_t r = 0; r < R; ++r) {
+    kend = std::max(kend, lim[r]);
+    m[r] = kNegInf;
+    l[r] = 0.f;
+  }
+  switch (R) {
+    case 1: few_rows<KV, 1>(a, b, h, qf.data(), lim, k0, kend, m, l, acc); break;
+    case 2: few_rows<KV, 2>(a, b, h, qf.data(), lim, k0, kend, m, l, acc); break;
+    case 3: few_rows<KV, 3>(a, b, h, qf.data(), lim, k0, kend, m, l, acc); break;
+    case 4: few_rows<KV, 4>(a, b, h, qf.data(), lim, k0, kend, m, l, acc); break;
+    case 5: few_rows<KV, 5>(a, b, h, qf.data(), lim, k0, kend, m, l, acc); break;
+    case 6: few_rows<KV, 6>(a, b, h, qf.data(), lim, k0, kend, m, l, acc); break;
+    case 7: few_rows<KV, 7>(a, b, h, qf.data(), lim, k0, kend, m, l, acc); break;
+    default: few_rows<KV, 8>(a, b, h, qf.data(), lim, k0, kend, m, l, acc); break;
   }
 }
 

@@ -147,12 +147,12 @@ class DecodePlan : public torch::CustomClassHolder {
   // states [B, T, H]; `hidden` (the embeddings) is left untouched.
   at::Tensor run(const at::Tensor& hidden, at::TensorList k_caches, at::TensorList v_caches,
                  const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& kv_lens, int64_t kv_span,
-                 const at::Tensor& cos, const at::Tensor& sin) {
+                 const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_scales, at::TensorList v_scales) {
     std::lock_guard<std::mutex> lock(mu_);  // the scratch buffers are the plan's: one step at a time
     Profile& prof = Profile::get();
     prof.begin();
     if (!validated_ || !weights_unchanged()) validate();
-    check_step(hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin);
+    check_step(hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin, k_scales, v_scales);
     const bool bf16 = dtype_ == at::kBFloat16;
     const int64_t b = hidden.size(0), t = hidden.size(1), hs = hs_, head_dim = head_dim_;
     const bool packed = pack(slots, positions, b, t);
@@ -181,6 +181,9 @@ class DecodePlan : public torch::CustomClassHolder {
     const bool pos64 = packed || positions.scalar_type() == at::kLong;
     const bool slots64 = packed || slots.scalar_type() == at::kLong;
     if (!packed) groups_.assign(1, RowGroup{0, b, t, 0});
+    // check_step: every layer's cache alike
+    const cpu::KvType kv_type = layers_ ? cpu::kv_type(k_caches[0], kOp) : cpu::KvType::kF32;
+    const bool int8 = kv_type == cpu::KvType::kI8;
     prof.mark(Profile::kChecks);
 
     for (int64_t l = 0; l < layers_; ++l) {
@@ -199,24 +202,33 @@ class DecodePlan : public torch::CustomClassHolder {
       prof.mark(Profile::kRotary);
       const at::Tensor& kc = k_caches[l];
       const at::Tensor& vc = v_caches[l];
-      const int64_t cache_len = kc.size(1), cs = cache_len * kv_size;
+      // cs: a cache row's elements, ss: its int8 scales [S, Hkv]; each group of rows works on its own cache rows
+      const int64_t cache_len = kc.size(1), cs = cache_len * kv_size, ss = cache_len * kv_heads_;
+      const int64_t ces = kc.element_size();
+      float* ks = int8 ? k_scales[l].data_ptr<float>() : nullptr;
+      float* vs = int8 ? v_scales[l].data_ptr<float>() : nullptr;
+      auto k_rows = [&](const RowGroup& g) { return static_cast<char*>(kc.data_ptr()) + g.row * cs * ces; };
+      auto v_rows = [&](const RowGroup& g) { return static_cast<char*>(vc.data_ptr()) + g.row * cs * ces; };
+      auto scales = [&](float* p, const RowGroup& g) { return p ? p + g.row * ss : nullptr; };
       for (const RowGroup& g : groups_) {  // rows [g.row, g.row + g.rows) with g.tokens real tokens each
         char* gq = qkv + g.first_token * row * es;
-        char* kc_g = static_cast<char*>(kc.data_ptr()) + g.row * cs * es;
-        char* vc_g = static_cast<char*>(vc.data_ptr()) + g.row * cs * es;
+        const cpu::KvCache cache{kv_type, k_rows(g), v_rows(g), scales(ks, g), scales(vs, g), cache_len, kv_heads_,
+                                 head_dim};
         const void* g_slots = static_cast<const char*>(slot_ptr) + g.first_token * (slots64 ? 8 : 4);
-        cpu::store_kv(es, kc_g, vc_g, gq + q_size * es, g.tokens * row, row, gq + (q_size + kv_size) * es,
-                      g.tokens * row, row, g_slots, slots64, g.rows, g.tokens, cache_len, kv_size);
+        cpu::store_kv(bf16, cache, gq + q_size * es, g.tokens * row, row, gq + (q_size + kv_size) * es,
+                      g.tokens * row, row, g_slots, slots64, g.rows, g.tokens);
       }
       prof.mark(Profile::kStoreKv);
       for (const RowGroup& g : groups_) {
-        char* gq = qkv + g.first_token * row * es;
-        cpu::Strided4 q{gq, g.tokens * row, row, head_dim, heads_};
-        cpu::Strided4 kcs{static_cast<char*>(kc.data_ptr()) + g.row * cs * es, cs, kv_size, head_dim, kv_heads_};
-        cpu::Strided4 vcs{static_cast<char*>(vc.data_ptr()) + g.row * cs * es, cs, kv_size, head_dim, kv_heads_};
-        cpu::attention(cpu::attention_args(bf16, q, kcs, vcs, attn + g.first_token * q_size * es,
-                                           kv_lens.const_data_ptr<int32_t>() + g.row, g.rows, g.tokens, kv_span,
-                                           head_dim, true, 1.f / std::sqrt(static_cast<float>(head_dim))));
+        // The cache as attention reads it: k / v rows of kv_size elements, scales [B, S, Hkv] (int8)
+        cpu::Strided4 q{qkv + g.first_token * row * es, g.tokens * row, row, head_dim, heads_};
+        cpu::Strided4 kcs{k_rows(g), cs, kv_size, head_dim, kv_heads_};
+        cpu::Strided4 vcs{v_rows(g), cs, kv_size, head_dim, kv_heads_};
+        cpu::attention(cpu::with_kv_cache(
+            cpu::attention_args(bf16, q, kcs, vcs, attn + g.first_token * q_size * es,
+                                kv_lens.const_data_ptr<int32_t>() + g.row, g.rows, g.tokens, kv_span, head_dim, true,
+                                1.f / std::sqrt(static_cast<float>(head_dim))),
+            kv_type, scales(ks, g), scales(vs, g), ss, kv_heads_));
       }
       prof.mark(Profile::kAttention);
       run_linear(L[1], bf16, attn, x, m);
@@ -484,7 +496,8 @@ class DecodePlan : public torch::CustomClassHolder {
 
   void check_step(const at::Tensor& hidden, at::TensorList k_caches, at::TensorList v_caches,
                   const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& kv_lens, int64_t kv_span,
-                  const at::Tensor& cos, const at::Tensor& sin) const {
+                  const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_scales,
+                  at::TensorList v_scales) const {
     TORCH_CHECK(hidden.device().is_cpu() && hidden.dim() == 3 && hidden.is_contiguous(), kOp,
                 ": hidden must be a contiguous [B, T, H] CPU tensor");
     TORCH_CHECK(hidden.scalar_type() == dtype_, kOp, ": hidden is ", hidden.scalar_type(),
@@ -515,13 +528,31 @@ class DecodePlan : public torch::CustomClassHolder {
     const auto [lmin, lmax] = min_max(kv_lens);
     TORCH_CHECK(lmin >= 0 && lmax <= kv_span, kOp, ": kv_lens must lie in [0, kv_span=", kv_span, "]");
     const int64_t smax = min_max(slots).second;
+    // Every layer's cache: one kv_cache_dtype (fp32, bf16, fp16, or int8 with fp32 scales [B, S, Hkv] per layer)
+    if (layers_ == 0) return;
+    const at::ScalarType cache_dtype = k_caches[0].scalar_type();
+    cpu::kv_type(k_caches[0], kOp);  // an error naming the dtypes a cache may have
+    const bool int8 = cache_dtype == at::kChar;
+    TORCH_CHECK(
+        int8 ? static_cast<int64_t>(k_scales.size()) == layers_ && static_cast<int64_t>(v_scales.size()) == layers_
+             : k_scales.empty() && v_scales.empty(),
+        kOp,
+        int8 ? ": an int8 KV cache needs k_scales and v_scales, one per layer"
+             : ": k_scales / v_scales go with an int8 KV cache only");
     for (int64_t l = 0; l < layers_; ++l) {
       for (const at::Tensor& c : {k_caches[l], v_caches[l]}) {
-        TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == dtype_ && c.is_contiguous() && c.dim() == 4 &&
+        TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == cache_dtype && c.is_contiguous() && c.dim() == 4 &&
                         c.size(0) == b && c.size(2) == kv_heads_ && c.size(3) == head_dim_,
-                    kOp, ": layer ", l, " caches must be contiguous [B, S, Hkv, D] in the activations' dtype");
+                    kOp, ": layer ", l, " caches must be contiguous [B, S, Hkv, D], all layers of one dtype");
         TORCH_CHECK(smax < c.size(1) && kv_span <= c.size(1), kOp, ": slot or kv_span past the end of the cache (",
                     c.size(1), ")");
+      }
+      TORCH_CHECK(v_caches[l].sizes() == k_caches[l].sizes(), kOp, ": layer ", l, " k and v caches differ in shape");
+      if (int8) {
+        for (const at::Tensor& s : {k_scales[l], v_scales[l]}) {
+          cpu::check_kv_scale(s, k_caches[l], kOp, "k/v scale");
+          TORCH_CHECK(s.is_contiguous(), kOp, ": layer ", l, " scales must be contiguous");
+        }
       }
     }
   }
@@ -613,8 +644,9 @@ class DecodePlan : public torch::CustomClassHolder {
 
 at::Tensor decode_step(const c10::intrusive_ptr<DecodePlan>& plan, const at::Tensor& hidden, at::TensorList k_caches,
                        at::TensorList v_caches, const at::Tensor& positions, const at::Tensor& slots,
-                       const at::Tensor& kv_lens, int64_t kv_span, const at::Tensor& cos, const at::Tensor& sin) {
-  return plan->run(hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin);
+                       const at::Tensor& kv_lens, int64_t kv_span, const at::Tensor& cos, const at::Tensor& sin,
+                       at::TensorList k_scales, at::TensorList v_scales) {
+  return plan->run(hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin, k_scales, v_scales);
 }
 
 }  // namespace
@@ -628,7 +660,7 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
   m.def(
       "cpu_decode_step(__torch__.torch.classes.llama_fast.CpuDecodePlan plan, Tensor hidden, "
       "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor positions, Tensor slots, Tensor kv_lens, int kv_span, "
-      "Tensor cos, Tensor sin) -> Tensor");
+      "Tensor cos, Tensor sin, Tensor(c!)[] k_scales, Tensor(d!)[] v_scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_fast, CPU, m) { m.impl("cpu_decode_step", &decode_step); }

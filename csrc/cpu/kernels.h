@@ -52,14 +52,22 @@ void rotary(bool bf16, Strided4 q, Strided4 k, const void* positions, bool posit
             const float* sin, int64_t batch, int64_t seq, int64_t head_dim);
 
 // ---- attention (attention.cpp) -----------------------------------------------------------------------------
+// How the KV cache stores keys and values: fp32, bf16 or fp16 (uint16_t bits), or symmetric int8 with one fp32
+// scale per token per kv head (value = q * scale; llama_fast.cache.StaticCache with kv_cache_dtype="int8").
+enum class KvType { kF32 = 0, kBF16 = 1, kF16 = 2, kI8 = 3 };
 struct AttentionArgs {
-  bool bf16;
+  bool bf16;  // q and out: bf16, else fp32
   const void* q;
   int64_t q_sb, q_st, q_sh;  // [B, Tq, Hq, D]
+  KvType kv;                 // k and v
   const void* k;
   int64_t k_sb, k_st, k_sh;  // [B, Tk, Hkv, D]
   const void* v;
   int64_t v_sb, v_st, v_sh;
+  // kv == kI8: the scales, fp32 [B, Tk, Hkv] with a contiguous last dimension (strides sb, st); else nullptr.
+  const float* k_scale;
+  const float* v_scale;
+  int64_t s_sb, s_st;
   void* out;               // [B, Tq, Hq, D] contiguous
   const int32_t* kv_lens;  // [B] or nullptr (= Tk); values in 0..Tk
   int64_t batch, tq, tk, hq, hkv, head_dim;
@@ -68,20 +76,31 @@ struct AttentionArgs {
 };
 void attention(const AttentionArgs& a);
 // The one way to fill AttentionArgs: q / k / v as [B, T, H, D] views (Strided4: the head counts come from them),
-// out contiguous [B, Tq, Hq, D].
+// out contiguous [B, Tq, Hq, D]; k and v in the activations' dtype (see with_kv_cache for other cache types).
 inline AttentionArgs attention_args(bool bf16, const Strided4& q, const Strided4& k, const Strided4& v, void* out,
                                     const int32_t* kv_lens, int64_t batch, int64_t tq, int64_t tk, int64_t head_dim,
                                     bool causal, float scale) {
   AttentionArgs a;
   a.bf16 = bf16;
   a.q = q.data, a.q_sb = q.sb, a.q_st = q.st, a.q_sh = q.sh;
+  a.kv = bf16 ? KvType::kBF16 : KvType::kF32;
   a.k = k.data, a.k_sb = k.sb, a.k_st = k.st, a.k_sh = k.sh;
   a.v = v.data, a.v_sb = v.sb, a.v_st = v.st, a.v_sh = v.sh;
+  a.k_scale = a.v_scale = nullptr;
+  a.s_sb = a.s_st = 0;
   a.out = out;
   a.kv_lens = kv_lens;
   a.batch = batch, a.tq = tq, a.tk = tk, a.hq = q.heads, a.hkv = k.heads, a.head_dim = head_dim;
   a.causal = causal;
   a.scale = scale;
+  return a;
+}
+// `a` reading a cache of type `kv` (int8: with its scales, strides s_sb / s_st in elements).
+inline AttentionArgs with_kv_cache(AttentionArgs a, KvType kv, const float* k_scale, const float* v_scale, int64_t s_sb,
+                                   int64_t s_st) {
+  a.kv = kv;
+  a.k_scale = k_scale, a.v_scale = v_scale;
+  a.s_sb = s_sb, a.s_st = s_st;
   return a;
 }
 
@@ -117,11 +136,22 @@ bool quant_linear_any_rows(bool bf16, const void* x, const QuantWeight& w, const
 void dequantize_rows(const QuantWeight& w, int64_t n0, int64_t n1, float* out);
 
 // ---- KV cache (store_kv.cpp) -----------------------------------------------------------------------------
-// cache[b, slots[b, t]] = src[b, t] for k and v; caches [B, S, Hkv, D] contiguous; k/v [B, T, Hkv, D] with
-// contiguous rows of Hkv * D elements (strides sb, st); negative slots are skipped; slots are < S.
-void store_kv(int64_t elem_size, void* k_cache, void* v_cache, const void* k, int64_t k_sb, int64_t k_st, const void* v,
-              int64_t v_sb, int64_t v_st, const void* slots, bool slots_int64, int64_t batch, int64_t seq,
-              int64_t cache_len, int64_t row_elems);
+// A layer's cache: k / v [B, S, Hkv, D] contiguous of type `type`; int8 caches also hold the fp32 scales
+// k_scale / v_scale [B, S, Hkv] contiguous (nullptr otherwise).
+struct KvCache {
+  KvType type;
+  void* k;
+  void* v;
+  float* k_scale;
+  float* v_scale;
+  int64_t len, heads, head_dim;  // S, Hkv, D
+};
+// cache[b, slots[b, t]] = src[b, t] for k and v; k/v [B, T, Hkv, D] (fp32, or bf16 when src_bf16) with contiguous
+// rows of Hkv * D elements (strides sb, st); negative slots are skipped; slots are < S. Same type: a copy;
+// bf16 / fp16: rounded to nearest even; int8: per (token, head) scale = max|x| / 127, q = round(x / scale)
+// (all-zero rows: scale 0; a row holding inf / NaN: scale NaN, so attention over it is NaN as with a float cache).
+void store_kv(bool src_bf16, const KvCache& cache, const void* k, int64_t k_sb, int64_t k_st, const void* v,
+              int64_t v_sb, int64_t v_st, const void* slots, bool slots_int64, int64_t batch, int64_t seq);
 
 }  // namespace cpu
 }  // namespace llama_fast

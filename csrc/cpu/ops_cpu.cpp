@@ -108,14 +108,35 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at
 // ---- attention ---------------------------------------------------------------------------------------------
 constexpr int64_t kDelegatePrefillFrom = 128;  // queries
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                     const std::optional<at::Tensor>& kv_lens, double scale) {
-  const char* op = "attention";
+// Whether a cache of type `kv` (k / v [B, S, Hkv, D]) is int8, checking that its scales come with it and only then:
+// fp32 [B, S, Hkv] each, with the same strides.
+bool check_cache_scales(cpu::KvType kv, const std::optional<at::Tensor>& k_scale,
+                        const std::optional<at::Tensor>& v_scale, const at::Tensor& k, const at::Tensor& v,
+                        const char* op) {
+  const bool int8 = kv == cpu::KvType::kI8;
+  TORCH_CHECK(
+      int8 == k_scale.has_value() && int8 == v_scale.has_value(), op,
+      int8 ? ": an int8 KV cache needs k_scale and v_scale" : ": k_scale / v_scale go with an int8 KV cache only");
+  if (int8) {
+    cpu::check_kv_scale(*k_scale, k, op, "k_scale");
+    cpu::check_kv_scale(*v_scale, v, op, "v_scale");
+    TORCH_CHECK(k_scale->strides() == v_scale->strides(), op, ": k_scale and v_scale must have the same strides");
+  }
+  return int8;
+}
+
+// q / out in fp32 or bf16; k / v as the KV cache holds them (kv_cache_dtype): fp32, bf16, fp16 or int8 with
+// k_scale / v_scale [B, Tk, Hkv]. The core op `attention` keeps the contract of docs/KERNELS.md (k, v in q's
+// dtype); the CPU-only `cpu_attention` reads any cache type.
+at::Tensor attention_any_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                               const std::optional<at::Tensor>& kv_lens, double scale,
+                               const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+                               const char* op) {
   check_activation(q, op, "q");
-  check_activation(k, op, "k");
-  check_activation(v, op, "v");
-  check_same_dtype(k, q, op, "k");
-  check_same_dtype(v, q, op, "v");
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu(), op, ": k and v must be CPU tensors");
+  const cpu::KvType kv = cpu::kv_type(k, op);
+  TORCH_CHECK(v.scalar_type() == k.scalar_type(), op, ": v dtype ", v.scalar_type(), " differs from k dtype ",
+              k.scalar_type());
   check_bthd(q, op, "q");
   check_bthd(k, op, "k");
   check_bthd(v, op, "v");
@@ -125,6 +146,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(v.sizes() == k.sizes(), op, ": v shape ", v.sizes(), " differs from k shape ", k.sizes());
   TORCH_CHECK(hkv > 0 && hq % hkv == 0, op, ": the number of query heads (", hq,
               ") must be a multiple of the number of kv heads (", hkv, ")");
+  const bool int8 = check_cache_scales(kv, k_scale, v_scale, k, v, op);
   at::Tensor lens;
   if (kv_lens.has_value()) {
     lens = *kv_lens;
@@ -139,10 +161,12 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     }
     lens = lens.to(at::kInt).contiguous();
   }
-  if (is_bf16(q) && causal && tq == tk && tq >= kDelegatePrefillFrom && b > 0 && q.numel() > 0) {
+  if (is_bf16(q) && k.scalar_type() == q.scalar_type() && causal && tq == tk && tq >= kDelegatePrefillFrom && b > 0 &&
+      q.numel() > 0) {
     // bf16 prefill over full-length sequences: ATen's flash-attention CPU kernel runs its blocks on bf16
     // GEMM micro-kernels (AMX / AVX512-BF16) and is ~5x faster than our fp32-widening kernel here; it has
-    // the same contract in this case (causal, every key valid, fp32 softmax). Everything else is ours.
+    // the same contract in this case (causal, every key valid, fp32 softmax) and is tiled too (no Tq x Tk
+    // buffer). Everything else is ours.
     bool full = true;
     if (lens.defined()) full = lens.min().item<int>() == tk;
     if (full)
@@ -153,10 +177,32 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   }
   auto out = at::empty({b, tq, hq, d}, q.options());
   if (out.numel() == 0) return out;
-  cpu::attention(cpu::attention_args(is_bf16(q), cpu::strided4(q), cpu::strided4(k), cpu::strided4(v), out.data_ptr(),
-                                     lens.defined() ? lens.data_ptr<int32_t>() : nullptr, b, tq, tk, d, causal,
-                                     static_cast<float>(scale)));
+  auto args = cpu::attention_args(is_bf16(q), cpu::strided4(q), cpu::strided4(k), cpu::strided4(v), out.data_ptr(),
+                                  lens.defined() ? lens.data_ptr<int32_t>() : nullptr, b, tq, tk, d, causal,
+                                  static_cast<float>(scale));
+  if (int8)
+    args = cpu::with_kv_cache(args, kv, k_scale->const_data_ptr<float>(), v_scale->const_data_ptr<float>(),
+                              k_scale->stride(0), k_scale->stride(1));
+  else
+    args = cpu::with_kv_cache(args, kv, nullptr, nullptr, 0, 0);
+  cpu::attention(args);
   return out;
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                     const std::optional<at::Tensor>& kv_lens, double scale) {
+  const char* op = "attention";
+  check_activation(k, op, "k");
+  check_activation(v, op, "v");
+  check_same_dtype(k, q, op, "k");
+  check_same_dtype(v, q, op, "v");
+  return attention_any_cache(q, k, v, causal, kv_lens, scale, std::nullopt, std::nullopt, op);
+}
+
+at::Tensor cpu_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                         const std::optional<at::Tensor>& kv_lens, double scale,
+                         const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  return attention_any_cache(q, k, v, causal, kv_lens, scale, k_scale, v_scale, "cpu_attention");
 }
 
 // ---- silu_and_mul ------------------------------------------------------------------------------------------
@@ -175,9 +221,11 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
 }
 
 // ---- store_kv_ ---------------------------------------------------------------------------------------------
-void store_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
-               const at::Tensor& slots) {
-  const char* op = "store_kv_";
+// k / v (fp32 or bf16) into a cache of any kv_cache_dtype (see cpu::store_kv); the core op store_kv_ keeps the
+// contract of docs/KERNELS.md (the cache in k's dtype), the CPU-only cpu_store_kv_ converts and quantizes.
+void store_kv_any_cache(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& slots, const std::optional<at::Tensor>& k_scale,
+                        const std::optional<at::Tensor>& v_scale, const char* op) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&k_cache, &v_cache, &k, &v})
     TORCH_CHECK(t->device().is_cpu(), op, ": all tensors must be on the CPU, got ", t->device());
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op,
@@ -189,9 +237,16 @@ void store_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, co
   TORCH_CHECK(v.sizes() == k.sizes(), op, ": v shape ", v.sizes(), " differs from k shape ", k.sizes());
   TORCH_CHECK(k.size(0) == k_cache.size(0) && k.size(2) == k_cache.size(2) && k.size(3) == k_cache.size(3), op,
               ": k shape ", k.sizes(), " does not match the cache shape ", k_cache.sizes(), " in B, Hkv or D");
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&v_cache, &k, &v})
-    TORCH_CHECK(t->scalar_type() == k_cache.scalar_type(), op, ": dtype ", t->scalar_type(),
-                " differs from the cache dtype ", k_cache.scalar_type());
+  check_activation(k, op, "k");
+  check_same_dtype(v, k, op, "v");
+  const cpu::KvType type = cpu::kv_type(k_cache, op);
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache dtype ", v_cache.scalar_type(),
+              " differs from k_cache dtype ", k_cache.scalar_type());
+  const bool int8 = check_cache_scales(type, k_scale, v_scale, k_cache, v_cache, op);
+  if (int8) {
+    check_contiguous(*k_scale, op, "k_scale");
+    check_contiguous(*v_scale, op, "v_scale");
+  }
   for (const at::Tensor* t : {&k, &v})
     TORCH_CHECK(t->size(2) <= 1 || t->stride(2) == t->size(3), op,
                 ": k and v must have contiguous [Hkv, D] rows per token, got strides ", t->strides());
@@ -204,9 +259,31 @@ void store_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, co
   if (s.numel() == 0) return;
   const int64_t hi = s.max().item<int64_t>();
   TORCH_CHECK(hi < k_cache.size(1), op, ": slot ", hi, " is past the end of the cache (length ", k_cache.size(1), ")");
-  cpu::store_kv(k_cache.element_size(), k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), k.stride(0), k.stride(1),
-                v.data_ptr(), v.stride(0), v.stride(1), s.data_ptr(), s.scalar_type() == at::kLong, k.size(0),
-                k.size(1), k_cache.size(1), k.size(2) * k.size(3));
+  const cpu::KvCache cache{type,
+                           k_cache.data_ptr(),
+                           v_cache.data_ptr(),
+                           int8 ? k_scale->data_ptr<float>() : nullptr,
+                           int8 ? v_scale->data_ptr<float>() : nullptr,
+                           k_cache.size(1),
+                           k_cache.size(2),
+                           k_cache.size(3)};
+  cpu::store_kv(is_bf16(k), cache, k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
+                s.data_ptr(), s.scalar_type() == at::kLong, k.size(0), k.size(1));
+}
+
+void store_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& slots) {
+  const char* op = "store_kv_";
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&v_cache, &k, &v})
+    TORCH_CHECK(t->scalar_type() == k_cache.scalar_type(), op, ": dtype ", t->scalar_type(),
+                " differs from the cache dtype ", k_cache.scalar_type());
+  store_kv_any_cache(k_cache, v_cache, k, v, slots, std::nullopt, std::nullopt, op);
+}
+
+void cpu_store_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& slots, const std::optional<at::Tensor>& k_scale,
+                   const std::optional<at::Tensor>& v_scale) {
+  store_kv_any_cache(k_cache, v_cache, k, v, slots, k_scale, v_scale, "cpu_store_kv_");
 }
 
 // ---- linear ------------------------------------------------------------------------------------------------
@@ -324,6 +401,14 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
   m.def("cpu_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // The most activation rows the GEMV kernels (and so a CPU decode step) take: cpu::kMaxGemvRows.
   m.def("cpu_max_gemv_rows() -> int", []() -> int64_t { return cpu::kMaxGemvRows; });
+  // attention / store_kv_ over a KV cache of any kv_cache_dtype: k/v caches fp32, bf16, fp16, or int8 with
+  // fp32 scales [B, S, Hkv] (llama_fast.cache.StaticCache; the reference: llama_fast/ops/reference.py).
+  m.def(
+      "cpu_attention(Tensor q, Tensor k, Tensor v, bool causal, Tensor? kv_lens, float scale, Tensor? k_scale, "
+      "Tensor? v_scale) -> Tensor");
+  m.def(
+      "cpu_store_kv_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots, Tensor(c!)? k_scale, "
+      "Tensor(d!)? v_scale) -> ()");
   // cpu_isa("avx2") forces a lower instruction set for the CPU kernels (tests); cpu_isa("") reports it.
   m.def("cpu_isa(str name) -> str", &set_isa);
   // [helper threads started, helpers blocked] of the CPU kernels' thread pool (tests: idle helpers block).
@@ -342,6 +427,8 @@ TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {
   m.impl("quant_linear", &quant_linear);
   m.impl("store_kv_", &store_kv_);
   m.impl("cpu_linear", &dense_linear);
+  m.impl("cpu_attention", &cpu_attention);
+  m.impl("cpu_store_kv_", &cpu_store_kv_);
 }
 
 }  // namespace llama_fast

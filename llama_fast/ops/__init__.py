@@ -49,15 +49,36 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               kv_lens: torch.Tensor | None = None, scale: float | None = None,
-              backend: str | None = None) -> torch.Tensor:
+              backend: str | None = None, *, k_scale: torch.Tensor | None = None,
+              v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal GQA/MQA/MHA attention. q [B,Tq,Hq,D], k/v [B,Tk,Hkv,D] with Hq % Hkv == 0; kv_lens [B] int32
     (None = Tk): keys 0..kv_lens[b]-1 are valid and query i sits at position kv_lens[b]-Tq+i (bottom-right
     causal, as flash_attn_with_kvcache). A query row with no valid key (left padding) gives zeros.
-    -> [B,Tq,Hq,D] in q's dtype, softmax accumulated in fp32."""
-    return resolve_for("attention", backend, q.device, q.dtype, q, k, v, causal, kv_lens, scale)(
-        q, k, v, causal, kv_lens, scale)
+    -> [B,Tq,Hq,D] in q's dtype, softmax accumulated in fp32.
+    k/v may be a KV cache of another kv_cache_dtype (llama_fast.cache): a float dtype other than q's, or int8
+    with k_scale / v_scale fp32 [B,Tk,Hkv] (key = code x scale); the "torch" and "cpu" backends read those."""
+    if k.dtype == q.dtype and k_scale is None and v_scale is None:
+        return resolve_for("attention", backend, q.device, q.dtype, q, k, v, causal, kv_lens, scale)(
+            q, k, v, causal, kv_lens, scale)
+    fn = _any_cache_op("attention_any_cache", backend, q, k)
+    return fn(q, k, v, causal, kv_lens, scale, k_scale, v_scale)
 
 
+def _any_cache_op(op: str, backend: str | None, x: torch.Tensor, cache: torch.Tensor):
+    """The backend function reading / writing a KV cache whose dtype is not the activations' (kv_cache_dtype).
+    Only the C++ CPU kernels read such caches at speed: off the CPU, backend=None raises instead of running the
+    reference (a silent slow path); backend="torch" runs it when asked for."""
+    if backend is None and x.device.type != "cpu":
+        raise BackendUnavailableError(
+            f"a KV cache in {cache.dtype} with {x.dtype} activations (kv_cache_dtype) has kernels on the CPU only; "
+            f"on {x.device.type} keep kv_cache_dtype=None (the model dtype) or pass backend='torch' (the slow "
+            f"reference)")
+    try:
+        return resolve(op, backend, x.device, x.dtype)
+    except BackendUnavailableError as e:
+        raise BackendUnavailableError(
+            f"a KV cache in {cache.dtype} with {x.dtype} activations (kv_cache_dtype) is read by the 'cpu' and "
+            f"'torch' backends only: {e}") from None
 def silu_and_mul(gate_up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """[..., 2I] = [gate | up] -> silu(gate) * up, [..., I]."""
     return resolve("silu_and_mul", backend, gate_up.device, gate_up.dtype)(gate_up)
@@ -83,7 +104,13 @@ def kquant_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slots: torch.Tensor, backend: str | None = None) -> None:
+             slots: torch.Tensor, backend: str | None = None, *, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
     """k_cache[b, slots[b, t]] = k[b, t] (same for v); caches [B,S,Hkv,D], k/v [B,T,Hkv,D], slots [B,T];
-    negative slots (left padding) are skipped."""
-    resolve("store_kv", backend, k.device, k.dtype)(k_cache, v_cache, k, v, slots)
+    negative slots (left padding) are skipped. A cache of another kv_cache_dtype takes k/v rounded once to its
+    float dtype, or for int8 (with k_scale / v_scale fp32 [B,S,Hkv]) quantized per (token, kv head) row:
+    scale = max|x| / 127, code = round(x / scale) (reference.quantize_kv_rows)."""
+    if k_cache.dtype == k.dtype and k_scale is None and v_scale is None:
+        resolve("store_kv", backend, k.device, k.dtype)(k_cache, v_cache, k, v, slots)
+        return
+    _any_cache_op("store_kv_any_cache", backend, k, k_cache)(k_cache, v_cache, k, v, slots, k_scale, v_scale)

@@ -2,7 +2,8 @@
 
 AVX-512 / AVX2 / portable code paths are picked at run time (LLAMA_FAST_CPU_ISA lowers the choice, `set_isa`
 does the same within a process, for tests). Besides the core ops of csrc/bindings.cpp this backend declares
-CPU-only extra ops (cpu_linear, cpu_isa, cpu_max_gemv_rows; the decode step in cpu_decode.py).
+CPU-only extra ops (cpu_linear, cpu_isa, cpu_max_gemv_rows, cpu_attention / cpu_store_kv_ for a KV cache of any
+kv_cache_dtype; the decode step in cpu_decode.py).
 """
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ def attention(q, k, v, causal=True, kv_lens=None, scale=None):
     return torch.ops.llama_fast.attention(q, k, v, causal, kv_lens, float(scale))
 
 
+def attention_any_cache(q, k, v, causal=True, kv_lens=None, scale=None, k_scale=None, v_scale=None):
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return torch.ops.llama_fast.cpu_attention(q, k, v, causal, kv_lens, float(scale), k_scale, v_scale)
+
+
 def silu_and_mul(gate_up):
     return torch.ops.llama_fast.silu_and_mul(gate_up)
 
@@ -63,6 +70,10 @@ def store_kv(k_cache, v_cache, k, v, slots):
     torch.ops.llama_fast.store_kv_(k_cache, v_cache, k, v, slots)
 
 
+def store_kv_any_cache(k_cache, v_cache, k, v, slots, k_scale=None, v_scale=None):
+    torch.ops.llama_fast.cpu_store_kv_(k_cache, v_cache, k, v, slots, k_scale, v_scale)
+
+
 def set_isa(name: str = "") -> str:
     """Lowers the instruction set of the CPU kernels to `name` ("portable", "avx2", "avx512", "avx512_vnni",
     "avx512_bf16"; never above what this CPU has) and returns the one in effect; "" only reports it."""
@@ -73,4 +84,12 @@ if _native.extension() is not None:
     @torch.library.register_fake("llama_fast::cpu_linear")
     def _cpu_linear_fake(x, weight, bias):
         return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+    @torch.library.register_fake("llama_fast::cpu_attention")
+    def _cpu_attention_fake(q, k, v, causal, kv_lens, scale, k_scale, v_scale):
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake("llama_fast::cpu_store_kv_")
+    def _cpu_store_kv_fake(k_cache, v_cache, k, v, slots, k_scale, v_scale):
+        return None
 

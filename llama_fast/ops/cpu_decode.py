@@ -82,12 +82,15 @@ def run(model, hidden: torch.Tensor, step, cache) -> torch.Tensor:
     kv_lens = step.kv_lens
     if kv_lens.dtype != torch.int32:
         kv_lens = kv_lens.to(torch.int32)
+    k_scales = [] if cache.k_scale[0] is None else cache.k_scale      # int8 kv_cache_dtype: per-layer scales
+    v_scales = [] if cache.v_scale[0] is None else cache.v_scale
     return torch.ops.llama_fast.cpu_decode_step(
         _plan(model), hidden.contiguous(), cache.k, cache.v, step.positions.contiguous(), step.slots.contiguous(),
-        kv_lens.contiguous(), int(step.kv_span), step.cos.contiguous(), step.sin.contiguous())
+        kv_lens.contiguous(), int(step.kv_span), step.cos.contiguous(), step.sin.contiguous(), k_scales, v_scales)
 
 
 if _native.extension() is not None:
     @torch.library.register_fake("llama_fast::cpu_decode_step")
-    def _cpu_decode_step_fake(plan, hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin):
+    def _cpu_decode_step_fake(plan, hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin,
+                              k_scales, v_scales):
         return torch.empty_like(hidden)

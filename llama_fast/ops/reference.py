@@ -70,6 +70,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     return (probs @ vf).transpose(1, 2).to(q.dtype)
 
 
+def attention_any_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                        kv_lens: torch.Tensor | None = None, scale: float | None = None,
+                        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """attention over keys / values as a KV cache of any kv_cache_dtype stores them: a float dtype other than
+    q's, or int8 with k_scale / v_scale [B, Tk, Hkv] (value = q * scale, see quantize_kv_rows)."""
+    return attention(q, dequantize_kv(k, k_scale), dequantize_kv(v, v_scale), causal, kv_lens, scale)
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.float().chunk(2, dim=-1)
     return (F.silu(gate) * up).to(gate_up.dtype)
@@ -94,8 +100,45 @@ def kquant_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slots: torch.Tensor) -> None:
+    store_kv_any_cache(k_cache, v_cache, k, v, slots)
+
+
+def store_kv_any_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       slots: torch.Tensor, k_scale: torch.Tensor | None = None,
+                       v_scale: torch.Tensor | None = None) -> None:
+    """store_kv into a cache of any kv_cache_dtype: a float cache takes the values rounded once to its dtype, an
+    int8 cache (with k_scale / v_scale [B, S, Hkv]) their quantize_kv_rows."""
     keep = slots >= 0
     rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(slots)[keep]
     cols = slots[keep].long()
-    k_cache[rows, cols] = k[keep].to(k_cache.dtype)
-    v_cache[rows, cols] = v[keep].to(v_cache.dtype)
+    for cache, scales, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
+        if cache.dtype == torch.int8:
+            codes, row_scales = quantize_kv_rows(x[keep])
+            cache[rows, cols] = codes
+            scales[rows, cols] = row_scales
+        else:
+            cache[rows, cols] = x[keep].to(cache.dtype)
+
+
+def quantize_kv_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., D] -> (int8 codes [..., D], fp32 scales [...]): symmetric int8 per row of D values (one token of one
+    kv head), scale = max|x| / 127, code = round(x / scale) (half to even). An all-zero row gets scale 0; a row
+    holding inf or NaN gets scale NaN (and codes 0), so attention over it is NaN as over a float cache."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    finite = torch.isfinite(xf).all(dim=-1)
+    scale = amax / 127.0
+    safe = torch.where(finite & (amax > 0), scale, torch.ones_like(scale))
+    codes = torch.round(xf / safe[..., None]).clamp_(-127, 127)
+    codes = torch.where((finite & (amax > 0))[..., None], codes, torch.zeros_like(codes)).to(torch.int8)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    return codes, scale
+
+
+def dequantize_kv(cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A cache's keys or values as fp32 (int8: code x its row's scale; float dtypes: exact)."""
+    if cache.dtype == torch.int8:
+        if scale is None:
+            raise ValueError("an int8 KV cache needs its scales (k_scale / v_scale)")
+        return cache.float() * scale[..., None]
+    return cache.float()

@@ -54,7 +54,7 @@ def _plan(linears, norms, final, heads, kv_heads, d, eps, edit=None):
 
 
 def _step(plan, *args):
-    return torch.ops.llama_fast.cpu_decode_step(plan, *args)
+    return torch.ops.llama_fast.cpu_decode_step(plan, *args, [], [])   # a float cache: no int8 scales
 
 
 def _reference_step(x, linears, norms, final, kc, vc, pos, slots, kv_lens, span, cos, sin, heads, kv_heads, d, eps):

@@ -39,8 +39,8 @@ def test_store_kv_bad_inputs_cpu():
     k = v = torch.randn(1, 2, 2, 8)
     with pytest.raises(RuntimeError, match="past the end of the cache"):
         ops.store_kv(kc, vc, k, v, torch.tensor([[3, 4]]), backend="cpu")
-    with pytest.raises(RuntimeError, match="differs from the cache dtype"):
-        ops.store_kv(kc, vc, k.bfloat16(), v.bfloat16(), torch.tensor([[0, 1]]), backend="cpu")
+    with pytest.raises(RuntimeError, match="differs from the cache dtype"):   # the core op: one dtype
+        torch.ops.llama_fast.store_kv_(kc, vc, k.bfloat16(), v.bfloat16(), torch.tensor([[0, 1]]))
     with pytest.raises(RuntimeError, match="slots must be int64 or int32"):
         ops.store_kv(kc, vc, k, v, torch.tensor([[0.0, 1.0]]), backend="cpu")
     with pytest.raises(RuntimeError, match="does not match the cache shape"):
