@@ -12,7 +12,8 @@ scenario, sequentially. Inter-token latency is the gap between consecutive chunk
 to benchmarks/results/<name>.json and .png.
 
 A request that joins a running batch has its prompt prefilled in chunks (the server's --prefill-chunk, default
-32 tokens on the CPU) right after each decode step, so the running requests keep getting a token every step.
+16 tokens on the CPU), on the CPU in the same forward as the running requests' next tokens, so the running
+requests keep getting a token every step.
 
 The run is kept short on purpose (the benchmark machines are shared): a few requests per scenario, so the
 p99 figures rest on a few hundred gaps. The JSON says so.

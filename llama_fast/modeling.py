@@ -306,7 +306,7 @@ class LlamaModel(LlamaPreTrainedModel):
         all_hidden = [] if output_hidden_states else None
         all_attn = [] if output_attentions else None
         if cpu_decode.can_run(self, hidden, output_attentions=output_attentions,
-                              output_hidden_states=output_hidden_states):
+                              output_hidden_states=output_hidden_states, step=step):
             # A decode step on the CPU: the whole decoder stack and the final norm in one C++ call.
             hidden = cpu_decode.run(self, hidden, step, cache)
         else:

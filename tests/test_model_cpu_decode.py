@@ -273,3 +273,57 @@ def test_decode_plan_names_bad_block_fields():
         step(lambda n, k: [good[:, :100].contiguous()], [q4k])
     with pytest.raises(RuntimeError, match="one block_type per blocks tensor"):
         step(lambda n, k: [random_blocks("Q4_K", n, k)], [])
+
+
+def _ragged_step(model, prompts, step_tokens):
+    """Prefills each prompt into its own row of one cache, then runs one step in which row r feeds
+    step_tokens[r] (left-padded to the longest; [] = a row of pads only): -> (logits [B, T, V], cache lengths)."""
+    cache = model.new_cache(len(prompts), 64)
+    lengths = []
+    with torch.no_grad():
+        for r, prompt in enumerate(prompts):
+            model(torch.tensor([prompt]), past_key_values=cache.rows(r, r + 1), use_cache=True)
+            lengths.append(len(prompt))
+        cache.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
+        cache.seen_tokens = max(lengths)
+        width = max(len(t) for t in step_tokens)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for r, tokens in enumerate(step_tokens):
+            if tokens:
+                ids[r, width - len(tokens):] = torch.tensor(tokens)
+                mask[r, width - len(tokens):] = 1
+        logits = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    return logits, mask.bool(), cache.lengths.tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int4", "int8_kv"])
+def test_padded_step_runs_fused_on_its_real_tokens(tmp_path, count_fused, dtype):
+    """A serving step: one row's 20-token prompt chunk next to rows of one token and a row of pads only. B x T
+    (4 x 20) exceeds the fused stack's rows, its real tokens (22) do not: the stack runs on those alone, and every
+    real token's logits equal the op-by-op path's (which computes the pads too); the pad row's cache is untouched."""
+    import conftest
+    conftest.make_hf_model(tmp_path, {"num_key_value_heads": 2})
+    assert 4 * 20 > cpu_decode.max_rows() >= 22
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 3, 9, 4)]
+    step_tokens = [[7], torch.randint(0, 128, (20,), generator=g).tolist(), [11], []]
+    kw = {"int4": {"quantize": "int4", "group_size": 32}, "int8_kv": {"kv_cache_dtype": "int8"}}.get(dtype, {})
+    fused = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", **kw)
+    ref = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32", backend="torch", **kw)
+    got, real, lengths = _ragged_step(fused, prompts, step_tokens)
+    assert tuple(count_fused[-1][:2]) == (4, 20)
+    want, _, want_lengths = _ragged_step(ref, prompts, step_tokens)
+    assert lengths == want_lengths == [6, 23, 10, 4]
+    assert conftest.max_rel_diff(got[real], want[real]) <= 1e-4
+
+
+def test_padded_step_with_too_many_real_tokens_runs_op_by_op(tmp_path, count_fused):
+    import conftest
+    conftest.make_hf_model(tmp_path, {"num_key_value_heads": 2})
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype="float32")
+    rows = cpu_decode.max_rows() // 16 + 1                 # rows x 16 real tokens > max_rows
+    tokens = [[3] * 16 for _ in range(rows)]
+    tokens[0] = [3]                                         # one padded row
+    _ragged_step(model, [[1, 2]] * rows, tokens)
+    assert all(shape[0] * shape[1] <= cpu_decode.max_rows() for shape in count_fused)

@@ -18,6 +18,12 @@
 // linears, so each input is gathered once). An unknown or missing name is an error, so Python and C++ cannot
 // silently disagree.
 //
+// Padding: a [B, T] step whose rows start with pad tokens (slot -1, left padding: LlamaModel._prepare) runs on
+// its real tokens only, packed: the linears and norms see sum_b n_b rows instead of B x T (so a serving step can
+// carry one row's prompt chunk of T tokens next to B - 1 rows of one token each, in one pass over the weights),
+// rotary / store_kv / attention run per group of consecutive rows with the same n_b, and the pads' outputs are
+// zeros. Without pads the packed layout is the [B, T] one and nothing is copied.
+//
 // llama_fast.CpuDecodePlan (a torch custom class) is built once per model (llama_fast/ops/cpu_decode.py) with
 // add_layer() per layer: it validates the ~400 weight tensors once and keeps the scratch buffers, and
 // cpu_decode_step(plan, ...) runs a step with only the per-step arguments to check. Before each step the plan
@@ -149,7 +155,9 @@ class DecodePlan : public torch::CustomClassHolder {
     if (!validated_ || !weights_unchanged()) validate();
     check_step(hidden, k_caches, v_caches, positions, slots, kv_lens, kv_span, cos, sin, k_scales, v_scales);
     const bool bf16 = dtype_ == at::kBFloat16;
-    const int64_t b = hidden.size(0), t = hidden.size(1), m = b * t, hs = hs_, head_dim = head_dim_;
+    const int64_t b = hidden.size(0), t = hidden.size(1), hs = hs_, head_dim = head_dim_;
+    const bool packed = pack(slots, positions, b, t);
+    const int64_t m = packed ? static_cast<int64_t>(token_index_.size()) : b * t;  // rows of the linears
     const int64_t q_size = heads_ * head_dim, kv_size = kv_heads_ * head_dim, row = q_size + 2 * kv_size;
     const int64_t es = bf16 ? 2 : 4;
     const float eps = static_cast<float>(eps_);
@@ -161,8 +169,19 @@ class DecodePlan : public torch::CustomClassHolder {
     char* attn = scratch_ptr(kAttn);
     char* gate_up = scratch_ptr(kGateUp);
     char* act = scratch_ptr(kAct);
-    std::memcpy(residual, hidden.const_data_ptr(), m * hs * es);
-    const bool pos64 = positions.scalar_type() == at::kLong, slots64 = slots.scalar_type() == at::kLong;
+    if (packed) {
+      for (int64_t i = 0; i < m; ++i)
+        std::memcpy(residual + i * hs * es, static_cast<const char*>(hidden.const_data_ptr()) + token_index_[i] * hs * es,
+                    hs * es);
+    } else {
+      std::memcpy(residual, hidden.const_data_ptr(), m * hs * es);
+    }
+    // the real tokens' positions and slots, in the linears' row order
+    const void* pos_ptr = packed ? static_cast<const void*>(packed_positions_.data()) : positions.const_data_ptr();
+    const void* slot_ptr = packed ? static_cast<const void*>(packed_slots_.data()) : slots.const_data_ptr();
+    const bool pos64 = packed || positions.scalar_type() == at::kLong;
+    const bool slots64 = packed || slots.scalar_type() == at::kLong;
+    if (!packed) groups_.assign(1, RowGroup{0, b, t, 0});
     // check_step: every layer's cache alike
     const cpu::KvType kv_type = layers_ ? cpu::kv_type(k_caches[0], kOp) : cpu::KvType::kF32;
     const bool int8 = kv_type == cpu::KvType::kI8;
@@ -177,28 +196,41 @@ class DecodePlan : public torch::CustomClassHolder {
       prof.mark(Profile::kNorm);
       run_linear(L[0], bf16, h, qkv, m);
       prof.mark(Profile::kQkv, L[0].weight_bytes);
-      cpu::Strided4 q{qkv, t * row, row, head_dim, heads_};
-      cpu::Strided4 k{qkv + q_size * es, t * row, row, head_dim, kv_heads_};
-      cpu::rotary(bf16, q, k, positions.const_data_ptr(), pos64, cos.const_data_ptr<float>(),
-                  sin.const_data_ptr<float>(), b, t, head_dim);
+      // the m rows as one sequence: rotary takes per-token positions
+      cpu::rotary(bf16, cpu::Strided4{qkv, m * row, row, head_dim, heads_},
+                  cpu::Strided4{qkv + q_size * es, m * row, row, head_dim, kv_heads_}, pos_ptr, pos64,
+                  cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), 1, m, head_dim);
       prof.mark(Profile::kRotary);
       const at::Tensor& kc = k_caches[l];
       const at::Tensor& vc = v_caches[l];
-      const int64_t cache_len = kc.size(1);
+      // cs: a cache row's elements, ss: its int8 scales [S, Hkv]; each group of rows works on its own cache rows
+      const int64_t cache_len = kc.size(1), cs = cache_len * kv_size, ss = cache_len * kv_heads_;
+      const int64_t ces = kc.element_size();
       float* ks = int8 ? k_scales[l].data_ptr<float>() : nullptr;
       float* vs = int8 ? v_scales[l].data_ptr<float>() : nullptr;
-      const cpu::KvCache cache{kv_type, kc.data_ptr(), vc.data_ptr(), ks, vs, cache_len, kv_heads_, head_dim};
-      cpu::store_kv(bf16, cache, qkv + q_size * es, t * row, row, qkv + (q_size + kv_size) * es, t * row, row,
-                    slots.const_data_ptr(), slots64, b, t);
+      auto k_rows = [&](const RowGroup& g) { return static_cast<char*>(kc.data_ptr()) + g.row * cs * ces; };
+      auto v_rows = [&](const RowGroup& g) { return static_cast<char*>(vc.data_ptr()) + g.row * cs * ces; };
+      auto scales = [&](float* p, const RowGroup& g) { return p ? p + g.row * ss : nullptr; };
+      for (const RowGroup& g : groups_) {  // rows [g.row, g.row + g.rows) with g.tokens real tokens each
+        char* gq = qkv + g.first_token * row * es;
+        const cpu::KvCache cache{kv_type, k_rows(g), v_rows(g), scales(ks, g), scales(vs, g), cache_len, kv_heads_,
+                                 head_dim};
+        const void* g_slots = static_cast<const char*>(slot_ptr) + g.first_token * (slots64 ? 8 : 4);
+        cpu::store_kv(bf16, cache, gq + q_size * es, g.tokens * row, row, gq + (q_size + kv_size) * es,
+                      g.tokens * row, row, g_slots, slots64, g.rows, g.tokens);
+      }
       prof.mark(Profile::kStoreKv);
-      // The cache as attention reads it: k / v rows of kv_size elements, scales [B, S, Hkv] (int8)
-      const int64_t cs = cache_len * kv_size;
-      cpu::Strided4 kcs{kc.data_ptr(), cs, kv_size, head_dim, kv_heads_};
-      cpu::Strided4 vcs{vc.data_ptr(), cs, kv_size, head_dim, kv_heads_};
-      cpu::attention(cpu::with_kv_cache(
-          cpu::attention_args(bf16, q, kcs, vcs, attn, kv_lens.const_data_ptr<int32_t>(), b, t, kv_span, head_dim, true,
-                              1.f / std::sqrt(static_cast<float>(head_dim))),
-          kv_type, ks, vs, cache_len * kv_heads_, kv_heads_));
+      for (const RowGroup& g : groups_) {
+        // The cache as attention reads it: k / v rows of kv_size elements, scales [B, S, Hkv] (int8)
+        cpu::Strided4 q{qkv + g.first_token * row * es, g.tokens * row, row, head_dim, heads_};
+        cpu::Strided4 kcs{k_rows(g), cs, kv_size, head_dim, kv_heads_};
+        cpu::Strided4 vcs{v_rows(g), cs, kv_size, head_dim, kv_heads_};
+        cpu::attention(cpu::with_kv_cache(
+            cpu::attention_args(bf16, q, kcs, vcs, attn + g.first_token * q_size * es,
+                                kv_lens.const_data_ptr<int32_t>() + g.row, g.rows, g.tokens, kv_span, head_dim, true,
+                                1.f / std::sqrt(static_cast<float>(head_dim))),
+            kv_type, scales(ks, g), scales(vs, g), ss, kv_heads_));
+      }
       prof.mark(Profile::kAttention);
       run_linear(L[1], bf16, attn, x, m);
       prof.mark(Profile::kO, L[1].weight_bytes);
@@ -211,11 +243,15 @@ class DecodePlan : public torch::CustomClassHolder {
       run_linear(L[3], bf16, act, x, m);
       prof.mark(Profile::kDown, L[3].weight_bytes);
     }
-    at::Tensor out = at::empty_like(hidden);
+    at::Tensor out = packed ? at::zeros_like(hidden) : at::empty_like(hidden);
+    char* normed = packed ? h : static_cast<char*>(out.data_ptr());
     if (layers_ == 0)
-      cpu::rms_norm(bf16, residual, final_norm_.const_data_ptr(), out.data_ptr(), m, hs, eps);
+      cpu::rms_norm(bf16, residual, final_norm_.const_data_ptr(), normed, m, hs, eps);
     else
-      cpu::fused_add_rms_norm(bf16, x, residual, final_norm_.const_data_ptr(), out.data_ptr(), residual, m, hs, eps);
+      cpu::fused_add_rms_norm(bf16, x, residual, final_norm_.const_data_ptr(), normed, residual, m, hs, eps);
+    if (packed)
+      for (int64_t i = 0; i < m; ++i)
+        std::memcpy(static_cast<char*>(out.data_ptr()) + token_index_[i] * hs * es, normed + i * hs * es, hs * es);
     prof.mark(Profile::kNorm);
     return out;
   }
@@ -476,7 +512,7 @@ class DecodePlan : public torch::CustomClassHolder {
                 ", the weights' activations' dtype is ", dtype_);
     const int64_t b = hidden.size(0), t = hidden.size(1);
     TORCH_CHECK(hidden.size(2) == hs_, kOp, ": hidden size ", hidden.size(2), " differs from the weights' ", hs_);
-    TORCH_CHECK(b * t >= 1 && b * t <= kMaxRows, kOp, ": B x T must be 1..", kMaxRows, " (a decode step), got ", b * t);
+    TORCH_CHECK(b * t >= 1, kOp, ": the step has no tokens");  // at most kMaxRows real ones: pack()
     TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == layers_ && static_cast<int64_t>(v_caches.size()) == layers_,
                 kOp, ": expected a k/v cache per layer (", layers_, ")");
     TORCH_CHECK(positions.device().is_cpu() && slots.device().is_cpu() && kv_lens.device().is_cpu() &&
@@ -528,6 +564,51 @@ class DecodePlan : public torch::CustomClassHolder {
       }
     }
   }
+
+  // Consecutive batch rows with the same number of real tokens: one store_kv / attention call each.
+  struct RowGroup {
+    int64_t row, rows, tokens, first_token;  // first_token: of the group's first row, in the packed order
+  };
+
+  // Whether the step has pads (slot -1); if so fills token_index_ (the real tokens' b * T + i, row-major),
+  // packed_positions_, packed_slots_ and groups_. Pads must come first in their row (left padding), and at most
+  // kMaxRows tokens may be real (check_step bounded B x T only for an unpadded step).
+  bool pack(const at::Tensor& slots, const at::Tensor& positions, int64_t b, int64_t t) {
+    const bool s64 = slots.scalar_type() == at::kLong, p64 = positions.scalar_type() == at::kLong;
+    auto at64 = [](const at::Tensor& x, bool is64, int64_t i) -> int64_t {
+      return is64 ? x.const_data_ptr<int64_t>()[i] : x.const_data_ptr<int32_t>()[i];
+    };
+    bool any_pad = false;
+    for (int64_t i = 0; i < b * t && !any_pad; ++i) any_pad = at64(slots, s64, i) < 0;
+    if (!any_pad) {
+      TORCH_CHECK(b * t <= kMaxRows, kOp, ": B x T must be 1..", kMaxRows, " (a decode step), got ", b * t);
+      return false;
+    }
+    token_index_.clear(), packed_positions_.clear(), packed_slots_.clear(), groups_.clear();
+    for (int64_t r = 0; r < b; ++r) {
+      int64_t pads = 0;
+      while (pads < t && at64(slots, s64, r * t + pads) < 0) ++pads;
+      for (int64_t i = pads; i < t; ++i) {
+        TORCH_CHECK(at64(slots, s64, r * t + i) >= 0, kOp, ": row ", r, " has a pad (slot -1) after a real token: "
+                    "only left padding is supported");
+        token_index_.push_back(r * t + i);
+        packed_positions_.push_back(at64(positions, p64, r * t + i));
+        packed_slots_.push_back(at64(slots, s64, r * t + i));
+      }
+      const int64_t tokens = t - pads;
+      if (tokens == 0) continue;  // nothing to store or attend: the row's output stays zero
+      if (!groups_.empty() && groups_.back().tokens == tokens && groups_.back().row + groups_.back().rows == r)
+        ++groups_.back().rows;
+      else
+        groups_.push_back(RowGroup{r, 1, tokens, static_cast<int64_t>(token_index_.size()) - tokens});
+    }
+    TORCH_CHECK(!token_index_.empty() && static_cast<int64_t>(token_index_.size()) <= kMaxRows, kOp,
+                ": a padded step must have 1..", kMaxRows, " real tokens, got ", token_index_.size());
+    return true;
+  }
+
+  std::vector<int64_t> token_index_, packed_positions_, packed_slots_;  // pack()'s, reused across steps
+  std::vector<RowGroup> groups_;
 
   // Scratch, reused across layers and steps: residual, normed h, o / down out, qkv, attention out, gate_up, act,
   // a linear's gathered input (act-order) and a block linear's fp32 output (bf16 models).

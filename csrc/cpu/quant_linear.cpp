@@ -108,8 +108,16 @@ bool quant_linear_any_rows(bool bf16, const void* x, const QuantWeight& w, const
   return vnni::supports(w) && quant_linear_vnni(bf16, x, w, bias, out, m);
 }
 
+// From this many fp32 activation rows the dequantized tiles below beat the VNNI kernel on VNNI CPUs: with fp32
+// activations (two int16 limbs) VNNI spends 4 vpdpwssd + 2 converts + 2 FMAs per row and 64 weights, the tiles 4
+// FMAs per row and 64 weights after dequantizing each weight once for all rows. For a few rows the
+// dequantization dominates and VNNI wins; bf16 activations (one limb: 2 vpdpwssd + convert + FMA) stay on VNNI.
+// Measured on the demo model's shapes, 1 thread (Intel, AVX-512 VNNI): see docs/KERNELS.md.
+constexpr int64_t kTiledOverVnniFromRows = 8;
+
 void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
-  if (quant_linear_any_rows(bf16, x, w, bias, out, m)) return;
+  const bool tiles_win = !bf16 && m >= kTiledOverVnniFromRows;
+  if (!tiles_win && quant_linear_any_rows(bf16, x, w, bias, out, m)) return;
   const int64_t k = w.k, n = w.n, groups = k / w.group_size;
   int64_t chunk = w.bits == 4 ? int4_chunk() : 0;
   if (chunk != 0 && w.group_size % chunk != 0) chunk = 0;  // the ISA kernel falls back to the scalar path too

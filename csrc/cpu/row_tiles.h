@@ -56,22 +56,27 @@ void tile_dot(const Tin* w, const Tin* x, int64_t k, const T* bias, T* out, int6
   }
 }
 
-// All m activation rows against R weight rows: full tiles of kTileActRows, then one tile of the rest.
+// All m activation rows against R weight rows, in ceil(m / kTileActRows) tiles of near-equal size (8 rows: 4 + 4,
+// not 6 + 2, whose 8 accumulators leave the FMA units half idle). Every output's sum runs in the same order
+// whatever the tile, so the result does not depend on m.
 template <int R, typename T>
 void tile_rows(const float* w, const float* x, int64_t m, int64_t k, const T* bias, T* out, int64_t ldo) {
+  static_assert(kTileActRows == 6, "one case per tile size below");
+  const int64_t tiles = (m + kTileActRows - 1) / kTileActRows;
   int64_t m0 = 0;
-  for (; m0 + kTileActRows <= m; m0 += kTileActRows)
-    tile_dot<R, kTileActRows>(w, x + m0 * k, k, bias, out + m0 * ldo, ldo);
-  static_assert(kTileActRows == 6, "one case per remainder below");
-  const float* xs = x + m0 * k;
-  T* os = out + m0 * ldo;
-  switch (m - m0) {
-    case 1: return tile_dot<R, 1>(w, xs, k, bias, os, ldo);
-    case 2: return tile_dot<R, 2>(w, xs, k, bias, os, ldo);
-    case 3: return tile_dot<R, 3>(w, xs, k, bias, os, ldo);
-    case 4: return tile_dot<R, 4>(w, xs, k, bias, os, ldo);
-    case 5: return tile_dot<R, 5>(w, xs, k, bias, os, ldo);
-    default: return;
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t rows = (m - m0) / (tiles - tile);  // the larger tiles last
+    const float* xs = x + m0 * k;
+    T* os = out + m0 * ldo;
+    switch (rows) {
+      case 1: tile_dot<R, 1>(w, xs, k, bias, os, ldo); break;
+      case 2: tile_dot<R, 2>(w, xs, k, bias, os, ldo); break;
+      case 3: tile_dot<R, 3>(w, xs, k, bias, os, ldo); break;
+      case 4: tile_dot<R, 4>(w, xs, k, bias, os, ldo); break;
+      case 5: tile_dot<R, 5>(w, xs, k, bias, os, ldo); break;
+      default: tile_dot<R, 6>(w, xs, k, bias, os, ldo); break;
+    }
+    m0 += rows;
   }
 }
 

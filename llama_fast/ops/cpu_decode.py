@@ -54,8 +54,9 @@ def _plan(model):
     return plan
 
 
-def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidden_states=False) -> bool:
-    """Whether this forward call of `model` (a LlamaModel) is a decode step the fused C++ stack can run."""
+def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidden_states=False, step=None) -> bool:
+    """Whether this forward call of `model` (a LlamaModel) is a decode step the fused C++ stack can run: at most
+    max_rows() tokens, pads not counted (the stack skips them; `step`: the call's slots, -1 for a pad)."""
     if hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.bfloat16):
         return False
     if output_attentions or output_hidden_states or len(model.layers) == 0:
@@ -65,7 +66,9 @@ def can_run(model, hidden: torch.Tensor, *, output_attentions=False, output_hidd
         # The C++ stack runs every layer in one call, with no place for the all-reduces after o_proj and
         # down_proj: a tensor-parallel rank decodes op by op (llama_fast.parallel).
         return False
-    if _native.extension() is None or hidden.shape[0] * hidden.shape[1] > max_rows():
+    if _native.extension() is None:
+        return False
+    if hidden.shape[0] * hidden.shape[1] > max_rows() and (step is None or int((step.slots >= 0).sum()) > max_rows()):
         return False
     if any(getattr(m, "backend", None) not in (None, "cpu") for m in (model, model.layers[0])):
         return False

@@ -22,12 +22,12 @@ def add_parser(commands, positive_int, dtypes, backends) -> None:
     serve.add_argument("--max-seq-len", type=positive_int, default=2048,
                        help="tokens per request, prompt + completion (capped by the model's context)")
     serve.add_argument("--prefill-chunk", type=positive_int, default=None,
-                       help="prompt tokens (pads included) prefilled per step while other requests decode "
-                            "(default: 16 on the CPU, 512 elsewhere): bounds how long new requests delay the "
-                            "running ones")
+                       help="prompt tokens prefilled per step while other requests decode, in their decode "
+                            "forward on the CPU (default: 16 on the CPU, 512 elsewhere, pads included): bounds "
+                            "how long new requests delay the running ones")
     serve.add_argument("--decode-rows", type=positive_int, default=None,
-                       help="at most this many rows per decode forward (default: 64 on the CPU, the fused decode "
-                            "stack's limit; the whole batch elsewhere)")
+                       help="at most this many tokens per decode forward, prompt chunks included (default: 64 on "
+                            "the CPU, the fused decode stack's limit; the whole batch elsewhere)")
     serve.add_argument("--dtype", choices=dtypes, default="float32")
     serve.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     serve.add_argument("--backend", choices=backends, default=None)

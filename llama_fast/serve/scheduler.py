@@ -10,17 +10,22 @@ Every step of the scheduler thread does two things with the rows of the batch ca
   pad, which writes no key and leaves their length as it is (wasted work, never read); new requests take the
   lowest free row to keep the range short.
 - chunked prefill: queued requests take free rows at once, and their prompts go into their rows' caches in
-  chunks, one forward per step over the oldest prefilling requests' rows, each
-  chunk right-aligned in a [rows, width] batch of at most `prefill_chunk` tokens, pads included. So new
-  requests never stall the running ones for longer than one bounded forward: those keep emitting a token every
-  step while they prefill (on the CPU a batch of up to cpu_decode.max_rows() tokens runs through the fused
-  decode stack, which reads the weights once for all of its rows). When no row is decoding nobody waits, and
-  the batch may hold up to `prefill_budget` tokens. When a prompt's last chunk is in, its first token is
-  sampled from that chunk's logits and the request decodes from the same step on.
+  chunks of at most `prefill_chunk` tokens per step (oldest requests first). So new requests never stall the
+  running ones for longer than one bounded step: those keep emitting a token every step while they prefill.
+  When a prompt's last chunk is in, its first token is sampled from that chunk's logits.
+
+Mixed steps (on the CPU, where the fused decode stack skips pads and runs any batch of up to
+cpu_decode.max_rows() real tokens in one pass over the weights): the decoding rows' next tokens and the prompt
+chunks go into the same forward, each row right-aligned in a [rows, width] batch (left pads: no key written,
+length kept, no compute), so a joining prompt costs its chunk's share of one pass over the weights instead of a
+second forward. A forward holds at most `decode_rows` real tokens; more run as consecutive forwards over
+consecutive row ranges. Elsewhere (a GPU computes the pads too) the chunks go in a forward of their own,
+at most `prefill_chunk` tokens pads included, before the decode step of the rows whose prompts are in.
+When no row is decoding nobody waits, and a prefill forward may hold up to `prefill_budget` tokens.
 
 A request leaves its row as soon as it finishes (eos, a stop string, max_tokens, or its client went away) and
 the row takes the next request. On the CPU a batch wider than the fused decode stack's row limit runs as
-consecutive forwards of at most that many rows (`decode_rows`), each over its own contiguous slice of the cache.
+consecutive forwards of at most that many tokens (`decode_rows`), each over its own contiguous slice of the cache.
 
 The host keeps each row's length (the scheduler is the only writer), copies them into the cache before a step
 and sets the view's seen_tokens to the longest, so the model never syncs with the device to plan a step.
@@ -99,9 +104,10 @@ class _Row:
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
                  eos_token_ids=None, prefill_budget: int = 4096, decode_rows: int | None = None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, mixed_steps: bool | None = None):
         """prefill_chunk: prompt tokens prefilled per step while other rows decode (default: _prefill_chunk);
-        prefill_budget: per step while none decodes (nobody waits then)."""
+        prefill_budget: per step while none decodes (nobody waits then); mixed_steps: prompt chunks ride in the
+        decode forward (default: where the model skips pads, see the top of this file)."""
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_seq_len = int(min(max_seq_len or 2048, limit))
         if max_batch < 1 or max_queue < 0 or self.max_seq_len < 2:
@@ -121,6 +127,7 @@ class Scheduler:
         self.decode_rows = decode_rows or _decode_rows(self.cache.device, max_batch)
         self.prefill_chunk = prefill_chunk or _prefill_chunk(self.cache.device)
         self.prefill_budget = max(prefill_budget, self.prefill_chunk)
+        self.mixed_steps = _skips_pads(self.cache.device) if mixed_steps is None else bool(mixed_steps)
         self._rows: list[_Row | None] = [None] * max_batch
         self._pending: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -224,6 +231,9 @@ class Scheduler:
         of the rows whose prompts are in (including any whose last chunk just went in)."""
         busy = [row for row in self._rows if row is not None]
         prefilling = sorted((row for row in busy if not row.decoding), key=lambda row: row.request.id)
+        if self.mixed_steps and len(prefilling) < len(busy):
+            self._mixed_step([row for row in busy if row.decoding], prefilling)
+            return
         if prefilling:
             others_decode = len(prefilling) < len(busy)
             self._prefill_chunks(prefilling, self.prefill_chunk if others_decode else self.prefill_budget)
@@ -318,6 +328,73 @@ class Scheduler:
             row.length += 1
             self._advance(row, logits[row.slot])
 
+    def _mixed_step(self, decoding: list, prefilling: list) -> None:
+        """One step of mixed forwards: every decoding row's next token and the next prompt chunks of the oldest
+        prefilling requests (`prefill_chunk` tokens in all), rows in slot order, cut into forwards of at most
+        `decode_rows` real tokens over consecutive rows (a row's tokens are never split). Rows of a forward's range
+        that take no part are all pads. Then the decoding rows' tokens, then the first tokens of the prompts that
+        are now in."""
+        budget, chunks = self.prefill_chunk, {}
+        for row in prefilling:
+            if budget == 0:
+                break
+            chunks[row.slot] = min(len(row.request.prompt_ids) - row.prefilled, budget)
+            budget -= chunks[row.slot]
+        rows = sorted(decoding + [row for row in prefilling if row.slot in chunks], key=lambda row: row.slot)
+        forwards, tokens = [[]], 0
+        for row in rows:
+            n = chunks.get(row.slot, 1)
+            if forwards[-1] and tokens + n > self.decode_rows:
+                forwards.append([])
+                tokens = 0
+            forwards[-1].append(row)
+            tokens += n
+        logits = {}
+        for group in forwards:
+            logits.update(self._mixed_forward(group, chunks))
+        self.steps += 1
+        self.max_rows_in_step = max(self.max_rows_in_step, len(decoding))
+        for row in decoding:
+            if row.slot in logits:
+                row.length += 1
+                self._advance(row, logits[row.slot])
+        for row in prefilling:
+            if row.slot in logits:
+                row.prefilled += chunks[row.slot]
+                row.length = row.prefilled
+                if row.decoding:
+                    self._advance(row, logits[row.slot])
+
+    def _mixed_forward(self, group: list, chunks: dict) -> dict:
+        """One forward over the rows [first, last] of `group` (each right-aligned: a decoding row's next token, or a
+        prefilling row's chunk of chunks[slot] prompt tokens). -> {slot: last-token logits} of the group's rows,
+        or {} after failing the group's requests."""
+        lo, hi = group[0].slot, group[-1].slot
+        feed = {row.slot: ([row.next_token] if row.slot not in chunks else
+                           row.request.prompt_ids[row.prefilled:row.prefilled + chunks[row.slot]]) for row in group}
+        width = max(len(tokens) for tokens in feed.values())
+        ids = torch.zeros(hi - lo + 1, width, dtype=torch.long)
+        mask = torch.zeros(hi - lo + 1, width, dtype=torch.long)
+        for slot, tokens in feed.items():
+            ids[slot - lo, width - len(tokens):] = torch.tensor(tokens)
+            mask[slot - lo, width - len(tokens):] = 1
+        # every row of the range keeps its length (pads write nothing): the host's lengths, 0 for free rows
+        lengths = [row.length if row is not None else 0 for row in self._rows[lo:hi + 1]]
+        view = self.cache.rows(lo, hi + 1)
+        view.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
+        view.seen_tokens = max(lengths)
+        device = self.cache.device
+        mask_arg = None if bool(mask.all()) else mask.to(device)
+        try:
+            out = self.model(ids.to(device), past_key_values=view, use_cache=True, logits_to_keep=1,
+                             attention_mask=mask_arg)
+        except Exception as e:         # e.g. out of memory: these requests fail, the others go on
+            for row in group:
+                self._finish(row, "error", error=f"step failed: {type(e).__name__}: {e}")
+            return {}
+        last = out.logits[:, -1].float()
+        return {row.slot: last[row.slot - lo] for row in group}
+
     def _advance(self, row: _Row, logits: torch.Tensor) -> None:
         """Samples the row's next token from its logits, hands it to the client, and finishes the row when
         the request is done."""
@@ -357,12 +434,19 @@ def _send(request: Request, event) -> None:
 
 
 def _decode_rows(device: torch.device, max_batch: int) -> int:
-    """Rows per decode forward. On the CPU, the fused decode stack takes up to cpu_decode.max_rows() rows in one
-    pass over the weights; a larger batch runs as several such passes (beyond that many rows, quantized
-    linears dequantize whole weight matrices per call for a GEMM). Elsewhere the whole batch is one forward."""
-    if device.type != "cpu" or _native.extension() is None:
+    """Tokens per decode forward (one per decoding row, plus the prompt chunks of a mixed step). On the CPU, the
+    fused decode stack takes up to cpu_decode.max_rows() tokens in one pass over the weights; a larger batch runs
+    as several such passes (beyond that many rows, quantized linears dequantize whole weight matrices per call
+    for a GEMM). Elsewhere the whole batch is one forward."""
+    if not _skips_pads(device):
         return max_batch
-    return min(max_batch, cpu_decode.max_rows())
+    return cpu_decode.max_rows()
+
+
+def _skips_pads(device: torch.device) -> bool:
+    """Whether the model's forward skips left pads (the CPU's fused decode stack, cpu_decode): then a padded
+    [rows, width] step costs its real tokens only, and prompt chunks can ride in the decode forward."""
+    return device.type == "cpu" and _native.extension() is not None
 
 
 def _prefill_chunk(device: torch.device) -> int:

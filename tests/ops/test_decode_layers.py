@@ -150,8 +150,19 @@ def test_decode_layers_bad_inputs():
     with pytest.raises(RuntimeError, match="past the end of the cache"):
         _step(plan, x, kc, vc, pos, pos + 8, kv, 1, cos, sin)
     rows = torch.ops.llama_fast.cpu_max_gemv_rows()
+    big = rows + 1           # a well-formed step of one row too many (no pads: every token is real)
+    big_pos = torch.zeros(big, 1, dtype=torch.long)
     with pytest.raises(RuntimeError, match=f"B x T must be 1..{rows}"):
-        _step(plan, torch.randn(rows + 1, 1, 64), kc, vc, pos, pos, kv, 1, cos, sin)
+        _step(plan, torch.randn(big, 1, 64), [torch.zeros(big, 8, 1, 32)], [torch.zeros(big, 8, 1, 32)], big_pos,
+              big_pos, torch.ones(big, dtype=torch.int32), 1, cos, sin)
+    # with pads (slot -1) the limit is on the real tokens
+    pad_slots = torch.full((big, 1), -1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=f"1..{rows} real tokens, got 0"):
+        _step(plan, torch.randn(big, 1, 64), [torch.zeros(big, 8, 1, 32)], [torch.zeros(big, 8, 1, 32)], big_pos,
+              pad_slots, torch.zeros(big, dtype=torch.int32), 1, cos, sin)
+    with pytest.raises(RuntimeError, match="pad .slot -1. after a real token"):
+        _step(plan, torch.randn(1, 2, 64), kc, vc, torch.zeros(1, 2, dtype=torch.long),
+              torch.tensor([[0, -1]]), kv, 1, cos, sin)
     with pytest.raises(RuntimeError, match="activations. dtype"):
         _step(plan, x.bfloat16(), kc, vc, pos, pos, kv, 1, cos, sin)
     with pytest.raises(RuntimeError, match="kv_lens must lie"):

@@ -9,7 +9,7 @@ from llama_fast import ops, quant
 
 from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
 
-ROWS = [1, 3, 7, 9, 17, 64]
+ROWS = [1, 3, 7, 8, 9, 17, 64]
 
 
 def test_one_pass_limit_covers_the_rows_tested():

@@ -65,11 +65,13 @@ class GatedModel:
         self.config = model.config
         self.model = model.model
         self.generation_config = model.generation_config
+        self.shapes = []                  # [rows, width] of every forward, in order
 
     def new_cache(self, *args, **kwargs):
         return self._model.new_cache(*args, **kwargs)
 
     def __call__(self, input_ids, **kwargs):
+        self.shapes.append(tuple(input_ids.shape))
         if input_ids.shape[1] == 1:
             assert self.permits.acquire(timeout=WAIT_S), "the test never allowed this decode step"
         return self._model(input_ids, **kwargs)

@@ -94,15 +94,16 @@ def test_rows_of_different_lengths_decode_like_each_alone(tiny_chat):
     assert cache.lengths.tolist() == [lengths[0] + 1, 1, lengths[2] + 1, lengths[3] + 1]
 
 
-@pytest.mark.parametrize("max_batch,decode_rows,prefill_chunk", [(3, None, None), (5, 2, 3)])
-def test_batch_equals_generate_and_rows_are_reused(tiny_chat, max_batch, decode_rows, prefill_chunk):
+@pytest.mark.parametrize("max_batch,decode_rows,prefill_chunk,mixed", [
+    (3, None, None, True), (3, None, None, False), (5, 2, 3, True), (5, 2, 3, False), (5, 4, 7, True)])
+def test_batch_equals_generate_and_rows_are_reused(tiny_chat, max_batch, decode_rows, prefill_chunk, mixed):
     """Nine requests, three (five) rows: the first ones are prefilled before any decodes and then decode
-    together (in forwards of two rows when decode_rows=2); finished rows take the next request, whose prompt
-    goes in while the others decode (with prefill_chunk=3: three prompt tokens per step), and every request's
-    tokens are generate()'s."""
+    together (in forwards of at most decode_rows tokens); finished rows take the next request, whose prompt
+    goes in while the others decode (prefill_chunk prompt tokens per step, in the decode forwards with mixed
+    steps), and every request's tokens are generate()'s."""
     model, tokenizer = tiny_chat
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=16, max_seq_len=128,
-                          decode_rows=decode_rows, prefill_chunk=prefill_chunk)
+                          decode_rows=decode_rows, prefill_chunk=prefill_chunk, mixed_steps=mixed)
     prompts = _prompts(tokenizer, 9)
     max_tokens = [5, 17, 9, 12, 3, 20, 8, 1, 14]
     sinks = [Collector() for _ in prompts]
@@ -160,11 +161,12 @@ class _Logged(Collector):
         super().__call__(event)
 
 
+@pytest.mark.parametrize("mixed", [True, False])
 @pytest.mark.parametrize("chunk", [3, 5])
-def test_long_prompt_prefills_in_chunks_while_others_decode(tiny_chat, chunk):
-    """A request joining a running batch has its prompt prefilled `chunk` tokens per step, each step followed
-    by the running row's decode step: the running row emits a token every step meanwhile, and both answers are
-    generate()'s."""
+def test_long_prompt_prefills_in_chunks_while_others_decode(tiny_chat, chunk, mixed):
+    """A request joining a running batch has its prompt prefilled `chunk` tokens per step, in the running row's
+    decode forward (mixed steps) or in a forward of its own followed by that decode step: the running row emits
+    a token every step meanwhile, and both answers are generate()'s."""
     model, tokenizer = tiny_chat
     a_prompt = _prompts(tokenizer, 1)[0]
     b_prompt = tokenizer.encode("A long time ago in a galaxy far, far away, a small robot read every book it found")
@@ -173,8 +175,8 @@ def test_long_prompt_prefills_in_chunks_while_others_decode(tiny_chat, chunk):
     chunks = -(-len(b_prompt) // chunk)
     assert chunks >= 3
     log = []
-    with gated_scheduler(model, tokenizer, max_batch=2, max_queue=4, max_seq_len=128, prefill_chunk=chunk) as (
-            scheduler, gated):
+    with gated_scheduler(model, tokenizer, max_batch=2, max_queue=4, max_seq_len=128, prefill_chunk=chunk,
+                         mixed_steps=mixed) as (scheduler, gated):
         a, b = _Logged("a", log), _Logged("b", log)
         scheduler.submit(Request(a_prompt, 40, SamplingParams(temperature=0.0), a, ignore_eos=True))
         assert a.first_token.wait(WAIT_S)     # no permit given yet: a holds exactly this one token
@@ -182,9 +184,13 @@ def test_long_prompt_prefills_in_chunks_while_others_decode(tiny_chat, chunk):
         gated.allow(200)
         a.wait(), b.wait()
     a_before_b = next(i for i, (name, _) in enumerate(log) if name == "b")
-    # a's first token, maybe a step that began before b was admitted, then a decode step after each of b's
-    # chunks but the last (whose first token comes before that step's decode)
-    assert a_before_b in (chunks, chunks + 1), (a_before_b, chunks)
+    # a's first token, maybe a step that began before b was admitted, then a token per step of b's prefill: with
+    # mixed steps in each of them (the running rows' tokens go out first), else after each chunk but the last
+    # (whose first token comes before that step's decode)
+    first_b = chunks + 1 if mixed else chunks
+    assert a_before_b in (first_b, first_b + 1), (a_before_b, chunks)
+    # a's token and b's chunk in one forward over both rows only with mixed steps
+    assert ((2, chunk) in gated.shapes) == mixed
     assert a.tokens == _greedy(model, a_prompt, 40)
     assert b.tokens == _greedy(model, b_prompt, 6)
 
