@@ -171,8 +171,8 @@ class DecodePlan : public torch::CustomClassHolder {
     char* act = scratch_ptr(kAct);
     if (packed) {
       for (int64_t i = 0; i < m; ++i)
-        std::memcpy(residual + i * hs * es, static_cast<const char*>(hidden.const_data_ptr()) + token_index_[i] * hs * es,
-                    hs * es);
+        std::memcpy(residual + i * hs * es,
+                    static_cast<const char*>(hidden.const_data_ptr()) + token_index_[i] * hs * es, hs * es);
     } else {
       std::memcpy(residual, hidden.const_data_ptr(), m * hs * es);
     }
@@ -213,11 +213,11 @@ class DecodePlan : public torch::CustomClassHolder {
       auto scales = [&](float* p, const RowGroup& g) { return p ? p + g.row * ss : nullptr; };
       for (const RowGroup& g : groups_) {  // rows [g.row, g.row + g.rows) with g.tokens real tokens each
         char* gq = qkv + g.first_token * row * es;
-        const cpu::KvCache cache{kv_type, k_rows(g), v_rows(g), scales(ks, g), scales(vs, g), cache_len, kv_heads_,
-                                 head_dim};
+        const cpu::KvCache cache{kv_type,       k_rows(g), v_rows(g), scales(ks, g),
+                                 scales(vs, g), cache_len, kv_heads_, head_dim};
         const void* g_slots = static_cast<const char*>(slot_ptr) + g.first_token * (slots64 ? 8 : 4);
-        cpu::store_kv(bf16, cache, gq + q_size * es, g.tokens * row, row, gq + (q_size + kv_size) * es,
-                      g.tokens * row, row, g_slots, slots64, g.rows, g.tokens);
+        cpu::store_kv(bf16, cache, gq + q_size * es, g.tokens * row, row, gq + (q_size + kv_size) * es, g.tokens * row,
+                      row, g_slots, slots64, g.rows, g.tokens);
       }
       prof.mark(Profile::kStoreKv);
       for (const RowGroup& g : groups_) {
@@ -225,11 +225,11 @@ class DecodePlan : public torch::CustomClassHolder {
         cpu::Strided4 q{qkv + g.first_token * row * es, g.tokens * row, row, head_dim, heads_};
         cpu::Strided4 kcs{k_rows(g), cs, kv_size, head_dim, kv_heads_};
         cpu::Strided4 vcs{v_rows(g), cs, kv_size, head_dim, kv_heads_};
-        cpu::attention(cpu::with_kv_cache(
-            cpu::attention_args(bf16, q, kcs, vcs, attn + g.first_token * q_size * es,
-                                kv_lens.const_data_ptr<int32_t>() + g.row, g.rows, g.tokens, kv_span, head_dim, true,
-                                1.f / std::sqrt(static_cast<float>(head_dim))),
-            kv_type, scales(ks, g), scales(vs, g), ss, kv_heads_));
+        cpu::attention(
+            cpu::with_kv_cache(cpu::attention_args(bf16, q, kcs, vcs, attn + g.first_token * q_size * es,
+                                                   kv_lens.const_data_ptr<int32_t>() + g.row, g.rows, g.tokens, kv_span,
+                                                   head_dim, true, 1.f / std::sqrt(static_cast<float>(head_dim))),
+                               kv_type, scales(ks, g), scales(vs, g), ss, kv_heads_));
       }
       prof.mark(Profile::kAttention);
       run_linear(L[1], bf16, attn, x, m);
@@ -589,7 +589,8 @@ class DecodePlan : public torch::CustomClassHolder {
       int64_t pads = 0;
       while (pads < t && at64(slots, s64, r * t + pads) < 0) ++pads;
       for (int64_t i = pads; i < t; ++i) {
-        TORCH_CHECK(at64(slots, s64, r * t + i) >= 0, kOp, ": row ", r, " has a pad (slot -1) after a real token: "
+        TORCH_CHECK(at64(slots, s64, r * t + i) >= 0, kOp, ": row ", r,
+                    " has a pad (slot -1) after a real token: "
                     "only left padding is supported");
         token_index_.push_back(r * t + i);
         packed_positions_.push_back(at64(positions, p64, r * t + i));
