@@ -1,6 +1,7 @@
 // ggml's block-quantized weights that llama_fast keeps in the file's bytes (llama_fast/kquants.py documents the
 // layouts): the K-quants Q4_K, Q5_K, Q6_K, Q2_K, Q3_K (super-blocks of 256 weights) and Q5_0 / Q5_1 / Q8_0 (blocks
-// of 32; Q8_0 only as a segment of a weight fused with other ggml types, see kquants.py). Shared by the CPU and CUDA kernels as __host__ __device__ inline functions.
+// of 32; Q8_0 only as a segment of a weight fused with other ggml types, see kquants.py). Shared by the CPU and CUDA
+// kernels as __host__ __device__ inline functions.
 //
 // Every type decodes as  w = code * scale + offset  with an integer code per weight and an fp32 (scale, offset)
 // per sub-block of 16 weights, computed exactly as gguf.quants does (d * sc in fp32, offset = -(dmin * m)),

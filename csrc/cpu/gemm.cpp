@@ -30,18 +30,17 @@ namespace cpu {
 
 bool prefill_gemm_available() { return isa() >= Isa::kAvx2; }
 
-void gemm_dense(bool bf16, const void* x, const void* w, const void* bias, void* out, int64_t m, int64_t n,
-                int64_t k) {
+void gemm_dense(bool bf16, const void* x, const void* w, const void* bias, void* out, int64_t m, int64_t n, int64_t k) {
   LF_CPU_DISPATCH_DTYPE(bf16, T, {
-    LF_DISPATCH(gemm_dense_weights<T>, static_cast<const T*>(x), static_cast<const T*>(w),
-                static_cast<const T*>(bias), static_cast<T*>(out), m, n, k);
+    LF_DISPATCH(gemm_dense_weights<T>, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(bias),
+                static_cast<T*>(out), m, n, k);
   });
 }
 
 void gemm_quant(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
   LF_CPU_DISPATCH_DTYPE(bf16, T, {
-    LF_DISPATCH(gemm_quant_weights<T>, static_cast<const T*>(x), w, static_cast<const T*>(bias),
-                static_cast<T*>(out), m);
+    LF_DISPATCH(gemm_quant_weights<T>, static_cast<const T*>(x), w, static_cast<const T*>(bias), static_cast<T*>(out),
+                m);
   });
 }
 
@@ -55,12 +54,12 @@ namespace cpu {
 namespace LF_ISA {
 
 constexpr int W = VecF::W;
-constexpr int kMv = 2;            // vectors of activation rows in the register tile
-constexpr int kMr = kMv * W;      // activation rows per panel
+constexpr int kMv = 2;        // vectors of activation rows in the register tile
+constexpr int kMr = kMv * W;  // activation rows per panel
 #if LF_ISA_LEVEL == 2
-constexpr int kNr = 12;           // weight rows per register tile: 24 accumulators + 2 activations + 1 broadcast
+constexpr int kNr = 12;  // weight rows per register tile: 24 accumulators + 2 activations + 1 broadcast
 #elif LF_ISA_LEVEL == 1
-constexpr int kNr = 6;            // 12 accumulators + 2 + 1 of the 16 ymm registers
+constexpr int kNr = 6;  // 12 accumulators + 2 + 1 of the 16 ymm registers
 #else
 constexpr int kNr = 4;
 #endif

@@ -155,7 +155,7 @@ constexpr int kPrefetchBytes = 8192;
 // the 5th bit (Q5_1: +16 where set; Q5_0, code = q - 16: -16 where clear). Q8_0: 32 int8 codes, sign-extended.
 template <BlockType T, int M, bool kTwoLimbs>
 void rows_b32(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32, const float* xscale, int64_t n0,
-             int64_t n1, float* out, int64_t ldo) {
+              int64_t n1, float* out, int64_t ldo) {
   constexpr int bb = ggml::block_bytes(T), qh_at = T == BlockType::kQ5_1 ? 4 : 2;
   constexpr int kSplit = M <= 2 ? 2 : 1;  // fp32 accumulators per activation row (fma latency)
   const int64_t nblk = k / 32, rb = nblk * bb;
@@ -209,9 +209,9 @@ void rows_b32(const Segment& s, int64_t k, const int16_t* xp, const float* xsum3
           const int16_t* xc = xb + mm * 2 * k;
           __m512 f = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(xc)));
           if constexpr (kTwoLimbs)
-            f = _mm512_fmadd_ps(f, limb,
-                                _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), q,
-                                                                       _mm512_loadu_si512(xc + 32))));
+            f = _mm512_fmadd_ps(
+                f, limb,
+                _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(xc + 32))));
           acc[mm][h] = _mm512_fmadd_ps(f, d, acc[mm][h]);
         }
       };
@@ -376,8 +376,8 @@ void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32,
             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn))));
         neg_min = _mm256_mul_ps(m, _mm256_set1_ps(-HardF16{}(b + 2)));  // -(dmin * m_j), as the dequantization
       } else if constexpr (T == BlockType::kQ2K) {  // the mins: the high nibbles of the 16 scale bytes
-        const __m128i m = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 4),
-                                        _mm_set1_epi8(0x0F));
+        const __m128i m =
+            _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 4), _mm_set1_epi8(0x0F));
         neg_min16 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m)), _mm512_set1_ps(-HardF16{}(b + 82)));
       }
       for (int mm = 0; mm < M; ++mm) {
@@ -393,8 +393,8 @@ void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32,
       }
     }
     for (int mm = 0; mm < M; ++mm) {
-      const __m256 o = _mm256_add_ps(off[mm], _mm256_add_ps(_mm512_castps512_ps256(off16[mm]),
-                                                             _mm512_extractf32x8_ps(off16[mm], 1)));
+      const __m256 o = _mm256_add_ps(
+          off[mm], _mm256_add_ps(_mm512_castps512_ps256(off16[mm]), _mm512_extractf32x8_ps(off16[mm], 1)));
       __m128 o4 = _mm_add_ps(_mm256_castps256_ps128(o), _mm256_extractf128_ps(o, 1));
       o4 = _mm_add_ps(o4, _mm_movehl_ps(o4, o4));
       o4 = _mm_add_ss(o4, _mm_movehdup_ps(o4));

@@ -376,9 +376,9 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
       cpu::gemm_quant(is_bf16(x), xc.data_ptr(), w, b, out.data_ptr(), m);
     return out;
   }
-  // Prefill without a vector GEMM (portable): dequantize a band of rows at a time (fits L2) and multiply with a fp32 GEMM. Both run on ATen's
-  // (OpenMP) threads: alternating them with our pool's, whose helpers spin between loops, starves whichever
-  // side's thread is descheduled (a 42-token prefill took 2 s that way).
+  // Prefill without a vector GEMM (portable): dequantize a band of rows at a time (fits L2) and multiply with a fp32
+  // GEMM. Both run on ATen's (OpenMP) threads: alternating them with our pool's, whose helpers spin between loops,
+  // starves whichever side's thread is descheduled (a 42-token prefill took 2 s that way).
   const auto x2 = xc.reshape({m, k}).to(at::kFloat);
   auto out = at::empty({m, n}, x.options().dtype(at::kFloat));
   const int64_t band = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(k, 1));
