@@ -23,36 +23,46 @@ SHAPES = {
 RANDOM_BLOCKS = {"Q4_0": (18, 0.02 / 4.6), "Q8_0": (34, 0.02 / 73.0)}
 
 
-def write_random_f16(demo_gguf: str, dst: str, shape: str, seed: int = 0) -> str:
+def start_writer(demo_gguf: str, tmp: str, shape: str, name: str, file_type: int):
+    """A GGUFWriter on `tmp` with the Llama hyper-parameters of `shape` and the demo model's tokenizer metadata;
+    returns it and the vocabulary size."""
     import gguf
 
-    from _gguf_dense import copy_field, finish
+    from _gguf_dense import copy_field
 
-    if os.path.exists(dst):
-        return dst
     hidden, layers, heads, kv_heads, inter = SHAPES[shape]
-    head_dim = hidden // heads
     reader = gguf.GGUFReader(demo_gguf)
-    tmp = dst + ".tmp"
     writer = gguf.GGUFWriter(tmp, "llama")
-    writer.add_name(f"random-{shape}")
+    writer.add_name(name)
     writer.add_context_length(8192)
     writer.add_embedding_length(hidden)
     writer.add_block_count(layers)
     writer.add_feed_forward_length(inter)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(hidden // heads)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type(1)  # MOSTLY_F16
+    writer.add_file_type(file_type)
     vocab = None
     for field in reader.fields.values():
-        if not field.name.startswith("tokenizer."):
-            continue
-        copy_field(writer, field)
-        if field.name == "tokenizer.ggml.tokens":
-            vocab = len(field.data)
+        if field.name.startswith("tokenizer."):
+            copy_field(writer, field)
+            if field.name == "tokenizer.ggml.tokens":
+                vocab = len(field.data)
+    return writer, vocab
+
+
+def write_random_f16(demo_gguf: str, dst: str, shape: str, seed: int = 0) -> str:
+
+    from _gguf_dense import finish
+
+    if os.path.exists(dst):
+        return dst
+    hidden, layers, heads, kv_heads, inter = SHAPES[shape]
+    head_dim = hidden // heads
+    tmp = dst + ".tmp"
+    writer, vocab = start_writer(demo_gguf, tmp, shape, f"random-{shape}", file_type=1)  # MOSTLY_F16
     rng = np.random.default_rng(seed)
 
     def weight(rows, cols):  # GGUF stores [rows, cols] row-major as ne = (cols, rows)
@@ -81,32 +91,14 @@ def write_random_blocks(demo_gguf: str, dst: str, shape: str, kind: str, seed: i
     tensor, not the whole file."""
     import gguf
 
-    from _gguf_dense import copy_field
 
     if os.path.exists(dst):
         return dst
     hidden, layers, heads, kv_heads, inter = SHAPES[shape]
     head_dim = hidden // heads
-    reader = gguf.GGUFReader(demo_gguf)
     tmp = dst + ".tmp"
-    writer = gguf.GGUFWriter(tmp, "llama")
-    writer.add_name(f"random-{shape}-{kind}")
-    writer.add_context_length(8192)
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(layers)
-    writer.add_feed_forward_length(inter)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type({"Q4_0": 2, "Q8_0": 7}[kind])
-    vocab = None
-    for field in reader.fields.values():
-        if field.name.startswith("tokenizer."):
-            copy_field(writer, field)
-            if field.name == "tokenizer.ggml.tokens":
-                vocab = len(field.data)
+    file_type = {"Q4_0": 2, "Q8_0": 7}[kind]   # MOSTLY_Q4_0 / MOSTLY_Q8_0
+    writer, vocab = start_writer(demo_gguf, tmp, shape, f"random-{shape}-{kind}", file_type)
     tensors = [("token_embd.weight", (vocab, hidden), "Q8_0"), ("output_norm.weight", (hidden,), "F32")]
     for i in range(layers):
         p = f"blk.{i}."
