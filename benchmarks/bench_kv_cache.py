@@ -30,6 +30,8 @@ sys.path.insert(0, HERE)
 
 import bench_decode_separate as harness  # noqa: E402
 
+from _machine import write_result  # noqa: E402
+
 FILES = {"smollm2": ("F32", "F16"), "llama-1b": ("Q4_0",)}
 OURS_KV = ("none", "bfloat16", "float16", "int8")
 PEER_KV = ("f16", "q8_0")
@@ -182,14 +184,12 @@ def main():
         results = {"cpu": harness.cpu_description(), "load_average": os.getloadavg(),
                    "note": "thread CPU time of one call on the calling thread (1 thread)",
                    "attention_op": attention_op_times()}
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_result(args.out, results)
         return
     if args.quality_only:
         results = {"cpu": harness.cpu_description(), "quality_vs_float32_cache": quality(args.quality_tokens or 128)}
         print(json.dumps(results["quality_vs_float32_cache"], indent=1))
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_result(args.out, results)
         return
     contexts = [int(c) for c in args.contexts.split(",")]
     cases = []
@@ -245,10 +245,7 @@ def main():
     if args.quality_tokens:
         results["quality_vs_float32_cache"] = quality(args.quality_tokens)
         print(json.dumps(results["quality_vs_float32_cache"], indent=1))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print("wrote", args.out)
+    write_result(args.out, results)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ sys.path.insert(0, HERE)
 
 from bench_decode_separate import cpu_description, model_files, prompt_ids, run_in_process  # noqa: E402
 
+from _machine import write_result  # noqa: E402
+
 ENGINES = ("llama_fast", "llama.cpp", "transformers")
 
 
@@ -128,10 +130,7 @@ def main():
         print(f"{entry['model']} {entry['format']:5s} ctx {entry['context']:5d}: "
               + ", ".join(f"{k} {v:.2f}" for k, v in entry.items() if k.startswith("ratio")))
     results["load_average"].append(os.getloadavg()[0])
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print("wrote", args.out)
+    write_result(args.out, results)
 
 
 if __name__ == "__main__":
