@@ -28,9 +28,12 @@ int64_t sysfs_cache_bytes(int level, const char* type) {
   return 0;
 }
 
+// The kernel's sysfs view first: glibc's sysconf derives the L3 from cpuid, which under KVM can report the host's
+// whole L3 times the guest's threads (320 MiB on a 2-vCPU AMD EPYC guest whose sysfs says 32 MiB).
 int64_t cache_bytes(int level, int sysconf_name, const char* type) {
+  if (const int64_t v = sysfs_cache_bytes(level, type); v > 0) return v;
   const long v = sysconf_name >= 0 ? sysconf(sysconf_name) : -1;
-  return v > 0 ? static_cast<int64_t>(v) : sysfs_cache_bytes(level, type);
+  return v > 0 ? static_cast<int64_t>(v) : 0;
 }
 
 Tuning measure() {
