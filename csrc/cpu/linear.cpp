@@ -74,12 +74,13 @@ void gemv_block_dpbf16(const uint16_t* x, const uint16_t* w, const uint16_t* bia
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int mm = 0; mm < M; ++mm) acc[r][mm] = _mm512_setzero_ps();
+  const int64_t ahead = tuning().prefetch_bytes;
   int64_t kk = 0;
   for (; kk + 32 <= k; kk += 32) {
     __m512bh xv[M];
     for (int mm = 0; mm < M; ++mm) xv[mm] = (__m512bh)_mm512_loadu_si512(x + mm * k + kk);
     for (int r = 0; r < R; ++r) {
-      prefetch_ahead(w + (row + r) * k + kk);
+      prefetch_ahead(w + (row + r) * k + kk, ahead);
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (row + r) * k + kk);
       for (int mm = 0; mm < M; ++mm) acc[r][mm] = _mm512_dpbf16_ps(acc[r][mm], wv, xv[mm]);
     }
