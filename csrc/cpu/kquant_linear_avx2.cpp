@@ -152,17 +152,6 @@ inline float f16_at(const uint8_t* p) {
 // Bytes 16h..16h+15 of p widened to 16 uint16: half h of the VNNI kernels' widen(p).
 inline __m256i widen_half(const uint8_t* p, int h) { return _mm256_cvtepu8_epi16(load128(p + 16 * h)); }
 
-// 16 consecutive fp32 from p as the halves [lo | hi]; `count` (<= 16) of them, the rest 0 (a masked load).
-inline void load16(const float* p, int count, __m256 (&v)[2]) {
-  if (count == 16) {
-    v[0] = _mm256_loadu_ps(p), v[1] = _mm256_loadu_ps(p + 8);
-    return;
-  }
-  alignas(32) float part[16] = {};
-  std::copy(p, p + count, part);
-  v[0] = _mm256_load_ps(part), v[1] = _mm256_load_ps(part + 8);
-}
-
 // rows_b32: M activation rows x weight rows [n0, n1) of a Q5_0 / Q5_1 / Q8_0 segment (blocks of 32 weights with
 // an fp16 d, and Q5_1's fp16 offset m). Per block, the 16 codes of half h (weights 16h..16h+15) dot both limbs,
 // converted and multiplied by d into accumulator `h` of the block's parity (kSplit, as the VNNI kernel). Q5's
@@ -175,6 +164,8 @@ void rows_b32(const Segment& s, int64_t k, const int16_t* xp, const float* xsum3
   constexpr int kSplit = M <= 2 ? 2 : 1;  // the VNNI kernel's fp32 accumulators per activation row
   const int64_t nblk = k / 32, rb = nblk * bb;
   const __m256i m4 = _mm256_set1_epi16(0x0F), sixteen = _mm256_set1_epi16(16);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i header_at = _mm256_mullo_epi32(lane, _mm256_set1_epi32(bb));
   const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
                                         static_cast<int16_t>(0x8000));
   for (int64_t r = n0; r < n1; ++r) {
@@ -187,15 +178,24 @@ void rows_b32(const Segment& s, int64_t k, const int16_t* xp, const float* xsum3
     for (int64_t blk0 = 0; blk0 < nblk; blk0 += 16) {
       const int nb = static_cast<int>(std::min<int64_t>(16, nblk - blk0));
       const uint8_t* g = row + blk0 * bb;
+      // bytes 0-3 of each live block (d, and Q5_1's m) in two gathers, as the VNNI kernel; d as fp32 in dv for
+      // broadcasts, m times its activations' sum into lane i of the offset term
       alignas(32) float dv[16];
-      for (int i = 0; i < nb; ++i) dv[i] = f16_at(g + i * bb);
-      if constexpr (T == BlockType::kQ5_1) {  // lane i: block blk0 + i's offset times its activations' sum
-        alignas(32) float mv[16] = {};
-        for (int i = 0; i < nb; ++i) mv[i] = f16_at(g + i * bb + 2);
-        for (int mm = 0; mm < M; ++mm) {
-          __m256 xs[2];
-          load16(xsum32 + mm * nblk + blk0, nb, xs);
-          for (int h = 0; h < 2; ++h) off[mm][h] = _mm256_fmadd_ps(_mm256_load_ps(mv + 8 * h), xs[h], off[mm][h]);
+      for (int h = 0; h < 2; ++h) {
+        const int live = std::clamp(nb - 8 * h, 0, 8);
+        if (live == 0) break;
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(live), lane);
+        const __m256i head = _mm256_mask_i32gather_epi32(
+            _mm256_setzero_si256(), reinterpret_cast<const int*>(g + 8 * h * bb), header_at, mask, 1);
+        const __m256i low16 = _mm256_and_si256(head, _mm256_set1_epi32(0xFFFF));  // d, zero-extended
+        const __m128i d16 = _mm_packus_epi32(_mm256_castsi256_si128(low16), _mm256_extracti128_si256(low16, 1));
+        _mm256_store_ps(dv + 8 * h, _mm256_cvtph_ps(d16));
+        if constexpr (T == BlockType::kQ5_1) {
+          const __m256i high16 = _mm256_srli_epi32(head, 16);
+          const __m256 m =
+              _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(high16), _mm256_extracti128_si256(high16, 1)));
+          for (int mm = 0; mm < M; ++mm)  // lanes past the live blocks: 0 * 0, as the VNNI kernel's masked load
+            off[mm][h] = _mm256_fmadd_ps(m, _mm256_maskload_ps(xsum32 + mm * nblk + blk0 + 8 * h, mask), off[mm][h]);
         }
       }
       auto one = [&](int i, auto ac) {  // block i into accumulator a (a compile-time index)

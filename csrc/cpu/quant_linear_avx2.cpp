@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -158,14 +159,8 @@ inline float prepare_half(const __m256 (&x)[4], __m256 scale, bool two_limbs, in
   return sum16(clamped_sum(v[0], v[2]), clamped_sum(v[1], v[3]));
 }
 
-// `count` (<= 8) scales / offsets / fp32 values from element i, as fp32; lanes from count on are 0 (the VNNI
-// kernel's masked loads).
-inline __m256 load_scales8(const void* p, ScaleType t, int64_t i, int64_t count) {
-  if (count < 8) {
-    alignas(32) float part[8] = {};
-    for (int64_t l = 0; l < count; ++l) part[l] = scale_at(p, t, i + l);
-    return _mm256_load_ps(part);
-  }
+// 8 scales / offsets from element i of a [N, G] array, as fp32.
+inline __m256 load_scales8(const void* p, ScaleType t, int64_t i) {
   switch (t) {
     case ScaleType::kF32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
     case ScaleType::kF16:
@@ -175,38 +170,64 @@ inline __m256 load_scales8(const void* p, ScaleType t, int64_t i, int64_t count)
   }
 }
 
+// Elements [end - count, end) of a scale / offset array as fp32 in lanes 0..count-1 and 0 in the others (the VNNI
+// kernel's masked loads), for 0 < count < 8 <= end: the 8 elements ending at `end` (inside the array) moved down.
+inline __m256 load_scales_tail(const void* p, ScaleType t, int64_t end, int64_t count, __m256i live) {
+  const __m256i from = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 - count));
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(load_scales8(p, t, end - 8), from), _mm256_castsi256_ps(live));
+}
+
 // The VNNI kernel's row_scales: per weight row r, its scales as fp32 one per 32 elements in sc[r * K/32 ...], and
 // the 16 lanes [lo | hi] of its offset term sum_g m_g * xsum_g per activation row in off[r][mm] (group g in lane
-// g % 16, summed with the dot product's lanes at the end).
+// g % 16, summed with the dot product's lanes at the end). Groups 8 at a time, the last G % 8 in lanes loaded
+// whole and moved (a vector built from scalar stores would stall the vector load that follows it).
 template <int R, int M>
 void row_scales(const QuantWeight& w, const float* xsum, int64_t row, float* sc, float (&off)[R][M][16]) {
-  const int64_t gs = w.group_size, groups = w.k / gs, halves = w.k / 32;
+  const int64_t gs = w.group_size, groups = w.k / gs, halves = w.k / 32, full = groups / 8 * 8;
   for (int r = 0; r < R; ++r) {
+    const int64_t g0 = (row + r) * groups;
     __m256 ov[M][2];
     for (int mm = 0; mm < M; ++mm) ov[mm][0] = ov[mm][1] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 16) {
-      for (int h = 0; h < 2; ++h) {
-        const int64_t g8 = g + 8 * h, count = std::clamp<int64_t>(groups - g8, 0, 8);
-        if (count == 0) continue;  // the VNNI kernel's fma of masked (zero) lanes leaves these lanes as they are
-        const int64_t gi = (row + r) * groups + g8;
-        const __m256 s = load_scales8(w.scale, w.scale_type, gi, count);
-        if (count == 8) {
-          _mm256_storeu_ps(sc + r * halves + g8, s);
-        } else {
-          alignas(32) float part[8];
-          _mm256_store_ps(part, s);
-          std::copy(part, part + count, sc + r * halves + g8);
-        }
-        if (w.offset) {
-          const __m256 o = load_scales8(w.offset, w.scale_type, gi, count);
-          for (int mm = 0; mm < M; ++mm)
-            ov[mm][h] = _mm256_fmadd_ps(o, load_scales8(xsum + mm * groups, ScaleType::kF32, g8, count), ov[mm][h]);
-        }
+    auto eight = [&](int64_t g, auto hc) {  // groups g..g+7 into lanes 8h..8h+7 (h a compile-time index)
+      constexpr int h = decltype(hc)::value;
+      _mm256_storeu_ps(sc + r * halves + g, load_scales8(w.scale, w.scale_type, g0 + g));
+      if (w.offset) {
+        const __m256 o = load_scales8(w.offset, w.scale_type, g0 + g);
+        for (int mm = 0; mm < M; ++mm)
+          ov[mm][h] = _mm256_fmadd_ps(o, _mm256_loadu_ps(xsum + mm * groups + g), ov[mm][h]);
       }
+    };
+    int64_t g = 0;
+    for (; g + 16 <= full; g += 16) {
+      eight(g, std::integral_constant<int, 0>{});
+      eight(g + 8, std::integral_constant<int, 1>{});
     }
+    if (g < full) eight(g, std::integral_constant<int, 0>{});
     for (int mm = 0; mm < M; ++mm) {
       _mm256_store_ps(off[r][mm], ov[mm][0]);
       _mm256_store_ps(off[r][mm] + 8, ov[mm][1]);
+    }
+    const int64_t tail = groups - full;
+    if (tail > 0 && g0 + groups >= 8) {  // the last G % 8 groups: lanes (full % 16) + 0..tail-1, the rest masked
+      const __m256i live =
+          _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(tail)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      _mm256_maskstore_ps(sc + r * halves + full, live,
+                          load_scales_tail(w.scale, w.scale_type, g0 + groups, tail, live));
+      if (w.offset) {
+        const int h = (full / 8) % 2;
+        const __m256 o = load_scales_tail(w.offset, w.scale_type, g0 + groups, tail, live);
+        for (int mm = 0; mm < M; ++mm)
+          _mm256_store_ps(off[r][mm] + 8 * h, _mm256_fmadd_ps(o, _mm256_maskload_ps(xsum + mm * groups + full, live),
+                                                              _mm256_load_ps(off[r][mm] + 8 * h)));
+      }
+    } else {  // a first row of fewer than 8 groups: one by one (std::fma: the same single rounding as a lane's)
+      for (int64_t g = full; g < groups; ++g) {
+        sc[r * halves + g] = scale_at(w.scale, w.scale_type, g0 + g);
+        if (w.offset) {
+          const float o = scale_at(w.offset, w.scale_type, g0 + g);
+          for (int mm = 0; mm < M; ++mm) off[r][mm][g % 16] = std::fma(o, xsum[mm * groups + g], off[r][mm][g % 16]);
+        }
+      }
     }
     if (gs != 32) {  // spread the group scales over their 32-element units, back to front (in place)
       float* sr = sc + r * halves;
