@@ -8,7 +8,8 @@ and at the threads torch uses:
   to the 1 GiB value the caches stop holding the data, whatever L3 size the CPU reports; and on all threads
   over 1 GiB (DRAM, the roofline of the GEMVs below);
 - one-row linears (llama_fast's CPU kernels: fp32, bf16, int8 g32 = GGUF Q8_0, int4 g32 symmetric = Q4_0,
-  asymmetric = Q4_1) at SmolLM2's gate_up shape (3072 x 576), over many copies of the weights cycled
+  asymmetric = Q4_1) at SmolLM2's gate_up shape (3072 x 576), and ggml blocks read as stored (kquant_linear:
+  Q8_0, Q5_0, Q5_1 and the K-quants) at its down_proj shape (576 x 1536), over many copies of the weights cycled
   (`--cold-mib`, larger than the caches: the decode regime) and over a few (16 MiB: in cache, the kernel's
   compute rate); GB/s counts the bytes each form stores (codes + scales + offsets);
 - the CPU model, ISA level and the kernels' run-time tuning (benchmarks/_machine.py cpu_record).
@@ -36,11 +37,30 @@ from llama_fast.ops import cpu  # noqa: E402
 from _machine import cpu_cache_read_bandwidth, cpu_read_bandwidth, cpu_record, write_result  # noqa: E402
 
 N, K = 3072, 576  # SmolLM2-135M's gate_up_proj: [2 x 1536, 576]
-FORMS = ("fp32", "bf16", "int8_g32", "int4_g32_sym", "int4_g32_asym")
+# ggml blocks (llama_fast.kquants, read as stored): the K-quants need K % 256 == 0, so all of them take SmolLM2's
+# down_proj shape [576, 1536] (about as many weights as gate_up).
+KQ_N, KQ_K = 576, 1536
+KQUANT_FORMS = ("q8_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q2_k", "q3_k")
+FORMS = ("fp32", "bf16", "int8_g32", "int4_g32_sym", "int4_g32_asym") + KQUANT_FORMS
+
+
+def kquant_weight_and_call(form: str):
+    """weight_and_call for a ggml block type: random blocks (fp16 fields small and finite), x [1, KQ_K]."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from kquant_util import random_blocks
+
+    from llama_fast import kquants
+    kind = form.upper()
+    blocks = random_blocks(kind, KQ_N, KQ_K)
+    x = torch.randn(1, KQ_K, generator=torch.Generator().manual_seed(1))
+    return blocks.numel(), lambda: (lambda c: lambda: cpu.kquant_linear(x, c))(
+        kquants.KQuantWeight.single(kind, blocks.clone(), KQ_K))
 
 
 def weight_and_call(form: str, x: torch.Tensor):
     """(bytes the weight stores, a callable making a fresh copy -> a zero-argument call of the linear)."""
+    if form in KQUANT_FORMS:
+        return kquant_weight_and_call(form)
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(0))
     if form in ("fp32", "bf16"):
         dense = w if form == "fp32" else w.bfloat16()
@@ -79,7 +99,7 @@ def main():
     if unknown:
         raise SystemExit(f"unknown forms {sorted(unknown)}; choose from {FORMS}")
     result = {"machine": cpu_record(), "threads": torch.get_num_threads(), "shape": [N, K],
-              "load_average_before": os.getloadavg()[0]}
+              "kquant_shape": [KQ_N, KQ_K], "load_average_before": os.getloadavg()[0]}
     result["one_thread_read_bandwidth_GBps_by_working_set_MiB"] = {
         mib: cpu_cache_read_bandwidth(mib, repeat=max(5, 2048 // mib)) for mib in (16, 32, 64, 128, 256, 1024)}
     dram = result["read_bandwidth_GBps"] = cpu_read_bandwidth(mib=1024, repeat=5)

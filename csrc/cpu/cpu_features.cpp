@@ -69,6 +69,18 @@ void set_isa(const char* name) {
   current().store(static_cast<int>(parse_and_clamp(name, best)));
 }
 
+bool has_avx_vnni() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 CacheSizes cache_sizes() {
   static const CacheSizes sizes = [] {
     // sysconf reports 0 (or -1) where it does not know; clamp to what real x86 cores have

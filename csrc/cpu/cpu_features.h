@@ -17,6 +17,10 @@ const char* isa_name(Isa isa);
 // Lowers the instruction set to `name` (portable, avx2, avx512, avx512_vnni, avx512_bf16; never above what the
 // CPU has), for tests that exercise each path in one process. Throws std::invalid_argument on an unknown name.
 void set_isa(const char* name);
+// Whether this CPU has AVX-VNNI (the VEX-encoded vpdpwssd of Alder Lake and later, Zen 5): outside the chain of
+// levels above (Zen 4 has AVX512-VNNI without it); the 256-bit integer GEMVs (cpu/vnni256.h) use it when the
+// level has no AVX512-VNNI.
+bool has_avx_vnni();
 
 // This CPU's per-core data caches in bytes, for the blocking of the prefill GEMM (gemm.cpp): tile sizes follow
 // from them instead of from one machine's measurements. Read once (sysconf); 32 KiB / 1 MiB where unknown.

@@ -128,7 +128,8 @@ struct QuantWeight {     // csrc/common/quant_format.h: w = q * scale + offset, 
 // Reads the packed weights directly (GEMV-style, all M rows per weight read). For large M the caller may
 // instead dequantize tiles with dequantize_rows and use a GEMM.
 void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m);
-// quant_linear for any m where this CPU has a kernel that reads the weights once for all rows (AVX512-VNNI);
+// quant_linear for any m where this CPU has a kernel that reads the weights once for all rows (the integer GEMVs:
+// AVX512-VNNI, or their 256-bit form without it, cpu/vnni256.h);
 // false (nothing written) where it does not, or when x holds values it cannot take (inf / NaN): then the caller
 // uses quant_linear (m <= 8) or dequantize_rows and a GEMM.
 bool quant_linear_any_rows(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m);

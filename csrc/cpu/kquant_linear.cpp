@@ -38,6 +38,7 @@
 #include "cpu/kquant_linear.h"
 #include "cpu/quant_linear_vnni.h"
 #include "cpu/thread_pool.h"
+#include "cpu/vnni256.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -509,6 +510,8 @@ void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& seg
   int64_t n = 0;
   for (const Segment& s : segs) n += s.rows;
   if (has_vnni() && linear_vnni(bf16, x, m, segs, k, out, n)) return;
+  // No AVX512-VNNI: the same arithmetic on 256-bit vectors (kquant_linear_avx2.cpp)
+  if (vnni256::kquant_supports(segs) && vnni256::kquant_linear(bf16, x, m, segs, k, out, n)) return;
   int64_t col = 0;
   for (const Segment& s : segs) {
     parallel_for(s.rows, row_grain(s.type, k),

@@ -13,6 +13,7 @@
 #include "cpu/quant_linear_vnni.h"
 #include "cpu/quant_scales.h"
 #include "cpu/thread_pool.h"
+#include "cpu/vnni256.h"
 
 #define LF_ISA_SELF "cpu/quant_linear.cpp"
 #include "cpu/foreach_isa.h"
@@ -78,9 +79,18 @@ void store_output(bool bf16, const float* outf, const void* bias, void* out, int
 constexpr int64_t kQuantTiledFromRows = 4;
 static_assert(kQuantTiledFromRows <= kGemvBlockRows + 1, "the GEMV kernels take fewer rows");
 
-// int4 / int8 on AVX512-VNNI (quant_linear_vnni.cpp), any number of rows. False when x holds values fixed point cannot
-// carry (inf, NaN).
-bool quant_linear_vnni(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
+// The integer kernels' entry points: vnni:: (AVX512-VNNI, quant_linear_vnni.cpp) or vnni256:: (the same arithmetic
+// on 256-bit vectors, quant_linear_avx2.cpp).
+struct IntegerGemv {
+  bool (*prepare)(bool, const void*, int64_t, const QuantWeight&, int16_t*, float*, float*);
+  void (*rows)(const QuantWeight&, const int16_t*, const float*, const float*, int64_t, bool, int64_t, int64_t, float*,
+               int64_t);
+};
+
+// int4 / int8 on integer dot products, any number of rows. False when x holds values fixed point cannot carry (inf,
+// NaN).
+bool quant_linear_vnni(const IntegerGemv& kernel, bool bf16, const void* x, const QuantWeight& w, const void* bias,
+                       void* out, int64_t m) {
   const int64_t k = w.k, n = w.n, groups = k / w.group_size;
   thread_local std::vector<int16_t> xp;
   thread_local std::vector<float> xsum, xscale, outf;
@@ -88,7 +98,7 @@ bool quant_linear_vnni(bool bf16, const void* x, const QuantWeight& w, const voi
   xsum.resize(m * groups);
   xscale.resize(m);
   outf.resize(m * n);
-  if (!vnni::prepare(bf16, x, m, w, xp.data(), xsum.data(), xscale.data())) return false;
+  if (!kernel.prepare(bf16, x, m, w, xp.data(), xsum.data(), xscale.data())) return false;
   // Any m (prefill too): each thread's band of weight rows meets every block of 8 activation rows while it is
   // in cache, so the weights are read from memory once; the prepared activations (2K int16 per row) stream.
   // (raw pointers: inside the lambda the thread_local names would be the helper threads' own, empty buffers)
@@ -97,15 +107,17 @@ bool quant_linear_vnni(bool bf16, const void* x, const QuantWeight& w, const voi
   float* os = outf.data();
   parallel_for(n, row_grain(w), [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < m; m0 += 8)
-      vnni::rows(w, xs + m0 * 2 * k, ss + m0 * groups, sc + m0, std::min<int64_t>(8, m - m0), !bf16, n0, n1,
-                 os + m0 * n, n);
+      kernel.rows(w, xs + m0 * 2 * k, ss + m0 * groups, sc + m0, std::min<int64_t>(8, m - m0), !bf16, n0, n1,
+                  os + m0 * n, n);
   });
   store_output(bf16, outf.data(), bias, out, m, n);
   return true;
 }
 
 bool quant_linear_any_rows(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
-  return vnni::supports(w) && quant_linear_vnni(bf16, x, w, bias, out, m);
+  if (vnni::supports(w)) return quant_linear_vnni({vnni::prepare, vnni::rows}, bf16, x, w, bias, out, m);
+  if (vnni256::supports(w)) return quant_linear_vnni({vnni256::prepare, vnni256::rows}, bf16, x, w, bias, out, m);
+  return false;
 }
 
 // From this many fp32 activation rows the dequantized tiles below beat the VNNI kernel on VNNI CPUs: with fp32

@@ -106,3 +106,65 @@ def test_kquant_linear_int32_accumulation_extremes(backend, kind, dtype):
     want = (x.double() @ w.dequantize(torch.float64).t()).float()
     out = ops.kquant_linear(x, w, backend=name).float()
     torch.testing.assert_close(out, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
+
+
+def _at_isa(isa: str, fn):
+    from llama_fast.ops import cpu
+    before = cpu.set_isa("")
+    cpu.set_isa(isa)
+    try:
+        return fn()
+    finally:
+        cpu.set_isa("avx512_bf16" if before == "avx512_bf16" else before)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+
+
+# The block types kquant_linear_avx2.cpp has kernels for (vnni256::kquant_supports): a type added later runs the
+# portable path at the avx2 / avx512 levels, which is not bit-identical to the VNNI kernels.
+AVX2_KERNEL_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "Q5_0", "Q5_1", "Q8_0")
+
+
+# The 256-bit integer kernels (kquant_linear_avx2.cpp, at the avx2 and avx512 levels) against the AVX512-VNNI
+# ones: the same prepared activations, the same exact int32 sums per lane (vpmaddwd + vpaddd, or AVX-VNNI's
+# vpdpwssd, is vpdpwssd lane by lane) and the same fp32 operations per lane in the same order, so the outputs are
+# equal bit for bit, not merely close: any difference is a bug in the port. Both levels run these kernels up to
+# kMaxGemvRows (64) activation rows. Needs a CPU with AVX512-VNNI; the tolerance tests above cover the 256-bit
+# kernels on any AVX2 CPU.
+@pytest.mark.parametrize("kind", AVX2_KERNEL_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kquant_linear_avx2_equals_vnni_bitwise(kind, dtype):
+    from op_fixtures import _cpu_isas
+    if "avx512_vnni" not in _cpu_isas():
+        pytest.skip("no AVX512-VNNI on this CPU to compare the 256-bit integer kernels with")
+    k = 1280 if kquants.BLOCKS[kind][0] == 256 else 608  # Q5_0 / Q5_1 / Q8_0: 19 blocks, a partial group of 16
+    w = kquants.KQuantWeight.single(kind, random_blocks(kind, 29, k, seed=7), k)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(13, k, generator=g)
+    x[3] *= 1e-20  # a row whose fixed point has a large exponent
+    x = x.to(dtype)
+    for m in (1, 2, 3, 4, 5, 8, 13):
+        def run():
+            return ops.kquant_linear(x[:m], w, backend="cpu")
+        want = _at_isa("avx512_vnni", run)
+        for level in ("avx2", "avx512"):
+            got = _at_isa(level, run)
+            assert torch.equal(_bits(got), _bits(want)), \
+                f"{kind} {level} vs avx512_vnni, m={m}: max diff {(got - want).abs().max().item()}"
+
+
+@pytest.mark.parametrize("kind", AVX2_KERNEL_TYPES)
+def test_kquant_linear_avx2_extremes_equal_vnni_bitwise(kind):
+    """The int32 lane bound cases of test_kquant_linear_int32_accumulation_extremes, compared bit for bit."""
+    from op_fixtures import _cpu_isas
+    if "avx512_vnni" not in _cpu_isas():
+        pytest.skip("no AVX512-VNNI on this CPU to compare the 256-bit integer kernels with")
+    w = kquants.KQuantWeight.single(kind, _extreme_blocks(kind, 3, 512), 512)
+    x = torch.full((2, 512), -1.99)
+    x[1] = 1.99
+    for dtype in (torch.float32, torch.bfloat16):
+        def run():
+            return ops.kquant_linear(x.to(dtype), w, backend="cpu")
+        assert torch.equal(_bits(_at_isa("avx2", run)), _bits(_at_isa("avx512_vnni", run)))

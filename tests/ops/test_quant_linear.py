@@ -122,3 +122,85 @@ def test_opcheck_quant_linear():
         for m in (1, 9):
             torch.library.opcheck(torch.ops.llama_fast.quant_linear.default,
                                   (torch.randn(m, 64), qw.qweight, qw.scale, qw.offset, bits, 32, torch.randn(7)))
+
+
+def _isa_levels() -> tuple[str, ...]:
+    from op_fixtures import _cpu_isas
+    return tuple(_cpu_isas())
+
+
+def _at_isa(isa: str, fn):
+    from llama_fast.ops import cpu
+    before = cpu.set_isa("")
+    cpu.set_isa(isa)
+    try:
+        return fn()
+    finally:
+        cpu.set_isa("avx512_bf16" if before == "avx512_bf16" else before)
+
+
+# The 256-bit integer kernel (quant_linear_avx2.cpp, at the avx2 and avx512 levels) against the AVX512-VNNI one:
+# the same prepared activations (same fixed point and layout), the same int32 pair sums per lane (vpmaddwd +
+# vpaddd, or AVX-VNNI's vpdpwssd, equals vpdpwssd lane by lane: exact integer arithmetic) and the same fp32
+# operations per lane in the same order, so the outputs are equal bit for bit, not merely close. Where the levels
+# take other paths (fp32 activations from kTiledOverVnniFromRows = 8 rows go to the dequantized tiles) nothing is
+# compared. Needs a CPU with AVX512-VNNI; the tolerance tests above cover the 256-bit kernel on any AVX2 CPU.
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, False), (4, 32, True), (4, 128, False),
+                                                       (4, 96, False), (8, 32, True), (8, 64, False),
+                                                       (8, -1, True)])
+@pytest.mark.parametrize("k", [96, 288, 1568])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_quant_linear_avx2_equals_vnni_bitwise(bits, group_size, symmetric, k, scale_dtype):
+    levels = _isa_levels()
+    if "avx512_vnni" not in levels:
+        pytest.skip("no AVX512-VNNI on this CPU to compare the 256-bit integer kernel with")
+    if k % (group_size if group_size > 0 else k):
+        pytest.skip("group size does not divide K")
+    g = torch.Generator().manual_seed(k + bits)
+    qw = quant.quantize(torch.randn(53, k, generator=g), bits=bits, group_size=group_size, symmetric=symmetric,
+                        scale_dtype=scale_dtype)
+    x32 = torch.randn(7, k, generator=g)
+    x32[2] *= 1e-20  # a row whose fixed point has a large exponent
+    cases = [x32[:m] for m in (1, 2, 3, 5, 7)]
+    cases += [x32.to(torch.bfloat16)[:m] for m in (1, 4, 7)]
+    cases += [torch.randn(40, k, generator=g).to(torch.bfloat16)]  # bf16 stays on the integer kernels at any m
+    for x in cases:
+        def run():
+            return ops.quant_linear(x, qw, backend="cpu")
+        want = _at_isa("avx512_vnni", run)
+        for level in ("avx2", "avx512"):
+            got = _at_isa(level, run)
+            assert torch.equal(got.view(torch.int16 if got.dtype == torch.bfloat16 else torch.int32),
+                               want.view(torch.int16 if want.dtype == torch.bfloat16 else torch.int32)), \
+                f"{level} vs avx512_vnni, m={x.shape[0]} {x.dtype}: max diff {(got - want).abs().max().item()}"
+
+
+def _has_avx_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any("avx_vnni" in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx_vnni(), reason="this CPU has no AVX-VNNI")
+def test_quant_linear_avx_vnni_equals_madd_bitwise(tmp_path):
+    """On a CPU with AVX-VNNI the 256-bit kernel uses its vpdpwssd; LLAMA_FAST_AVX_VNNI=0 (read once per process)
+    turns it off. Both compute the same int32 lanes, so the outputs must be equal bit for bit."""
+    import subprocess
+    import sys
+    code = ("import torch, sys; from llama_fast import ops, quant; from llama_fast.ops import cpu; cpu.set_isa('avx2');"
+            "g = torch.Generator().manual_seed(0);"
+            "outs = [];"
+            "[outs.append(ops.quant_linear(torch.randn(m, 1568, generator=g), quant.quantize(torch.randn(37, 1568, "
+            "generator=g), bits=b, group_size=32, scale_dtype=torch.float16), backend='cpu')) for b in (4, 8) "
+            "for m in (1, 3)];"
+            "torch.save(outs, sys.argv[1])")
+    runs = []
+    for flag in ("1", "0"):
+        path = tmp_path / f"out{flag}.pt"
+        env = dict(__import__("os").environ, LLAMA_FAST_AVX_VNNI=flag)
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env)
+        runs.append(torch.load(path))
+    for a, b in zip(*runs):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
