@@ -21,9 +21,12 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import weakref
 
 import torch
 from torch import nn
+
+from llama_fast import _native
 
 HUGE_PAGE = 2 << 20
 MIN_BYTES = 64 << 10       # smaller storages (norm weights, biases) are left where they are
@@ -51,6 +54,15 @@ def _advise_huge_pages(address: int, length: int) -> bool:
         return libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_HUGEPAGE) == 0
     except (OSError, AttributeError):
         return False
+
+
+def _tell_the_kernels(model: nn.Module, address: int, length: int) -> None:
+    """Registers the buffer with the CPU kernels (they skip the dense GEMVs' software prefetch on huge pages:
+    csrc/cpu/tuning.h) until the model is collected."""
+    if _native.extension() is None:
+        return
+    torch.ops.llama_fast.cpu_huge_page_range(address, length, True)
+    weakref.finalize(model, torch.ops.llama_fast.cpu_huge_page_range, address, length, False)
 
 
 def _weight_storages(model: nn.Module) -> dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]]:
@@ -86,6 +98,7 @@ def pack_weights(model: nn.Module) -> int:
     arena = raw[start:start + total]
     if not _advise_huge_pages(arena.data_ptr(), advised):
         return 0
+    _tell_the_kernels(model, arena.data_ptr(), advised)
     offset = 0
     for key in list(storages):
         storage, users = storages.pop(key)

@@ -87,3 +87,22 @@ def test_from_pretrained_packs_cpu_models(tmp_path, monkeypatch):
     monkeypatch.setattr(weight_arena, "MIN_BYTES", 1)
     model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert len(_storages(model)) == 1
+
+
+@needs_huge_pages
+def test_the_kernels_know_the_buffer_while_the_model_lives(tmp_path, monkeypatch):
+    """The dense GEMVs skip their software prefetch on the registered buffer only (csrc/cpu/tuning.h)."""
+    import gc
+
+    from llama_fast.ops import cpu
+    make_hf_model(tmp_path)
+    monkeypatch.setattr(weight_arena, "MIN_BYTES", 1)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    address = model.lm_head.weight.data_ptr()
+    elsewhere = torch.empty(1 << 16, dtype=torch.bfloat16)
+    distance = cpu.tuning()["prefetch_bytes"]
+    assert torch.ops.llama_fast.cpu_dense_prefetch_bytes(address) == 0
+    assert torch.ops.llama_fast.cpu_dense_prefetch_bytes(elsewhere.data_ptr()) == distance
+    del model
+    gc.collect()
+    assert torch.ops.llama_fast.cpu_dense_prefetch_bytes(address) == distance

@@ -424,6 +424,15 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
     const auto& t = cpu::tuning();
     return {t.l1d_bytes, t.l2_bytes, t.l3_bytes, t.prefetch_bytes};
   });
+  // A weight buffer on transparent huge pages (llama_fast/weight_arena.py), for the dense GEMVs' prefetch choice
+  // (cpu/tuning.h); add=False forgets it.
+  m.def("cpu_huge_page_range(int address, int bytes, bool add) -> ()", [](int64_t address, int64_t bytes, bool add) {
+    cpu::set_huge_page_range(reinterpret_cast<const void*>(static_cast<uintptr_t>(address)), bytes, add);
+  });
+  // The software prefetch distance the dense GEMVs use for weights at `address` (tests).
+  m.def("cpu_dense_prefetch_bytes(int address) -> int", [](int64_t address) -> int64_t {
+    return cpu::dense_prefetch_bytes(reinterpret_cast<const void*>(static_cast<uintptr_t>(address)));
+  });
   // [helper threads started, helpers blocked] of the CPU kernels' thread pool (tests: idle helpers block).
   m.def("cpu_pool_state() -> int[]", []() -> std::vector<int64_t> {
     const auto s = cpu::pool_state();

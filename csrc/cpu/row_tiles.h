@@ -31,20 +31,19 @@ inline void prefetch_ahead(const void* p, int64_t ahead) {
 // out[mm * ldo + r] (+ bias[r]) for r < R, mm < M: dot products of R weight rows (stride k) with M activation
 // rows (stride k), both fp32 or both bf16 (Tin), fp32 accumulation; also the GEMV kernels' block (linear.cpp).
 template <int R, int M, typename Tin, typename T>
-void tile_dot(const Tin* w, const Tin* x, int64_t k, const T* bias, T* out, int64_t ldo) {
+void tile_dot(const Tin* w, const Tin* x, int64_t k, const T* bias, T* out, int64_t ldo, int64_t ahead = 0) {
   constexpr int W = VecF::W;
   VecF acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int mm = 0; mm < M; ++mm) acc[r][mm] = VecF::zero();
-  const int64_t ahead = sizeof(Tin) == 2 ? tuning().prefetch_bytes : 0;
   int64_t kk = 0;
   for (; kk + W <= k; kk += W) {
     VecF xv[M];
     for (int mm = 0; mm < M; ++mm) xv[mm] = VecF::load(x + mm * k + kk);
     for (int r = 0; r < R; ++r) {
-      // bf16 streamed from memory only: fp32 rows already stream at ~90% of the bandwidth, and measured 3% slower
-      // with it
-      if (sizeof(Tin) == 2 && (kk * sizeof(Tin)) % 64 == 0) prefetch_ahead(w + r * k + kk, ahead);  // once per line
+      // ahead: from the caller (linear.cpp: bf16 weights not on huge pages), 0 = no software prefetch
+      if (sizeof(Tin) == 2 && ahead > 0 && (kk * sizeof(Tin)) % 64 == 0)
+        prefetch_ahead(w + r * k + kk, ahead);  // once per line
       const VecF wv = VecF::load(w + r * k + kk);
       for (int mm = 0; mm < M; ++mm) acc[r][mm] = VecF::fma(wv, xv[mm], acc[r][mm]);
     }

@@ -3,6 +3,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <fstream>
 #include <string>
@@ -59,6 +61,39 @@ Tuning measure() {
 const Tuning& tuning() {
   static const Tuning t = measure();
   return t;
+}
+
+namespace {
+// Lock-free: the kernels look a range up once per linear call, from any thread. A slot is free when its begin is
+// 0; a writer claims it with 1, writes end, then publishes begin.
+constexpr int kHugeRanges = 64;
+std::atomic<uintptr_t> huge_begin[kHugeRanges], huge_end[kHugeRanges];
+}  // namespace
+
+void set_huge_page_range(const void* begin, int64_t bytes, bool add) {
+  const auto b = reinterpret_cast<uintptr_t>(begin);
+  if (b == 0 || bytes <= 0) return;
+  for (int i = 0; i < kHugeRanges; ++i) {
+    if (add) {
+      uintptr_t expected = 0;  // claim a free slot (1: being written, skipped by readers), then publish it
+      if (!huge_begin[i].compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) continue;
+      huge_end[i].store(b + static_cast<uintptr_t>(bytes), std::memory_order_relaxed);
+      huge_begin[i].store(b, std::memory_order_release);
+      return;
+    } else if (huge_begin[i].load(std::memory_order_acquire) == b) {
+      huge_begin[i].store(0, std::memory_order_release);
+      return;
+    }
+  }
+}
+
+int64_t dense_prefetch_bytes(const void* w) {
+  const auto p = reinterpret_cast<uintptr_t>(w);
+  for (int i = 0; i < kHugeRanges; ++i) {
+    const uintptr_t b = huge_begin[i].load(std::memory_order_acquire);
+    if (b > 1 && p >= b && p < huge_end[i].load(std::memory_order_relaxed)) return 0;
+  }
+  return tuning().prefetch_bytes;
 }
 
 }  // namespace cpu
