@@ -28,10 +28,22 @@ def timed(fn, repeat: int = 20, warmup: int = 3, sync=None) -> list[float]:
     return times
 
 
+def _huge_page_floats(n: int) -> torch.Tensor:
+    """n fp32 ones on transparent huge pages where the OS offers them, as llama_fast keeps a loaded model's weights
+    (llama_fast/weight_arena.py): on 4 KiB pages a streaming read ran well below what the kernels then reach."""
+    from llama_fast import weight_arena
+    huge = weight_arena.HUGE_PAGE
+    raw = torch.empty(n * 4 + 2 * huge, dtype=torch.uint8)
+    start = -raw.data_ptr() % huge
+    if weight_arena.huge_pages_available():
+        weight_arena.advise_huge_pages(raw.data_ptr() + start, (n * 4 + huge - 1) // huge * huge)
+    return raw[start:start + n * 4].view(torch.float32).fill_(1.0)
+
+
 def cpu_read_bandwidth(mib: int = 512, repeat: int = 10) -> float:
     """GB/s of streaming reads over a buffer far larger than the caches (a sum over fp32), the roofline of
     GEMV-shaped kernels. The median of `repeat` runs."""
-    x = torch.ones(mib * 2**20 // 4)
+    x = _huge_page_floats(mib * 2**20 // 4)
     times = sorted(timed(lambda: x.sum(), repeat=repeat, warmup=2))
     return x.numel() * 4 / times[len(times) // 2] / 1e9
 

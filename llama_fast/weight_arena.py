@@ -47,7 +47,8 @@ def huge_pages_available() -> bool:
     return "[always]" in mode or "[madvise]" in mode
 
 
-def _advise_huge_pages(address: int, length: int) -> bool:
+def advise_huge_pages(address: int, length: int) -> bool:
+    """madvise(MADV_HUGEPAGE) over [address, address + length): True when the kernel accepted it."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -96,7 +97,7 @@ def pack_weights(model: nn.Module) -> int:
     raw = torch.empty(advised + HUGE_PAGE, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE
     arena = raw[start:start + total]
-    if not _advise_huge_pages(arena.data_ptr(), advised):
+    if not advise_huge_pages(arena.data_ptr(), advised):
         return 0
     _tell_the_kernels(model, arena.data_ptr(), advised)
     offset = 0
