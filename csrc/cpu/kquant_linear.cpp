@@ -271,8 +271,9 @@ inline __m512i codes_k(__m512i low, __m512i high) {
   if constexpr (T == BlockType::kQ6K) {
     constexpr int g = j & 3;
     const __m512i lo = (g >> 1) ? _mm512_srli_epi16(low, 4) : _mm512_and_si512(low, m4);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(high, 2 * g), _mm512_set1_epi16(3));
-    return _mm512_sub_epi16(_mm512_or_si512(lo, _mm512_slli_epi16(hi, 4)), _mm512_set1_epi16(32));
+    // the 2-bit field g of qh moved to bits 4-5 in one shift, then lo | (that & 0x30) in one vpternlog
+    const __m512i hi = g < 2 ? _mm512_slli_epi16(high, 4 - 2 * g) : g == 2 ? high : _mm512_srli_epi16(high, 2);
+    return _mm512_sub_epi16(_mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi16(0x30), 0xF8), _mm512_set1_epi16(32));
   } else if constexpr (T == BlockType::kQ2K || T == BlockType::kQ3K) {
     constexpr int g = j & 3;  // 2-bit field g of each qs byte
     const __m512i q = _mm512_and_si512(_mm512_srli_epi16(low, 2 * g), _mm512_set1_epi16(3));
