@@ -282,10 +282,11 @@ inline __m512i codes_k(__m512i low, __m512i high) {
     const __mmask32 clear = _mm512_testn_epi16_mask(high, _mm512_set1_epi16(1 << j));
     return _mm512_mask_sub_epi16(q, clear, q, _mm512_set1_epi16(4));
   } else {
-    __m512i q = (j & 1) ? _mm512_srli_epi16(low, 4) : _mm512_and_si512(low, m4);
-    if constexpr (T == BlockType::kQ5K)
-      q = _mm512_or_si512(q, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(high, j), _mm512_set1_epi16(1)), 4));
-    return q;
+    const __m512i q = (j & 1) ? _mm512_srli_epi16(low, 4) : _mm512_and_si512(low, m4);
+    if constexpr (T == BlockType::kQ4K) return q;
+    // Q5_K: bit j of qh moved to bit 4 in one shift, then q | (that & 0x10) in one vpternlog
+    const __m512i hi = j < 4 ? _mm512_slli_epi16(high, 4 - j) : j == 4 ? high : _mm512_srli_epi16(high, j - 4);
+    return _mm512_ternarylogic_epi32(q, hi, _mm512_set1_epi16(0x10), 0xF8);
   }
 }
 
