@@ -303,6 +303,7 @@ void rows_k_pass(const Segment& s, int64_t k, const int16_t* xp, const float* xs
   // int32 accumulators per limb and row: enough chains to hide vpdpwssd's latency
   constexpr int kSplit = M * R <= 2 ? 2 : 1;
   const int64_t nblk = k / 256, rb = nblk * bb;
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (R * bb));  // blocks per stream
   const __m512 limb = _mm512_set1_ps(32768.f);
   // Chunk j's scale vector, a permutation of the scales (vpermw: a shuffle, which runs beside the multiplies):
   // Q6_K / Q2_K / Q3_K [sc[2j] x 16 | sc[2j+1] x 16] of the 16 scales, Q4_K / Q5_K sc[j] x 32 of the 8
@@ -319,11 +320,14 @@ void rows_k_pass(const Segment& s, int64_t k, const int16_t* xp, const float* xs
       for (int rr = 0; rr < R; ++rr)
         acc[mm][rr] = off16[mm][rr] = _mm512_setzero_ps(), off[mm][rr] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < nblk; ++blk) {
+      // Each of the R row streams is prefetched `ahead` blocks on, the same ~kPrefetchBytes of weights ahead of
+      // use in all as one row per pass; past the row's end that block lies in the row R rows further (a pass
+      // later), not in the next row, which another stream of this pass is reading now.
+      const int64_t to = ahead * bb + (blk + ahead) / nblk * (R - 1) * rb;
       const uint8_t* b[R];
       for (int rr = 0; rr < R; ++rr) {
         b[rr] = row + rr * rb + blk * bb;
-        for (int p = 0; p < bb; p += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(b[rr] + kPrefetchBytes + p), _MM_HINT_T0);
+        for (int p = 0; p < bb; p += 64) _mm_prefetch(reinterpret_cast<const char*>(b[rr] + to + p), _MM_HINT_T0);
       }
       __m512i ih[M][R][kSplit], il[M][R][kSplit];
       for (int mm = 0; mm < M; ++mm)
@@ -451,16 +455,25 @@ void rows_k_pass(const Segment& s, int64_t k, const int16_t* xp, const float* xs
   }
 }
 
-// rows_k_pass over weight rows [n0, n1): one activation row takes 4 weight rows per pass (measured on Zen 4, Q4_K
-// 2048 x 2048 from L3: 1 row per pass 20.8 / 24.8 G weights/s per core with fp32 / bf16 activations, 4 rows
-// 25.9 / 32.0; 8 rows spilled registers in Q5_K / Q6_K and ran slower), the rows left over one at a time. More
-// activation rows already give each loaded block several uses: one weight row per pass.
+// rows_k_pass over weight rows [n0, n1). One activation row takes 4 weight rows per pass when the rows are long
+// (K >= 8192: the prepared activations, 4K bytes, no longer fit in L1 beside the weight stream, and one row per
+// pass reads them from L2 for every row), else one. Measured on Zen 4 (one core, CPU time, fp32 activations):
+// Q4_K 2048 x 8192 streamed from DRAM 12.9 -> 20.3 G weights/s, Q6_K 10.3 -> 13.3; but at K = 2048 / 4096 four
+// row streams of 8-16 blocks each read DRAM slower than one (Q4_K bf16 21.0 -> 14.6, Q6_K 15 -> 9-11 G
+// weights/s; software prefetch distances from 2 to 32 KiB did not change it), though faster from L3 (Q4_K 20.8
+// -> 25.9). 8 rows spilled registers in Q5_K / Q6_K. More activation rows already give each loaded block
+// several uses: one weight row per pass.
 template <BlockType T, int M, bool kTwoLimbs>
 void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32, const float* xsum16,
             const float* xscale, int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  constexpr int R = M == 1 ? 4 : 1;
-  const int64_t n_pass = n0 + (n1 - n0) / R * R;
-  rows_k_pass<T, M, R, kTwoLimbs>(s, k, xp, xsum32, xsum16, xscale, n0, n_pass, out, ldo);
+  int64_t n_pass = n0;
+  if constexpr (M == 1) {
+    constexpr int R = 4;
+    if (k >= 8192) {
+      n_pass = n0 + (n1 - n0) / R * R;
+      rows_k_pass<T, M, R, kTwoLimbs>(s, k, xp, xsum32, xsum16, xscale, n0, n_pass, out, ldo);
+    }
+  }
   if (n_pass < n1) rows_k_pass<T, M, 1, kTwoLimbs>(s, k, xp, xsum32, xsum16, xscale, n_pass, n1, out, ldo);
 }
 
