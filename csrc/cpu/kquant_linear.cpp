@@ -231,19 +231,21 @@ void rows_b32(const Segment& s, int64_t k, const int16_t* xp, const float* xsum3
   }
 }
 
-// Q4_K / Q5_K: the eight 6-bit scales (as int16, for broadcasts) and mins of a super-block from its 12 packed
-// bytes, k_scale_min for every j at once: bytes 0-3 hold scales 0-3 and bits 4-5 of scales 4-7 in their top two
-// bits, bytes 4-7 the same for the mins, bytes 8-11 the low nibbles of scales 4-7 and mins 4-7.
-inline void k_scales_mins(const uint8_t* packed, int16_t* sc, uint8_t* mn) {
-  uint32_t a[3];
-  std::memcpy(a, packed, 12);
-  const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, top2 = 0x03030303;
-  const uint32_t words[4] = {a[0] & low6, (a[2] & low4) | (((a[0] >> 6) & top2) << 4), a[1] & low6,
-                             ((a[2] >> 4) & low4) | (((a[1] >> 6) & top2) << 4)};
-  uint8_t bytes[16];
-  std::memcpy(bytes, words, 16);
-  for (int j = 0; j < 8; ++j) sc[j] = bytes[j];
-  std::memcpy(mn, bytes + 8, 8);
+// Q4_K / Q5_K: the eight 6-bit scales and mins of a super-block from its 12 packed bytes, k_scale_min for every j
+// at once, in vector registers: bytes 0-3 hold scales 0-3 and bits 4-5 of scales 4-7 in their top two bits,
+// bytes 4-7 the same for the mins, bytes 8-11 the low nibbles of scales 4-7 and mins 4-7. Returns the scales as
+// int16 in words 0-7 (for the chunks' permutes; the other words 0) and sets `mins` to the mins as fp32. Reads 16
+// bytes from `packed` (the 4 after the scales are the block's first codes).
+inline __m512i k_scales_mins(const uint8_t* packed, __m256* mins) {
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));  // dwords a0 a1 a2 (a3: codes)
+  const __m128i low6 = _mm_and_si128(a, _mm_set1_epi8(0x3f));                   // [sc 0-3, min 0-3, ...]
+  // [a2 & 0x0f, (a2 >> 4) & 0x0f] | the top two bits of bytes 0-7 moved to bits 4-5: [sc 4-7, min 4-7]
+  const __m128i nib =
+      _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(a, 0xAA), _mm_setr_epi32(0, 4, 0, 4)), _mm_set1_epi8(0x0f));
+  const __m128i high = _mm_or_si128(nib, _mm_and_si128(_mm_srli_epi32(a, 2), _mm_set1_epi8(0x30)));
+  const __m128i both = _mm_unpacklo_epi32(low6, high);  // bytes: sc 0-3, sc 4-7, min 0-3, min 4-7
+  *mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(both, 8)));
+  return _mm512_castsi128_si512(_mm_cvtepu8_epi16(both));
 }
 
 // Q3_K: the sixteen 6-bit scales of a super-block, unbiased (-32..31), as int16 in the low 256 bits, from its 12
@@ -270,8 +272,9 @@ inline __m512i codes_k(__m512i low, __m512i high) {
   if constexpr (T == BlockType::kQ6K) {
     constexpr int g = j & 3;
     const __m512i lo = (g >> 1) ? _mm512_srli_epi16(low, 4) : _mm512_and_si512(low, m4);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(high, 2 * g), _mm512_set1_epi16(3));
-    return _mm512_sub_epi16(_mm512_or_si512(lo, _mm512_slli_epi16(hi, 4)), _mm512_set1_epi16(32));
+    // the 2-bit field g of qh moved to bits 4-5 in one shift, then lo | (that & 0x30) in one vpternlog
+    const __m512i hi = g < 2 ? _mm512_slli_epi16(high, 4 - 2 * g) : g == 2 ? high : _mm512_srli_epi16(high, 2);
+    return _mm512_sub_epi16(_mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi16(0x30), 0xF8), _mm512_set1_epi16(32));
   } else if constexpr (T == BlockType::kQ2K || T == BlockType::kQ3K) {
     constexpr int g = j & 3;  // 2-bit field g of each qs byte
     const __m512i q = _mm512_and_si512(_mm512_srli_epi16(low, 2 * g), _mm512_set1_epi16(3));
@@ -280,73 +283,117 @@ inline __m512i codes_k(__m512i low, __m512i high) {
     const __mmask32 clear = _mm512_testn_epi16_mask(high, _mm512_set1_epi16(1 << j));
     return _mm512_mask_sub_epi16(q, clear, q, _mm512_set1_epi16(4));
   } else {
-    __m512i q = (j & 1) ? _mm512_srli_epi16(low, 4) : _mm512_and_si512(low, m4);
-    if constexpr (T == BlockType::kQ5K)
-      q = _mm512_or_si512(q, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(high, j), _mm512_set1_epi16(1)), 4));
-    return q;
+    const __m512i q = (j & 1) ? _mm512_srli_epi16(low, 4) : _mm512_and_si512(low, m4);
+    if constexpr (T == BlockType::kQ4K) return q;
+    // Q5_K: bit j of qh moved to bit 4 in one shift, then q | (that & 0x10) in one vpternlog
+    const __m512i hi = j < 4 ? _mm512_slli_epi16(high, 4 - j) : j == 4 ? high : _mm512_srli_epi16(high, j - 4);
+    return _mm512_ternarylogic_epi32(q, hi, _mm512_set1_epi16(0x10), 0xF8);
   }
 }
 
-// M activation rows x weight rows [n0, n1) of a K-quant segment (see the top of the file).
+// M activation rows x weight rows [n0, n1) of a K-quant segment (see the top of the file), R weight rows per pass:
+// each 64-byte load of prepared activations feeds the vpdpwssd of R rows, and the R rows' independent chains
+// overlap each super-block's tail (converts, fmas, the mins) with the next one's dot products. The integer sums
+// are the same as with one row per pass, term for term: the results do not depend on R.
 // xsum32 [M, K/32] / xsum16 [M, K/16]: the activations' sums per 32 / 16 elements (Q4_K, Q5_K / Q2_K mins).
-template <BlockType T, int M, bool kTwoLimbs>
-void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32, const float* xsum16,
-            const float* xscale, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+template <BlockType T, int M, int R, bool kTwoLimbs>
+void rows_k_pass(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32, const float* xsum16,
+                 const float* xscale, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   constexpr int bb = ggml::block_bytes(T);
   constexpr bool kSixteen = T == BlockType::kQ6K || T == BlockType::kQ2K || T == BlockType::kQ3K;  // 16 scales
-  constexpr int kSplit = M <= 2 ? 2 : 1;  // int32 accumulators per limb: enough chains to hide vpdpwssd's latency
+  // int32 accumulators per limb and row: enough chains to hide vpdpwssd's latency
+  constexpr int kSplit = M * R <= 2 ? 2 : 1;
   const int64_t nblk = k / 256, rb = nblk * bb;
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (R * bb));  // blocks per stream
   const __m512 limb = _mm512_set1_ps(32768.f);
-  // Q6_K / Q2_K / Q3_K: chunk j's scale vector is [sc[2j] x 16 | sc[2j+1] x 16], a permutation of the 16 scales
+  // Chunk j's scale vector, a permutation of the scales (vpermw: a shuffle, which runs beside the multiplies):
+  // Q6_K / Q2_K / Q3_K [sc[2j] x 16 | sc[2j+1] x 16] of the 16 scales, Q4_K / Q5_K sc[j] x 32 of the 8
   __m512i scale_index[8];
   for (int j = 0; j < 8; ++j)
-    scale_index[j] = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(2 * j), _mm512_set1_epi16(2 * j + 1));
-  for (int64_t r = n0; r < n1; ++r) {
+    scale_index[j] = kSixteen
+                         ? _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(2 * j), _mm512_set1_epi16(2 * j + 1))
+                         : _mm512_set1_epi16(j);
+  for (int64_t r = n0; r < n1; r += R) {
     const uint8_t* row = s.blocks + r * rb;
-    __m512 acc[M], off16[M];
-    __m256 off[M];
-    for (int mm = 0; mm < M; ++mm) acc[mm] = off16[mm] = _mm512_setzero_ps(), off[mm] = _mm256_setzero_ps();
+    __m512 acc[M][R], off16[M][R];
+    __m256 off[M][R];
+    for (int mm = 0; mm < M; ++mm)
+      for (int rr = 0; rr < R; ++rr)
+        acc[mm][rr] = off16[mm][rr] = _mm512_setzero_ps(), off[mm][rr] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < nblk; ++blk) {
-      const uint8_t* b = row + blk * bb;
-      for (int p = 0; p < bb; p += 64) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes + p), _MM_HINT_T0);
-      __m512i ih[M][kSplit], il[M][kSplit];
+      // Each of the R row streams is prefetched `ahead` blocks on, the same ~kPrefetchBytes of weights ahead of
+      // use in all as one row per pass; past the row's end that block lies in the row R rows further (a pass
+      // later), not in the next row, which another stream of this pass is reading now.
+      const int64_t to = ahead * bb + (blk + ahead) / nblk * (R - 1) * rb;
+      const uint8_t* b[R];
+      for (int rr = 0; rr < R; ++rr) {
+        b[rr] = row + rr * rb + blk * bb;
+        for (int p = 0; p < bb; p += 64) _mm_prefetch(reinterpret_cast<const char*>(b[rr] + to + p), _MM_HINT_T0);
+      }
+      __m512i ih[M][R][kSplit], il[M][R][kSplit];
       for (int mm = 0; mm < M; ++mm)
-        for (int h = 0; h < kSplit; ++h) ih[mm][h] = il[mm][h] = _mm512_setzero_si512();
-      alignas(16) int16_t sc[8];
-      alignas(16) uint8_t mn[8];
-      __m512i sc16 = _mm512_setzero_si512();
-      if constexpr (T == BlockType::kQ6K)
-        sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192))));
-      else if constexpr (T == BlockType::kQ2K)
-        sc16 = _mm512_castsi256_si512(_mm256_and_si256(
-            _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))), _mm256_set1_epi16(0x0F)));
-      else if constexpr (T == BlockType::kQ3K)
-        sc16 = q3k_scales(b + 96);
-      else
-        k_scales_mins(b + 4, sc, mn);
-      const __m512i high = T == BlockType::kQ5K   ? widen(b + 16)
-                           : T == BlockType::kQ3K ? widen(b)
-                                                  : _mm512_setzero_si512();
+        for (int rr = 0; rr < R; ++rr)
+          for (int h = 0; h < kSplit; ++h) ih[mm][rr][h] = il[mm][rr][h] = _mm512_setzero_si512();
+      __m512i sc16[R], high[R];
+      __m256 mins[R];
+      for (int rr = 0; rr < R; ++rr) {
+        mins[rr] = _mm256_setzero_ps();
+        if constexpr (T == BlockType::kQ6K)
+          sc16[rr] = _mm512_castsi256_si512(
+              _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b[rr] + 192))));
+        else if constexpr (T == BlockType::kQ2K)
+          sc16[rr] = _mm512_castsi256_si512(_mm256_and_si256(
+              _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b[rr]))), _mm256_set1_epi16(0x0F)));
+        else if constexpr (T == BlockType::kQ3K)
+          sc16[rr] = q3k_scales(b[rr] + 96);
+        else
+          sc16[rr] = k_scales_mins(b[rr] + 4, &mins[rr]);
+        high[rr] = T == BlockType::kQ5K   ? widen(b[rr] + 16)
+                   : T == BlockType::kQ3K ? widen(b[rr])
+                                          : _mm512_setzero_si512();
+      }
+      // Q4_K / Q5_K: chunk j's scale is one broadcast from memory (a load: no shuffle). The scales go through a
+      // store, and the empty asm hides where sc_mem points so that the compiler cannot forward the stored vector
+      // into register shuffles (vpextrw + vpbroadcastw: two shuffles per chunk, the loop's bound on Zen 4).
+      alignas(16) int16_t sc_store[R * 8];
+      const int16_t* sc_mem = sc_store;
+      if constexpr (!kSixteen) {
+        for (int rr = 0; rr < R; ++rr)
+          _mm_store_si128(reinterpret_cast<__m128i*>(sc_store + 8 * rr), _mm512_castsi512_si128(sc16[rr]));
+        asm("" : "+r"(sc_mem));
+      }
       const int16_t* xb = xp + 2 * blk * 256;
-      auto chunk = [&](auto jc, __m512i low, __m512i hi_bits) {
+      // chunk j (weights 32j..32j+31) of each row: low[rr] / hi_bits[rr] as codes_k takes them
+      auto chunk = [&](auto jc, const __m512i* low, const __m512i* hi_bits) {
         constexpr int j = decltype(jc)::value;
-        const __m512i scv = kSixteen ? _mm512_permutexvar_epi16(scale_index[j], sc16) : _mm512_set1_epi16(sc[j]);
-        const __m512i q = _mm512_mullo_epi16(codes_k<T, j>(low, hi_bits), scv);
+        __m512i q[R];
+        for (int rr = 0; rr < R; ++rr)
+          q[rr] = _mm512_mullo_epi16(
+              codes_k<T, j>(low[rr], hi_bits[rr]),
+              kSixteen ? _mm512_permutexvar_epi16(scale_index[j], sc16[rr]) : _mm512_set1_epi16(sc_mem[rr * 8 + j]));
         for (int mm = 0; mm < M; ++mm) {
           const int16_t* xc = xb + mm * 2 * k + 64 * j;
-          ih[mm][j % kSplit] = _mm512_dpwssd_epi32(ih[mm][j % kSplit], q, _mm512_loadu_si512(xc));
-          if constexpr (kTwoLimbs)
-            il[mm][j % kSplit] = _mm512_dpwssd_epi32(il[mm][j % kSplit], q, _mm512_loadu_si512(xc + 32));
+          const __m512i xh = _mm512_loadu_si512(xc);
+          for (int rr = 0; rr < R; ++rr)
+            ih[mm][rr][j % kSplit] = _mm512_dpwssd_epi32(ih[mm][rr][j % kSplit], q[rr], xh);
+          if constexpr (kTwoLimbs) {
+            const __m512i xl = _mm512_loadu_si512(xc + 32);
+            for (int rr = 0; rr < R; ++rr)
+              il[mm][rr][j % kSplit] = _mm512_dpwssd_epi32(il[mm][rr][j % kSplit], q[rr], xl);
+          }
         }
       };
       if constexpr (kSixteen) {  // four chunks of 32 per 128-weight half
         auto half = [&](auto hc) {
           constexpr int h = decltype(hc)::value;
-          __m512i low0, low1, hi_bits;
-          if constexpr (T == BlockType::kQ6K) {  // ql: 64 bytes per half, low nibbles then high; qh: 32
-            hi_bits = widen(b + 128 + 32 * h), low0 = widen(b + 64 * h), low1 = widen(b + 64 * h + 32);
-          } else {  // Q2_K / Q3_K: 32 qs bytes per half, 2-bit field g is weights 32g..32g+31
-            hi_bits = high, low0 = low1 = widen(b + (T == BlockType::kQ2K ? 16 : 32) + 32 * h);
+          __m512i low0[R], low1[R], hi_bits[R];
+          for (int rr = 0; rr < R; ++rr) {
+            if constexpr (T == BlockType::kQ6K) {  // ql: 64 bytes per half, low nibbles then high; qh: 32
+              hi_bits[rr] = widen(b[rr] + 128 + 32 * h), low0[rr] = widen(b[rr] + 64 * h),
+              low1[rr] = widen(b[rr] + 64 * h + 32);
+            } else {  // Q2_K / Q3_K: 32 qs bytes per half, 2-bit field g is weights 32g..32g+31
+              hi_bits[rr] = high[rr], low0[rr] = low1[rr] = widen(b[rr] + (T == BlockType::kQ2K ? 16 : 32) + 32 * h);
+            }
           }
           chunk(std::integral_constant<int, 4 * h>{}, low0, hi_bits);
           chunk(std::integral_constant<int, 4 * h + 1>{}, low1, hi_bits);
@@ -359,7 +406,8 @@ void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32,
         constexpr int qs = T == BlockType::kQ4K ? 16 : 48;
         auto pair = [&](auto pc) {
           constexpr int p = decltype(pc)::value;
-          const __m512i low = widen(b + qs + 32 * p);
+          __m512i low[R];
+          for (int rr = 0; rr < R; ++rr) low[rr] = widen(b[rr] + qs + 32 * p);
           chunk(std::integral_constant<int, 2 * p>{}, low, high);
           chunk(std::integral_constant<int, 2 * p + 1>{}, low, high);
         };
@@ -369,39 +417,65 @@ void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32,
         pair(std::integral_constant<int, 3>{});
       }
       constexpr int d_at = T == BlockType::kQ6K ? 208 : T == BlockType::kQ2K ? 80 : T == BlockType::kQ3K ? 108 : 0;
-      const __m512 d = _mm512_set1_ps(HardF16{}(b + d_at));
-      __m256 neg_min = _mm256_setzero_ps();
-      __m512 neg_min16 = _mm512_setzero_ps();
-      if constexpr (T == BlockType::kQ4K || T == BlockType::kQ5K) {
-        const __m256 m =
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn))));
-        neg_min = _mm256_mul_ps(m, _mm256_set1_ps(-HardF16{}(b + 2)));  // -(dmin * m_j), as the dequantization
-      } else if constexpr (T == BlockType::kQ2K) {  // the mins: the high nibbles of the 16 scale bytes
-        const __m128i m =
-            _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 4), _mm_set1_epi8(0x0F));
-        neg_min16 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m)), _mm512_set1_ps(-HardF16{}(b + 82)));
-      }
-      for (int mm = 0; mm < M; ++mm) {
-        __m512i hi = ih[mm][0], lo = il[mm][0];
-        if constexpr (kSplit == 2) hi = _mm512_add_epi32(hi, ih[mm][1]), lo = _mm512_add_epi32(lo, il[mm][1]);
-        __m512 f = _mm512_cvtepi32_ps(hi);
-        if constexpr (kTwoLimbs) f = _mm512_fmadd_ps(f, limb, _mm512_cvtepi32_ps(lo));
-        acc[mm] = _mm512_fmadd_ps(f, d, acc[mm]);
-        if constexpr (T == BlockType::kQ4K || T == BlockType::kQ5K)
-          off[mm] = _mm256_fmadd_ps(neg_min, _mm256_loadu_ps(xsum32 + mm * (k / 32) + blk * 8), off[mm]);
-        if constexpr (T == BlockType::kQ2K)
-          off16[mm] = _mm512_fmadd_ps(neg_min16, _mm512_loadu_ps(xsum16 + mm * (k / 16) + blk * 16), off16[mm]);
+      for (int rr = 0; rr < R; ++rr) {
+        const __m512 d = _mm512_set1_ps(HardF16{}(b[rr] + d_at));
+        __m256 neg_min = _mm256_setzero_ps();
+        __m512 neg_min16 = _mm512_setzero_ps();
+        if constexpr (T == BlockType::kQ4K || T == BlockType::kQ5K) {
+          neg_min = _mm256_mul_ps(mins[rr], _mm256_set1_ps(-HardF16{}(b[rr] + 2)));  // -(dmin * m_j), as dequantized
+        } else if constexpr (T == BlockType::kQ2K) {  // the mins: the high nibbles of the 16 scale bytes
+          const __m128i m = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b[rr])), 4),
+                                          _mm_set1_epi8(0x0F));
+          neg_min16 =
+              _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m)), _mm512_set1_ps(-HardF16{}(b[rr] + 82)));
+        }
+        for (int mm = 0; mm < M; ++mm) {
+          __m512i hi = ih[mm][rr][0], lo = il[mm][rr][0];
+          for (int h = 1; h < kSplit; ++h)
+            hi = _mm512_add_epi32(hi, ih[mm][rr][h]), lo = _mm512_add_epi32(lo, il[mm][rr][h]);
+          __m512 f = _mm512_cvtepi32_ps(hi);
+          if constexpr (kTwoLimbs) f = _mm512_fmadd_ps(f, limb, _mm512_cvtepi32_ps(lo));
+          acc[mm][rr] = _mm512_fmadd_ps(f, d, acc[mm][rr]);
+          if constexpr (T == BlockType::kQ4K || T == BlockType::kQ5K)
+            off[mm][rr] = _mm256_fmadd_ps(neg_min, _mm256_loadu_ps(xsum32 + mm * (k / 32) + blk * 8), off[mm][rr]);
+          if constexpr (T == BlockType::kQ2K)
+            off16[mm][rr] =
+                _mm512_fmadd_ps(neg_min16, _mm512_loadu_ps(xsum16 + mm * (k / 16) + blk * 16), off16[mm][rr]);
+        }
       }
     }
-    for (int mm = 0; mm < M; ++mm) {
-      const __m256 o = _mm256_add_ps(
-          off[mm], _mm256_add_ps(_mm512_castps512_ps256(off16[mm]), _mm512_extractf32x8_ps(off16[mm], 1)));
-      __m128 o4 = _mm_add_ps(_mm256_castps256_ps128(o), _mm256_extractf128_ps(o, 1));
-      o4 = _mm_add_ps(o4, _mm_movehl_ps(o4, o4));
-      o4 = _mm_add_ss(o4, _mm_movehdup_ps(o4));
-      out[mm * ldo + r] = _mm512_reduce_add_ps(acc[mm]) * xscale[mm] + _mm_cvtss_f32(o4);
+    for (int mm = 0; mm < M; ++mm)
+      for (int rr = 0; rr < R; ++rr) {
+        const __m256 o = _mm256_add_ps(off[mm][rr], _mm256_add_ps(_mm512_castps512_ps256(off16[mm][rr]),
+                                                                  _mm512_extractf32x8_ps(off16[mm][rr], 1)));
+        __m128 o4 = _mm_add_ps(_mm256_castps256_ps128(o), _mm256_extractf128_ps(o, 1));
+        o4 = _mm_add_ps(o4, _mm_movehl_ps(o4, o4));
+        o4 = _mm_add_ss(o4, _mm_movehdup_ps(o4));
+        out[mm * ldo + r + rr] = _mm512_reduce_add_ps(acc[mm][rr]) * xscale[mm] + _mm_cvtss_f32(o4);
+      }
+  }
+}
+
+// rows_k_pass over weight rows [n0, n1). One activation row takes 4 weight rows per pass when the rows are long
+// (K >= 8192: the prepared activations, 4K bytes, no longer fit in L1 beside the weight stream, and one row per
+// pass reads them from L2 for every row), else one. Measured on Zen 4 (one core, CPU time, fp32 activations):
+// Q4_K 2048 x 8192 streamed from DRAM 12.9 -> 20.3 G weights/s, Q6_K 10.3 -> 13.3; but at K = 2048 / 4096 four
+// row streams of 8-16 blocks each read DRAM slower than one (Q4_K bf16 21.0 -> 14.6, Q6_K 15 -> 9-11 G
+// weights/s; software prefetch distances from 2 to 32 KiB did not change it), though faster from L3 (Q4_K 20.8
+// -> 25.9). 8 rows spilled registers in Q5_K / Q6_K. More activation rows already give each loaded block
+// several uses: one weight row per pass.
+template <BlockType T, int M, bool kTwoLimbs>
+void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32, const float* xsum16,
+            const float* xscale, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  int64_t n_pass = n0;
+  if constexpr (M == 1) {
+    constexpr int R = 4;
+    if (k >= 8192) {
+      n_pass = n0 + (n1 - n0) / R * R;
+      rows_k_pass<T, M, R, kTwoLimbs>(s, k, xp, xsum32, xsum16, xscale, n0, n_pass, out, ldo);
     }
   }
+  if (n_pass < n1) rows_k_pass<T, M, 1, kTwoLimbs>(s, k, xp, xsum32, xsum16, xscale, n_pass, n1, out, ldo);
 }
 
 // Calls body(std::integral_constant<int, M>{}, m0) over activation rows [0, m) in steps of M = kMax, 4, 2, 1 (the

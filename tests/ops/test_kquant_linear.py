@@ -33,6 +33,23 @@ def test_kquant_linear_matches_reference(backend, kind, m, dtype, matches_refere
     matches_reference(out, want.float(), low)
 
 
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kquant_linear_long_rows_one_token(backend, kind, dtype, matches_reference):
+    """One activation row against rows of K >= 8192, where rows_k takes 4 weight rows per pass (kquant_linear.cpp):
+    11 rows, so two passes of 4 and 3 rows left to the one-row pass; every output against the fp64 product."""
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CUDA backend has no kquant_linear yet")
+    k = 8192
+    w = kquants.KQuantWeight.single(kind, random_blocks(kind, 11, k, seed=7), k)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(7)).to(dtype)
+    out = ops.kquant_linear(x, w, backend=name)
+    want = x.double() @ w.dequantize(torch.float64).t()
+    low = torch.nn.functional.linear(x, w.dequantize(dtype))
+    matches_reference(out, want.float(), low)
+
+
 def test_kquant_linear_mixed_segments(backend, matches_reference):
     """A fused weight of several types (Q4_K_M's q/k in Q4_K and v in Q6_K) in one call, 3-D input."""
     name, device = backend
