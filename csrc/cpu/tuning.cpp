@@ -1,5 +1,8 @@
 #include "cpu/tuning.h"
 
+#include "cpu/cpu_features.h"
+#include "cpu/kernels.h"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -56,6 +59,29 @@ Tuning measure() {
 const Tuning& tuning() {
   static const Tuning t = measure();
   return t;
+}
+
+namespace {
+
+// An environment override of a row count (>= 1), or 0 when unset.
+int64_t rows_from_env(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return 0;
+  return std::clamp<int64_t>(std::strtoll(env, nullptr, 10), 1, kMaxGemvRows + 1);
+}
+
+}  // namespace
+
+int64_t quant_gemm_from_rows(QuantGemm format) {
+  static const int64_t env_int = rows_from_env("LLAMA_FAST_QUANT_GEMM_ROWS");
+  static const int64_t env_ggml = rows_from_env("LLAMA_FAST_KQUANT_GEMM_ROWS");
+  const bool vnni = isa() >= Isa::kAvx512Vnni;
+  if (format == QuantGemm::kInt) {
+    if (env_int > 0) return env_int;
+    return vnni ? kMaxGemvRows + 1 : kMaxGemvRows + 1;  // TODO(measure)
+  }
+  if (env_ggml > 0) return env_ggml;
+  return vnni ? kMaxGemvRows + 1 : kMaxGemvRows + 1;  // TODO(measure)
 }
 
 }  // namespace cpu

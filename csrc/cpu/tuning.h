@@ -25,5 +25,22 @@ struct Tuning {
 // Read once (sysconf / sysfs), then fixed for the process.
 const Tuning& tuning();
 
+// The quantized weight formats whose linears switch from their GEMV kernels to the prefill GEMM (gemm.cpp) at some
+// number of activation rows.
+enum class QuantGemm {
+  kInt,   // int4 / int8 QuantWeight (quant_linear.cpp)
+  kGgml,  // ggml blocks (kquant_linear.cpp)
+};
+// From how many activation rows a linear on `format` weights runs the GEMM instead of its GEMV kernels (both the
+// ops and the CPU decode plan, which call the same kernel entries). What decides it is the instruction set in
+// effect (cpu::isa(), read at each call: tests lower it): the GEMV kernels read the weights once per call but pay
+// their unpacking per activation row (or per few rows), the GEMM unpacks each weight once and then spends one fp32
+// FMA per weight and row. With AVX512-VNNI the GEMVs multiply in int16 (vpdpwssd) and stay ahead for a while;
+// without it they multiply in fp32 after unpacking, and the GEMM's register tile wins early. The numbers are the
+// crossovers measured by benchmarks/bench_quant_crossover.py (docs/KERNELS.md); LLAMA_FAST_QUANT_GEMM_ROWS /
+// LLAMA_FAST_KQUANT_GEMM_ROWS override them (for such measurements), never below 1. Always at most
+// kMaxGemvRows + 1: beyond a decode step's rows the GEMV kernels are not used at all.
+int64_t quant_gemm_from_rows(QuantGemm format);
+
 }  // namespace cpu
 }  // namespace llama_fast

@@ -59,3 +59,20 @@ def test_prefetch_distance_changes_no_result():
     assert far["tuning"]["prefetch_bytes"] == 1048576
     # bit for bit: a software prefetch only moves data between memory and the caches
     assert default["digest"] == off["digest"] == far["digest"]
+
+
+def test_quant_gemm_rows_are_a_decode_step_or_fewer_and_overridable():
+    """The GEMV / GEMM switch of the quantized linears (tuning.h): at most cpu_max_gemv_rows() + 1 (prefill-sized
+    inputs always take the GEMM), and LLAMA_FAST_QUANT_GEMM_ROWS / LLAMA_FAST_KQUANT_GEMM_ROWS set it, clamped."""
+    import json
+
+    import torch
+    top = torch.ops.llama_fast.cpu_max_gemv_rows() + 1
+    t = cpu.tuning()
+    assert 1 <= t["quant_gemm_from_rows"] <= top and 1 <= t["kquant_gemm_from_rows"] <= top
+    env = dict(os.environ, LLAMA_FAST_QUANT_GEMM_ROWS="5", LLAMA_FAST_KQUANT_GEMM_ROWS="100000")
+    code = "import json; from llama_fast.ops import cpu; print(json.dumps(cpu.tuning()))"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["quant_gemm_from_rows"] == 5 and got["kquant_gemm_from_rows"] == top
