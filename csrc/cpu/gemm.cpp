@@ -104,6 +104,12 @@ constexpr int weight_rows_per_tile() {
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// Weights per row that the tile fill makes fp32 at a time (gemm_tiles): a multiple of every ggml block size (256)
+// and of W, so that each piece is whole blocks; 24 rows of it (the AVX-512 one-vector tile) take 48 KiB. The rows
+// lie kSegmentStride floats apart: one cache line more, or the same W floats of all rows (read together) would
+// fall into two sets of L1 (a 2 KiB stride).
+constexpr int64_t kSegment = 512, kSegmentStride = kSegment + 16;
+
 // Scratch floats for one call: the thread's `reuse` buffer up to kKeepFloats (short prompts: no fresh pages, so no
 // page faults, per call), a fresh allocation above, freed on return (a long prompt's scratch is not kept for the
 // life of the thread; its page faults are small next to its arithmetic).
@@ -141,22 +147,31 @@ inline void micro_tile(const float* a, const float* b, int64_t kcp, float* c, in
 #else
   (void)c_next;
 #endif
+  // The accumulators live in registers only if the loops over j and v are unrolled completely: GCC's own
+  // heuristics stopped short of the 24 x 1 tile and kept it on the stack (a store after every FMA, 3x slower).
   VecF acc[kNr][kMv];
+#pragma GCC unroll 32
   for (int j = 0; j < kNr; ++j)
+#pragma GCC unroll 2
     for (int v = 0; v < kMv; ++v) acc[j][v] = VecF::zero();
   for (int64_t kb = 0; kb < kcp; kb += W) {
     const float* bb = b + kb * kNr;
     const float* ab = a + kb * kMr;
     for (int t = 0; t < W; ++t) {
       VecF av[kMv];
+#pragma GCC unroll 2
       for (int v = 0; v < kMv; ++v) av[v] = VecF::load(ab + t * kMr + v * W);
+#pragma GCC unroll 32
       for (int j = 0; j < kNr; ++j) {
         const VecF bj = VecF::set1(bb[j * W + t]);
+#pragma GCC unroll 2
         for (int v = 0; v < kMv; ++v) acc[j][v] = VecF::fma(av[v], bj, acc[j][v]);
       }
     }
   }
+#pragma GCC unroll 32
   for (int j = 0; j < kNr; ++j) {
+#pragma GCC unroll 2
     for (int v = 0; v < kMv; ++v) {
       float* p = c + j * ldc + v * W;
       (accumulate ? acc[j][v] + VecF::load(p) : acc[j][v]).store(p);
@@ -309,10 +324,9 @@ struct QuantRows {
   }
 };
 
-// ggml block rows, the segments stacked along N (kquant::Segment). fill() makes a whole row fp32 at once (the
-// blocks hold 32 or 256 weights with their scales, more than a K block of the tile may take), into the calling
-// thread's row buffer when it is asked for the row's first K block, then copies each K block out of that buffer:
-// gemm_tiles asks for every row's K blocks in order, starting at k0 = 0.
+// ggml block rows, the segments stacked along N (kquant::Segment). fill() takes whole blocks: gemm_tiles asks for
+// pieces of kSegment weights (a multiple of every block size) from a multiple of kSegment, and K is a multiple of
+// the block size.
 class KQuantRows {
  public:
   KQuantRows(const std::vector<kquant::Segment>& segs, int64_t k) : segs_(segs), k_(k) {
@@ -330,18 +344,13 @@ class KQuantRows {
     bytes = (last - first) * bb;
     return s->blocks + row * kquant::row_bytes(s->type, k_) + first * bb;
   }
+  // elements k0..k0+kc-1 of row `row` to dst[0..kc) (stride == W: contiguous, all gemm_tiles asks for)
   void fill(int64_t row, int64_t k0, int64_t kc, float* dst, int64_t stride) const {
-    thread_local std::vector<float> buffer;
-    thread_local const KQuantRows* owner = nullptr;
-    thread_local int64_t buffered_row = -1;
-    if (k0 == 0 || owner != this || buffered_row != row) {
-      if (static_cast<int64_t>(buffer.size()) < k_) buffer.resize(k_);
-      int64_t own_row = row;
-      const kquant::Segment* s = find(own_row);
-      dequantize_block_row(s->type, s->blocks, own_row, k_, buffer.data());
-      owner = this, buffered_row = row;
-    }
-    DenseRows<float>{buffer.data(), 0}.fill(0, k0, kc, dst, stride);
+    (void)stride;
+    const kquant::Segment* s = find(row);
+    const int64_t bw = ggml::block_weights(s->type), bb = ggml::block_bytes(s->type);
+    const uint8_t* blocks = s->blocks + row * kquant::row_bytes(s->type, k_) + k0 / bw * bb;
+    dequantize_blocks(s->type, blocks, kc / bw, dst);
   }
 
  private:
@@ -455,29 +464,46 @@ void gemm_tiles(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows, d
   // each thread one contiguous range of chunks, so that it knows which weights it reads next
   const int64_t per_thread = (blk.chunks + num_threads() - 1) / num_threads();
   parallel_for(blk.chunks, per_thread, [&](int64_t c0, int64_t c1) {
-    thread_local std::vector<float> tile;  // this thread's weight tile: bounded by half of L2
-    tile.resize(blk.nc * kp);
+    // this thread's weight tile, bounded by half of L2; on a cache line boundary, so that each W floats of a row
+    // (one 64-byte store on AVX-512) fill one line instead of straddling two: making the tile cost ~1.5x as much
+    // time misaligned (the stores of a row are kNr * W floats apart, each one a line to fetch from L2)
+    thread_local std::vector<float> tile_storage;
+    tile_storage.resize(blk.nc * kp + 64 / sizeof(float));
+    float* const tile =
+        reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tile_storage.data()) + 63) & ~uintptr_t{63});
     // this chunk's output, transposed [nc][ldct]: as large as the output's share of this chunk. One
     // cache line more than the panels (ldct * 4 bytes is then no multiple of 4 KiB: see write_transposed).
     const int64_t ldct = mp + 64 / sizeof(float);
     thread_local std::vector<float> ct_reuse;
     const Scratch ct(ct_reuse, blk.nc * ldct);
+    thread_local std::vector<float> rows_fp32_storage;  // a strip's rows, kSegment elements of each
+    rows_fp32_storage.resize(kNr * kSegmentStride + 64 / sizeof(float));
+    float* const rows_fp32 =
+        reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(rows_fp32_storage.data()) + 63) & ~uintptr_t{63});
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r0 = c * blk.nc, r1 = std::min(n, r0 + blk.nc);
       const int64_t strips = (r1 - r0 + kNr - 1) / kNr;
-      // the chunk's weights as fp32, row by row over the whole of K (sequential reads), into K blocks
-      // [block][strip][kcp / W][kNr][W]: block pc starts at strips * pc * kNr (the blocks before it are full)
+      // the chunk's weights as fp32 into K blocks [block][strip][kcp / W][kNr][W]: block pc starts at
+      // strips * pc * kNr (the blocks before it are full). A strip's kNr rows at a time, kSegment elements of each
+      // (sequential reads; whole ggml blocks), into `rows_fp32` [kNr][kSegment], then interleaved into the tile
+      // W floats of each row in turn, so that the tile's stores go to consecutive lines: each row's W floats
+      // straight into the tile lie kNr * W floats apart, and those scattered stores took 5-10x as long on Zen 4.
       for (int64_t s = 0; s < strips; ++s) {
-        for (int j = 0; j < kNr; ++j) {
-          const int64_t row = r0 + s * kNr + j;
-          for (int64_t pc = 0; pc < k; pc += blk.kc) {
-            const int64_t kc = std::min(blk.kc, k - pc), kcp = round_up(kc, W);
-            float* dst = tile.data() + strips * pc * kNr + s * kcp * kNr + j * W;
+        for (int64_t seg = 0; seg < k; seg += kSegment) {
+          const int64_t len = std::min(kSegment, k - seg), lenp = round_up(len, W);
+          for (int j = 0; j < kNr; ++j) {
+            const int64_t row = r0 + s * kNr + j;
+            float* dst = rows_fp32 + j * kSegmentStride;
             if (row < r1) {
-              rows.fill(row, pc, kc, dst, int64_t{kNr} * W);
+              rows.fill(row, seg, len, dst, W);
             } else {  // past the chunk: zero weights, their outputs are not written
-              for (int64_t kk = 0; kk < kcp; kk += W) VecF::zero().store(dst + kk * kNr);
+              for (int64_t kk = 0; kk < lenp; kk += W) VecF::zero().store(dst + kk);
             }
+          }
+          for (int64_t kk = 0; kk < lenp; kk += W) {
+            const int64_t e = seg + kk, pc = e / blk.kc * blk.kc, kcp = round_up(std::min(blk.kc, k - pc), W);
+            float* dst = tile + strips * pc * kNr + s * kcp * kNr + (e - pc) * kNr;
+            for (int j = 0; j < kNr; ++j) VecF::load(rows_fp32 + j * kSegmentStride + kk).store(dst + j * W);
           }
         }
       }
@@ -489,7 +515,7 @@ void gemm_tiles(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows, d
       const int lines_per_tile = static_cast<int>((next_r1 - r1) * row_lines / tiles + 1);
       for (int64_t pc = 0; pc < k; pc += blk.kc) {
         const int64_t kc = std::min(blk.kc, k - pc), kcp = round_up(kc, W);
-        const float* block = tile.data() + strips * pc * kNr;
+        const float* block = tile + strips * pc * kNr;
         const bool last = pc + kc == k;
         for (int64_t p = 0; p < panels; ++p) {
           const float* a = ap + (p * kp + pc) * kMr;

@@ -77,26 +77,25 @@ inline void dequantize_block(const uint8_t* b, float* o) {
   }
 }
 
-// Weight row `row` of a segment (blocks of type T, K weights) as fp32 o[0..K).
+// `count` consecutive blocks of type T as fp32 o[0..count * block_weights).
 template <ggml::BlockType T>
-inline void dequantize_block_row(const uint8_t* blocks, int64_t row, int64_t k, float* o) {
+inline void dequantize_blocks(const uint8_t* blocks, int64_t count, float* o) {
   constexpr int bw = ggml::block_weights(T), bb = ggml::block_bytes(T);
-  const uint8_t* p = blocks + row * (k / bw) * bb;
-  for (int64_t blk = 0; blk < k / bw; ++blk) dequantize_block<T>(p + blk * bb, o + blk * bw);
+  for (int64_t blk = 0; blk < count; ++blk) dequantize_block<T>(blocks + blk * bb, o + blk * bw);
 }
 
 // The same for a type known at run time: one of the types kquant::gemm_supports (kquant_linear.h) lists.
-inline void dequantize_block_row(ggml::BlockType t, const uint8_t* blocks, int64_t row, int64_t k, float* o) {
+inline void dequantize_blocks(ggml::BlockType t, const uint8_t* blocks, int64_t count, float* o) {
   using ggml::BlockType;
   switch (t) {
-    case BlockType::kQ4K: return dequantize_block_row<BlockType::kQ4K>(blocks, row, k, o);
-    case BlockType::kQ5K: return dequantize_block_row<BlockType::kQ5K>(blocks, row, k, o);
-    case BlockType::kQ6K: return dequantize_block_row<BlockType::kQ6K>(blocks, row, k, o);
-    case BlockType::kQ2K: return dequantize_block_row<BlockType::kQ2K>(blocks, row, k, o);
-    case BlockType::kQ3K: return dequantize_block_row<BlockType::kQ3K>(blocks, row, k, o);
-    case BlockType::kQ5_0: return dequantize_block_row<BlockType::kQ5_0>(blocks, row, k, o);
-    case BlockType::kQ8_0: return dequantize_block_row<BlockType::kQ8_0>(blocks, row, k, o);
-    case BlockType::kQ5_1: return dequantize_block_row<BlockType::kQ5_1>(blocks, row, k, o);
+    case BlockType::kQ4K: return dequantize_blocks<BlockType::kQ4K>(blocks, count, o);
+    case BlockType::kQ5K: return dequantize_blocks<BlockType::kQ5K>(blocks, count, o);
+    case BlockType::kQ6K: return dequantize_blocks<BlockType::kQ6K>(blocks, count, o);
+    case BlockType::kQ2K: return dequantize_blocks<BlockType::kQ2K>(blocks, count, o);
+    case BlockType::kQ3K: return dequantize_blocks<BlockType::kQ3K>(blocks, count, o);
+    case BlockType::kQ5_0: return dequantize_blocks<BlockType::kQ5_0>(blocks, count, o);
+    case BlockType::kQ8_0: return dequantize_blocks<BlockType::kQ8_0>(blocks, count, o);
+    case BlockType::kQ5_1: return dequantize_blocks<BlockType::kQ5_1>(blocks, count, o);
     default: return;  // not reached: the callers route other types to their GEMV
   }
 }
