@@ -20,7 +20,7 @@
 // (2 products of |code| <= 128 and a limb: below 2^23) are converted and multiplied by d; Q5_1's offsets m take
 // the sums per 32. tests/ops/test_kquant_linear.py runs every type's extremes.
 // Other CPUs (and rows holding inf / NaN): each weight row is dequantized exactly (ggml_blocks.h) into fp32
-// and dotted in fp32. From cpu::quant_gemm_from_rows(QuantGemm::kGgml) activation rows on (tuning.h; always for
+// and dotted in fp32. From cpu::quant_gemm_from_rows activation rows on (tuning.h; always for
 // prefill-sized inputs) linear() runs the prefill GEMM of gemm.cpp instead, which dequantizes each weight once
 // into its fp32 tiles (kquant::gemm); the portable ISA level, which has none, dequantizes bands of rows for
 // ATen's GEMM beyond kMaxGemvRows.
@@ -513,11 +513,21 @@ bool gemm_available(const std::vector<Segment>& segs) {
          std::all_of(segs.begin(), segs.end(), [](const Segment& s) { return gemm_supports(s.type); });
 }
 
+// The GEMV / GEMM switch of a weight (tuning.h): the largest of its segments' (a fused weight moves to the GEMM
+// when every part of it gains).
+int64_t gemm_from_rows(const std::vector<Segment>& segs) {
+  int64_t rows = 1;
+  for (const Segment& s : segs)
+    rows = std::max(rows, quant_gemm_from_rows(ggml::block_weights(s.type) == 256 ? QuantGemm::kGgmlSuper
+                                                                                  : QuantGemm::kGgmlBlock32));
+  return rows;
+}
+
 void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& segs, int64_t k, float* out) {
   int64_t n = 0;
   for (const Segment& s : segs) n += s.rows;
   // enough rows that dequantizing each weight once and multiplying in the GEMM's register tile wins (tuning.h)
-  if (m >= quant_gemm_from_rows(QuantGemm::kGgml) && gemm_available(segs)) return gemm(bf16, x, m, segs, k, out);
+  if (m >= gemm_from_rows(segs) && gemm_available(segs)) return gemm(bf16, x, m, segs, k, out);
   if (has_vnni() && linear_vnni(bf16, x, m, segs, k, out, n)) return;
   int64_t col = 0;
   for (const Segment& s : segs) {

@@ -67,7 +67,7 @@ namespace {
 int64_t rows_from_env(const char* name) {
   const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0') return 0;
-  return std::clamp<int64_t>(std::strtoll(env, nullptr, 10), 1, kMaxGemvRows + 1);
+  return std::clamp<int64_t>(std::strtoll(env, nullptr, 10), 1, int64_t{1} << 30);
 }
 
 }  // namespace
@@ -75,13 +75,13 @@ int64_t rows_from_env(const char* name) {
 int64_t quant_gemm_from_rows(QuantGemm format) {
   static const int64_t env_int = rows_from_env("LLAMA_FAST_QUANT_GEMM_ROWS");
   static const int64_t env_ggml = rows_from_env("LLAMA_FAST_KQUANT_GEMM_ROWS");
-  const bool vnni = isa() >= Isa::kAvx512Vnni;
-  if (format == QuantGemm::kInt) {
-    if (env_int > 0) return env_int;
-    return vnni ? kMaxGemvRows + 1 : kMaxGemvRows + 1;  // TODO(measure)
+  const bool vnni = isa() >= Isa::kAvx512Vnni;  // the reasons: tuning.h
+  switch (format) {
+    case QuantGemm::kInt4: return env_int > 0 ? env_int : vnni ? kMaxGemvRows + 1 : 24;
+    case QuantGemm::kInt8: return env_int > 0 ? env_int : vnni ? kMaxGemvRows + 1 : 16;
+    case QuantGemm::kGgmlSuper: return env_ggml > 0 ? env_ggml : vnni ? 48 : 1;
+    default: return env_ggml > 0 ? env_ggml : vnni ? 16 : 4;  // kGgmlBlock32
   }
-  if (env_ggml > 0) return env_ggml;
-  return vnni ? kMaxGemvRows + 1 : kMaxGemvRows + 1;  // TODO(measure)
 }
 
 }  // namespace cpu
