@@ -12,12 +12,26 @@ namespace llama_fast {
 namespace cpu {
 namespace LF_ISA {
 
+// The fp16 at p as float: the F16C conversion where the pass has it (exact either way: every fp16 is a float),
+// ggml's portable bit manipulation otherwise (a few dozen instructions, a per-weight cost on blocks of 32).
+struct F16ToFloat {
+  float operator()(const uint8_t* p) const {
+#if LF_ISA_LEVEL >= 1
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+#else
+    return ggml::f16_at(p);
+#endif
+  }
+};
+
 // o[e] = weight e of the block at b (e < ggml::block_weights(T)).
 template <ggml::BlockType T>
 inline void dequantize_block(const uint8_t* b, float* o) {
   using ggml::BlockType;
   float sc[16], off[16];
-  ggml::block_scales(T, b, sc, off);
+  ggml::block_scales_with(T, b, sc, off, F16ToFloat{});
   if constexpr (T == BlockType::kQ4K || T == BlockType::kQ5K) {
     // 4 chunks of 64 weights: 32 qs bytes each, low nibbles weights 0-31 (sub-blocks 4c, 4c+1: one scale), high
     // nibbles 32-63 (4c+2, 4c+3); Q5_K's 5th bit of weight 32 g + l is bit g of qh[l]
