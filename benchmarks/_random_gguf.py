@@ -21,6 +21,14 @@ SHAPES = {
 # where the fp16 scale sits, and the scale that makes the weights' spread about 0.02 like write_random_f16's.
 # (Q4_0: codes q - 8 uniform on -8..7, std ~4.6; Q8_0: int8 codes uniform on -127..127, std ~73.)
 RANDOM_BLOCKS = {"Q4_0": (18, 0.02 / 4.6), "Q8_0": (34, 0.02 / 73.0)}
+# K-quant types written as random blocks (the random mixes below): bytes per super-block of 256 weights and the
+# offsets of their fp16 fields (d, dmin), set to 1e-4 (weights up to ~0.1: finite logits). The other bytes (codes,
+# packed sub-block scales) are uniform: speed does not depend on them.
+RANDOM_SUPER_BLOCKS = {"Q4_K": (144, (0, 2)), "Q6_K": (210, (208,))}
+# File types written directly without llama.cpp's quantizer, as `<ftype>-random`: which K-quant type each kind of
+# tensor gets. Q4_K_M-like: llama.cpp's Q4_K_M keeps attn_v and ffn_down in Q6_K for some layers (all here) and
+# the token table in Q6_K.
+RANDOM_MIXES = {"Q4_K_M": {"default": "Q4_K", "attn_v": "Q6_K", "ffn_down": "Q6_K", "token_embd": "Q6_K"}}
 
 
 def start_writer(demo_gguf: str, tmp: str, shape: str, name: str, file_type: int):
@@ -85,8 +93,9 @@ def write_random_f16(demo_gguf: str, dst: str, shape: str, seed: int = 0) -> str
 
 
 def write_random_blocks(demo_gguf: str, dst: str, shape: str, kind: str, seed: int = 0) -> str:
-    """A random model of `shape` whose matrices are random `kind` (Q4_0 / Q8_0) blocks written directly, token
-    table in Q8_0: the way to get an 8B-shaped file without writing and quantizing a 15 GB F16 one first. Each
+    """A random model of `shape` whose matrices are random `kind` (Q4_0 / Q8_0, or a mix of RANDOM_MIXES: Q4_K_M)
+    blocks written directly, token table in Q8_0 (the mix's type for a mix): the way to get an 8B-shaped file
+    without writing and quantizing a 15 GB F16 one first, or a K-quant file without llama.cpp's quantizer. Each
     tensor is generated and written on its own (add_tensor_info + write_tensor_data), so memory stays at one
     tensor, not the whole file."""
     import gguf
@@ -97,26 +106,44 @@ def write_random_blocks(demo_gguf: str, dst: str, shape: str, kind: str, seed: i
     hidden, layers, heads, kv_heads, inter = SHAPES[shape]
     head_dim = hidden // heads
     tmp = dst + ".tmp"
-    file_type = {"Q4_0": 2, "Q8_0": 7}[kind]   # MOSTLY_Q4_0 / MOSTLY_Q8_0
+    file_type = {"Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}[kind]   # MOSTLY_Q4_0 / MOSTLY_Q8_0 / MOSTLY_Q4_K_M
+    mix = RANDOM_MIXES.get(kind, {"default": kind, "token_embd": "Q8_0"})
+
+    def type_of(name):
+        return mix.get(name, mix["default"])
+
     writer, vocab = start_writer(demo_gguf, tmp, shape, f"random-{shape}-{kind}", file_type)
-    tensors = [("token_embd.weight", (vocab, hidden), "Q8_0"), ("output_norm.weight", (hidden,), "F32")]
+    tensors = [("token_embd.weight", (vocab, hidden), type_of("token_embd")), ("output_norm.weight", (hidden,), "F32")]
     for i in range(layers):
         p = f"blk.{i}."
         tensors += [(p + "attn_norm.weight", (hidden,), "F32"),
-                    (p + "attn_q.weight", (heads * head_dim, hidden), kind),
-                    (p + "attn_k.weight", (kv_heads * head_dim, hidden), kind),
-                    (p + "attn_v.weight", (kv_heads * head_dim, hidden), kind),
-                    (p + "attn_output.weight", (hidden, heads * head_dim), kind),
+                    (p + "attn_q.weight", (heads * head_dim, hidden), type_of("attn_q")),
+                    (p + "attn_k.weight", (kv_heads * head_dim, hidden), type_of("attn_k")),
+                    (p + "attn_v.weight", (kv_heads * head_dim, hidden), type_of("attn_v")),
+                    (p + "attn_output.weight", (hidden, heads * head_dim), type_of("attn_output")),
                     (p + "ffn_norm.weight", (hidden,), "F32"),
-                    (p + "ffn_gate.weight", (inter, hidden), kind),
-                    (p + "ffn_up.weight", (inter, hidden), kind),
-                    (p + "ffn_down.weight", (hidden, inter), kind)]
+                    (p + "ffn_gate.weight", (inter, hidden), type_of("ffn_gate")),
+                    (p + "ffn_up.weight", (inter, hidden), type_of("ffn_up")),
+                    (p + "ffn_down.weight", (hidden, inter), type_of("ffn_down"))]
     rng = np.random.default_rng(seed)
+
+    def nbytes_of(shape, ttype):
+        if ttype == "F32":
+            return int(np.prod(shape)) * 4
+        if ttype in RANDOM_SUPER_BLOCKS:
+            return shape[0] * shape[1] // 256 * RANDOM_SUPER_BLOCKS[ttype][0]
+        return shape[0] * shape[1] // 32 * RANDOM_BLOCKS[ttype][0]
 
     def data(shape, ttype):
         if ttype == "F32":
             return np.ones(shape, np.float32)
         rows, cols = shape
+        if ttype in RANDOM_SUPER_BLOCKS:
+            block_bytes, fp16_at = RANDOM_SUPER_BLOCKS[ttype]
+            blocks = rng.integers(0, 256, size=(rows, cols // 256, block_bytes), dtype=np.uint8)
+            for at in fp16_at:
+                blocks[:, :, at:at + 2] = np.frombuffer(np.float16(1e-4).tobytes(), np.uint8)
+            return blocks.reshape(rows, -1)
         block_bytes, scale = RANDOM_BLOCKS[ttype]
         blocks = rng.integers(0, 256, size=(rows, cols // 32, block_bytes), dtype=np.uint8)
         blocks[:, :, 0:2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)   # every block's fp16 d
@@ -124,7 +151,7 @@ def write_random_blocks(demo_gguf: str, dst: str, shape: str, kind: str, seed: i
 
     for name, shape_, ttype in tensors:
         qtype = getattr(gguf.GGMLQuantizationType, ttype)
-        nbytes = int(np.prod(shape_)) * 4 if ttype == "F32" else shape_[0] * shape_[1] // 32 * RANDOM_BLOCKS[ttype][0]
+        nbytes = nbytes_of(shape_, ttype)
         byte_shape = shape_ if ttype == "F32" else (shape_[0], nbytes // shape_[0])
         writer.add_tensor_info(name, byte_shape, np.float32 if ttype == "F32" else np.uint8, nbytes,
                                raw_dtype=qtype)

@@ -167,6 +167,11 @@ def model_files(model: str, formats: list[str]) -> dict:
             else:
                 print(f"llama-8b: skipping {fmt} (only {', '.join(RANDOM_BLOCKS)} are written for the 8B shape)")
         return files
+    for fmt in [f for f in formats if f.endswith("-random")]:   # e.g. Q4_K_M-random: no llama.cpp quantizer needed
+        files[fmt] = write_random_blocks(demo, os.path.join(CACHE, f"{model}-{fmt}.gguf"), model, fmt[:-len("-random")])
+    formats = [f for f in formats if not f.endswith("-random")]
+    if not formats:
+        return files
     f16 = write_random_f16(demo, os.path.join(CACHE, f"{model}-F16.gguf"), model)
     for fmt in formats:
         if fmt == "F32":

@@ -1,16 +1,19 @@
-// The prefill GEMM: out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for prompt-sized M (more rows than a decode step
-// takes, cpu::kMaxGemvRows), with the weights dense fp32 / bf16 or quantized (QuantWeight).
+// The prefill GEMM: out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for prompt-sized M (and batched decode steps from
+// the row counts where it beats the GEMV kernels, cpu::tuning()), with the weights dense fp32 / bf16, quantized
+// (QuantWeight) or ggml blocks (kquant::Segment: the K-quants, Q5_0 / Q5_1 / Q8_0).
 //
 // Cache-blocked, in the usual three levels, with the sizes derived from this CPU's caches (cpu::cache_sizes()):
 // - the activations are packed once per call into panels of kMr rows, [K][kMr] fp32 each (bf16 widened, exactly);
 // - the weights are split over the threads in chunks of nc rows (a multiple of kNr, each thread a contiguous
 //   range of chunks); a thread makes its chunk's weights fp32 once (copied, bf16 widened, or dequantized as
-//   dequantize_rows does: code * scale + offset), reading each row from start to end, into a tile of nc x K floats
+//   dequantize_rows does: code * scale + offset; ggml blocks a row at a time as kquant::dequantize_rows does,
+//   cpu/ggml_dequant.h), reading each row from start to end, into a tile of nc x K floats
 //   in half of L2 cut into K blocks of kc, while its next chunk's weights are prefetched into L2;
 // - per K block, every panel of activations (kc x kMr floats, a quarter of L1: the rest holds the weights
 //   streaming through) is multiplied with the chunk's block of the tile;
 // - the micro-kernel keeps a kMr x kNr tile of the output in registers (AVX-512: 32 x 12 in 24 zmm accumulators,
-//   AVX2: 16 x 6 in 12 ymm), vectors along the activation rows, each weight broadcast.
+//   AVX2: 16 x 6 in 12 ymm; for at most one vector of rows, a batched decode step: 16 x 24 / 8 x 12), vectors
+//   along the activation rows, each weight broadcast.
 // So each weight is read from memory and converted once per call whatever M, the FMAs dominate, and the products
 // and sums are fp32 (each output element a sequential fp32 sum over K, blocks of kc added in order), like the
 // fp32 GEMM on widened / dequantized weights that this replaces. The output is accumulated transposed ([n][m],
@@ -19,7 +22,9 @@
 #ifndef LF_ISA
 #include <memory>
 
+#include "common/ggml_blocks.h"
 #include "cpu/kernels.h"
+#include "cpu/kquant_linear.h"
 #include "cpu/quant_scales.h"
 #include "cpu/thread_pool.h"
 #define LF_ISA_SELF "cpu/gemm.cpp"
@@ -44,27 +49,66 @@ void gemm_quant(bool bf16, const void* x, const QuantWeight& w, const void* bias
   });
 }
 
+namespace kquant {
+
+bool gemm_supports(ggml::BlockType t) {
+  using ggml::BlockType;
+  switch (t) {
+    case BlockType::kQ4K:
+    case BlockType::kQ5K:
+    case BlockType::kQ6K:
+    case BlockType::kQ2K:
+    case BlockType::kQ3K:
+    case BlockType::kQ5_0:
+    case BlockType::kQ5_1:
+    case BlockType::kQ8_0: return true;
+    default: return false;
+  }
+}
+
+void gemm(bool bf16, const void* x, int64_t m, const std::vector<Segment>& segs, int64_t k, float* out) {
+  LF_CPU_DISPATCH_DTYPE(bf16, T, { LF_DISPATCH(gemm_kquant_weights<T>, static_cast<const T*>(x), m, segs, k, out); });
+}
+
+}  // namespace kquant
+
 }  // namespace cpu
 }  // namespace llama_fast
 
 #else  // one ISA pass
+
+#include "cpu/ggml_dequant.h"
 
 namespace llama_fast {
 namespace cpu {
 namespace LF_ISA {
 
 constexpr int W = VecF::W;
-constexpr int kMv = 2;        // vectors of activation rows in the register tile
-constexpr int kMr = kMv * W;  // activation rows per panel
+// The register tile: kMv vectors of activation rows (kMr rows per panel) x kNr weight rows. Two vectors of rows
+// for prompts; one for at most W rows (batched decode steps), whose second vector would multiply zeros: twice
+// the weight rows instead, so that each activation load still meets as many FMAs.
+template <int kMv>
+constexpr int weight_rows_per_tile() {
 #if LF_ISA_LEVEL == 2
-constexpr int kNr = 12;  // weight rows per register tile: 24 accumulators + 2 activations + 1 broadcast
+  return kMv == 2 ? 12 : 24;  // 24 accumulators + 2 (1) activations + 1 broadcast of the 32 zmm registers
 #elif LF_ISA_LEVEL == 1
-constexpr int kNr = 6;  // 12 accumulators + 2 + 1 of the 16 ymm registers
+  return kMv == 2 ? 6 : 12;  // 12 accumulators + 2 (1) + 1 of the 16 ymm registers
 #else
-constexpr int kNr = 4;
+  return 4;
 #endif
+}
+// kMr and kNr of the tile with kMv vectors of rows, as local constants
+#define LF_GEMM_TILE(kMv)                         \
+  [[maybe_unused]] constexpr int kMr = (kMv) * W; \
+  [[maybe_unused]] constexpr int kNr = weight_rows_per_tile<(kMv)>()
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Weights per row that the tile fill makes fp32 at a time (gemm_tiles): a multiple of every ggml block size (256)
+// and of W, so that each piece is whole blocks; 24 rows of it (the AVX-512 one-vector tile) take 48 KiB. The rows
+// lie kSegmentStride floats apart: one cache line more, or the same W floats of all rows (read together) would
+// fall into two sets of L1 (a 2 KiB stride).
+constexpr int64_t kSegment = 512, kSegmentStride = kSegment + 16;
 
 // Scratch floats for one call: the thread's `reuse` buffer up to kKeepFloats (short prompts: no fresh pages, so no
 // page faults, per call), a fresh allocation above, freed on return (a long prompt's scratch is not kept for the
@@ -92,8 +136,10 @@ class Scratch {
 // a: a packed activation panel [kcp][kMr]; b: a packed weight strip [kcp / W][kNr][W]. `c_next`: the tile of the
 // next call, fetched into cache meanwhile (the output tiles of a chunk outgrow L2 on long prompts, and waiting for
 // them from L3 cost ~15% of the time).
+template <int kMv>
 inline void micro_tile(const float* a, const float* b, int64_t kcp, float* c, int64_t ldc, bool accumulate,
                        const float* c_next) {
+  LF_GEMM_TILE(kMv);
 #ifdef LF_HAVE_X86
   for (int j = 0; j < kNr; ++j)
     for (int line = 0; line < kMr * int{sizeof(float)}; line += 64)
@@ -101,22 +147,31 @@ inline void micro_tile(const float* a, const float* b, int64_t kcp, float* c, in
 #else
   (void)c_next;
 #endif
+  // The accumulators live in registers only if the loops over j and v are unrolled completely: GCC's own
+  // heuristics stopped short of the 24 x 1 tile and kept it on the stack (a store after every FMA, 3x slower).
   VecF acc[kNr][kMv];
+#pragma GCC unroll 32
   for (int j = 0; j < kNr; ++j)
+#pragma GCC unroll 2
     for (int v = 0; v < kMv; ++v) acc[j][v] = VecF::zero();
   for (int64_t kb = 0; kb < kcp; kb += W) {
     const float* bb = b + kb * kNr;
     const float* ab = a + kb * kMr;
     for (int t = 0; t < W; ++t) {
       VecF av[kMv];
+#pragma GCC unroll 2
       for (int v = 0; v < kMv; ++v) av[v] = VecF::load(ab + t * kMr + v * W);
+#pragma GCC unroll 32
       for (int j = 0; j < kNr; ++j) {
         const VecF bj = VecF::set1(bb[j * W + t]);
+#pragma GCC unroll 2
         for (int v = 0; v < kMv; ++v) acc[j][v] = VecF::fma(av[v], bj, acc[j][v]);
       }
     }
   }
+#pragma GCC unroll 32
   for (int j = 0; j < kNr; ++j) {
+#pragma GCC unroll 2
     for (int v = 0; v < kMv; ++v) {
       float* p = c + j * ldc + v * W;
       (accumulate ? acc[j][v] + VecF::load(p) : acc[j][v]).store(p);
@@ -156,8 +211,9 @@ inline VecF gather_column(const uint16_t* p, int64_t ld) {
 }
 
 // Panels p0..p1-1 of x[m, k] as [kp][kMr] fp32 each (kp = k rounded up to W; rows past m and columns past k: 0).
-template <typename T>
+template <int kMv, typename T>
 void pack_activations(const T* x, int64_t m, int64_t k, int64_t kp, int64_t p0, int64_t p1, float* ap) {
+  LF_GEMM_TILE(kMv);
   for (int64_t p = p0; p < p1; ++p) {
     float* dst = ap + p * kp * kMr;
     const T* src = x + p * kMr * k;
@@ -268,6 +324,49 @@ struct QuantRows {
   }
 };
 
+// ggml block rows, the segments stacked along N (kquant::Segment). fill() takes whole blocks: gemm_tiles asks for
+// pieces of kSegment weights (a multiple of every block size) from a multiple of kSegment, and K is a multiple of
+// the block size.
+class KQuantRows {
+ public:
+  KQuantRows(const std::vector<kquant::Segment>& segs, int64_t k) : segs_(segs), k_(k) {
+    int64_t bytes = 0;
+    for (const kquant::Segment& s : segs_) n_ += s.rows, bytes += s.rows * kquant::row_bytes(s.type, k);
+    bytes_per_weight_ = n_ > 0 ? static_cast<double>(bytes) / static_cast<double>(n_ * k) : 1.0;
+  }
+  int64_t n() const { return n_; }
+  double bytes_per_weight() const { return bytes_per_weight_; }
+
+  const void* segment(int64_t row, int64_t k0, int64_t kc, int64_t& bytes) const {
+    const kquant::Segment* s = find(row);  // row: now the segment's own
+    const int64_t bw = ggml::block_weights(s->type), bb = ggml::block_bytes(s->type);
+    const int64_t first = k0 / bw, last = (k0 + kc + bw - 1) / bw;
+    bytes = (last - first) * bb;
+    return s->blocks + row * kquant::row_bytes(s->type, k_) + first * bb;
+  }
+  // elements k0..k0+kc-1 of row `row` to dst[0..kc) (stride == W: contiguous, all gemm_tiles asks for)
+  void fill(int64_t row, int64_t k0, int64_t kc, float* dst, int64_t stride) const {
+    (void)stride;
+    const kquant::Segment* s = find(row);
+    const int64_t bw = ggml::block_weights(s->type), bb = ggml::block_bytes(s->type);
+    const uint8_t* blocks = s->blocks + row * kquant::row_bytes(s->type, k_) + k0 / bw * bb;
+    dequantize_blocks(s->type, blocks, kc / bw, dst);
+  }
+
+ private:
+  // the segment holding stacked row `row`, which becomes that segment's own row index
+  const kquant::Segment* find(int64_t& row) const {
+    for (const kquant::Segment& s : segs_) {
+      if (row < s.rows) return &s;
+      row -= s.rows;
+    }
+    return &segs_.back();  // not reached: row < n
+  }
+  const std::vector<kquant::Segment>& segs_;
+  int64_t k_, n_ = 0;
+  double bytes_per_weight_;
+};
+
 // Fetches the weights of a thread's next chunk into L2 a few lines at a time while the current chunk computes, so
 // that making them fp32 does not wait on memory (with 4-byte fp32 weights that wait was ~25% of a 128-token
 // prefill).
@@ -311,7 +410,9 @@ struct Blocking {
   int64_t chunks;  // ceil(n / nc)
 };
 
-inline Blocking blocking(int64_t n, int64_t k) {
+template <int kMv>
+Blocking blocking(int64_t n, int64_t k) {
+  LF_GEMM_TILE(kMv);
   const CacheSizes caches = cache_sizes();
   Blocking b;
   // an activation panel (kc x kMr floats) in a quarter of L1: 96 on a 48 KiB L1, 64 on 32 KiB (AVX-512)
@@ -331,6 +432,7 @@ inline Blocking blocking(int64_t n, int64_t k) {
 
 // out[i][r] = ct[r - r0][i] (+ bias[r]) for i0 <= i < i1, r0 <= r < r1, rounded once to T: W outputs of a row of out
 // gathered from W rows of ct at a time (ldct is no multiple of 4 KiB, so those rows do not share a cache set).
+// n: the row stride of out.
 template <typename T>
 void write_transposed(const float* ct, int64_t ldct, int64_t i0, int64_t i1, int64_t r0, int64_t r1, const T* bias,
                       T* out, int64_t n) {
@@ -347,43 +449,61 @@ void write_transposed(const float* ct, int64_t ldct, int64_t i0, int64_t i1, int
   }
 }
 
-template <typename T, typename Rows>
-void gemm_blocked(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows, double bytes_per_weight, const T* bias,
-                  T* out) {
-  if (m == 0 || n == 0) return;
-  const Blocking blk = blocking(n, k);
+// x: the activations (T); bias and out: To (the activations' type, or fp32 for the ggml blocks' fp32 output).
+template <int kMv, typename T, typename To, typename Rows>
+void gemm_tiles(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows, double bytes_per_weight, const To* bias,
+                To* out) {
+  LF_GEMM_TILE(kMv);
+  const Blocking blk = blocking<kMv>(n, k);
   const int64_t kp = round_up(k, W), panels = (m + kMr - 1) / kMr, mp = panels * kMr;
   // the activations packed: as large as x in fp32
   thread_local std::vector<float> apack_reuse;
   const Scratch apack(apack_reuse, panels * kp * kMr);
   float* ap = apack.get();
-  parallel_for(panels, 1, [&](int64_t p0, int64_t p1) { pack_activations(x, m, k, kp, p0, p1, ap); });
+  parallel_for(panels, 1, [&](int64_t p0, int64_t p1) { pack_activations<kMv>(x, m, k, kp, p0, p1, ap); });
   // each thread one contiguous range of chunks, so that it knows which weights it reads next
   const int64_t per_thread = (blk.chunks + num_threads() - 1) / num_threads();
   parallel_for(blk.chunks, per_thread, [&](int64_t c0, int64_t c1) {
-    thread_local std::vector<float> tile;  // this thread's weight tile: bounded by half of L2
-    tile.resize(blk.nc * kp);
+    // this thread's weight tile, bounded by half of L2; on a cache line boundary, so that each W floats of a row
+    // (one 64-byte store on AVX-512) fill one line instead of straddling two: making the tile cost ~1.5x as much
+    // time misaligned (the stores of a row are kNr * W floats apart, each one a line to fetch from L2)
+    thread_local std::vector<float> tile_storage;
+    tile_storage.resize(blk.nc * kp + 64 / sizeof(float));
+    float* const tile =
+        reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tile_storage.data()) + 63) & ~uintptr_t{63});
     // this chunk's output, transposed [nc][ldct]: as large as the output's share of this chunk. One
     // cache line more than the panels (ldct * 4 bytes is then no multiple of 4 KiB: see write_transposed).
     const int64_t ldct = mp + 64 / sizeof(float);
     thread_local std::vector<float> ct_reuse;
     const Scratch ct(ct_reuse, blk.nc * ldct);
+    thread_local std::vector<float> rows_fp32_storage;  // a strip's rows, kSegment elements of each
+    rows_fp32_storage.resize(kNr * kSegmentStride + 64 / sizeof(float));
+    float* const rows_fp32 =
+        reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(rows_fp32_storage.data()) + 63) & ~uintptr_t{63});
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r0 = c * blk.nc, r1 = std::min(n, r0 + blk.nc);
       const int64_t strips = (r1 - r0 + kNr - 1) / kNr;
-      // the chunk's weights as fp32, row by row over the whole of K (sequential reads), into K blocks
-      // [block][strip][kcp / W][kNr][W]: block pc starts at strips * pc * kNr (the blocks before it are full)
+      // the chunk's weights as fp32 into K blocks [block][strip][kcp / W][kNr][W]: block pc starts at
+      // strips * pc * kNr (the blocks before it are full). A strip's kNr rows at a time, kSegment elements of each
+      // (sequential reads; whole ggml blocks), into `rows_fp32` [kNr][kSegment], then interleaved into the tile
+      // W floats of each row in turn, so that the tile's stores go to consecutive lines: each row's W floats
+      // straight into the tile lie kNr * W floats apart, and those scattered stores took 5-10x as long on Zen 4.
       for (int64_t s = 0; s < strips; ++s) {
-        for (int j = 0; j < kNr; ++j) {
-          const int64_t row = r0 + s * kNr + j;
-          for (int64_t pc = 0; pc < k; pc += blk.kc) {
-            const int64_t kc = std::min(blk.kc, k - pc), kcp = round_up(kc, W);
-            float* dst = tile.data() + strips * pc * kNr + s * kcp * kNr + j * W;
+        for (int64_t seg = 0; seg < k; seg += kSegment) {
+          const int64_t len = std::min(kSegment, k - seg), lenp = round_up(len, W);
+          for (int j = 0; j < kNr; ++j) {
+            const int64_t row = r0 + s * kNr + j;
+            float* dst = rows_fp32 + j * kSegmentStride;
             if (row < r1) {
-              rows.fill(row, pc, kc, dst, int64_t{kNr} * W);
+              rows.fill(row, seg, len, dst, W);
             } else {  // past the chunk: zero weights, their outputs are not written
-              for (int64_t kk = 0; kk < kcp; kk += W) VecF::zero().store(dst + kk * kNr);
+              for (int64_t kk = 0; kk < lenp; kk += W) VecF::zero().store(dst + kk);
             }
+          }
+          for (int64_t kk = 0; kk < lenp; kk += W) {
+            const int64_t e = seg + kk, pc = e / blk.kc * blk.kc, kcp = round_up(std::min(blk.kc, k - pc), W);
+            float* dst = tile + strips * pc * kNr + s * kcp * kNr + (e - pc) * kNr;
+            for (int j = 0; j < kNr; ++j) VecF::load(rows_fp32 + j * kSegmentStride + kk).store(dst + j * W);
           }
         }
       }
@@ -395,7 +515,7 @@ void gemm_blocked(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows,
       const int lines_per_tile = static_cast<int>((next_r1 - r1) * row_lines / tiles + 1);
       for (int64_t pc = 0; pc < k; pc += blk.kc) {
         const int64_t kc = std::min(blk.kc, k - pc), kcp = round_up(kc, W);
-        const float* block = tile.data() + strips * pc * kNr;
+        const float* block = tile + strips * pc * kNr;
         const bool last = pc + kc == k;
         for (int64_t p = 0; p < panels; ++p) {
           const float* a = ap + (p * kp + pc) * kMr;
@@ -403,7 +523,7 @@ void gemm_blocked(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows,
             ahead.step(lines_per_tile);
             float* o = ct.get() + s * kNr * ldct + p * kMr;
             const float* o_next = s + 1 < strips ? o + kNr * ldct : ct.get() + (p + 1 < panels ? p + 1 : 0) * kMr;
-            micro_tile(a, block + s * kcp * kNr, kcp, o, ldct, pc > 0, o_next);
+            micro_tile<kMv>(a, block + s * kcp * kNr, kcp, o, ldct, pc > 0, o_next);
           }
           // this panel's outputs are complete and still in cache
           if (last) write_transposed(ct.get(), ldct, p * kMr, std::min(m, (p + 1) * kMr), r0, r1, bias, out, n);
@@ -411,6 +531,16 @@ void gemm_blocked(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows,
       }
     }
   });
+}
+
+template <typename T, typename To, typename Rows>
+void gemm_blocked(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows, double bytes_per_weight,
+                  const To* bias, To* out) {
+  if (m == 0 || n == 0) return;
+  if (m <= W && W > 1)
+    gemm_tiles<1>(x, m, n, k, rows, bytes_per_weight, bias, out);
+  else
+    gemm_tiles<2>(x, m, n, k, rows, bytes_per_weight, bias, out);
 }
 
 template <typename T>
@@ -422,6 +552,14 @@ template <typename T>
 void gemm_quant_weights(const T* x, const QuantWeight& w, const T* bias, T* out, int64_t m) {
   gemm_blocked(x, m, w.n, w.k, QuantRows{w}, w.bits / 8.0, bias, out);
 }
+
+template <typename T>
+void gemm_kquant_weights(const T* x, int64_t m, const std::vector<kquant::Segment>& segs, int64_t k, float* out) {
+  const KQuantRows rows(segs, k);
+  gemm_blocked(x, m, rows.n(), k, rows, rows.bytes_per_weight(), static_cast<const float*>(nullptr), out);
+}
+
+#undef LF_GEMM_TILE
 
 }  // namespace LF_ISA
 }  // namespace cpu

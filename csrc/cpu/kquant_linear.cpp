@@ -20,8 +20,10 @@
 // (2 products of |code| <= 128 and a limb: below 2^23) are converted and multiplied by d; Q5_1's offsets m take
 // the sums per 32. tests/ops/test_kquant_linear.py runs every type's extremes.
 // Other CPUs (and rows holding inf / NaN): each weight row is dequantized exactly (ggml_blocks.h) into fp32
-// and dotted in fp32. Prefill-sized inputs (m > kMaxGemvRows, or > kMaxVnniRows on VNNI CPUs) dequantize a band
-// of rows and use a GEMM.
+// and dotted in fp32. From cpu::quant_gemm_from_rows activation rows on (tuning.h; always for
+// prefill-sized inputs) linear() runs the prefill GEMM of gemm.cpp instead, which dequantizes each weight once
+// into its fp32 tiles (kquant::gemm); the portable ISA level, which has none, dequantizes bands of rows for
+// ATen's GEMM beyond kMaxGemvRows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -38,6 +40,7 @@
 #include "cpu/kquant_linear.h"
 #include "cpu/quant_linear_vnni.h"
 #include "cpu/thread_pool.h"
+#include "cpu/tuning.h"
 #include "cpu/vnni256.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -580,9 +583,26 @@ bool linear_vnni(bool bf16, const void* x, int64_t m, const std::vector<Segment>
 bool linear_vnni(bool, const void*, int64_t, const std::vector<Segment>&, int64_t, float*, int64_t) { return false; }
 #endif
 
+bool gemm_available(const std::vector<Segment>& segs) {
+  return prefill_gemm_available() &&
+         std::all_of(segs.begin(), segs.end(), [](const Segment& s) { return gemm_supports(s.type); });
+}
+
+// The GEMV / GEMM switch of a weight (tuning.h): the largest of its segments' (a fused weight moves to the GEMM
+// when every part of it gains).
+int64_t gemm_from_rows(const std::vector<Segment>& segs) {
+  int64_t rows = 1;
+  for (const Segment& s : segs)
+    rows = std::max(rows, quant_gemm_from_rows(ggml::block_weights(s.type) == 256 ? QuantGemm::kGgmlSuper
+                                                                                  : QuantGemm::kGgmlBlock32));
+  return rows;
+}
+
 void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& segs, int64_t k, float* out) {
   int64_t n = 0;
   for (const Segment& s : segs) n += s.rows;
+  // enough rows that dequantizing each weight once and multiplying in the GEMM's register tile wins (tuning.h)
+  if (m >= gemm_from_rows(segs) && gemm_available(segs)) return gemm(bf16, x, m, segs, k, out);
   if (has_vnni() && linear_vnni(bf16, x, m, segs, k, out, n)) return;
   // No AVX512-VNNI: the same arithmetic on 256-bit vectors (kquant_linear_avx2.cpp)
   if (vnni256::kquant_supports(segs) && vnni256::kquant_linear(bf16, x, m, segs, k, out, n)) return;
@@ -599,13 +619,14 @@ void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& seg
 
 namespace {
 
-// Activation rows up to which the GEMV kernels run (beyond: dequantize bands of rows and multiply with a GEMM).
+// Activation rows up to which kquant::linear runs where gemm.cpp's GEMM does not take the weight (the portable ISA
+// level, or a block type it does not decode): beyond, dequantize bands of rows and multiply with ATen's GEMM.
 // The VNNI kernel takes prefill-sized inputs too: it reads each ~32 KiB chunk of blocks once from memory and then
 // from cache for every 4 activation rows, on the work-claiming pool. The dequantize + at::mm path spent 10x
 // longer in OpenMP barriers than in arithmetic on a busy 2-core machine (128-token prefill of a 115M-parameter
 // Q4_K_M model: 7.3 s against 1.0 s). The portable path dots each row in scalar fp32: small m only.
 // Up to cpu::kMaxGemvRows (the CPU decode plan's largest step) on every CPU, so that the plan and this op run
-// the same kernel.
+// the same kernel (kquant::linear, which picks GEMV or GEMM by the rows).
 constexpr int64_t kMaxGemvRows = cpu::kMaxGemvRows, kMaxVnniRows = 1024;
 
 at::Tensor kquant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types,
@@ -642,7 +663,7 @@ at::Tensor kquant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArra
   const auto xc = x.contiguous();
   auto out = at::empty({m, n}, x.options().dtype(at::kFloat));
   if (m > 0 && n > 0) {
-    if (m <= (cpu::kquant::has_vnni() ? kMaxVnniRows : kMaxGemvRows)) {
+    if (m <= (cpu::kquant::has_vnni() ? kMaxVnniRows : kMaxGemvRows) || cpu::kquant::gemm_available(segs)) {
       cpu::kquant::linear(x.scalar_type() == at::kBFloat16, xc.data_ptr(), m, segs, k, out.data_ptr<float>());
     } else {
       // Prefill: a band of exact fp32 rows at a time (fits L2), then a GEMM.

@@ -22,6 +22,15 @@ inline int64_t row_bytes(ggml::BlockType t, int64_t k) { return k / ggml::block_
 // Meant for decode (m up to a few rows: every row is one more pass of the arithmetic over the blocks).
 void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& segs, int64_t k, float* out);
 
+// The prefill GEMM of gemm.cpp on ggml blocks: out[m, N] (fp32, row stride N) = x[m, K] @ W^T, each weight row
+// dequantized exactly (as dequantize_rows) once per call into the GEMM's fp32 tiles and multiplied with all m
+// rows in fp32. For the types gemm_supports; on ISAs with a vector GEMM (cpu::prefill_gemm_available()).
+// linear() calls it from the row count where it beats the GEMV (cpu::tuning().kquant_gemm_rows).
+void gemm(bool bf16, const void* x, int64_t m, const std::vector<Segment>& segs, int64_t k, float* out);
+bool gemm_supports(ggml::BlockType t);
+// Whether linear() may hand these segments to gemm(): every type supported, and a vector GEMM in this ISA.
+bool gemm_available(const std::vector<Segment>& segs);
+
 }  // namespace kquant
 }  // namespace cpu
 }  // namespace llama_fast

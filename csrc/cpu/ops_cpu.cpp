@@ -418,11 +418,19 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
       "Tensor(d!)? v_scale) -> ()");
   // cpu_isa("avx2") forces a lower instruction set for the CPU kernels (tests); cpu_isa("") reports it.
   m.def("cpu_isa(str name) -> str", &set_isa);
-  // [L1d, L2, L3 bytes, prefetch distance] of cpu::tuning(): the machine-dependent choices, for the benchmarks'
-  // records next to the CPU model.
+  // [L1d, L2, L3 bytes, prefetch distance, GEMM-from rows of int4, int8, ggml super-blocks, ggml blocks of 32 at
+  // the ISA in effect] of cpu::tuning() and cpu::quant_gemm_from_rows: the machine-dependent choices, for the
+  // benchmarks' records next to the CPU model.
   m.def("cpu_tuning() -> int[]", []() -> std::vector<int64_t> {
     const auto& t = cpu::tuning();
-    return {t.l1d_bytes, t.l2_bytes, t.l3_bytes, t.prefetch_bytes};
+    return {t.l1d_bytes,
+            t.l2_bytes,
+            t.l3_bytes,
+            t.prefetch_bytes,
+            cpu::quant_gemm_from_rows(cpu::QuantGemm::kInt4),
+            cpu::quant_gemm_from_rows(cpu::QuantGemm::kInt8),
+            cpu::quant_gemm_from_rows(cpu::QuantGemm::kGgmlSuper),
+            cpu::quant_gemm_from_rows(cpu::QuantGemm::kGgmlBlock32)};
   });
   // A weight buffer on transparent huge pages (llama_fast/weight_arena.py), for the dense GEMVs' prefetch choice
   // (cpu/tuning.h); add=False forgets it.

@@ -128,6 +128,9 @@ bool quant_linear_any_rows(bool bf16, const void* x, const QuantWeight& w, const
 constexpr int64_t kTiledOverVnniFromRows = 8;
 
 void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
+  // enough rows that making each weight fp32 once and multiplying in the GEMM's register tile wins (tuning.h)
+  const QuantGemm format = w.bits == 4 ? QuantGemm::kInt4 : QuantGemm::kInt8;
+  if (m >= quant_gemm_from_rows(format) && prefill_gemm_available()) return gemm_quant(bf16, x, w, bias, out, m);
   const bool tiles_win = !bf16 && m >= kTiledOverVnniFromRows;
   if (!tiles_win && quant_linear_any_rows(bf16, x, w, bias, out, m)) return;
   const int64_t k = w.k, n = w.n, groups = k / w.group_size;

@@ -1,5 +1,8 @@
 #include "cpu/tuning.h"
 
+#include "cpu/cpu_features.h"
+#include "cpu/kernels.h"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -94,6 +97,30 @@ int64_t dense_prefetch_bytes(const void* w) {
     if (b > 1 && p >= b && p < huge_end[i].load(std::memory_order_relaxed)) return 0;
   }
   return tuning().prefetch_bytes;
+}
+
+
+// An environment override of a row count (>= 1), or 0 when unset.
+int64_t rows_from_env(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return 0;
+  return std::clamp<int64_t>(std::strtoll(env, nullptr, 10), 1, int64_t{1} << 30);
+}
+
+}  // namespace
+
+int64_t quant_gemm_from_rows(QuantGemm format) {
+  static const int64_t env_int = rows_from_env("LLAMA_FAST_QUANT_GEMM_ROWS");
+  static const int64_t env_ggml = rows_from_env("LLAMA_FAST_KQUANT_GEMM_ROWS");
+  const bool vnni = isa() >= Isa::kAvx512Vnni;  // the reasons: tuning.h
+  switch (format) {
+    case QuantGemm::kInt4: return env_int > 0 ? env_int : vnni ? kMaxGemvRows + 1 : 24;
+    case QuantGemm::kInt8: return env_int > 0 ? env_int : vnni ? kMaxGemvRows + 1 : 16;
+    // ggml blocks: the same rows with or without VNNI (the 256-bit kernels, kquant_linear_avx2.cpp, do the VNNI
+    // kernel's work per row at half the width, as the GEMM's FMAs are then half as wide too)
+    case QuantGemm::kGgmlSuper: return env_ggml > 0 ? env_ggml : 48;
+    default: return env_ggml > 0 ? env_ggml : 16;  // kGgmlBlock32
+  }
 }
 
 }  // namespace cpu

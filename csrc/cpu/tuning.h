@@ -34,6 +34,34 @@ void set_huge_page_range(const void* begin, int64_t bytes, bool add);
 // The software prefetch distance for a dense weight stream starting at w: 0 on a registered huge-page buffer,
 // tuning().prefetch_bytes otherwise.
 int64_t dense_prefetch_bytes(const void* w);
+// The quantized weights whose linears switch from their GEMV kernels to the prefill GEMM (gemm.cpp) at some number
+// of activation rows, grouped by GEMV kernel.
+enum class QuantGemm {
+  kInt4,        // int4 QuantWeight (quant_linear.cpp: quant_linear_vnni.cpp / row_tiles.h)
+  kInt8,        // int8 QuantWeight
+  kGgmlSuper,   // ggml super-blocks of 256, Q2_K..Q6_K (kquant_linear.cpp: rows_k, 4 activation rows per pass)
+  kGgmlBlock32  // ggml blocks of 32, Q5_0 / Q5_1 / Q8_0 (rows_b32, 8 rows per pass)
+};
+// From how many activation rows a linear on `format` weights runs the GEMM instead of its GEMV kernels (the ops and
+// the CPU decode plan alike: they call the same kernel entries). A choice by instruction set in effect (cpu::isa(),
+// read at each call: tests lower it), not by one machine's number: the GEMV kernels read the weights once per call
+// but unpack them again for every activation row (or every 4 / 8), the GEMM unpacks each weight once and then
+// spends one fp32 FMA per weight and row (16 rows per zmm instruction). Whether that wins depends on the GEMV's
+// cost per row, which the ISA decides:
+// - AVX512-VNNI: the GEMVs multiply int16 limbs with vpdpwssd, as many products per instruction as the GEMM's
+//   fp32 FMAs, so the GEMM wins only once the unpacking it saves outweighs its own fill: int4 / int8 not within a
+//   decode step (their GEMV then dequantizes into tiles itself), the K-quants from 48 rows (their per-row work
+//   includes the integer sub-block scales), the blocks of 32 from 16.
+// - without VNNI: int4 from 24 rows, int8 16. The ggml blocks were measured against the portable fp32 GEMV (the
+//   GEMM won from 1 / 4 rows); since then they have 256-bit integer GEMVs (kquant_linear_avx2.cpp) doing the VNNI
+//   kernel's work per row at half the width, against a GEMM also half as wide, so they take VNNI's rows (48 / 16;
+//   not re-measured).
+// Measured with benchmarks/bench_quant_crossover.py (1 thread, Zen 4; docs/KERNELS.md has the table). At most
+// kMaxGemvRows + 1: prefill always takes the GEMM. LLAMA_FAST_QUANT_GEMM_ROWS (int4 / int8) and
+// LLAMA_FAST_KQUANT_GEMM_ROWS (ggml blocks) override it for such measurements (at least 1; a larger value keeps
+// the GEMV kernels where they take more rows: the ggml blocks' VNNI kernel takes any number, the int4 / int8 op
+// runs the GEMM beyond kMaxGemvRows whatever this says).
+int64_t quant_gemm_from_rows(QuantGemm format);
 
 }  // namespace cpu
 }  // namespace llama_fast

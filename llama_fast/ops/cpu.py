@@ -82,9 +82,13 @@ def set_isa(name: str = "") -> str:
 
 def tuning() -> dict:
     """The CPU kernels' machine-dependent choices, made at run time from this CPU's caches (csrc/cpu/tuning.h):
-    the cache sizes they were derived from and the weight streams' software prefetch distance, in bytes."""
-    l1d, l2, l3, prefetch = torch.ops.llama_fast.cpu_tuning()
-    return {"l1d_bytes": l1d, "l2_bytes": l2, "l3_bytes": l3, "prefetch_bytes": prefetch}
+    the cache sizes they were derived from and the weight streams' software prefetch distance, in bytes; and from
+    how many activation rows the quantized linears run the prefill GEMM instead of their GEMV kernels, at the
+    instruction set in effect (int4, int8, ggml K-quant super-blocks, ggml blocks of 32)."""
+    l1d, l2, l3, prefetch, int4_rows, int8_rows, super_rows, block32_rows = torch.ops.llama_fast.cpu_tuning()
+    return {"l1d_bytes": l1d, "l2_bytes": l2, "l3_bytes": l3, "prefetch_bytes": prefetch,
+            "gemm_from_rows": {"int4": int4_rows, "int8": int8_rows, "ggml_super_blocks": super_rows,
+                               "ggml_blocks_of_32": block32_rows}}
 
 
 if _native.extension() is not None:

@@ -59,3 +59,21 @@ def test_prefetch_distance_changes_no_result():
     assert far["tuning"]["prefetch_bytes"] == 1048576
     # bit for bit: a software prefetch only moves data between memory and the caches
     assert default["digest"] == off["digest"] == far["digest"]
+
+
+def test_quant_gemm_rows_are_a_decode_step_or_fewer_and_overridable():
+    """The GEMV / GEMM switch of the quantized linears (tuning.h): at most cpu_max_gemv_rows() + 1 (prefill-sized
+    inputs always take the GEMM), and LLAMA_FAST_QUANT_GEMM_ROWS / LLAMA_FAST_KQUANT_GEMM_ROWS set it (at least 1)."""
+    import json
+
+    import torch
+    top = torch.ops.llama_fast.cpu_max_gemv_rows() + 1
+    rows = cpu.tuning()["gemm_from_rows"]
+    assert set(rows) == {"int4", "int8", "ggml_super_blocks", "ggml_blocks_of_32"}
+    assert all(1 <= r <= top for r in rows.values())
+    env = dict(os.environ, LLAMA_FAST_QUANT_GEMM_ROWS="5", LLAMA_FAST_KQUANT_GEMM_ROWS="-3")
+    code = "import json; from llama_fast.ops import cpu; print(json.dumps(cpu.tuning()))"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])["gemm_from_rows"]
+    assert got == {"int4": 5, "int8": 5, "ggml_super_blocks": 1, "ggml_blocks_of_32": 1}

@@ -185,3 +185,44 @@ def test_kquant_linear_avx2_extremes_equal_vnni_bitwise(kind):
         def run():
             return ops.kquant_linear(x.to(dtype), w, backend="cpu")
         assert torch.equal(_bits(_at_isa("avx2", run)), _bits(_at_isa("avx512_vnni", run)))
+
+
+# The prefill GEMM path (gemm.cpp's tiles; kquant::linear hands it every m from the GEMV crossover, at the latest
+# from cpu_max_gemv_rows() + 1): a Q4_K_M-like fused weight of several types, odd and even m around its register
+# tile's rows (16 / 32 per panel), with and without bias, both activation dtypes.
+_GEMM_PARTS = (("Q4_K", 24), ("Q6_K", 13), ("Q5_K", 3), ("Q2_K", 5), ("Q3_K", 4), ("Q5_0", 7), ("Q5_1", 6),
+               ("Q8_0", 2))
+
+
+@pytest.mark.parametrize("m", [65, 97, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kquant_linear_gemm_rows_mixed_segments(backend, m, dtype, matches_reference):
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CUDA backend has no kquant_linear yet")
+    k = 768    # three super-blocks, 24 blocks of 32: more than one K block of the GEMM's tile on every CPU
+    w = kquants.concat_rows([kquants.KQuantWeight.single(kind, random_blocks(kind, rows, k, seed=rows), k)
+                             for kind, rows in _GEMM_PARTS])
+    n = sum(rows for _, rows in _GEMM_PARTS)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype) if m % 2 else None
+    out = ops.kquant_linear(x, w, bias, backend=name)
+    assert out.dtype == dtype and out.shape == (m, n)
+    want = x.double() @ w.dequantize(torch.float64).t() + (0 if bias is None else bias.double())
+    low = torch.nn.functional.linear(x, w.dequantize(dtype), bias)
+    matches_reference(out, want.float(), low)
+
+
+@pytest.mark.parametrize("kind", kquants.TYPES)
+def test_kquant_linear_gemm_dequantizes_exactly(backend, kind):
+    """One-hot activation rows pick single weights: every output is 1 * w plus products with exact zeros, so
+    the fp32 GEMM must return the dequantized weight (kquant_dequantize, the reference decoding) bit for bit.
+    Any difference in the GEMM's own block decoding (cpu/ggml_dequant.h) shows here. 256 rows: the GEMM's range."""
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CUDA backend has no kquant_linear yet")
+    k = 256
+    w = kquants.KQuantWeight.single(kind, random_blocks(kind, 19, k, seed=7), k)
+    out = ops.kquant_linear(torch.eye(k), w, backend=name)
+    assert torch.equal(out, w.dequantize(torch.float32).t())
