@@ -71,6 +71,13 @@ namespace {
 // 0; a writer claims it with 1, writes end, then publishes begin.
 constexpr int kHugeRanges = 64;
 std::atomic<uintptr_t> huge_begin[kHugeRanges], huge_end[kHugeRanges];
+
+// An environment override of a row count (>= 1), or 0 when unset.
+int64_t rows_from_env(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return 0;
+  return std::clamp<int64_t>(std::strtoll(env, nullptr, 10), 1, int64_t{1} << 30);
+}
 }  // namespace
 
 void set_huge_page_range(const void* begin, int64_t bytes, bool add) {
@@ -98,16 +105,6 @@ int64_t dense_prefetch_bytes(const void* w) {
   }
   return tuning().prefetch_bytes;
 }
-
-
-// An environment override of a row count (>= 1), or 0 when unset.
-int64_t rows_from_env(const char* name) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return 0;
-  return std::clamp<int64_t>(std::strtoll(env, nullptr, 10), 1, int64_t{1} << 30);
-}
-
-}  // namespace
 
 int64_t quant_gemm_from_rows(QuantGemm format) {
   static const int64_t env_int = rows_from_env("LLAMA_FAST_QUANT_GEMM_ROWS");
