@@ -109,10 +109,11 @@ int64_t dense_prefetch_bytes(const void* w) {
 int64_t quant_gemm_from_rows(QuantGemm format) {
   static const int64_t env_int = rows_from_env("LLAMA_FAST_QUANT_GEMM_ROWS");
   static const int64_t env_ggml = rows_from_env("LLAMA_FAST_KQUANT_GEMM_ROWS");
-  const bool vnni = isa() >= Isa::kAvx512Vnni;  // the reasons: tuning.h
   switch (format) {
-    case QuantGemm::kInt4: return env_int > 0 ? env_int : vnni ? kMaxGemvRows + 1 : 24;
-    case QuantGemm::kInt8: return env_int > 0 ? env_int : vnni ? kMaxGemvRows + 1 : 16;
+    // int4 / int8: never within a decode step, with or without VNNI (without it the 256-bit integer GEMV of
+    // quant_linear_avx2.cpp, 1.2-2x the path the AVX2 crossover of 24 / 16 rows was measured against)
+    case QuantGemm::kInt4: return env_int > 0 ? env_int : kMaxGemvRows + 1;
+    case QuantGemm::kInt8: return env_int > 0 ? env_int : kMaxGemvRows + 1;
     // ggml blocks: the same rows with or without VNNI (the 256-bit kernels, kquant_linear_avx2.cpp, do the VNNI
     // kernel's work per row at half the width, as the GEMM's FMAs are then half as wide too)
     case QuantGemm::kGgmlSuper: return env_ggml > 0 ? env_ggml : 48;

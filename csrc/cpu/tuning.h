@@ -52,10 +52,10 @@ enum class QuantGemm {
 //   fp32 FMAs, so the GEMM wins only once the unpacking it saves outweighs its own fill: int4 / int8 not within a
 //   decode step (their GEMV then dequantizes into tiles itself), the K-quants from 48 rows (their per-row work
 //   includes the integer sub-block scales), the blocks of 32 from 16.
-// - without VNNI: int4 from 24 rows, int8 16. The ggml blocks were measured against the portable fp32 GEMV (the
-//   GEMM won from 1 / 4 rows); since then they have 256-bit integer GEMVs (kquant_linear_avx2.cpp) doing the VNNI
-//   kernel's work per row at half the width, against a GEMM also half as wide, so they take VNNI's rows (48 / 16;
-//   not re-measured).
+// - without VNNI the crossovers were measured against the old paths (int4 24 rows, int8 16 against the lookup /
+//   tiled GEMV; the ggml blocks 1 / 4 against the portable fp32 GEMV). Since then both have 256-bit integer GEMVs
+//   (quant_linear_avx2.cpp, kquant_linear_avx2.cpp) doing the VNNI kernels' work per row at half the width, against
+//   a GEMM also half as wide, so they take VNNI's rows (not re-measured).
 // Measured with benchmarks/bench_quant_crossover.py (1 thread, Zen 4; docs/KERNELS.md has the table). At most
 // kMaxGemvRows + 1: prefill always takes the GEMM. LLAMA_FAST_QUANT_GEMM_ROWS (int4 / int8) and
 // LLAMA_FAST_KQUANT_GEMM_ROWS (ggml blocks) override it for such measurements (at least 1; a larger value keeps
