@@ -22,6 +22,17 @@ def _cpu_isas() -> list[str]:
     return list(_ISA_ORDER[: _ISA_ORDER.index(best) + 1])
 
 
+def at_isa(isa: str, fn):
+    """fn() with the CPU kernels forced to the ISA level `isa`, the level before restored afterwards."""
+    from llama_fast.ops import cpu
+    before = cpu.set_isa("")
+    cpu.set_isa(isa)
+    try:
+        return fn()
+    finally:
+        cpu.set_isa("avx512_bf16" if before == "avx512_bf16" else before)
+
+
 def _cases() -> list:
     cases = [pytest.param(("cpu", isa), id=f"cpu-{isa}") for isa in _cpu_isas()]
     if _native.extension() is None:

@@ -6,6 +6,7 @@ from kquant_util import FP16_FIELDS, random_blocks
 
 from llama_fast import kquants, ops
 
+from op_fixtures import at_isa as _at_isa
 from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
 
 
@@ -123,16 +124,6 @@ def test_kquant_linear_int32_accumulation_extremes(backend, kind, dtype):
     want = (x.double() @ w.dequantize(torch.float64).t()).float()
     out = ops.kquant_linear(x, w, backend=name).float()
     torch.testing.assert_close(out, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
-
-
-def _at_isa(isa: str, fn):
-    from llama_fast.ops import cpu
-    before = cpu.set_isa("")
-    cpu.set_isa(isa)
-    try:
-        return fn()
-    finally:
-        cpu.set_isa("avx512_bf16" if before == "avx512_bf16" else before)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

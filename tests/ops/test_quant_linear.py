@@ -5,6 +5,7 @@ import torch
 
 from llama_fast import ops, quant
 
+from op_fixtures import at_isa as _at_isa
 from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
 
 # (bits, group_size, symmetric): GGUF Q4_1-like (asymmetric, g=32), Q4_0-like (symmetric, offset = -8 scale),
@@ -127,16 +128,6 @@ def test_opcheck_quant_linear():
 def _isa_levels() -> tuple[str, ...]:
     from op_fixtures import _cpu_isas
     return tuple(_cpu_isas())
-
-
-def _at_isa(isa: str, fn):
-    from llama_fast.ops import cpu
-    before = cpu.set_isa("")
-    cpu.set_isa(isa)
-    try:
-        return fn()
-    finally:
-        cpu.set_isa("avx512_bf16" if before == "avx512_bf16" else before)
 
 
 # The 256-bit integer kernel (quant_linear_avx2.cpp, at the avx2 and avx512 levels) against the AVX512-VNNI one:
