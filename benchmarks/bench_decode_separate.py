@@ -76,9 +76,18 @@ def measure_llama_fast(path: str, fmt: str, context: int, steps: int) -> dict:
             "dtype": str(dtype).replace("torch.", "")}
 
 
-def measure_llama_cpp(path: str, fmt: str, context: int, steps: int, threads: int) -> dict:
+def last_token_argmax(llm) -> int:
+    """The greedy next token after llama.cpp's last eval. Read from the context's last logits row: with
+    logits_all=False llama-cpp-python's `scores` holds n_batch rows, so scores[n_tokens - 1] is out of range once the
+    context passes n_batch (it failed at 4096)."""
     import llama_cpp
     import numpy as np
+    row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return int(np.argmax(np.ctypeslib.as_array(row, shape=(llm.n_vocab(),))))
+
+
+def measure_llama_cpp(path: str, fmt: str, context: int, steps: int, threads: int) -> dict:
+    import llama_cpp
 
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=path, n_ctx=context + steps + 16, n_batch=512, n_ubatch=512,
@@ -89,7 +98,7 @@ def measure_llama_cpp(path: str, fmt: str, context: int, steps: int, threads: in
     prefill_s = time.perf_counter() - t0
     step_s, step_cpu_s = [], []
     for _ in range(steps):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = last_token_argmax(llm)
         t0, c0 = time.perf_counter(), time.process_time()
         llm.eval([tok])
         step_s.append(time.perf_counter() - t0)
