@@ -132,6 +132,52 @@ int main() {
     }
   };
   bench("AMX pipelined (C tiles 0,1 / 4,5 alternate by group)", runpipe);
+
+  // "full": the 2x2 variant plus what the kernel also has to do: pack the two N-blocks' int4 codes into bf16 VNNI
+  // B tiles once per N-block pair (codes -> fp32 -> bf16, exact) and the offset term acc += offset[n] * xsum[m][g].
+  std::vector<uint8_t> q4((size_t)N * K / 2, 0x77);
+  std::vector<float> xsum((size_t)M * G, 1.f), offs((size_t)N * G, -0.25f);
+  std::vector<uint16_t> Bp((size_t)2 * 16 * K);
+  auto runfull = [&]() {
+    for (int nb = 0; nb < N / 16; nb += 2) {
+      for (int j = 0; j < 2; j++)  // pack: tile (j, g) = [16 k-pairs][16 n][2]; index order only matters for cost
+        for (int n = 0; n < 16; n++) {
+          const uint8_t* row = &q4[(size_t)((nb + j) * 16 + n) * K / 2];
+          for (int k = 0; k < K; k += 32) {
+            __m128i b = _mm_loadu_si128((const __m128i*)(row + k / 2));
+            __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(b, _mm_set1_epi8(15)));
+            __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15)));
+            __m512bh v = _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(hi), _mm512_cvtepi32_ps(lo));
+            _mm512_storeu_si512(&Bp[(size_t)j * 16 * K + (size_t)n * K + k], (__m512i)v);
+          }
+        }
+      for (int mb = 0; mb < M / 16; mb += 2) {
+        alignas(64) float acc[4][16 * 16] = {};
+        for (int g = 0; g < G; g++) {
+          _tile_loadd(6, &Bp[(size_t)g * 512], 64);
+          _tile_loadd(7, &Bp[(size_t)16 * K + (size_t)g * 512], 64);
+          _tile_zero(0); _tile_zero(1); _tile_zero(4); _tile_zero(5);
+          for (int d = 0; d < 3; d++) {
+            _tile_loadd(2, &A[(((size_t)d * (M / 16) + mb) * G + g) * 512], 64);
+            _tile_loadd(3, &A[(((size_t)d * (M / 16) + mb + 1) * G + g) * 512], 64);
+            _tile_dpbf16ps(0, 2, 6); _tile_dpbf16ps(1, 3, 6); _tile_dpbf16ps(4, 2, 7); _tile_dpbf16ps(5, 3, 7);
+          }
+          _tile_stored(0, c0, 64); _tile_stored(1, c1, 64); _tile_stored(4, c4, 64); _tile_stored(5, c5, 64);
+          __m512 s0 = _mm512_loadu_ps(&scale[(size_t)nb * G + g]), s1 = _mm512_loadu_ps(&scale[(size_t)(nb + 1) * G + g]);
+          __m512 o0 = _mm512_loadu_ps(&offs[(size_t)nb * G + g]), o1 = _mm512_loadu_ps(&offs[(size_t)(nb + 1) * G + g]);
+          for (int r = 0; r < 16; r++) {
+            __m512 x0 = _mm512_set1_ps(xsum[(size_t)(mb * 16 + r) * G + g]), x1 = _mm512_set1_ps(xsum[(size_t)((mb + 1) * 16 + r) * G + g]);
+            _mm512_store_ps(acc[0] + r * 16, _mm512_fmadd_ps(o0, x0, _mm512_fmadd_ps(s0, _mm512_load_ps(c0 + r * 16), _mm512_load_ps(acc[0] + r * 16))));
+            _mm512_store_ps(acc[1] + r * 16, _mm512_fmadd_ps(o0, x1, _mm512_fmadd_ps(s0, _mm512_load_ps(c1 + r * 16), _mm512_load_ps(acc[1] + r * 16))));
+            _mm512_store_ps(acc[2] + r * 16, _mm512_fmadd_ps(o1, x0, _mm512_fmadd_ps(s1, _mm512_load_ps(c4 + r * 16), _mm512_load_ps(acc[2] + r * 16))));
+            _mm512_store_ps(acc[3] + r * 16, _mm512_fmadd_ps(o1, x1, _mm512_fmadd_ps(s1, _mm512_load_ps(c5 + r * 16), _mm512_load_ps(acc[3] + r * 16))));
+          }
+        }
+        for (int r = 0; r < 16; r++) out[(size_t)(mb * 16 + r) * N + nb * 16] += acc[0][r * 16] + acc[1][r * 16] + acc[2][r * 16] + acc[3][r * 16];
+      }
+    }
+  };
+  bench("AMX 2x2 full (int4 B packing per N-block pair + offset term)", runfull);
   run();
   double best = 1e9;
   for (int it = 0; it < 25; it++) {
