@@ -23,6 +23,7 @@
 #include <memory>
 
 #include "common/ggml_blocks.h"
+#include "cpu/gemm_amx.h"
 #include "cpu/kernels.h"
 #include "cpu/kquant_linear.h"
 #include "cpu/quant_scales.h"
@@ -36,6 +37,11 @@ namespace cpu {
 bool prefill_gemm_available() { return isa() >= Isa::kAvx2; }
 
 void gemm_dense(bool bf16, const void* x, const void* w, const void* bias, void* out, int64_t m, int64_t n, int64_t k) {
+  // bf16 on a CPU with AMX: the tile unit (gemm_amx.cpp), at the top ISA level only, so that tests and benchmarks
+  // reach the fp32 GEMM below by lowering the level
+  if (bf16 && isa() >= Isa::kAvx512Bf16 && amx_bf16_available())
+    return gemm_amx_bf16(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(w),
+                         static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(out), m, n, k);
   LF_CPU_DISPATCH_DTYPE(bf16, T, {
     LF_DISPATCH(gemm_dense_weights<T>, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(bias),
                 static_cast<T*>(out), m, n, k);

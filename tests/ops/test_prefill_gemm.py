@@ -1,7 +1,9 @@
 """The prefill GEMM of the CPU linears (csrc/cpu/gemm.cpp: more activation rows than cpu_max_gemv_rows()) against
 an fp64 oracle under the tolerance rule, at every instruction-set level this CPU has (portable uses ATen's GEMM),
 with 1 and 2 threads, for shapes with tails in M (partial register panels), N (partial weight strips and chunks)
-and K (partial K blocks and vectors), dense fp32 / bf16 and int4 / int8 weights."""
+and K (partial K blocks and vectors), dense fp32 / bf16 and int4 / int8 weights. On a CPU with AMX the top level's
+bf16 case runs the tile GEMM (csrc/cpu/gemm_amx.cpp: M in pairs of 16-row tiles, N in pairs of 16, K in 32s, all
+three with tails here) and the lower levels the fp32 GEMM."""
 import pytest
 import torch
 
@@ -105,3 +107,20 @@ def test_prefill_propagates_inf_and_nan(backend):
     out = ops.linear(x.to(device), w.to(device), backend=name)
     assert torch.isinf(out[3]).all() and torch.isnan(out[7]).all()
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[-1]).all()
+
+
+def test_dense_prefill_propagates_nan_and_inf(backend):
+    """A NaN or inf in a row of x makes that row's outputs NaN / inf as F.linear's do, whatever unit multiplies."""
+    name, device = backend
+    m = prefill_rows()[0]
+    g = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(m, 96, generator=g).to(dtype)
+        w = torch.rand(40, 96, generator=g).to(dtype) + 0.5  # positive: an inf input gives +-inf, not inf - inf
+        x[3, 10] = float("nan")
+        x[7, 20] = float("inf")
+        out = ops.linear(x.to(device), w.to(device), backend=name)
+        want = torch.nn.functional.linear(x.double(), w.double()).float()
+        assert torch.equal(out.float().isnan(), want.isnan()) and torch.equal(out.float().isinf(), want.isinf())
+        ok = ~(want.isnan() | want.isinf())
+        assert torch.isfinite(out.float()[ok]).all()
