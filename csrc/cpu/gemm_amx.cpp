@@ -137,12 +137,17 @@ void gemm_amx_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, u
   const int64_t kblocks = (k + kTileK - 1) / kTileK;
   const int64_t tile = kTileRows * kTileK;  // bf16 elements per tile
   const int64_t mpairs = (m + 2 * kTileRows - 1) / (2 * kTileRows), npairs = (n + 2 * kTileRows - 1) / (2 * kTileRows);
-  // activations: [mpair][kb][2][16][32]
-  std::vector<uint16_t> apack(static_cast<size_t>(mpairs * kblocks * 2 * tile));
+  // activations: [mpair][kb][2][16][32], every element written by pack_a_tile. Kept by the calling thread across
+  // calls (grown, never zero-filled again): a fresh vector per linear cost a zero fill and page faults each time.
+  thread_local std::vector<uint16_t> apack;
+  if (apack.size() < static_cast<size_t>(mpairs * kblocks * 2 * tile))
+    apack.resize(static_cast<size_t>(mpairs * kblocks * 2 * tile));
+  // the lambdas below run on the pool's threads too, where `apack` names each thread's own (empty) vector
+  uint16_t* const ap = apack.data();
   parallel_for(mpairs, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int h = 0; h < 2; ++h)
-        pack_a_tile(x, m, k, (2 * p + h) * kTileRows, kblocks, 2 * tile, apack.data() + (p * kblocks * 2 + h) * tile);
+        pack_a_tile(x, m, k, (2 * p + h) * kTileRows, kblocks, 2 * tile, ap + (p * kblocks * 2 + h) * tile);
   });
   const int64_t per_thread = (npairs + num_threads() - 1) / num_threads();
   parallel_for(npairs, per_thread, [&](int64_t q0, int64_t q1) {
@@ -158,7 +163,7 @@ void gemm_amx_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, u
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        const uint16_t* a = apack.data() + p * kblocks * 2 * tile;
+        const uint16_t* a = ap + p * kblocks * 2 * tile;
         for (int64_t kb = 0; kb < kblocks; ++kb) {
           _tile_loadd(4, a + kb * 2 * tile, 64);
           _tile_loadd(5, a + kb * 2 * tile + tile, 64);
