@@ -121,5 +121,11 @@ int64_t quant_gemm_from_rows(QuantGemm format) {
   }
 }
 
+int64_t amx_quant_from_rows(bool bf16_activations) {
+  static const int64_t env = rows_from_env("LLAMA_FAST_AMX_QUANT_ROWS");
+  if (env > 0) return env;
+  return bf16_activations ? 8 : 4;  // TODO(measure)
+}
+
 }  // namespace cpu
 }  // namespace llama_fast
