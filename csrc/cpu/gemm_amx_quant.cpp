@@ -43,7 +43,6 @@
 #include "cpu/amx_tiles.h"
 #include "cpu/cpu_features.h"
 #include "cpu/gemm_amx.h"
-#include "cpu/quant_scales.h"
 #include "cpu/thread_pool.h"
 
 namespace llama_fast {
@@ -70,7 +69,7 @@ namespace {
 
 using amx::kTileK;
 using amx::kTileRows;
-constexpr int64_t kTileWords = kTileRows * kTileK;   // bf16 elements per tile
+constexpr int64_t kTileWords = kTileRows * kTileK;      // bf16 elements per tile
 constexpr int64_t kTileDwords = kTileRows * kTileRows;  // fp32 elements or bf16 pairs per tile
 
 // Rows whose largest magnitude lies in this range are split as they are; others are scaled by a power of two first.
@@ -107,9 +106,9 @@ inline void transpose16(__m512i r[16]) {
     t[12 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
   }
   for (int c = 0; c < 4; ++c) {
-    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);           // columns 0-3
-    r[4 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88);  // 4-7
-    r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);       // 8-11
+    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);            // columns 0-3
+    r[4 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88);   // 4-7
+    r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);        // 8-11
     r[12 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xdd);  // 12-15
   }
 }
@@ -146,7 +145,8 @@ inline __m512i high_halves(__m512 a, __m512 b) {
 
 // x (fp32) truncated to bf16 precision: its top 8 significand bits.
 inline __m512 truncate_bf16(__m512 x) {
-  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  return _mm512_castsi512_ps(
+      _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 
 // Activation rows [16 mb, 16 mb + 16) of x into p's tiles / sums / unscale; false when they hold inf / NaN.
@@ -222,12 +222,13 @@ bool pack_activation_block(const T* x, int64_t m, int64_t k, int64_t group_size,
 void unpack_codes(const QuantWeight& w, int64_t n0, int64_t kt0, int64_t count, uint16_t* dst) {
   // int4: bf16 of 0..15, indexed by vpermw with the low 5 bits of each word
   const __m512i table =
-      _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130,
-                       0x4120, 0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0);
+      _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120,
+                       0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0);
   for (int r = 0; r < kTileRows; ++r) {
     const int64_t row = n0 + r;
     if (row >= w.n) {
-      for (int64_t t = 0; t < count; ++t) _mm512_storeu_si512(dst + (t * kTileRows + r) * kTileK, _mm512_setzero_si512());
+      for (int64_t t = 0; t < count; ++t)
+        _mm512_storeu_si512(dst + (t * kTileRows + r) * kTileK, _mm512_setzero_si512());
       continue;
     }
     if (w.bits == 4) {
@@ -287,8 +288,21 @@ void write_output(const float* acc, const T* bias, T* out, int64_t m, int64_t n,
 }
 
 // The K elements per chunk of weights unpacked at once: whole groups, ~512 elements (2 x 16 rows x 512 bf16 =
-// 32 KiB, L1-resident while every block of activation rows runs against it).
+// 32 KiB, L1-resident while every block of activation rows runs against it); at most kScaleStride groups.
+constexpr int64_t kScaleStride = 16;
 int64_t k_chunk(const QuantWeight& w) { return std::max<int64_t>(1, 512 / w.group_size) * w.group_size; }
+static_assert(512 / 32 <= kScaleStride, "a chunk's groups fit one vector of scales");
+
+// Up to 16 consecutive scales / offsets from element i as fp32, as scale_at converts them (masked-off lanes zero).
+inline __m512 load_scales(const void* p, ScaleType t, int64_t i, __mmask16 mask) {
+  switch (t) {
+    case ScaleType::kF32: return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p) + i);
+    case ScaleType::kF16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i));
+    default:
+      return _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i)), 16));
+  }
+}
 
 template <typename T>
 bool gemm_amx_quant_t(const T* x, const QuantWeight& w, const T* bias, T* out, int64_t m) {
@@ -304,8 +318,8 @@ bool gemm_amx_quant_t(const T* x, const QuantWeight& w, const T* bias, T* out, i
   sums.resize(static_cast<size_t>(mblocks * groups * kTileRows));
   unscale.resize(static_cast<size_t>(mblocks * kTileRows));
   flags.assign(static_cast<size_t>(2 * mblocks), 0);
-  const PackedActivations p{tiles.data(), sums.data(),           unscale.data(), flags.data(),
-                            flags.data() + mblocks, digits, ktiles, groups};
+  const PackedActivations p{tiles.data(),           sums.data(), unscale.data(), flags.data(),
+                            flags.data() + mblocks, digits,      ktiles,         groups};
   parallel_for(mblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t mb = b0; mb < b1; ++mb) p.invalid[mb] = !pack_activation_block(x, m, k, gs, mb, p);
   });
@@ -319,9 +333,7 @@ bool gemm_amx_quant_t(const T* x, const QuantWeight& w, const T* bias, T* out, i
     thread_local std::vector<float> acc;       // [mblocks][2][16][16]
     codes.resize(static_cast<size_t>(2 * kc * kTileRows));
     acc.resize(static_cast<size_t>(mblocks * 2 * kTileDwords));
-    thread_local std::vector<float> scales, offsets;  // [group][32 weight rows] of the chunk, fp32
-    scales.resize(static_cast<size_t>(kc / gs * 2 * kTileRows));
-    offsets.resize(static_cast<size_t>(kc / gs * 2 * kTileRows));
+    alignas(64) float scales[2 * kTileRows * kScaleStride], offsets[2 * kTileRows * kScaleStride];  // [row][group]
     alignas(64) float c[2][kTileRows][kTileRows];
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t n0 = q * 2 * kTileRows;
@@ -331,12 +343,13 @@ bool gemm_amx_quant_t(const T* x, const QuantWeight& w, const T* bias, T* out, i
         const int64_t chunk_groups = len / gs;
         for (int j = 0; j < 2; ++j)
           unpack_codes(w, n0 + j * kTileRows, kt0, count, codes.data() + j * count * kTileWords);
-        for (int64_t g = 0; g < chunk_groups; ++g)
-          for (int r = 0; r < 2 * kTileRows; ++r) {
-            const int64_t row = n0 + r, i = row * groups + g0 + g;
-            scales[g * 2 * kTileRows + r] = row < n ? scale_at(w.scale, w.scale_type, i) : 0.f;
-            offsets[g * 2 * kTileRows + r] = row < n && w.offset ? scale_at(w.offset, w.scale_type, i) : 0.f;
-          }
+        for (int r = 0; r < 2 * kTileRows; ++r) {
+          const int64_t row = n0 + r;
+          const __mmask16 mask = row < n ? static_cast<__mmask16>((1u << chunk_groups) - 1u) : 0;
+          _mm512_storeu_ps(scales + r * kScaleStride, load_scales(w.scale, w.scale_type, row * groups + g0, mask));
+          if (w.offset)
+            _mm512_storeu_ps(offsets + r * kScaleStride, load_scales(w.offset, w.scale_type, row * groups + g0, mask));
+        }
         for (int64_t mb = 0; mb < mblocks; ++mb) {
           const uint32_t* b = p.tiles + (mb * ktiles + kt0) * digits * kTileDwords;
           const __m512 unscale_v = _mm512_loadu_ps(p.unscale + mb * kTileRows);
@@ -362,15 +375,15 @@ bool gemm_amx_quant_t(const T* x, const QuantWeight& w, const T* bias, T* out, i
             }
             _tile_stored(0, c[0], 64);
             _tile_stored(1, c[1], 64);
-            const float* s = scales.data() + g * 2 * kTileRows;
-            const float* o = offsets.data() + g * 2 * kTileRows;
+            const float* s = scales + g;  // [row * kScaleStride]
+            const float* o = offsets + g;
             const __m512 xsum = _mm512_loadu_ps(p.sums + (mb * groups + g0 + g) * kTileRows);
             const bool scaled = p.scaled[mb];
             for (int r = 0; r < 2 * kTileRows; ++r) {
               __m512 cv = _mm512_load_ps(c[r / kTileRows][r % kTileRows]);
               if (scaled) cv = _mm512_mul_ps(cv, unscale_v);
-              __m512 av = _mm512_fmadd_ps(_mm512_set1_ps(s[r]), cv, _mm512_loadu_ps(a + r * kTileRows));
-              if (w.offset) av = _mm512_fmadd_ps(_mm512_set1_ps(o[r]), xsum, av);
+              __m512 av = _mm512_fmadd_ps(_mm512_set1_ps(s[r * kScaleStride]), cv, _mm512_loadu_ps(a + r * kTileRows));
+              if (w.offset) av = _mm512_fmadd_ps(_mm512_set1_ps(o[r * kScaleStride]), xsum, av);
               _mm512_storeu_ps(a + r * kTileRows, av);
             }
           }
