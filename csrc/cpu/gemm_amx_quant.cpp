@@ -44,6 +44,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/gemm_amx.h"
 #include "cpu/thread_pool.h"
+#include "cpu/tuning.h"
 
 namespace llama_fast {
 namespace cpu {
@@ -253,10 +254,10 @@ void unpack_codes(const QuantWeight& w, int64_t n0, int64_t kt0, int64_t count, 
   }
 }
 
-// The weight rows [n0, n0 + 32) of out: the fp32 sums acc[mb][2][16 weight rows][16 activation rows] transposed,
-// plus the bias, rounded once to T.
+// Weight rows [n0, n0 + 32) x activation blocks [mb0, mb1) of out: the fp32 sums
+// acc[mb - mb0][2][16 weight rows][16 activation rows] transposed, plus the bias, rounded once to T.
 template <typename T>
-void write_output(const float* acc, const T* bias, T* out, int64_t m, int64_t n, int64_t n0, int64_t mblocks) {
+void write_output(const float* acc, const T* bias, T* out, int64_t m, int64_t n, int64_t n0, int64_t mb0, int64_t mb1) {
   for (int j = 0; j < 2; ++j) {
     const int64_t col0 = n0 + j * kTileRows;
     if (col0 >= n) break;
@@ -270,9 +271,9 @@ void write_output(const float* acc, const T* bias, T* out, int64_t m, int64_t n,
           bias_f[c] = bf16_bits_to_float(bias[col0 + c]);
       }
     const __m512 b = _mm512_load_ps(bias_f);
-    for (int64_t mb = 0; mb < mblocks; ++mb) {
+    for (int64_t mb = mb0; mb < mb1; ++mb) {
       __m512i t[kTileRows];
-      const float* a = acc + (mb * 2 + j) * kTileDwords;
+      const float* a = acc + ((mb - mb0) * 2 + j) * kTileDwords;
       for (int r = 0; r < kTileRows; ++r) t[r] = _mm512_loadu_si512(a + r * kTileRows);
       transpose16(t);  // [weight row][activation row] -> [activation row][weight row]
       for (int i = 0; i < kTileRows && mb * kTileRows + i < m; ++i) {
@@ -304,6 +305,64 @@ inline __m512 load_scales(const void* p, ScaleType t, int64_t i, __mmask16 mask)
   }
 }
 
+// What one group's step needs: a chunk of unpacked weight codes, a 16-row block of packed activations, the chunk's
+// scales / offsets, the block's sums and row scalings, and its fp32 accumulators.
+struct GroupArgs {
+  const uint16_t* codes;  // [2][count][16][32]
+  const uint32_t* b;      // the block's first tile of the chunk: [count][digits][16][16]
+  int64_t count, tiles_per_group;
+  int digits;
+  const float* scales;   // [32 weight rows][kScaleStride groups]
+  const float* offsets;  // same, or nullptr
+  const float* sums;     // [chunk groups][16]
+  const float* unscale;  // [16], or nullptr when no row of the block is scaled
+  float* acc;            // [32 weight rows][16]
+};
+
+// Group g's sums of codes x activations for both weight blocks into tiles C0, C1 (tmm0-1 or tmm2-3), A in tmm4-5,
+// B in tmm6-7 (the digits alternate), then stored to c [32][16]. A macro: the tile intrinsics take their register
+// numbers as literals.
+#define LF_GROUP_PRODUCTS(name, C0, C1)                                               \
+  inline void name(const GroupArgs& ga, int64_t g, float (*c)[kTileRows]) {           \
+    _tile_zero(C0);                                                                   \
+    _tile_zero(C1);                                                                   \
+    for (int64_t t = g * ga.tiles_per_group; t < (g + 1) * ga.tiles_per_group; ++t) { \
+      _tile_loadd(4, ga.codes + t * kTileWords, 64);                                  \
+      _tile_loadd(5, ga.codes + (ga.count + t) * kTileWords, 64);                     \
+      const uint32_t* bt = ga.b + t * ga.digits * kTileDwords;                        \
+      _tile_loadd(6, bt, 64);                                                         \
+      _tile_dpbf16ps(C0, 4, 6);                                                       \
+      _tile_dpbf16ps(C1, 5, 6);                                                       \
+      if (ga.digits == 3) {                                                           \
+        _tile_loadd(7, bt + kTileDwords, 64);                                         \
+        _tile_dpbf16ps(C0, 4, 7);                                                     \
+        _tile_dpbf16ps(C1, 5, 7);                                                     \
+        _tile_loadd(6, bt + 2 * kTileDwords, 64);                                     \
+        _tile_dpbf16ps(C0, 4, 6);                                                     \
+        _tile_dpbf16ps(C1, 5, 6);                                                     \
+      }                                                                               \
+    }                                                                                 \
+    _tile_stored(C0, c[0], 64);                                                       \
+    _tile_stored(C1, c[kTileRows], 64);                                               \
+  }
+LF_GROUP_PRODUCTS(group_products_even, 0, 1)
+LF_GROUP_PRODUCTS(group_products_odd, 2, 3)
+#undef LF_GROUP_PRODUCTS
+
+// acc += scale * C_g (* unscale) + offset * sums_g, per weight row (a broadcast) over the 16 activation rows.
+inline void group_epilogue(const GroupArgs& ga, int64_t g, const float (*c)[kTileRows]) {
+  const __m512 xsum = _mm512_loadu_ps(ga.sums + g * kTileRows);
+  const __m512 unscale = ga.unscale ? _mm512_loadu_ps(ga.unscale) : _mm512_set1_ps(1.f);
+  for (int r = 0; r < 2 * kTileRows; ++r) {
+    __m512 cv = _mm512_load_ps(c[r]);
+    if (ga.unscale) cv = _mm512_mul_ps(cv, unscale);
+    __m512 av =
+        _mm512_fmadd_ps(_mm512_set1_ps(ga.scales[r * kScaleStride + g]), cv, _mm512_loadu_ps(ga.acc + r * kTileRows));
+    if (ga.offsets) av = _mm512_fmadd_ps(_mm512_set1_ps(ga.offsets[r * kScaleStride + g]), xsum, av);
+    _mm512_storeu_ps(ga.acc + r * kTileRows, av);
+  }
+}
+
 template <typename T>
 bool gemm_amx_quant_t(const T* x, const QuantWeight& w, const T* bias, T* out, int64_t m) {
   const int64_t k = w.k, n = w.n, gs = w.group_size;
@@ -327,72 +386,64 @@ bool gemm_amx_quant_t(const T* x, const QuantWeight& w, const T* bias, T* out, i
     if (p.invalid[mb]) return false;
 
   const int64_t kc = std::min(k, k_chunk(w)), per_thread = (npairs + num_threads() - 1) / num_threads();
-  parallel_for(npairs, per_thread, [&](int64_t q0, int64_t q1) {
-    amx::configure_tiles();
-    thread_local std::vector<uint16_t> codes;  // [2][kc / 32][16][32]: this thread's
-    thread_local std::vector<float> acc;       // [mblocks][2][16][16]
-    codes.resize(static_cast<size_t>(2 * kc * kTileRows));
-    acc.resize(static_cast<size_t>(mblocks * 2 * kTileDwords));
-    alignas(64) float scales[2 * kTileRows * kScaleStride], offsets[2 * kTileRows * kScaleStride];  // [row][group]
-    alignas(64) float c[2][kTileRows][kTileRows];
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t n0 = q * 2 * kTileRows;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t k0 = 0; k0 < k; k0 += kc) {
-        const int64_t len = std::min(kc, k - k0), kt0 = k0 / kTileK, count = len / kTileK, g0 = k0 / gs;
-        const int64_t chunk_groups = len / gs;
-        for (int j = 0; j < 2; ++j)
-          unpack_codes(w, n0 + j * kTileRows, kt0, count, codes.data() + j * count * kTileWords);
-        for (int r = 0; r < 2 * kTileRows; ++r) {
-          const int64_t row = n0 + r;
-          const __mmask16 mask = row < n ? static_cast<__mmask16>((1u << chunk_groups) - 1u) : 0;
-          _mm512_storeu_ps(scales + r * kScaleStride, load_scales(w.scale, w.scale_type, row * groups + g0, mask));
-          if (w.offset)
-            _mm512_storeu_ps(offsets + r * kScaleStride, load_scales(w.offset, w.scale_type, row * groups + g0, mask));
-        }
-        for (int64_t mb = 0; mb < mblocks; ++mb) {
-          const uint32_t* b = p.tiles + (mb * ktiles + kt0) * digits * kTileDwords;
-          const __m512 unscale_v = _mm512_loadu_ps(p.unscale + mb * kTileRows);
-          float* a = acc.data() + mb * 2 * kTileDwords;
-          for (int64_t g = 0; g < chunk_groups; ++g) {
-            _tile_zero(0);
-            _tile_zero(1);
-            for (int64_t t = g * tiles_per_group; t < (g + 1) * tiles_per_group; ++t) {
-              _tile_loadd(2, codes.data() + t * kTileWords, 64);
-              _tile_loadd(3, codes.data() + (count + t) * kTileWords, 64);
-              const uint32_t* bt = b + t * digits * kTileDwords;
-              _tile_loadd(4, bt, 64);
-              _tile_dpbf16ps(0, 2, 4);
-              _tile_dpbf16ps(1, 3, 4);
-              if (digits == 3) {
-                _tile_loadd(5, bt + kTileDwords, 64);
-                _tile_loadd(6, bt + 2 * kTileDwords, 64);
-                _tile_dpbf16ps(0, 2, 5);
-                _tile_dpbf16ps(1, 3, 5);
-                _tile_dpbf16ps(0, 2, 6);
-                _tile_dpbf16ps(1, 3, 6);
-              }
+  // Passes over the weights, each for as many 16-row activation blocks as fit half of L2: every pair of weight blocks
+  // re-reads the pass's packed activations (digits x 2 bytes per element), which must not come from L3 or memory.
+  const int64_t l2 = tuning().l2_bytes > 0 ? tuning().l2_bytes : (1 << 20);
+  const int64_t pass_blocks = std::max<int64_t>(1, l2 / 2 / (k * digits * 2 * kTileRows));
+  for (int64_t mb0 = 0; mb0 < mblocks; mb0 += pass_blocks) {
+    const int64_t mb1 = std::min(mblocks, mb0 + pass_blocks);
+    parallel_for(npairs, per_thread, [&](int64_t q0, int64_t q1) {
+      amx::configure_tiles();
+      thread_local std::vector<uint16_t> codes;  // [2][kc / 32][16][32]: this thread's
+      thread_local std::vector<float> acc;       // [mb1 - mb0][2][16][16]
+      codes.resize(static_cast<size_t>(2 * kc * kTileRows));
+      acc.resize(static_cast<size_t>((mb1 - mb0) * 2 * kTileDwords));
+      alignas(64) float scales[2 * kTileRows * kScaleStride], offsets[2 * kTileRows * kScaleStride];  // [row][group]
+      alignas(64) float c[2][2 * kTileRows][kTileRows];  // two groups' sums: [parity][32 weight rows][16]
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t n0 = q * 2 * kTileRows;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t k0 = 0; k0 < k; k0 += kc) {
+          const int64_t len = std::min(kc, k - k0), kt0 = k0 / kTileK, count = len / kTileK, g0 = k0 / gs;
+          const int64_t chunk_groups = len / gs;
+          for (int j = 0; j < 2; ++j)
+            unpack_codes(w, n0 + j * kTileRows, kt0, count, codes.data() + j * count * kTileWords);
+          for (int r = 0; r < 2 * kTileRows; ++r) {
+            const int64_t row = n0 + r;
+            const __mmask16 mask = row < n ? static_cast<__mmask16>((1u << chunk_groups) - 1u) : 0;
+            _mm512_storeu_ps(scales + r * kScaleStride, load_scales(w.scale, w.scale_type, row * groups + g0, mask));
+            if (w.offset)
+              _mm512_storeu_ps(offsets + r * kScaleStride,
+                               load_scales(w.offset, w.scale_type, row * groups + g0, mask));
+          }
+          for (int64_t mb = mb0; mb < mb1; ++mb) {
+            const GroupArgs ga{codes.data(),
+                               p.tiles + (mb * ktiles + kt0) * digits * kTileDwords,
+                               count,
+                               tiles_per_group,
+                               digits,
+                               scales,
+                               w.offset ? offsets : nullptr,
+                               p.sums + (mb * groups + g0) * kTileRows,
+                               p.scaled[mb] ? p.unscale + mb * kTileRows : nullptr,
+                               acc.data() + (mb - mb0) * 2 * kTileDwords};
+            // software-pipelined: group g's tile products (tiles 0-1 or 2-3 by parity) are issued before group
+            // g - 1's sums are read back, so that its tile store has completed by then
+            for (int64_t g = 0; g < chunk_groups; ++g) {
+              if (g % 2 == 0)
+                group_products_even(ga, g, c[0]);
+              else
+                group_products_odd(ga, g, c[1]);
+              if (g > 0) group_epilogue(ga, g - 1, c[(g - 1) % 2]);
             }
-            _tile_stored(0, c[0], 64);
-            _tile_stored(1, c[1], 64);
-            const float* s = scales + g;  // [row * kScaleStride]
-            const float* o = offsets + g;
-            const __m512 xsum = _mm512_loadu_ps(p.sums + (mb * groups + g0 + g) * kTileRows);
-            const bool scaled = p.scaled[mb];
-            for (int r = 0; r < 2 * kTileRows; ++r) {
-              __m512 cv = _mm512_load_ps(c[r / kTileRows][r % kTileRows]);
-              if (scaled) cv = _mm512_mul_ps(cv, unscale_v);
-              __m512 av = _mm512_fmadd_ps(_mm512_set1_ps(s[r * kScaleStride]), cv, _mm512_loadu_ps(a + r * kTileRows));
-              if (w.offset) av = _mm512_fmadd_ps(_mm512_set1_ps(o[r * kScaleStride]), xsum, av);
-              _mm512_storeu_ps(a + r * kTileRows, av);
-            }
+            group_epilogue(ga, chunk_groups - 1, c[(chunk_groups - 1) % 2]);
           }
         }
+        write_output(acc.data(), bias, out, m, n, n0, mb0, mb1);
       }
-      write_output(acc.data(), bias, out, m, n, n0, mblocks);
-    }
-    _tile_release();
-  });
+      _tile_release();
+    });
+  }
   return true;
 }
 
