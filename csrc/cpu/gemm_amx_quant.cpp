@@ -225,32 +225,28 @@ void unpack_codes(const QuantWeight& w, int64_t n0, int64_t kt0, int64_t count, 
   const __m512i table =
       _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120,
                        0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0);
-  for (int r = 0; r < kTileRows; ++r) {
-    const int64_t row = n0 + r;
-    if (row >= w.n) {
-      for (int64_t t = 0; t < count; ++t)
-        _mm512_storeu_si512(dst + (t * kTileRows + r) * kTileK, _mm512_setzero_si512());
-      continue;
-    }
-    if (w.bits == 4) {
-      const uint8_t* src = static_cast<const uint8_t*>(w.q) + row * (w.k / 2) + kt0 * (kTileK / 2);
-      for (int64_t t = 0; t < count; ++t) {
+  const int rows = static_cast<int>(std::clamp<int64_t>(w.n - n0, 0, kTileRows));
+  // tile by tile, so that the stores are consecutive (row by row they were 1 KiB apart: several times slower)
+  for (int64_t t = 0; t < count; ++t) {
+    uint16_t* d = dst + t * kTileWords;
+    for (int r = 0; r < rows; ++r) {
+      if (w.bits == 4) {
         // byte j holds element 2j (low nibble) and 2j + 1 (high): one dword per byte, the codes in its two words
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + t * 16)));
+        const uint8_t* src = static_cast<const uint8_t*>(w.q) + (n0 + r) * (w.k / 2) + (kt0 + t) * (kTileK / 2);
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
         const __m512i codes =
             _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x000f000f), 0xa8);  // (a|b)&c
-        _mm512_storeu_si512(dst + (t * kTileRows + r) * kTileK, _mm512_permutexvar_epi16(codes, table));
-      }
-    } else {
-      const int8_t* src = static_cast<const int8_t*>(w.q) + row * w.k + kt0 * kTileK;
-      for (int64_t t = 0; t < count; ++t) {
-        const __m512 lo = _mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + t * kTileK))));
-        const __m512 hi = _mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + t * kTileK + 16))));
-        _mm512_storeu_si512(dst + (t * kTileRows + r) * kTileK, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // exact
+        _mm512_storeu_si512(d + r * kTileK, _mm512_permutexvar_epi16(codes, table));
+      } else {
+        const int8_t* src = static_cast<const int8_t*>(w.q) + (n0 + r) * w.k + (kt0 + t) * kTileK;
+        const __m512 lo =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+        const __m512 hi =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16))));
+        _mm512_storeu_si512(d + r * kTileK, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // exact
       }
     }
+    for (int r = rows; r < kTileRows; ++r) _mm512_storeu_si512(d + r * kTileK, _mm512_setzero_si512());  // past n
   }
 }
 
