@@ -26,11 +26,13 @@
 // no transpose), the activations B (32 K x 16 activation rows in TDPBF16PS's pair layout, packed once per call),
 // so the accumulator is C^T: 16 weight rows x 16 activation rows, and the per-row scale / offset of a weight row is
 // a broadcast in the epilogue while the activation sums and row scalings are vectors. Each thread takes a range of
-// pairs of 16-row weight blocks; per K chunk it unpacks both blocks' codes to bf16 once (int4: nibbles -> words ->
-// a 16-entry bf16 table by vpermw; int8: bytes -> fp32 -> bf16) and runs them against every 16-row block of
-// activations: 2 C tiles (tmm0-1), 2 A tiles (tmm2-3), one B tile per digit (tmm4-6), so each B load feeds two
-// multiplies. The fp32 sums of the two weight blocks x 16 activation rows wait in a per-thread buffer until the
-// last K chunk, then are transposed and written to out[m][n].
+// pairs of 16-row weight blocks; per K chunk (~512) it unpacks both blocks' codes to bf16 once (int4: nibbles ->
+// words -> a 16-entry bf16 table by vpermw; int8: bytes -> fp32 -> bf16) and runs them against every 16-row block
+// of activations of the pass (as many blocks as fit half of L2, so that their tiles are re-read from L2): per group,
+// 2 C tiles (tmm0-1 for even groups, tmm2-3 for odd ones), 2 A tiles (tmm4-5), the digits' B tiles alternating in
+// tmm6-7, so each B load feeds two multiplies; a group's C tiles are stored and read back by the epilogue only after
+// the next group's multiplies are issued (software pipelining). The fp32 sums of the two weight blocks x 16
+// activation rows wait in a per-thread buffer until the last K chunk, then are transposed and written to out[m][n].
 #include "cpu/gemm_amx_quant.h"
 
 #include <algorithm>
@@ -226,6 +228,10 @@ void unpack_codes(const QuantWeight& w, int64_t n0, int64_t kt0, int64_t count, 
       _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120,
                        0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0);
   const int rows = static_cast<int>(std::clamp<int64_t>(w.n - n0, 0, kTileRows));
+  // The same bytes of the next pair of weight blocks (32 rows on), prefetched while these are unpacked: the weights
+  // stream from memory in decode, and the hardware prefetchers do not follow 32 rows read 256 bytes at a time. A
+  // prefetch past the weights is harmless (never faults).
+  const int64_t ahead = 2 * kTileRows * (w.bits == 4 ? w.k / 2 : w.k);
   // tile by tile, so that the stores are consecutive (row by row they were 1 KiB apart: several times slower)
   for (int64_t t = 0; t < count; ++t) {
     uint16_t* d = dst + t * kTileWords;
@@ -233,12 +239,14 @@ void unpack_codes(const QuantWeight& w, int64_t n0, int64_t kt0, int64_t count, 
       if (w.bits == 4) {
         // byte j holds element 2j (low nibble) and 2j + 1 (high): one dword per byte, the codes in its two words
         const uint8_t* src = static_cast<const uint8_t*>(w.q) + (n0 + r) * (w.k / 2) + (kt0 + t) * (kTileK / 2);
+        if (t % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(src + ahead), _MM_HINT_T0);
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
         const __m512i codes =
             _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x000f000f), 0xa8);  // (a|b)&c
         _mm512_storeu_si512(d + r * kTileK, _mm512_permutexvar_epi16(codes, table));
       } else {
         const int8_t* src = static_cast<const int8_t*>(w.q) + (n0 + r) * w.k + (kt0 + t) * kTileK;
+        if (t % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(src + ahead), _MM_HINT_T0);
         const __m512 lo =
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
         const __m512 hi =
