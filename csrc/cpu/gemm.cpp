@@ -24,6 +24,7 @@
 
 #include "common/ggml_blocks.h"
 #include "cpu/gemm_amx.h"
+#include "cpu/gemm_amx_quant.h"
 #include "cpu/kernels.h"
 #include "cpu/kquant_linear.h"
 #include "cpu/quant_scales.h"
@@ -49,6 +50,9 @@ void gemm_dense(bool bf16, const void* x, const void* w, const void* bias, void*
 }
 
 void gemm_quant(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
+  // int4 / int8 on AMX (exact in the activations: gemm_amx_quant.cpp), at the top ISA level; activations holding
+  // inf / NaN, which it declines, take the fp32 GEMM below
+  if (amx_quant_available(w) && gemm_amx_quant(bf16, x, w, bias, out, m)) return;
   LF_CPU_DISPATCH_DTYPE(bf16, T, {
     LF_DISPATCH(gemm_quant_weights<T>, static_cast<const T*>(x), w, static_cast<const T*>(bias), static_cast<T*>(out),
                 m);

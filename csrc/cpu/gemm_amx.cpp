@@ -23,13 +23,12 @@
 #include <vector>
 
 #include "common/half_float.h"
+#include "cpu/amx_tiles.h"
 #include "cpu/thread_pool.h"
 
-#if defined(__x86_64__) && defined(__linux__)
-#include <immintrin.h>
+#ifdef LF_AMX
 #include <sys/syscall.h>
 #include <unistd.h>
-#define LF_AMX 1
 #endif
 
 namespace llama_fast {
@@ -54,15 +53,8 @@ bool detect_amx() {
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-constexpr int kTileRows = 16;  // rows of every tile here
-constexpr int kTileK = 32;     // bf16 elements per tile row (64 bytes)
-
-struct TileConfig {
-  uint8_t palette_id, start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
+using amx::kTileK;
+using amx::kTileRows;
 
 }  // namespace
 
@@ -75,27 +67,9 @@ struct TileConfig {
 
 namespace {
 
-// 8 tiles of 16 rows x 64 bytes: C00 C01 C10 C11 (fp32), A0 A1, B0 B1 (bf16). Per thread: tile state is thread
-// state, and a configured state makes each context switch save 8 KiB, hence the release after each thread's work.
-void configure_tiles() {
-  TileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = kTileRows;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
-
-// 16 fp32 (+ bias) to bf16, rounded to nearest even like float_to_bf16_bits (NaN stays NaN): `count` lanes stored.
-inline void store_bf16(uint16_t* p, __m512 v, int count) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-  _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << count) - 1u), _mm512_cvtepi32_epi16(r));
-}
+// 8 tiles of 16 rows x 64 bytes (amx::configure_tiles): C00 C01 C10 C11 (fp32), A0 A1, B0 B1 (bf16).
+using amx::configure_tiles;
+using amx::store_bf16;
 
 // Rows [r0, r0 + 16) of x (zero past m) as the K tiles of one 16-row M tile: dst[kb][16][32], zero past k.
 void pack_a_tile(const uint16_t* x, int64_t m, int64_t k, int64_t r0, int64_t kblocks, int64_t tile_stride,

@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_features.h"
+#include "cpu/gemm_amx.h"
+#include "cpu/gemm_amx_quant.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
 #include "cpu/torch_args.h"
@@ -325,10 +327,10 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std
   return out;
 }
 
-at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                        const std::optional<at::Tensor>& offset, int64_t bits, int64_t group_size,
-                        const std::optional<at::Tensor>& bias) {
-  const char* op = "quant_linear";
+// quant_linear's arguments checked (a clear error for each mistake), as the kernels' QuantWeight.
+cpu::QuantWeight checked_quant_weight(const char* op, const at::Tensor& x, const at::Tensor& qweight,
+                                      const at::Tensor& scale, const std::optional<at::Tensor>& offset, int64_t bits,
+                                      int64_t group_size, const std::optional<at::Tensor>& bias) {
   check_activation(x, op, "x");
   TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
   TORCH_CHECK(qweight.device().is_cpu() && scale.device().is_cpu(), op, ": qweight and scale must be CPU tensors");
@@ -355,9 +357,16 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, op, ": x's last dimension (", x.dim() ? x.size(-1) : 0,
               ") must equal the weight's K (", k, ")");
   check_bias(bias, x, n, op);
-  const cpu::QuantWeight w{
+  return cpu::QuantWeight{
       qweight.data_ptr(), scale.data_ptr(), offset ? offset->data_ptr() : nullptr, st, static_cast<int>(bits), n, k,
       group_size};
+}
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                        const std::optional<at::Tensor>& offset, int64_t bits, int64_t group_size,
+                        const std::optional<at::Tensor>& bias) {
+  const cpu::QuantWeight w = checked_quant_weight("quant_linear", x, qweight, scale, offset, bits, group_size, bias);
+  const int64_t n = w.n, k = w.k;
   auto sizes = x.sizes().vec();
   sizes.back() = n;
   if (k == 0) {  // an empty sum, as F.linear defines it: zeros, plus the bias (the kernels write nothing)
@@ -394,6 +403,25 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   return out.to(x.scalar_type()).reshape(sizes);
 }
 
+// Test hook: quant_linear on the AMX tile GEMM (gemm_amx_quant.cpp) whatever the row count and ISA level: [out], or
+// [] where it does not run (no AMX, LLAMA_FAST_AMX=0, a format it does not take, or x holding inf / NaN), so that
+// tests reach the kernel itself rather than through the dispatch's thresholds.
+std::vector<at::Tensor> cpu_quant_linear_amx(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                                             const std::optional<at::Tensor>& offset, int64_t bits, int64_t group_size,
+                                             const std::optional<at::Tensor>& bias) {
+  const cpu::QuantWeight w =
+      checked_quant_weight("cpu_quant_linear_amx", x, qweight, scale, offset, bits, group_size, bias);
+  if (!cpu::amx_bf16_available() || !cpu::amx_quant_supports(w) || w.k == 0) return {};
+  auto sizes = x.sizes().vec();
+  sizes.back() = w.n;
+  auto out = at::empty(sizes, x.options());
+  const auto xc = x.contiguous();
+  if (!cpu::gemm_amx_quant(is_bf16(x), xc.data_ptr(), w, bias ? bias->data_ptr() : nullptr, out.data_ptr(),
+                           x.numel() / w.k))
+    return {};
+  return {out};
+}
+
 // Test hook: lowers (never raises above the hardware) the instruction set the kernels use; returns the one in
 // effect. Equivalent to LLAMA_FAST_CPU_ISA, but switchable within one process.
 std::string set_isa(const std::string& name) {
@@ -418,6 +446,10 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
       "Tensor(d!)? v_scale) -> ()");
   // cpu_isa("avx2") forces a lower instruction set for the CPU kernels (tests); cpu_isa("") reports it.
   m.def("cpu_isa(str name) -> str", &set_isa);
+  // quant_linear forced onto the AMX tile GEMM (tests): [out], or [] where that kernel does not run.
+  m.def(
+      "cpu_quant_linear_amx(Tensor x, Tensor qweight, Tensor scale, Tensor? offset, int bits, int group_size, "
+      "Tensor? bias) -> Tensor[]");
   // [L1d, L2, L3 bytes, prefetch distance, GEMM-from rows of int4, int8, ggml super-blocks, ggml blocks of 32 at
   // the ISA in effect] of cpu::tuning() and cpu::quant_gemm_from_rows: the machine-dependent choices, for the
   // benchmarks' records next to the CPU model.
@@ -459,6 +491,7 @@ TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {
   m.impl("cpu_linear", &dense_linear);
   m.impl("cpu_attention", &cpu_attention);
   m.impl("cpu_store_kv_", &cpu_store_kv_);
+  m.impl("cpu_quant_linear_amx", &cpu_quant_linear_amx);
 }
 
 }  // namespace llama_fast

@@ -9,6 +9,7 @@
 //   sum_k w x = sum_groups scale * (sum q x) + offset * (sum x).
 // The portable path (and group sizes that are not a multiple of the chunk) dequantizes element by element.
 #ifndef LF_ISA
+#include "cpu/gemm_amx_quant.h"
 #include "cpu/kernels.h"
 #include "cpu/quant_linear_vnni.h"
 #include "cpu/quant_scales.h"
@@ -128,6 +129,8 @@ bool quant_linear_any_rows(bool bf16, const void* x, const QuantWeight& w, const
 constexpr int64_t kTiledOverVnniFromRows = 8;
 
 void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
+  // the AMX tile GEMM from a few rows (tuning.h); it declines activations holding inf / NaN
+  if (m >= amx_quant_from_rows(bf16) && amx_quant_available(w) && gemm_amx_quant(bf16, x, w, bias, out, m)) return;
   // enough rows that making each weight fp32 once and multiplying in the GEMM's register tile wins (tuning.h)
   const QuantGemm format = w.bits == 4 ? QuantGemm::kInt4 : QuantGemm::kInt8;
   if (m >= quant_gemm_from_rows(format) && prefill_gemm_available()) return gemm_quant(bf16, x, w, bias, out, m);

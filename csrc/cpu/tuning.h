@@ -62,6 +62,11 @@ enum class QuantGemm {
 // the GEMV kernels where they take more rows: the ggml blocks' VNNI kernel takes any number, the int4 / int8 op
 // runs the GEMM beyond kMaxGemvRows whatever this says).
 int64_t quant_gemm_from_rows(QuantGemm format);
+// From how many activation rows an int4 / int8 linear runs the AMX tile GEMM (gemm_amx_quant.cpp) where it is
+// available, instead of its GEMV kernels; fp32 or bf16 activations (bf16: one tile multiply per group instead of
+// three, against a cheaper GEMV): 8 fp32 / 10 bf16 rows, measured (tuning.cpp). LLAMA_FAST_AMX_QUANT_ROWS
+// overrides both (at least 1).
+int64_t amx_quant_from_rows(bool bf16_activations);
 
 }  // namespace cpu
 }  // namespace llama_fast

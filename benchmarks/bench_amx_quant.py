@@ -1,0 +1,122 @@
+"""The int4 / int8 linear on the AMX tile GEMM (csrc/cpu/gemm_amx_quant.cpp) against the paths it replaces (the VNNI
+GEMV / dequantized tiles up to 64 rows, the fp32 prefill GEMM beyond), op level: G multiply-adds/s of one
+x[m, K] @ W^T per activation row count m, shape, format and activation dtype: the numbers behind
+cpu::amx_quant_from_rows (csrc/cpu/tuning.cpp) and docs/KERNELS.md.
+
+Each path runs in its own process: "old" with LLAMA_FAST_AMX=0 (no AMX at all), "amx" with
+LLAMA_FAST_AMX_QUANT_ROWS=1 (the tile GEMM for every m). The weights are several copies of one [N, K] matrix cycled
+so that each call reads its weights from memory, as a model's layers do. Time: the median of --repeat calls per m,
+the best of --rounds rounds (rounds alternate the two processes; the machine may be shared).
+
+    flock /tmp/bench.lock python benchmarks/bench_amx_quant.py --threads 1
+
+Writes benchmarks/results/amx_quant_ops_<threads>thread_intel_amx.json with the CPU model and load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+ROWS = (1, 2, 4, 8, 16, 64, 128, 512)
+SHAPES = ((576, 1536), (1536, 576), (2048, 2048))   # (K, N): SmolLM2's MLP up / down, a square one
+FORMATS = ("int4", "int8")                         # int4: groups of 32 with offsets (Q4_1-like); int8: Q8_0-like
+DTYPES = ("float32", "bfloat16")
+PATHS = {"old": {"LLAMA_FAST_AMX": "0"}, "amx": {"LLAMA_FAST_AMX_QUANT_ROWS": "1"}}
+
+
+def make_weights(fmt: str, n: int, k: int, copies: int):
+    import torch
+
+    from llama_fast.ops import cpu  # noqa: F401  (loads the extension: torch.ops.llama_fast.quant_linear)
+    g = torch.Generator().manual_seed(0)
+    bits, gs = (4, 32) if fmt == "int4" else (8, 32)
+    calls = []
+    for _ in range(copies):
+        q = (torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8) if bits == 4
+             else torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8))
+        scale = (torch.rand(n, k // gs, generator=g) * 0.01).half()
+        offset = (torch.rand(n, k // gs, generator=g) * -0.01).half() if bits == 4 else None
+        calls.append(lambda x, q=q, s=scale, o=offset, b=bits: torch.ops.llama_fast.quant_linear(x, q, s, o, b, gs,
+                                                                                                  None))
+    return calls
+
+
+def worker(args) -> dict:
+    import torch
+    torch.set_num_threads(args.threads)
+    out = {}
+    for k, n in SHAPES:
+        for fmt in FORMATS:
+            bytes_per_weight = 0.5 + 4 / 32 if fmt == "int4" else 1 + 2 / 32
+            calls = make_weights(fmt, n, k, max(2, int(args.cycle_mib * 2**20 / (n * k * bytes_per_weight)) + 1))
+            turn = 0
+            for dtype in DTYPES:
+                for m in ROWS:
+                    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(getattr(torch, dtype))
+                    samples = []
+                    for i in range(args.repeat + 2):   # 2 warm-up calls (scratch buffers), then the timed ones
+                        f = calls[turn % len(calls)]
+                        turn += 1
+                        t0 = time.perf_counter()
+                        f(x)
+                        if i >= 2:
+                            samples.append(time.perf_counter() - t0)
+                    out[f"{k}x{n}/{fmt}/{dtype}/{m}"] = statistics.median(samples)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cycle-mib", type=float, default=64, help="weight bytes cycled through (more than L3)")
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    from _machine import cpu_record, write_result
+    best: dict[str, dict[str, float]] = {path: {} for path in PATHS}
+    load_before = open("/proc/loadavg").read().split()[:3]
+    for _ in range(args.rounds):
+        for path, env_add in PATHS.items():
+            env = dict(os.environ, **env_add,
+                       PYTHONPATH=os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH")) if x))
+            env.pop("LLAMA_FAST_AMX" if path == "amx" else "LLAMA_FAST_AMX_QUANT_ROWS", None)
+            cmd = [sys.executable, __file__, "--worker", "--cycle-mib", str(args.cycle_mib), "--repeat",
+                   str(args.repeat), "--threads", str(args.threads)]
+            res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
+            for key, t in res.items():
+                best[path][key] = min(best[path].get(key, float("inf")), t)
+    result = {"machine": cpu_record(), "load_average_before_after": [load_before,
+                                                                     open("/proc/loadavg").read().split()[:3]],
+              "threads": args.threads, "rows": list(ROWS), "condition": "weights cycled from memory "
+              f"({args.cycle_mib} MiB), median of {args.repeat} calls, best of {args.rounds} rounds, wall time",
+              "gmacs": {}}
+    print(f"{'shape / format / dtype':28} " + " ".join(f"{m:>11}" for m in ROWS) + "   (G MAC/s old -> amx)")
+    for key in sorted({k.rsplit('/', 1)[0] for k in best['old']}):
+        k, n = (int(v) for v in key.split("/")[0].split("x"))
+        row = {}
+        for m in ROWS:
+            old, amx = best["old"][f"{key}/{m}"], best["amx"][f"{key}/{m}"]
+            row[m] = {"old": m * n * k / old / 1e9, "amx": m * n * k / amx / 1e9}
+        result["gmacs"][key] = row
+        print(f"{key:28} " + " ".join(f"{row[m]['old']:5.0f}>{row[m]['amx']:<5.0f}" for m in ROWS))
+    out = args.out or os.path.join(HERE, "results", f"amx_quant_ops_{args.threads}thread_intel_amx.json")
+    write_result(out, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+// The int4 / int8 weight-only quantized GEMM on Intel AMX, exact in the activations (docs/AMX_PLAN.md).
+//
+// TDPBF16PS multiplies bf16 tiles into fp32 tiles. Rounding the activations to bf16 would change the model, so
+// nothing is rounded:
+// - the weight codes (int4 0..15, int8 -128..127) have at most 8 significant bits: exact in bf16;
+// - an fp32 activation x is the exact sum of three bf16 digits: hi = x truncated to bf16 (its top 8 significand
+//   bits), mid = (x - hi) truncated, lo = x - hi - mid. x - hi holds the low 16 significand bits of x (exact in
+//   fp32, same exponent range), mid its top 8 of those, lo the last 8: each digit exact in bf16 as long as it is
+//   normal (|x| >= 2^-103, see the row scaling below). A bf16 activation is one digit.
+// So a tile product of codes and digits is exact in fp32, and per group of K (a multiple of 32, one or more
+// TDPBF16PS depths) C_g = sum over digits of codes . digits is the fp32 sum of the exact products codes . x. Then,
+// in fp32 vector registers, out += scale * C_g + offset * sum_g(x), the factored form of sum (code scale + offset)
+// x that the other quantized kernels use (quant_linear.cpp), rounded in another order; bias added, rounded once to
+// the output dtype.
+//
+// Denormals: TDPBF16PS reads bf16 denormals as zero and flushes fp32 denormal results. A row whose largest
+// magnitude lies outside [2^-64, 2^64] (tiny or huge activations) is multiplied by a power of two that brings it
+// into [1, 2) before the split (exact: only the exponent changes) and each group's C by the inverse (exact unless
+// the true value is itself denormal); in every row, digits below 2^-126 then stand for elements below 2^-103, i.e.
+// below 2^-39 of the row's largest element for an unscaled row, 2^-103 for a scaled one: they are dropped (an error
+// below 2^-120 of the row's scale per element, far under the fp32 rounding of the sum).
+// inf / NaN cannot be split (inf - inf): the activations are checked while packed and the call returns false so
+// that the caller takes its fp32 path, which propagates them as the reference does.
+//
+// Layout: the weights are the tiles' A operand (16 weight rows x 32 codes: a row's codes in K order, as stored,
+// no transpose), the activations B (32 K x 16 activation rows in TDPBF16PS's pair layout, packed once per call),
+// so the accumulator is C^T: 16 weight rows x 16 activation rows, and the per-row scale / offset of a weight row is
+// a broadcast in the epilogue while the activation sums and row scalings are vectors. Each thread takes a range of
+// pairs of 16-row weight blocks; per K chunk (~512) it unpacks both blocks' codes to bf16 once (int4: nibbles ->
+// words -> a 16-entry bf16 table by vpermw; int8: bytes -> fp32 -> bf16) and runs them against every 16-row block
+// of activations of the pass (as many blocks as fit half of L2, so that their tiles are re-read from L2): per group,
+// 2 C tiles (tmm0-1 for even groups, tmm2-3 for odd ones), 2 A tiles (tmm4-5), the digits' B tiles alternating in
+// tmm6-7, so each B load feeds two multiplies; a group's C tiles are stored and read back by the epilogue only after
+// the next group's multiplies are issued (software pipelining). The fp32 sums of the two weight blocks x 16
+// activation rows wait in a per-thread buffer until the last K chunk, then are transposed and written to out[m][n].
+#include "cpu/gemm_amx_quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common/half_float.h"
+#include "cpu/amx_tiles.h"
+#include "cpu/cpu_features.h"
+#include "cpu/gemm_amx.h"
+#include "cpu/thread_pool.h"
+#include "cpu/tuning.h"
+
+namespace llama_fast {
+namespace cpu {
+
+bool amx_quant_supports(const QuantWeight& w) {
+  return (w.bits == 4 || w.bits == 8) && w.group_size > 0 && w.group_size % 32 == 0 && w.k % w.group_size == 0;
+}
+
+bool amx_quant_available(const QuantWeight& w) {
+  return isa() >= Isa::kAvx512Bf16 && amx_bf16_available() && amx_quant_supports(w);
+}
+
+#ifdef LF_AMX
+
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+// GCC 12 warns that the AVX-512 intrinsics' internal _mm512_undefined_* placeholders "may be used uninitialized"
+// when inlined outside the target's own translation defaults: a false positive (as in gemm_amx.cpp).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace {
+
+using amx::kTileK;
+using amx::kTileRows;
+constexpr int64_t kTileWords = kTileRows * kTileK;      // bf16 elements per tile
+constexpr int64_t kTileDwords = kTileRows * kTileRows;  // fp32 elements or bf16 pairs per tile
+
+// Rows whose largest magnitude lies in this range are split as they are; others are scaled by a power of two first.
+constexpr float kUnscaledMin = 0x1p-64f, kUnscaledMax = 0x1p64f;
+
+// The packed activations of one call (all per 16-row block mb of activation rows; rows past m are zero).
+struct PackedActivations {
+  uint32_t* tiles;   // [mblocks][ktiles][digits][16 K pairs][16 rows]: TDPBF16PS's B layout
+  float* sums;       // [mblocks][groups][16]: each row's sum of x over the group, fp32, unscaled
+  float* unscale;    // [mblocks][16]: 1, or the inverse of the power of two the row was multiplied by
+  uint8_t* scaled;   // [mblocks]: whether any row of the block was scaled
+  uint8_t* invalid;  // [mblocks]: whether the block holds inf / NaN
+  int digits;        // 3 (fp32) or 1 (bf16)
+  int64_t ktiles, groups;
+};
+
+// 16 rows of 16 dwords transposed in registers (r[i][j] -> r[j][i]).
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + c] lane L: rows i..i+3 of column 4L + c
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // lanes (0, 2) and (1, 3) of the row groups 0-3 / 4-7 and 8-11 / 12-15
+    t[c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);
+    t[8 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);            // columns 0-3
+    r[4 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88);   // 4-7
+    r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);        // 8-11
+    r[12 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xdd);  // 12-15
+  }
+}
+
+// The power of two a row is multiplied by before the split (1 inside [kUnscaledMin, kUnscaledMax]); *unscale gets
+// its inverse. Scaled rows' largest magnitude lands in [1, 2) (a denormal one in (0, 1)).
+inline float row_scale(float amax, float* unscale) {
+  if (amax == 0.f || (amax >= kUnscaledMin && amax <= kUnscaledMax)) {
+    *unscale = 1.f;
+    return 1.f;
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &amax, sizeof bits);
+  const int biased = static_cast<int>(bits >> 23);
+  const int e = biased == 0 ? -126 : biased - 127;  // amax < 2^(e + 1)
+  *unscale = std::ldexp(1.f, e);
+  return std::ldexp(1.f, -e);
+}
+
+// 16 elements of an activation row from k0 as fp32 (bf16 widened exactly).
+inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16(const uint16_t* x) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+}
+
+// 32 fp32 values (a: elements 0-15, b: 16-31) as bf16 pairs in element order (16 dwords), from the high halves of
+// their bit patterns: exact when the values are bf16 (their low 16 bits zero).
+inline __m512i high_halves(__m512 a, __m512 b) {
+  const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27,
+                                             25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  return _mm512_permutex2var_epi16(_mm512_castps_si512(a), odd_words, _mm512_castps_si512(b));
+}
+
+// x (fp32) truncated to bf16 precision: its top 8 significand bits.
+inline __m512 truncate_bf16(__m512 x) {
+  return _mm512_castsi512_ps(
+      _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// Activation rows [16 mb, 16 mb + 16) of x into p's tiles / sums / unscale; false when they hold inf / NaN.
+template <typename T>
+bool pack_activation_block(const T* x, int64_t m, int64_t k, int64_t group_size, int64_t mb,
+                           const PackedActivations& p) {
+  const int64_t r0 = mb * kTileRows;
+  const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - r0));
+  float scale[kTileRows];
+  float* unscale = p.unscale + mb * kTileRows;
+  bool scaled = false;
+  for (int i = 0; i < kTileRows; ++i) {
+    scale[i] = 0.f;  // rows past m: zero
+    unscale[i] = 1.f;
+    if (i >= rows) continue;
+    const T* row = x + (r0 + i) * k;
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t c = 0; c < k; c += 16) {
+      const __m512 v = _mm512_abs_ps(load16(row + c));
+      bad |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // inf or NaN
+      amax = _mm512_max_ps(amax, v);
+    }
+    if (bad) return false;
+    scale[i] = row_scale(_mm512_reduce_max_ps(amax), &unscale[i]);
+    scaled |= scale[i] != 1.f;
+  }
+  p.scaled[mb] = scaled;
+  const int64_t tiles_per_group = group_size / kTileK;
+  __m512 sum[kTileRows];
+  for (int64_t kt = 0; kt < p.ktiles; ++kt) {
+    if (kt % tiles_per_group == 0)
+      for (int i = 0; i < kTileRows; ++i) sum[i] = _mm512_setzero_ps();
+    __m512i digit[3][kTileRows];  // [digit][row]: the row's 16 K pairs
+    for (int i = 0; i < kTileRows; ++i) {
+      __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+      if (i < rows) {
+        const T* src = x + (r0 + i) * k + kt * kTileK;
+        a = load16(src);
+        b = load16(src + 16);
+        sum[i] = _mm512_add_ps(sum[i], _mm512_add_ps(a, b));
+        if (scale[i] != 1.f) {
+          a = _mm512_mul_ps(a, _mm512_set1_ps(scale[i]));
+          b = _mm512_mul_ps(b, _mm512_set1_ps(scale[i]));
+        }
+      }
+      if (p.digits == 1) {  // bf16: exact as it is (and after a power-of-two scaling)
+        digit[0][i] = high_halves(a, b);
+        continue;
+      }
+      const __m512 ha = truncate_bf16(a), hb = truncate_bf16(b);
+      const __m512 ra = _mm512_sub_ps(a, ha), rb = _mm512_sub_ps(b, hb);  // exact: the low 16 significand bits
+      const __m512 ma = truncate_bf16(ra), mbv = truncate_bf16(rb);
+      digit[0][i] = high_halves(ha, hb);
+      digit[1][i] = high_halves(ma, mbv);
+      digit[2][i] = high_halves(_mm512_sub_ps(ra, ma), _mm512_sub_ps(rb, mbv));  // exact, at most 8 bits
+    }
+    for (int d = 0; d < p.digits; ++d) {
+      transpose16(digit[d]);  // [row][pair] -> [pair][row]
+      uint32_t* dst = p.tiles + ((mb * p.ktiles + kt) * p.digits + d) * kTileDwords;
+      for (int pr = 0; pr < kTileRows; ++pr) _mm512_storeu_si512(dst + pr * kTileRows, digit[d][pr]);
+    }
+    if ((kt + 1) % tiles_per_group == 0) {
+      float* s = p.sums + (mb * p.groups + kt / tiles_per_group) * kTileRows;
+      for (int i = 0; i < kTileRows; ++i) s[i] = _mm512_reduce_add_ps(sum[i]);
+    }
+  }
+  return true;
+}
+
+// The codes of weight rows [n0, n0 + 16) (zero past n) for K tiles [kt0, kt0 + count) as bf16 in K order:
+// dst[t][16 rows][32].
+void unpack_codes(const QuantWeight& w, int64_t n0, int64_t kt0, int64_t count, uint16_t* dst) {
+  // int4: bf16 of 0..15, indexed by vpermw with the low 5 bits of each word
+  const __m512i table =
+      _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120,
+                       0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0);
+  const int rows = static_cast<int>(std::clamp<int64_t>(w.n - n0, 0, kTileRows));
+  // The same bytes of the next pair of weight blocks (32 rows on), prefetched while these are unpacked: the weights
+  // stream from memory in decode, and the hardware prefetchers do not follow 32 rows read 256 bytes at a time. A
+  // prefetch past the weights is harmless (never faults).
+  const int64_t ahead = 2 * kTileRows * (w.bits == 4 ? w.k / 2 : w.k);
+  // tile by tile, so that the stores are consecutive (row by row they were 1 KiB apart: several times slower)
+  for (int64_t t = 0; t < count; ++t) {
+    uint16_t* d = dst + t * kTileWords;
+    for (int r = 0; r < rows; ++r) {
+      if (w.bits == 4) {
+        // byte j holds element 2j (low nibble) and 2j + 1 (high): one dword per byte, the codes in its two words
+        const uint8_t* src = static_cast<const uint8_t*>(w.q) + (n0 + r) * (w.k / 2) + (kt0 + t) * (kTileK / 2);
+        if (t % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(src + ahead), _MM_HINT_T0);
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+        const __m512i codes =
+            _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x000f000f), 0xa8);  // (a|b)&c
+        _mm512_storeu_si512(d + r * kTileK, _mm512_permutexvar_epi16(codes, table));
+      } else {
+        const int8_t* src = static_cast<const int8_t*>(w.q) + (n0 + r) * w.k + (kt0 + t) * kTileK;
+        if (t % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(src + ahead), _MM_HINT_T0);
+        const __m512 lo =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+        const __m512 hi =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16))));
+        _mm512_storeu_si512(d + r * kTileK, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // exact
+      }
+    }
+    for (int r = rows; r < kTileRows; ++r) _mm512_storeu_si512(d + r * kTileK, _mm512_setzero_si512());  // past n
+  }
+}
+
+// Weight rows [n0, n0 + 32) x activation blocks [mb0, mb1) of out: the fp32 sums
+// acc[mb - mb0][2][16 weight rows][16 activation rows] transposed, plus the bias, rounded once to T.
+template <typename T>
+void write_output(const float* acc, const T* bias, T* out, int64_t m, int64_t n, int64_t n0, int64_t mb0, int64_t mb1) {
+  for (int j = 0; j < 2; ++j) {
+    const int64_t col0 = n0 + j * kTileRows;
+    if (col0 >= n) break;
+    const int cols = static_cast<int>(std::min<int64_t>(kTileRows, n - col0));
+    alignas(64) float bias_f[kTileRows] = {};
+    if (bias != nullptr)
+      for (int c = 0; c < cols; ++c) {
+        if constexpr (std::is_same_v<T, float>)
+          bias_f[c] = bias[col0 + c];
+        else
+          bias_f[c] = bf16_bits_to_float(bias[col0 + c]);
+      }
+    const __m512 b = _mm512_load_ps(bias_f);
+    for (int64_t mb = mb0; mb < mb1; ++mb) {
+      __m512i t[kTileRows];
+      const float* a = acc + ((mb - mb0) * 2 + j) * kTileDwords;
+      for (int r = 0; r < kTileRows; ++r) t[r] = _mm512_loadu_si512(a + r * kTileRows);
+      transpose16(t);  // [weight row][activation row] -> [activation row][weight row]
+      for (int i = 0; i < kTileRows && mb * kTileRows + i < m; ++i) {
+        const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(t[i]), b);
+        T* dst = out + (mb * kTileRows + i) * n + col0;
+        if constexpr (std::is_same_v<T, float>)
+          _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << cols) - 1u), v);
+        else
+          amx::store_bf16(dst, v, cols);
+      }
+    }
+  }
+}
+
+// The K elements per chunk of weights unpacked at once: whole groups, ~512 elements (2 x 16 rows x 512 bf16 =
+// 32 KiB, L1-resident while every block of activation rows runs against it); at most kScaleStride groups.
+constexpr int64_t kScaleStride = 16;
+int64_t k_chunk(const QuantWeight& w) { return std::max<int64_t>(1, 512 / w.group_size) * w.group_size; }
+static_assert(512 / 32 <= kScaleStride, "a chunk's groups fit one vector of scales");
+
+// Up to 16 consecutive scales / offsets from element i as fp32, as scale_at converts them (masked-off lanes zero).
+inline __m512 load_scales(const void* p, ScaleType t, int64_t i, __mmask16 mask) {
+  switch (t) {
+    case ScaleType::kF32: return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p) + i);
+    case ScaleType::kF16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i));
+    default:
+      return _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i)), 16));
+  }
+}
+
+// What one group's step needs: a chunk of unpacked weight codes, a 16-row block of packed activations, the chunk's
+// scales / offsets, the block's sums and row scalings, and its fp32 accumulators.
+struct GroupArgs {
+  const uint16_t* codes;  // [2][count][16][32]
+  const uint32_t* b;      // the block's first tile of the chunk: [count][digits][16][16]
+  int64_t count, tiles_per_group;
+  int digits;
+  const float* scales;   // [32 weight rows][kScaleStride groups]
+  const float* offsets;  // same, or nullptr
+  const float* sums;     // [chunk groups][16]
+  const float* unscale;  // [16], or nullptr when no row of the block is scaled
+  float* acc;            // [32 weight rows][16]
+};
+
+// Group g's sums of codes x activations for both weight blocks into tiles C0, C1 (tmm0-1 or tmm2-3), A in tmm4-5,
+// B in tmm6-7 (the digits alternate), then stored to c [32][16]. A macro: the tile intrinsics take their register
+// numbers as literals.
+#define LF_GROUP_PRODUCTS(name, C0, C1)                                               \
+  inline void name(const GroupArgs& ga, int64_t g, float (*c)[kTileRows]) {           \
+    _tile_zero(C0);                                                                   \
+    _tile_zero(C1);                                                                   \
+    for (int64_t t = g * ga.tiles_per_group; t < (g + 1) * ga.tiles_per_group; ++t) { \
+      _tile_loadd(4, ga.codes + t * kTileWords, 64);                                  \
+      _tile_loadd(5, ga.codes + (ga.count + t) * kTileWords, 64);                     \
+      const uint32_t* bt = ga.b + t * ga.digits * kTileDwords;                        \
+      _tile_loadd(6, bt, 64);                                                         \
+      _tile_dpbf16ps(C0, 4, 6);                                                       \
+      _tile_dpbf16ps(C1, 5, 6);                                                       \
+      if (ga.digits == 3) {                                                           \
+        _tile_loadd(7, bt + kTileDwords, 64);                                         \
+        _tile_dpbf16ps(C0, 4, 7);                                                     \
+        _tile_dpbf16ps(C1, 5, 7);                                                     \
+        _tile_loadd(6, bt + 2 * kTileDwords, 64);                                     \
+        _tile_dpbf16ps(C0, 4, 6);                                                     \
+        _tile_dpbf16ps(C1, 5, 6);                                                     \
+      }                                                                               \
+    }                                                                                 \
+    _tile_stored(C0, c[0], 64);                                                       \
+    _tile_stored(C1, c[kTileRows], 64);                                               \
+  }
+LF_GROUP_PRODUCTS(group_products_even, 0, 1)
+LF_GROUP_PRODUCTS(group_products_odd, 2, 3)
+#undef LF_GROUP_PRODUCTS
+
+// acc += scale * C_g (* unscale) + offset * sums_g, per weight row (a broadcast) over the 16 activation rows.
+inline void group_epilogue(const GroupArgs& ga, int64_t g, const float (*c)[kTileRows]) {
+  const __m512 xsum = _mm512_loadu_ps(ga.sums + g * kTileRows);
+  const __m512 unscale = ga.unscale ? _mm512_loadu_ps(ga.unscale) : _mm512_set1_ps(1.f);
+  for (int r = 0; r < 2 * kTileRows; ++r) {
+    __m512 cv = _mm512_load_ps(c[r]);
+    if (ga.unscale) cv = _mm512_mul_ps(cv, unscale);
+    __m512 av =
+        _mm512_fmadd_ps(_mm512_set1_ps(ga.scales[r * kScaleStride + g]), cv, _mm512_loadu_ps(ga.acc + r * kTileRows));
+    if (ga.offsets) av = _mm512_fmadd_ps(_mm512_set1_ps(ga.offsets[r * kScaleStride + g]), xsum, av);
+    _mm512_storeu_ps(ga.acc + r * kTileRows, av);
+  }
+}
+
+template <typename T>
+bool gemm_amx_quant_t(const T* x, const QuantWeight& w, const T* bias, T* out, int64_t m) {
+  const int64_t k = w.k, n = w.n, gs = w.group_size;
+  const int64_t ktiles = k / kTileK, groups = k / gs, tiles_per_group = gs / kTileK;
+  const int64_t mblocks = (m + kTileRows - 1) / kTileRows, npairs = (n + 2 * kTileRows - 1) / (2 * kTileRows);
+  const int digits = std::is_same_v<T, float> ? 3 : 1;
+  // Per call, in the calling thread (grown, reused); the pool's threads get the pointers, never these names.
+  thread_local std::vector<uint32_t> tiles;
+  thread_local std::vector<float> sums, unscale;
+  thread_local std::vector<uint8_t> flags;
+  tiles.resize(static_cast<size_t>(mblocks * ktiles * digits * kTileDwords));
+  sums.resize(static_cast<size_t>(mblocks * groups * kTileRows));
+  unscale.resize(static_cast<size_t>(mblocks * kTileRows));
+  flags.assign(static_cast<size_t>(2 * mblocks), 0);
+  const PackedActivations p{tiles.data(),           sums.data(), unscale.data(), flags.data(),
+                            flags.data() + mblocks, digits,      ktiles,         groups};
+  parallel_for(mblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t mb = b0; mb < b1; ++mb) p.invalid[mb] = !pack_activation_block(x, m, k, gs, mb, p);
+  });
+  for (int64_t mb = 0; mb < mblocks; ++mb)
+    if (p.invalid[mb]) return false;
+
+  const int64_t kc = std::min(k, k_chunk(w)), per_thread = (npairs + num_threads() - 1) / num_threads();
+  // Passes over the weights, each for as many 16-row activation blocks as fit half of L2: every pair of weight blocks
+  // re-reads the pass's packed activations (digits x 2 bytes per element), which must not come from L3 or memory.
+  const int64_t l2 = tuning().l2_bytes > 0 ? tuning().l2_bytes : (1 << 20);
+  const int64_t pass_blocks = std::max<int64_t>(1, l2 / 2 / (k * digits * 2 * kTileRows));
+  for (int64_t mb0 = 0; mb0 < mblocks; mb0 += pass_blocks) {
+    const int64_t mb1 = std::min(mblocks, mb0 + pass_blocks);
+    parallel_for(npairs, per_thread, [&](int64_t q0, int64_t q1) {
+      amx::configure_tiles();
+      thread_local std::vector<uint16_t> codes;  // [2][kc / 32][16][32]: this thread's
+      thread_local std::vector<float> acc;       // [mb1 - mb0][2][16][16]
+      codes.resize(static_cast<size_t>(2 * kc * kTileRows));
+      acc.resize(static_cast<size_t>((mb1 - mb0) * 2 * kTileDwords));
+      alignas(64) float scales[2 * kTileRows * kScaleStride], offsets[2 * kTileRows * kScaleStride];  // [row][group]
+      alignas(64) float c[2][2 * kTileRows][kTileRows];  // two groups' sums: [parity][32 weight rows][16]
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t n0 = q * 2 * kTileRows;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t k0 = 0; k0 < k; k0 += kc) {
+          const int64_t len = std::min(kc, k - k0), kt0 = k0 / kTileK, count = len / kTileK, g0 = k0 / gs;
+          const int64_t chunk_groups = len / gs;
+          for (int j = 0; j < 2; ++j)
+            unpack_codes(w, n0 + j * kTileRows, kt0, count, codes.data() + j * count * kTileWords);
+          for (int r = 0; r < 2 * kTileRows; ++r) {
+            const int64_t row = n0 + r;
+            const __mmask16 mask = row < n ? static_cast<__mmask16>((1u << chunk_groups) - 1u) : 0;
+            _mm512_storeu_ps(scales + r * kScaleStride, load_scales(w.scale, w.scale_type, row * groups + g0, mask));
+            if (w.offset)
+              _mm512_storeu_ps(offsets + r * kScaleStride,
+                               load_scales(w.offset, w.scale_type, row * groups + g0, mask));
+          }
+          for (int64_t mb = mb0; mb < mb1; ++mb) {
+            const GroupArgs ga{codes.data(),
+                               p.tiles + (mb * ktiles + kt0) * digits * kTileDwords,
+                               count,
+                               tiles_per_group,
+                               digits,
+                               scales,
+                               w.offset ? offsets : nullptr,
+                               p.sums + (mb * groups + g0) * kTileRows,
+                               p.scaled[mb] ? p.unscale + mb * kTileRows : nullptr,
+                               acc.data() + (mb - mb0) * 2 * kTileDwords};
+            // software-pipelined: group g's tile products (tiles 0-1 or 2-3 by parity) are issued before group
+            // g - 1's sums are read back, so that its tile store has completed by then
+            for (int64_t g = 0; g < chunk_groups; ++g) {
+              if (g % 2 == 0)
+                group_products_even(ga, g, c[0]);
+              else
+                group_products_odd(ga, g, c[1]);
+              if (g > 0) group_epilogue(ga, g - 1, c[(g - 1) % 2]);
+            }
+            group_epilogue(ga, chunk_groups - 1, c[(chunk_groups - 1) % 2]);
+          }
+        }
+        write_output(acc.data(), bias, out, m, n, n0, mb0, mb1);
+      }
+      _tile_release();
+    });
+  }
+  return true;
+}
+
+}  // namespace
+
+bool gemm_amx_quant(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
+  if (!amx_quant_supports(w)) return false;
+  if (m <= 0 || w.n <= 0) return true;
+  if (bf16)
+    return gemm_amx_quant_t(static_cast<const uint16_t*>(x), w, static_cast<const uint16_t*>(bias),
+                            static_cast<uint16_t*>(out), m);
+  return gemm_amx_quant_t(static_cast<const float*>(x), w, static_cast<const float*>(bias), static_cast<float*>(out),
+                          m);
+}
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+#else  // not x86-64 Linux: never called (amx_bf16_available() is false)
+
+bool gemm_amx_quant(bool, const void*, const QuantWeight&, const void*, void*, int64_t) { return false; }
+
+#endif
+
+}  // namespace cpu
+}  // namespace llama_fast
