@@ -125,12 +125,12 @@ int64_t amx_quant_from_rows(bool bf16_activations) {
   static const int64_t env = rows_from_env("LLAMA_FAST_AMX_QUANT_ROWS");
   if (env > 0) return env;
   // Measured against the old paths (VNNI GEMV; fp32 from 8 rows the dequantized tiles), 1 thread, Intel Xeon KVM guest
-  // (family 6 model 167 as it reports, AMX-BF16), int4 groups of 32 with offsets, SmolLM2's 576 x 1536 and 1536 x 576, 150 weight copies cycled
-  // (streamed from memory, as in a decode step), G multiply-adds/s old -> AMX: fp32 activations 25.5 -> 24.0 and
-  // 34.6 -> 21.7 at 5 rows, 33.7 -> 29.2 and 29.3 -> 26.0 at 6, 30.2 -> 40.9 and 23.9 -> 33.6 at 8; bf16 (one digit
-  // against a one-limb GEMV) 54.0 -> 49.7 and 41.4 -> 44.9 at 8, 48.0 -> 63.3 and 40.2 -> 57.2 at 10, 52.4 -> 102
-  // and 61.8 -> 100 at 16. (With the weights in L2 the AMX path wins from 5 fp32 / 8 bf16 rows.) The tile path
-  // costs about the same for 1 to 16 rows, so its time per row falls until then.
+  // (family 6 model 167 as it reports, AMX-BF16), int4 groups of 32 with offsets, SmolLM2's 576 x 1536 and 1536 x 576,
+  // 150 weight copies cycled (streamed from memory, as in a decode step), G multiply-adds/s old -> AMX: fp32
+  // activations 25.5 -> 24.0 and 34.6 -> 21.7 at 5 rows, 33.7 -> 29.2 and 29.3 -> 26.0 at 6, 30.2 -> 40.9 and 23.9
+  // -> 33.6 at 8; bf16 (one digit against a one-limb GEMV) 54.0 -> 49.7 and 41.4 -> 44.9 at 8, 48.0 -> 63.3 and 40.2
+  // -> 57.2 at 10, 52.4 -> 102 and 61.8 -> 100 at 16. (With the weights in L2 the AMX path wins from 5 fp32 / 8 bf16
+  // rows.) The tile path costs about the same for 1 to 16 rows, so its time per row falls until then.
   return bf16_activations ? 10 : 8;
 }
 
