@@ -234,7 +234,9 @@ void gemm_amx_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, u
   // (k x 64 bytes) stay in L1 across the chunk's weight pairs.
   const int64_t per_thread = (npairs + num_threads() - 1) / num_threads();
   const int64_t l2 = tuning().l2_bytes > 0 ? tuning().l2_bytes : (int64_t{1} << 20);
-  const int64_t chunk = std::max<int64_t>(1, l2 / 2 / (2 * kTileRows * kblocks * kTileK * 2));
+  int64_t chunk = std::max<int64_t>(1, l2 / 2 / (2 * kTileRows * kblocks * kTileK * 2));
+  if (const char* e = std::getenv("LF_AMX_CHUNK"); e && *e) chunk = std::atoll(e);
+  const char* dbgs = std::getenv("LF_AMX_DBG"); const int dbg = dbgs && *dbgs ? std::atoi(dbgs) : 0;
   parallel_for(npairs, per_thread, [&](int64_t q0, int64_t q1) {
     configure_tiles();
     thread_local std::vector<std::vector<uint16_t>> own;  // per pair of a chunk: its copied tiles
@@ -279,7 +281,8 @@ void gemm_amx_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, u
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
           }
-          store_pair(out, bias, m, n, 2 * p * kTileRows, 2 * q * kTileRows);
+          if (dbg == 0) store_pair(out, bias, m, n, 2 * p * kTileRows, 2 * q * kTileRows);
+          else if (dbg == 1) { alignas(64) float c[4][16][16]; _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64); asm volatile("" :: "r"(c) : "memory"); }
         }
       }
     }

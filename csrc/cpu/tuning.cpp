@@ -106,6 +106,9 @@ int64_t dense_prefetch_bytes(const void* w) {
   return tuning().prefetch_bytes;
 }
 
+// MEASUREMENT PENDING
+constexpr int64_t kAmxBf16FromRows = 9;
+
 int64_t quant_gemm_from_rows(QuantGemm format) {
   static const int64_t env_int = rows_from_env("LLAMA_FAST_QUANT_GEMM_ROWS");
   static const int64_t env_ggml = rows_from_env("LLAMA_FAST_KQUANT_GEMM_ROWS");
@@ -119,6 +122,11 @@ int64_t quant_gemm_from_rows(QuantGemm format) {
     case QuantGemm::kGgmlSuper: return env_ggml > 0 ? env_ggml : 48;
     default: return env_ggml > 0 ? env_ggml : 16;  // kGgmlBlock32
   }
+}
+
+int64_t amx_bf16_from_rows() {
+  static const int64_t env = rows_from_env("LLAMA_FAST_AMX_ROWS");
+  return env > 0 ? env : kAmxBf16FromRows;
 }
 
 }  // namespace cpu

@@ -62,6 +62,11 @@ enum class QuantGemm {
 // the GEMV kernels where they take more rows: the ggml blocks' VNNI kernel takes any number, the int4 / int8 op
 // runs the GEMM beyond kMaxGemvRows whatever this says).
 int64_t quant_gemm_from_rows(QuantGemm format);
+// From how many activation rows a bf16 dense linear runs the AMX GEMM (gemm_amx.cpp) instead of the GEMV / tiled
+// kernels of linear.cpp, where the CPU has AMX (cpu::amx_bf16_available(), top ISA level). Those kernels read each
+// weight once per call too but spend AVX-512 instructions per row; a TDPBF16PS tile does 16 rows' multiplies.
+// LLAMA_FAST_AMX_ROWS overrides it (at least 1; above kMaxGemvRows the decode steps never take the AMX GEMM).
+int64_t amx_bf16_from_rows();
 
 }  // namespace cpu
 }  // namespace llama_fast
