@@ -174,34 +174,44 @@ WeightPair weight_pair(const uint16_t* w, int64_t n, int64_t k, int64_t n0, int6
   return {own.data(), width, kblocks, nullptr};
 }
 
-// The four accumulator tiles (tmm0..3: weight half t / 2 x activation half t % 2, each [16 n][16 m]) plus the
-// bias, transposed to [m][n] and rounded to bf16 into out: rows [r0, r0 + 32) below m, columns [n0, n0 + 32) below
-// n.
-void store_pair(uint16_t* out, const uint16_t* bias, int64_t m, int64_t n, int64_t r0, int64_t n0) {
+// The output block of one weight pair x one activation pair: 2 x 2 accumulator tiles (tmm0..3: weight half t / 2 x
+// activation half t % 2, each [16 n][16 m] fp32), stored by store_tiles and written out later, one tile per
+// finish_tile call, while the next block's multiplies run: the tile unit works on its own, and the transposes and
+// roundings of one block's output (~270 vector instructions per tile) then overlap the next block's TDPBF16PS.
+struct OutputBlock {
   alignas(64) float c[4][kTileRows][kTileRows];
-  _tile_stored(0, c[0], 64);
-  _tile_stored(1, c[1], 64);
-  _tile_stored(2, c[2], 64);
-  _tile_stored(3, c[3], 64);
-  for (int nh = 0; nh < 2; ++nh) {
-    const int64_t col0 = n0 + nh * kTileRows;
-    if (col0 >= n) break;
-    const int cols = static_cast<int>(std::min<int64_t>(kTileRows, n - col0));
-    const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1u);
-    const __m512 b = bias == nullptr ? _mm512_setzero_ps()
-                                     : _mm512_castsi512_ps(_mm512_slli_epi32(
-                                           _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(col_mask, bias + col0)), 16));
-    for (int mh = 0; mh < 2; ++mh) {
-      const int64_t row0 = r0 + mh * kTileRows;
-      if (row0 >= m) break;
-      __m512i r[kTileRows];
-      for (int j = 0; j < kTileRows; ++j) r[j] = _mm512_load_si512(c[nh * 2 + mh][j]);
-      transpose_16x16(r);  // r[i]: output row row0 + i, columns col0 ..
-      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - row0));
-      for (int i = 0; i < rows; ++i)
-        store_bf16(out + (row0 + i) * n + col0, _mm512_add_ps(_mm512_castsi512_ps(r[i]), b), cols);
-    }
-  }
+  int64_t r0 = 0, n0 = 0;  // its first output row and column
+  int next = 4;            // the next tile to write out; 4: nothing pending
+};
+
+// The block's tiles that hold outputs (rows below m, columns below n) into blk.c.
+void store_tiles(OutputBlock& blk, int64_t m, int64_t n, int64_t r0, int64_t n0) {
+  blk.r0 = r0, blk.n0 = n0, blk.next = 0;
+  const bool m_hi = r0 + kTileRows < m, n_hi = n0 + kTileRows < n;
+  _tile_stored(0, blk.c[0], 64);
+  if (m_hi) _tile_stored(1, blk.c[1], 64);
+  if (n_hi) _tile_stored(2, blk.c[2], 64);
+  if (m_hi && n_hi) _tile_stored(3, blk.c[3], 64);
+}
+
+// Tile blk.next of a stored block plus the bias, transposed to [m][n] and rounded to bf16 into out (rows below m,
+// columns below n); tiles wholly past m or n are skipped.
+void finish_tile(OutputBlock& blk, uint16_t* out, const uint16_t* bias, int64_t m, int64_t n) {
+  const int t = blk.next++;
+  const int64_t col0 = blk.n0 + (t / 2) * kTileRows, row0 = blk.r0 + (t % 2) * kTileRows;
+  if (col0 >= n || row0 >= m) return;
+  const int cols = static_cast<int>(std::min<int64_t>(kTileRows, n - col0));
+  const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1u);
+  // bf16 bias to fp32: the bits shifted up, exact
+  const __m512 b = bias == nullptr ? _mm512_setzero_ps()
+                                   : _mm512_castsi512_ps(_mm512_slli_epi32(
+                                         _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(col_mask, bias + col0)), 16));
+  __m512i r[kTileRows];
+  for (int j = 0; j < kTileRows; ++j) r[j] = _mm512_load_si512(blk.c[t][j]);
+  transpose_16x16(r);  // r[i]: output row row0 + i, columns col0 ..
+  const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - row0));
+  for (int i = 0; i < rows; ++i)
+    store_bf16(out + (row0 + i) * n + col0, _mm512_add_ps(_mm512_castsi512_ps(r[i]), b), cols);
 }
 
 // The L2 prefetch of a byte range spread over `steps` calls: part `step` of it (64-byte lines).
@@ -234,13 +244,13 @@ void gemm_amx_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, u
   // (k x 64 bytes) stay in L1 across the chunk's weight pairs.
   const int64_t per_thread = (npairs + num_threads() - 1) / num_threads();
   const int64_t l2 = tuning().l2_bytes > 0 ? tuning().l2_bytes : (int64_t{1} << 20);
-  int64_t chunk = std::max<int64_t>(1, l2 / 2 / (2 * kTileRows * kblocks * kTileK * 2));
-  if (const char* e = std::getenv("LF_AMX_CHUNK"); e && *e) chunk = std::atoll(e);
-  const char* dbgs = std::getenv("LF_AMX_DBG"); const int dbg = dbgs && *dbgs ? std::atoi(dbgs) : 0;
+  const int64_t chunk = std::max<int64_t>(1, l2 / 2 / (2 * kTileRows * kblocks * kTileK * 2));
   parallel_for(npairs, per_thread, [&](int64_t q0, int64_t q1) {
     configure_tiles();
     thread_local std::vector<std::vector<uint16_t>> own;  // per pair of a chunk: its copied tiles
     thread_local std::vector<WeightPair> pairs;
+    OutputBlock blocks[2];  // the block being written out and the one being computed, alternating
+    int cur = 0;
     for (int64_t c0 = q0; c0 < q1; c0 += chunk) {
       const int64_t c1 = std::min(q1, c0 + chunk);
       if (static_cast<int64_t>(own.size()) < c1 - c0) own.resize(c1 - c0);
@@ -250,6 +260,7 @@ void gemm_amx_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, u
         const uint16_t* a = xp + p * kblocks * 2 * tile;
         for (int64_t q = c0; q < c1; ++q) {
           const WeightPair& wp = pairs[q - c0];
+          OutputBlock& prev = blocks[cur ^ 1];
           // on the first pass, the next pair's rows (contiguous in w) into L2 over this pair's K loop
           const bool fetch = p == 0 && q + 1 < q1;
           const char* next = reinterpret_cast<const char*>(w + std::min(n, 2 * (q + 1) * kTileRows) * k);
@@ -269,6 +280,7 @@ void gemm_amx_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, u
             _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
+            if ((kb & 1) && prev.next < 4) finish_tile(prev, out, bias, m, n);  // every other K block: one tile
           }
           if (wp.tail != nullptr) {
             const int64_t kb = wp.full_blocks;
@@ -281,12 +293,15 @@ void gemm_amx_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, u
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
           }
-          if (dbg == 0) store_pair(out, bias, m, n, 2 * p * kTileRows, 2 * q * kTileRows);
-          else if (dbg == 1) { alignas(64) float c[4][16][16]; _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64); asm volatile("" :: "r"(c) : "memory"); }
+          while (prev.next < 4) finish_tile(prev, out, bias, m, n);  // short K: what the loop left
+          store_tiles(blocks[cur], m, n, 2 * p * kTileRows, 2 * q * kTileRows);
+          cur ^= 1;
         }
       }
     }
     _tile_release();
+    OutputBlock& last = blocks[cur ^ 1];
+    while (last.next < 4) finish_tile(last, out, bias, m, n);
   });
 }
 
