@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_features.h"
+#include "cpu/gemm_amx.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
 #include "cpu/torch_args.h"
@@ -431,6 +432,11 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
             cpu::quant_gemm_from_rows(cpu::QuantGemm::kInt8),
             cpu::quant_gemm_from_rows(cpu::QuantGemm::kGgmlSuper),
             cpu::quant_gemm_from_rows(cpu::QuantGemm::kGgmlBlock32)};
+  });
+  // From how many activation rows a bf16 dense linear runs the AMX GEMM (cpu::amx_bf16_from_rows), 0 where it never
+  // does (no AMX, or a lower ISA level in effect).
+  m.def("cpu_amx_bf16_rows() -> int", []() -> int64_t {
+    return cpu::isa() >= cpu::Isa::kAvx512Bf16 && cpu::amx_bf16_available() ? cpu::amx_bf16_from_rows() : 0;
   });
   // A weight buffer on transparent huge pages (llama_fast/weight_arena.py), for the dense GEMVs' prefetch choice
   // (cpu/tuning.h); add=False forgets it.
