@@ -8,13 +8,20 @@
 // bf16 denormal inputs (|v| < 1.2e-38) as zero and flushes fp32 denormal results: it drops terms below 1e-38 in
 // absolute value, far below the bf16 rounding of any output that holds a normal-sized term.
 //
-// Blocking: the activations are packed once per call into tiles of 16 rows x 32 K ([M/32][K/32][2][16][32]: the
-// two M tiles of a pair adjacent), zero-padded in M and K. The weights are split over the threads in pairs of 16-row
-// N blocks; a thread packs a pair into the VNNI layout TDPBF16PS wants ([K/32][16 K pairs][16 n][2], zero-padded in
-// N and K, 2 x K x 32 bytes: L1 / L2 resident) and multiplies it with every pair of M tiles: 2 x 2 fp32 accumulator
-// tiles (tmm0-3), two A tiles (tmm4-5), two B tiles (tmm6-7), so each tile load feeds two TDPBF16PS. Each weight is
-// read from memory once per call; the packed activations (as large as x) are re-read once per pair of N blocks,
-// from L2 / L3.
+// Operands: TDPBF16PS wants its B operand in a pair-interleaved ("VNNI") layout and its A operand row-major, 16
+// rows x 32 K. The weights w[N][K] are row-major already, so they are the A operand, tile-loaded in place (stride
+// K): no weight packing, which per call cost as much as the multiplies at 128 rows and dominated at decode sizes.
+// The activations are packed once per call into the B layout (a vectorized 16 x 16 transpose of bf16 pairs per
+// 16 x 32 block), and the fp32 output tiles come out as [n][m], transposed back when written.
+//
+// Blocking: 2 x 2 accumulator tiles (tmm0-3) = a pair of 16-row weight blocks (tmm4-5) x a pair of 16-row
+// activation tiles (tmm6-7), so each tile load feeds two TDPBF16PS. The weight pairs are split over the threads
+// in contiguous ranges, walked in chunks of up to half of L2 (the weights of a chunk are read from memory once
+// per call, on the pass of the first activation pair, which prefetches the next pair's rows into L2; the other
+// passes find them in L2), and each chunk is run against every activation pair, whose packed tiles (K x 64 bytes)
+// stay in L1 across the chunk's weight pairs. A block's output (tile store, transpose, bias, rounding: ~270 vector
+// instructions per tile) is written out one tile per two K steps of the next block, so that it overlaps the tile
+// unit's multiplies instead of following them.
 #include "cpu/gemm_amx.h"
 
 #include <algorithm>

@@ -1,9 +1,10 @@
-// Dense linear for decode: out[M, N] = x[M, K] @ w[N, K]^T (+ bias), M up to kMaxGemvRows. Each weight row is
-// streamed once for all M activation rows; threads get contiguous row ranges (sequential streams for the
-// prefetcher). For a few rows (memory bound) the GEMV kernels below keep all rows' accumulators of a
-// few weight rows in registers; bf16 weights with bf16 activations use AVX512-BF16 dot products (vdpbf16ps,
-// exact products, fp32 sums) where the CPU has them. More rows (a batched decode step: compute bound) go to the
-// register-tiled multi-row kernel of cpu/row_tiles.h, on fp32 activations (bf16 widened once per call, weights
+// Dense linear for decode: out[M, N] = x[M, K] @ w[N, K]^T (+ bias), M up to kMaxGemvRows. bf16 from
+// amx_bf16_from_rows() rows on a CPU with AMX: the tile GEMM (gemm_amx.cpp), which also reads each weight once.
+// Otherwise each weight row is streamed once for all M activation rows; threads get contiguous row ranges
+// (sequential streams for the prefetcher). For a few rows (memory bound) the GEMV kernels below keep all rows'
+// accumulators of a few weight rows in registers; bf16 weights with bf16 activations use AVX512-BF16 dot products
+// (vdpbf16ps, exact products, fp32 sums) where the CPU has them. More rows (a batched decode step: compute bound) go to
+// the register-tiled multi-row kernel of cpu/row_tiles.h, on fp32 activations (bf16 widened once per call, weights
 // widened per block of rows: exact, like vdpbf16ps's products).
 #ifndef LF_ISA
 #include "cpu/gemm_amx.h"
