@@ -36,6 +36,7 @@
 #include "common/ggml_blocks.h"
 #include "common/half_float.h"
 #include "cpu/cpu_features.h"
+#include "cpu/gemm_amx_quant.h"
 #include "cpu/kernels.h"
 #include "cpu/kquant_linear.h"
 #include "cpu/quant_linear_vnni.h"
@@ -603,6 +604,8 @@ void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& seg
   for (const Segment& s : segs) n += s.rows;
   // enough rows that dequantizing each weight once and multiplying in the GEMM's register tile wins (tuning.h)
   if (m >= gemm_from_rows(segs) && gemm_available(segs)) return gemm(bf16, x, m, segs, k, out);
+  // from fewer rows where the AMX GEMM takes every segment (gemm() then runs it: tuning.h)
+  if (m >= amx_kquant_from_rows(bf16) && amx_kquant_available(segs, k)) return gemm(bf16, x, m, segs, k, out);
   if (has_vnni() && linear_vnni(bf16, x, m, segs, k, out, n)) return;
   // No AVX512-VNNI: the same arithmetic on 256-bit vectors (kquant_linear_avx2.cpp)
   if (vnni256::kquant_supports(segs) && vnni256::kquant_linear(bf16, x, m, segs, k, out, n)) return;

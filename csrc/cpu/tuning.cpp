@@ -134,5 +134,11 @@ int64_t amx_quant_from_rows(bool bf16_activations) {
   return bf16_activations ? 10 : 8;
 }
 
+int64_t amx_kquant_from_rows(bool bf16_activations) {
+  static const int64_t env = rows_from_env("LLAMA_FAST_AMX_KQUANT_ROWS");
+  if (env > 0) return env;
+  return bf16_activations ? 10 : 8;  // PLACEHOLDER: measure
+}
+
 }  // namespace cpu
 }  // namespace llama_fast
