@@ -33,6 +33,11 @@
 // tmm6-7, so each B load feeds two multiplies; a group's C tiles are stored and read back by the epilogue only after
 // the next group's multiplies are issued (software pipelining). The fp32 sums of the two weight blocks x 16
 // activation rows wait in a per-thread buffer until the last K chunk, then are transposed and written to out[m][n].
+//
+// Weights: the loop is a template on the weight side (QuantCodes: llama_fast's int4 / int8 QuantWeight; GgmlCodes:
+// ggml block segments, kquant::gemm's Q8_0 / Q4_K / Q5_K / Q5_0 / Q5_1, whose weights are also code * scale +
+// offset per group of 32 with codes exact in bf16 and scale / offset exact in fp32), which unpacks 16 rows x a K
+// chunk of codes to bf16 tiles and gives each row's fp32 scale / offset per group; everything else is shared.
 #include "cpu/gemm_amx_quant.h"
 
 #include <algorithm>

@@ -1,6 +1,7 @@
 // The int4 / int8 weight-only quantized GEMM on Intel AMX (gemm_amx_quant.cpp): used by quant_linear
 // (quant_linear.cpp) from cpu::amx_quant_from_rows() activation rows and by gemm_quant (gemm.cpp) where the CPU has
-// AMX-BF16 (amx_bf16_available(), cpu/gemm_amx.h) and the top ISA level is in effect.
+// AMX-BF16 (amx_bf16_available(), cpu/gemm_amx.h) and the top ISA level is in effect; and on ggml blocks by
+// kquant::gemm (gemm.cpp), which kquant::linear calls from cpu::amx_kquant_from_rows rows.
 #pragma once
 #include <cstdint>
 #include <vector>

@@ -606,7 +606,9 @@ void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& seg
   // enough rows that dequantizing each weight once and multiplying in the GEMM's register tile wins (tuning.h)
   if (m >= gemm_from_rows(segs) && gemm_available(segs)) return gemm(bf16, x, m, segs, k, out);
   // from fewer rows where the AMX GEMM takes every segment (gemm() then runs it: tuning.h)
-  if (m >= amx_kquant_from_rows(bf16) && amx_kquant_available(segs, k)) return gemm(bf16, x, m, segs, k, out);
+  const bool super_blocks =
+      std::any_of(segs.begin(), segs.end(), [](const Segment& s) { return ggml::block_weights(s.type) == 256; });
+  if (m >= amx_kquant_from_rows(super_blocks) && amx_kquant_available(segs, k)) return gemm(bf16, x, m, segs, k, out);
   if (has_vnni() && linear_vnni(bf16, x, m, segs, k, out, n)) return;
   // No AVX512-VNNI: the same arithmetic on 256-bit vectors (kquant_linear_avx2.cpp)
   if (vnni256::kquant_supports(segs) && vnni256::kquant_linear(bf16, x, m, segs, k, out, n)) return;

@@ -68,8 +68,10 @@ int64_t quant_gemm_from_rows(QuantGemm format);
 // overrides both (at least 1).
 int64_t amx_quant_from_rows(bool bf16_activations);
 // The same for ggml blocks (kquant::linear) whose segments the AMX GEMM takes (amx_kquant_supports: Q8_0, Q4_K,
-// Q5_K, Q5_0, Q5_1), against their VNNI GEMV (tuning.cpp). LLAMA_FAST_AMX_KQUANT_ROWS overrides it (at least 1).
-int64_t amx_kquant_from_rows(bool bf16_activations);
+// Q5_K, Q5_0, Q5_1), against their VNNI GEMV, by whether a segment has super-blocks of 256 (Q4_K / Q5_K: 32 rows)
+// or all blocks of 32 (16), either activation dtype (measured: tuning.cpp). LLAMA_FAST_AMX_KQUANT_ROWS overrides it
+// (at least 1).
+int64_t amx_kquant_from_rows(bool super_blocks);
 
 }  // namespace cpu
 }  // namespace llama_fast
