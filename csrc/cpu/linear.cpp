@@ -1,11 +1,13 @@
-// Dense linear for decode: out[M, N] = x[M, K] @ w[N, K]^T (+ bias), M up to kMaxGemvRows. Each weight row is
-// streamed once for all M activation rows; threads get contiguous row ranges (sequential streams for the
-// prefetcher). For a few rows (memory bound) the GEMV kernels below keep all rows' accumulators of a
-// few weight rows in registers; bf16 weights with bf16 activations use AVX512-BF16 dot products (vdpbf16ps,
-// exact products, fp32 sums) where the CPU has them. More rows (a batched decode step: compute bound) go to the
-// register-tiled multi-row kernel of cpu/row_tiles.h, on fp32 activations (bf16 widened once per call, weights
+// Dense linear for decode: out[M, N] = x[M, K] @ w[N, K]^T (+ bias), M up to kMaxGemvRows. bf16 from
+// amx_bf16_from_rows() rows on a CPU with AMX: the tile GEMM (gemm_amx.cpp), which also reads each weight once.
+// Otherwise each weight row is streamed once for all M activation rows; threads get contiguous row ranges
+// (sequential streams for the prefetcher). For a few rows (memory bound) the GEMV kernels below keep all rows'
+// accumulators of a few weight rows in registers; bf16 weights with bf16 activations use AVX512-BF16 dot products
+// (vdpbf16ps, exact products, fp32 sums) where the CPU has them. More rows (a batched decode step: compute bound) go to
+// the register-tiled multi-row kernel of cpu/row_tiles.h, on fp32 activations (bf16 widened once per call, weights
 // widened per block of rows: exact, like vdpbf16ps's products).
 #ifndef LF_ISA
+#include "cpu/gemm_amx.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
 #include "cpu/tuning.h"
@@ -25,6 +27,10 @@ void parallel_rows(int64_t n, int64_t align, int64_t bytes_per_row, F fn) {
 
 void dense_linear(bool bf16, const void* x, const void* w, const void* bias, void* out, int64_t m, int64_t n,
                   int64_t k) {
+  // bf16 on a CPU with AMX, from amx_bf16_from_rows() rows: the tile unit, at the top ISA level only (as gemm_dense)
+  if (bf16 && m >= amx_bf16_from_rows() && isa() >= Isa::kAvx512Bf16 && amx_bf16_available())
+    return gemm_amx_bf16(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(w),
+                         static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(out), m, n, k);
   // From this many rows the tiled kernel beats the GEMV (measured on the demo model's shapes: fp32 from 4
   // rows; bf16 weights must be widened per block first, which 4..8 rows do not repay).
   const int64_t tiled_from = bf16 ? kGemvBlockRows + 1 : 4;

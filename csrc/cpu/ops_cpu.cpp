@@ -464,6 +464,11 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
             cpu::quant_gemm_from_rows(cpu::QuantGemm::kGgmlSuper),
             cpu::quant_gemm_from_rows(cpu::QuantGemm::kGgmlBlock32)};
   });
+  // From how many activation rows a bf16 dense linear runs the AMX GEMM (cpu::amx_bf16_from_rows), 0 where it never
+  // does (no AMX, or a lower ISA level in effect).
+  m.def("cpu_amx_bf16_rows() -> int", []() -> int64_t {
+    return cpu::isa() >= cpu::Isa::kAvx512Bf16 && cpu::amx_bf16_available() ? cpu::amx_bf16_from_rows() : 0;
+  });
   // A weight buffer on transparent huge pages (llama_fast/weight_arena.py), for the dense GEMVs' prefetch choice
   // (cpu/tuning.h); add=False forgets it.
   m.def("cpu_huge_page_range(int address, int bytes, bool add) -> ()", [](int64_t address, int64_t bytes, bool add) {

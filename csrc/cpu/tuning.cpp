@@ -106,6 +106,17 @@ int64_t dense_prefetch_bytes(const void* w) {
   return tuning().prefetch_bytes;
 }
 
+// bf16 rows from which gemm_amx.cpp beats linear.cpp's kernels (the vdpbf16ps GEMV up to 8 rows, the tiled fp32
+// kernel on widened weights above). Intel Xeon (Emerald Rapids guest), weights cycled from memory, microseconds per
+// linear (GEMV / AMX), SmolLM2 shapes N x K:
+//   1 thread:  1536x576  m=3 74 / 81, m=4 83 / 82, m=5 105 / 83, m=16 308 / 87;  576x1536 m=3 75 / 72, m=5 99 / 73;
+//              192x576 m=4 12.7 / 12.6, m=5 15.3 / 12.5;  49152x576 m=4 2498 / 2334, m=5 3215 / 2343
+//   2 threads: 1536x576  m=4 64 / 47, m=5 69 / 48;  192x576 m=5 11.7 / 13.4, m=8 15.4 / 13.4 (the pool's start
+//              costs more than the split saves on so small a linear);  49152x576 m=2 1569 / 1178
+// The AMX GEMM's time is flat up to 16 rows (one tile of rows; it streams the weights once, at ~22 GB/s against
+// the GEMV's ~26), so it takes over where the GEMV's per-row work passes the stream: 5 rows.
+constexpr int64_t kAmxBf16FromRows = 5;
+
 int64_t quant_gemm_from_rows(QuantGemm format) {
   static const int64_t env_int = rows_from_env("LLAMA_FAST_QUANT_GEMM_ROWS");
   static const int64_t env_ggml = rows_from_env("LLAMA_FAST_KQUANT_GEMM_ROWS");
@@ -144,6 +155,11 @@ int64_t amx_kquant_from_rows(bool super_blocks) {
   // 32 rows 31 -> 53 / 50 -> 55. The tile path costs about the same for 1 to 16 rows (one activation block), so a
   // second block (17 rows on) halves its rate until it fills: Q4_K's faster GEMV keeps up to 32.
   return super_blocks ? 32 : 16;
+}
+
+int64_t amx_bf16_from_rows() {
+  static const int64_t env = rows_from_env("LLAMA_FAST_AMX_BF16_ROWS");
+  return env > 0 ? env : kAmxBf16FromRows;
 }
 
 }  // namespace cpu

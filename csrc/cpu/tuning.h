@@ -72,6 +72,11 @@ int64_t amx_quant_from_rows(bool bf16_activations);
 // or all blocks of 32 (16), either activation dtype (measured: tuning.cpp). LLAMA_FAST_AMX_KQUANT_ROWS overrides it
 // (at least 1).
 int64_t amx_kquant_from_rows(bool super_blocks);
+// From how many activation rows a bf16 dense linear runs the AMX GEMM (gemm_amx.cpp) instead of the GEMV / tiled
+// kernels of linear.cpp, where the CPU has AMX (cpu::amx_bf16_available(), top ISA level). Those kernels read each
+// weight once per call too but spend AVX-512 instructions per row; a TDPBF16PS tile does 16 rows' multiplies.
+// LLAMA_FAST_AMX_BF16_ROWS overrides it (at least 1; above kMaxGemvRows the decode steps never take the AMX GEMM).
+int64_t amx_bf16_from_rows();
 
 }  // namespace cpu
 }  // namespace llama_fast

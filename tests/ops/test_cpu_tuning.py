@@ -77,3 +77,25 @@ def test_quant_gemm_rows_are_a_decode_step_or_fewer_and_overridable():
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])["gemm_from_rows"]
     assert got == {"int4": 5, "int8": 5, "ggml_super_blocks": 1, "ggml_blocks_of_32": 1}
+
+
+def test_amx_bf16_rows_within_a_decode_step_and_overridable():
+    """From how many rows bf16 linears run the AMX GEMM (tuning.h: amx_bf16_from_rows): 0 where the CPU has no AMX
+    or a lower instruction set is in effect, else at least 1; LLAMA_FAST_AMX_BF16_ROWS sets it."""
+    import json
+
+    import torch
+    best = cpu.set_isa("")
+    default = cpu.tuning()["amx_bf16_from_rows"]
+    assert default == 0 or 1 <= default <= torch.ops.llama_fast.cpu_max_gemv_rows()
+    try:
+        cpu.set_isa("avx512")
+        assert cpu.tuning()["amx_bf16_from_rows"] == 0     # the lower levels never take it
+    finally:
+        cpu.set_isa(best)
+    env = dict(os.environ, LLAMA_FAST_AMX_BF16_ROWS="2")
+    code = "import json; from llama_fast.ops import cpu; print(json.dumps(cpu.tuning()))"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])["amx_bf16_from_rows"]
+    assert got == (2 if default else 0)

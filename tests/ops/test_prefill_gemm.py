@@ -27,8 +27,9 @@ def prefill_rows() -> list[int]:
 
 
 # N: below one register strip, a strip plus a tail, two chunks' worth; K: shorter than a vector, a tail past
-# every vector width, several K blocks, a K block boundary inside a quantization group
-DENSE_SHAPES = [(5, 7), (83, 576), (37, 1541), (300, 96)]
+# every vector width, several K blocks, a K block boundary inside a quantization group; the last one more weight
+# pairs per thread than the AMX GEMM takes per L2-sized chunk (~1 MiB: 10 pairs at this K on a 2 MiB L2)
+DENSE_SHAPES = [(5, 7), (83, 576), (37, 1541), (300, 96), (700, 1541)]
 
 
 @pytest.mark.parametrize("row_case", [0, 1, 2])
