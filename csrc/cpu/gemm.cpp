@@ -77,6 +77,9 @@ bool gemm_supports(ggml::BlockType t) {
 }
 
 void gemm(bool bf16, const void* x, int64_t m, const std::vector<Segment>& segs, int64_t k, float* out) {
+  // Q8_0 / Q4_K / Q5_K / Q5_0 / Q5_1 on AMX (gemm_amx_quant.cpp), at the top ISA level; inf / NaN activations, which
+  // it declines, and the other types take the fp32 GEMM on dequantized tiles below
+  if (amx_kquant_available(segs, k) && gemm_amx_kquant(bf16, x, m, segs, k, out)) return;
   LF_CPU_DISPATCH_DTYPE(bf16, T, { LF_DISPATCH(gemm_kquant_weights<T>, static_cast<const T*>(x), m, segs, k, out); });
 }
 

@@ -33,6 +33,11 @@
 // tmm6-7, so each B load feeds two multiplies; a group's C tiles are stored and read back by the epilogue only after
 // the next group's multiplies are issued (software pipelining). The fp32 sums of the two weight blocks x 16
 // activation rows wait in a per-thread buffer until the last K chunk, then are transposed and written to out[m][n].
+//
+// Weights: the loop is a template on the weight side (QuantCodes: llama_fast's int4 / int8 QuantWeight; GgmlCodes:
+// ggml block segments, kquant::gemm's Q8_0 / Q4_K / Q5_K / Q5_0 / Q5_1, whose weights are also code * scale +
+// offset per group of 32 with codes exact in bf16 and scale / offset exact in fp32), which unpacks 16 rows x a K
+// chunk of codes to bf16 tiles and gives each row's fp32 scale / offset per group; everything else is shared.
 #include "cpu/gemm_amx_quant.h"
 
 #include <algorithm>
@@ -57,6 +62,22 @@ bool amx_quant_supports(const QuantWeight& w) {
 
 bool amx_quant_available(const QuantWeight& w) {
   return isa() >= Isa::kAvx512Bf16 && amx_bf16_available() && amx_quant_supports(w);
+}
+
+bool amx_kquant_supports(ggml::BlockType t) {
+  using ggml::BlockType;
+  return t == BlockType::kQ8_0 || t == BlockType::kQ4K || t == BlockType::kQ5K || t == BlockType::kQ5_0 ||
+         t == BlockType::kQ5_1;
+}
+
+bool amx_kquant_supports(const std::vector<kquant::Segment>& segs, int64_t k) {
+  return !segs.empty() && k > 0 && std::all_of(segs.begin(), segs.end(), [k](const kquant::Segment& s) {
+    return amx_kquant_supports(s.type) && k % ggml::block_weights(s.type) == 0;
+  });
+}
+
+bool amx_kquant_available(const std::vector<kquant::Segment>& segs, int64_t k) {
+  return isa() >= Isa::kAvx512Bf16 && amx_bf16_available() && amx_kquant_supports(segs, k);
 }
 
 #ifdef LF_AMX
@@ -220,44 +241,6 @@ bool pack_activation_block(const T* x, int64_t m, int64_t k, int64_t group_size,
   return true;
 }
 
-// The codes of weight rows [n0, n0 + 16) (zero past n) for K tiles [kt0, kt0 + count) as bf16 in K order:
-// dst[t][16 rows][32].
-void unpack_codes(const QuantWeight& w, int64_t n0, int64_t kt0, int64_t count, uint16_t* dst) {
-  // int4: bf16 of 0..15, indexed by vpermw with the low 5 bits of each word
-  const __m512i table =
-      _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120,
-                       0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0);
-  const int rows = static_cast<int>(std::clamp<int64_t>(w.n - n0, 0, kTileRows));
-  // The same bytes of the next pair of weight blocks (32 rows on), prefetched while these are unpacked: the weights
-  // stream from memory in decode, and the hardware prefetchers do not follow 32 rows read 256 bytes at a time. A
-  // prefetch past the weights is harmless (never faults).
-  const int64_t ahead = 2 * kTileRows * (w.bits == 4 ? w.k / 2 : w.k);
-  // tile by tile, so that the stores are consecutive (row by row they were 1 KiB apart: several times slower)
-  for (int64_t t = 0; t < count; ++t) {
-    uint16_t* d = dst + t * kTileWords;
-    for (int r = 0; r < rows; ++r) {
-      if (w.bits == 4) {
-        // byte j holds element 2j (low nibble) and 2j + 1 (high): one dword per byte, the codes in its two words
-        const uint8_t* src = static_cast<const uint8_t*>(w.q) + (n0 + r) * (w.k / 2) + (kt0 + t) * (kTileK / 2);
-        if (t % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(src + ahead), _MM_HINT_T0);
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-        const __m512i codes =
-            _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x000f000f), 0xa8);  // (a|b)&c
-        _mm512_storeu_si512(d + r * kTileK, _mm512_permutexvar_epi16(codes, table));
-      } else {
-        const int8_t* src = static_cast<const int8_t*>(w.q) + (n0 + r) * w.k + (kt0 + t) * kTileK;
-        if (t % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(src + ahead), _MM_HINT_T0);
-        const __m512 lo =
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
-        const __m512 hi =
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16))));
-        _mm512_storeu_si512(d + r * kTileK, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // exact
-      }
-    }
-    for (int r = rows; r < kTileRows; ++r) _mm512_storeu_si512(d + r * kTileK, _mm512_setzero_si512());  // past n
-  }
-}
-
 // Weight rows [n0, n0 + 32) x activation blocks [mb0, mb1) of out: the fp32 sums
 // acc[mb - mb0][2][16 weight rows][16 activation rows] transposed, plus the bias, rounded once to T.
 template <typename T>
@@ -295,7 +278,7 @@ void write_output(const float* acc, const T* bias, T* out, int64_t m, int64_t n,
 // The K elements per chunk of weights unpacked at once: whole groups, ~512 elements (2 x 16 rows x 512 bf16 =
 // 32 KiB, L1-resident while every block of activation rows runs against it); at most kScaleStride groups.
 constexpr int64_t kScaleStride = 16;
-int64_t k_chunk(const QuantWeight& w) { return std::max<int64_t>(1, 512 / w.group_size) * w.group_size; }
+int64_t k_chunk(int64_t group_size) { return std::max<int64_t>(1, 512 / group_size) * group_size; }
 static_assert(512 / 32 <= kScaleStride, "a chunk's groups fit one vector of scales");
 
 // Up to 16 consecutive scales / offsets from element i as fp32, as scale_at converts them (masked-off lanes zero).
@@ -308,6 +291,193 @@ inline __m512 load_scales(const void* p, ScaleType t, int64_t i, __mmask16 mask)
           _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i)), 16));
   }
 }
+
+// The weight side of the tile loop, one class per storage (the loop, gemm_amx_quant_t, is a template on it): every
+// weight row is integer codes exact in bf16 with an fp32 (scale, offset) per group of group_size() weights along
+// K, so that the row's dequantized weight is code * scale + offset. A class provides
+// - n(), k(), group_size() (a multiple of 32), has_offsets() (whether any row may have a non-zero offset);
+// - unpack(n0, kt0, count, dst): the codes of weight rows [n0, n0 + 16) (zero past n) for the K tiles
+//   [kt0, kt0 + count) as bf16 in K order, dst[t][16 rows][32], tile by tile (consecutive stores: row by row
+//   they were 1 KiB apart, several times slower);
+// - row_scales(row, g0, groups, scale, offset): the fp32 scales (and offsets, where has_offsets()) of groups
+//   [g0, g0 + groups) of row (< n), then zeros up to kScaleStride.
+
+// bf16 bit patterns of the integers first, first + 1, ..., first + 31 (exact: at most 8 significant bits), the
+// table vpermw indexes with the low 5 bits of each 16-bit code.
+inline __m512i bf16_integer_table(int first) {
+  alignas(64) uint16_t t[32];
+  for (int i = 0; i < 32; ++i) {
+    const float f = static_cast<float>(first + i);
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    t[i] = static_cast<uint16_t>(bits >> 16);
+  }
+  return _mm512_load_si512(t);
+}
+
+// 32 int8 codes as bf16 (through fp32: exact).
+inline void store_int8_codes(const int8_t* src, uint16_t* dst) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+  const __m512 hi =
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16))));
+  _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// llama_fast's QuantWeight: int4 (two codes per byte, element 2j in the low nibble) or int8 codes, scales / offsets
+// [n][groups] in w.scale_type.
+class QuantCodes {
+ public:
+  explicit QuantCodes(const QuantWeight& w) : w_(w), table_(bf16_integer_table(0)) {}
+  int64_t n() const { return w_.n; }
+  int64_t k() const { return w_.k; }
+  int64_t group_size() const { return w_.group_size; }
+  bool has_offsets() const { return w_.offset != nullptr; }
+
+  void unpack(int64_t n0, int64_t kt0, int64_t count, uint16_t* dst) const {
+    const int rows = static_cast<int>(std::clamp<int64_t>(w_.n - n0, 0, kTileRows));
+    // The same bytes of the next pair of weight blocks (32 rows on), prefetched while these are unpacked: the
+    // weights stream from memory in decode, and the hardware prefetchers do not follow 32 rows read 256 bytes at a
+    // time. A prefetch past the weights is harmless (never faults).
+    const int64_t ahead = 2 * kTileRows * (w_.bits == 4 ? w_.k / 2 : w_.k);
+    for (int64_t t = 0; t < count; ++t) {
+      uint16_t* d = dst + t * kTileWords;
+      for (int r = 0; r < rows; ++r) {
+        if (w_.bits == 4) {
+          // byte j holds element 2j (low nibble) and 2j + 1 (high): one dword per byte, the codes in its two words
+          const uint8_t* src = static_cast<const uint8_t*>(w_.q) + (n0 + r) * (w_.k / 2) + (kt0 + t) * (kTileK / 2);
+          if (t % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(src + ahead), _MM_HINT_T0);
+          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+          const __m512i codes = _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x000f000f),
+                                                          0xa8);  // (a | b) & c
+          _mm512_storeu_si512(d + r * kTileK, _mm512_permutexvar_epi16(codes, table_));
+        } else {
+          const int8_t* src = static_cast<const int8_t*>(w_.q) + (n0 + r) * w_.k + (kt0 + t) * kTileK;
+          if (t % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(src + ahead), _MM_HINT_T0);
+          store_int8_codes(src, d + r * kTileK);
+        }
+      }
+      for (int r = rows; r < kTileRows; ++r) _mm512_storeu_si512(d + r * kTileK, _mm512_setzero_si512());  // past n
+    }
+  }
+
+  void row_scales(int64_t row, int64_t g0, int64_t groups, float* scale, float* offset) const {
+    const int64_t all = w_.k / w_.group_size;
+    const auto mask = static_cast<__mmask16>((1u << groups) - 1u);
+    _mm512_storeu_ps(scale, load_scales(w_.scale, w_.scale_type, row * all + g0, mask));
+    if (w_.offset) _mm512_storeu_ps(offset, load_scales(w_.offset, w_.scale_type, row * all + g0, mask));
+  }
+
+ private:
+  const QuantWeight& w_;
+  __m512i table_;  // int4: bf16 of 0..15
+};
+
+// ggml blocks (kquant::Segment, the segments stacked along N) of the types amx_kquant_supports: groups of 32 along
+// K, each one block of Q8_0 / Q5_0 / Q5_1 or one sub-block pair of a Q4_K / Q5_K super-block, whose (scale,
+// offset) are ggml::sub_block_scale_with's, the reference dequantization's own fp32 numbers (d * sc, -(dmin * m):
+// products of an fp16 and a 6-bit integer, exact in fp32).
+class GgmlCodes {
+ public:
+  GgmlCodes(const std::vector<kquant::Segment>& segs, int64_t k)
+      : segs_(segs), k_(k), table_u_(bf16_integer_table(0)), table_q5_0_(bf16_integer_table(-16)) {
+    for (const kquant::Segment& s : segs_) n_ += s.rows, offsets_ |= ggml::has_offset(s.type);
+  }
+  int64_t n() const { return n_; }
+  int64_t k() const { return k_; }
+  static int64_t group_size() { return kTileK; }
+  bool has_offsets() const { return offsets_; }
+
+  void unpack(int64_t n0, int64_t kt0, int64_t count, uint16_t* dst) const {
+    const int rows = static_cast<int>(std::clamp<int64_t>(n_ - n0, 0, kTileRows));
+    ggml::BlockType type[kTileRows];
+    const uint8_t* row[kTileRows];
+    for (int r = 0; r < rows; ++r) locate(n0 + r, &type[r], &row[r]);
+    for (int64_t t = 0; t < count; ++t) {
+      uint16_t* d = dst + t * kTileWords;
+      for (int r = 0; r < rows; ++r) unpack_group(type[r], row[r], kt0 + t, d + r * kTileK);
+      for (int r = rows; r < kTileRows; ++r) _mm512_storeu_si512(d + r * kTileK, _mm512_setzero_si512());  // past n
+    }
+  }
+
+  void row_scales(int64_t row, int64_t g0, int64_t groups, float* scale, float* offset) const {
+    ggml::BlockType t;
+    const uint8_t* blocks;
+    locate(row, &t, &blocks);
+    const int bw = ggml::block_weights(t), bb = ggml::block_bytes(t);
+    for (int64_t g = 0; g < kScaleStride; ++g) {
+      float s = 0.f, o = 0.f;
+      if (g < groups) {
+        const int64_t e = (g0 + g) * kTileK;  // the group's first weight in the row
+        // sub_block_scale_with counts sub-blocks of 16: the group's first
+        ggml::sub_block_scale_with(t, blocks + e / bw * bb, static_cast<int>(e % bw / ggml::kSubBlock), &s, &o,
+                                   [](const uint8_t* p) {
+                                     uint16_t h;
+                                     std::memcpy(&h, p, 2);
+                                     return _cvtsh_ss(h);
+                                   });
+        if (!ggml::has_offset(t)) o = 0.f;  // -0.0 there: +0 adds the same
+      }
+      scale[g] = s;
+      if (offsets_) offset[g] = o;
+    }
+  }
+
+ private:
+  // The segment type and first block of weight row `row` (< n).
+  void locate(int64_t row, ggml::BlockType* t, const uint8_t** blocks) const {
+    for (const kquant::Segment& s : segs_) {
+      if (row < s.rows) {
+        *t = s.type;
+        *blocks = s.blocks + row * kquant::row_bytes(s.type, k_);
+        return;
+      }
+      row -= s.rows;
+    }
+  }
+
+  // The 32 codes of group g (weights [32 g, 32 g + 32)) of a row at `blocks` as bf16 at dst.
+  void unpack_group(ggml::BlockType t, const uint8_t* blocks, int64_t g, uint16_t* dst) const {
+    using ggml::BlockType;
+    switch (t) {
+      case BlockType::kQ8_0:  // d, then the 32 int8 codes in order
+        return store_int8_codes(reinterpret_cast<const int8_t*>(blocks + g * 34 + 2), dst);
+      case BlockType::kQ4K:
+      case BlockType::kQ5K: {
+        // per 64-weight chunk c of the super-block, 32 qs bytes: low nibbles weights 0..31, high ones 32..63; Q5_K's
+        // 5th bit of the super-block's group j (0..7) is bit j of qh[l]
+        const uint8_t* b = blocks + g / 8 * ggml::block_bytes(t);
+        const int j = static_cast<int>(g % 8);
+        const uint8_t* qs = b + (t == BlockType::kQ4K ? 16 : 48) + 32 * (j / 2);
+        __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs)));
+        codes = _mm512_and_si512(_mm512_srli_epi16(codes, 4 * (j % 2)), _mm512_set1_epi16(0x0f));
+        if (t == BlockType::kQ5K) {
+          const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+          const __mmask32 high = _mm256_test_epi8_mask(qh, _mm256_set1_epi8(static_cast<char>(1 << j)));
+          codes = _mm512_mask_add_epi16(codes, high, codes, _mm512_set1_epi16(16));  // codes < 16: + is |
+        }
+        return _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(codes, table_u_));
+      }
+      default: {  // Q5_0 / Q5_1: [d (, m)], qh (bit e: weight e's 5th bit), qs[16]: low nibbles weights 0..15, high
+                  // 16..31; Q5_0's code is q - 16
+        const int start = t == BlockType::kQ5_0 ? 2 : 4;
+        const uint8_t* b = blocks + g * ggml::block_bytes(t);
+        const __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + start + 4)));
+        __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, _mm256_set1_epi16(0x0f))),
+                                           _mm256_srli_epi16(q, 4), 1);
+        uint32_t qh;
+        std::memcpy(&qh, b + start, 4);
+        codes = _mm512_mask_add_epi16(codes, static_cast<__mmask32>(qh), codes, _mm512_set1_epi16(16));
+        return _mm512_storeu_si512(dst,
+                                   _mm512_permutexvar_epi16(codes, t == BlockType::kQ5_0 ? table_q5_0_ : table_u_));
+      }
+    }
+  }
+
+  const std::vector<kquant::Segment>& segs_;
+  int64_t k_, n_ = 0;
+  bool offsets_ = false;
+  __m512i table_u_, table_q5_0_;  // bf16 of 0..31 and of -16..15
+};
 
 // What one group's step needs: a chunk of unpacked weight codes, a 16-row block of packed activations, the chunk's
 // scales / offsets, the block's sums and row scalings, and its fp32 accumulators.
@@ -367,9 +537,10 @@ inline void group_epilogue(const GroupArgs& ga, int64_t g, const float (*c)[kTil
   }
 }
 
-template <typename T>
-bool gemm_amx_quant_t(const T* x, const QuantWeight& w, const T* bias, T* out, int64_t m) {
-  const int64_t k = w.k, n = w.n, gs = w.group_size;
+// x: fp32 or bf16 (T); bias / out: To; Weights: QuantCodes or GgmlCodes.
+template <typename T, typename To, typename Weights>
+bool gemm_amx_quant_t(const T* x, const Weights& w, const To* bias, To* out, int64_t m) {
+  const int64_t k = w.k(), n = w.n(), gs = w.group_size();
   const int64_t ktiles = k / kTileK, groups = k / gs, tiles_per_group = gs / kTileK;
   const int64_t mblocks = (m + kTileRows - 1) / kTileRows, npairs = (n + 2 * kTileRows - 1) / (2 * kTileRows);
   const int digits = std::is_same_v<T, float> ? 3 : 1;
@@ -389,7 +560,7 @@ bool gemm_amx_quant_t(const T* x, const QuantWeight& w, const T* bias, T* out, i
   for (int64_t mb = 0; mb < mblocks; ++mb)
     if (p.invalid[mb]) return false;
 
-  const int64_t kc = std::min(k, k_chunk(w)), per_thread = (npairs + num_threads() - 1) / num_threads();
+  const int64_t kc = std::min(k, k_chunk(gs)), per_thread = (npairs + num_threads() - 1) / num_threads();
   // Passes over the weights, each for as many 16-row activation blocks as fit half of L2: every pair of weight blocks
   // re-reads the pass's packed activations (digits x 2 bytes per element), which must not come from L3 or memory.
   const int64_t l2 = tuning().l2_bytes > 0 ? tuning().l2_bytes : (1 << 20);
@@ -410,15 +581,16 @@ bool gemm_amx_quant_t(const T* x, const QuantWeight& w, const T* bias, T* out, i
         for (int64_t k0 = 0; k0 < k; k0 += kc) {
           const int64_t len = std::min(kc, k - k0), kt0 = k0 / kTileK, count = len / kTileK, g0 = k0 / gs;
           const int64_t chunk_groups = len / gs;
-          for (int j = 0; j < 2; ++j)
-            unpack_codes(w, n0 + j * kTileRows, kt0, count, codes.data() + j * count * kTileWords);
+          for (int j = 0; j < 2; ++j) w.unpack(n0 + j * kTileRows, kt0, count, codes.data() + j * count * kTileWords);
           for (int r = 0; r < 2 * kTileRows; ++r) {
-            const int64_t row = n0 + r;
-            const __mmask16 mask = row < n ? static_cast<__mmask16>((1u << chunk_groups) - 1u) : 0;
-            _mm512_storeu_ps(scales + r * kScaleStride, load_scales(w.scale, w.scale_type, row * groups + g0, mask));
-            if (w.offset)
-              _mm512_storeu_ps(offsets + r * kScaleStride,
-                               load_scales(w.offset, w.scale_type, row * groups + g0, mask));
+            float* sr = scales + r * kScaleStride;
+            float* orow = offsets + r * kScaleStride;
+            if (n0 + r < n) {
+              w.row_scales(n0 + r, g0, chunk_groups, sr, orow);
+            } else {  // past n: zero
+              std::fill(sr, sr + kScaleStride, 0.f);
+              std::fill(orow, orow + kScaleStride, 0.f);
+            }
           }
           for (int64_t mb = mb0; mb < mb1; ++mb) {
             const GroupArgs ga{codes.data(),
@@ -427,7 +599,7 @@ bool gemm_amx_quant_t(const T* x, const QuantWeight& w, const T* bias, T* out, i
                                tiles_per_group,
                                digits,
                                scales,
-                               w.offset ? offsets : nullptr,
+                               w.has_offsets() ? offsets : nullptr,
                                p.sums + (mb * groups + g0) * kTileRows,
                                p.scaled[mb] ? p.unscale + mb * kTileRows : nullptr,
                                acc.data() + (mb - mb0) * 2 * kTileDwords};
@@ -456,11 +628,21 @@ bool gemm_amx_quant_t(const T* x, const QuantWeight& w, const T* bias, T* out, i
 bool gemm_amx_quant(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m) {
   if (!amx_quant_supports(w)) return false;
   if (m <= 0 || w.n <= 0) return true;
+  const QuantCodes codes(w);
   if (bf16)
-    return gemm_amx_quant_t(static_cast<const uint16_t*>(x), w, static_cast<const uint16_t*>(bias),
+    return gemm_amx_quant_t(static_cast<const uint16_t*>(x), codes, static_cast<const uint16_t*>(bias),
                             static_cast<uint16_t*>(out), m);
-  return gemm_amx_quant_t(static_cast<const float*>(x), w, static_cast<const float*>(bias), static_cast<float*>(out),
-                          m);
+  return gemm_amx_quant_t(static_cast<const float*>(x), codes, static_cast<const float*>(bias),
+                          static_cast<float*>(out), m);
+}
+
+bool gemm_amx_kquant(bool bf16, const void* x, int64_t m, const std::vector<kquant::Segment>& segs, int64_t k,
+                     float* out) {
+  if (!amx_kquant_supports(segs, k)) return false;
+  const GgmlCodes codes(segs, k);
+  if (m <= 0 || codes.n() <= 0) return true;
+  if (bf16) return gemm_amx_quant_t(static_cast<const uint16_t*>(x), codes, static_cast<const float*>(nullptr), out, m);
+  return gemm_amx_quant_t(static_cast<const float*>(x), codes, static_cast<const float*>(nullptr), out, m);
 }
 
 #pragma GCC diagnostic pop
@@ -469,6 +651,7 @@ bool gemm_amx_quant(bool bf16, const void* x, const QuantWeight& w, const void* 
 #else  // not x86-64 Linux: never called (amx_bf16_available() is false)
 
 bool gemm_amx_quant(bool, const void*, const QuantWeight&, const void*, void*, int64_t) { return false; }
+bool gemm_amx_kquant(bool, const void*, int64_t, const std::vector<kquant::Segment>&, int64_t, float*) { return false; }
 
 #endif
 

@@ -1,10 +1,14 @@
 // The int4 / int8 weight-only quantized GEMM on Intel AMX (gemm_amx_quant.cpp): used by quant_linear
 // (quant_linear.cpp) from cpu::amx_quant_from_rows() activation rows and by gemm_quant (gemm.cpp) where the CPU has
-// AMX-BF16 (amx_bf16_available(), cpu/gemm_amx.h) and the top ISA level is in effect.
+// AMX-BF16 (amx_bf16_available(), cpu/gemm_amx.h) and the top ISA level is in effect; and on ggml blocks by
+// kquant::gemm (gemm.cpp), which kquant::linear calls from cpu::amx_kquant_from_rows rows.
 #pragma once
 #include <cstdint>
+#include <vector>
 
+#include "common/ggml_blocks.h"
 #include "cpu/kernels.h"
+#include "cpu/kquant_linear.h"
 
 namespace llama_fast {
 namespace cpu {
@@ -23,6 +27,19 @@ bool amx_quant_available(const QuantWeight& w);
 // Returns false, with nothing written, when w's format is not supported or x holds inf / NaN (the digit split
 // cannot carry them: inf - inf); the caller then takes another path. Requires amx_bf16_available().
 bool gemm_amx_quant(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m);
+
+// The same GEMM on ggml blocks (kquant::gemm, gemm.cpp): the types whose weights are code * scale + offset per
+// group of 32 along K, Q8_0, Q4_K, Q5_K, Q5_0, Q5_1 (Q6_K, Q2_K and Q3_K have a scale per 16 weights: not taken).
+bool amx_kquant_supports(ggml::BlockType t);
+// Every segment's type supported (and K a multiple of its block).
+bool amx_kquant_supports(const std::vector<kquant::Segment>& segs, int64_t k);
+// Supported, AMX-BF16 usable and the top ISA level in effect, as amx_quant_available.
+bool amx_kquant_available(const std::vector<kquant::Segment>& segs, int64_t k);
+// out[m, N] (fp32, row stride N) = x[m, K] @ W^T over the segments (stacked along N), x fp32 or bf16 (bf16 = true),
+// exact in the activations as gemm_amx_quant. Returns false, with nothing written, when a segment's type is not
+// supported or x holds inf / NaN. Requires amx_bf16_available().
+bool gemm_amx_kquant(bool bf16, const void* x, int64_t m, const std::vector<kquant::Segment>& segs, int64_t k,
+                     float* out);
 
 }  // namespace cpu
 }  // namespace llama_fast

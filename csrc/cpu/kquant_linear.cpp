@@ -36,6 +36,8 @@
 #include "common/ggml_blocks.h"
 #include "common/half_float.h"
 #include "cpu/cpu_features.h"
+#include "cpu/gemm_amx.h"
+#include "cpu/gemm_amx_quant.h"
 #include "cpu/kernels.h"
 #include "cpu/kquant_linear.h"
 #include "cpu/quant_linear_vnni.h"
@@ -603,6 +605,10 @@ void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& seg
   for (const Segment& s : segs) n += s.rows;
   // enough rows that dequantizing each weight once and multiplying in the GEMM's register tile wins (tuning.h)
   if (m >= gemm_from_rows(segs) && gemm_available(segs)) return gemm(bf16, x, m, segs, k, out);
+  // from fewer rows where the AMX GEMM takes every segment (gemm() then runs it: tuning.h)
+  const bool super_blocks =
+      std::any_of(segs.begin(), segs.end(), [](const Segment& s) { return ggml::block_weights(s.type) == 256; });
+  if (m >= amx_kquant_from_rows(super_blocks) && amx_kquant_available(segs, k)) return gemm(bf16, x, m, segs, k, out);
   if (has_vnni() && linear_vnni(bf16, x, m, segs, k, out, n)) return;
   // No AVX512-VNNI: the same arithmetic on 256-bit vectors (kquant_linear_avx2.cpp)
   if (vnni256::kquant_supports(segs) && vnni256::kquant_linear(bf16, x, m, segs, k, out, n)) return;
@@ -629,9 +635,10 @@ namespace {
 // the same kernel (kquant::linear, which picks GEMV or GEMM by the rows).
 constexpr int64_t kMaxGemvRows = cpu::kMaxGemvRows, kMaxVnniRows = 1024;
 
-at::Tensor kquant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types,
-                         const std::optional<at::Tensor>& bias) {
-  const char* op = "kquant_linear";
+// The op, or (amx_only) its test hook: [fp32 out [m, N]] from the AMX GEMM, [] where that does not run.
+std::vector<at::Tensor> kquant_linear_impl(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types,
+                                           const std::optional<at::Tensor>& bias, bool amx_only) {
+  const char* op = amx_only ? "cpu_kquant_linear_amx" : "kquant_linear";
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
               ": x must be float32 or bfloat16, got ", x.scalar_type());
@@ -657,6 +664,17 @@ at::Tensor kquant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArra
   if (bias.has_value())
     TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == n, op, ": bias must be a CPU [", n,
                 "] tensor, got ", bias->sizes());
+  if (amx_only) {  // the test hook's path: the AMX GEMM or nothing
+    std::vector<at::Tensor> result;
+    if (!cpu::amx_bf16_available() || !cpu::amx_kquant_supports(segs, k)) return result;
+    const int64_t m = x.numel() / k;
+    const auto xc = x.contiguous();
+    auto out = at::empty({m, n}, x.options().dtype(at::kFloat));
+    if (!cpu::gemm_amx_kquant(x.scalar_type() == at::kBFloat16, xc.data_ptr(), m, segs, k, out.data_ptr<float>()))
+      return result;
+    result.push_back(out);
+    return result;
+  }
   auto sizes = x.sizes().vec();
   sizes.back() = n;
   const int64_t m = x.numel() / k;
@@ -686,7 +704,19 @@ at::Tensor kquant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArra
     }
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat));
-  return out.to(x.scalar_type()).reshape(sizes);
+  return {out.to(x.scalar_type()).reshape(sizes)};
+}
+
+at::Tensor kquant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types,
+                         const std::optional<at::Tensor>& bias) {
+  return kquant_linear_impl(x, blocks, types, bias, false)[0];
+}
+
+// Test hook: kquant_linear on the AMX GEMM (gemm_amx_quant.cpp) whatever the row count and ISA level: [fp32 out of
+// x flattened to [m, K]], or [] where it does not run (no AMX, LLAMA_FAST_AMX=0, a block type it does not take, x
+// holding inf / NaN): so that tests know that they reach the kernel itself.
+std::vector<at::Tensor> cpu_kquant_linear_amx(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types) {
+  return kquant_linear_impl(x, blocks, types, std::nullopt, true);
 }
 
 // The dequantized weight (the kernels' own decoding), for tests: fp32 [N, K].
@@ -711,11 +741,14 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
   // x @ W^T (+ bias) for W stacked from row segments of ggml block types (llama_fast.kquants.TYPE_IDS).
   m.def("kquant_linear(Tensor x, Tensor[] blocks, int[] types, Tensor? bias) -> Tensor");
   m.def("kquant_dequantize(Tensor blocks, int type, int k) -> Tensor");
+  // kquant_linear forced onto the AMX GEMM (tests): [out], or [] where that kernel does not run.
+  m.def("cpu_kquant_linear_amx(Tensor x, Tensor[] blocks, int[] types) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {
   m.impl("kquant_linear", &kquant_linear);
   m.impl("kquant_dequantize", &kquant_dequantize);
+  m.impl("cpu_kquant_linear_amx", &cpu_kquant_linear_amx);
 }
 
 }  // namespace llama_fast

@@ -25,7 +25,9 @@ void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& seg
 // The prefill GEMM of gemm.cpp on ggml blocks: out[m, N] (fp32, row stride N) = x[m, K] @ W^T, each weight row
 // dequantized exactly (as dequantize_rows) once per call into the GEMM's fp32 tiles and multiplied with all m
 // rows in fp32. For the types gemm_supports; on ISAs with a vector GEMM (cpu::prefill_gemm_available()).
-// linear() calls it from the row count where it beats the GEMV (cpu::tuning().kquant_gemm_rows).
+// linear() calls it from the row count where it beats the GEMV (cpu::tuning().kquant_gemm_rows). Segment lists of
+// Q8_0 / Q4_K / Q5_K / Q5_0 / Q5_1 only run on the AMX GEMM instead where it is usable (gemm_amx_quant.h; linear()
+// then calls it from cpu::amx_kquant_from_rows rows).
 void gemm(bool bf16, const void* x, int64_t m, const std::vector<Segment>& segs, int64_t k, float* out);
 bool gemm_supports(ggml::BlockType t);
 // Whether linear() may hand these segments to gemm(): every type supported, and a vector GEMM in this ISA.

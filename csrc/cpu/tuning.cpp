@@ -145,6 +145,18 @@ int64_t amx_quant_from_rows(bool bf16_activations) {
   return bf16_activations ? 10 : 8;
 }
 
+int64_t amx_kquant_from_rows(bool super_blocks) {
+  static const int64_t env = rows_from_env("LLAMA_FAST_AMX_KQUANT_ROWS");
+  if (env > 0) return env;
+  // Measured against the old paths (VNNI GEMV, from 16 / 48 rows the fp32 GEMM on dequantized tiles), 1 thread, CPU
+  // time, the Intel Xeon KVM guest above, random blocks cycled from memory (benchmarks/bench_amx_kquant.py), G
+  // multiply-adds/s old -> AMX, fp32 / bf16 activations: Q8_0 576 x 1536 and 1536 x 576 at 12 rows 22-23 -> 23-24 /
+  // 36-38 -> 24-26, at 16 rows 26-27 -> 30-31 / 26-27 -> 32-34; Q4_K 2048 x 2048 at 16 rows 38 -> 32 / 52 -> 33, at
+  // 32 rows 31 -> 53 / 50 -> 55. The tile path costs about the same for 1 to 16 rows (one activation block), so a
+  // second block (17 rows on) halves its rate until it fills: Q4_K's faster GEMV keeps up to 32.
+  return super_blocks ? 32 : 16;
+}
+
 int64_t amx_bf16_from_rows() {
   static const int64_t env = rows_from_env("LLAMA_FAST_AMX_BF16_ROWS");
   return env > 0 ? env : kAmxBf16FromRows;

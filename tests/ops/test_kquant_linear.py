@@ -217,3 +217,134 @@ def test_kquant_linear_gemm_dequantizes_exactly(backend, kind):
     w = kquants.KQuantWeight.single(kind, random_blocks(kind, 19, k, seed=7), k)
     out = ops.kquant_linear(torch.eye(k), w, backend=name)
     assert torch.equal(out, w.dequantize(torch.float32).t())
+
+
+# The AMX GEMM (csrc/cpu/gemm_amx_quant.cpp, GgmlCodes) for the block types whose weight is code * scale + offset per
+# group of 32: kquant::gemm runs it at the top ISA level where the CPU has AMX-BF16, and kquant::linear hands
+# kquant::gemm every row count from cpu::amx_kquant_from_rows. Through the op (the backend fixture runs each case at
+# every ISA level this CPU has: below the top one the VNNI / fp32 GEMM paths, so the old path stays tested on AMX
+# machines and the only one on others) and through the test hook cpu_kquant_linear_amx (the kernel whatever the
+# rows and level; skipped where it does not run).
+AMX_TYPES = ("Q8_0", "Q4_K", "Q5_K", "Q5_0", "Q5_1")
+
+
+def _amx(x, w):
+    """The AMX GEMM's fp32 output, or None where it does not run (no AMX, LLAMA_FAST_AMX=0, a type it does not
+    take, inf / NaN in x)."""
+    out = torch.ops.llama_fast.cpu_kquant_linear_amx(x, [s.blocks for s in w.segments],
+                                                     [kquants.TYPE_IDS[s.kind] for s in w.segments])
+    return out[0] if out else None
+
+
+def _amx_runs() -> bool:
+    try:
+        from llama_fast.ops import cpu  # noqa: F401  (loads the extension)
+        w = kquants.KQuantWeight.single("Q8_0", random_blocks("Q8_0", 1, 32, seed=0), 32)
+        return _amx(torch.ones(1, 32), w) is not None
+    except (ImportError, RuntimeError, AttributeError):
+        return False
+
+
+needs_amx = pytest.mark.skipif(not _amx_runs(), reason="the AMX GEMM does not run here (no AMX-BF16, no tile "
+                               "permission from the OS, or LLAMA_FAST_AMX=0); the op-level tests cover the other paths")
+
+
+@pytest.fixture(params=[1, 2], ids=lambda t: f"{t}thread")
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _weight(kind: str, n: int, k: int, seed: int) -> kquants.KQuantWeight:
+    return kquants.KQuantWeight.single(kind, random_blocks(kind, n, k, seed=seed), k)
+
+
+@needs_amx
+@pytest.mark.parametrize("kind", AMX_TYPES)
+@pytest.mark.parametrize("m", [1, 16, 33, 70, 129])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_kquant_kernel_matches_reference(threads, kind, m, dtype, matches_reference):
+    """The kernel itself: N = 83 (a partial 16-row weight block and a partial pair), K = 1280 (five super-blocks,
+    40 groups of 32: chunks of 512 and a partial one)."""
+    k = 1280
+    w = _weight(kind, 83, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    out = _amx(x, w)
+    assert out is not None and out.dtype == torch.float32 and out.shape == (m, 83)
+    want = x.double() @ w.dequantize(torch.float64).t()
+    # the op's output is fp32 for either x dtype (x bf16 is exact in fp32): PyTorch's own error in fp32
+    low = torch.nn.functional.linear(x.float(), w.dequantize(torch.float32))
+    matches_reference(out, want.float(), low)
+
+
+@needs_amx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_kquant_fused_mixed_segments(threads, dtype, matches_reference):
+    """A fused weight of every supported type (as SmolLM2's q/k/v in one linear), segment boundaries inside 16-row
+    weight blocks, m = 70."""
+    k = 512
+    w = kquants.concat_rows([_weight(kind, rows, k, seed=rows) for kind, rows in
+                             (("Q4_K", 21), ("Q8_0", 9), ("Q5_K", 5), ("Q5_0", 17), ("Q5_1", 3), ("Q4_K", 13))])
+    x = torch.randn(70, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out = _amx(x, w)
+    assert out is not None
+    want = x.double() @ w.dequantize(torch.float64).t()
+    matches_reference(out, want.float(), torch.nn.functional.linear(x.float(), w.dequantize(torch.float32)))
+
+
+@needs_amx
+def test_amx_kquant_declines_unsupported_types_and_nan():
+    """Q6_K / Q2_K / Q3_K (a scale per 16 weights) anywhere in the segments, or inf / NaN in x: the kernel declines
+    (the op then takes the fp32 GEMM)."""
+    k = 256
+    q4 = _weight("Q4_K", 16, k, seed=1)
+    for kind in ("Q6_K", "Q2_K", "Q3_K"):
+        assert _amx(torch.ones(16, k), kquants.concat_rows([q4, _weight(kind, 4, k, seed=2)])) is None
+    x = torch.randn(20, k)
+    for bad in (float("nan"), float("inf")):
+        x[17, 3] = bad
+        assert _amx(x, q4) is None
+
+
+@pytest.mark.parametrize("kind", AMX_TYPES)
+@pytest.mark.parametrize("m", [8, 16, 33, 129])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kquant_linear_amx_rows_match_reference(backend, kind, m, dtype, matches_reference):
+    """Through the op at every ISA level, at row counts from the AMX crossover (cpu::amx_kquant_from_rows) to
+    prefill: the AMX GEMM at the top level on an AMX CPU, the VNNI GEMV / fp32 GEMM below. A bias on odd m."""
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CUDA backend has no kquant_linear yet")
+    k = 768 if kquants.BLOCKS[kind][0] == 256 else 576
+    w = _weight(kind, 45, k, seed=m)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(45, generator=g).to(dtype) if m % 2 else None
+    out = ops.kquant_linear(x, w, bias, backend=name)
+    assert out.dtype == dtype and out.shape == (m, 45)
+    want = x.double() @ w.dequantize(torch.float64).t() + (0 if bias is None else bias.double())
+    low = torch.nn.functional.linear(x, w.dequantize(dtype), bias)
+    matches_reference(out, want.float(), low)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kquant_linear_amx_rows_propagate_inf_and_nan(backend, dtype, matches_reference):
+    """inf / NaN in a prefill-sized x: the AMX GEMM declines, the fp32 GEMM propagates them as the reference does."""
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CUDA backend has no kquant_linear yet")
+    k = 256
+    w = kquants.concat_rows([_weight("Q4_K", 20, k, seed=3), _weight("Q8_0", 12, k, seed=4)])
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(2))
+    x[5, 7] = float("nan")
+    x[30, 9] = float("inf")
+    x = x.to(dtype)
+    want = x.double() @ w.dequantize(torch.float64).t()
+    out = ops.kquant_linear(x, w, backend=name)
+    assert torch.equal(torch.isnan(out), torch.isnan(want)) and torch.equal(torch.isinf(out), torch.isinf(want))
+    assert torch.equal(out[torch.isinf(want)].double(), want[torch.isinf(want)])  # the same signs
+    rows = [r for r in range(40) if r not in (5, 30)]  # every other row finite, against the reference
+    low = torch.nn.functional.linear(x[rows], w.dequantize(dtype))
+    matches_reference(out[rows], want[rows].float(), low)
