@@ -136,6 +136,11 @@ class AtenOnThisThreadOnly {
 // whole-tensor call: the kernel computes every (batch, head, query block) independently, with query / key
 // block sizes that depend on T and D only (tests/ops/test_attention_long.py checks the equality).
 at::Tensor aten_causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  if (at::get_num_threads() == 1)  // ATen runs inline anyway: one call, not B x Hq smaller ones (call overhead)
+    return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0, true,
+                                            scale, /*enable_gqa=*/true)
+        .transpose(1, 2)
+        .contiguous();
   const int64_t b = q.size(0), t = q.size(1), hq = q.size(2), d = q.size(3);
   const int64_t group = hq / k.size(2);  // query heads per kv head
   auto out = at::empty({b, t, hq, d}, q.options());
