@@ -4,6 +4,8 @@
 // docs/KERNELS.md).
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <omp.h>
 #include <torch/all.h>
 #include <torch/library.h>
 
@@ -111,6 +113,57 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at
 // ---- attention ---------------------------------------------------------------------------------------------
 constexpr int64_t kDelegatePrefillFrom = 128;  // queries
 
+// Makes ATen code on the calling thread run on that thread only, with no OpenMP team: at::parallel_for runs
+// inline when at::get_num_threads() == 1, which with ATen's OpenMP backend is omp_get_max_threads(), a
+// per-thread setting (ICV) in libgomp. at::get_num_threads() is called first because ATen applies
+// torch.set_num_threads to a thread's ICV lazily, on that thread's first call there, which would undo ours.
+class AtenOnThisThreadOnly {
+ public:
+  AtenOnThisThreadOnly() : previous_(at::get_num_threads()) { omp_set_num_threads(1); }
+  ~AtenOnThisThreadOnly() { omp_set_num_threads(previous_); }
+  AtenOnThisThreadOnly(const AtenOnThisThreadOnly&) = delete;
+  AtenOnThisThreadOnly& operator=(const AtenOnThisThreadOnly&) = delete;
+
+ private:
+  int previous_;
+};
+
+// Causal attention of q [B, T, Hq, D] over k / v [B, T, Hkv, D] (bf16, every key valid) by ATen's
+// flash-attention CPU kernel, one (batch, query head) slice at a time on our thread pool. Why not one call over
+// the whole tensors: ATen would fork its OpenMP team, whose threads then spin for milliseconds after the call
+// (libgomp's GOMP_SPINCOUNT) on the cores that our pool needs for the next linear; nothing outside the process
+// can turn that off once torch is imported. Splitting by (batch, head) keeps the result bit-identical to the
+// whole-tensor call: the kernel computes every (batch, head, query block) independently, with query / key
+// block sizes that depend on T and D only (tests/ops/test_attention_long.py checks the equality).
+at::Tensor aten_causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  if (at::get_num_threads() == 1)  // ATen runs inline anyway: one call, not B x Hq smaller ones (call overhead)
+    return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0, true,
+                                            scale, /*enable_gqa=*/true)
+        .transpose(1, 2)
+        .contiguous();
+  const int64_t b = q.size(0), t = q.size(1), hq = q.size(2), d = q.size(3);
+  const int64_t group = hq / k.size(2);  // query heads per kv head
+  auto out = at::empty({b, t, hq, d}, q.options());
+  // The pool's helper threads start with default thread-local state (grad mode, inference mode, dispatch
+  // keys); they take the caller's, as ATen's own thread pool does, so that e.g. writing into `out` made under
+  // torch.inference_mode is allowed there too.
+  const at::ThreadLocalState caller_state;
+  const auto head = [](const at::Tensor& x, int64_t batch, int64_t h) {  // [1, 1, T, D] view
+    return x.narrow(0, batch, 1).narrow(2, h, 1).transpose(1, 2);
+  };
+  cpu::parallel_for(b * hq, 1, [&](int64_t s0, int64_t s1) {
+    at::ThreadLocalStateGuard state(caller_state);
+    AtenOnThisThreadOnly single;
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t batch = s / hq, h = s % hq, kv_head = h / group;
+      const auto slice = at::scaled_dot_product_attention(head(q, batch, h), head(k, batch, kv_head),
+                                                          head(v, batch, kv_head), {}, 0.0, true, scale);
+      head(out, batch, h).copy_(slice);
+    }
+  });
+  return out;
+}
+
 // Whether a cache of type `kv` (k / v [B, S, Hkv, D]) is int8, checking that its scales come with it and only then:
 // fp32 [B, S, Hkv] each, with the same strides.
 bool check_cache_scales(cpu::KvType kv, const std::optional<at::Tensor>& k_scale,
@@ -172,11 +225,7 @@ at::Tensor attention_any_cache(const at::Tensor& q, const at::Tensor& k, const a
     // buffer). Everything else is ours.
     bool full = true;
     if (lens.defined()) full = lens.min().item<int>() == tk;
-    if (full)
-      return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0, true,
-                                              scale, /*enable_gqa=*/true)
-          .transpose(1, 2)
-          .contiguous();
+    if (full) return aten_causal_prefill(q, k, v, scale);
   }
   auto out = at::empty({b, tq, hq, d}, q.options());
   if (out.numel() == 0) return out;
