@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 
@@ -28,6 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from _old_vs_amx import best_of_rounds, gmacs_table, median_times  # noqa: E402
 
 ROWS = (1, 4, 8, 12, 16, 32, 128, 512)
 # (type, K, N): Q8_0 at SmolLM2's MLP up / down shapes, Q4_K at a square 2048 (576 is no multiple of 256)
@@ -49,19 +49,10 @@ def worker(args) -> dict:
         copy_bytes = n * kquants.row_bytes(kind, k)
         copies = max(2, int(args.cycle_mib * 2**20 / copy_bytes) + 1)
         weights = [kquants.KQuantWeight.single(kind, random_blocks(kind, n, k, seed=i), k) for i in range(copies)]
-        turn = 0
-        for dtype in DTYPES:
-            for m in ROWS:
-                x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(getattr(torch, dtype))
-                samples = []
-                for i in range(args.repeat + 2):  # 2 warm-up calls (scratch buffers), then the timed ones
-                    w = weights[turn % len(weights)]
-                    turn += 1
-                    t0 = time.process_time()
-                    cpu.kquant_linear(x, w)
-                    if i >= 2:
-                        samples.append(time.process_time() - t0)
-                out[f"{kind}/{k}x{n}/{dtype}/{m}"] = statistics.median(samples)
+        calls = [lambda x, w=w: cpu.kquant_linear(x, w) for w in weights]
+        times = median_times(calls, lambda m, k=k: torch.randn(m, k, generator=torch.Generator().manual_seed(m)),
+                             ROWS, DTYPES, args.repeat, clock=time.process_time)
+        out.update({f"{kind}/{k}x{n}/{case}": t for case, t in times.items()})
     return out
 
 
@@ -79,32 +70,16 @@ def main() -> None:
         return
     from _machine import cpu_record, write_result
 
-    best: dict[str, dict[str, float]] = {path: {} for path in PATHS}
     load_before = open("/proc/loadavg").read().split()[:3]
-    for _ in range(args.rounds):
-        for path, env_add in PATHS.items():
-            env = dict(os.environ, **env_add,
-                       PYTHONPATH=os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH")) if x))
-            env.pop("LLAMA_FAST_AMX" if path == "amx" else "LLAMA_FAST_AMX_KQUANT_ROWS", None)
-            cmd = [sys.executable, __file__, "--worker", "--cycle-mib", str(args.cycle_mib), "--repeat",
-                   str(args.repeat), "--threads", str(args.threads)]
-            res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
-            for key, t in res.items():
-                best[path][key] = min(best[path].get(key, float("inf")), t)
+    best = best_of_rounds(__file__, PATHS, args, ["--cycle-mib", str(args.cycle_mib), "--repeat", str(args.repeat),
+                                                  "--threads", str(args.threads)])
     result = {"machine": cpu_record(), "load_average_before_after": [load_before,
                                                                      open("/proc/loadavg").read().split()[:3]],
               "threads": args.threads, "rows": list(ROWS), "condition": "random blocks, weights cycled from memory "
               f"({args.cycle_mib} MiB), CPU time (process_time), median of {args.repeat} calls, best of "
-              f"{args.rounds} rounds; old = LLAMA_FAST_AMX=0, amx = LLAMA_FAST_AMX_KQUANT_ROWS=1", "gmacs": {}}
-    print(f"{'type / shape / dtype':28} " + " ".join(f"{m:>11}" for m in ROWS) + "   (G MAC/s old -> amx)")
-    for key in sorted({k.rsplit('/', 1)[0] for k in best['old']}):
-        k, n = (int(v) for v in key.split("/")[1].split("x"))
-        row = {}
-        for m in ROWS:
-            old, amx = best["old"][f"{key}/{m}"], best["amx"][f"{key}/{m}"]
-            row[m] = {"old": m * n * k / old / 1e9, "amx": m * n * k / amx / 1e9}
-        result["gmacs"][key] = row
-        print(f"{key:28} " + " ".join(f"{row[m]['old']:5.0f}>{row[m]['amx']:<5.0f}" for m in ROWS))
+              f"{args.rounds} rounds; old = LLAMA_FAST_AMX=0, amx = LLAMA_FAST_AMX_KQUANT_ROWS=1"}
+    result["gmacs"] = gmacs_table(best, ROWS, lambda key: tuple(int(v) for v in key.split("/")[1].split("x")),
+                                  "type / shape / dtype")
     out = args.out or os.path.join(HERE, "results", f"amx_kquant_ops_{args.threads}thread_intel_amx.json")
     write_result(out, result)
 

@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
+
+from _old_vs_amx import best_of_rounds, gmacs_table, median_times  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16, 64, 128, 512)
 SHAPES = ((576, 1536), (1536, 576), (2048, 2048))   # (K, N): SmolLM2's MLP up / down, a square one
@@ -59,19 +58,9 @@ def worker(args) -> dict:
         for fmt in FORMATS:
             bytes_per_weight = 0.5 + 4 / 32 if fmt == "int4" else 1 + 2 / 32
             calls = make_weights(fmt, n, k, max(2, int(args.cycle_mib * 2**20 / (n * k * bytes_per_weight)) + 1))
-            turn = 0
-            for dtype in DTYPES:
-                for m in ROWS:
-                    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(getattr(torch, dtype))
-                    samples = []
-                    for i in range(args.repeat + 2):   # 2 warm-up calls (scratch buffers), then the timed ones
-                        f = calls[turn % len(calls)]
-                        turn += 1
-                        t0 = time.perf_counter()
-                        f(x)
-                        if i >= 2:
-                            samples.append(time.perf_counter() - t0)
-                    out[f"{k}x{n}/{fmt}/{dtype}/{m}"] = statistics.median(samples)
+            times = median_times(calls, lambda m, k=k: torch.randn(m, k, generator=torch.Generator().manual_seed(m)),
+                                 ROWS, DTYPES, args.repeat)
+            out.update({f"{k}x{n}/{fmt}/{case}": t for case, t in times.items()})
     return out
 
 
@@ -88,32 +77,15 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     from _machine import cpu_record, write_result
-    best: dict[str, dict[str, float]] = {path: {} for path in PATHS}
     load_before = open("/proc/loadavg").read().split()[:3]
-    for _ in range(args.rounds):
-        for path, env_add in PATHS.items():
-            env = dict(os.environ, **env_add,
-                       PYTHONPATH=os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH")) if x))
-            env.pop("LLAMA_FAST_AMX" if path == "amx" else "LLAMA_FAST_AMX_QUANT_ROWS", None)
-            cmd = [sys.executable, __file__, "--worker", "--cycle-mib", str(args.cycle_mib), "--repeat",
-                   str(args.repeat), "--threads", str(args.threads)]
-            res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
-            for key, t in res.items():
-                best[path][key] = min(best[path].get(key, float("inf")), t)
+    best = best_of_rounds(__file__, PATHS, args, ["--cycle-mib", str(args.cycle_mib), "--repeat", str(args.repeat),
+                                                  "--threads", str(args.threads)])
     result = {"machine": cpu_record(), "load_average_before_after": [load_before,
                                                                      open("/proc/loadavg").read().split()[:3]],
               "threads": args.threads, "rows": list(ROWS), "condition": "weights cycled from memory "
-              f"({args.cycle_mib} MiB), median of {args.repeat} calls, best of {args.rounds} rounds, wall time",
-              "gmacs": {}}
-    print(f"{'shape / format / dtype':28} " + " ".join(f"{m:>11}" for m in ROWS) + "   (G MAC/s old -> amx)")
-    for key in sorted({k.rsplit('/', 1)[0] for k in best['old']}):
-        k, n = (int(v) for v in key.split("/")[0].split("x"))
-        row = {}
-        for m in ROWS:
-            old, amx = best["old"][f"{key}/{m}"], best["amx"][f"{key}/{m}"]
-            row[m] = {"old": m * n * k / old / 1e9, "amx": m * n * k / amx / 1e9}
-        result["gmacs"][key] = row
-        print(f"{key:28} " + " ".join(f"{row[m]['old']:5.0f}>{row[m]['amx']:<5.0f}" for m in ROWS))
+              f"({args.cycle_mib} MiB), median of {args.repeat} calls, best of {args.rounds} rounds, wall time"}
+    result["gmacs"] = gmacs_table(best, ROWS, lambda key: tuple(int(v) for v in key.split("/")[0].split("x")),
+                                  "shape / format / dtype")
     out = args.out or os.path.join(HERE, "results", f"amx_quant_ops_{args.threads}thread_intel_amx.json")
     write_result(out, result)
 

@@ -57,3 +57,12 @@ def backend(request):
 def matches_reference():
     """The tolerance rule (tests/tolerance.py, docs/KERNELS.md)."""
     return assert_matches_reference
+
+
+@pytest.fixture(params=[1, 2], ids=lambda t: f"{t}thread")
+def threads(request):
+    """The CPU kernels on 1 and on 2 threads (torch.set_num_threads, restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

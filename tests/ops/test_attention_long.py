@@ -13,7 +13,7 @@ import torch
 from llama_fast import _native, ops
 from llama_fast.ops import reference
 
-from op_fixtures import matches_reference  # noqa: F401  (pytest fixture)
+from op_fixtures import matches_reference, threads  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.skipif(_native.extension() is None, reason="the CPU kernels are not built")
 
@@ -34,14 +34,6 @@ def test_long_prefill_matches_reference(dtype, matches_reference):
                                          attn_mask=reference.attention_mask(b, t, t, True, lens, q.device)
                                          ).transpose(1, 2)
         matches_reference(out, want, plain)
-
-
-@pytest.fixture(params=[1, 2], ids=lambda t: f"{t}thread")
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
 
 
 # (B, T, Hq, Hkv, D): GQA groups 1 / 3 (SmolLM2's 9 over 3) / 4, T at the delegation threshold (128), just past

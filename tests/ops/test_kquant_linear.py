@@ -7,7 +7,7 @@ from kquant_util import FP16_FIELDS, random_blocks
 from llama_fast import kquants, ops
 
 from op_fixtures import at_isa as _at_isa
-from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
+from op_fixtures import backend, matches_reference, threads  # noqa: F401  (pytest fixtures)
 
 
 @pytest.mark.parametrize("kind", kquants.TYPES)
@@ -247,14 +247,6 @@ def _amx_runs() -> bool:
 
 needs_amx = pytest.mark.skipif(not _amx_runs(), reason="the AMX GEMM does not run here (no AMX-BF16, no tile "
                                "permission from the OS, or LLAMA_FAST_AMX=0); the op-level tests cover the other paths")
-
-
-@pytest.fixture(params=[1, 2], ids=lambda t: f"{t}thread")
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
 
 
 def _weight(kind: str, n: int, k: int, seed: int) -> kquants.KQuantWeight:

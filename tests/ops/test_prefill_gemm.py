@@ -9,15 +9,7 @@ import torch
 
 from llama_fast import ops, quant
 
-from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
-
-
-@pytest.fixture(params=[1, 2], ids=lambda t: f"{t}thread")
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+from op_fixtures import backend, matches_reference, threads  # noqa: F401  (pytest fixtures)
 
 
 def prefill_rows() -> list[int]:

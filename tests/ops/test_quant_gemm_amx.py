@@ -11,7 +11,7 @@ from tolerance import assert_matches_reference
 
 from llama_fast import ops, quant
 
-from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
+from op_fixtures import backend, matches_reference, threads  # noqa: F401  (pytest fixtures)
 
 
 def _amx(x, qw, bias=None):
@@ -32,14 +32,6 @@ def _amx_runs() -> bool:
 needs_amx = pytest.mark.skipif(not _amx_runs(), reason="the AMX quantized GEMM does not run here (no AMX-BF16, no "
                                "tile permission from the OS, or LLAMA_FAST_AMX=0); the op-level tests cover the "
                                "other paths")
-
-
-@pytest.fixture(params=[1, 2], ids=lambda t: f"{t}thread")
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
 
 
 def make_weight(bits: int, group_size: int, with_offset: bool, n: int, k: int, g: torch.Generator,
