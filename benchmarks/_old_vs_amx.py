@@ -3,6 +3,7 @@
 the best time per case is kept; then G multiply-adds/s per row count, printed and written with the CPU record."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -66,3 +67,33 @@ def gmacs_table(best: dict, rows, k_n_of, title: str) -> dict:
         table[key] = row
         print(f"{key:28} " + " ".join(f"{row[m]['old']:5.0f}>{row[m]['amx']:<5.0f}" for m in rows))
     return table
+
+
+def run(script: str, doc: str, worker, paths: dict[str, dict[str, str]], rows, k_n_of, title: str, condition: str,
+        out_name: str, default_cycle_mib: float) -> None:
+    """A benchmark's command line: in a worker process, print worker(args)'s timings as JSON; else alternate the
+    paths' workers (best_of_rounds), print the table and write results/<out_name>_<threads>thread_intel_amx.json.
+    `condition` is formatted with the arguments (cycle_mib, repeat, rounds)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cycle-mib", type=float, default=default_cycle_mib,
+                   help="weight bytes cycled through (more than L3)")
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    from _machine import cpu_record, write_result
+
+    load_before = open("/proc/loadavg").read().split()[:3]
+    best = best_of_rounds(script, paths, args, ["--cycle-mib", str(args.cycle_mib), "--repeat", str(args.repeat),
+                                                "--threads", str(args.threads)])
+    result = {"machine": cpu_record(),
+              "load_average_before_after": [load_before, open("/proc/loadavg").read().split()[:3]],
+              "threads": args.threads, "rows": list(rows), "condition": condition.format(**vars(args)),
+              "gmacs": gmacs_table(best, rows, k_n_of, title)}
+    here = os.path.dirname(os.path.abspath(__file__))
+    write_result(args.out or os.path.join(here, "results", f"{out_name}_{args.threads}thread_intel_amx.json"), result)

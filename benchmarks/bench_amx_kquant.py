@@ -15,8 +15,6 @@ Writes benchmarks/results/amx_kquant_ops_<threads>thread_intel_amx.json with the
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -27,7 +25,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from _old_vs_amx import best_of_rounds, gmacs_table, median_times  # noqa: E402
+from _old_vs_amx import median_times, run  # noqa: E402
 
 ROWS = (1, 4, 8, 12, 16, 32, 128, 512)
 # (type, K, N): Q8_0 at SmolLM2's MLP up / down shapes, Q4_K at a square 2048 (576 is no multiple of 256)
@@ -57,31 +55,12 @@ def worker(args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--cycle-mib", type=float, default=48, help="weight bytes cycled through (more than L3)")
-    p.add_argument("--repeat", type=int, default=7)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args)))
-        return
-    from _machine import cpu_record, write_result
-
-    load_before = open("/proc/loadavg").read().split()[:3]
-    best = best_of_rounds(__file__, PATHS, args, ["--cycle-mib", str(args.cycle_mib), "--repeat", str(args.repeat),
-                                                  "--threads", str(args.threads)])
-    result = {"machine": cpu_record(), "load_average_before_after": [load_before,
-                                                                     open("/proc/loadavg").read().split()[:3]],
-              "threads": args.threads, "rows": list(ROWS), "condition": "random blocks, weights cycled from memory "
-              f"({args.cycle_mib} MiB), CPU time (process_time), median of {args.repeat} calls, best of "
-              f"{args.rounds} rounds; old = LLAMA_FAST_AMX=0, amx = LLAMA_FAST_AMX_KQUANT_ROWS=1"}
-    result["gmacs"] = gmacs_table(best, ROWS, lambda key: tuple(int(v) for v in key.split("/")[1].split("x")),
-                                  "type / shape / dtype")
-    out = args.out or os.path.join(HERE, "results", f"amx_kquant_ops_{args.threads}thread_intel_amx.json")
-    write_result(out, result)
+    run(__file__, __doc__, worker, PATHS, ROWS,
+        k_n_of=lambda key: tuple(int(v) for v in key.split("/")[1].split("x")), title="type / shape / dtype",
+        condition="random blocks, weights cycled from memory ({cycle_mib} MiB), CPU time (process_time), median "
+                  "of {repeat} calls, best of {rounds} rounds; old = LLAMA_FAST_AMX=0, amx = "
+                  "LLAMA_FAST_AMX_KQUANT_ROWS=1",
+        out_name="amx_kquant_ops", default_cycle_mib=48)
 
 
 if __name__ == "__main__":

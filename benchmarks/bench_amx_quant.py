@@ -14,8 +14,6 @@ Writes benchmarks/results/amx_quant_ops_<threads>thread_intel_amx.json with the 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -24,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from _old_vs_amx import best_of_rounds, gmacs_table, median_times  # noqa: E402
+from _old_vs_amx import median_times, run  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16, 64, 128, 512)
 SHAPES = ((576, 1536), (1536, 576), (2048, 2048))   # (K, N): SmolLM2's MLP up / down, a square one
@@ -65,29 +63,11 @@ def worker(args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--cycle-mib", type=float, default=64, help="weight bytes cycled through (more than L3)")
-    p.add_argument("--repeat", type=int, default=7)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args)))
-        return
-    from _machine import cpu_record, write_result
-    load_before = open("/proc/loadavg").read().split()[:3]
-    best = best_of_rounds(__file__, PATHS, args, ["--cycle-mib", str(args.cycle_mib), "--repeat", str(args.repeat),
-                                                  "--threads", str(args.threads)])
-    result = {"machine": cpu_record(), "load_average_before_after": [load_before,
-                                                                     open("/proc/loadavg").read().split()[:3]],
-              "threads": args.threads, "rows": list(ROWS), "condition": "weights cycled from memory "
-              f"({args.cycle_mib} MiB), median of {args.repeat} calls, best of {args.rounds} rounds, wall time"}
-    result["gmacs"] = gmacs_table(best, ROWS, lambda key: tuple(int(v) for v in key.split("/")[0].split("x")),
-                                  "shape / format / dtype")
-    out = args.out or os.path.join(HERE, "results", f"amx_quant_ops_{args.threads}thread_intel_amx.json")
-    write_result(out, result)
+    run(__file__, __doc__, worker, PATHS, ROWS,
+        k_n_of=lambda key: tuple(int(v) for v in key.split("/")[0].split("x")), title="shape / format / dtype",
+        condition="weights cycled from memory ({cycle_mib} MiB), median of {repeat} calls, best of {rounds} "
+                  "rounds, wall time",
+        out_name="amx_quant_ops", default_cycle_mib=64)
 
 
 if __name__ == "__main__":

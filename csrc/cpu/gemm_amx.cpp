@@ -195,6 +195,19 @@ void finish_tile(OutputBlock& blk, uint16_t* out, const uint16_t* bias, int64_t 
     store_bf16(out + (row0 + i) * n + col0, _mm512_add_ps(_mm512_castsi512_ps(r[i]), b), cols);
 }
 
+// One K block of a weight pair against an activation pair: the two weight blocks' tiles (rows w0 and w1, `stride`
+// bytes apart) into tmm4-5, the activation tiles (a, a + tile) into tmm6-7, the four products into C tiles tmm0-3.
+inline void multiply_2x2(const uint16_t* w0, const uint16_t* w1, int64_t stride, const uint16_t* a, int64_t tile) {
+  _tile_loadd(4, w0, stride);
+  _tile_loadd(5, w1, stride);
+  _tile_loadd(6, a, 64);
+  _tile_loadd(7, a + tile, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
 // The L2 prefetch of a byte range spread over `steps` calls: part `step` of it (64-byte lines).
 inline void prefetch_part(const char* begin, const char* end, int64_t step, int64_t steps) {
   const int64_t lines = (end - begin + 63) / 64, per = (lines + steps - 1) / steps;
@@ -253,26 +266,13 @@ void gemm_amx_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, u
           const int64_t stride = wp.stride * 2;
           for (int64_t kb = 0; kb < wp.full_blocks; ++kb) {
             if (fetch) prefetch_part(next, next_end, kb, wp.full_blocks);
-            _tile_loadd(4, wp.rows + kb * kTileK, stride);
-            _tile_loadd(5, wp.rows + kTileRows * wp.stride + kb * kTileK, stride);
-            _tile_loadd(6, a + kb * 2 * tile, 64);
-            _tile_loadd(7, a + kb * 2 * tile + tile, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
+            multiply_2x2(wp.rows + kb * kTileK, wp.rows + kTileRows * wp.stride + kb * kTileK, stride,
+                         a + kb * 2 * tile, tile);
             if ((kb & 1) && prev.next < 4) finish_tile(prev, out, bias, m, n);  // every other K block: one tile
           }
           if (wp.tail != nullptr) {
             const int64_t kb = wp.full_blocks;
-            _tile_loadd(4, wp.tail, 64);
-            _tile_loadd(5, wp.tail + tile, 64);
-            _tile_loadd(6, a + kb * 2 * tile, 64);
-            _tile_loadd(7, a + kb * 2 * tile + tile, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
+            multiply_2x2(wp.tail, wp.tail + tile, 64, a + kb * 2 * tile, tile);
           }
           while (prev.next < 4) finish_tile(prev, out, bias, m, n);  // short K: what the loop left
           store_tiles(blocks[cur], m, n, 2 * p * kTileRows, 2 * q * kTileRows);
