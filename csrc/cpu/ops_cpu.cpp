@@ -518,6 +518,14 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
   m.def("cpu_amx_bf16_rows() -> int", []() -> int64_t {
     return cpu::isa() >= cpu::Isa::kAvx512Bf16 && cpu::amx_bf16_available() ? cpu::amx_bf16_from_rows() : 0;
   });
+  // The same for the quantized AMX GEMM (gemm_amx_quant.cpp): [int4 / int8 with fp32 activations, with bf16
+  // activations (cpu::amx_quant_from_rows), ggml blocks of 32, ggml super-blocks (cpu::amx_kquant_from_rows)], all 0
+  // where it never runs.
+  m.def("cpu_amx_quant_rows() -> int[]", []() -> std::vector<int64_t> {
+    if (!(cpu::isa() >= cpu::Isa::kAvx512Bf16 && cpu::amx_bf16_available())) return {0, 0, 0, 0};
+    return {cpu::amx_quant_from_rows(false), cpu::amx_quant_from_rows(true), cpu::amx_kquant_from_rows(false),
+            cpu::amx_kquant_from_rows(true)};
+  });
   // A weight buffer on transparent huge pages (llama_fast/weight_arena.py), for the dense GEMVs' prefetch choice
   // (cpu/tuning.h); add=False forgets it.
   m.def("cpu_huge_page_range(int address, int bytes, bool add) -> ()", [](int64_t address, int64_t bytes, bool add) {

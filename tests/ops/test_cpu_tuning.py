@@ -99,3 +99,29 @@ def test_amx_bf16_rows_within_a_decode_step_and_overridable():
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])["amx_bf16_from_rows"]
     assert got == (2 if default else 0)
+
+
+def test_amx_quant_rows_reported_and_overridable():
+    """From how many rows the quantized linears run the exact AMX GEMM (tuning.h: amx_quant_from_rows,
+    amx_kquant_from_rows): all 0 where the CPU has no AMX or a lower instruction set is in effect, else within a
+    decode step's rows; LLAMA_FAST_AMX_QUANT_ROWS / LLAMA_FAST_AMX_KQUANT_ROWS set them."""
+    import json
+
+    import torch
+    best = cpu.set_isa("")
+    default = cpu.tuning()["amx_quant_from_rows"]
+    assert set(default) == {"int_fp32", "int_bf16", "ggml_blocks_of_32", "ggml_super_blocks"}
+    on = any(default.values())
+    assert all((1 <= v <= torch.ops.llama_fast.cpu_max_gemv_rows()) if on else v == 0 for v in default.values())
+    try:
+        cpu.set_isa("avx512")
+        assert set(cpu.tuning()["amx_quant_from_rows"].values()) == {0}   # the lower levels never take it
+    finally:
+        cpu.set_isa(best)
+    env = dict(os.environ, LLAMA_FAST_AMX_QUANT_ROWS="3", LLAMA_FAST_AMX_KQUANT_ROWS="4")
+    code = "import json; from llama_fast.ops import cpu; print(json.dumps(cpu.tuning()))"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])["amx_quant_from_rows"]
+    want = {"int_fp32": 3, "int_bf16": 3, "ggml_blocks_of_32": 4, "ggml_super_blocks": 4}
+    assert got == (want if on else dict.fromkeys(want, 0))
