@@ -40,7 +40,7 @@ bool prefill_gemm_available() { return isa() >= Isa::kAvx2; }
 void gemm_dense(bool bf16, const void* x, const void* w, const void* bias, void* out, int64_t m, int64_t n, int64_t k) {
   // bf16 on a CPU with AMX: the tile unit (gemm_amx.cpp), at the top ISA level only, so that tests and benchmarks
   // reach the fp32 GEMM below by lowering the level
-  if (bf16 && isa() >= Isa::kAvx512Bf16 && amx_bf16_available())
+  if (bf16 && amx_in_effect())
     return gemm_amx_bf16(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(w),
                          static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(out), m, n, k);
   LF_CPU_DISPATCH_DTYPE(bf16, T, {

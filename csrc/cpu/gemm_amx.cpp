@@ -31,6 +31,7 @@
 
 #include "common/half_float.h"
 #include "cpu/amx_tiles.h"
+#include "cpu/cpu_features.h"
 #include "cpu/thread_pool.h"
 #include "cpu/tuning.h"
 
@@ -300,6 +301,8 @@ bool amx_bf16_available() { return false; }
 void gemm_amx_bf16(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t) {}
 
 #endif
+
+bool amx_in_effect() { return isa() >= Isa::kAvx512Bf16 && amx_bf16_available(); }
 
 }  // namespace cpu
 }  // namespace llama_fast

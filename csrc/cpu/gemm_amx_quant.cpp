@@ -48,7 +48,6 @@
 
 #include "common/half_float.h"
 #include "cpu/amx_tiles.h"
-#include "cpu/cpu_features.h"
 #include "cpu/gemm_amx.h"
 #include "cpu/thread_pool.h"
 #include "cpu/tuning.h"
@@ -60,9 +59,7 @@ bool amx_quant_supports(const QuantWeight& w) {
   return (w.bits == 4 || w.bits == 8) && w.group_size > 0 && w.group_size % 32 == 0 && w.k % w.group_size == 0;
 }
 
-bool amx_quant_available(const QuantWeight& w) {
-  return isa() >= Isa::kAvx512Bf16 && amx_bf16_available() && amx_quant_supports(w);
-}
+bool amx_quant_available(const QuantWeight& w) { return amx_in_effect() && amx_quant_supports(w); }
 
 bool amx_kquant_supports(ggml::BlockType t) {
   using ggml::BlockType;
@@ -77,7 +74,7 @@ bool amx_kquant_supports(const std::vector<kquant::Segment>& segs, int64_t k) {
 }
 
 bool amx_kquant_available(const std::vector<kquant::Segment>& segs, int64_t k) {
-  return isa() >= Isa::kAvx512Bf16 && amx_bf16_available() && amx_kquant_supports(segs, k);
+  return amx_in_effect() && amx_kquant_supports(segs, k);
 }
 
 #ifdef LF_AMX

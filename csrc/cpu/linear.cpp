@@ -28,7 +28,7 @@ void parallel_rows(int64_t n, int64_t align, int64_t bytes_per_row, F fn) {
 void dense_linear(bool bf16, const void* x, const void* w, const void* bias, void* out, int64_t m, int64_t n,
                   int64_t k) {
   // bf16 on a CPU with AMX, from amx_bf16_from_rows() rows: the tile unit, at the top ISA level only (as gemm_dense)
-  if (bf16 && m >= amx_bf16_from_rows() && isa() >= Isa::kAvx512Bf16 && amx_bf16_available())
+  if (bf16 && m >= amx_bf16_from_rows() && amx_in_effect())
     return gemm_amx_bf16(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(w),
                          static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(out), m, n, k);
   // From this many rows the tiled kernel beats the GEMV (measured on the demo model's shapes: fp32 from 4

@@ -515,14 +515,12 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
   });
   // From how many activation rows a bf16 dense linear runs the AMX GEMM (cpu::amx_bf16_from_rows), 0 where it never
   // does (no AMX, or a lower ISA level in effect).
-  m.def("cpu_amx_bf16_rows() -> int", []() -> int64_t {
-    return cpu::isa() >= cpu::Isa::kAvx512Bf16 && cpu::amx_bf16_available() ? cpu::amx_bf16_from_rows() : 0;
-  });
+  m.def("cpu_amx_bf16_rows() -> int", []() -> int64_t { return cpu::amx_in_effect() ? cpu::amx_bf16_from_rows() : 0; });
   // The same for the quantized AMX GEMM (gemm_amx_quant.cpp): [int4 / int8 with fp32 activations, with bf16
   // activations (cpu::amx_quant_from_rows), ggml blocks of 32, ggml super-blocks (cpu::amx_kquant_from_rows)], all 0
   // where it never runs.
   m.def("cpu_amx_quant_rows() -> int[]", []() -> std::vector<int64_t> {
-    if (!(cpu::isa() >= cpu::Isa::kAvx512Bf16 && cpu::amx_bf16_available())) return {0, 0, 0, 0};
+    if (!cpu::amx_in_effect()) return {0, 0, 0, 0};
     return {cpu::amx_quant_from_rows(false), cpu::amx_quant_from_rows(true), cpu::amx_kquant_from_rows(false),
             cpu::amx_kquant_from_rows(true)};
   });
