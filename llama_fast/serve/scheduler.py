@@ -37,8 +37,9 @@ and sets the view's seen_tokens to the longest, so the model never syncs with th
 The tokens of a step are chosen together (sampling.choose_rows: one argmax and one log-softmax over the
 step's logits for the greedy rows, each seeded or penalized row on its own), then each row's text is released.
 
-Results go back through each request's `sink(event)` (called on this thread; the HTTP layer forwards them to
-its event loop): a TokenEvent per new token, then exactly one FinishEvent.
+Results go back through each request's `sink(event)` (called on this thread once a step's Python work is done,
+so that the HTTP layer's event loop, which the sinks wake, runs next to the following forward instead of
+contending with the step; the HTTP layer forwards them to its event loop): a TokenEvent per new token, then exactly one FinishEvent.
 """
 from __future__ import annotations
 
@@ -142,6 +143,7 @@ class Scheduler:
         self.mixed_steps = _skips_pads(self.cache.device) if mixed_steps is None else bool(mixed_steps)
         self._rows: list[_Row | None] = [None] * max_batch
         self._pending: collections.deque[Request] = collections.deque()
+        self._outbox: list = []                  # (request, event) not yet handed to its sink (_deliver)
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="llama-fast-scheduler", daemon=True)
@@ -208,7 +210,10 @@ class Scheduler:
                     for row in self._rows:
                         if row is not None:
                             self._finish(row, "error", error=f"{type(e).__name__}: {e}")
+                finally:
+                    self._deliver()
         self._abort_all("the server is shutting down")
+        self._deliver()
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -216,7 +221,7 @@ class Scheduler:
             for request in gone:
                 self._pending.remove(request)
         for request in gone:
-            _send(request, FinishEvent("abort", len(request.prompt_ids), 0))
+            self._send(request, FinishEvent("abort", len(request.prompt_ids), 0))
         for row in self._rows:
             if row is not None and row.request.cancelled:
                 self._finish(row, "abort")
@@ -233,7 +238,7 @@ class Scheduler:
                     continue
                 admitted.append((request, free.pop(0)))
         for request in aborted:
-            _send(request, FinishEvent("abort", len(request.prompt_ids), 0))
+            self._send(request, FinishEvent("abort", len(request.prompt_ids), 0))
         for request, slot in admitted:
             sampler = RowSampler(request.sampling, request.prompt_ids, self.vocab_size, self.cache.device)
             self._rows[slot] = _Row(request, slot, sampler, IncrementalText(self.tokenizer, request.stop))
@@ -249,6 +254,7 @@ class Scheduler:
         if prefilling:
             others_decode = len(prefilling) < len(busy)
             self._prefill_chunks(prefilling, self.prefill_chunk if others_decode else self.prefill_budget)
+            self._deliver()                # first tokens go out before the decode forward
         decoding = [row for row in self._rows if row is not None and row.decoding]
         if decoding:
             self._decode_step(decoding)
@@ -432,7 +438,7 @@ class Scheduler:
         row.next_token = choice.token
         is_eos = choice.token in self.eos_token_ids and not request.ignore_eos
         text = "" if is_eos else row.text.add(choice.token)
-        _send(request, TokenEvent(text, choice))
+        self._send(request, TokenEvent(text, choice))
         if is_eos or row.text.stopped:
             self._finish(row, "stop")
         elif row.generated >= request.max_tokens:
@@ -442,7 +448,22 @@ class Scheduler:
         self._rows[row.slot] = None
         self.finished[reason] += 1
         tail = row.text.flush() if reason in ("stop", "length") else ""
-        _send(row.request, FinishEvent(reason, len(row.request.prompt_ids), row.generated, tail, error))
+        self._send(row.request, FinishEvent(reason, len(row.request.prompt_ids), row.generated, tail, error))
+
+    def _send(self, request: Request, event) -> None:
+        """Queues an event for its request's sink; _deliver hands them out (after the step's Python work)."""
+        self._outbox.append((request, event))
+
+    def _deliver(self) -> None:
+        """Calls the sinks with the events queued so far, in order. Done once the step's sampling and text are
+        done rather than per row: a sink wakes the HTTP event loop, whose work would otherwise contend with the
+        rest of the step for the interpreter lock (and on a small CPU, for the cores)."""
+        outbox, self._outbox = self._outbox, []
+        for request, event in outbox:
+            try:
+                request.sink(event)
+            except Exception:       # a sink whose client is gone must not stop the scheduler
+                pass
 
     def _abort_all(self, message: str) -> None:
         for row in self._rows:
@@ -451,14 +472,9 @@ class Scheduler:
         with self._wake:
             pending, self._pending = list(self._pending), collections.deque()
         for request in pending:
-            _send(request, FinishEvent("abort", len(request.prompt_ids), 0, error=message))
+            self._send(request, FinishEvent("abort", len(request.prompt_ids), 0, error=message))
 
 
-def _send(request: Request, event) -> None:
-    try:
-        request.sink(event)
-    except Exception:       # a sink whose client is gone must not stop the scheduler
-        pass
 
 
 def _decode_rows(device: torch.device, max_batch: int) -> int:
