@@ -13,7 +13,9 @@ to benchmarks/results/<name>.json and .png.
 
 A request that joins a running batch has its prompt prefilled in chunks (the server's --prefill-chunk, default
 16 tokens on the CPU), on the CPU in the same forward as the running requests' next tokens, so the running
-requests keep getting a token every step.
+requests keep getting a token every step; there the chunks fill the step up to --step-tokens tokens (default 16)
+with the running requests' tokens included (--step-tokens 64: the chunks on top of the running rows, as
+before that option existed). Neither option changes the scenario or what is measured.
 
 The run is kept short on purpose (the benchmark machines are shared): a few requests per scenario, so the
 p99 figures rest on a few hundred gaps. The JSON says so.

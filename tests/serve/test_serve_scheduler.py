@@ -251,6 +251,37 @@ def test_a_prompt_joining_a_running_row_fills_the_step_to_its_token_budget(tiny_
     assert joining.tokens == _greedy(model, long_prompt, 5)
 
 
+def test_sixteen_clients_back_to_back_get_generate_answers(tiny_chat):
+    """bench_serve's shape without HTTP: 16 client threads, each sending two requests back to back to 16 rows,
+    so that prompts join a running batch at unplanned moments (the batching depends on timing, the answers must
+    not): every answer is generate()'s, one by one."""
+    model, tokenizer = tiny_chat
+    prompts = _prompts(tokenizer, 32)
+    max_tokens = [3 + (7 * i) % 13 for i in range(32)]
+    scheduler = Scheduler(model, tokenizer, max_batch=16, max_queue=32, max_seq_len=128, mixed_steps=True).start()
+    answers = {}
+
+    def client(index):
+        for n in (2 * index, 2 * index + 1):
+            sink = Collector()
+            scheduler.submit(Request(prompts[n], max_tokens[n], SamplingParams(temperature=0.0), sink,
+                                     ignore_eos=True))
+            answers[n] = sink.wait().tokens
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT_S)
+    finally:
+        scheduler.stop()
+    assert sorted(answers) == list(range(32))
+    for n, prompt in enumerate(prompts):
+        assert answers[n] == _greedy(model, prompt, max_tokens[n]), n
+    assert scheduler.max_rows_in_step > 1
+
+
 def test_prompt_tokens_beside_running_rows(tiny_chat):
     """The budget rule: fill the step up to the next multiple of step_tokens (one prompt token at least),
     at most prefill_chunk."""
