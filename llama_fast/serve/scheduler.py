@@ -37,9 +37,10 @@ and sets the view's seen_tokens to the longest, so the model never syncs with th
 The tokens of a step are chosen together (sampling.choose_rows: one argmax and one log-softmax over the
 step's logits for the greedy rows, each seeded or penalized row on its own), then each row's text is released.
 
-Results go back through each request's `sink(event)` (called on this thread once a step's Python work is done,
-so that the HTTP layer's event loop, which the sinks wake, runs next to the following forward instead of
-contending with the step; the HTTP layer forwards them to its event loop): a TokenEvent per new token, then exactly one FinishEvent.
+Results go back through each request's `sink(event)`: a TokenEvent per new token, then exactly one
+FinishEvent. The sinks are called on this thread once a step's sampling and text are done, not row by row: a
+sink wakes the HTTP layer's event loop, whose work would otherwise contend with the rest of the step for the
+interpreter lock (the HTTP layer forwards the events to its loop).
 """
 from __future__ import annotations
 
