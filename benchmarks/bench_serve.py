@@ -13,7 +13,9 @@ to benchmarks/results/<name>.json and .png.
 
 A request that joins a running batch has its prompt prefilled in chunks (the server's --prefill-chunk, default
 16 tokens on the CPU), on the CPU in the same forward as the running requests' next tokens, so the running
-requests keep getting a token every step.
+requests keep getting a token every step; there the chunks fill the step up to --step-tokens tokens (default 16)
+with the running requests' tokens included (--step-tokens 64: the chunks on top of the running rows, as
+before that option existed). Neither option changes the scenario or what is measured.
 
 The run is kept short on purpose (the benchmark machines are shared): a few requests per scenario, so the
 p99 figures rest on a few hundred gaps. The JSON says so.
@@ -164,6 +166,8 @@ def server_process(path, args, device, threads):
                "--dtype", args.dtype, "--device", device, "--threads", str(threads), "--log-level", "warning"]
     if args.prefill_chunk:
         command += ["--prefill-chunk", str(args.prefill_chunk)]
+    if args.step_tokens:
+        command += ["--step-tokens", str(args.step_tokens)]
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     child = subprocess.Popen(command, cwd=root, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -201,6 +205,9 @@ def main(argv=None):
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="the server's --prefill-chunk (default: the server's)")
+    parser.add_argument("--step-tokens", type=int, default=None,
+                        help="the server's --step-tokens (default: the server's; 64 gives the policy before it "
+                             "existed: prefill_chunk prompt tokens on top of the running rows)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None)
@@ -224,6 +231,7 @@ def main(argv=None):
                "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                "load_average_at_start": os.getloadavg(), "torch_threads": threads, "dtype": args.dtype,
                "max_batch": args.max_batch, "max_tokens": args.max_tokens, "prefill_chunk": args.prefill_chunk,
+               "step_tokens": args.step_tokens,
                "note": args.note, "scenarios": []}
     with server_process(path, args, device, threads) as url:
         run_one_by_one(url, PROMPTS[:1], 4)      # first-call costs (plans, caches) stay out of the numbers

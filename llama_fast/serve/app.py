@@ -2,7 +2,8 @@
 ending with `data: [DONE]`), /v1/models, /health, /tokenize, /detokenize.
 
 Handlers validate and tokenize, then hand a Request to the scheduler thread and await its events on an
-asyncio queue (the scheduler calls the request's sink on its own thread; the sink hops onto the event loop).
+asyncio queue (the scheduler calls the request's sink on its own thread; the sink hops onto the event loop,
+a step's events for all requests together).
 A client that disconnects cancels its request, which frees its batch row before the next decode step:
 streaming responses cancel it when they end for any reason (Starlette ends them on a disconnect), non-streaming
 ones wait on the connection's http.disconnect next to the result.
@@ -18,6 +19,7 @@ import json
 import threading
 import time
 import uuid
+import weakref
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -192,15 +194,49 @@ def _chat_prompt(tokenizer, messages) -> list[int]:
 
 # ---- running a request ------------------------------------------------------------------------------------
 
+class _LoopRelay:
+    """Hands events from the scheduler thread to one event loop. Events posted while a hand-over is still
+    pending ride along with it: a decode step's tokens for all its requests wake the loop about once, not
+    once per request (each wake-up is a write to the loop's self-pipe and a pass of the loop, on the cores
+    the model's threads need)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list = []             # (queue, event), in the order posted
+
+    def post(self, queue: asyncio.Queue, event) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return                        # a hand-over is scheduled and has not run yet: it takes this one
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:                  # the loop is closed: nobody is left to take these
+            with self._lock:
+                self._pending.clear()
+            raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        for queue, event in batch:
+            queue.put_nowait(event)
+
+
+_RELAYS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopRelay]" = weakref.WeakKeyDictionary()
+
+
 class _Job:
     """Bridges the scheduler thread's events onto this event loop."""
 
     def __init__(self):
-        self.loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        self.relay = _RELAYS.get(loop) or _RELAYS.setdefault(loop, _LoopRelay(loop))
         self.events: asyncio.Queue = asyncio.Queue()
 
     def sink(self, event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.relay.post(self.events, event)
 
 
 def _sampling(req, chat: bool) -> SamplingParams:

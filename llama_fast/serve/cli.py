@@ -25,6 +25,11 @@ def add_parser(commands, positive_int, dtypes, backends) -> None:
                        help="prompt tokens prefilled per step while other requests decode, in their decode "
                             "forward on the CPU (default: 16 on the CPU, 512 elsewhere, pads included): bounds "
                             "how long new requests delay the running ones")
+    serve.add_argument("--step-tokens", type=positive_int, default=None,
+                       help="on the CPU, a step's tokens (running requests' + prompt chunks) stay within the "
+                            "smallest multiple of this that holds the running ones plus one prompt token "
+                            "(default: 16, the AMX GEMM's tile height): joining prompts never make a step spill "
+                            "into one more tile")
     serve.add_argument("--decode-rows", type=positive_int, default=None,
                        help="at most this many tokens per decode forward, prompt chunks included (default: 64 on "
                             "the CPU, the fused decode stack's limit; the whole batch elsewhere)")
@@ -50,7 +55,7 @@ def build_scheduler(path: str, args):
                                              quantize=args.quantize).eval()
     return Scheduler(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
-                     decode_rows=args.decode_rows).start()
+                     decode_rows=args.decode_rows, step_tokens=args.step_tokens).start()
 
 
 def run(args, resolve_model) -> int:

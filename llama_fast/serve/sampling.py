@@ -72,21 +72,52 @@ class RowSampler:
             scores = scores - p.presence_penalty * (counts > 0).to(scores.dtype) - p.frequency_penalty * counts
         return scores
 
-    def choose(self, logits: torch.Tensor) -> TokenChoice:
-        """The next token from this row's logits [V] (fp32)."""
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy without penalties: the token is the argmax of the raw logits."""
+        p = self.params
+        return p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token from this row's logits [V] (fp32), penalties and warpers applied; not recorded."""
         scores = self._penalized(logits)
         if self.generator is None:
-            token = int(scores.max(dim=-1).indices)
-        else:
-            scores = logits_process.apply(self.warpers, None, scores[None])
-            probs = scores.softmax(dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=self.generator)[0, 0])
-        self.output_ids.append(token)
-        choice = TokenChoice(token)
-        if self.params.logprobs:
-            logprobs = torch.log_softmax(logits, dim=-1)
-            choice.logprob = float(logprobs[token])
-            if self.params.top_logprobs:
-                top = torch.topk(logprobs, min(self.params.top_logprobs, logprobs.shape[-1]))
-                choice.top = list(zip(top.indices.tolist(), top.values.tolist()))
-        return choice
+            return int(scores.max(dim=-1).indices)
+        scores = logits_process.apply(self.warpers, None, scores[None])
+        probs = scores.softmax(dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator)[0, 0])
+
+    def choose(self, logits: torch.Tensor) -> TokenChoice:
+        """The next token from this row's logits [V] (fp32)."""
+        return choose_rows([self], logits[None], [0])[0]
+
+
+def choose_rows(samplers: list[RowSampler], logits: torch.Tensor, rows: list[int]) -> list[TokenChoice]:
+    """The next token of each request of a step: samplers[i] picks from logits[rows[i]] (logits: [R, V] fp32,
+    rows distinct). The greedy rows without penalties take one argmax over the batch, and the log-probabilities
+    come from one log-softmax over the batch (a row's result does not depend on the others': each row is
+    reduced on its own), so a step's sampling costs a few batched ops, not a few ops per request. The other
+    rows (penalties, temperature) pick on their own, with their own generators."""
+    tokens = [0] * len(samplers)
+    plain = [i for i, sampler in enumerate(samplers) if sampler.plain_greedy]
+    if plain:
+        argmax = logits.max(dim=-1).indices.tolist()
+        for i in plain:
+            tokens[i] = argmax[rows[i]]
+    for i, sampler in enumerate(samplers):
+        if not sampler.plain_greedy:
+            tokens[i] = sampler.pick(logits[rows[i]])
+    choices = [TokenChoice(token) for token in tokens]
+    wanting = [i for i, sampler in enumerate(samplers) if sampler.params.logprobs]
+    if wanting:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        picked = logprobs[[rows[i] for i in wanting], [tokens[i] for i in wanting]].tolist()
+        for i, value in zip(wanting, picked):
+            choices[i].logprob = value
+            top_n = samplers[i].params.top_logprobs
+            if top_n:
+                top = torch.topk(logprobs[rows[i]], min(top_n, logprobs.shape[-1]))
+                choices[i].top = list(zip(top.indices.tolist(), top.values.tolist()))
+    for sampler, token in zip(samplers, tokens):
+        sampler.output_ids.append(token)
+    return choices

@@ -18,7 +18,11 @@ Mixed steps (on the CPU, where the fused decode stack skips pads and runs any ba
 cpu_decode.max_rows() real tokens in one pass over the weights): the decoding rows' next tokens and the prompt
 chunks go into the same forward, each row right-aligned in a [rows, width] batch (left pads: no key written,
 length kept, no compute), so a joining prompt costs its chunk's share of one pass over the weights instead of a
-second forward. A forward holds at most `decode_rows` real tokens; more run as consecutive forwards over
+second forward. The prompt tokens of a mixed step are bounded by the step's token budget too: they fill the
+step up to the next multiple of `step_tokens` (16: the AMX GEMM's tile height) and no further, at least one, so
+that a joining prompt never makes a step spill into one more tile (a step costs about the same from 9 to 16
+tokens, half again as much from 17 on, and every running request waits for the whole step: bench_serve's
+inter-token p99). A forward holds at most `decode_rows` real tokens; more run as consecutive forwards over
 consecutive row ranges. Elsewhere (a GPU computes the pads too) the chunks go in a forward of their own,
 at most `prefill_chunk` tokens pads included, before the decode step of the rows whose prompts are in.
 When no row is decoding nobody waits, and a prefill forward may hold up to `prefill_budget` tokens.
@@ -30,8 +34,13 @@ consecutive forwards of at most that many tokens (`decode_rows`), each over its 
 The host keeps each row's length (the scheduler is the only writer), copies them into the cache before a step
 and sets the view's seen_tokens to the longest, so the model never syncs with the device to plan a step.
 
-Results go back through each request's `sink(event)` (called on this thread; the HTTP layer forwards them to
-its event loop): a TokenEvent per new token, then exactly one FinishEvent.
+The tokens of a step are chosen together (sampling.choose_rows: one argmax and one log-softmax over the
+step's logits for the greedy rows, each seeded or penalized row on its own), then each row's text is released.
+
+Results go back through each request's `sink(event)`: a TokenEvent per new token, then exactly one
+FinishEvent. The sinks are called on this thread once a step's sampling and text are done, not row by row: a
+sink wakes the HTTP layer's event loop, whose work would otherwise contend with the rest of the step for the
+interpreter lock (the HTTP layer forwards the events to its loop).
 """
 from __future__ import annotations
 
@@ -46,7 +55,7 @@ import torch
 from llama_fast import _native
 from llama_fast.ops import cpu_decode
 from llama_fast.serve.detokenize import IncrementalText
-from llama_fast.serve.sampling import RowSampler, SamplingParams, TokenChoice
+from llama_fast.serve.sampling import RowSampler, SamplingParams, TokenChoice, choose_rows
 
 
 class QueueFullError(RuntimeError):
@@ -104,10 +113,12 @@ class _Row:
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
                  eos_token_ids=None, prefill_budget: int = 4096, decode_rows: int | None = None,
-                 prefill_chunk: int | None = None, mixed_steps: bool | None = None):
+                 prefill_chunk: int | None = None, mixed_steps: bool | None = None, step_tokens: int | None = None):
         """prefill_chunk: prompt tokens prefilled per step while other rows decode (default: _prefill_chunk);
         prefill_budget: per step while none decodes (nobody waits then); mixed_steps: prompt chunks ride in the
-        decode forward (default: where the model skips pads, see the top of this file)."""
+        decode forward (default: where the model skips pads, see the top of this file); step_tokens: a mixed
+        step's tokens (decoding rows + prompt chunks) stay within the smallest multiple of step_tokens that
+        holds the decoding rows and one prompt token (default: _step_tokens)."""
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_seq_len = int(min(max_seq_len or 2048, limit))
         if max_batch < 1 or max_queue < 0 or self.max_seq_len < 2:
@@ -119,6 +130,8 @@ class Scheduler:
         self.max_queue = max_queue
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 tokens, got {prefill_chunk}")
+        if step_tokens is not None and step_tokens < 1:
+            raise ValueError(f"step_tokens must be >= 1 tokens, got {step_tokens}")
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer))
         self._base = model if hasattr(model, "new_cache") else model.model
@@ -127,9 +140,11 @@ class Scheduler:
         self.decode_rows = decode_rows or _decode_rows(self.cache.device, max_batch)
         self.prefill_chunk = prefill_chunk or _prefill_chunk(self.cache.device)
         self.prefill_budget = max(prefill_budget, self.prefill_chunk)
+        self.step_tokens = step_tokens or _step_tokens(self.cache.device)
         self.mixed_steps = _skips_pads(self.cache.device) if mixed_steps is None else bool(mixed_steps)
         self._rows: list[_Row | None] = [None] * max_batch
         self._pending: collections.deque[Request] = collections.deque()
+        self._outbox: list = []                  # (request, event) not yet handed to its sink (_deliver)
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="llama-fast-scheduler", daemon=True)
@@ -196,7 +211,10 @@ class Scheduler:
                     for row in self._rows:
                         if row is not None:
                             self._finish(row, "error", error=f"{type(e).__name__}: {e}")
+                finally:
+                    self._deliver()
         self._abort_all("the server is shutting down")
+        self._deliver()
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -204,7 +222,7 @@ class Scheduler:
             for request in gone:
                 self._pending.remove(request)
         for request in gone:
-            _send(request, FinishEvent("abort", len(request.prompt_ids), 0))
+            self._send(request, FinishEvent("abort", len(request.prompt_ids), 0))
         for row in self._rows:
             if row is not None and row.request.cancelled:
                 self._finish(row, "abort")
@@ -221,7 +239,7 @@ class Scheduler:
                     continue
                 admitted.append((request, free.pop(0)))
         for request in aborted:
-            _send(request, FinishEvent("abort", len(request.prompt_ids), 0))
+            self._send(request, FinishEvent("abort", len(request.prompt_ids), 0))
         for request, slot in admitted:
             sampler = RowSampler(request.sampling, request.prompt_ids, self.vocab_size, self.cache.device)
             self._rows[slot] = _Row(request, slot, sampler, IncrementalText(self.tokenizer, request.stop))
@@ -237,6 +255,7 @@ class Scheduler:
         if prefilling:
             others_decode = len(prefilling) < len(busy)
             self._prefill_chunks(prefilling, self.prefill_chunk if others_decode else self.prefill_budget)
+            self._deliver()                # first tokens go out before the decode forward
         decoding = [row for row in self._rows if row is not None and row.decoding]
         if decoding:
             self._decode_step(decoding)
@@ -288,9 +307,7 @@ class Scheduler:
             row.prefilled += chunks[row.slot]
             row.length = row.prefilled
         if finishing:
-            logits = out.logits[:, -1].float()
-            for row in finishing:
-                self._advance(row, logits[row.slot - lo])
+            self._advance(finishing, out.logits[:, -1].float(), [row.slot - lo for row in finishing])
 
     def _decode_step(self, decoding: list) -> None:
         top = max(row.slot for row in decoding) + 1
@@ -303,7 +320,7 @@ class Scheduler:
         for row in decoding:
             tokens[row.slot] = row.next_token
             live[row.slot] = 1
-        logits = [None] * top
+        results = []                       # (the rows' logits, its first row) per forward
         for start in range(0, top, self.decode_rows):
             stop = min(top, start + self.decode_rows)
             if not any(live[start:stop]):
@@ -321,12 +338,14 @@ class Scheduler:
                 for row in decoding:
                     self._finish(row, "error", error=f"decode failed: {e}")
                 return
-            logits[start:stop] = out.logits[:, -1].float().unbind(0)
+            results.append((out.logits[:, -1].float(), start))
         self.steps += 1
         self.max_rows_in_step = max(self.max_rows_in_step, len(decoding))
         for row in decoding:
             row.length += 1
-            self._advance(row, logits[row.slot])
+        for logits, start in results:
+            rows = [row for row in decoding if start <= row.slot < start + logits.shape[0]]
+            self._advance(rows, logits, [row.slot - start for row in rows])
 
     def _mixed_step(self, decoding: list, prefilling: list) -> None:
         """One step of mixed forwards: every decoding row's next token and the next prompt chunks of the oldest
@@ -334,7 +353,7 @@ class Scheduler:
         `decode_rows` real tokens over consecutive rows (a row's tokens are never split). Rows of a forward's range
         that take no part are all pads. Then the decoding rows' tokens, then the first tokens of the prompts that
         are now in."""
-        budget, chunks = self.prefill_chunk, {}
+        budget, chunks = self._prompt_tokens_beside(len(decoding)), {}
         for row in prefilling:
             if budget == 0:
                 break
@@ -349,26 +368,40 @@ class Scheduler:
                 tokens = 0
             forwards[-1].append(row)
             tokens += n
-        logits = {}
-        for group in forwards:
-            logits.update(self._mixed_forward(group, chunks))
+        results = [(group, self._mixed_forward(group, chunks)) for group in forwards]
         self.steps += 1
         self.max_rows_in_step = max(self.max_rows_in_step, len(decoding))
-        for row in decoding:
-            if row.slot in logits:
+        for group, logits in results:
+            if logits is None:
+                continue                   # failed: its requests are finished already
+            lo = group[0].slot
+            decoded = [row for row in group if row.slot not in chunks]
+            for row in decoded:
                 row.length += 1
-                self._advance(row, logits[row.slot])
-        for row in prefilling:
-            if row.slot in logits:
-                row.prefilled += chunks[row.slot]
-                row.length = row.prefilled
-                if row.decoding:
-                    self._advance(row, logits[row.slot])
+            prompts_in = []
+            for row in group:
+                if row.slot in chunks:
+                    row.prefilled += chunks[row.slot]
+                    row.length = row.prefilled
+                    if row.decoding:
+                        prompts_in.append(row)
+            # the running rows' tokens first, then the first tokens of the prompts that are now in
+            rows = decoded + prompts_in
+            self._advance(rows, logits, [row.slot - lo for row in rows])
+
+    def _prompt_tokens_beside(self, decoding: int) -> int:
+        """Prompt tokens that join a mixed step of `decoding` rows: at most prefill_chunk, and no more than fill
+        the step up to the next multiple of step_tokens (at least one, so that prompts always progress). A
+        step's cost grows in steps of tokens (on the CPU the quantized GEMM works on tiles of 16 rows), and
+        every running request waits for the whole step: a step that spills into one more tile for a prompt
+        chunk is a long gap for all of them (bench_serve's inter-token p99)."""
+        room = -(-(decoding + 1) // self.step_tokens) * self.step_tokens - decoding
+        return min(self.prefill_chunk, room)
 
     def _mixed_forward(self, group: list, chunks: dict) -> dict:
         """One forward over the rows [first, last] of `group` (each right-aligned: a decoding row's next token, or a
-        prefilling row's chunk of chunks[slot] prompt tokens). -> {slot: last-token logits} of the group's rows,
-        or {} after failing the group's requests."""
+        prefilling row's chunk of chunks[slot] prompt tokens). -> the last-token logits of the rows [first, last],
+        or None after failing the group's requests."""
         lo, hi = group[0].slot, group[-1].slot
         feed = {row.slot: ([row.next_token] if row.slot not in chunks else
                            row.request.prompt_ids[row.prefilled:row.prefilled + chunks[row.slot]]) for row in group}
@@ -391,20 +424,22 @@ class Scheduler:
         except Exception as e:         # e.g. out of memory: these requests fail, the others go on
             for row in group:
                 self._finish(row, "error", error=f"step failed: {type(e).__name__}: {e}")
-            return {}
-        last = out.logits[:, -1].float()
-        return {row.slot: last[row.slot - lo] for row in group}
+            return None
+        return out.logits[:, -1].float()
 
-    def _advance(self, row: _Row, logits: torch.Tensor) -> None:
-        """Samples the row's next token from its logits, hands it to the client, and finishes the row when
-        the request is done."""
+    def _advance(self, rows: list, logits: torch.Tensor, index: list[int]) -> None:
+        """Samples each row's next token from logits[index[i]] (one batched choice for the step's rows), hands
+        it to the client, and finishes the rows whose requests are done."""
+        for row, choice in zip(rows, choose_rows([row.sampler for row in rows], logits, index)):
+            self._hand_out(row, choice)
+
+    def _hand_out(self, row: _Row, choice: TokenChoice) -> None:
         request = row.request
-        choice = row.sampler.choose(logits)
         row.generated += 1
         row.next_token = choice.token
         is_eos = choice.token in self.eos_token_ids and not request.ignore_eos
         text = "" if is_eos else row.text.add(choice.token)
-        _send(request, TokenEvent(text, choice))
+        self._send(request, TokenEvent(text, choice))
         if is_eos or row.text.stopped:
             self._finish(row, "stop")
         elif row.generated >= request.max_tokens:
@@ -414,7 +449,22 @@ class Scheduler:
         self._rows[row.slot] = None
         self.finished[reason] += 1
         tail = row.text.flush() if reason in ("stop", "length") else ""
-        _send(row.request, FinishEvent(reason, len(row.request.prompt_ids), row.generated, tail, error))
+        self._send(row.request, FinishEvent(reason, len(row.request.prompt_ids), row.generated, tail, error))
+
+    def _send(self, request: Request, event) -> None:
+        """Queues an event for its request's sink; _deliver hands them out (after the step's Python work)."""
+        self._outbox.append((request, event))
+
+    def _deliver(self) -> None:
+        """Calls the sinks with the events queued so far, in order. Done once the step's sampling and text are
+        done rather than per row: a sink wakes the HTTP event loop, whose work would otherwise contend with the
+        rest of the step for the interpreter lock (and on a small CPU, for the cores)."""
+        outbox, self._outbox = self._outbox, []
+        for request, event in outbox:
+            try:
+                request.sink(event)
+            except Exception:       # a sink whose client is gone must not stop the scheduler
+                pass
 
     def _abort_all(self, message: str) -> None:
         for row in self._rows:
@@ -423,14 +473,9 @@ class Scheduler:
         with self._wake:
             pending, self._pending = list(self._pending), collections.deque()
         for request in pending:
-            _send(request, FinishEvent("abort", len(request.prompt_ids), 0, error=message))
+            self._send(request, FinishEvent("abort", len(request.prompt_ids), 0, error=message))
 
 
-def _send(request: Request, event) -> None:
-    try:
-        request.sink(event)
-    except Exception:       # a sink whose client is gone must not stop the scheduler
-        pass
 
 
 def _decode_rows(device: torch.device, max_batch: int) -> int:
@@ -455,6 +500,13 @@ def _prefill_chunk(device: torch.device) -> int:
     of 512 costs about as much as a decode step."""
     if device.type != "cpu" or _native.extension() is None:
         return 512
+    return 16
+
+
+def _step_tokens(device: torch.device) -> int:
+    """The granule of a mixed step's tokens (see Scheduler._prompt_tokens_beside). 16 on the CPU: the AMX
+    quantized GEMM's tile height (a step of 17 tokens costs about as much as one of 32, one of 9 about as much
+    as one of 16), and on CPUs without AMX a step of 16 tokens is still one bounded pass over the weights."""
     return 16
 
 

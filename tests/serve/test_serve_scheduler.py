@@ -94,16 +94,19 @@ def test_rows_of_different_lengths_decode_like_each_alone(tiny_chat):
     assert cache.lengths.tolist() == [lengths[0] + 1, 1, lengths[2] + 1, lengths[3] + 1]
 
 
-@pytest.mark.parametrize("max_batch,decode_rows,prefill_chunk,mixed", [
-    (3, None, None, True), (3, None, None, False), (5, 2, 3, True), (5, 2, 3, False), (5, 4, 7, True)])
-def test_batch_equals_generate_and_rows_are_reused(tiny_chat, max_batch, decode_rows, prefill_chunk, mixed):
+@pytest.mark.parametrize("max_batch,decode_rows,prefill_chunk,mixed,step_tokens", [
+    (3, None, None, True, None), (3, None, None, False, None), (5, 2, 3, True, None), (5, 2, 3, False, None),
+    (5, 4, 7, True, None), (5, None, None, True, 6), (5, 3, None, True, 2)])
+def test_batch_equals_generate_and_rows_are_reused(tiny_chat, max_batch, decode_rows, prefill_chunk, mixed,
+                                                   step_tokens):
     """Nine requests, three (five) rows: the first ones are prefilled before any decodes and then decode
     together (in forwards of at most decode_rows tokens); finished rows take the next request, whose prompt
-    goes in while the others decode (prefill_chunk prompt tokens per step, in the decode forwards with mixed
-    steps), and every request's tokens are generate()'s."""
+    goes in while the others decode (prefill_chunk prompt tokens per step at most, in the decode forwards with
+    mixed steps, where step_tokens bounds the step), and every request's tokens are generate()'s."""
     model, tokenizer = tiny_chat
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=16, max_seq_len=128,
-                          decode_rows=decode_rows, prefill_chunk=prefill_chunk, mixed_steps=mixed)
+                          decode_rows=decode_rows, prefill_chunk=prefill_chunk, mixed_steps=mixed,
+                          step_tokens=step_tokens)
     prompts = _prompts(tokenizer, 9)
     max_tokens = [5, 17, 9, 12, 3, 20, 8, 1, 14]
     sinks = [Collector() for _ in prompts]
@@ -193,6 +196,101 @@ def test_long_prompt_prefills_in_chunks_while_others_decode(tiny_chat, chunk, mi
     assert ((2, chunk) in gated.shapes) == mixed
     assert a.tokens == _greedy(model, a_prompt, 40)
     assert b.tokens == _greedy(model, b_prompt, 6)
+
+
+class _Counting:
+    """The model, recording the real tokens (not pads) of every forward: the scheduler's token budget."""
+
+    def __init__(self, model):
+        self._model, self.config, self.model = model, model.config, model.model
+        self.generation_config = model.generation_config
+        self.real_tokens = []
+
+    def new_cache(self, *args, **kwargs):
+        return self._model.new_cache(*args, **kwargs)
+
+    def __call__(self, input_ids, attention_mask=None, **kwargs):
+        self.real_tokens.append(input_ids.numel() if attention_mask is None else int(attention_mask.sum()))
+        return self._model(input_ids, attention_mask=attention_mask, **kwargs)
+
+
+@pytest.mark.parametrize("step_tokens,prefill_chunk", [(4, 16), (8, 3), (16, 16)])
+def test_a_prompt_joining_a_running_row_fills_the_step_to_its_token_budget(tiny_chat, step_tokens, prefill_chunk):
+    """Mixed steps: while a row decodes, a joining prompt's chunks fill each forward up to step_tokens tokens
+    (the running row's included) and never beyond, at most prefill_chunk prompt tokens per step; both answers
+    are generate()'s."""
+    model, tokenizer = tiny_chat
+    counting = _Counting(model)
+    scheduler = Scheduler(counting, tokenizer, max_batch=2, max_queue=4, max_seq_len=128, mixed_steps=True,
+                          step_tokens=step_tokens, prefill_chunk=prefill_chunk)
+    running_prompt = _prompts(tokenizer, 1)[0]
+    long_prompt = tokenizer.encode("A long time ago in a galaxy far, far away, a small robot read every book it had")
+    running, joining = Collector(), Collector()
+    forwards_at_first_token = []
+
+    def on_event(event):
+        if isinstance(event, TokenEvent) and not joining.tokens:
+            forwards_at_first_token.append(len(counting.real_tokens))
+        joining(event)
+
+    scheduler.submit(Request(running_prompt, 80, SamplingParams(temperature=0.0), running, ignore_eos=True))
+    scheduler.start()
+    try:
+        assert running.first_token.wait(WAIT_S)
+        started = len(counting.real_tokens)      # the running prompt's own prefill (nobody waited) came before
+        scheduler.submit(Request(long_prompt, 5, SamplingParams(temperature=0.0), on_event, ignore_eos=True))
+        joining.wait(), running.wait()
+    finally:
+        scheduler.stop()
+    steps = counting.real_tokens[started:forwards_at_first_token[0]]
+    budget = min(step_tokens, 1 + prefill_chunk)            # the running row's token + the prompt's chunk
+    with_prompt = [n for n in steps if n > 1]               # before the join: the running row's decode steps
+    assert len(with_prompt) == -(-len(long_prompt) // (budget - 1)), steps
+    assert all(n == budget for n in with_prompt[:-1]) and with_prompt[-1] <= budget, steps
+    assert running.tokens == _greedy(model, running_prompt, 80)
+    assert joining.tokens == _greedy(model, long_prompt, 5)
+
+
+def test_sixteen_clients_back_to_back_get_generate_answers(tiny_chat):
+    """bench_serve's shape without HTTP: 16 client threads, each sending two requests back to back to 16 rows,
+    so that prompts join a running batch at unplanned moments (the batching depends on timing, the answers must
+    not): every answer is generate()'s, one by one."""
+    model, tokenizer = tiny_chat
+    prompts = _prompts(tokenizer, 32)
+    max_tokens = [3 + (7 * i) % 13 for i in range(32)]
+    scheduler = Scheduler(model, tokenizer, max_batch=16, max_queue=32, max_seq_len=128, mixed_steps=True).start()
+    answers = {}
+
+    def client(index):
+        for n in (2 * index, 2 * index + 1):
+            sink = Collector()
+            scheduler.submit(Request(prompts[n], max_tokens[n], SamplingParams(temperature=0.0), sink,
+                                     ignore_eos=True))
+            answers[n] = sink.wait().tokens
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT_S)
+    finally:
+        scheduler.stop()
+    assert sorted(answers) == list(range(32))
+    for n, prompt in enumerate(prompts):
+        assert answers[n] == _greedy(model, prompt, max_tokens[n]), n
+    assert scheduler.max_rows_in_step > 1
+
+
+def test_prompt_tokens_beside_running_rows(tiny_chat):
+    """The budget rule: fill the step up to the next multiple of step_tokens (one prompt token at least),
+    at most prefill_chunk."""
+    model, tokenizer = tiny_chat
+    scheduler = Scheduler(model, tokenizer, max_batch=2, max_seq_len=64, step_tokens=16, prefill_chunk=12)
+    assert [scheduler._prompt_tokens_beside(n) for n in (0, 3, 4, 10, 15, 16, 20, 31, 32)] == \
+        [12, 12, 12, 6, 1, 12, 12, 1, 12]
+    with pytest.raises(ValueError, match="step_tokens"):
+        Scheduler(model, tokenizer, max_batch=2, max_seq_len=64, step_tokens=0)
 
 
 def test_queue_limit_and_context_limit(tiny_chat):

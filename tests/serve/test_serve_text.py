@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llama_fast.serve.detokenize import IncrementalText
-from llama_fast.serve.sampling import RowSampler, SamplingParams
+from llama_fast.serve.sampling import RowSampler, SamplingParams, choose_rows
 
 
 class PieceTokenizer:
@@ -67,10 +67,45 @@ def test_presence_and_frequency_penalties_follow_openai():
     assert sampler.choose(logits).token == int(expected.argmax())
 
 
+def test_batched_choice_equals_each_row_alone():
+    """One step's rows sampled together (choose_rows: one argmax, one log-softmax over the batch) give each
+    request what it would draw alone: plain greedy, greedy with a penalty, seeded temperature; with and
+    without log-probabilities; logits rows picked out of a larger batch in any order."""
+    torch.manual_seed(0)
+    vocab = 50
+    logits = torch.randn(6, vocab) * 3
+    params = [SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3),
+              SamplingParams(temperature=0.0, repetition_penalty=1.3),
+              SamplingParams(temperature=0.8, seed=7, logprobs=True),
+              SamplingParams(temperature=0.0)]
+    rows = [4, 0, 2, 5]
+    first, second = logits[0].topk(2).indices.tolist()
+    logits[0, second] = logits[0, first] - 0.1      # a close second: the penalty on `first` changes row 0's answer
+    prompt = [first]
+    together = [RowSampler(p, prompt, vocab, "cpu") for p in params]
+    alone = [RowSampler(p, prompt, vocab, "cpu") for p in params]
+    for _ in range(3):                                   # the samplers' state (outputs, generators) carries on
+        choices = choose_rows(together, logits, rows)
+        for sampler, row, choice in zip(alone, rows, choices):
+            token = sampler.pick(logits[row])
+            sampler.output_ids.append(token)
+            assert choice.token == token
+            if sampler.params.logprobs:
+                reference = torch.log_softmax(logits[row], dim=-1)
+                torch.testing.assert_close(torch.tensor(choice.logprob), reference[token])
+                top = reference.topk(sampler.params.top_logprobs) if sampler.params.top_logprobs else None
+                assert [t for t, _ in choice.top] == (top.indices.tolist() if top is not None else [])
+            else:
+                assert choice.logprob is None and choice.top == []
+    assert [s.output_ids for s in together] == [s.output_ids for s in alone]
+    assert together[1].output_ids[0] == second      # the penalized greedy row (row 0, whose argmax is `first`)
+
+
 def test_serve_cli_options():
     from llama_fast.tools.cli import build_parser
     args = build_parser().parse_args(["serve", "--port", "0", "--max-batch", "4", "--max-queue", "2",
-                                      "--max-seq-len", "512", "--served-model-name", "m"])
+                                      "--max-seq-len", "512", "--served-model-name", "m", "--step-tokens", "8"])
     assert (args.command, args.port, args.max_batch, args.max_queue, args.max_seq_len) == ("serve", 0, 4, 2, 512)
+    assert args.step_tokens == 8
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-batch", "0"])
