@@ -24,7 +24,7 @@ sys.path.insert(0, HERE)
 
 from _old_vs_amx import median_times, run  # noqa: E402
 
-ROWS = (1, 2, 4, 8, 16, 64, 128, 512)
+ROWS = (1, 2, 4, 6, 8, 16, 64, 128, 512)
 SHAPES = ((576, 1536), (1536, 576), (2048, 2048))   # (K, N): SmolLM2's MLP up / down, a square one
 FORMATS = ("int4", "int8")                         # int4: groups of 32 with offsets (Q4_1-like); int8: Q8_0-like
 DTYPES = ("float32", "bfloat16")

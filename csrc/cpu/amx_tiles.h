@@ -25,6 +25,14 @@ struct TileConfig {
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
+// Loads a tile configuration. GCC 12's _tile_loadconfig does not tell the optimizer that it reads *cfg: with the
+// configuration filled in by a loop, the stores were removed as dead and LDTILECFG faulted on the rows / colsb it
+// found (zero). The empty asm takes cfg's address and clobbers memory, so the stores happen first.
+inline void load_tile_config(const TileConfig& cfg) {
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
 // All 8 tiles as 16 rows x 64 bytes. Tile state is thread state: configure it on each thread that runs tile
 // instructions and _tile_release() it after that thread's work (a configured state makes each context switch save
 // 8 KiB).
@@ -35,7 +43,7 @@ inline void configure_tiles() {
     cfg.rows[t] = kTileRows;
     cfg.colsb[t] = 64;
   }
-  _tile_loadconfig(&cfg);
+  load_tile_config(cfg);
 }
 
 // 16 fp32 to bf16, rounded to nearest even like float_to_bf16_bits (NaN stays NaN): the first `count` lanes stored.

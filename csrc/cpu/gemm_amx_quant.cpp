@@ -332,25 +332,29 @@ class QuantCodes {
 
   void unpack(int64_t n0, int64_t kt0, int64_t count, uint16_t* dst) const {
     const int rows = static_cast<int>(std::clamp<int64_t>(w_.n - n0, 0, kTileRows));
-    // The same bytes of the next pair of weight blocks (32 rows on), prefetched while these are unpacked: the
-    // weights stream from memory in decode, and the hardware prefetchers do not follow 32 rows read 256 bytes at a
-    // time. A prefetch past the weights is harmless (never faults).
-    const int64_t ahead = 2 * kTileRows * (w_.bits == 4 ? w_.k / 2 : w_.k);
+    // The loop's invariants in locals: read through w_ they were reloaded for every row (the stores to dst may
+    // alias them as far as the compiler knows), which made this loop twice as long.
+    const bool int4 = w_.bits == 4;
+    const int64_t row_bytes = int4 ? w_.k / 2 : w_.k, tile_bytes = int4 ? kTileK / 2 : kTileK;
+    const uint8_t* base = static_cast<const uint8_t*>(w_.q) + n0 * row_bytes;
+    const __m512i table = table_, nibbles = _mm512_set1_epi32(0x000f000f);
+    // The same bytes of the weight rows 32 on, prefetched while these are unpacked, once per 64-byte line: the
+    // weights stream from memory in decode, and the hardware prefetchers do not follow 16 or 32 rows read a few
+    // dozen bytes at a time. A prefetch past the weights is harmless (never faults).
+    const int64_t ahead = 2 * kTileRows * row_bytes, tiles_per_line = 64 / tile_bytes;
     for (int64_t t = 0; t < count; ++t) {
       uint16_t* d = dst + t * kTileWords;
-      for (int r = 0; r < rows; ++r) {
-        if (w_.bits == 4) {
+      const uint8_t* src = base + (kt0 + t) * tile_bytes;
+      const bool prefetch = (kt0 + t) % tiles_per_line == 0;
+      for (int r = 0; r < rows; ++r, src += row_bytes) {
+        if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(src + ahead), _MM_HINT_T0);
+        if (int4) {
           // byte j holds element 2j (low nibble) and 2j + 1 (high): one dword per byte, the codes in its two words
-          const uint8_t* src = static_cast<const uint8_t*>(w_.q) + (n0 + r) * (w_.k / 2) + (kt0 + t) * (kTileK / 2);
-          if (t % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(src + ahead), _MM_HINT_T0);
           const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-          const __m512i codes = _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x000f000f),
-                                                          0xa8);  // (a | b) & c
-          _mm512_storeu_si512(d + r * kTileK, _mm512_permutexvar_epi16(codes, table_));
+          const __m512i codes = _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), nibbles, 0xa8);  // (a | b) & c
+          _mm512_storeu_si512(d + r * kTileK, _mm512_permutexvar_epi16(codes, table));
         } else {
-          const int8_t* src = static_cast<const int8_t*>(w_.q) + (n0 + r) * w_.k + (kt0 + t) * kTileK;
-          if (t % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(src + ahead), _MM_HINT_T0);
-          store_int8_codes(src, d + r * kTileK);
+          store_int8_codes(reinterpret_cast<const int8_t*>(src), d + r * kTileK);
         }
       }
       for (int r = rows; r < kTileRows; ++r) _mm512_storeu_si512(d + r * kTileK, _mm512_setzero_si512());  // past n
@@ -534,6 +538,248 @@ inline void group_epilogue(const GroupArgs& ga, int64_t g, const float (*c)[kTil
   }
 }
 
+// ---- Few activation rows (m <= kSmallMRows = 8, decode batches): one 16-row weight block at a time ----
+//
+// With a few activation rows the general loop above is mostly overhead: per group it unpacks 32 weight rows, reads
+// 32 accumulator rows back from memory and writes them again, and its B / C tiles carry 16 activation rows when
+// the batch has 8 or fewer. Here each thread runs whole 16-row weight blocks over all of K, the activations being
+// the same for every block: per group it multiplies the block's codes (one A tile per 32 K) by the group's digits
+// into one C tile, and adds scale * C_g + offset * sum_g(x) into 16 vector registers of `lanes` fp32 (one per
+// weight row, a lane per activation row), written to out once at the end (no read-modify-write per group).
+//
+// Layouts of the B tiles (SmallMLayout), the activation rows in their columns:
+// - kSplit (bf16 activations, one digit): 8 columns, the packed tiles as they are (8 of their 16 columns read);
+// - kFolded8 (fp32, m <= 8): digits hi and mid side by side in one tile (columns 0-7 and 8-15), lo in a second one
+//   (columns 0-7): 2 tile multiplies per 32 K instead of 3; the epilogue adds C's two halves;
+// - kFolded4 (fp32, m <= 4): the three digits in columns 0-3, 4-7, 8-11 of one tile: 1 multiply per 32 K; the
+//   epilogue adds C's three quarters.
+// A folded C holds each digit's part of codes . x (exact products summed in fp32 by the tile unit) and the epilogue
+// adds the parts in fp32: the same exact products summed in another order than the split tiles' single sum, the
+// same accuracy. (The tile multiply costs the same whatever the columns used: 5 ns per 16 x 16 x 32 here.)
+//
+// Tiles: C 0-1 and A 2-3 alternate by group parity (one group's multiplies may start while the other's C is being
+// stored and read), B 4-6.
+enum class SmallMLayout { kSplit, kFolded8, kFolded4 };
+
+void configure_small_m_tiles(int b_colsb) {
+  amx::TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = kTileRows;
+    cfg.colsb[t] = 64;
+  }
+  for (int t : {0, 1, 4, 5, 6}) cfg.colsb[t] = static_cast<uint16_t>(b_colsb);  // C and B
+  amx::load_tile_config(cfg);
+}
+
+// One weight row's sums over `lanes` activation rows: fp32 x 4 (xmm) or 8 (ymm).
+template <int kLanes>
+struct ColumnVector;
+template <>
+struct ColumnVector<4> {
+  using V = __m128;
+  static V zero() { return _mm_setzero_ps(); }
+  static V load(const float* p) { return _mm_loadu_ps(p); }
+  static V add(V a, V b) { return _mm_add_ps(a, b); }
+  static V fma(float a, V b, V c) { return _mm_fmadd_ps(_mm_set1_ps(a), b, c); }
+  static void store(float* p, V v) { _mm_storeu_ps(p, v); }
+};
+template <>
+struct ColumnVector<8> {
+  using V = __m256;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V fma(float a, V b, V c) { return _mm256_fmadd_ps(_mm256_set1_ps(a), b, c); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+};
+
+// What a layout means for the loop: lanes of the accumulators, B tiles per 32 K, bytes per B / C tile row (the C
+// tile is stored with that stride), and how a weight row's group sums come out of its C row.
+template <SmallMLayout kLayout>
+struct SmallMShape {
+  static constexpr int kLanes = kLayout == SmallMLayout::kFolded4 ? 4 : 8;
+  static constexpr int kColsb = kLayout == SmallMLayout::kSplit ? 4 * kLanes : 64;
+  static typename ColumnVector<kLanes>::V row_sums(const float* c) {
+    using CV = ColumnVector<kLanes>;
+    if constexpr (kLayout == SmallMLayout::kFolded8)
+      return CV::add(CV::load(c), CV::load(c + 8));
+    else if constexpr (kLayout == SmallMLayout::kFolded4)
+      return CV::add(CV::add(CV::load(c), CV::load(c + 4)), CV::load(c + 8));
+    else
+      return CV::load(c);
+  }
+};
+
+// Group g's products codes x B into tile C (codes in tile A), left in the tile (stored by the loop).
+#define LF_SMALL_M_PRODUCTS(name, C, A)                                                   \
+  inline void name(const uint16_t* codes, const uint32_t* b, int64_t tiles, int btiles) { \
+    _tile_zero(C);                                                                        \
+    for (int64_t t = 0; t < tiles; ++t) {                                                 \
+      _tile_loadd(A, codes + t * kTileWords, 64);                                         \
+      const uint32_t* bt = b + t * btiles * kTileDwords;                                  \
+      _tile_loadd(4, bt, 64);                                                             \
+      _tile_dpbf16ps(C, A, 4);                                                            \
+      if (btiles >= 2) {                                                                  \
+        _tile_loadd(5, bt + kTileDwords, 64);                                             \
+        _tile_dpbf16ps(C, A, 5);                                                          \
+      }                                                                                   \
+      if (btiles == 3) {                                                                  \
+        _tile_loadd(6, bt + 2 * kTileDwords, 64);                                         \
+        _tile_dpbf16ps(C, A, 6);                                                          \
+      }                                                                                   \
+    }                                                                                     \
+  }
+LF_SMALL_M_PRODUCTS(small_m_products_even, 0, 2)
+LF_SMALL_M_PRODUCTS(small_m_products_odd, 1, 3)
+#undef LF_SMALL_M_PRODUCTS
+
+// Activation rows up to which gemm_amx_quant_t takes the small-m loop. From 9 to 16 rows (C and B tiles 16 wide,
+// each digit its own tile) it measured no faster than the general loop (1 thread, SmolLM2's shapes and 2048^2,
+// int4: 51-69 against 61-76 G multiply-adds/s, a loaded machine), so those keep the general loop.
+constexpr int64_t kSmallMRows = 8;
+
+// Groups unpacked at a time, a batch ahead of their multiplies (see small_m_block).
+constexpr int64_t kSmallMUnpackGroups = 8;
+
+// The B tiles of the small-m loop: [ktiles][btiles][16 K pairs][16 columns] (dwords: bf16 pairs).
+struct SmallMTiles {
+  const uint32_t* tiles;
+  int btiles;
+};
+
+// Weight rows [n0, n0 + 16) x all m (<= lanes) activation rows, over all of K, into result[16 weight rows][lanes].
+// scales / offsets: [16][groups rounded up to kScaleStride] per thread; codes: [2][kSmallMUnpackGroups][tiles per
+// group][16][32]; sums: the activations' [groups][16].
+//
+// Each step waits on nothing recent: a tile load of codes just written by vector stores, or a vector load of a C
+// just written by a tile store, stalls until those stores have drained (profile: a third of the time when each
+// group unpacked, multiplied, stored and read its C in turn). So the codes are unpacked a batch of
+// kSmallMUnpackGroups groups ahead (two halves of a ring), and in step g the multiplies of group g are issued, then
+// group g - 1's C tile (finished meanwhile) is stored, then group g - 2's stored C goes through the epilogue.
+template <typename Shape, typename Weights>
+void small_m_block(const Weights& w, const SmallMTiles& b, const float* sums, int64_t groups, int64_t n0, float* scales,
+                   float* offsets, uint16_t* codes, float* result) {
+  constexpr int kLanes = Shape::kLanes, kCStride = Shape::kColsb / 4;
+  using CV = ColumnVector<kLanes>;
+  const int64_t tiles_per_group = w.group_size() / kTileK;
+  const int64_t stride = (groups + kScaleStride - 1) / kScaleStride * kScaleStride;
+  const bool with_offsets = w.has_offsets();
+  for (int r = 0; r < kTileRows; ++r) {
+    float* sr = scales + r * stride;
+    float* orow = offsets + r * stride;
+    if (n0 + r >= w.n()) {  // past n: zero
+      std::fill(sr, sr + stride, 0.f);
+      std::fill(orow, orow + stride, 0.f);
+      continue;
+    }
+    for (int64_t g0 = 0; g0 < groups; g0 += kScaleStride)
+      w.row_scales(n0 + r, g0, std::min(kScaleStride, groups - g0), sr + g0, orow + g0);
+  }
+  alignas(64) float c[3][kTileRows * kCStride];  // stored C tiles, by group mod 3
+  typename CV::V acc[kTileRows];
+  for (int r = 0; r < kTileRows; ++r) acc[r] = CV::zero();
+  // acc += scale * C_g + offset * sums_g, as group_epilogue (the same two fmas per element, in the same order)
+  auto epilogue = [&](int64_t g) {
+    const float* cg = c[g % 3];
+    const typename CV::V xsum = CV::load(sums + g * kTileRows);
+#pragma GCC unroll 16
+    for (int r = 0; r < kTileRows; ++r) {
+      acc[r] = CV::fma(scales[r * stride + g], Shape::row_sums(cg + r * kCStride), acc[r]);
+      if (with_offsets) acc[r] = CV::fma(offsets[r * stride + g], xsum, acc[r]);
+    }
+  };
+  const int64_t group_words = tiles_per_group * kTileWords, batch_words = kSmallMUnpackGroups * group_words;
+  auto unpack_batch = [&](int64_t g0) {  // groups [g0, g0 + kSmallMUnpackGroups) into their half of the ring
+    const int64_t count = std::min(kSmallMUnpackGroups, groups - g0) * tiles_per_group;
+    w.unpack(n0, g0 * tiles_per_group, count, codes + (g0 / kSmallMUnpackGroups % 2) * batch_words);
+  };
+  unpack_batch(0);
+  for (int64_t g = 0; g < groups + 2; ++g) {
+    if (g < groups) {
+      if (g % kSmallMUnpackGroups == 0 && g + kSmallMUnpackGroups < groups) unpack_batch(g + kSmallMUnpackGroups);
+      const uint16_t* cg = codes + (g / kSmallMUnpackGroups % 2) * batch_words + g % kSmallMUnpackGroups * group_words;
+      const uint32_t* bg = b.tiles + g * tiles_per_group * b.btiles * kTileDwords;
+      if (g % 2 == 0)
+        small_m_products_even(cg, bg, tiles_per_group, b.btiles);
+      else
+        small_m_products_odd(cg, bg, tiles_per_group, b.btiles);
+    }
+    if (g >= 1 && g <= groups) {  // group g - 1's C
+      if ((g - 1) % 2 == 0)
+        _tile_stored(0, c[(g - 1) % 3], Shape::kColsb);
+      else
+        _tile_stored(1, c[(g - 1) % 3], Shape::kColsb);
+    }
+    if (g >= 2) epilogue(g - 2);
+  }
+  for (int r = 0; r < kTileRows; ++r) CV::store(result + r * kLanes, acc[r]);
+}
+
+// The folded B tiles (kFolded8 / kFolded4) from the packed digit tiles: per K tile and K pair, digit d's first
+// `slot` columns at columns d * slot of tile d * slot / 16, the rest zero.
+void fold_digits(const PackedActivations& p, int slot, std::vector<uint32_t>& folded) {
+  const int btiles = slot == 4 ? 1 : 2;
+  folded.assign(static_cast<size_t>(p.ktiles * btiles * kTileDwords), 0u);
+  for (int64_t kt = 0; kt < p.ktiles; ++kt)
+    for (int d = 0; d < 3; ++d) {
+      const uint32_t* src = p.tiles + (kt * 3 + d) * kTileDwords;
+      uint32_t* dst = folded.data() + (kt * btiles + d * slot / kTileRows) * kTileDwords + d * slot % kTileRows;
+      for (int pr = 0; pr < kTileRows; ++pr) std::memcpy(dst + pr * kTileRows, src + pr * kTileRows, slot * 4);
+    }
+}
+
+// out[m, n] for m <= 16 unscaled activation rows (p: one block) by small_m_block in `Shape`; To: out / bias.
+template <typename Shape, typename To, typename Weights>
+void gemm_small_m(const Weights& w, const PackedActivations& p, const SmallMTiles& b, const To* bias, To* out,
+                  int64_t m) {
+  constexpr int kLanes = Shape::kLanes;
+  const int64_t n = w.n(), nblocks = (n + kTileRows - 1) / kTileRows;
+  const int64_t stride = (p.groups + kScaleStride - 1) / kScaleStride * kScaleStride;
+  const int64_t group_words = w.group_size() / kTileK * kTileWords;
+  parallel_for(nblocks, (nblocks + num_threads() - 1) / num_threads(), [&](int64_t b0, int64_t b1) {
+    configure_small_m_tiles(Shape::kColsb);
+    thread_local std::vector<float> scales, offsets;
+    thread_local std::vector<uint16_t> codes;
+    scales.resize(static_cast<size_t>(kTileRows * stride));
+    offsets.resize(static_cast<size_t>(kTileRows * stride));
+    codes.resize(static_cast<size_t>(2 * kSmallMUnpackGroups * group_words));
+    alignas(64) float result[kTileRows * kLanes];
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      const int64_t n0 = nb * kTileRows;
+      small_m_block<Shape>(w, b, p.sums, p.groups, n0, scales.data(), offsets.data(), codes.data(), result);
+      const int cols = static_cast<int>(std::min<int64_t>(kTileRows, n - n0));
+      for (int64_t i = 0; i < m; ++i)
+        for (int r = 0; r < cols; ++r) {
+          float v = result[r * kLanes + i];
+          if constexpr (std::is_same_v<To, float>) {
+            if (bias != nullptr) v += bias[n0 + r];
+            out[i * n + n0 + r] = v;
+          } else {
+            if (bias != nullptr) v += bf16_bits_to_float(bias[n0 + r]);
+            out[i * n + n0 + r] = float_to_bf16_bits(v);
+          }
+        }
+    }
+    _tile_release();
+  });
+}
+
+// The small-m loop for p's m (<= kSmallMRows) rows, one unscaled block: the cheapest layout that holds them.
+template <typename To, typename Weights>
+void gemm_small_m(const Weights& w, const PackedActivations& p, const To* bias, To* out, int64_t m) {
+  thread_local std::vector<uint32_t> folded;  // the calling thread's; the pool's threads get the pointer
+  if (p.digits == 3 && m <= 4) {
+    fold_digits(p, 4, folded);
+    gemm_small_m<SmallMShape<SmallMLayout::kFolded4>>(w, p, SmallMTiles{folded.data(), 1}, bias, out, m);
+  } else if (p.digits == 3) {
+    fold_digits(p, 8, folded);
+    gemm_small_m<SmallMShape<SmallMLayout::kFolded8>>(w, p, SmallMTiles{folded.data(), 2}, bias, out, m);
+  } else {
+    gemm_small_m<SmallMShape<SmallMLayout::kSplit>>(w, p, SmallMTiles{p.tiles, p.digits}, bias, out, m);
+  }
+}
+
 // x: fp32 or bf16 (T); bias / out: To; Weights: QuantCodes or GgmlCodes.
 template <typename T, typename To, typename Weights>
 bool gemm_amx_quant_t(const T* x, const Weights& w, const To* bias, To* out, int64_t m) {
@@ -556,6 +802,10 @@ bool gemm_amx_quant_t(const T* x, const Weights& w, const To* bias, To* out, int
   });
   for (int64_t mb = 0; mb < mblocks; ++mb)
     if (p.invalid[mb]) return false;
+  if (m <= kSmallMRows && !p.scaled[0]) {  // few rows (decode), none tiny or huge
+    gemm_small_m(w, p, bias, out, m);
+    return true;
+  }
 
   const int64_t kc = std::min(k, k_chunk(gs)), per_thread = (npairs + num_threads() - 1) / num_threads();
   // Passes over the weights, each for as many 16-row activation blocks as fit half of L2: every pair of weight blocks

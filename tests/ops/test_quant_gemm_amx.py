@@ -146,6 +146,65 @@ def test_amx_digit_split_is_exact(bits):
     assert torch.equal(_amx(xb, _identity_weight(bits, k)).view(torch.int16), (xb + 0.0).view(torch.int16))
 
 
+# The small-m loop (gemm_amx_quant.cpp, up to 8 rows without tiny / huge ones): its B layouts change at 4 rows (fp32:
+# three digits in one tile) and at 5 (two tiles); 1 row is the fewest, 8 the most it takes.
+SMALL_M_ROWS = [1, 2, 4, 5, 7, 8]
+
+
+@needs_amx
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+@pytest.mark.parametrize("m", SMALL_M_ROWS)
+@pytest.mark.parametrize("n", [16, 45, 300])
+@pytest.mark.parametrize("groups", ["one", "several"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_small_m_matches_reference(threads, fmt, m, n, groups, dtype):
+    """The small-m loop at each row count and layout, N = one 16-row block, blocks with a tail, many blocks split
+    over the threads; K = one group, or several (with groups of 32: 12, more than one unpack batch of 8 and a
+    partial one)."""
+    bits, group_size, with_offset = fmt
+    k = group_size if groups == "one" else 3 * max(group_size, 128)
+    g = torch.Generator().manual_seed(m * 7 + n + group_size + k)
+    qw = make_weight(bits, group_size, with_offset, n, k, g)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype) if (m + n) % 2 else None
+    out = _amx(x, qw, bias)
+    assert out is not None and out.dtype == dtype and out.shape == (m, n)
+    assert_matches_reference(out, *reference(x, qw, bias))
+
+
+@needs_amx
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", SMALL_M_ROWS)
+def test_amx_small_m_digit_split_is_exact(bits, m):
+    """x @ I^T gives x back bit for bit through the small-m loop too (its folded tiles add the three digits' parts
+    in the epilogue: exact when only one product per output is non-zero, so only if the split is exact), on rows
+    whose largest magnitudes span the range the kernel leaves unscaled, 2^-64 to 2^64."""
+    g = torch.Generator().manual_seed(m)
+    k = 64
+    x = _wide_range_rows(g, k)[3:13]   # largest elements 2^-64 .. 2^64: no row scaled
+    for r0 in range(0, x.shape[0], m):
+        rows = x[r0:r0 + m]
+        out = _amx(rows, _identity_weight(bits, k))
+        assert out is not None
+        assert torch.equal(out.view(torch.int32), (rows + 0.0).view(torch.int32)), f"rows {r0}..{r0 + len(rows)}"
+
+
+@needs_amx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_small_m_rows_scaled_take_the_general_loop(dtype):
+    """Few rows one of which is tiny (scaled before the split: the general loop): the scaled and the unscaled batch
+    both to the rule, and equal to x scaled back where the scaling is exact (no denormals on the way)."""
+    g = torch.Generator().manual_seed(9)
+    qw = make_weight(4, 32, False, 45, 256, g)
+    x = torch.randn(6, 256, generator=g).to(dtype)
+    tiny = x * 2.0 ** -70    # every row below 2^-64: scaled by 2^70 and back, exactly
+    out, out_tiny = _amx(x, qw), _amx(tiny, qw)
+    assert_matches_reference(out, *reference(x, qw))
+    assert_matches_reference(out_tiny, *reference(tiny, qw))
+    if dtype == torch.bfloat16:
+        assert torch.equal(out_tiny, (out * 2.0 ** -70).to(dtype))
+
+
 @needs_amx
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
