@@ -72,11 +72,6 @@ bool kquant_supports(const std::vector<kquant::Segment>& segs) {
 #ifdef LF_KQUANT_VNNI256_X86
 namespace {
 
-// Rows per parallel chunk: ~32 KiB of blocks, at least 4 rows (kquant_linear.cpp's grain).
-int64_t row_grain(ggml::BlockType t, int64_t k) {
-  return std::max<int64_t>(4, (int64_t{1} << 15) / std::max<int64_t>(kquant::row_bytes(t, k), 1));
-}
-
 float load_x(bool bf16, const void* x, int64_t i) {
   return bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
 }
@@ -107,7 +102,7 @@ bool kquant_linear(bool bf16, const void* x, int64_t m, const std::vector<kquant
   const bool dpwssd = uses_avx_vnni();
   int64_t col = 0;
   for (const kquant::Segment& s : segs) {
-    parallel_for(s.rows, row_grain(s.type, k), [&](int64_t n0, int64_t n1) {
+    parallel_for(s.rows, kquant::gemv_grain(s.type, k, s.rows), [&](int64_t n0, int64_t n1) {
       if (dpwssd)
         avx_vnni::kquant_rows(bf16, s, k, xs, s32, s16, sc, m, n0, n1, out + col, ldo);
       else
