@@ -135,8 +135,9 @@ namespace {
 using ggml::BlockType;
 using kquant::Segment;
 
-// Weights ahead of the current block to prefetch (bytes), as kquant_linear.cpp.
-constexpr int kPrefetchBytes = 8192;
+// Weights ahead of the current block to prefetch (bytes) into L1, and further ahead into L2, as kquant_linear.cpp
+// (whose L2 distance is 4x its L1 one).
+constexpr int kPrefetchBytes = 8192, kL2PrefetchBytes = 4 * kPrefetchBytes;
 
 inline float f16_at(const uint8_t* p) {
   uint16_t h;
@@ -197,6 +198,7 @@ void rows_b32(const Segment& s, int64_t k, const int16_t* xp, const float* xsum3
         constexpr int a = decltype(ac)::value % kSplit;
         const uint8_t* b = g + i * bb;
         _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + kL2PrefetchBytes), _MM_HINT_T1);
         __m256i q[2];
         if constexpr (T == BlockType::kQ8_0) {
           q[0] = _mm256_cvtepi8_epi16(load128(b + 2));
@@ -305,7 +307,10 @@ void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32,
       acc[mm][0] = acc[mm][1] = off16[mm][0] = off16[mm][1] = off[mm] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < nblk; ++blk) {
       const uint8_t* b = row + blk * bb;
-      for (int p = 0; p < bb; p += 64) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes + p), _MM_HINT_T0);
+      for (int p = 0; p < bb; p += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes + p), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + kL2PrefetchBytes + p), _MM_HINT_T1);
+      }
       __m256i ih[M][2], il[M][2];  // [activation row][lane half]
       for (int mm = 0; mm < M; ++mm) ih[mm][0] = ih[mm][1] = il[mm][0] = il[mm][1] = _mm256_setzero_si256();
       alignas(32) int16_t sc[16];  // Q4_K / Q5_K: 8 scales (one per 32); the others: 16 (one per 16)
