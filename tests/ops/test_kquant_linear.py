@@ -68,15 +68,18 @@ def test_kquant_linear_block32_row_tails(backend, threads, kind, dtype, matches_
         matches_reference(out, want.float(), torch.nn.functional.linear(x, w.dequantize(dtype)))
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q6_K"])
-def test_kquant_linear_many_rows_one_token(backend, threads, kind, matches_reference):
-    """A weight of many short rows (a token table's shape): the GEMV then claims chunks of 1/16 of the rows per
-    thread instead of ~32 KiB (kquant::gemv_grain), with a remainder chunk; every output against the fp64 product."""
+# (type, K, rows): over 32 chunks of ~32 KiB at two threads, so chunks of 1/16 of the rows per thread, not a
+# multiple of 16 (Q8_0, Q6_K); 7 and 3 chunks of ~32 KiB evened out to 8 and 4 with a shorter last one (Q5_0, Q5_1)
+MANY_ROWS = [("Q8_0", 32, 40_003), ("Q6_K", 256, 6_007), ("Q5_0", 576, 577), ("Q5_1", 576, 193)]
+
+
+@pytest.mark.parametrize("kind,k,rows", MANY_ROWS)
+def test_kquant_linear_many_rows_one_token(backend, threads, kind, k, rows, matches_reference):
+    """One activation row against weights that kquant::gemv_grain splits into chunks other than ~32 KiB (a token
+    table's many short rows; chunk counts evened to a multiple of the threads): every output against fp64."""
     name, device = backend
     if name != "cpu":
         pytest.skip("the CUDA backend has no kquant_linear yet")
-    k = kquants.BLOCKS[kind][0]
-    rows = 40_003 if kind == "Q8_0" else 6_007  # over 32 row_grain chunks at two threads, not a multiple of 16
     w = kquants.KQuantWeight.single(kind, random_blocks(kind, rows, k, seed=3), k)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(3))
     out = ops.kquant_linear(x, w, backend=name)
