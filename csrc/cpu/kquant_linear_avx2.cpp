@@ -72,11 +72,6 @@ bool kquant_supports(const std::vector<kquant::Segment>& segs) {
 #ifdef LF_KQUANT_VNNI256_X86
 namespace {
 
-// Rows per parallel chunk: ~32 KiB of blocks, at least 4 rows (kquant_linear.cpp's grain).
-int64_t row_grain(ggml::BlockType t, int64_t k) {
-  return std::max<int64_t>(4, (int64_t{1} << 15) / std::max<int64_t>(kquant::row_bytes(t, k), 1));
-}
-
 float load_x(bool bf16, const void* x, int64_t i) {
   return bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
 }
@@ -107,7 +102,7 @@ bool kquant_linear(bool bf16, const void* x, int64_t m, const std::vector<kquant
   const bool dpwssd = uses_avx_vnni();
   int64_t col = 0;
   for (const kquant::Segment& s : segs) {
-    parallel_for(s.rows, row_grain(s.type, k), [&](int64_t n0, int64_t n1) {
+    parallel_for(s.rows, kquant::gemv_grain(s.type, k, s.rows), [&](int64_t n0, int64_t n1) {
       if (dpwssd)
         avx_vnni::kquant_rows(bf16, s, k, xs, s32, s16, sc, m, n0, n1, out + col, ldo);
       else
@@ -140,8 +135,9 @@ namespace {
 using ggml::BlockType;
 using kquant::Segment;
 
-// Weights ahead of the current block to prefetch (bytes), as kquant_linear.cpp.
-constexpr int kPrefetchBytes = 8192;
+// Weights ahead of the current block to prefetch (bytes) into L1, and further ahead into L2, as kquant_linear.cpp
+// (whose L2 distance is 4x its L1 one).
+constexpr int kPrefetchBytes = 8192, kL2PrefetchBytes = 4 * kPrefetchBytes;
 
 inline float f16_at(const uint8_t* p) {
   uint16_t h;
@@ -202,6 +198,7 @@ void rows_b32(const Segment& s, int64_t k, const int16_t* xp, const float* xsum3
         constexpr int a = decltype(ac)::value % kSplit;
         const uint8_t* b = g + i * bb;
         _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + kL2PrefetchBytes), _MM_HINT_T1);
         __m256i q[2];
         if constexpr (T == BlockType::kQ8_0) {
           q[0] = _mm256_cvtepi8_epi16(load128(b + 2));
@@ -310,7 +307,10 @@ void rows_k(const Segment& s, int64_t k, const int16_t* xp, const float* xsum32,
       acc[mm][0] = acc[mm][1] = off16[mm][0] = off16[mm][1] = off[mm] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < nblk; ++blk) {
       const uint8_t* b = row + blk * bb;
-      for (int p = 0; p < bb; p += 64) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes + p), _MM_HINT_T0);
+      for (int p = 0; p < bb; p += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes + p), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + kL2PrefetchBytes + p), _MM_HINT_T1);
+      }
       __m256i ih[M][2], il[M][2];  // [activation row][lane half]
       for (int mm = 0; mm < M; ++mm) ih[mm][0] = ih[mm][1] = il[mm][0] = il[mm][1] = _mm256_setzero_si256();
       alignas(32) int16_t sc[16];  // Q4_K / Q5_K: 8 scales (one per 32); the others: 16 (one per 16)

@@ -51,6 +51,42 @@ def test_kquant_linear_long_rows_one_token(backend, kind, dtype, matches_referen
     matches_reference(out, want.float(), low)
 
 
+@pytest.mark.parametrize("kind", ["Q5_0", "Q5_1", "Q8_0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kquant_linear_block32_row_tails(backend, threads, kind, dtype, matches_reference):
+    """Rows of 1-5, 16-21 and 36 blocks of 32: rows_b32 reads a row's headers 16 blocks at a time, the last up to
+    4 of a row one by one instead of in a gather (kquant_linear.cpp), so every tail length meets both ways."""
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CUDA backend has no kquant_linear yet")
+    for blocks in (1, 2, 3, 4, 5, 16, 17, 18, 20, 21, 36):
+        k = 32 * blocks
+        w = kquants.KQuantWeight.single(kind, random_blocks(kind, 29, k, seed=blocks), k)
+        x = torch.randn(1, k, generator=torch.Generator().manual_seed(blocks)).to(dtype)
+        out = ops.kquant_linear(x, w, backend=name)
+        want = x.double() @ w.dequantize(torch.float64).t()
+        matches_reference(out, want.float(), torch.nn.functional.linear(x, w.dequantize(dtype)))
+
+
+# (type, K, rows): over 32 chunks of ~32 KiB at two threads, so chunks of 1/16 of the rows per thread, not a
+# multiple of 16 (Q8_0, Q6_K); 7 and 3 chunks of ~32 KiB evened out to 8 and 4 with a shorter last one (Q5_0, Q5_1)
+MANY_ROWS = [("Q8_0", 32, 40_003), ("Q6_K", 256, 6_007), ("Q5_0", 576, 577), ("Q5_1", 576, 193)]
+
+
+@pytest.mark.parametrize("kind,k,rows", MANY_ROWS)
+def test_kquant_linear_many_rows_one_token(backend, threads, kind, k, rows, matches_reference):
+    """One activation row against weights that kquant::gemv_grain splits into chunks other than ~32 KiB (a token
+    table's many short rows; chunk counts evened to a multiple of the threads): every output against fp64."""
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CUDA backend has no kquant_linear yet")
+    w = kquants.KQuantWeight.single(kind, random_blocks(kind, rows, k, seed=3), k)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(3))
+    out = ops.kquant_linear(x, w, backend=name)
+    want = x.double() @ w.dequantize(torch.float64).t()
+    matches_reference(out, want.float(), torch.nn.functional.linear(x, w.dequantize(torch.float32)))
+
+
 def test_kquant_linear_mixed_segments(backend, matches_reference):
     """A fused weight of several types (Q4_K_M's q/k in Q4_K and v in Q6_K) in one call, 3-D input."""
     name, device = backend

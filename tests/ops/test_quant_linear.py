@@ -6,7 +6,7 @@ import torch
 from llama_fast import ops, quant
 
 from op_fixtures import at_isa as _at_isa
-from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
+from op_fixtures import backend, matches_reference, threads  # noqa: F401  (pytest fixtures)
 
 # (bits, group_size, symmetric): GGUF Q4_1-like (asymmetric, g=32), Q4_0-like (symmetric, offset = -8 scale),
 # Q8_0-like, per-channel int8, and group sizes the vector kernels do not tile (scalar fallback).
@@ -49,6 +49,21 @@ def test_quant_linear_odd_k(backend, bits, k, group_size, m, dtype, matches_refe
     out = ops.quant_linear(x.to(device), qw.to(device), backend=name)
     want = x.double() @ qw.dequantize(torch.float64).t()
     matches_reference(out, want.float(), torch.nn.functional.linear(x, qw.dequantize(dtype)))
+
+
+@pytest.mark.parametrize("bits,n", [(8, 20_003), (4, 40_003)])
+def test_quant_linear_many_rows_one_token(backend, threads, bits, n, matches_reference):
+    """A weight of many short rows (a token table's shape, here K = 64): the GEMV claims chunks of 1/16 of the rows
+    per thread instead of ~32 KiB (quant_linear.cpp row_grain), n not a multiple of the chunk or of 4."""
+    name, device = backend
+    k = 64
+    g = torch.Generator().manual_seed(n)
+    qw = quant.quantize(torch.randn(n, k, generator=g), bits=bits, group_size=32, symmetric=bits == 8,
+                        scale_dtype=torch.float16)
+    x = torch.randn(1, k, generator=g)
+    out = ops.quant_linear(x.to(device), qw.to(device), backend=name)
+    want = x.double() @ qw.dequantize(torch.float64).t()
+    matches_reference(out, want.float(), torch.nn.functional.linear(x, qw.dequantize(torch.float32)))
 
 
 def _rows_with_extremes():
