@@ -13,18 +13,19 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <sys/mman.h>
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <cstdint>
 #include <vector>
-#include <algorithm>
 using u16 = uint16_t;
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 // V0 current: row at a time, one acc
-__attribute__((noinline)) void bf_v0(const u16* x, const u16* w, float* out, int64_t n0, int64_t n1, int64_t k, int64_t ahead) {
+__attribute__((noinline)) void bf_v0(const u16* x, const u16* w, float* out, int64_t n0, int64_t n1, int64_t k,
+                                     int64_t ahead) {
   for (int64_t r = n0; r < n1; ++r) {
     __m512 acc = _mm512_setzero_ps();
     const u16* wr = w + r * k;
@@ -36,7 +37,8 @@ __attribute__((noinline)) void bf_v0(const u16* x, const u16* w, float* out, int
   }
 }
 // V1: 4 rows interleaved
-__attribute__((noinline)) void bf_v1(const u16* x, const u16* w, float* out, int64_t n0, int64_t n1, int64_t k, int64_t ahead) {
+__attribute__((noinline)) void bf_v1(const u16* x, const u16* w, float* out, int64_t n0, int64_t n1, int64_t k,
+                                     int64_t ahead) {
   int64_t r = n0;
   for (; r + 4 <= n1; r += 4) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -48,60 +50,88 @@ __attribute__((noinline)) void bf_v1(const u16* x, const u16* w, float* out, int
       a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(wr + 2 * k + kk), xv);
       a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(wr + 3 * k + kk), xv);
     }
-    out[r] = hsum(a0); out[r + 1] = hsum(a1); out[r + 2] = hsum(a2); out[r + 3] = hsum(a3);
+    out[r] = hsum(a0);
+    out[r + 1] = hsum(a1);
+    out[r + 2] = hsum(a2);
+    out[r + 3] = hsum(a3);
   }
   for (; r < n1; ++r) bf_v0(x, w, out, r, r + 1, k, 0);
 }
 // V2: row at a time with 2 accs
-__attribute__((noinline)) void bf_v2(const u16* x, const u16* w, float* out, int64_t n0, int64_t n1, int64_t k, int64_t ahead) {
+__attribute__((noinline)) void bf_v2(const u16* x, const u16* w, float* out, int64_t n0, int64_t n1, int64_t k,
+                                     int64_t ahead) {
   for (int64_t r = n0; r < n1; ++r) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;
     const u16* wr = w + r * k;
     int64_t kk = 0;
     for (; kk + 64 <= k; kk += 64) {
-      if (ahead) { _mm_prefetch((const char*)(wr + kk) + ahead, _MM_HINT_T0); _mm_prefetch((const char*)(wr + kk) + ahead + 64, _MM_HINT_T0);}
+      if (ahead) {
+        _mm_prefetch((const char*)(wr + kk) + ahead, _MM_HINT_T0);
+        _mm_prefetch((const char*)(wr + kk) + ahead + 64, _MM_HINT_T0);
+      }
       a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(wr + kk), (__m512bh)_mm512_loadu_si512(x + kk));
       a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(wr + kk + 32), (__m512bh)_mm512_loadu_si512(x + kk + 32));
     }
-    for (; kk + 32 <= k; kk += 32) a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(wr + kk), (__m512bh)_mm512_loadu_si512(x + kk));
+    for (; kk + 32 <= k; kk += 32)
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(wr + kk), (__m512bh)_mm512_loadu_si512(x + kk));
     out[r] = hsum(_mm512_add_ps(a0, a1));
   }
 }
 // roofline: plain read-sum of the same bytes
-__attribute__((noinline)) void rd(const u16* x, const u16* w, float* out, int64_t n0, int64_t n1, int64_t k, int64_t ahead) {
-  const float* p = (const float*)(w + n0 * k); const float* e = (const float*)(w + n1 * k);
+__attribute__((noinline)) void rd(const u16* x, const u16* w, float* out, int64_t n0, int64_t n1, int64_t k,
+                                  int64_t ahead) {
+  const float* p = (const float*)(w + n0 * k);
+  const float* e = (const float*)(w + n1 * k);
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (; p + 64 <= e; p += 64) {
-    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p)); a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p + 16));
-    a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p + 32)); a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p + 48));
+    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p));
+    a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p + 16));
+    a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p + 32));
+    a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p + 48));
   }
   out[n0] = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 // fp32 current: row at a time 1 acc fma
-__attribute__((noinline)) void f_v0(const float* x, const float* w, float* out, int64_t n0, int64_t n1, int64_t k, int64_t) {
+__attribute__((noinline)) void f_v0(const float* x, const float* w, float* out, int64_t n0, int64_t n1, int64_t k,
+                                    int64_t) {
   for (int64_t r = n0; r < n1; ++r) {
-    __m512 acc = _mm512_setzero_ps(); const float* wr = w + r * k;
-    for (int64_t kk = 0; kk + 16 <= k; kk += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(wr + kk), _mm512_loadu_ps(x + kk), acc);
+    __m512 acc = _mm512_setzero_ps();
+    const float* wr = w + r * k;
+    for (int64_t kk = 0; kk + 16 <= k; kk += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(wr + kk), _mm512_loadu_ps(x + kk), acc);
     out[r] = hsum(acc);
   }
 }
-__attribute__((noinline)) void f_v1(const float* x, const float* w, float* out, int64_t n0, int64_t n1, int64_t k, int64_t) {
+__attribute__((noinline)) void f_v1(const float* x, const float* w, float* out, int64_t n0, int64_t n1, int64_t k,
+                                    int64_t) {
   int64_t r = n0;
   for (; r + 4 <= n1; r += 4) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0; const float* wr = w + r * k;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const float* wr = w + r * k;
     for (int64_t kk = 0; kk + 16 <= k; kk += 16) {
       __m512 xv = _mm512_loadu_ps(x + kk);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + kk), xv, a0); a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k + kk), xv, a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + 2*k + kk), xv, a2); a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + 3*k + kk), xv, a3);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + kk), xv, a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k + kk), xv, a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + 2 * k + kk), xv, a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + 3 * k + kk), xv, a3);
     }
-    out[r] = hsum(a0); out[r + 1] = hsum(a1); out[r + 2] = hsum(a2); out[r + 3] = hsum(a3);
+    out[r] = hsum(a0);
+    out[r + 1] = hsum(a1);
+    out[r + 2] = hsum(a2);
+    out[r + 3] = hsum(a3);
   }
   for (; r < n1; ++r) f_v0(x, w, out, r, r + 1, k, 0);
 }
-__attribute__((noinline)) void f_v2(const float* x, const float* w, float* out, int64_t n0, int64_t n1, int64_t k, int64_t) {
+__attribute__((noinline)) void f_v2(const float* x, const float* w, float* out, int64_t n0, int64_t n1, int64_t k,
+                                    int64_t) {
   for (int64_t r = n0; r < n1; ++r) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0; const float* wr = w + r * k; int64_t kk = 0;
-    for (; kk + 32 <= k; kk += 32) { a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + kk), _mm512_loadu_ps(x + kk), a0); a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + kk + 16), _mm512_loadu_ps(x + kk + 16), a1);}
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    const float* wr = w + r * k;
+    int64_t kk = 0;
+    for (; kk + 32 <= k; kk += 32) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + kk), _mm512_loadu_ps(x + kk), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + kk + 16), _mm512_loadu_ps(x + kk + 16), a1);
+    }
     for (; kk + 16 <= k; kk += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + kk), _mm512_loadu_ps(x + kk), a0);
     out[r] = hsum(_mm512_add_ps(a0, a1));
   }
@@ -128,15 +158,19 @@ double run(F f, const char* name, std::vector<T*>& mats, const T* x, int64_t n, 
 }
 
 int main(int argc, char** argv) {
-  int64_t n = atoi(argv[1]), k = atoi(argv[2]); int64_t mib = atoi(argv[3]);
+  int64_t n = atoi(argv[1]), k = atoi(argv[2]);
+  int64_t mib = atoi(argv[3]);
   size_t bytes = (size_t)mib << 20;
   char* raw = (char*)aligned_alloc(2 << 20, bytes + (2 << 20));
   madvise(raw, bytes, MADV_HUGEPAGE);
   memset(raw, 0x3c, bytes);
   size_t bf_mat = n * k * 2, f_mat = n * k * 4;
-  std::vector<u16*> bm; for (size_t o = 0; o + bf_mat <= bytes; o += (bf_mat + 4095) / 4096 * 4096) bm.push_back((u16*)(raw + o));
-  std::vector<float*> fm; for (size_t o = 0; o + f_mat <= bytes; o += (f_mat + 4095) / 4096 * 4096) fm.push_back((float*)(raw + o));
-  std::vector<u16> xb(k, 0x3f80); std::vector<float> xf(k, 1.f);
+  std::vector<u16*> bm;
+  for (size_t o = 0; o + bf_mat <= bytes; o += (bf_mat + 4095) / 4096 * 4096) bm.push_back((u16*)(raw + o));
+  std::vector<float*> fm;
+  for (size_t o = 0; o + f_mat <= bytes; o += (f_mat + 4095) / 4096 * 4096) fm.push_back((float*)(raw + o));
+  std::vector<u16> xb(k, 0x3f80);
+  std::vector<float> xf(k, 1.f);
   for (int th : {1, 2}) {
     run(rd, "read", bm, xb.data(), n, k, th, 0);
     run(bf_v0, "bf_v0", bm, xb.data(), n, k, th, 0);
