@@ -24,6 +24,11 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 32;  // query rows (queries x group) per task: fits L1 with D = 128
 constexpr int64_t kFewRows = 8;       // tasks of at most this many rows (decode) take attention_task_few_rows
+// Split-K chunks have at least this many keys. A decode step reads its cache from memory (the layers' weights
+// streamed since its last visit evict it), so even a few hundred keys are worth both threads: SmolLM2 (3 kv heads)
+// at ~150 keys, fp32 cache, 2 threads on the Intel Xeon, took 570-585 us of attention per step on the calling
+// thread alone (chunks of 128 keys and 2^18 products before splitting) and 420-445 us split (Q4_1 decode profile).
+constexpr int64_t kMinSplitKeys = 64;
 
 int64_t key_chunk_alignment() { return 16; }
 
@@ -113,10 +118,10 @@ void attention(const AttentionArgs& a) {
   }
   const int64_t threads = num_threads();
   int64_t nsplit = 1;
-  if (tasks < 4 * threads && kmax >= 256) {
+  if (tasks < 4 * threads && kmax >= 2 * kMinSplitKeys) {
     // At least 4 work items per thread, and a multiple of the threads (9 equal items on 2 threads leave one
-    // thread idle for the last ninth), with chunks of at least 128 keys.
-    const int64_t max_split = std::max<int64_t>(1, kmax / 128);
+    // thread idle for the last ninth), with chunks of at least kMinSplitKeys keys.
+    const int64_t max_split = std::max<int64_t>(1, kmax / kMinSplitKeys);
     nsplit = std::min<int64_t>((4 * threads + tasks - 1) / tasks, max_split);
     while (nsplit < max_split && (tasks * nsplit) % threads != 0) ++nsplit;
     nsplit = std::max<int64_t>(nsplit, 1);
@@ -130,9 +135,9 @@ void attention(const AttentionArgs& a) {
   float* base = parts.data();
 
   const int64_t work = tasks * nsplit;
-  // Work below ~2^18 query-key-dim products (a decode step over a few hundred keys: microseconds) stays on
-  // the calling thread: a fork/join costs as much, and far more when a helper thread is not running now.
-  const bool small = a.tq * kmax * a.hq * D < (1 << 18);
+  // Work below ~2^16 query-key-dim products (a decode step over a few dozen keys: a few microseconds) stays on
+  // the calling thread: a fork/join would cost as much.
+  const bool small = a.tq * kmax * a.hq * D < (1 << 16);
   const int mode = task_mode(a);
   parallel_for(work, small ? work : 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {

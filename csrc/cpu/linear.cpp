@@ -1,11 +1,12 @@
 // Dense linear for decode: out[M, N] = x[M, K] @ w[N, K]^T (+ bias), M up to kMaxGemvRows. bf16 from
 // amx_bf16_from_rows() rows on a CPU with AMX: the tile GEMM (gemm_amx.cpp), which also reads each weight once.
 // Otherwise each weight row is streamed once for all M activation rows; threads get contiguous row ranges
-// (sequential streams for the prefetcher). For a few rows (memory bound) the GEMV kernels below keep all rows'
-// accumulators of a few weight rows in registers; bf16 weights with bf16 activations use AVX512-BF16 dot products
-// (vdpbf16ps, exact products, fp32 sums) where the CPU has them. More rows (a batched decode step: compute bound) go to
-// the register-tiled multi-row kernel of cpu/row_tiles.h, on fp32 activations (bf16 widened once per call, weights
-// widened per block of rows: exact, like vdpbf16ps's products).
+// (sequential streams for the prefetcher): one range per thread for the GEMVs, ~64 KiB chunks for the tiled kernel. For
+// a few rows (memory bound) the GEMV kernels below keep all rows' accumulators of a few weight rows in registers; bf16
+// weights with bf16 activations use AVX512-BF16 dot products (vdpbf16ps, exact products, fp32 sums) where the CPU has
+// them. More rows (a batched decode step: compute bound) go to the register-tiled multi-row kernel of cpu/row_tiles.h,
+// on fp32 activations (bf16 widened once per call, weights widened per block of rows: exact, like vdpbf16ps's
+// products).
 #ifndef LF_ISA
 #include "cpu/gemm_amx.h"
 #include "cpu/kernels.h"
@@ -54,11 +55,14 @@ void dense_linear(bool bf16, const void* x, const void* w, const void* bias, voi
   }
   // bf16 weights with bf16 activations use vdpbf16ps where the CPU has it
   const bool dp = bf16 && isa() == Isa::kAvx512Bf16;
-  // bf16 weights are software-prefetched unless they lie on huge pages (tuning.h); fp32 rows never are: they
-  // stream at ~90% of the bandwidth without it and measured 3% slower with it
-  const int64_t ahead = bf16 ? dense_prefetch_bytes(w) : 0;
+  // bf16 weights are software-prefetched unless they lie on huge pages and the CPU is not one that gains from it
+  // there (tuning.h prefetch_on_huge_pages). fp32 rows only where it gains: elsewhere (Zen 4) they streamed at ~90%
+  // of the bandwidth without it and 3% slower with it; on the Intel Xeon SmolLM2's fp32 decode went from 48.6-50 to
+  // 52-55 tok/s with it (2 threads, huge pages).
+  const int64_t ahead = bf16 || tuning().prefetch_on_huge_pages ? dense_prefetch_bytes(w) : 0;
+  // one weight stream per thread (thread_pool.h)
   LF_CPU_DISPATCH_DTYPE(bf16, T, {
-    parallel_rows(n, 4, k * static_cast<int64_t>(sizeof(T)), [&](int64_t n0, int64_t n1) {
+    parallel_for(n, one_range_per_thread(n, 4), [&](int64_t n0, int64_t n1) {
       LF_DISPATCH(gemv_rows<T>, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(bias),
                   static_cast<T*>(out), m, n, k, n0, n1, dp, ahead);
     });

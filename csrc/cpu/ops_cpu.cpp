@@ -500,8 +500,8 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
       "cpu_quant_linear_amx(Tensor x, Tensor qweight, Tensor scale, Tensor? offset, int bits, int group_size, "
       "Tensor? bias) -> Tensor[]");
   // [L1d, L2, L3 bytes, prefetch distance, GEMM-from rows of int4, int8, ggml super-blocks, ggml blocks of 32 at
-  // the ISA in effect] of cpu::tuning() and cpu::quant_gemm_from_rows: the machine-dependent choices, for the
-  // benchmarks' records next to the CPU model.
+  // the ISA in effect, prefetch on huge pages (0 / 1)] of cpu::tuning() and cpu::quant_gemm_from_rows: the
+  // machine-dependent choices, for the benchmarks' records next to the CPU model.
   m.def("cpu_tuning() -> int[]", []() -> std::vector<int64_t> {
     const auto& t = cpu::tuning();
     return {t.l1d_bytes,
@@ -511,7 +511,8 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
             cpu::quant_gemm_from_rows(cpu::QuantGemm::kInt4),
             cpu::quant_gemm_from_rows(cpu::QuantGemm::kInt8),
             cpu::quant_gemm_from_rows(cpu::QuantGemm::kGgmlSuper),
-            cpu::quant_gemm_from_rows(cpu::QuantGemm::kGgmlBlock32)};
+            cpu::quant_gemm_from_rows(cpu::QuantGemm::kGgmlBlock32),
+            t.prefetch_on_huge_pages ? 1 : 0};
   });
   // From how many activation rows a bf16 dense linear runs the AMX GEMM (cpu::amx_bf16_from_rows), 0 where it never
   // does (no AMX, or a lower ISA level in effect).

@@ -62,6 +62,13 @@ int64_t row_grain(const QuantWeight& w) {
   return std::max<int64_t>(small, w.n / (16 * static_cast<int64_t>(num_threads())) / 4 * 4);
 }
 
+// A decode step's GEMV (up to kMaxGemvRows rows: memory bound) streams one range of weight rows per thread
+// (thread_pool.h); more rows (prefill: compute bound) share the rows out in row_grain chunks, which keeps the threads
+// balanced when one of them is slowed down.
+int64_t decode_row_grain(const QuantWeight& w, int64_t m) {
+  return m <= kMaxGemvRows ? std::max<int64_t>(row_grain(w), one_range_per_thread(w.n, 4)) : row_grain(w);
+}
+
 // out (fp32 [m, n]) + bias -> the activation dtype.
 void store_output(bool bf16, const float* outf, const void* bias, void* out, int64_t m, int64_t n) {
   for (int64_t r = 0; r < m; ++r) {
@@ -110,7 +117,7 @@ bool quant_linear_vnni(const IntegerGemv& kernel, bool bf16, const void* x, cons
   const int16_t* xs = xp.data();
   const float *ss = xsum.data(), *sc = xscale.data();
   float* os = outf.data();
-  parallel_for(n, row_grain(w), [&](int64_t n0, int64_t n1) {
+  parallel_for(n, decode_row_grain(w, m), [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < m; m0 += 8)
       kernel.rows(w, xs + m0 * 2 * k, ss + m0 * groups, sc + m0, std::min<int64_t>(8, m - m0), !bf16, n0, n1,
                   os + m0 * n, n);
@@ -171,7 +178,7 @@ void quant_linear(bool bf16, const void* x, const QuantWeight& w, const void* bi
   const float* ss = xsum.data();
   float* os = outf.data();
   if (m < kQuantTiledFromRows) {
-    parallel_for(n, row_grain(w),
+    parallel_for(n, decode_row_grain(w, m),
                  [&](int64_t n0, int64_t n1) { LF_DISPATCH(quant_rows, w, xs, ss, m, chunk, n0, n1, os, n); });
   } else {  // a batch: each block of weight rows dequantized once, then multiplied with every row (row_tiles.h)
     parallel_for(n, row_grain(w),

@@ -41,9 +41,8 @@ void tile_dot(const Tin* w, const Tin* x, int64_t k, const T* bias, T* out, int6
     VecF xv[M];
     for (int mm = 0; mm < M; ++mm) xv[mm] = VecF::load(x + mm * k + kk);
     for (int r = 0; r < R; ++r) {
-      // ahead: from the caller (linear.cpp: bf16 weights not on huge pages), 0 = no software prefetch
-      if (sizeof(Tin) == 2 && ahead > 0 && (kk * sizeof(Tin)) % 64 == 0)
-        prefetch_ahead(w + r * k + kk, ahead);  // once per line
+      // ahead: from the caller (linear.cpp's GEMVs, tuning.h), 0 = no software prefetch
+      if (ahead > 0 && (kk * sizeof(Tin)) % 64 == 0) prefetch_ahead(w + r * k + kk, ahead);  // once per line
       const VecF wv = VecF::load(w + r * k + kk);
       for (int mm = 0; mm < M; ++mm) acc[r][mm] = VecF::fma(wv, xv[mm], acc[r][mm]);
     }

@@ -2,6 +2,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -196,6 +197,13 @@ thread_local bool in_parallel = false;
 int num_threads() { return std::max(1, omp_get_max_threads()); }
 
 PoolState pool_state() { return pool().state(); }
+
+int64_t one_range_per_thread(int64_t n, int64_t align) {
+  align = std::max<int64_t>(1, align);
+  const int64_t threads = num_threads();
+  const int64_t per_thread = (std::max<int64_t>(n, 1) + threads - 1) / threads;
+  return (per_thread + align - 1) / align * align;
+}
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;

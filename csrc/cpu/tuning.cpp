@@ -4,11 +4,15 @@
 #include "cpu/kernels.h"
 
 #include <unistd.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <string>
 
@@ -41,6 +45,21 @@ int64_t cache_bytes(int level, int sysconf_name, const char* type) {
   return v > 0 ? static_cast<int64_t>(v) : 0;
 }
 
+// Whether the CPU reports itself as Intel's (cpuid leaf 0's vendor string).
+bool intel_cpu() {
+#if defined(__x86_64__) || defined(_M_X64)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) == 0) return false;
+  char vendor[13] = {};
+  std::memcpy(vendor, &ebx, 4);
+  std::memcpy(vendor + 4, &edx, 4);
+  std::memcpy(vendor + 8, &ecx, 4);
+  return std::strcmp(vendor, "GenuineIntel") == 0;
+#else
+  return false;
+#endif
+}
+
 Tuning measure() {
   Tuning t{};
 #if defined(_SC_LEVEL1_DCACHE_SIZE)
@@ -56,6 +75,9 @@ Tuning measure() {
   t.prefetch_bytes = std::clamp<int64_t>(l1d / 4, 2048, 16384) / 64 * 64;
   if (const char* env = std::getenv("LLAMA_FAST_PREFETCH_BYTES"); env != nullptr && *env != '\0')
     t.prefetch_bytes = std::clamp<int64_t>(std::strtoll(env, nullptr, 10), 0, 1 << 20) / 64 * 64;
+  t.prefetch_on_huge_pages = intel_cpu();
+  if (const char* env = std::getenv("LLAMA_FAST_HUGE_PAGE_PREFETCH"); env != nullptr && *env != '\0')
+    t.prefetch_on_huge_pages = std::strtoll(env, nullptr, 10) != 0;
   return t;
 }
 
@@ -101,7 +123,8 @@ int64_t dense_prefetch_bytes(const void* w) {
   const auto p = reinterpret_cast<uintptr_t>(w);
   for (int i = 0; i < kHugeRanges; ++i) {
     const uintptr_t b = huge_begin[i].load(std::memory_order_acquire);
-    if (b > 1 && p >= b && p < huge_end[i].load(std::memory_order_relaxed)) return 0;
+    if (b > 1 && p >= b && p < huge_end[i].load(std::memory_order_relaxed))
+      return tuning().prefetch_on_huge_pages ? tuning().prefetch_bytes : 0;
   }
   return tuning().prefetch_bytes;
 }

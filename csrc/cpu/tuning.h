@@ -20,6 +20,13 @@ struct Tuning {
   // fast with 2, 8 or 16 KiB and ~1.7x slower with none; Zen 4 (32 KiB) gets the 8 KiB measured there.
   // LLAMA_FAST_PREFETCH_BYTES overrides it (for such measurements; 0 turns the software prefetch off).
   int64_t prefetch_bytes;
+  // Whether the dense GEMVs software-prefetch weights that lie on transparent huge pages too (on 4 KiB pages they
+  // always do). Measured both ways, SmolLM2 bf16 decode, 2 threads: on an AMD Zen 4 guest the prefetch only cost
+  // instructions (12.2 ms of CPU per step without it, 14.3 with it); on the Intel Xeon KVM guest (Sapphire Rapids
+  // class, AVX512-BF16 + AMX) it sped the GEMVs up: 77-85 tok/s without it, 91-100 with it (gate_up_proj 25-28 GB/s
+  // against 30-34). Chosen by CPU vendor, true on Intel, false elsewhere, from those two measurements.
+  // LLAMA_FAST_HUGE_PAGE_PREFETCH=0 / 1 overrides it.
+  bool prefetch_on_huge_pages;
 };
 
 // Read once (sysfs / sysconf), then fixed for the process.
@@ -31,8 +38,8 @@ const Tuning& tuning();
 // of CPU without it and 14.3 with it on huge pages, 23.7 without and 19.6 with it on 4 KiB pages. Up to 64 ranges;
 // a hint only (a stale range costs speed, never correctness).
 void set_huge_page_range(const void* begin, int64_t bytes, bool add);
-// The software prefetch distance for a dense weight stream starting at w: 0 on a registered huge-page buffer,
-// tuning().prefetch_bytes otherwise.
+// The software prefetch distance for a dense weight stream starting at w: 0 on a registered huge-page buffer unless
+// tuning().prefetch_on_huge_pages, tuning().prefetch_bytes otherwise.
 int64_t dense_prefetch_bytes(const void* w);
 // The quantized weights whose linears switch from their GEMV kernels to the prefill GEMM (gemm.cpp) at some number
 // of activation rows, grouped by GEMV kernel.

@@ -18,6 +18,9 @@ CASES = [
     (3, 1, 600, 8, 1, 128, [1, 599, 600]),
     (2, 5, 83, 16, 4, 64, [7, 83]),
     (2, 6, 40, 4, 1, 64, [3, 40]),
+    # decode over SmolLM2's short contexts: split-K from 128 keys, and a ragged batch
+    (1, 1, 150, 9, 3, 64, None),
+    (2, 1, 200, 9, 3, 64, [200, 131]),
     # long prefills: bf16 with every key valid goes to ATen's flash kernel, the ragged one stays ours
     (1, 160, 160, 8, 2, 64, None),
     (2, 160, 160, 4, 1, 128, [160, 100]),

@@ -125,3 +125,35 @@ def test_amx_quant_rows_reported_and_overridable():
     got = json.loads(r.stdout.strip().splitlines()[-1])["amx_quant_from_rows"]
     want = {"int_fp32": 3, "int_bf16": 3, "ggml_blocks_of_32": 4, "ggml_super_blocks": 4}
     assert got == (want if on else dict.fromkeys(want, 0))
+
+
+_HUGE_PAGE_PREFETCH = """
+import json, torch
+from llama_fast.ops import cpu
+buf = torch.empty(1 << 16, dtype=torch.bfloat16)
+torch.ops.llama_fast.cpu_huge_page_range(buf.data_ptr(), buf.numel() * 2, True)
+print(json.dumps({"tuning": cpu.tuning(), "on_huge": torch.ops.llama_fast.cpu_dense_prefetch_bytes(buf.data_ptr())}))
+"""
+
+
+@pytest.mark.parametrize("value", [None, "0", "1"])
+def test_huge_page_prefetch_follows_the_vendor_or_the_override(value):
+    import json
+    env = dict(os.environ)
+    env.pop("LLAMA_FAST_HUGE_PAGE_PREFETCH", None)
+    env.pop("LLAMA_FAST_PREFETCH_BYTES", None)
+    if value is not None:
+        env["LLAMA_FAST_HUGE_PAGE_PREFETCH"] = value
+    r = subprocess.run([sys.executable, "-c", _HUGE_PAGE_PREFETCH], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    t = out["tuning"]
+    if value is None:
+        with open("/proc/cpuinfo") as f:
+            intel = "GenuineIntel" in f.read()
+        assert t["prefetch_on_huge_pages"] == intel
+    else:
+        assert t["prefetch_on_huge_pages"] == (value == "1")
+    # a registered huge-page buffer gets the distance only where the choice says so
+    assert out["on_huge"] == (t["prefetch_bytes"] if t["prefetch_on_huge_pages"] else 0)

@@ -43,3 +43,29 @@ def test_opcheck_linear():
     torch.library.opcheck(torch.ops.llama_fast.cpu_linear.default, (torch.randn(2, 83), torch.randn(7, 83), None))
     torch.library.opcheck(torch.ops.llama_fast.cpu_linear.default,
                           (torch.randn(2, 83), torch.randn(7, 83), torch.randn(7)))
+
+
+# The decode GEMVs give each thread one contiguous range of weight rows (thread_pool.h one_range_per_thread, a
+# multiple of 4 rows): row counts that leave the last range short or empty (n < 4 x threads), on 1 and 2 threads.
+# Each output is one row's dot product, computed the same way whichever thread owns the row, so the outputs of
+# every thread count are bitwise equal (and match the reference).
+@pytest.mark.parametrize("n,k", [(1, 40), (5, 576), (7, 33), (13, 576), (770, 64)])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_row_ranges_per_thread(backend, n, k, m, dtype, matches_reference):
+    name, device = backend
+    g = torch.Generator().manual_seed(n * 10 + k)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):  # not more: the pool keeps every helper it starts (test_thread_pool)
+            torch.set_num_threads(threads)
+            outs.append(ops.linear(x, w, backend=name))
+    finally:
+        torch.set_num_threads(before)
+    want = torch.nn.functional.linear(x.double(), w.double()).float()
+    matches_reference(outs[0], want, torch.nn.functional.linear(x, w))
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])

@@ -210,3 +210,30 @@ def test_quant_linear_avx_vnni_equals_madd_bitwise(tmp_path):
         runs.append(torch.load(path))
     for a, b in zip(*runs):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+# Decode rows (up to kMaxGemvRows) stream one range of weight rows per thread (quant_linear.cpp decode_row_grain),
+# more rows take ~32 KiB chunks: row counts that leave a thread's range short or empty, on 1 and 2 threads. Each
+# output is one weight row's dot product whichever thread computes it: every thread count gives the same bits.
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n", [3, 9, 770])
+@pytest.mark.parametrize("m", [1, 4, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_row_ranges_per_thread(backend, bits, n, m, dtype, matches_reference):
+    name, device = backend
+    g = torch.Generator().manual_seed(n + m + bits)
+    qw = quant.quantize(torch.randn(n, 256, generator=g), bits=bits, group_size=32, symmetric=bits == 8,
+                        scale_dtype=torch.float16)
+    x = torch.randn(m, 256, generator=g).to(dtype)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):  # not more: the pool keeps every helper it starts (test_thread_pool)
+            torch.set_num_threads(threads)
+            outs.append(ops.quant_linear(x, qw, backend=name))
+    finally:
+        torch.set_num_threads(before)
+    want = x.double() @ qw.dequantize(torch.float64).t()
+    matches_reference(outs[0], want.float(), torch.nn.functional.linear(x, qw.dequantize(dtype)))
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
