@@ -62,14 +62,7 @@ inline int64_t row_grain(BlockType t, int64_t k) {
 }
 
 int64_t gemv_grain(BlockType t, int64_t k, int64_t rows) {
-  const int64_t threads = num_threads();
-  const int64_t grain = std::max<int64_t>(row_grain(t, k), rows / (16 * threads));
-  const int64_t chunks = (rows + grain - 1) / grain;
-  if (chunks <= 1 || threads <= 1) return grain;
-  // as many chunks as a multiple of the threads, so that equal threads finish together: SmolLM2's 576-row o_proj
-  // in 7 chunks of ~32 KiB left one thread 4 of them
-  const int64_t even = (chunks + threads - 1) / threads * threads;
-  return (rows + even - 1) / even;
+  return std::max<int64_t>(row_grain(t, k), one_range_per_thread(rows, 1));
 }
 
 // Weight rows r0..r1 of a segment dequantized into fp32 [r1 - r0, K] (exact: ggml_blocks.h). The type is a

@@ -18,11 +18,13 @@ struct Segment {  // rows of one block type
 
 inline int64_t row_bytes(ggml::BlockType t, int64_t k) { return k / ggml::block_weights(t) * ggml::block_bytes(t); }
 
-// Rows per parallel chunk of the GEMV kernels: ~32 KiB of blocks (at least 4 rows), and for large weights at least
-// 1/16 of the rows per thread, then evened out so that the chunk count is a multiple of the threads (a weight of
-// one chunk stays whole). Each claimed chunk is a new stream whose first prefetch distance of weights arrives
-// without software prefetch, and whose last one is prefetched for a chunk that another thread may claim: with 32 KiB
-// claims over a 30 MB token table (SmolLM2's tied lm_head) two threads read it at 16 of 28 GB/s.
+// Rows per parallel chunk of the GEMV kernels over one segment: one contiguous range per thread
+// (one_range_per_thread, thread_pool.h), at least ~32 KiB of blocks so that a small segment stays whole on one
+// thread. Each claimed chunk is a new stream whose first prefetch distance of weights arrives without software
+// prefetch, and whose last one is prefetched for a chunk that another thread may claim: with 32 KiB claims over a
+// 30 MB token table (SmolLM2's tied lm_head) two threads read it at 16 of 28 GB/s; chunks of 1/16 of a weight's rows
+// per thread gained most of that back, one range per thread another 5-20% on SmolLM2's gate_up / down shapes
+// (benchmarks/results/kquant_gemv_one_range_{before,after}_intel_amx.json).
 int64_t gemv_grain(ggml::BlockType t, int64_t k, int64_t rows);
 
 // out[m, N] (fp32, row stride N) = x[m, K] @ W^T over the segments (stacked along N); x fp32 or bf16 bits.

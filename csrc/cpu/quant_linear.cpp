@@ -50,16 +50,12 @@ int64_t int4_chunk() {
   }
 }
 
-// Rows of packed weights per parallel chunk: ~32 KiB, a multiple of 4 rows. Small enough that the layers of a
-// small model (a few hundred KiB each) split evenly over the threads, large enough to amortize a claim and to
-// keep each thread's stream long against the kernels' 8 KiB software prefetch. A large weight (a token table)
-// takes at least 1/16 of its rows per thread instead: each claim is a new stream whose first prefetch distance
-// arrives without software prefetch (as kquant::gemv_grain; SmolLM2's tied Q8_0 table as int8, see the numbers
-// at block8 in quant_linear_vnni.cpp).
+// Rows of packed weights per parallel chunk of a batch (prefill): ~32 KiB, a multiple of 4 rows. Small enough that
+// the layers of a small model (a few hundred KiB each) split evenly over the threads, large enough to amortize a
+// claim. (A decode GEMV streams one range per thread instead: decode_row_grain.)
 int64_t row_grain(const QuantWeight& w) {
   const int64_t row_bytes = w.bits == 4 ? w.k / 2 : w.k;
-  const int64_t small = std::max<int64_t>(4, ((int64_t{1} << 15) / std::max<int64_t>(row_bytes, 1)) / 4 * 4);
-  return std::max<int64_t>(small, w.n / (16 * static_cast<int64_t>(num_threads())) / 4 * 4);
+  return std::max<int64_t>(4, ((int64_t{1} << 15) / std::max<int64_t>(row_bytes, 1)) / 4 * 4);
 }
 
 // A decode step's GEMV (up to kMaxGemvRows rows: memory bound) streams one range of weight rows per thread

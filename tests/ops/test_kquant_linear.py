@@ -68,15 +68,15 @@ def test_kquant_linear_block32_row_tails(backend, threads, kind, dtype, matches_
         matches_reference(out, want.float(), torch.nn.functional.linear(x, w.dequantize(dtype)))
 
 
-# (type, K, rows): over 32 chunks of ~32 KiB at two threads, so chunks of 1/16 of the rows per thread, not a
-# multiple of 16 (Q8_0, Q6_K); 7 and 3 chunks of ~32 KiB evened out to 8 and 4 with a shorter last one (Q5_0, Q5_1)
+# (type, K, rows): one range per thread of odd row counts, the last one shorter: a token table's many short rows
+# (Q8_0), super-blocks (Q6_K), a few hundred rows just over one range's worth (Q5_0, Q5_1)
 MANY_ROWS = [("Q8_0", 32, 40_003), ("Q6_K", 256, 6_007), ("Q5_0", 576, 577), ("Q5_1", 576, 193)]
 
 
 @pytest.mark.parametrize("kind,k,rows", MANY_ROWS)
 def test_kquant_linear_many_rows_one_token(backend, threads, kind, k, rows, matches_reference):
-    """One activation row against weights that kquant::gemv_grain splits into chunks other than ~32 KiB (a token
-    table's many short rows; chunk counts evened to a multiple of the threads): every output against fp64."""
+    """One activation row against weights that kquant::gemv_grain splits into one range per thread (odd row
+    counts, so a shorter last range): every output against fp64."""
     name, device = backend
     if name != "cpu":
         pytest.skip("the CUDA backend has no kquant_linear yet")
