@@ -53,8 +53,8 @@ def test_quant_linear_odd_k(backend, bits, k, group_size, m, dtype, matches_refe
 
 @pytest.mark.parametrize("bits,n", [(8, 20_003), (4, 40_003)])
 def test_quant_linear_many_rows_one_token(backend, threads, bits, n, matches_reference):
-    """A weight of many short rows (a token table's shape, here K = 64): the GEMV claims chunks of 1/16 of the rows
-    per thread instead of ~32 KiB (quant_linear.cpp row_grain), n not a multiple of the chunk or of 4."""
+    """A weight of many short rows (a token table's shape, here K = 64): the GEMV streams one range of rows per
+    thread (quant_linear.cpp decode_row_grain), n not a multiple of the threads or of 4."""
     name, device = backend
     k = 64
     g = torch.Generator().manual_seed(n)
