@@ -423,12 +423,14 @@ class QuantCodes {
   __m512i table_;  // int4: bf16 of 0..15
 };
 
-// ggml blocks (kquant::Segment, the segments stacked along N) of the types amx_kquant_supports: groups of 32 along
-// K, each one block of Q8_0 / Q5_0 / Q5_1 or one sub-block pair of a Q4_K / Q5_K super-block, or, when a segment is
-// Q6_K (a scale per 16 weights), groups of 16 for every segment (the other types' groups halved, each half with
-// its group's scale). The (scale, offset) are ggml::sub_block_scale_with's, the reference dequantization's own fp32
-// numbers (d * sc, -(dmin * m): products of an fp16 and a 6- or 8-bit integer, exact in fp32); Q6_K's codes
-// q - 32 (-32..31) are exact in bf16.
+// ggml blocks (kquant::Segment, the segments stacked along N) of the types amx_kquant_supports in groups of
+// kGroupSize along K: 32 (each group one block of Q8_0 / Q5_0 / Q5_1 or one sub-block pair of a Q4_K / Q5_K
+// super-block), or 16 where a segment is Q6_K (a scale per 16 weights; the other types' groups halved, each half
+// with its group's scale). The (scale, offset) are ggml::sub_block_scale_with's, the reference dequantization's own
+// fp32 numbers (d * sc, -(dmin * m): products of an fp16 and a 6- or 8-bit integer, exact in fp32); Q6_K's codes
+// q - 32 (-32..31) are exact in bf16. The group size is a template parameter, not a member: as a constant the tile
+// loop's group arithmetic folds away (a runtime one made Q4_K's fp32 GEMM ~4% slower, 1 thread).
+template <int64_t kGroupSize>
 class GgmlCodes {
  public:
   GgmlCodes(const std::vector<kquant::Segment>& segs, int64_t k)
@@ -437,15 +439,11 @@ class GgmlCodes {
         table_u_(bf16_integer_table(0)),
         table_q5_0_(bf16_integer_table(-16)),
         table_q6k_low_(bf16_integer_table(-32)) {
-    for (const kquant::Segment& s : segs_) {
-      n_ += s.rows;
-      offsets_ |= ggml::has_offset(s.type);
-      if (s.type == ggml::BlockType::kQ6K) group_size_ = ggml::kSubBlock;
-    }
+    for (const kquant::Segment& s : segs_) n_ += s.rows, offsets_ |= ggml::has_offset(s.type);
   }
   int64_t n() const { return n_; }
   int64_t k() const { return k_; }
-  int64_t group_size() const { return group_size_; }
+  static constexpr int64_t group_size() { return kGroupSize; }
   bool has_offsets() const { return offsets_; }
 
   void unpack(int64_t n0, int64_t kt0, int64_t count, uint16_t* dst) const {
@@ -465,10 +463,23 @@ class GgmlCodes {
     const uint8_t* blocks;
     locate(row, &t, &blocks);
     const int bw = ggml::block_weights(t), bb = ggml::block_bytes(t);
+    if (kGroupSize == ggml::kSubBlock && t == ggml::BlockType::kQ6K && g0 % kScaleStride == 0) {
+      // a chunk's groups are (part of) one super-block's 16 sub-blocks: d * sc as 16 lanes, the products
+      // sub_block_scale_with forms (fp16 x int8, exact in fp32); 16 scalar decodes per row and chunk were as
+      // costly as the chunk's tile work at fp32 activations
+      const uint8_t* b = blocks + g0 * kGroupSize / bw * bb;
+      const auto mask = static_cast<__mmask16>((1u << groups) - 1u);
+      const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, b + 192)));
+      uint16_t d;
+      std::memcpy(&d, b + 208, 2);
+      _mm512_storeu_ps(scale, _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(d)), sc));
+      if (offsets_) _mm512_storeu_ps(offset, _mm512_setzero_ps());
+      return;
+    }
     for (int64_t g = 0; g < kScaleStride; ++g) {
       float s = 0.f, o = 0.f;
       if (g < groups) {
-        const int64_t e = (g0 + g) * group_size_;  // the group's first weight in the row
+        const int64_t e = (g0 + g) * kGroupSize;  // the group's first weight in the row
         // sub_block_scale_with counts sub-blocks of 16: the group's first
         ggml::sub_block_scale_with(t, blocks + e / bw * bb, static_cast<int>(e % bw / ggml::kSubBlock), &s, &o,
                                    [](const uint8_t* p) {
@@ -551,7 +562,6 @@ class GgmlCodes {
   const std::vector<kquant::Segment>& segs_;
   int64_t k_, n_ = 0;
   bool offsets_ = false;
-  int64_t group_size_ = kTileK;
   __m512i table_u_, table_q5_0_, table_q6k_low_;  // bf16 of 0..31, -16..15 and -32..-1
 };
 
@@ -964,13 +974,26 @@ bool gemm_amx_quant(bool bf16, const void* x, const QuantWeight& w, const void* 
                           static_cast<float*>(out), m);
 }
 
-bool gemm_amx_kquant(bool bf16, const void* x, int64_t m, const std::vector<kquant::Segment>& segs, int64_t k,
+namespace {
+
+template <int64_t kGroupSize>
+bool gemm_ggml_codes(bool bf16, const void* x, int64_t m, const std::vector<kquant::Segment>& segs, int64_t k,
                      float* out) {
-  if (!amx_kquant_supports(segs, k)) return false;
-  const GgmlCodes codes(segs, k);
+  const GgmlCodes<kGroupSize> codes(segs, k);
   if (m <= 0 || codes.n() <= 0) return true;
   if (bf16) return gemm_amx_quant_t(static_cast<const uint16_t*>(x), codes, static_cast<const float*>(nullptr), out, m);
   return gemm_amx_quant_t(static_cast<const float*>(x), codes, static_cast<const float*>(nullptr), out, m);
+}
+
+}  // namespace
+
+bool gemm_amx_kquant(bool bf16, const void* x, int64_t m, const std::vector<kquant::Segment>& segs, int64_t k,
+                     float* out) {
+  if (!amx_kquant_supports(segs, k)) return false;
+  const bool groups_of_16 =
+      std::any_of(segs.begin(), segs.end(), [](const kquant::Segment& s) { return s.type == ggml::BlockType::kQ6K; });
+  return groups_of_16 ? gemm_ggml_codes<ggml::kSubBlock>(bf16, x, m, segs, k, out)
+                      : gemm_ggml_codes<kTileK>(bf16, x, m, segs, k, out);
 }
 
 #pragma GCC diagnostic pop
