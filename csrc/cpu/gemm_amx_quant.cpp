@@ -65,7 +65,7 @@ bool amx_quant_available(const QuantWeight& w) { return amx_in_effect() && amx_q
 bool amx_kquant_supports(ggml::BlockType t) {
   using ggml::BlockType;
   return t == BlockType::kQ8_0 || t == BlockType::kQ4K || t == BlockType::kQ5K || t == BlockType::kQ5_0 ||
-         t == BlockType::kQ5_1 || t == BlockType::kQ6K;
+         t == BlockType::kQ5_1 || t == BlockType::kQ6K || t == BlockType::kQ2K || t == BlockType::kQ3K;
 }
 
 bool amx_kquant_supports(const std::vector<kquant::Segment>& segs, int64_t k) {
@@ -293,10 +293,10 @@ int64_t k_chunk(int64_t group_size) {
 }
 
 // The K tiles group g's products read. A group of 32 K or more is whole tiles [g * tiles, (g + 1) * tiles). A group
-// of 16 (Q6_K's sub-blocks, each with its own scale) is half of tile g / 2, multiplied by tiles configured for
-// K = 16 (configure_group_tiles, configure_small_m_tiles): its codes are words (g % 2) * 16 .. + 15 of each 32-word
-// row of the unpacked A tile (read with the same 64-byte stride), its activations K pairs (g % 2) * 8 .. + 7 of the
-// B tile, so neither the unpacked codes nor the packed activations change layout.
+// of 16 (the sub-blocks of Q6_K / Q2_K / Q3_K, each with its own scale) is half of tile g / 2, multiplied by tiles
+// configured for K = 16 (configure_group_tiles, configure_small_m_tiles): its codes are words (g % 2) * 16 .. + 15 of
+// each 32-word row of the unpacked A tile (read with the same 64-byte stride), its activations K pairs (g % 2) * 8 .. +
+// 7 of the B tile, so neither the unpacked codes nor the packed activations change layout.
 struct GroupSteps {
   int64_t first_tile, tiles;
   int64_t a_words, b_dwords;  // offsets into each A / B tile
@@ -425,11 +425,12 @@ class QuantCodes {
 
 // ggml blocks (kquant::Segment, the segments stacked along N) of the types amx_kquant_supports in groups of
 // kGroupSize along K: 32 (each group one block of Q8_0 / Q5_0 / Q5_1 or one sub-block pair of a Q4_K / Q5_K
-// super-block), or 16 where a segment is Q6_K (a scale per 16 weights; the other types' groups halved, each half
-// with its group's scale). The (scale, offset) are ggml::sub_block_scale_with's, the reference dequantization's own
-// fp32 numbers (d * sc, -(dmin * m): products of an fp16 and a 6- or 8-bit integer, exact in fp32); Q6_K's codes
-// q - 32 (-32..31) are exact in bf16. The group size is a template parameter, not a member: as a constant the tile
-// loop's group arithmetic folds away (a runtime one made Q4_K's fp32 GEMM ~4% slower, 1 thread).
+// super-block), or 16 where a segment is Q6_K, Q2_K or Q3_K (a scale, Q2_K also a min, per 16 weights; the other
+// types' groups halved, each half with its group's scale). The (scale, offset) are ggml::sub_block_scale_with's, the
+// reference dequantization's own fp32 numbers (d * sc, -(dmin * m): products of an fp16 and an integer of at most 8
+// bits, exact in fp32); the codes (Q6_K q - 32 in -32..31, Q2_K 0..3, Q3_K -4..3) are exact in bf16. The group size is
+// a template parameter, not a member: as a constant the tile loop's group arithmetic folds away (a runtime one made
+// Q4_K's fp32 GEMM ~4% slower, 1 thread).
 template <int64_t kGroupSize>
 class GgmlCodes {
  public:
@@ -438,7 +439,8 @@ class GgmlCodes {
         k_(k),
         table_u_(bf16_integer_table(0)),
         table_q5_0_(bf16_integer_table(-16)),
-        table_q6k_low_(bf16_integer_table(-32)) {
+        table_q6k_low_(bf16_integer_table(-32)),
+        table_q3k_(bf16_integer_table(-4)) {
     for (const kquant::Segment& s : segs_) n_ += s.rows, offsets_ |= ggml::has_offset(s.type);
   }
   int64_t n() const { return n_; }
@@ -525,6 +527,23 @@ class GgmlCodes {
         const __m512i codes = _mm512_or_si512(low, _mm512_slli_epi16(high, 4));  // 0..63: bit 5 picks the table
         return _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(table_q6k_low_, codes, table_u_));
       }
+      case BlockType::kQ2K:
+      case BlockType::kQ3K: {
+        // per half h (128 weights), 32 bytes of 2-bit codes (Q2_K from byte 16, Q3_K from 32): quarter q of the
+        // half in bits 2q, 2q + 1 of byte l. Q3_K's 3rd bit of weight 32 j + l is bit j of hmask[l] (its first 32
+        // bytes), the code (low | bit << 2) - 4, by a table of -4..
+        const uint8_t* b = blocks + g / 8 * ggml::block_bytes(t);
+        const int j = static_cast<int>(g % 8), h = j / 4, q = j % 4;
+        const bool q3 = t == BlockType::kQ3K;
+        const __m512i bytes =
+            _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (q3 ? 32 : 16) + 32 * h)));
+        __m512i codes = _mm512_and_si512(_mm512_srli_epi16(bytes, 2 * q), _mm512_set1_epi16(3));
+        if (!q3) return _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(codes, table_u_));
+        const __m256i hmask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+        const __mmask32 high = _mm256_test_epi8_mask(hmask, _mm256_set1_epi8(static_cast<char>(1 << j)));
+        codes = _mm512_mask_add_epi16(codes, high, codes, _mm512_set1_epi16(4));  // codes < 4: + is |
+        return _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(codes, table_q3k_));
+      }
       case BlockType::kQ8_0:  // d, then the 32 int8 codes in order
         return store_int8_codes(reinterpret_cast<const int8_t*>(blocks + g * 34 + 2), dst);
       case BlockType::kQ4K:
@@ -562,7 +581,7 @@ class GgmlCodes {
   const std::vector<kquant::Segment>& segs_;
   int64_t k_, n_ = 0;
   bool offsets_ = false;
-  __m512i table_u_, table_q5_0_, table_q6k_low_;  // bf16 of 0..31, -16..15 and -32..-1
+  __m512i table_u_, table_q5_0_, table_q6k_low_, table_q3k_;  // bf16 of 0..31, -16..15, -32..-1, -4..27
 };
 
 // What one group's step needs: a chunk of unpacked weight codes, a 16-row block of packed activations, the chunk's
@@ -990,8 +1009,9 @@ bool gemm_ggml_codes(bool bf16, const void* x, int64_t m, const std::vector<kqua
 bool gemm_amx_kquant(bool bf16, const void* x, int64_t m, const std::vector<kquant::Segment>& segs, int64_t k,
                      float* out) {
   if (!amx_kquant_supports(segs, k)) return false;
-  const bool groups_of_16 =
-      std::any_of(segs.begin(), segs.end(), [](const kquant::Segment& s) { return s.type == ggml::BlockType::kQ6K; });
+  const bool groups_of_16 = std::any_of(segs.begin(), segs.end(), [](const kquant::Segment& s) {
+    return s.type == ggml::BlockType::kQ6K || s.type == ggml::BlockType::kQ2K || s.type == ggml::BlockType::kQ3K;
+  });
   return groups_of_16 ? gemm_ggml_codes<ggml::kSubBlock>(bf16, x, m, segs, k, out)
                       : gemm_ggml_codes<kTileK>(bf16, x, m, segs, k, out);
 }
