@@ -465,17 +465,11 @@ class GgmlCodes {
     const uint8_t* blocks;
     locate(row, &t, &blocks);
     const int bw = ggml::block_weights(t), bb = ggml::block_bytes(t);
-    if (kGroupSize == ggml::kSubBlock && t == ggml::BlockType::kQ6K && g0 % kScaleStride == 0) {
-      // a chunk's groups are (part of) one super-block's 16 sub-blocks: d * sc as 16 lanes, the products
-      // sub_block_scale_with forms (fp16 x int8, exact in fp32); 16 scalar decodes per row and chunk were as
+    if (kGroupSize == ggml::kSubBlock && g0 % kScaleStride == 0 &&
+        (t == ggml::BlockType::kQ6K || t == ggml::BlockType::kQ2K || t == ggml::BlockType::kQ3K)) {
+      // a chunk's groups are (part of) one super-block's 16 sub-blocks: 16 scalar decodes per row and chunk were as
       // costly as the chunk's tile work at fp32 activations
-      const uint8_t* b = blocks + g0 * kGroupSize / bw * bb;
-      const auto mask = static_cast<__mmask16>((1u << groups) - 1u);
-      const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, b + 192)));
-      uint16_t d;
-      std::memcpy(&d, b + 208, 2);
-      _mm512_storeu_ps(scale, _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(d)), sc));
-      if (offsets_) _mm512_storeu_ps(offset, _mm512_setzero_ps());
+      super_block_scales(t, blocks + g0 * kGroupSize / bw * bb, groups, scale, offset);
       return;
     }
     for (int64_t g = 0; g < kScaleStride; ++g) {
@@ -497,6 +491,48 @@ class GgmlCodes {
   }
 
  private:
+  // The (scale, offset) of the first `groups` sub-blocks of 16 of the super-block b of a Q6_K / Q2_K / Q3_K row as 16
+  // lanes (zero past groups; offsets where has_offsets(), zero for Q6_K / Q3_K): sub_block_scale_with's products
+  // (fp16 x an integer of at most 8 bits, exact in fp32; Q2_K's offset -(dmin * m) negated by its sign bit).
+  void super_block_scales(ggml::BlockType t, const uint8_t* b, int64_t groups, float* scale, float* offset) const {
+    using ggml::BlockType;
+    const auto mask = static_cast<__mmask16>((1u << groups) - 1u);
+    auto f16 = [](const uint8_t* p) {
+      uint16_t h;
+      std::memcpy(&h, p, 2);
+      return _mm512_set1_ps(_cvtsh_ss(h));
+    };
+    __m512i sc, m = _mm512_setzero_si512();
+    if (t == BlockType::kQ6K) {  // int8 scales at 192, d at 208
+      sc = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, b + 192));
+    } else if (t == BlockType::kQ2K) {  // byte j: scale in the low nibble, min in the high one; d at 80, dmin at 82
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, b));
+      sc = _mm512_and_si512(bytes, _mm512_set1_epi32(0x0f));
+      m = _mm512_srli_epi32(bytes, 4);
+    } else {  // Q3_K, ggml::q3k_scale over 12 bytes at 96: low 4 bits s[j] (j < 8) or s[j - 8] >> 4, high 2 bits
+              // s[8 + j % 4] >> 2 (j / 4); minus 32; d at 108
+      const __m512i s12 = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(0x0fff, b + 96));
+      const __m512i low_idx = _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1, 0);
+      const __m512i low_shift = _mm512_set_epi32(4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0);
+      const __m512i high_idx = _mm512_set_epi32(11, 10, 9, 8, 11, 10, 9, 8, 11, 10, 9, 8, 11, 10, 9, 8);
+      const __m512i high_shift = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+      const __m512i low =
+          _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(low_idx, s12), low_shift), _mm512_set1_epi32(15));
+      const __m512i high = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(high_idx, s12), high_shift),
+                                            _mm512_set1_epi32(3));
+      sc = _mm512_maskz_sub_epi32(mask, _mm512_or_si512(low, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(32));
+    }
+    const int d_at = t == BlockType::kQ6K ? 208 : t == BlockType::kQ2K ? 80 : 108;
+    _mm512_storeu_ps(scale, _mm512_mul_ps(f16(b + d_at), _mm512_cvtepi32_ps(sc)));
+    if (!offsets_) return;
+    __m512 o = _mm512_setzero_ps();
+    if (t == BlockType::kQ2K) {
+      const __m512 dm = _mm512_mul_ps(f16(b + 82), _mm512_cvtepi32_ps(m));
+      o = _mm512_maskz_mov_ps(mask, _mm512_xor_ps(dm, _mm512_set1_ps(-0.f)));
+    }
+    _mm512_storeu_ps(offset, o);
+  }
+
   // The segment type and first block of weight row `row` (< n).
   void locate(int64_t row, ggml::BlockType* t, const uint8_t** blocks) const {
     for (const kquant::Segment& s : segs_) {
