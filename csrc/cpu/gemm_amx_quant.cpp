@@ -8,10 +8,10 @@
 //   fp32, same exponent range), mid its top 8 of those, lo the last 8: each digit exact in bf16 as long as it is
 //   normal (|x| >= 2^-103, see the row scaling below). A bf16 activation is one digit.
 // So a tile product of codes and digits is exact in fp32, and per group of K (a multiple of 32, one or more
-// TDPBF16PS depths) C_g = sum over digits of codes . digits is the fp32 sum of the exact products codes . x. Then,
-// in fp32 vector registers, out += scale * C_g + offset * sum_g(x), the factored form of sum (code scale + offset)
-// x that the other quantized kernels use (quant_linear.cpp), rounded in another order; bias added, rounded once to
-// the output dtype.
+// TDPBF16PS depths, or 16, half of one) C_g = sum over digits of codes . digits is the fp32 sum of the exact
+// products codes . x. Then, in fp32 vector registers, out += scale * C_g + offset * sum_g(x), the factored form of
+// sum (code scale + offset) x that the other quantized kernels use (quant_linear.cpp), rounded in another order;
+// bias added, rounded once to the output dtype.
 //
 // Denormals: TDPBF16PS reads bf16 denormals as zero and flushes fp32 denormal results. A row whose largest
 // magnitude lies outside [2^-64, 2^64] (tiny or huge activations) is multiplied by a power of two that brings it
@@ -35,9 +35,10 @@
 // activation rows wait in a per-thread buffer until the last K chunk, then are transposed and written to out[m][n].
 //
 // Weights: the loop is a template on the weight side (QuantCodes: llama_fast's int4 / int8 QuantWeight; GgmlCodes:
-// ggml block segments, kquant::gemm's Q8_0 / Q4_K / Q5_K / Q5_0 / Q5_1, whose weights are also code * scale +
-// offset per group of 32 with codes exact in bf16 and scale / offset exact in fp32), which unpacks 16 rows x a K
-// chunk of codes to bf16 tiles and gives each row's fp32 scale / offset per group; everything else is shared.
+// ggml block segments, kquant::gemm's Q8_0 / Q4_K / Q5_K / Q5_0 / Q5_1 and Q6_K / Q2_K / Q3_K, whose weights are
+// also code * scale + offset per group of 32 or 16 with codes exact in bf16 and scale / offset exact in fp32),
+// which unpacks 16 rows x a K chunk of codes to bf16 tiles and gives each row's fp32 scale / offset per group;
+// everything else is shared.
 #include "cpu/gemm_amx_quant.h"
 
 #include <algorithm>
