@@ -28,8 +28,10 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from _old_vs_amx import median_times, run  # noqa: E402
 
 ROWS = (1, 4, 8, 12, 16, 32, 128, 512)
-# (type, K, N): Q8_0 at SmolLM2's MLP up / down shapes, Q4_K at a square 2048 (576 is no multiple of 256)
-CASES = (("Q8_0", 576, 1536), ("Q8_0", 1536, 576), ("Q4_K", 2048, 2048))
+# (type, K, N): Q8_0 at SmolLM2's MLP up / down shapes, Q4_K and Q6_K / Q3_K / Q2_K (groups of 16) at a square 2048 (576
+# is no multiple of 256)
+CASES = (("Q8_0", 576, 1536), ("Q8_0", 1536, 576), ("Q4_K", 2048, 2048), ("Q6_K", 2048, 2048), ("Q3_K", 2048, 2048),
+         ("Q2_K", 2048, 2048))
 DTYPES = ("float32", "bfloat16")
 PATHS = {"old": {"LLAMA_FAST_AMX": "0"}, "amx": {"LLAMA_FAST_AMX_KQUANT_ROWS": "1"}}
 

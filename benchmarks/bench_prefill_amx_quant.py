@@ -7,7 +7,8 @@ processes on a shared machine) and the wall clock; best of --repeats after a war
     OMP_NUM_THREADS=1 flock /tmp/bench.lock python benchmarks/bench_prefill_amx_quant.py
 
 Writes benchmarks/results/prefill_int4_amx_quant_intel_amx.json with the CPU model and load. --gguf FILE runs that
-file instead (e.g. a K-quant one: its Q8_0 / Q4_K / Q5_K / Q5_0 / Q5_1 linears take the AMX GEMM, Q6_K ones not).
+file instead (e.g. a K-quant one: its Q8_0 / Q4_K / Q5_K / Q6_K / Q2_K / Q3_K / Q5_0 / Q5_1 linears take the AMX
+GEMM).
 """
 from __future__ import annotations
 

@@ -8,10 +8,10 @@
 //   fp32, same exponent range), mid its top 8 of those, lo the last 8: each digit exact in bf16 as long as it is
 //   normal (|x| >= 2^-103, see the row scaling below). A bf16 activation is one digit.
 // So a tile product of codes and digits is exact in fp32, and per group of K (a multiple of 32, one or more
-// TDPBF16PS depths) C_g = sum over digits of codes . digits is the fp32 sum of the exact products codes . x. Then,
-// in fp32 vector registers, out += scale * C_g + offset * sum_g(x), the factored form of sum (code scale + offset)
-// x that the other quantized kernels use (quant_linear.cpp), rounded in another order; bias added, rounded once to
-// the output dtype.
+// TDPBF16PS depths, or 16, half of one) C_g = sum over digits of codes . digits is the fp32 sum of the exact
+// products codes . x. Then, in fp32 vector registers, out += scale * C_g + offset * sum_g(x), the factored form of
+// sum (code scale + offset) x that the other quantized kernels use (quant_linear.cpp), rounded in another order;
+// bias added, rounded once to the output dtype.
 //
 // Denormals: TDPBF16PS reads bf16 denormals as zero and flushes fp32 denormal results. A row whose largest
 // magnitude lies outside [2^-64, 2^64] (tiny or huge activations) is multiplied by a power of two that brings it
@@ -35,14 +35,16 @@
 // activation rows wait in a per-thread buffer until the last K chunk, then are transposed and written to out[m][n].
 //
 // Weights: the loop is a template on the weight side (QuantCodes: llama_fast's int4 / int8 QuantWeight; GgmlCodes:
-// ggml block segments, kquant::gemm's Q8_0 / Q4_K / Q5_K / Q5_0 / Q5_1, whose weights are also code * scale +
-// offset per group of 32 with codes exact in bf16 and scale / offset exact in fp32), which unpacks 16 rows x a K
-// chunk of codes to bf16 tiles and gives each row's fp32 scale / offset per group; everything else is shared.
+// ggml block segments, kquant::gemm's Q8_0 / Q4_K / Q5_K / Q5_0 / Q5_1 and Q6_K / Q2_K / Q3_K, whose weights are
+// also code * scale + offset per group of 32 or 16 with codes exact in bf16 and scale / offset exact in fp32),
+// which unpacks 16 rows x a K chunk of codes to bf16 tiles and gives each row's fp32 scale / offset per group;
+// everything else is shared.
 #include "cpu/gemm_amx_quant.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -64,7 +66,7 @@ bool amx_quant_available(const QuantWeight& w) { return amx_in_effect() && amx_q
 bool amx_kquant_supports(ggml::BlockType t) {
   using ggml::BlockType;
   return t == BlockType::kQ8_0 || t == BlockType::kQ4K || t == BlockType::kQ5K || t == BlockType::kQ5_0 ||
-         t == BlockType::kQ5_1;
+         t == BlockType::kQ5_1 || t == BlockType::kQ6K || t == BlockType::kQ2K || t == BlockType::kQ3K;
 }
 
 bool amx_kquant_supports(const std::vector<kquant::Segment>& segs, int64_t k) {
@@ -196,19 +198,28 @@ bool pack_activation_block(const T* x, int64_t m, int64_t k, int64_t group_size,
     scaled |= scale[i] != 1.f;
   }
   p.scaled[mb] = scaled;
-  const int64_t tiles_per_group = group_size / kTileK;
+  // groups of 16 (half a K tile): each tile's two halves are groups of their own
+  const bool half_groups = group_size < kTileK;
+  const int64_t tiles_per_group = half_groups ? 1 : group_size / kTileK;
   __m512 sum[kTileRows];
+  alignas(64) float half_sums[2][kTileRows];  // half_groups: the tile's two groups' sums
   for (int64_t kt = 0; kt < p.ktiles; ++kt) {
     if (kt % tiles_per_group == 0)
       for (int i = 0; i < kTileRows; ++i) sum[i] = _mm512_setzero_ps();
     __m512i digit[3][kTileRows];  // [digit][row]: the row's 16 K pairs
     for (int i = 0; i < kTileRows; ++i) {
       __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+      half_sums[0][i] = half_sums[1][i] = 0.f;
       if (i < rows) {
         const T* src = x + (r0 + i) * k + kt * kTileK;
         a = load16(src);
         b = load16(src + 16);
-        sum[i] = _mm512_add_ps(sum[i], _mm512_add_ps(a, b));
+        if (half_groups) {
+          half_sums[0][i] = _mm512_reduce_add_ps(a);
+          half_sums[1][i] = _mm512_reduce_add_ps(b);
+        } else {
+          sum[i] = _mm512_add_ps(sum[i], _mm512_add_ps(a, b));
+        }
         if (scale[i] != 1.f) {
           a = _mm512_mul_ps(a, _mm512_set1_ps(scale[i]));
           b = _mm512_mul_ps(b, _mm512_set1_ps(scale[i]));
@@ -230,7 +241,9 @@ bool pack_activation_block(const T* x, int64_t m, int64_t k, int64_t group_size,
       uint32_t* dst = p.tiles + ((mb * p.ktiles + kt) * p.digits + d) * kTileDwords;
       for (int pr = 0; pr < kTileRows; ++pr) _mm512_storeu_si512(dst + pr * kTileRows, digit[d][pr]);
     }
-    if ((kt + 1) % tiles_per_group == 0) {
+    if (half_groups) {
+      std::memcpy(p.sums + (mb * p.groups + 2 * kt) * kTileRows, half_sums, sizeof half_sums);
+    } else if ((kt + 1) % tiles_per_group == 0) {
       float* s = p.sums + (mb * p.groups + kt / tiles_per_group) * kTileRows;
       for (int i = 0; i < kTileRows; ++i) s[i] = _mm512_reduce_add_ps(sum[i]);
     }
@@ -273,10 +286,48 @@ void write_output(const float* acc, const T* bias, T* out, int64_t m, int64_t n,
 }
 
 // The K elements per chunk of weights unpacked at once: whole groups, ~512 elements (2 x 16 rows x 512 bf16 =
-// 32 KiB, L1-resident while every block of activation rows runs against it); at most kScaleStride groups.
+// 32 KiB, L1-resident while every block of activation rows runs against it); at most kScaleStride groups (groups of
+// 16: 256 elements, an even number of groups, so that a chunk starts at a whole K tile).
 constexpr int64_t kScaleStride = 16;
-int64_t k_chunk(int64_t group_size) { return std::max<int64_t>(1, 512 / group_size) * group_size; }
-static_assert(512 / 32 <= kScaleStride, "a chunk's groups fit one vector of scales");
+int64_t k_chunk(int64_t group_size) {
+  return std::min<int64_t>(kScaleStride, std::max<int64_t>(1, 512 / group_size)) * group_size;
+}
+
+// The K tiles group g's products read. A group of 32 K or more is whole tiles [g * tiles, (g + 1) * tiles). A group
+// of 16 (the sub-blocks of Q6_K / Q2_K / Q3_K, each with its own scale) is half of tile g / 2, multiplied by tiles
+// configured for K = 16 (configure_group_tiles, configure_small_m_tiles): its codes are words (g % 2) * 16 .. + 15 of
+// each 32-word row of the unpacked A tile (read with the same 64-byte stride), its activations K pairs (g % 2) * 8 .. +
+// 7 of the B tile, so neither the unpacked codes nor the packed activations change layout.
+struct GroupSteps {
+  int64_t first_tile, tiles;
+  int64_t a_words, b_dwords;  // offsets into each A / B tile
+};
+inline GroupSteps group_steps(int64_t g, int64_t group_size) {
+  if (group_size < kTileK) return {g / 2, 1, g % 2 * (kTileK / 2), g % 2 * (kTileRows / 2) * kTileRows};
+  const int64_t tiles = group_size / kTileK;
+  return {g * tiles, tiles, 0, 0};
+}
+
+// TDPBF16PS's operand shapes for a group size: K = 32 per multiply (A 16 x 64 bytes, B 16 rows of K pairs), or 16
+// for groups of 16 (A 16 x 32 bytes, B 8 rows).
+inline void set_group_shapes(amx::TileConfig& cfg, int64_t group_size, std::initializer_list<int> a_tiles,
+                             std::initializer_list<int> b_tiles) {
+  if (group_size >= kTileK) return;
+  for (int t : a_tiles) cfg.colsb[t] = kTileK;  // 16 bf16
+  for (int t : b_tiles) cfg.rows[t] = kTileRows / 2;
+}
+
+// The general loop's tiles (C 0-3, A 4-5, B 6-7): 16 x 64 bytes, A and B shaped for the group size.
+void configure_group_tiles(int64_t group_size) {
+  amx::TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = kTileRows;
+    cfg.colsb[t] = 64;
+  }
+  set_group_shapes(cfg, group_size, {4, 5}, {6, 7});
+  amx::load_tile_config(cfg);
+}
 
 // Up to 16 consecutive scales / offsets from element i as fp32, as scale_at converts them (masked-off lanes zero).
 inline __m512 load_scales(const void* p, ScaleType t, int64_t i, __mmask16 mask) {
@@ -292,7 +343,7 @@ inline __m512 load_scales(const void* p, ScaleType t, int64_t i, __mmask16 mask)
 // The weight side of the tile loop, one class per storage (the loop, gemm_amx_quant_t, is a template on it): every
 // weight row is integer codes exact in bf16 with an fp32 (scale, offset) per group of group_size() weights along
 // K, so that the row's dequantized weight is code * scale + offset. A class provides
-// - n(), k(), group_size() (a multiple of 32), has_offsets() (whether any row may have a non-zero offset);
+// - n(), k(), group_size() (16 or a multiple of 32), has_offsets() (whether any row may have a non-zero offset);
 // - unpack(n0, kt0, count, dst): the codes of weight rows [n0, n0 + 16) (zero past n) for the K tiles
 //   [kt0, kt0 + count) as bf16 in K order, dst[t][16 rows][32], tile by tile (consecutive stores: row by row
 //   they were 1 KiB apart, several times slower);
@@ -373,19 +424,29 @@ class QuantCodes {
   __m512i table_;  // int4: bf16 of 0..15
 };
 
-// ggml blocks (kquant::Segment, the segments stacked along N) of the types amx_kquant_supports: groups of 32 along
-// K, each one block of Q8_0 / Q5_0 / Q5_1 or one sub-block pair of a Q4_K / Q5_K super-block, whose (scale,
-// offset) are ggml::sub_block_scale_with's, the reference dequantization's own fp32 numbers (d * sc, -(dmin * m):
-// products of an fp16 and a 6-bit integer, exact in fp32).
+// ggml blocks (kquant::Segment, the segments stacked along N) of the types amx_kquant_supports in groups of
+// kGroupSize along K: 32 (each group one block of Q8_0 / Q5_0 / Q5_1 or one sub-block pair of a Q4_K / Q5_K
+// super-block), or 16 where a segment is Q6_K, Q2_K or Q3_K (a scale, Q2_K also a min, per 16 weights; the other
+// types' groups halved, each half with its group's scale). The (scale, offset) are ggml::sub_block_scale_with's, the
+// reference dequantization's own fp32 numbers (d * sc, -(dmin * m): products of an fp16 and an integer of at most 8
+// bits, exact in fp32); the codes (Q6_K q - 32 in -32..31, Q2_K 0..3, Q3_K -4..3) are exact in bf16. The group size is
+// a template parameter, not a member: as a constant the tile loop's group arithmetic folds away (a runtime one made
+// Q4_K's fp32 GEMM ~4% slower, 1 thread).
+template <int64_t kGroupSize>
 class GgmlCodes {
  public:
   GgmlCodes(const std::vector<kquant::Segment>& segs, int64_t k)
-      : segs_(segs), k_(k), table_u_(bf16_integer_table(0)), table_q5_0_(bf16_integer_table(-16)) {
+      : segs_(segs),
+        k_(k),
+        table_u_(bf16_integer_table(0)),
+        table_q5_0_(bf16_integer_table(-16)),
+        table_q6k_low_(bf16_integer_table(-32)),
+        table_q3k_(bf16_integer_table(-4)) {
     for (const kquant::Segment& s : segs_) n_ += s.rows, offsets_ |= ggml::has_offset(s.type);
   }
   int64_t n() const { return n_; }
   int64_t k() const { return k_; }
-  static int64_t group_size() { return kTileK; }
+  static constexpr int64_t group_size() { return kGroupSize; }
   bool has_offsets() const { return offsets_; }
 
   void unpack(int64_t n0, int64_t kt0, int64_t count, uint16_t* dst) const {
@@ -405,10 +466,17 @@ class GgmlCodes {
     const uint8_t* blocks;
     locate(row, &t, &blocks);
     const int bw = ggml::block_weights(t), bb = ggml::block_bytes(t);
+    if (kGroupSize == ggml::kSubBlock && g0 % kScaleStride == 0 &&
+        (t == ggml::BlockType::kQ6K || t == ggml::BlockType::kQ2K || t == ggml::BlockType::kQ3K)) {
+      // a chunk's groups are (part of) one super-block's 16 sub-blocks: 16 scalar decodes per row and chunk were as
+      // costly as the chunk's tile work at fp32 activations
+      super_block_scales(t, blocks + g0 * kGroupSize / bw * bb, groups, scale, offset);
+      return;
+    }
     for (int64_t g = 0; g < kScaleStride; ++g) {
       float s = 0.f, o = 0.f;
       if (g < groups) {
-        const int64_t e = (g0 + g) * kTileK;  // the group's first weight in the row
+        const int64_t e = (g0 + g) * kGroupSize;  // the group's first weight in the row
         // sub_block_scale_with counts sub-blocks of 16: the group's first
         ggml::sub_block_scale_with(t, blocks + e / bw * bb, static_cast<int>(e % bw / ggml::kSubBlock), &s, &o,
                                    [](const uint8_t* p) {
@@ -424,6 +492,48 @@ class GgmlCodes {
   }
 
  private:
+  // The (scale, offset) of the first `groups` sub-blocks of 16 of the super-block b of a Q6_K / Q2_K / Q3_K row as 16
+  // lanes (zero past groups; offsets where has_offsets(), zero for Q6_K / Q3_K): sub_block_scale_with's products
+  // (fp16 x an integer of at most 8 bits, exact in fp32; Q2_K's offset -(dmin * m) negated by its sign bit).
+  void super_block_scales(ggml::BlockType t, const uint8_t* b, int64_t groups, float* scale, float* offset) const {
+    using ggml::BlockType;
+    const auto mask = static_cast<__mmask16>((1u << groups) - 1u);
+    auto f16 = [](const uint8_t* p) {
+      uint16_t h;
+      std::memcpy(&h, p, 2);
+      return _mm512_set1_ps(_cvtsh_ss(h));
+    };
+    __m512i sc, m = _mm512_setzero_si512();
+    if (t == BlockType::kQ6K) {  // int8 scales at 192, d at 208
+      sc = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, b + 192));
+    } else if (t == BlockType::kQ2K) {  // byte j: scale in the low nibble, min in the high one; d at 80, dmin at 82
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, b));
+      sc = _mm512_and_si512(bytes, _mm512_set1_epi32(0x0f));
+      m = _mm512_srli_epi32(bytes, 4);
+    } else {  // Q3_K, ggml::q3k_scale over 12 bytes at 96: low 4 bits s[j] (j < 8) or s[j - 8] >> 4, high 2 bits
+              // s[8 + j % 4] >> 2 (j / 4); minus 32; d at 108
+      const __m512i s12 = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(0x0fff, b + 96));
+      const __m512i low_idx = _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1, 0);
+      const __m512i low_shift = _mm512_set_epi32(4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0);
+      const __m512i high_idx = _mm512_set_epi32(11, 10, 9, 8, 11, 10, 9, 8, 11, 10, 9, 8, 11, 10, 9, 8);
+      const __m512i high_shift = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+      const __m512i low =
+          _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(low_idx, s12), low_shift), _mm512_set1_epi32(15));
+      const __m512i high = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(high_idx, s12), high_shift),
+                                            _mm512_set1_epi32(3));
+      sc = _mm512_maskz_sub_epi32(mask, _mm512_or_si512(low, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(32));
+    }
+    const int d_at = t == BlockType::kQ6K ? 208 : t == BlockType::kQ2K ? 80 : 108;
+    _mm512_storeu_ps(scale, _mm512_mul_ps(f16(b + d_at), _mm512_cvtepi32_ps(sc)));
+    if (!offsets_) return;
+    __m512 o = _mm512_setzero_ps();
+    if (t == BlockType::kQ2K) {
+      const __m512 dm = _mm512_mul_ps(f16(b + 82), _mm512_cvtepi32_ps(m));
+      o = _mm512_maskz_mov_ps(mask, _mm512_xor_ps(dm, _mm512_set1_ps(-0.f)));
+    }
+    _mm512_storeu_ps(offset, o);
+  }
+
   // The segment type and first block of weight row `row` (< n).
   void locate(int64_t row, ggml::BlockType* t, const uint8_t** blocks) const {
     for (const kquant::Segment& s : segs_) {
@@ -436,10 +546,41 @@ class GgmlCodes {
     }
   }
 
-  // The 32 codes of group g (weights [32 g, 32 g + 32)) of a row at `blocks` as bf16 at dst.
+  // The 32 codes of K tile g (weights [32 g, 32 g + 32)) of a row at `blocks` as bf16 at dst.
   void unpack_group(ggml::BlockType t, const uint8_t* blocks, int64_t g, uint16_t* dst) const {
     using ggml::BlockType;
     switch (t) {
+      case BlockType::kQ6K: {
+        // per half h of the super-block (128 weights), ql[64] then (after both halves' ql) qh[32]: its quarter q
+        // (32 weights) has the low 4 bits in ql[32 (q % 2) + l] (low nibbles for q < 2, high ones after) and the
+        // high 2 in bits 2q, 2q + 1 of qh[l]; the code is (low | high << 4) - 32
+        const uint8_t* b = blocks + g / 8 * ggml::block_bytes(t);
+        const int j = static_cast<int>(g % 8), h = j / 4, q = j % 4;
+        const __m512i ql =
+            _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32 * (q % 2))));
+        const __m512i qh = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+        const __m512i low = _mm512_and_si512(_mm512_srli_epi16(ql, 4 * (q / 2)), _mm512_set1_epi16(0x0f));
+        const __m512i high = _mm512_and_si512(_mm512_srli_epi16(qh, 2 * q), _mm512_set1_epi16(3));
+        const __m512i codes = _mm512_or_si512(low, _mm512_slli_epi16(high, 4));  // 0..63: bit 5 picks the table
+        return _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(table_q6k_low_, codes, table_u_));
+      }
+      case BlockType::kQ2K:
+      case BlockType::kQ3K: {
+        // per half h (128 weights), 32 bytes of 2-bit codes (Q2_K from byte 16, Q3_K from 32): quarter q of the
+        // half in bits 2q, 2q + 1 of byte l. Q3_K's 3rd bit of weight 32 j + l is bit j of hmask[l] (its first 32
+        // bytes), the code (low | bit << 2) - 4, by a table of -4..
+        const uint8_t* b = blocks + g / 8 * ggml::block_bytes(t);
+        const int j = static_cast<int>(g % 8), h = j / 4, q = j % 4;
+        const bool q3 = t == BlockType::kQ3K;
+        const __m512i bytes =
+            _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (q3 ? 32 : 16) + 32 * h)));
+        __m512i codes = _mm512_and_si512(_mm512_srli_epi16(bytes, 2 * q), _mm512_set1_epi16(3));
+        if (!q3) return _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(codes, table_u_));
+        const __m256i hmask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+        const __mmask32 high = _mm256_test_epi8_mask(hmask, _mm256_set1_epi8(static_cast<char>(1 << j)));
+        codes = _mm512_mask_add_epi16(codes, high, codes, _mm512_set1_epi16(4));  // codes < 4: + is |
+        return _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(codes, table_q3k_));
+      }
       case BlockType::kQ8_0:  // d, then the 32 int8 codes in order
         return store_int8_codes(reinterpret_cast<const int8_t*>(blocks + g * 34 + 2), dst);
       case BlockType::kQ4K:
@@ -477,7 +618,7 @@ class GgmlCodes {
   const std::vector<kquant::Segment>& segs_;
   int64_t k_, n_ = 0;
   bool offsets_ = false;
-  __m512i table_u_, table_q5_0_;  // bf16 of 0..31 and of -16..15
+  __m512i table_u_, table_q5_0_, table_q6k_low_, table_q3k_;  // bf16 of 0..31, -16..15, -32..-1, -4..27
 };
 
 // What one group's step needs: a chunk of unpacked weight codes, a 16-row block of packed activations, the chunk's
@@ -485,7 +626,7 @@ class GgmlCodes {
 struct GroupArgs {
   const uint16_t* codes;  // [2][count][16][32]
   const uint32_t* b;      // the block's first tile of the chunk: [count][digits][16][16]
-  int64_t count, tiles_per_group;
+  int64_t count, group_size;
   int digits;
   const float* scales;   // [32 weight rows][kScaleStride groups]
   const float* offsets;  // same, or nullptr
@@ -497,28 +638,30 @@ struct GroupArgs {
 // Group g's sums of codes x activations for both weight blocks into tiles C0, C1 (tmm0-1 or tmm2-3), A in tmm4-5,
 // B in tmm6-7 (the digits alternate), then stored to c [32][16]. A macro: the tile intrinsics take their register
 // numbers as literals.
-#define LF_GROUP_PRODUCTS(name, C0, C1)                                               \
-  inline void name(const GroupArgs& ga, int64_t g, float (*c)[kTileRows]) {           \
-    _tile_zero(C0);                                                                   \
-    _tile_zero(C1);                                                                   \
-    for (int64_t t = g * ga.tiles_per_group; t < (g + 1) * ga.tiles_per_group; ++t) { \
-      _tile_loadd(4, ga.codes + t * kTileWords, 64);                                  \
-      _tile_loadd(5, ga.codes + (ga.count + t) * kTileWords, 64);                     \
-      const uint32_t* bt = ga.b + t * ga.digits * kTileDwords;                        \
-      _tile_loadd(6, bt, 64);                                                         \
-      _tile_dpbf16ps(C0, 4, 6);                                                       \
-      _tile_dpbf16ps(C1, 5, 6);                                                       \
-      if (ga.digits == 3) {                                                           \
-        _tile_loadd(7, bt + kTileDwords, 64);                                         \
-        _tile_dpbf16ps(C0, 4, 7);                                                     \
-        _tile_dpbf16ps(C1, 5, 7);                                                     \
-        _tile_loadd(6, bt + 2 * kTileDwords, 64);                                     \
-        _tile_dpbf16ps(C0, 4, 6);                                                     \
-        _tile_dpbf16ps(C1, 5, 6);                                                     \
-      }                                                                               \
-    }                                                                                 \
-    _tile_stored(C0, c[0], 64);                                                       \
-    _tile_stored(C1, c[kTileRows], 64);                                               \
+#define LF_GROUP_PRODUCTS(name, C0, C1)                                      \
+  inline void name(const GroupArgs& ga, int64_t g, float (*c)[kTileRows]) {  \
+    _tile_zero(C0);                                                          \
+    _tile_zero(C1);                                                          \
+    const GroupSteps st = group_steps(g, ga.group_size);                     \
+    for (int64_t t = st.first_tile; t < st.first_tile + st.tiles; ++t) {     \
+      const uint16_t* a = ga.codes + t * kTileWords + st.a_words;            \
+      _tile_loadd(4, a, 64);                                                 \
+      _tile_loadd(5, a + ga.count * kTileWords, 64);                         \
+      const uint32_t* bt = ga.b + t * ga.digits * kTileDwords + st.b_dwords; \
+      _tile_loadd(6, bt, 64);                                                \
+      _tile_dpbf16ps(C0, 4, 6);                                              \
+      _tile_dpbf16ps(C1, 5, 6);                                              \
+      if (ga.digits == 3) {                                                  \
+        _tile_loadd(7, bt + kTileDwords, 64);                                \
+        _tile_dpbf16ps(C0, 4, 7);                                            \
+        _tile_dpbf16ps(C1, 5, 7);                                            \
+        _tile_loadd(6, bt + 2 * kTileDwords, 64);                            \
+        _tile_dpbf16ps(C0, 4, 6);                                            \
+        _tile_dpbf16ps(C1, 5, 6);                                            \
+      }                                                                      \
+    }                                                                        \
+    _tile_stored(C0, c[0], 64);                                              \
+    _tile_stored(C1, c[kTileRows], 64);                                      \
   }
 LF_GROUP_PRODUCTS(group_products_even, 0, 1)
 LF_GROUP_PRODUCTS(group_products_odd, 2, 3)
@@ -561,7 +704,7 @@ inline void group_epilogue(const GroupArgs& ga, int64_t g, const float (*c)[kTil
 // stored and read), B 4-6.
 enum class SmallMLayout { kSplit, kFolded8, kFolded4 };
 
-void configure_small_m_tiles(int b_colsb) {
+void configure_small_m_tiles(int b_colsb, int64_t group_size) {
   amx::TileConfig cfg{};
   cfg.palette_id = 1;
   for (int t = 0; t < 8; ++t) {
@@ -569,6 +712,7 @@ void configure_small_m_tiles(int b_colsb) {
     cfg.colsb[t] = 64;
   }
   for (int t : {0, 1, 4, 5, 6}) cfg.colsb[t] = static_cast<uint16_t>(b_colsb);  // C and B
+  set_group_shapes(cfg, group_size, {2, 3}, {4, 5, 6});
   amx::load_tile_config(cfg);
 }
 
@@ -662,7 +806,7 @@ void small_m_block(const Weights& w, const SmallMTiles& b, const float* sums, in
                    float* offsets, uint16_t* codes, float* result) {
   constexpr int kLanes = Shape::kLanes, kCStride = Shape::kColsb / 4;
   using CV = ColumnVector<kLanes>;
-  const int64_t tiles_per_group = w.group_size() / kTileK;
+  const int64_t gs = w.group_size();
   const int64_t stride = (groups + kScaleStride - 1) / kScaleStride * kScaleStride;
   const bool with_offsets = w.has_offsets();
   for (int r = 0; r < kTileRows; ++r) {
@@ -689,21 +833,24 @@ void small_m_block(const Weights& w, const SmallMTiles& b, const float* sums, in
       if (with_offsets) acc[r] = CV::fma(offsets[r * stride + g], xsum, acc[r]);
     }
   };
-  const int64_t group_words = tiles_per_group * kTileWords, batch_words = kSmallMUnpackGroups * group_words;
+  // a batch is whole K tiles (groups of 16: an even number of them, groups being a multiple of 16)
+  const int64_t batch_words = kSmallMUnpackGroups * gs * kTileRows;
   auto unpack_batch = [&](int64_t g0) {  // groups [g0, g0 + kSmallMUnpackGroups) into their half of the ring
-    const int64_t count = std::min(kSmallMUnpackGroups, groups - g0) * tiles_per_group;
-    w.unpack(n0, g0 * tiles_per_group, count, codes + (g0 / kSmallMUnpackGroups % 2) * batch_words);
+    const int64_t count = std::min(kSmallMUnpackGroups, groups - g0) * gs / kTileK;
+    w.unpack(n0, g0 * gs / kTileK, count, codes + (g0 / kSmallMUnpackGroups % 2) * batch_words);
   };
   unpack_batch(0);
   for (int64_t g = 0; g < groups + 2; ++g) {
     if (g < groups) {
       if (g % kSmallMUnpackGroups == 0 && g + kSmallMUnpackGroups < groups) unpack_batch(g + kSmallMUnpackGroups);
-      const uint16_t* cg = codes + (g / kSmallMUnpackGroups % 2) * batch_words + g % kSmallMUnpackGroups * group_words;
-      const uint32_t* bg = b.tiles + g * tiles_per_group * b.btiles * kTileDwords;
+      const GroupSteps in_batch = group_steps(g % kSmallMUnpackGroups, gs), st = group_steps(g, gs);
+      const uint16_t* cg =
+          codes + (g / kSmallMUnpackGroups % 2) * batch_words + in_batch.first_tile * kTileWords + in_batch.a_words;
+      const uint32_t* bg = b.tiles + st.first_tile * b.btiles * kTileDwords + st.b_dwords;
       if (g % 2 == 0)
-        small_m_products_even(cg, bg, tiles_per_group, b.btiles);
+        small_m_products_even(cg, bg, st.tiles, b.btiles);
       else
-        small_m_products_odd(cg, bg, tiles_per_group, b.btiles);
+        small_m_products_odd(cg, bg, st.tiles, b.btiles);
     }
     if (g >= 1 && g <= groups) {  // group g - 1's C
       if ((g - 1) % 2 == 0)
@@ -736,9 +883,9 @@ void gemm_small_m(const Weights& w, const PackedActivations& p, const SmallMTile
   constexpr int kLanes = Shape::kLanes;
   const int64_t n = w.n(), nblocks = (n + kTileRows - 1) / kTileRows;
   const int64_t stride = (p.groups + kScaleStride - 1) / kScaleStride * kScaleStride;
-  const int64_t group_words = w.group_size() / kTileK * kTileWords;
+  const int64_t group_words = w.group_size() * kTileRows;
   parallel_for(nblocks, (nblocks + num_threads() - 1) / num_threads(), [&](int64_t b0, int64_t b1) {
-    configure_small_m_tiles(Shape::kColsb);
+    configure_small_m_tiles(Shape::kColsb, w.group_size());
     thread_local std::vector<float> scales, offsets;
     thread_local std::vector<uint16_t> codes;
     scales.resize(static_cast<size_t>(kTileRows * stride));
@@ -784,7 +931,7 @@ void gemm_small_m(const Weights& w, const PackedActivations& p, const To* bias, 
 template <typename T, typename To, typename Weights>
 bool gemm_amx_quant_t(const T* x, const Weights& w, const To* bias, To* out, int64_t m) {
   const int64_t k = w.k(), n = w.n(), gs = w.group_size();
-  const int64_t ktiles = k / kTileK, groups = k / gs, tiles_per_group = gs / kTileK;
+  const int64_t ktiles = k / kTileK, groups = k / gs;
   const int64_t mblocks = (m + kTileRows - 1) / kTileRows, npairs = (n + 2 * kTileRows - 1) / (2 * kTileRows);
   const int digits = std::is_same_v<T, float> ? 3 : 1;
   // Per call, in the calling thread (grown, reused); the pool's threads get the pointers, never these names.
@@ -815,7 +962,7 @@ bool gemm_amx_quant_t(const T* x, const Weights& w, const To* bias, To* out, int
   for (int64_t mb0 = 0; mb0 < mblocks; mb0 += pass_blocks) {
     const int64_t mb1 = std::min(mblocks, mb0 + pass_blocks);
     parallel_for(npairs, per_thread, [&](int64_t q0, int64_t q1) {
-      amx::configure_tiles();
+      configure_group_tiles(gs);
       thread_local std::vector<uint16_t> codes;  // [2][kc / 32][16][32]: this thread's
       thread_local std::vector<float> acc;       // [mb1 - mb0][2][16][16]
       codes.resize(static_cast<size_t>(2 * kc * kTileRows));
@@ -843,7 +990,7 @@ bool gemm_amx_quant_t(const T* x, const Weights& w, const To* bias, To* out, int
             const GroupArgs ga{codes.data(),
                                p.tiles + (mb * ktiles + kt0) * digits * kTileDwords,
                                count,
-                               tiles_per_group,
+                               gs,
                                digits,
                                scales,
                                w.has_offsets() ? offsets : nullptr,
@@ -883,13 +1030,27 @@ bool gemm_amx_quant(bool bf16, const void* x, const QuantWeight& w, const void* 
                           static_cast<float*>(out), m);
 }
 
-bool gemm_amx_kquant(bool bf16, const void* x, int64_t m, const std::vector<kquant::Segment>& segs, int64_t k,
+namespace {
+
+template <int64_t kGroupSize>
+bool gemm_ggml_codes(bool bf16, const void* x, int64_t m, const std::vector<kquant::Segment>& segs, int64_t k,
                      float* out) {
-  if (!amx_kquant_supports(segs, k)) return false;
-  const GgmlCodes codes(segs, k);
+  const GgmlCodes<kGroupSize> codes(segs, k);
   if (m <= 0 || codes.n() <= 0) return true;
   if (bf16) return gemm_amx_quant_t(static_cast<const uint16_t*>(x), codes, static_cast<const float*>(nullptr), out, m);
   return gemm_amx_quant_t(static_cast<const float*>(x), codes, static_cast<const float*>(nullptr), out, m);
+}
+
+}  // namespace
+
+bool gemm_amx_kquant(bool bf16, const void* x, int64_t m, const std::vector<kquant::Segment>& segs, int64_t k,
+                     float* out) {
+  if (!amx_kquant_supports(segs, k)) return false;
+  const bool groups_of_16 = std::any_of(segs.begin(), segs.end(), [](const kquant::Segment& s) {
+    return s.type == ggml::BlockType::kQ6K || s.type == ggml::BlockType::kQ2K || s.type == ggml::BlockType::kQ3K;
+  });
+  return groups_of_16 ? gemm_ggml_codes<ggml::kSubBlock>(bf16, x, m, segs, k, out)
+                      : gemm_ggml_codes<kTileK>(bf16, x, m, segs, k, out);
 }
 
 #pragma GCC diagnostic pop

@@ -28,8 +28,8 @@ bool amx_quant_available(const QuantWeight& w);
 // cannot carry them: inf - inf); the caller then takes another path. Requires amx_bf16_available().
 bool gemm_amx_quant(bool bf16, const void* x, const QuantWeight& w, const void* bias, void* out, int64_t m);
 
-// The same GEMM on ggml blocks (kquant::gemm, gemm.cpp): the types whose weights are code * scale + offset per
-// group of 32 along K, Q8_0, Q4_K, Q5_K, Q5_0, Q5_1 (Q6_K, Q2_K and Q3_K have a scale per 16 weights: not taken).
+// The same GEMM on ggml blocks (kquant::gemm, gemm.cpp): every type (code * scale + offset per group of 32 along K,
+// Q8_0, Q4_K, Q5_K, Q5_0, Q5_1; per group of 16, Q6_K, Q2_K, Q3_K).
 bool amx_kquant_supports(ggml::BlockType t);
 // Every segment's type supported (and K a multiple of its block).
 bool amx_kquant_supports(const std::vector<kquant::Segment>& segs, int64_t k);

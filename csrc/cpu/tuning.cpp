@@ -176,7 +176,9 @@ int64_t amx_kquant_from_rows(bool super_blocks) {
   // multiply-adds/s old -> AMX, fp32 / bf16 activations: Q8_0 576 x 1536 and 1536 x 576 at 12 rows 22-23 -> 23-24 /
   // 36-38 -> 24-26, at 16 rows 26-27 -> 30-31 / 26-27 -> 32-34; Q4_K 2048 x 2048 at 16 rows 38 -> 32 / 52 -> 33, at
   // 32 rows 31 -> 53 / 50 -> 55. The tile path costs about the same for 1 to 16 rows (one activation block), so a
-  // second block (17 rows on) halves its rate until it fills: Q4_K's faster GEMV keeps up to 32.
+  // second block (17 rows on) halves its rate until it fills: Q4_K's faster GEMV keeps up to 32. Q6_K / Q3_K / Q2_K
+  // 2048 x 2048 (groups of 16) at 16 rows 43-44 -> 39-44 / 58-63 -> 44-49, at 32 rows 44-45 -> 58-65 / 58-61 -> 66-72
+  // (benchmarks/results/amx_kquant_ops_1thread_intel_amx.json, a later run): the same 32.
   return super_blocks ? 32 : 16;
 }
 

@@ -74,9 +74,9 @@ int64_t quant_gemm_from_rows(QuantGemm format);
 // three, against a cheaper GEMV): 8 fp32 / 10 bf16 rows, measured (tuning.cpp). LLAMA_FAST_AMX_QUANT_ROWS
 // overrides both (at least 1).
 int64_t amx_quant_from_rows(bool bf16_activations);
-// The same for ggml blocks (kquant::linear) whose segments the AMX GEMM takes (amx_kquant_supports: Q8_0, Q4_K,
-// Q5_K, Q5_0, Q5_1), against their VNNI GEMV, by whether a segment has super-blocks of 256 (Q4_K / Q5_K: 32 rows)
-// or all blocks of 32 (16), either activation dtype (measured: tuning.cpp). LLAMA_FAST_AMX_KQUANT_ROWS overrides it
+// The same for ggml blocks (kquant::linear) whose segments the AMX GEMM takes (amx_kquant_supports: every type),
+// against their VNNI GEMV, by whether a segment has super-blocks of 256 (the K-quants: 32 rows) or all blocks of 32
+// (16), either activation dtype (measured: tuning.cpp). LLAMA_FAST_AMX_KQUANT_ROWS overrides it
 // (at least 1).
 int64_t amx_kquant_from_rows(bool super_blocks);
 // From how many activation rows a bf16 dense linear runs the AMX GEMM (gemm_amx.cpp) instead of the GEMV / tiled

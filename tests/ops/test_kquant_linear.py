@@ -256,12 +256,13 @@ def test_kquant_linear_gemm_dequantizes_exactly(backend, kind):
 
 
 # The AMX GEMM (csrc/cpu/gemm_amx_quant.cpp, GgmlCodes) for the block types whose weight is code * scale + offset per
-# group of 32: kquant::gemm runs it at the top ISA level where the CPU has AMX-BF16, and kquant::linear hands
-# kquant::gemm every row count from cpu::amx_kquant_from_rows. Through the op (the backend fixture runs each case at
-# every ISA level this CPU has: below the top one the VNNI / fp32 GEMM paths, so the old path stays tested on AMX
-# machines and the only one on others) and through the test hook cpu_kquant_linear_amx (the kernel whatever the
-# rows and level; skipped where it does not run).
-AMX_TYPES = ("Q8_0", "Q4_K", "Q5_K", "Q5_0", "Q5_1")
+# group of 32, and Q6_K / Q2_K / Q3_K (a scale per 16 weights: groups of 16 for every segment of a weight holding one):
+# kquant::gemm runs it at the top ISA level where the CPU has AMX-BF16, and kquant::linear hands kquant::gemm every
+# row count from cpu::amx_kquant_from_rows. Through the op (the backend fixture runs each case at every ISA level
+# this CPU has: below the top one the VNNI / fp32 GEMM paths, so the old path stays tested on AMX machines and the
+# only one on others) and through the test hook cpu_kquant_linear_amx (the kernel whatever the rows and level;
+# skipped where it does not run).
+AMX_TYPES = ("Q8_0", "Q4_K", "Q5_K", "Q5_0", "Q5_1", "Q6_K", "Q2_K", "Q3_K")
 
 
 def _amx(x, w):
@@ -291,11 +292,12 @@ def _weight(kind: str, n: int, k: int, seed: int) -> kquants.KQuantWeight:
 
 @needs_amx
 @pytest.mark.parametrize("kind", AMX_TYPES)
-@pytest.mark.parametrize("m", [1, 16, 33, 70, 129])
+@pytest.mark.parametrize("m", [1, 5, 16, 33, 70, 129])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_amx_kquant_kernel_matches_reference(threads, kind, m, dtype, matches_reference):
     """The kernel itself: N = 83 (a partial 16-row weight block and a partial pair), K = 1280 (five super-blocks,
-    40 groups of 32: chunks of 512 and a partial one)."""
+    40 groups of 32: chunks of 512 and a partial one; Q6_K / Q2_K / Q3_K 80 groups of 16, chunks of 256). m <= 8:
+    the small-m loop (m = 1 and 5: its one- and two-tile layouts of fp32 digits)."""
     k = 1280
     w = _weight(kind, 83, k, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
@@ -323,17 +325,51 @@ def test_amx_kquant_fused_mixed_segments(threads, dtype, matches_reference):
 
 
 @needs_amx
-def test_amx_kquant_declines_unsupported_types_and_nan():
-    """Q6_K / Q2_K / Q3_K (a scale per 16 weights) anywhere in the segments, or inf / NaN in x: the kernel declines
-    (the op then takes the fp32 GEMM)."""
+@pytest.mark.parametrize("m", [3, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_kquant_fused_with_q6k(threads, m, dtype, matches_reference):
+    """Q6_K / Q2_K / Q3_K segments among the others (as Q4_K_M's fused q/k/v with v in Q6_K): groups of 16 for every
+    segment, the groups of 32 of the other types halved. Segment boundaries inside 16-row weight blocks, K = 768
+    (48 groups of 16: chunks of 256), the small-m loop (m = 3) and the general one (m = 70)."""
+    k = 768
+    w = kquants.concat_rows([_weight(kind, rows, k, seed=rows) for kind, rows in
+                             (("Q4_K", 21), ("Q6_K", 9), ("Q8_0", 5), ("Q2_K", 17), ("Q5_1", 3), ("Q5_K", 13),
+                              ("Q3_K", 6), ("Q5_0", 4))])
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    out = _amx(x, w)
+    assert out is not None
+    want = x.double() @ w.dequantize(torch.float64).t()
+    matches_reference(out, want.float(), torch.nn.functional.linear(x.float(), w.dequantize(torch.float32)))
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [range(256), range(5, 256, 37)])
+def test_amx_kquant_one_hot_rows_dequantize_exactly(rows):
+    """One-hot activation rows pick single weights: each output is scale * (code * 1) + offset * 1 plus groups of
+    exact zeros (fma(s, 0, acc) == acc), so the kernel must return the reference dequantization (code * scale +
+    offset, one rounding) bit for bit: any wrong code or scale in the weight side's decoding shows here. A fused
+    weight of every type it takes (groups of 16 for all), 256 rows (the general loop) and 7 (the small-m loop)."""
+    k = 512
+    w = kquants.concat_rows([_weight(kind, rows_, k, seed=rows_) for kind, rows_ in
+                             (("Q6_K", 19), ("Q4_K", 11), ("Q5_K", 6), ("Q8_0", 7), ("Q5_0", 5), ("Q5_1", 3),
+                              ("Q2_K", 10), ("Q3_K", 8))])
+    x = torch.eye(k)[list(rows)]
+    out = _amx(x, w)
+    assert out is not None
+    assert torch.equal(out, w.dequantize(torch.float32)[:, list(rows)].t())
+
+
+@needs_amx
+def test_amx_kquant_declines_nan():
+    """inf / NaN in x: the kernel declines (the op then takes the fp32 GEMM), groups of 32 and of 16."""
     k = 256
     q4 = _weight("Q4_K", 16, k, seed=1)
-    for kind in ("Q6_K", "Q2_K", "Q3_K"):
-        assert _amx(torch.ones(16, k), kquants.concat_rows([q4, _weight(kind, 4, k, seed=2)])) is None
+    q6 = kquants.concat_rows([q4, _weight("Q6_K", 4, k, seed=2)])
     x = torch.randn(20, k)
+    assert _amx(x, q4) is not None and _amx(x, q6) is not None
     for bad in (float("nan"), float("inf")):
         x[17, 3] = bad
-        assert _amx(x, q4) is None
+        assert _amx(x, q4) is None and _amx(x, q6) is None
 
 
 @pytest.mark.parametrize("kind", AMX_TYPES)
