@@ -283,8 +283,13 @@ def main():
     sys.path.insert(0, HERE)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     contexts = [int(c) for c in args.contexts.split(",")]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    from _random_gguf import SHAPES
+    unknown = [m for m in models if m != "smollm2" and m not in SHAPES]
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(unknown)}: choose from smollm2, {', '.join(SHAPES)}")
     cases = []
-    for model in filter(None, (m.strip() for m in args.models.split(","))):
+    for model in models:
         for fmt, path in model_files(model, formats).items():
             for context in contexts:
                 cases.append({"model": model, "format": fmt, "path": path, "context": context})
