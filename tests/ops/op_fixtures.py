@@ -66,3 +66,17 @@ def threads(request):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(before)
+
+
+def at_each_thread_count(fn) -> list:
+    """fn() on 1 and on 2 threads (torch.set_num_threads, restored after), the results in that order. Not more
+    threads: the pool keeps every helper it starts (test_thread_pool counts them)."""
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            outs.append(fn())
+    finally:
+        torch.set_num_threads(before)
+    return outs

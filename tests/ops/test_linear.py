@@ -4,7 +4,7 @@ import torch
 
 from llama_fast import ops
 
-from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtures)
+from op_fixtures import at_each_thread_count, backend, matches_reference  # noqa: F401  (pytest fixtures)
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 1, 7), (1, 769, 576), (3, 83, 1536), (8, 960, 83), (5, 7, 64), (20, 83, 576)])
@@ -57,14 +57,7 @@ def test_gemv_row_ranges_per_thread(backend, n, k, m, dtype, matches_reference):
     g = torch.Generator().manual_seed(n * 10 + k)
     x = torch.randn(m, k, generator=g).to(dtype)
     w = torch.randn(n, k, generator=g).to(dtype)
-    before = torch.get_num_threads()
-    outs = []
-    try:
-        for threads in (1, 2):  # not more: the pool keeps every helper it starts (test_thread_pool)
-            torch.set_num_threads(threads)
-            outs.append(ops.linear(x, w, backend=name))
-    finally:
-        torch.set_num_threads(before)
+    outs = at_each_thread_count(lambda: ops.linear(x, w, backend=name))
     want = torch.nn.functional.linear(x.double(), w.double()).float()
     matches_reference(outs[0], want, torch.nn.functional.linear(x, w))
     for out in outs[1:]:

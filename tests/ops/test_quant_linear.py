@@ -5,8 +5,8 @@ import torch
 
 from llama_fast import ops, quant
 
+from op_fixtures import at_each_thread_count, backend, matches_reference, threads  # noqa: F401  (pytest fixtures)
 from op_fixtures import at_isa as _at_isa
-from op_fixtures import backend, matches_reference, threads  # noqa: F401  (pytest fixtures)
 
 # (bits, group_size, symmetric): GGUF Q4_1-like (asymmetric, g=32), Q4_0-like (symmetric, offset = -8 scale),
 # Q8_0-like, per-channel int8, and group sizes the vector kernels do not tile (scalar fallback).
@@ -225,14 +225,7 @@ def test_quant_linear_row_ranges_per_thread(backend, bits, n, m, dtype, matches_
     qw = quant.quantize(torch.randn(n, 256, generator=g), bits=bits, group_size=32, symmetric=bits == 8,
                         scale_dtype=torch.float16)
     x = torch.randn(m, 256, generator=g).to(dtype)
-    before = torch.get_num_threads()
-    outs = []
-    try:
-        for threads in (1, 2):  # not more: the pool keeps every helper it starts (test_thread_pool)
-            torch.set_num_threads(threads)
-            outs.append(ops.quant_linear(x, qw, backend=name))
-    finally:
-        torch.set_num_threads(before)
+    outs = at_each_thread_count(lambda: ops.quant_linear(x, qw, backend=name))
     want = x.double() @ qw.dequantize(torch.float64).t()
     matches_reference(outs[0], want.float(), torch.nn.functional.linear(x, qw.dequantize(dtype)))
     for out in outs[1:]:
