@@ -310,6 +310,21 @@ def test_amx_kquant_kernel_matches_reference(threads, kind, m, dtype, matches_re
 
 
 @needs_amx
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_kquant_kernel_several_passes(threads, kind, dtype, matches_reference):
+    """m = 530: 34 16-row activation blocks, more than one pass over the weights holds (kPassBlocks = 32 in
+    gemm_amx_quant.cpp): a pass of 32 blocks, then one of 2 whose last is partial. N = 45 (a pair with a tail)."""
+    k, m = 512, 530
+    w = _weight(kind, 45, k, seed=7)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    out = _amx(x, w)
+    assert out is not None and out.shape == (m, 45)
+    want = x.double() @ w.dequantize(torch.float64).t()
+    matches_reference(out, want.float(), torch.nn.functional.linear(x.float(), w.dequantize(torch.float32)))
+
+
+@needs_amx
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_amx_kquant_fused_mixed_segments(threads, dtype, matches_reference):
     """A fused weight of every supported type (as SmolLM2's q/k/v in one linear), segment boundaries inside 16-row
