@@ -340,16 +340,17 @@ def test_amx_kquant_fused_mixed_segments(threads, dtype, matches_reference):
 
 
 @needs_amx
-@pytest.mark.parametrize("m", [3, 70])
+@pytest.mark.parametrize("m", [3, 70, 530])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_amx_kquant_fused_with_q6k(threads, m, dtype, matches_reference):
-    """Q6_K / Q2_K / Q3_K segments among the others (as Q4_K_M's fused q/k/v with v in Q6_K): groups of 16 for every
-    segment, the groups of 32 of the other types halved. Segment boundaries inside 16-row weight blocks, K = 768
-    (48 groups of 16: chunks of 256), the small-m loop (m = 3) and the general one (m = 70)."""
+    """Q6_K / Q2_K / Q3_K segments among the others (as Q4_K_M's fused q/k/v with v in Q6_K): each run of segments
+    of one group size (16 or 32) its own GEMM, written to its columns. Runs of one and of several segments, segment
+    and run boundaries inside 16-row weight blocks, K = 768 (48 groups of 16: chunks of 256), the small-m loop
+    (m = 3), the general one (m = 70) and several passes (m = 530)."""
     k = 768
     w = kquants.concat_rows([_weight(kind, rows, k, seed=rows) for kind, rows in
-                             (("Q4_K", 21), ("Q6_K", 9), ("Q8_0", 5), ("Q2_K", 17), ("Q5_1", 3), ("Q5_K", 13),
-                              ("Q3_K", 6), ("Q5_0", 4))])
+                             (("Q4_K", 21), ("Q6_K", 9), ("Q8_0", 5), ("Q2_K", 17), ("Q6_K", 3), ("Q5_1", 3),
+                              ("Q5_K", 13), ("Q3_K", 6), ("Q5_0", 4))])
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     out = _amx(x, w)
     assert out is not None
