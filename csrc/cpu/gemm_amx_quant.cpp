@@ -473,6 +473,15 @@ class GgmlCodes {
       super_block_scales(t, blocks + g0 * kGroupSize / bw * bb, groups, scale, offset);
       return;
     }
+    if (kGroupSize == kTileK && g0 % 8 == 0 && (t == ggml::BlockType::kQ4K || t == ggml::BlockType::kQ5K)) {
+      // groups of 32 from a super-block boundary: 8 per super-block, decoded as lanes (the scalar decode per group,
+      // chunk and pass cost about as much as Q6_K's did before its lanes)
+      for (int64_t g = 0; g < kScaleStride; g += 8) {
+        const int64_t live = std::clamp<int64_t>(groups - g, 0, 8);
+        k_super_block_scales(blocks + (g0 + g) / 8 * bb, live, scale + g, offset + g);
+      }
+      return;
+    }
     for (int64_t g = 0; g < kScaleStride; ++g) {
       float s = 0.f, o = 0.f;
       if (g < groups) {
@@ -532,6 +541,33 @@ class GgmlCodes {
       o = _mm512_maskz_mov_ps(mask, _mm512_xor_ps(dm, _mm512_set1_ps(-0.f)));
     }
     _mm512_storeu_ps(offset, o);
+  }
+
+  // The (scale, offset) of the first `live` (0..8) groups of 32 of the Q4_K / Q5_K super-block b as 8 lanes (zero
+  // past live): sub_block_scale_with's d * sc and -(dmin * m), ggml's 6-bit (scale, min) j of the 12 bytes q at 4:
+  // j < 4: q[j] & 63, q[j + 4] & 63; else (q[j + 4] & 15) | (q[j - 4] >> 6) << 4, (q[j + 4] >> 4) | (q[j] >> 6) << 4.
+  static void k_super_block_scales(const uint8_t* b, int64_t live, float* scale, float* offset) {
+    const auto mask = static_cast<__mmask16>((1u << live) - 1u);
+    auto f16 = [](const uint8_t* p) {
+      uint16_t h;
+      std::memcpy(&h, p, 2);
+      return _mm512_set1_ps(_cvtsh_ss(h));
+    };
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(0x0fff, b + 4));
+    const __m512i a = _mm512_permutexvar_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 11, 10, 9, 8, 3, 2, 1, 0), q);
+    const __m512i c = _mm512_permutexvar_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 3, 2, 1, 0, 7, 6, 5, 4), q);
+    const __mmask16 upper = 0x00f0;  // j >= 4
+    const __m512i m6 = _mm512_set1_epi32(63), m4 = _mm512_set1_epi32(15);
+    // j < 4: a = q[j], c = q[j + 4]; j >= 4: a = q[j + 4], c = q[j - 4] (and q itself holds q[j])
+    __m512i sc = _mm512_and_si512(a, m6);
+    sc = _mm512_mask_or_epi32(sc, upper, _mm512_and_si512(a, m4), _mm512_slli_epi32(_mm512_srli_epi32(c, 6), 4));
+    __m512i mn = _mm512_and_si512(c, m6);
+    mn = _mm512_mask_or_epi32(mn, upper, _mm512_srli_epi32(a, 4), _mm512_slli_epi32(_mm512_srli_epi32(q, 6), 4));
+    const __m512 s = _mm512_maskz_mul_ps(mask, f16(b), _mm512_cvtepi32_ps(sc));
+    const __m512 o = _mm512_maskz_mov_ps(
+        mask, _mm512_xor_ps(_mm512_mul_ps(f16(b + 2), _mm512_cvtepi32_ps(mn)), _mm512_set1_ps(-0.f)));
+    _mm256_storeu_ps(scale, _mm512_castps512_ps256(s));
+    _mm256_storeu_ps(offset, _mm512_castps512_ps256(o));
   }
 
   // The segment type and first block of weight row `row` (< n).

@@ -364,7 +364,9 @@ def test_amx_kquant_one_hot_rows_dequantize_exactly(rows):
     """One-hot activation rows pick single weights: each output is scale * (code * 1) + offset * 1 plus groups of
     exact zeros (fma(s, 0, acc) == acc), so the kernel must return the reference dequantization (code * scale +
     offset, one rounding) bit for bit: any wrong code or scale in the weight side's decoding shows here. A fused
-    weight of every type it takes (groups of 16 for all), 256 rows (the general loop) and 7 (the small-m loop)."""
+    weight of every type it takes (three runs: Q6_K in groups of 16, Q4_K to Q5_1 in groups of 32 with Q4_K /
+    Q5_K's scales decoded per super-block, Q2_K / Q3_K in groups of 16), 256 rows (the general loop) and 7 (the small-m
+    loop)."""
     k = 512
     w = kquants.concat_rows([_weight(kind, rows_, k, seed=rows_) for kind, rows_ in
                              (("Q6_K", 19), ("Q4_K", 11), ("Q5_K", 6), ("Q8_0", 7), ("Q5_0", 5), ("Q5_1", 3),
