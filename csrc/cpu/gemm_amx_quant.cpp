@@ -426,8 +426,9 @@ class QuantCodes {
 
 // ggml blocks (kquant::Segment, the segments stacked along N) of the types amx_kquant_supports in groups of
 // kGroupSize along K: 32 (each group one block of Q8_0 / Q5_0 / Q5_1 or one sub-block pair of a Q4_K / Q5_K
-// super-block), or 16 where a segment is Q6_K, Q2_K or Q3_K (a scale, Q2_K also a min, per 16 weights; the other
-// types' groups halved, each half with its group's scale). The (scale, offset) are ggml::sub_block_scale_with's, the
+// super-block), or 16 for Q6_K, Q2_K and Q3_K (a scale, Q2_K also a min, per 16 weights; gemm_amx_kquant gives each run
+// of segments of one group size its own GgmlCodes, though a type of groups of 32 also decodes correctly halved, each
+// half with its group's scale). The (scale, offset) are ggml::sub_block_scale_with's, the
 // reference dequantization's own fp32 numbers (d * sc, -(dmin * m): products of an fp16 and an integer of at most 8
 // bits, exact in fp32); the codes (Q6_K q - 32 in -32..31, Q2_K 0..3, Q3_K -4..3) are exact in bf16. The group size is
 // a template parameter, not a member: as a constant the tile loop's group arithmetic folds away (a runtime one made
