@@ -28,7 +28,7 @@
 // a broadcast in the epilogue while the activation sums and row scalings are vectors. Each thread takes a range of
 // pairs of 16-row weight blocks; per K chunk (~512) it unpacks both blocks' codes to bf16 once (int4: nibbles ->
 // words -> a 16-entry bf16 table by vpermw; int8: bytes -> fp32 -> bf16) and runs them against every 16-row block
-// of activations of the pass (as many blocks as fit half of L2, so that their tiles are re-read from L2): per group,
+// of activations of the pass (up to kPassBlocks, whose tiles are re-read from L2 or L3 per weight pair): per group,
 // 2 C tiles (tmm0-1 for even groups, tmm2-3 for odd ones), 2 A tiles (tmm4-5), the digits' B tiles alternating in
 // tmm6-7, so each B load feeds two multiplies; a group's C tiles are stored and read back by the epilogue only after
 // the next group's multiplies are issued (software pipelining). The fp32 sums of the two weight blocks x 16
@@ -426,8 +426,9 @@ class QuantCodes {
 
 // ggml blocks (kquant::Segment, the segments stacked along N) of the types amx_kquant_supports in groups of
 // kGroupSize along K: 32 (each group one block of Q8_0 / Q5_0 / Q5_1 or one sub-block pair of a Q4_K / Q5_K
-// super-block), or 16 where a segment is Q6_K, Q2_K or Q3_K (a scale, Q2_K also a min, per 16 weights; the other
-// types' groups halved, each half with its group's scale). The (scale, offset) are ggml::sub_block_scale_with's, the
+// super-block), or 16 for Q6_K, Q2_K and Q3_K (a scale, Q2_K also a min, per 16 weights; gemm_amx_kquant gives each run
+// of segments of one group size its own GgmlCodes, though a type of groups of 32 also decodes correctly halved, each
+// half with its group's scale). The (scale, offset) are ggml::sub_block_scale_with's, the
 // reference dequantization's own fp32 numbers (d * sc, -(dmin * m): products of an fp16 and an integer of at most 8
 // bits, exact in fp32); the codes (Q6_K q - 32 in -32..31, Q2_K 0..3, Q3_K -4..3) are exact in bf16. The group size is
 // a template parameter, not a member: as a constant the tile loop's group arithmetic folds away (a runtime one made
@@ -471,6 +472,15 @@ class GgmlCodes {
       // a chunk's groups are (part of) one super-block's 16 sub-blocks: 16 scalar decodes per row and chunk were as
       // costly as the chunk's tile work at fp32 activations
       super_block_scales(t, blocks + g0 * kGroupSize / bw * bb, groups, scale, offset);
+      return;
+    }
+    if (kGroupSize == kTileK && g0 % 8 == 0 && (t == ggml::BlockType::kQ4K || t == ggml::BlockType::kQ5K)) {
+      // groups of 32 from a super-block boundary: 8 per super-block, decoded as lanes (the scalar decode per group,
+      // chunk and pass cost about as much as Q6_K's did before its lanes)
+      for (int64_t g = 0; g < kScaleStride; g += 8) {
+        const int64_t live = std::clamp<int64_t>(groups - g, 0, 8);
+        k_super_block_scales(blocks + (g0 + g) / 8 * bb, live, scale + g, offset + g);
+      }
       return;
     }
     for (int64_t g = 0; g < kScaleStride; ++g) {
@@ -532,6 +542,33 @@ class GgmlCodes {
       o = _mm512_maskz_mov_ps(mask, _mm512_xor_ps(dm, _mm512_set1_ps(-0.f)));
     }
     _mm512_storeu_ps(offset, o);
+  }
+
+  // The (scale, offset) of the first `live` (0..8) groups of 32 of the Q4_K / Q5_K super-block b as 8 lanes (zero
+  // past live): sub_block_scale_with's d * sc and -(dmin * m), ggml's 6-bit (scale, min) j of the 12 bytes q at 4:
+  // j < 4: q[j] & 63, q[j + 4] & 63; else (q[j + 4] & 15) | (q[j - 4] >> 6) << 4, (q[j + 4] >> 4) | (q[j] >> 6) << 4.
+  static void k_super_block_scales(const uint8_t* b, int64_t live, float* scale, float* offset) {
+    const auto mask = static_cast<__mmask16>((1u << live) - 1u);
+    auto f16 = [](const uint8_t* p) {
+      uint16_t h;
+      std::memcpy(&h, p, 2);
+      return _mm512_set1_ps(_cvtsh_ss(h));
+    };
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(0x0fff, b + 4));
+    const __m512i a = _mm512_permutexvar_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 11, 10, 9, 8, 3, 2, 1, 0), q);
+    const __m512i c = _mm512_permutexvar_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 3, 2, 1, 0, 7, 6, 5, 4), q);
+    const __mmask16 upper = 0x00f0;  // j >= 4
+    const __m512i m6 = _mm512_set1_epi32(63), m4 = _mm512_set1_epi32(15);
+    // j < 4: a = q[j], c = q[j + 4]; j >= 4: a = q[j + 4], c = q[j - 4] (and q itself holds q[j])
+    __m512i sc = _mm512_and_si512(a, m6);
+    sc = _mm512_mask_or_epi32(sc, upper, _mm512_and_si512(a, m4), _mm512_slli_epi32(_mm512_srli_epi32(c, 6), 4));
+    __m512i mn = _mm512_and_si512(c, m6);
+    mn = _mm512_mask_or_epi32(mn, upper, _mm512_srli_epi32(a, 4), _mm512_slli_epi32(_mm512_srli_epi32(q, 6), 4));
+    const __m512 s = _mm512_maskz_mul_ps(mask, f16(b), _mm512_cvtepi32_ps(sc));
+    const __m512 o = _mm512_maskz_mov_ps(
+        mask, _mm512_xor_ps(_mm512_mul_ps(f16(b + 2), _mm512_cvtepi32_ps(mn)), _mm512_set1_ps(-0.f)));
+    _mm256_storeu_ps(scale, _mm512_castps512_ps256(s));
+    _mm256_storeu_ps(offset, _mm512_castps512_ps256(o));
   }
 
   // The segment type and first block of weight row `row` (< n).
@@ -927,6 +964,14 @@ void gemm_small_m(const Weights& w, const PackedActivations& p, const To* bias, 
   }
 }
 
+// 16-row activation blocks per pass over the weights (512 rows). Each pass unpacks every weight code and scale once,
+// which for one block costs more than its tile products: sizing a pass to half of L2 (2 MiB per core here) made it
+// 1 block at K = 8192 and 5 at K = 2048 with fp32 activations (3 digits), and the 1B model's Q4_K down projection
+// [2048, 8192] ran at 42 G multiply-adds/s at 128 rows against 78 with all 8 blocks in one pass (1 thread, CPU time,
+// Xeon with AMX, a loaded machine); at 512 rows 1 / 8 / 16 / 32 blocks per pass gave 38 / 70 / 78 / 83 (down) and
+// 37 / 76 / 75 / 82 (o_proj, K = 2048). The activations re-read from L3 cost less than unpacking again.
+constexpr int64_t kPassBlocks = 32;
+
 // x: fp32 or bf16 (T); bias / out: To; Weights: QuantCodes or GgmlCodes.
 template <typename T, typename To, typename Weights>
 bool gemm_amx_quant_t(const T* x, const Weights& w, const To* bias, To* out, int64_t m) {
@@ -955,10 +1000,9 @@ bool gemm_amx_quant_t(const T* x, const Weights& w, const To* bias, To* out, int
   }
 
   const int64_t kc = std::min(k, k_chunk(gs)), per_thread = (npairs + num_threads() - 1) / num_threads();
-  // Passes over the weights, each for as many 16-row activation blocks as fit half of L2: every pair of weight blocks
-  // re-reads the pass's packed activations (digits x 2 bytes per element), which must not come from L3 or memory.
-  const int64_t l2 = tuning().l2_bytes > 0 ? tuning().l2_bytes : (1 << 20);
-  const int64_t pass_blocks = std::max<int64_t>(1, l2 / 2 / (k * digits * 2 * kTileRows));
+  // Passes over the weights, each for up to kPassBlocks 16-row activation blocks: every pair of weight blocks re-reads
+  // the pass's packed activations (from L2 or L3), and every pass unpacks the weights' codes and scales again.
+  const int64_t pass_blocks = kPassBlocks;
   for (int64_t mb0 = 0; mb0 < mblocks; mb0 += pass_blocks) {
     const int64_t mb1 = std::min(mblocks, mb0 + pass_blocks);
     parallel_for(npairs, per_thread, [&](int64_t q0, int64_t q1) {
@@ -1041,16 +1085,47 @@ bool gemm_ggml_codes(bool bf16, const void* x, int64_t m, const std::vector<kqua
   return gemm_amx_quant_t(static_cast<const float*>(x), codes, static_cast<const float*>(nullptr), out, m);
 }
 
+// Q6_K / Q2_K / Q3_K: a scale per 16 weights, so GgmlCodes<16> (half K tiles); the others take groups of 32.
+bool groups_of_16(const kquant::Segment& s) {
+  return s.type == ggml::BlockType::kQ6K || s.type == ggml::BlockType::kQ2K || s.type == ggml::BlockType::kQ3K;
+}
+
+bool gemm_ggml_run(bool bf16, const void* x, int64_t m, const std::vector<kquant::Segment>& segs, int64_t k,
+                   float* out) {
+  return groups_of_16(segs.front()) ? gemm_ggml_codes<ggml::kSubBlock>(bf16, x, m, segs, k, out)
+                                    : gemm_ggml_codes<kTileK>(bf16, x, m, segs, k, out);
+}
+
 }  // namespace
 
+// Each run of consecutive segments with the same group size is its own GEMM (into a buffer, then copied to its
+// columns of out): running a whole list in groups of 16 when one segment needs them (Q4_K_M's fused q/k/v with v in
+// Q6_K) ran its Q4_K rows on half K tiles too, 7.3 ms against 4.0 for the same rows all Q4_K (1B shapes, 128 rows,
+// 2 threads). The activations are packed once per run: a small cost next to the run's tile products.
 bool gemm_amx_kquant(bool bf16, const void* x, int64_t m, const std::vector<kquant::Segment>& segs, int64_t k,
                      float* out) {
   if (!amx_kquant_supports(segs, k)) return false;
-  const bool groups_of_16 = std::any_of(segs.begin(), segs.end(), [](const kquant::Segment& s) {
-    return s.type == ggml::BlockType::kQ6K || s.type == ggml::BlockType::kQ2K || s.type == ggml::BlockType::kQ3K;
-  });
-  return groups_of_16 ? gemm_ggml_codes<ggml::kSubBlock>(bf16, x, m, segs, k, out)
-                      : gemm_ggml_codes<kTileK>(bf16, x, m, segs, k, out);
+  const bool one_run = std::all_of(segs.begin(), segs.end(),
+                                   [&](const kquant::Segment& s) { return groups_of_16(s) == groups_of_16(segs[0]); });
+  if (one_run || m <= 0) return gemm_ggml_run(bf16, x, m, segs, k, out);
+  int64_t n = 0;
+  for (const kquant::Segment& s : segs) n += s.rows;
+  std::vector<float> part;
+  int64_t col = 0;
+  for (size_t first = 0; first < segs.size();) {
+    size_t last = first + 1;
+    while (last < segs.size() && groups_of_16(segs[last]) == groups_of_16(segs[first])) ++last;
+    const std::vector<kquant::Segment> run(segs.begin() + first, segs.begin() + last);
+    int64_t rows = 0;
+    for (const kquant::Segment& s : run) rows += s.rows;
+    part.resize(static_cast<size_t>(m * rows));
+    // inf / NaN: the first run finds them (they depend on x alone) before anything is written to out
+    if (!gemm_ggml_run(bf16, x, m, run, k, part.data())) return false;
+    for (int64_t i = 0; i < m; ++i) std::memcpy(out + i * n + col, part.data() + i * rows, rows * sizeof(float));
+    col += rows;
+    first = last;
+  }
+  return true;
 }
 
 #pragma GCC diagnostic pop

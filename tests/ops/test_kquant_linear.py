@@ -310,6 +310,21 @@ def test_amx_kquant_kernel_matches_reference(threads, kind, m, dtype, matches_re
 
 
 @needs_amx
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_kquant_kernel_several_passes(threads, kind, dtype, matches_reference):
+    """m = 530: 34 16-row activation blocks, more than one pass over the weights holds (kPassBlocks = 32 in
+    gemm_amx_quant.cpp): a pass of 32 blocks, then one of 2 whose last is partial. N = 45 (a pair with a tail)."""
+    k, m = 512, 530
+    w = _weight(kind, 45, k, seed=7)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    out = _amx(x, w)
+    assert out is not None and out.shape == (m, 45)
+    want = x.double() @ w.dequantize(torch.float64).t()
+    matches_reference(out, want.float(), torch.nn.functional.linear(x.float(), w.dequantize(torch.float32)))
+
+
+@needs_amx
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_amx_kquant_fused_mixed_segments(threads, dtype, matches_reference):
     """A fused weight of every supported type (as SmolLM2's q/k/v in one linear), segment boundaries inside 16-row
@@ -325,16 +340,17 @@ def test_amx_kquant_fused_mixed_segments(threads, dtype, matches_reference):
 
 
 @needs_amx
-@pytest.mark.parametrize("m", [3, 70])
+@pytest.mark.parametrize("m", [3, 70, 530])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_amx_kquant_fused_with_q6k(threads, m, dtype, matches_reference):
-    """Q6_K / Q2_K / Q3_K segments among the others (as Q4_K_M's fused q/k/v with v in Q6_K): groups of 16 for every
-    segment, the groups of 32 of the other types halved. Segment boundaries inside 16-row weight blocks, K = 768
-    (48 groups of 16: chunks of 256), the small-m loop (m = 3) and the general one (m = 70)."""
+    """Q6_K / Q2_K / Q3_K segments among the others (as Q4_K_M's fused q/k/v with v in Q6_K): each run of segments
+    of one group size (16 or 32) its own GEMM, written to its columns. Runs of one and of several segments, segment
+    and run boundaries inside 16-row weight blocks, K = 768 (48 groups of 16: chunks of 256), the small-m loop
+    (m = 3), the general one (m = 70) and several passes (m = 530)."""
     k = 768
     w = kquants.concat_rows([_weight(kind, rows, k, seed=rows) for kind, rows in
-                             (("Q4_K", 21), ("Q6_K", 9), ("Q8_0", 5), ("Q2_K", 17), ("Q5_1", 3), ("Q5_K", 13),
-                              ("Q3_K", 6), ("Q5_0", 4))])
+                             (("Q4_K", 21), ("Q6_K", 9), ("Q8_0", 5), ("Q2_K", 17), ("Q6_K", 3), ("Q5_1", 3),
+                              ("Q5_K", 13), ("Q3_K", 6), ("Q5_0", 4))])
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     out = _amx(x, w)
     assert out is not None
@@ -348,7 +364,9 @@ def test_amx_kquant_one_hot_rows_dequantize_exactly(rows):
     """One-hot activation rows pick single weights: each output is scale * (code * 1) + offset * 1 plus groups of
     exact zeros (fma(s, 0, acc) == acc), so the kernel must return the reference dequantization (code * scale +
     offset, one rounding) bit for bit: any wrong code or scale in the weight side's decoding shows here. A fused
-    weight of every type it takes (groups of 16 for all), 256 rows (the general loop) and 7 (the small-m loop)."""
+    weight of every type it takes (three runs: Q6_K in groups of 16, Q4_K to Q5_1 in groups of 32 with Q4_K /
+    Q5_K's scales decoded per super-block, Q2_K / Q3_K in groups of 16), 256 rows (the general loop) and 7 (the small-m
+    loop)."""
     k = 512
     w = kquants.concat_rows([_weight(kind, rows_, k, seed=rows_) for kind, rows_ in
                              (("Q6_K", 19), ("Q4_K", 11), ("Q5_K", 6), ("Q8_0", 7), ("Q5_0", 5), ("Q5_1", 3),

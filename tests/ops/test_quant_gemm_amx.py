@@ -98,6 +98,23 @@ def test_amx_kernel_matches_reference(threads, fmt, m, n, dtype):
 
 
 @needs_amx
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_kernel_several_passes(threads, fmt, dtype):
+    """m = 530: 34 16-row activation blocks, more than one pass over the weights holds (kPassBlocks = 32): a pass of
+    32 blocks, then one of 2 whose last is partial."""
+    bits, group_size, with_offset = fmt
+    k, m, n = 2 * max(group_size, 128), 530, 45
+    g = torch.Generator().manual_seed(group_size + bits)
+    qw = make_weight(bits, group_size, with_offset, n, k, g)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    out = _amx(x, qw, bias)
+    assert out is not None and out.dtype == dtype and out.shape == (m, n)
+    assert_matches_reference(out, *reference(x, qw, bias))
+
+
+@needs_amx
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", [32, 1024])   # 1024 = K: one group per row, wider than a K chunk
 def test_amx_kernel_scale_dtypes(scale_dtype, group_size):
