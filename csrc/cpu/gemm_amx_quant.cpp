@@ -28,7 +28,7 @@
 // a broadcast in the epilogue while the activation sums and row scalings are vectors. Each thread takes a range of
 // pairs of 16-row weight blocks; per K chunk (~512) it unpacks both blocks' codes to bf16 once (int4: nibbles ->
 // words -> a 16-entry bf16 table by vpermw; int8: bytes -> fp32 -> bf16) and runs them against every 16-row block
-// of activations of the pass (up to kPassBlocks, whose tiles are re-read from L2 or L3 per weight pair): per group,
+// of activations of the pass (pass_blocks; their tiles re-read per weight pair): per group,
 // 2 C tiles (tmm0-1 for even groups, tmm2-3 for odd ones), 2 A tiles (tmm4-5), the digits' B tiles alternating in
 // tmm6-7, so each B load feeds two multiplies; a group's C tiles are stored and read back by the epilogue only after
 // the next group's multiplies are issued (software pipelining). The fp32 sums of the two weight blocks x 16
@@ -964,13 +964,21 @@ void gemm_small_m(const Weights& w, const PackedActivations& p, const To* bias, 
   }
 }
 
-// 16-row activation blocks per pass over the weights (512 rows). Each pass unpacks every weight code and scale once,
-// which for one block costs more than its tile products: sizing a pass to half of L2 (2 MiB per core here) made it
-// 1 block at K = 8192 and 5 at K = 2048 with fp32 activations (3 digits), and the 1B model's Q4_K down projection
-// [2048, 8192] ran at 42 G multiply-adds/s at 128 rows against 78 with all 8 blocks in one pass (1 thread, CPU time,
-// Xeon with AMX, a loaded machine); at 512 rows 1 / 8 / 16 / 32 blocks per pass gave 38 / 70 / 78 / 83 (down) and
-// 37 / 76 / 75 / 82 (o_proj, K = 2048). The activations re-read from L3 cost less than unpacking again.
-constexpr int64_t kPassBlocks = 32;
+// 16-row activation blocks per pass over the weights: as many as fit half of L2 (every pair of weight blocks re-reads
+// the pass's packed activations), but at least kMinPassBlocks (128 rows). Each pass unpacks every weight code and
+// scale again, which for one block costs more than its tile products: half of L2 (2 MiB per core here) is 1 block at
+// K = 8192 and 5 at K = 2048 with fp32 activations (3 digits), and the 1B model's Q4_K down projection [2048, 8192]
+// ran at 42 G multiply-adds/s at 128 rows against 78 with all 8 blocks in one pass (1 thread, CPU time, Xeon with
+// AMX, a loaded machine); at 512 rows 1 / 8 / 16 / 32 blocks per pass gave 38 / 70 / 78 / 83 (down) and 37 / 76 /
+// 75 / 82 (o_proj, K = 2048). But where the L2 rule gives more (SmolLM2: K = 576 and 1536, small weights that
+// re-unpack cheaply), passes of 32 blocks re-reading their activations from L3 made the int4 model's 512-token
+// prefill ~10% slower than the L2 rule (613-622 against 679-680 tok/s, 1 thread, alternated).
+constexpr int64_t kMinPassBlocks = 8;
+
+int64_t pass_blocks(int64_t k, int digits) {
+  const int64_t l2 = tuning().l2_bytes > 0 ? tuning().l2_bytes : (1 << 20);
+  return std::max<int64_t>(kMinPassBlocks, l2 / 2 / (k * digits * 2 * kTileRows));
+}
 
 // x: fp32 or bf16 (T); bias / out: To; Weights: QuantCodes or GgmlCodes.
 template <typename T, typename To, typename Weights>
@@ -1000,11 +1008,11 @@ bool gemm_amx_quant_t(const T* x, const Weights& w, const To* bias, To* out, int
   }
 
   const int64_t kc = std::min(k, k_chunk(gs)), per_thread = (npairs + num_threads() - 1) / num_threads();
-  // Passes over the weights, each for up to kPassBlocks 16-row activation blocks: every pair of weight blocks re-reads
-  // the pass's packed activations (from L2 or L3), and every pass unpacks the weights' codes and scales again.
-  const int64_t pass_blocks = kPassBlocks;
-  for (int64_t mb0 = 0; mb0 < mblocks; mb0 += pass_blocks) {
-    const int64_t mb1 = std::min(mblocks, mb0 + pass_blocks);
+  // Passes over the weights (pass_blocks): every pair of weight blocks re-reads the pass's packed activations, and
+  // every pass unpacks the weights' codes and scales again.
+  const int64_t pass = pass_blocks(k, digits);
+  for (int64_t mb0 = 0; mb0 < mblocks; mb0 += pass) {
+    const int64_t mb1 = std::min(mblocks, mb0 + pass);
     parallel_for(npairs, per_thread, [&](int64_t q0, int64_t q1) {
       configure_group_tiles(gs);
       thread_local std::vector<uint16_t> codes;  // [2][kc / 32][16][32]: this thread's
