@@ -33,18 +33,21 @@ inline void load_tile_config(const TileConfig& cfg) {
   _tile_loadconfig(&cfg);
 }
 
-// All 8 tiles as 16 rows x 64 bytes. Tile state is thread state: configure it on each thread that runs tile
-// instructions and _tile_release() it after that thread's work (a configured state makes each context switch save
-// 8 KiB).
-inline void configure_tiles() {
+// A configuration of all 8 tiles as 16 rows x 64 bytes, for a kernel to reshape some of them before loading it.
+inline TileConfig full_tiles() {
   TileConfig cfg{};
   cfg.palette_id = 1;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = kTileRows;
     cfg.colsb[t] = 64;
   }
-  load_tile_config(cfg);
+  return cfg;
 }
+
+// All 8 tiles as 16 rows x 64 bytes. Tile state is thread state: configure it on each thread that runs tile
+// instructions and _tile_release() it after that thread's work (a configured state makes each context switch save
+// 8 KiB).
+inline void configure_tiles() { load_tile_config(full_tiles()); }
 
 // 16 fp32 to bf16, rounded to nearest even like float_to_bf16_bits (NaN stays NaN): the first `count` lanes stored.
 inline void store_bf16(uint16_t* p, __m512 v, int count) {

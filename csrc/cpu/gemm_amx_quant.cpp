@@ -319,12 +319,7 @@ inline void set_group_shapes(amx::TileConfig& cfg, int64_t group_size, std::init
 
 // The general loop's tiles (C 0-3, A 4-5, B 6-7): 16 x 64 bytes, A and B shaped for the group size.
 void configure_group_tiles(int64_t group_size) {
-  amx::TileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = kTileRows;
-    cfg.colsb[t] = 64;
-  }
+  amx::TileConfig cfg = amx::full_tiles();
   set_group_shapes(cfg, group_size, {4, 5}, {6, 7});
   amx::load_tile_config(cfg);
 }
@@ -742,12 +737,7 @@ inline void group_epilogue(const GroupArgs& ga, int64_t g, const float (*c)[kTil
 enum class SmallMLayout { kSplit, kFolded8, kFolded4 };
 
 void configure_small_m_tiles(int b_colsb, int64_t group_size) {
-  amx::TileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = kTileRows;
-    cfg.colsb[t] = 64;
-  }
+  amx::TileConfig cfg = amx::full_tiles();
   for (int t : {0, 1, 4, 5, 6}) cfg.colsb[t] = static_cast<uint16_t>(b_colsb);  // C and B
   set_group_shapes(cfg, group_size, {2, 3}, {4, 5, 6});
   amx::load_tile_config(cfg);
