@@ -15,6 +15,7 @@ all-reduce.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 
@@ -29,6 +30,14 @@ from llama_fast.parallel.layout import VOCAB_MODES, TensorParallelError, TensorP
 TP_PLANS = ("auto",)
 _MESSAGE_BYTES = 1024
 _FINGERPRINT_BYTES = 32      # sha256
+
+
+def _destroy_own_process_group() -> None:
+    """Tears down the process group this module started, while the interpreter is still whole: left to
+    interpreter teardown, gloo's worker threads can end the process with `terminate called without an active
+    exception` (SIGABRT) after the program's work is done (pytorch/pytorch#190489)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class ShardedLoad:
@@ -58,6 +67,7 @@ class ShardedLoad:
                         "tp_plan='auto' needs a torch.distributed process group: run under torchrun (which sets "
                         "RANK and WORLD_SIZE) or call torch.distributed.init_process_group first")
                 dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+                atexit.register(_destroy_own_process_group)
             group = dist.group.WORLD
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank(group))))

@@ -149,8 +149,8 @@ def tp_run(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     results = run_ranks([sys.executable, str(WORKER), str(tmp / "cases.json"), str(out)], WORLD,
                         timeout=DEADLINE_S, env=env)
-    for r in results:
-        assert r.returncode == 0, f"rank {r.rank} exited with {r.returncode}:\n{r.output[-4000:]}"
+    outputs = "\n".join(f"--- rank {r.rank} (exit {r.returncode}):\n{r.output[-3000:]}" for r in results)
+    assert all(r.returncode == 0 for r in results), outputs
     found = {}
     for case in cases:
         ranks = []

@@ -3,12 +3,15 @@ model, no collective runs, and it decodes exactly as the one-process model (the 
 kernels, the fused CPU decode stack included)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from llama_fast import LlamaForCausalLM
 from llama_fast.parallel import TensorParallelError
+from llama_fast.parallel.launch import run_ranks
 
 from conftest import make_hf_model
 
@@ -51,3 +54,15 @@ def test_tp_plan_without_a_process_group_says_how_to_start_one(tmp_path, monkeyp
     make_hf_model(tmp_path)
     with pytest.raises(TensorParallelError, match="torchrun"):
         LlamaForCausalLM.from_pretrained(tmp_path, tp_plan="auto")
+
+
+def test_a_process_group_the_load_started_is_destroyed_at_exit(tmp_path):
+    # Under torchrun nobody else owns the group the load starts; left to interpreter teardown, gloo's threads
+    # can abort the process after its work is done. The load's exit handler destroys it first.
+    make_hf_model(tmp_path, dict(intermediate_size=128))
+    code = ("import atexit, torch.distributed as dist, llama_fast; "
+            f"llama_fast.LlamaForCausalLM.from_pretrained({str(tmp_path)!r}, tp_plan='auto'); "
+            "print('before', dist.is_initialized()); atexit._run_exitfuncs(); print('after', dist.is_initialized())")
+    [result] = run_ranks([sys.executable, "-c", code], 1, timeout=120)
+    assert result.returncode == 0, result.output[-3000:]
+    assert "before True" in result.output and "after False" in result.output, result.output[-3000:]

@@ -4,6 +4,7 @@ runs a left-padded forward, greedy and seeded sampled generation, and writes the
 raised) to OUT/<case>.rank<r>.*; the test compares them with the one-process model."""
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -80,6 +81,7 @@ _RESTORE: list = []
 
 
 def main() -> int:
+    faulthandler.enable()   # a rank that aborts (SIGABRT) or crashes prints every thread's Python stack
     cases, out = json.load(open(sys.argv[1])), sys.argv[2]
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
@@ -87,6 +89,8 @@ def main() -> int:
         run_case(case, out, rank)
         while _RESTORE:
             _RESTORE.pop()()
+    # Neither rank tears down its gloo pairs while the other may still be sending or receiving on them.
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 
