@@ -208,19 +208,24 @@ void row_scales(const QuantWeight& w, const float* xsum, int64_t row, float* sc,
       _mm256_store_ps(off[r][mm] + 8, ov[mm][1]);
     }
     const int64_t tail = groups - full;
-    if (tail > 0 && g0 + groups >= 8) {  // the last G % 8 groups: lanes (full % 16) + 0..tail-1, the rest masked
+    // The last G % 8 groups: lanes (full % 16) + 0..tail-1, the others 0. No masked loads or stores: on AMD cores
+    // (Zen 2/3) vmaskmovps is microcoded, and once per row it cost ~10% of the GEMV at K = 576 (18 groups). The 8
+    // values ending at the row's last group are loaded whole and moved down (full > 0: they lie inside the row),
+    // and the scales stored whole: sc has 8 floats of slack (rows_m), and lanes past the tail land on the next
+    // row's scales, which that row writes afterwards.
+    if (tail > 0 && full > 0) {
       const __m256i live =
           _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(tail)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      _mm256_maskstore_ps(sc + r * halves + full, live,
-                          load_scales_tail(w.scale, w.scale_type, g0 + groups, tail, live));
+      _mm256_storeu_ps(sc + r * halves + full, load_scales_tail(w.scale, w.scale_type, g0 + groups, tail, live));
       if (w.offset) {
         const int h = (full / 8) % 2;
         const __m256 o = load_scales_tail(w.offset, w.scale_type, g0 + groups, tail, live);
         for (int mm = 0; mm < M; ++mm)
-          _mm256_store_ps(off[r][mm] + 8 * h, _mm256_fmadd_ps(o, _mm256_maskload_ps(xsum + mm * groups + full, live),
-                                                              _mm256_load_ps(off[r][mm] + 8 * h)));
+          _mm256_store_ps(off[r][mm] + 8 * h,
+                          _mm256_fmadd_ps(o, load_scales_tail(xsum + mm * groups, ScaleType::kF32, groups, tail, live),
+                                          _mm256_load_ps(off[r][mm] + 8 * h)));
       }
-    } else {  // a first row of fewer than 8 groups: one by one (std::fma: the same single rounding as a lane's)
+    } else {  // fewer than 8 groups in a row: one by one (std::fma: the same single rounding as a lane's)
       for (int64_t g = full; g < groups; ++g) {
         sc[r * halves + g] = scale_at(w.scale, w.scale_type, g0 + g);
         if (w.offset) {
@@ -328,7 +333,7 @@ void rows_m(const QuantWeight& w, const int16_t* xp, const float* xsum, const fl
   // row and activation row holds two).
   constexpr int R = M == 1 ? 2 : 1;
   thread_local std::vector<float> sc;
-  sc.resize(static_cast<size_t>(R * (w.k / 32)));
+  sc.resize(static_cast<size_t>(R * (w.k / 32) + 8));  // + 8: row_scales stores a row's last scales whole
   int64_t row = n0;
   if (w.bits == 8) {
     for (; row + R <= n1; row += R) block8<R, M, kTwoLimbs>(w, xp, xsum, xscale, row, out, ldo, sc.data());
