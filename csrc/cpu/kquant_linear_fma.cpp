@@ -17,8 +17,10 @@
 //  - Q5_0 / Q5_1 / Q6_K: 32 codes assembled as bytes with 256-bit operations (their high bits moved into place),
 //    then the four int32 vectors taken by shifts and masks of the dword lanes, so vector e holds weights 4i + e:
 //    linear() permutes a copy of the activations per 32 to match (xq). (Q5_0 8.0 against 7.1, Q5_1 7.9 / 7.6,
-//    Q6_K 10.3 / 9.8.) Storing the bytes to the stack and widening them back with vpmovsxbd ran at half that:
-//    the 8-byte loads of a 32-byte store wait on store forwarding.
+//    Q6_K 10.3 / 9.8.) In Q5_0 the fifth bits take ~25% of the time, the fp16 d ~13%, the -16 term ~10%; gathering
+//    8 blocks' d in general registers for one vcvtph2ps was slower (7.4 against 9.3 in a harness). Storing the bytes to
+//    the stack and widening them back with vpmovsxbd ran at half that: the 8-byte loads of a 32-byte store wait on
+//    store forwarding.
 // The biases and mins go to an offset term with the activations' sums (computed here): Q4_K's -dmin * m_j and
 // Q5_1's m with the sums per 32, Q5_0's -16 d per block with them too, Q6_K's -32 d sc_i with the sums per 16.
 // The error is that of an fp32 dot product summed in another order (per chunk, then scaled), well within the
@@ -113,15 +115,15 @@ inline float hsum(__m256 v) {
 }
 
 // Q5_0 / Q5_1: the 32 codes of one block as bytes, unsigned (0-31: Q5_0's -16 is taken with the activation sums),
-// weights 0-31 in order. qs: 16 bytes, low nibbles weights 0-15, high ones 16-31; qh: 32 bits, bit i weight i's
-// fifth bit. The qh bytes are spread so that byte i holds qh byte i / 8 (vpshufb in each 128-bit lane of the
-// broadcast), then compared with bit i % 8.
+// weights 0-31 in order. qs: 16 bytes, low nibbles weights 0-15, high ones 16-31: broadcast to both 128-bit halves
+// and shifted right by 4 in the upper one. qh: 32 bits, bit i weight i's fifth bit: its bytes spread so that byte
+// i holds qh byte i / 8 (vpshufb in each half of the broadcast), then compared with bit i % 8.
 template <BlockType T>
 inline __m256i q5_codes(const uint8_t* b) {
   constexpr int qh_at = T == BlockType::kQ5_1 ? 4 : 2;
-  const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + qh_at + 4));
-  const __m128i m4 = _mm_set1_epi8(0x0F);
-  const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
+  const __m256i qs = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + qh_at + 4)));
+  const __m256i nib =
+      _mm256_and_si256(_mm256_srlv_epi32(qs, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0x0F));
   uint32_t qh;
   std::memcpy(&qh, b + qh_at, 4);
   const __m256i spread = _mm256_shuffle_epi8(
