@@ -374,7 +374,8 @@ bool linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& seg
     for (int64_t i = 0; i < m * k; ++i) xf[i] = bf16_bits_to_float(xb[i]);
     xs = xf.data();
   }
-  xq.resize(m * k);
+  const bool permute = std::any_of(segs.begin(), segs.end(), [](const Segment& s) { return permuted(s.type); });
+  if (permute) xq.resize(m * k);
   xsum32.resize(m * (k / 32));
   xsum16.resize(m * (k / 16));
   __m256 finite = _mm256_setzero_ps();  // x * 0 is 0 for finite x, NaN for inf / NaN
@@ -386,15 +387,25 @@ bool linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& seg
     xsum16[2 * g] = hsum(a);
     xsum16[2 * g + 1] = hsum(c);
     xsum32[g] = xsum16[2 * g] + xsum16[2 * g + 1];
-    // element 4i + e of the 32 to position 8e + i: a 4 x 8 transpose
+    if (!permute) continue;
+    // element 4i + e of the 32 to position 8e + i. With r_j = p[8j .. 8j+7] = [A_j | B_j] (128-bit halves), vector
+    // e is [A0 B0 A1 B1 | A2 B2 A3 B3] element e of each: the halves regrouped, then a 4 x 4 transpose per half.
+    const __m256 r0 = _mm256_loadu_ps(p), r1 = _mm256_loadu_ps(p + 8), r2 = _mm256_loadu_ps(p + 16),
+                 r3 = _mm256_loadu_ps(p + 24);
+    const __m256 s0 = _mm256_permute2f128_ps(r0, r2, 0x20), s1 = _mm256_permute2f128_ps(r0, r2, 0x31);
+    const __m256 s2 = _mm256_permute2f128_ps(r1, r3, 0x20), s3 = _mm256_permute2f128_ps(r1, r3, 0x31);
+    const __m256 t0 = _mm256_unpacklo_ps(s0, s1), t1 = _mm256_unpackhi_ps(s0, s1);
+    const __m256 t2 = _mm256_unpacklo_ps(s2, s3), t3 = _mm256_unpackhi_ps(s2, s3);
     float* q = xq.data() + 32 * g;
-    for (int i = 0; i < 8; ++i)
-      for (int e = 0; e < 4; ++e) q[8 * e + i] = p[4 * i + e];
+    _mm256_storeu_ps(q, _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)));
+    _mm256_storeu_ps(q + 8, _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)));
+    _mm256_storeu_ps(q + 16, _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)));
+    _mm256_storeu_ps(q + 24, _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)));
   }
   // a sum of finite values can overflow to inf too: then also decline (the exact path handles it)
   if (std::isnan(hsum(finite))) return false;
   // pointers, not the thread_locals: in the pool's threads those names would be their own (empty) vectors
-  const float *xperm = xq.data(), *s32 = xsum32.data(), *s16 = xsum16.data();
+  const float *xperm = permute ? xq.data() : nullptr, *s32 = xsum32.data(), *s16 = xsum16.data();
   int64_t col = 0;
   for (const Segment& s : segs) {
     parallel_for(s.rows, gemv_grain(s.type, k, s.rows),
