@@ -64,8 +64,13 @@ std::atomic<int>& current() {
 
 Isa isa() { return static_cast<Isa>(current().load(std::memory_order_relaxed)); }
 
-void set_isa(const char* name) {
+Isa detected_isa() {
   static const Isa best = detect();
+  return best;
+}
+
+void set_isa(const char* name) {
+  const Isa best = detected_isa();
   current().store(static_cast<int>(parse_and_clamp(name, best)));
 }
 

@@ -13,6 +13,9 @@ enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3, kAvx512
 
 // The best instruction set this CPU supports, lowered by LLAMA_FAST_CPU_ISA; read once.
 Isa isa();
+// The best instruction set this CPU supports, whatever LLAMA_FAST_CPU_ISA / set_isa chose: for kernels whose
+// choice follows the hardware rather than the level (kquant_linear_fma.cpp).
+Isa detected_isa();
 const char* isa_name(Isa isa);
 // Lowers the instruction set to `name` (portable, avx2, avx512, avx512_vnni, avx512_bf16; never above what the
 // CPU has), for tests that exercise each path in one process. Throws std::invalid_argument on an unknown name.

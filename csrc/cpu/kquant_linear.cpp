@@ -646,6 +646,8 @@ void linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& seg
       std::any_of(segs.begin(), segs.end(), [](const Segment& s) { return ggml::block_weights(s.type) == 256; });
   if (m >= amx_kquant_from_rows(super_blocks) && amx_kquant_available(segs, k)) return gemm(bf16, x, m, segs, k, out);
   if (has_vnni() && linear_vnni(bf16, x, m, segs, k, out, n)) return;
+  // AVX2 without any VNNI: fp32 FMAs on the codes (kquant_linear_fma.cpp), which beat the integer kernels there
+  if (fma_gemv::use_for(segs) && fma_gemv::linear(bf16, x, m, segs, k, out, n)) return;
   // No AVX512-VNNI: the same arithmetic on 256-bit vectors (kquant_linear_avx2.cpp)
   if (vnni256::kquant_supports(segs) && vnni256::kquant_linear(bf16, x, m, segs, k, out, n)) return;
   int64_t col = 0;

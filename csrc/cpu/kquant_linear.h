@@ -42,6 +42,14 @@ bool gemm_supports(ggml::BlockType t);
 // Whether linear() may hand these segments to gemm(): every type supported, and a vector GEMM in this ISA.
 bool gemm_available(const std::vector<Segment>& segs);
 
+// The GEMV in fp32 FMAs for AVX2 cores without VNNI (kquant_linear_fma.cpp): whether linear() uses it for these
+// segments (the avx2 level on a CPU without AVX512-VNNI / AVX-VNNI, every type one it has, LLAMA_FAST_FMA_GEMV not
+// 0), and out[m, ldo] = x @ W^T over the segments; false (nothing written) when x holds inf / NaN.
+namespace fma_gemv {
+bool use_for(const std::vector<Segment>& segs);
+bool linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& segs, int64_t k, float* out, int64_t ldo);
+}  // namespace fma_gemv
+
 }  // namespace kquant
 }  // namespace cpu
 }  // namespace llama_fast

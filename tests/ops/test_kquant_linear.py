@@ -101,6 +101,25 @@ def test_kquant_linear_mixed_segments(backend, matches_reference):
     matches_reference(out, want.float())
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("parts,k", [((("Q5_0", 7), ("Q8_0", 5), ("Q5_1", 3)), 576),
+                                     ((("Q4_K", 6), ("Q6_K", 5)), 1536)])
+def test_kquant_linear_fused_fma_types(backend, parts, k, m, dtype, matches_reference):
+    """Fused weights whose every part has a kernel in kquant_linear_fma.cpp (on AVX2 CPUs without VNNI it takes
+    them: SmolLM2 Q4_K_M's q/k/v, Q5_0 with a Q8_0 part, K = 576 = 18 blocks of 32: two groups of 8 and a tail),
+    m = 1, 2, 3, 5 (its steps of 4, 2 and 1 activation rows), every output against fp64."""
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CUDA backend has no kquant_linear yet")
+    w = kquants.concat_rows([kquants.KQuantWeight.single(kind, random_blocks(kind, rows, k, seed=rows), k)
+                             for kind, rows in parts])
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    out = ops.kquant_linear(x, w, backend=name)
+    want = x.double() @ w.dequantize(torch.float64).t()
+    matches_reference(out, want.float(), torch.nn.functional.linear(x, w.dequantize(dtype)))
+
+
 def test_kquant_linear_extreme_activations(backend):
     name, device = backend
     if name != "cpu":
