@@ -48,13 +48,13 @@ inline void prefetch_ahead(const void* p, int64_t ahead) {
 #endif
 }
 
-// Weight rows as stored, for the software prefetch of the tiled kernel (tiled_rows): tile_dot fetches row r's line
-// of the elements of each K step at src + r * row_bytes, once per line.
+// Weight rows as stored, for the software prefetch of the tiled kernel (tiled_rows): every `every` K steps of the
+// tiles, tile_dot fetches the line at `next` of each of the R rows (row r's at next + r * row_bytes) and moves on.
 struct StoredRows {
-  const char* src;    // the first row
+  const char* next;   // the next line of the first row to fetch
   int64_t row_bytes;  // bytes per stored row
-  int64_t eighths;    // stored bytes per 8 elements (fp32 32, bf16 16, int8 8, int4 4)
-  int64_t line_mask;  // elements per 64-byte line of a stored row, - 1
+  int every;          // K steps per line
+  int countdown;      // K steps until the next fetch
 };
 
 // out[mm * ldo + r] (+ bias[r]) for r < R, mm < M: dot products of R weight rows (stride k) with M activation
@@ -65,7 +65,7 @@ struct StoredRows {
 // GEMV kernels' loops (linear.cpp) stay as they were (a run-time test in the loop cost fp32 decode ~10%).
 template <int R, int M, typename Tin, typename T, bool kPrefetch = false>
 void tile_dot(const Tin* w, const Tin* x, int64_t k, const T* bias, T* out, int64_t ldo, int64_t ahead = 0,
-              const StoredRows* stored = nullptr) {
+              StoredRows* stored = nullptr) {
   constexpr int W = VecF::W;
   // Which operand a K step loads first and holds: the activations (M vectors, each weight vector then streams
   // through one register), unless the tile only fits the registers holding the R weight vectors instead (AVX2's
@@ -74,12 +74,17 @@ void tile_dot(const Tin* w, const Tin* x, int64_t k, const T* bias, T* out, int6
   VecF acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int mm = 0; mm < M; ++mm) acc[r][mm] = VecF::zero();
+  [[maybe_unused]] const char* pf = kPrefetch ? stored->next : nullptr;
+  [[maybe_unused]] const int64_t row_bytes = kPrefetch ? stored->row_bytes : 0;
+  [[maybe_unused]] const int every = kPrefetch ? stored->every : 0;
+  [[maybe_unused]] int countdown = kPrefetch ? stored->countdown : 0;
   int64_t kk = 0;
   for (; kk + W <= k; kk += W) {
     if constexpr (kPrefetch) {
-      if ((kk & stored->line_mask) == 0) {  // once per stored line
-        const char* p = stored->src + ((kk * stored->eighths) >> 3);
-        for (int r = 0; r < R; ++r) prefetch_ahead(p + r * stored->row_bytes, 0);
+      if (--countdown == 0) {
+        countdown = every;
+        for (int r = 0; r < R; ++r) prefetch_ahead(pf + r * row_bytes, 0);
+        pf += 64;
       }
     }
     if constexpr (kHoldWeights) {
@@ -100,6 +105,10 @@ void tile_dot(const Tin* w, const Tin* x, int64_t k, const T* bias, T* out, int6
       }
     }
   }
+  if constexpr (kPrefetch) {
+    stored->next = pf;
+    stored->countdown = countdown;
+  }
   for (int r = 0; r < R; ++r) {
     for (int mm = 0; mm < M; ++mm) {
       float s = acc[r][mm].sum();
@@ -113,7 +122,7 @@ void tile_dot(const Tin* w, const Tin* x, int64_t k, const T* bias, T* out, int6
 // tile_dot<R, rows> for a run-time rows in 1..M.
 template <int R, int M, typename T>
 inline void tile_dot_rows(int rows, const float* w, const float* x, int64_t k, const T* bias, T* out, int64_t ldo,
-                          const StoredRows* stored) {
+                          StoredRows* stored) {
   if constexpr (M > 1) {
     if (rows < M) return tile_dot_rows<R, M - 1>(rows, w, x, k, bias, out, ldo, stored);
   }
@@ -129,14 +138,12 @@ inline void tile_dot_rows(int rows, const float* w, const float* x, int64_t k, c
 // result does not depend on m or on the ISA's tile shape.
 template <int R, typename T>
 void tile_rows(const float* w, const float* x, int64_t m, int64_t k, const T* bias, T* out, int64_t ldo,
-               const StoredRows* stored = nullptr) {
+               StoredRows* stored = nullptr) {
   const int64_t tiles = (m + kTileActRows - 1) / kTileActRows;
   int64_t m0 = 0;
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t rows = (m - m0) / (tiles - tile);  // the larger tiles last
-    // the prefetch (if any) in the first tile only: the later ones multiply the same weights from L1
-    tile_dot_rows<R, kTileActRows>(static_cast<int>(rows), w, x + m0 * k, k, bias, out + m0 * ldo, ldo,
-                                   tile == 0 ? stored : nullptr);
+    tile_dot_rows<R, kTileActRows>(static_cast<int>(rows), w, x + m0 * k, k, bias, out + m0 * ldo, ldo, stored);
     m0 += rows;
   }
 }
@@ -148,10 +155,11 @@ void tile_rows(const float* w, const float* x, int64_t m, int64_t k, const T* bi
 //
 // Each block is read from memory by its first tile (making it fp32 reads it too) and then multiplied from L1 by the
 // rest, so without help the memory waits and the FMAs take turns: fp32 weights at 8 rows streamed at half the rate
-// one row's GEMV reads them (Zen 3, 1 thread). So the first tile of each block prefetches the next block's stored
-// bytes, a line per row as its K steps pass them: fp32 from memory at 8 rows 16.7 -> 22.6 G multiply-adds/s,
-// 4 rows 10.6 -> 15.3, 16 rows 23 -> 28 (the tiled kernel alone, SmolLM2's 3072 x 576); a block further ahead or
-// 8 KiB more gained nothing more.
+// one row's GEMV reads them (Zen 3, 1 thread). So while a block is multiplied, the next block's stored bytes are
+// prefetched, a line of each row every few K steps, spread evenly over all of the block's tiles. The tiled kernel
+// alone, SmolLM2's 3072 x 576 from memory, G multiply-adds/s, none / all in the first tile / spread: fp32 at 8
+// rows 16.7 / 22.6 / 28.8, 16 rows 23 / 27 / 33 (bf16 and int4, less memory per multiply: a few % either way).
+// Fetching two or more blocks ahead, or into L2 instead of L1, changed nothing measurable.
 template <typename T, typename Fp32Rows>
 void tiled_rows(const float* x, int64_t m, int64_t k, const T* bias, T* out, int64_t ldo, int64_t n0, int64_t n1,
                 const void* weights, int64_t row_bytes, Fp32Rows fp32_rows) {
@@ -161,14 +169,15 @@ void tiled_rows(const float* x, int64_t m, int64_t k, const T* bias, T* out, int
   // two lines costs two (the tiled kernel with the weights in L2 was ~13% slower so, Zen 3)
   float* const buffer = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t{63});
   const char* const base = static_cast<const char*>(weights);
-  // the stored bytes per 8 elements and per line (the prefetch needs whole bytes per 8 elements and a power of two
-  // elements per line: every format here has them)
-  const int64_t eighths = row_bytes * 8 / std::max<int64_t>(1, k), line_elems = 64 * 8 / std::max<int64_t>(1, eighths);
-  const bool prefetch = k > 0 && row_bytes * 8 % k == 0 && eighths > 0 && (line_elems & (line_elems - 1)) == 0;
-  StoredRows next{nullptr, row_bytes, eighths, line_elems - 1};
+  // the next block's lines spread evenly over this block's K steps (all its tiles)
+  constexpr int W = VecF::W;
+  const int64_t steps = (m + kTileActRows - 1) / kTileActRows * (k / W), lines = (row_bytes + 63) / 64;
+  StoredRows next{nullptr, row_bytes, static_cast<int>(std::max<int64_t>(1, steps / std::max<int64_t>(1, lines))), 1};
+  const bool prefetch = steps > 0;
   int64_t row = n0;
   for (; row + kTileWeightRows <= n1; row += kTileWeightRows) {
-    next.src = base + (row + kTileWeightRows) * row_bytes;  // past n1: a prefetch never faults
+    next.next = base + (row + kTileWeightRows) * row_bytes;  // past n1: a prefetch never faults
+    next.countdown = 1;
     const float* w = fp32_rows(row, kTileWeightRows, buffer);
     tile_rows<kTileWeightRows>(w, x, m, k, bias ? bias + row : nullptr, out + row, ldo, prefetch ? &next : nullptr);
   }
