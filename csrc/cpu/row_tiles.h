@@ -138,12 +138,13 @@ inline void tile_dot_rows(int rows, const float* w, const float* x, int64_t k, c
 // result does not depend on m or on the ISA's tile shape.
 template <int R, typename T>
 void tile_rows(const float* w, const float* x, int64_t m, int64_t k, const T* bias, T* out, int64_t ldo,
-               StoredRows* stored = nullptr) {
+               StoredRows* stored = nullptr, bool prefetch_in_every_tile = false) {
   const int64_t tiles = (m + kTileActRows - 1) / kTileActRows;
   int64_t m0 = 0;
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t rows = (m - m0) / (tiles - tile);  // the larger tiles last
-    tile_dot_rows<R, kTileActRows>(static_cast<int>(rows), w, x + m0 * k, k, bias, out + m0 * ldo, ldo, stored);
+    tile_dot_rows<R, kTileActRows>(static_cast<int>(rows), w, x + m0 * k, k, bias, out + m0 * ldo, ldo,
+                                   tile == 0 || prefetch_in_every_tile ? stored : nullptr);
     m0 += rows;
   }
 }
@@ -156,10 +157,13 @@ void tile_rows(const float* w, const float* x, int64_t m, int64_t k, const T* bi
 // Each block is read from memory by its first tile (making it fp32 reads it too) and then multiplied from L1 by the
 // rest, so without help the memory waits and the FMAs take turns: fp32 weights at 8 rows streamed at half the rate
 // one row's GEMV reads them (Zen 3, 1 thread). So while a block is multiplied, the next block's stored bytes are
-// prefetched, a line of each row every few K steps, spread evenly over all of the block's tiles. The tiled kernel
-// alone, SmolLM2's 3072 x 576 from memory, G multiply-adds/s, none / all in the first tile / spread: fp32 at 8
-// rows 16.7 / 22.6 / 28.8, 16 rows 23 / 27 / 33 (bf16 and int4, less memory per multiply: a few % either way).
-// Fetching two or more blocks ahead, or into L2 instead of L1, changed nothing measurable.
+// prefetched, a line of each row every few K steps: weights used in place (fp32) are read as the first tile's K steps
+// pass them, so their lines are spread over all of the block's tiles; a block made fp32 into the buffer (bf16, int4,
+// int8) is read whole before its first tile, so its lines are all asked for during the first tile. The tiled kernel
+// alone, SmolLM2's 3072 x 576 from memory, G multiply-adds/s, none / all in the first tile / spread: fp32 at 8 rows
+// 16.7 / 22.6 / 28.8, 16 rows 23 / 27 / 33; int4 at 8 rows 25 with either (the spread version cost int4 / int8 ~5%
+// op by op and in batched decode). Fetching two or more blocks ahead, or into L2 instead of L1, changed nothing
+// measurable.
 template <typename T, typename Fp32Rows>
 void tiled_rows(const float* x, int64_t m, int64_t k, const T* bias, T* out, int64_t ldo, int64_t n0, int64_t n1,
                 const void* weights, int64_t row_bytes, Fp32Rows fp32_rows) {
@@ -169,17 +173,23 @@ void tiled_rows(const float* x, int64_t m, int64_t k, const T* bias, T* out, int
   // two lines costs two (the tiled kernel with the weights in L2 was ~13% slower so, Zen 3)
   float* const buffer = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t{63});
   const char* const base = static_cast<const char*>(weights);
-  // the next block's lines spread evenly over this block's K steps (all its tiles)
+  // K steps per line of the next block: over all of this block's tiles, or over its first
   constexpr int W = VecF::W;
-  const int64_t steps = (m + kTileActRows - 1) / kTileActRows * (k / W), lines = (row_bytes + 63) / 64;
-  StoredRows next{nullptr, row_bytes, static_cast<int>(std::max<int64_t>(1, steps / std::max<int64_t>(1, lines))), 1};
-  const bool prefetch = steps > 0;
+  const int64_t tile_steps = k / W, lines = std::max<int64_t>(1, (row_bytes + 63) / 64);
+  const int every_tile =
+      static_cast<int>(std::max<int64_t>(1, (m + kTileActRows - 1) / kTileActRows * tile_steps / lines));
+  const int first_tile = static_cast<int>(std::max<int64_t>(1, tile_steps / lines));
+  StoredRows next{nullptr, row_bytes, 1, 1};
+  const bool prefetch = tile_steps > 0;
   int64_t row = n0;
   for (; row + kTileWeightRows <= n1; row += kTileWeightRows) {
     next.next = base + (row + kTileWeightRows) * row_bytes;  // past n1: a prefetch never faults
     next.countdown = 1;
     const float* w = fp32_rows(row, kTileWeightRows, buffer);
-    tile_rows<kTileWeightRows>(w, x, m, k, bias ? bias + row : nullptr, out + row, ldo, prefetch ? &next : nullptr);
+    const bool in_place = w != buffer;
+    next.every = in_place ? every_tile : first_tile;
+    tile_rows<kTileWeightRows>(w, x, m, k, bias ? bias + row : nullptr, out + row, ldo, prefetch ? &next : nullptr,
+                               in_place);
   }
   for (; row < n1; ++row) tile_rows<1>(fp32_rows(row, 1, buffer), x, m, k, bias ? bias + row : nullptr, out + row, ldo);
 }
