@@ -32,29 +32,38 @@ void dense_linear(bool bf16, const void* x, const void* w, const void* bias, voi
   if (bf16 && m >= amx_bf16_from_rows() && amx_in_effect())
     return gemm_amx_bf16(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(w),
                          static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(out), m, n, k);
-  // From this many rows the tiled kernel beats the GEMV (measured on the demo model's shapes: fp32 from 4
-  // rows; bf16 weights must be widened per block first, which 4..8 rows do not repay).
-  const int64_t tiled_from = bf16 ? kGemvBlockRows + 1 : 4;
+  // bf16 weights with bf16 activations use vdpbf16ps where the CPU has it
+  const bool dp = bf16 && isa() == Isa::kAvx512Bf16;
+  // From this many rows the tiled kernel beats the GEMV (demo model's shapes): 4, where the GEMV spends an FMA per
+  // weight and row as the tiles do but also loads every activation vector again per weight row (and widens it, bf16),
+  // the tiles only per block of rows. The vdpbf16ps GEMV (bf16 products in pairs, no widening) holds up to
+  // kGemvBlockRows rows against tiles that first widen the weights. Zen 3 (AVX2, 1 thread), G multiply-adds/s
+  // GEMV / tiles, bf16 at 4 rows 15.7-17.0 / 15.6-17.5, 6 rows 16.6-18.2 / 18.5-24.3, 8 rows 17.8-18.2 / 22.0-24.3
+  // (docs/KERNELS.md).
+  const int64_t tiled_from = dp ? kGemvBlockRows + 1 : 4;
   if (m >= tiled_from) {
     // fp32 activation rows for the tiled kernel (bf16 widened here once, exactly)
     const float* xf = static_cast<const float*>(x);
     thread_local std::vector<float> widened;  // the calling thread's: grown once, reused
     if (bf16) {
-      widened.resize(m * k);
+      // on a cache line, as torch's fp32 tensors are: the tiled kernel's loads then never straddle two lines
+      widened.resize(m * k + 64 / sizeof(float));
+      float* const dst = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(widened.data()) + 63) & ~uintptr_t{63});
       const uint16_t* xb = static_cast<const uint16_t*>(x);
-      for (int64_t i = 0; i < m * k; ++i) widened[i] = bf16_bits_to_float(xb[i]);
-      xf = widened.data();
+      for (int64_t i = 0; i < m * k; ++i) dst[i] = bf16_bits_to_float(xb[i]);
+      xf = dst;
     }
+    // each thread's rows whole blocks of the ISA's tile (row_tiles.h)
+    int64_t block_rows = 1;
+    LF_DISPATCH(tile_weight_rows_into, block_rows);
     LF_CPU_DISPATCH_DTYPE(bf16, T, {
-      parallel_rows(n, 4, k * static_cast<int64_t>(sizeof(T)), [&](int64_t n0, int64_t n1) {
+      parallel_rows(n, block_rows, k * static_cast<int64_t>(sizeof(T)), [&](int64_t n0, int64_t n1) {
         LF_DISPATCH(dense_tiled_rows<T>, xf, static_cast<const T*>(w), static_cast<const T*>(bias),
                     static_cast<T*>(out), m, n, k, n0, n1);
       });
     });
     return;
   }
-  // bf16 weights with bf16 activations use vdpbf16ps where the CPU has it
-  const bool dp = bf16 && isa() == Isa::kAvx512Bf16;
   // bf16 weights are software-prefetched unless they lie on huge pages and the CPU is not one that gains from it
   // there (tuning.h prefetch_on_huge_pages). fp32 rows only where it gains: elsewhere (Zen 4) they streamed at ~90%
   // of the bandwidth without it and 3% slower with it; on the Intel Xeon SmolLM2's fp32 decode went from 48.6-50 to
@@ -151,20 +160,22 @@ void gemv_rows(const T* x, const T* w, const T* bias, T* out, int64_t m, int64_t
 template <typename T>
 void dense_tiled_rows(const float* xf, const T* w, const T* bias, T* out, int64_t m, int64_t n, int64_t k, int64_t n0,
                       int64_t n1) {
-  tiled_rows<T>(xf, m, k, bias, out, n, n0, n1, [&](int64_t row, int count, float* buffer) -> const float* {
-    const T* src = w + row * k;
-    if constexpr (std::is_same<T, float>::value) {
-      (void)count, (void)buffer;
-      return src;
-    } else {
-      constexpr int W = VecF::W;
-      const int64_t total = count * k;
-      int64_t i = 0;
-      for (; i + W <= total; i += W) VecF::load(src + i).store(buffer + i);
-      for (; i < total; ++i) buffer[i] = to_f32(src[i]);
-      return buffer;
-    }
-  });
+  const int64_t row_bytes = k * static_cast<int64_t>(sizeof(T));
+  tiled_rows<T>(xf, m, k, bias, out, n, n0, n1, w, row_bytes,
+                [&](int64_t row, int count, float* buffer) -> const float* {
+                  const T* src = w + row * k;
+                  if constexpr (std::is_same<T, float>::value) {
+                    (void)count, (void)buffer;
+                    return src;
+                  } else {
+                    constexpr int W = VecF::W;
+                    const int64_t total = count * k;
+                    int64_t i = 0;
+                    for (; i + W <= total; i += W) VecF::load(src + i).store(buffer + i);
+                    for (; i < total; ++i) buffer[i] = to_f32(src[i]);
+                    return buffer;
+                  }
+                });
 }
 
 }  // namespace LF_ISA

@@ -1,7 +1,8 @@
 """The multi-row paths of the CPU linear kernels (a batched decode step, or one with a prefill chunk riding along:
 up to cpu_max_gemv_rows() activation rows in one pass over the weights) against the reference, at every
-instruction-set level this CPU has, for row counts on both sides of the GEMV kernels' register blocks and of the
-tiled kernel's 6-row tiles, and shapes of the demo model."""
+instruction-set level this CPU has, for every row count up to 17 (the GEMV kernels' register blocks, their switch to
+the tiled kernel, every tile size of each ISA's register tile: up to 6 rows on AVX-512, 4 on AVX2 and portable, and
+the splits of a batch into near-equal tiles) and beyond, and shapes of the demo model."""
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from op_fixtures import backend, matches_reference  # noqa: F401  (pytest fixtur
 
 # On a CPU with AMX the top level's bf16 cases from cpu_amx_bf16_rows() rows (5 unless overridden) run the tile
 # GEMM (csrc/cpu/gemm_amx.cpp): 5, 16 (one tile of rows) and 33 (a pair of tiles and one row) are its edges.
-ROWS = [1, 3, 5, 7, 8, 9, 16, 17, 33, 64]
+ROWS = list(range(1, 18)) + [33, 64]
 
 
 def test_one_pass_limit_covers_the_rows_tested():
@@ -71,3 +72,18 @@ def test_rows_are_independent(backend, m):
     y[1:] = torch.randn(m - 1, 576, generator=g)     # row 0 kept, every other row changed
     for fn in (lambda a: ops.linear(a, w, backend=name), lambda a: ops.quant_linear(a, qw, backend=name)):
         assert torch.equal(fn(x)[0], fn(y)[0])
+
+
+@pytest.mark.parametrize("n,k", [(83, 576), (37, 1541)])     # weight rows past whole blocks of 3 and of 4
+def test_dense_fp32_rows_do_not_depend_on_the_batch(backend, n, k):
+    """fp32 dense: every output is the same sum in the same order whatever the number of rows and the kernel that
+    takes them (the GEMV kernels or the tiled one, whatever the ISA's tile shape and the split into tiles:
+    csrc/cpu/row_tiles.h), so each row's outputs in a batch of up to 17 rows equal its outputs alone, bit for bit."""
+    name, device = backend
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(17, k, generator=g).to(device)
+    w = torch.randn(n, k, generator=g).to(device)
+    b = torch.randn(n, generator=g).to(device)
+    alone = torch.cat([ops.linear(x[i:i + 1], w, b, backend=name) for i in range(17)])
+    for m in range(2, 18):
+        assert torch.equal(ops.linear(x[:m], w, b, backend=name), alone[:m]), f"{m} rows"
