@@ -42,8 +42,11 @@ def _want_cuda():
 def _extension():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    # torch 2.14 headers need C++20; the kernel sources themselves stay C++17.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DNDEBUG"]
+    # torch 2.14 headers need C++20; the kernel sources themselves stay C++17. -ffp-contract=off: GCC contracts
+    # a * b + c into an fma in C++ whatever -std says (only ISO C modes turn that off), and the CPU code's
+    # dequantization (code * scale + offset) is defined as one multiply then one add (common/quant_format.h,
+    # cpu/ggml_dequant.h); the kernels' intended fmas are written as intrinsics / std::fma.
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
     if platform.machine() in ("x86_64", "AMD64"):
         # Baseline AVX2/FMA; AVX-512 kernels use function-level target attributes and run-time dispatch.
         cxx += ["-march=x86-64-v3"]

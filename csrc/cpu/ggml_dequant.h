@@ -4,7 +4,7 @@
 //
 // The same numbers as ggml::block_code / block_scales / dequant (kquant::dequantize_rows, the tests' reference):
 // each weight is code * scale + offset, one multiply then one add (the build does not contract them into an fma:
-// -std=c++20 sets -ffp-contract=off), with the block's (scale, offset) per 16 weights from ggml::block_scales.
+// setup.py passes -ffp-contract=off), with the block's (scale, offset) per 16 weights from ggml::block_scales.
 // Only the code extraction is written out per type, as loops over 16 or 32 consecutive weights whose byte and bit
 // positions are fixed within the loop, so that the compiler vectorizes them (block_code takes any weight index
 // and stays scalar). tests/ops/test_kquant_linear.py compares the GEMM's weights with kquant_dequantize bit for bit.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -30,13 +31,28 @@ from llama_fast.parallel.layout import VOCAB_MODES, TensorParallelError, TensorP
 TP_PLANS = ("auto",)
 _MESSAGE_BYTES = 1024
 _FINGERPRINT_BYTES = 32      # sha256
+_EXIT_GRACE_S = 0.05         # GIL released at exit for gloo's threads (_let_collectives_finish_at_exit)
+_exit_registered: list[bool] = []   # [own_group] once registered
 
 
-def _destroy_own_process_group() -> None:
-    """Tears down the process group this module started, while the interpreter is still whole: left to
-    interpreter teardown, gloo's worker threads can end the process with `terminate called without an active
-    exception` (SIGABRT) after the program's work is done (pytorch/pytorch#190489)."""
-    if dist.is_initialized():
+def _register_exit(own_group: bool) -> None:
+    """One exit handler per process (a second load in the same process registers none)."""
+    if not _exit_registered:
+        _exit_registered.append(own_group)
+        atexit.register(_let_collectives_finish_at_exit, own_group)
+
+
+def _let_collectives_finish_at_exit(own_group: bool) -> None:
+    """At interpreter exit, while it is still whole: gloo's worker threads drop a finished collective's tensors
+    after the caller's wait returned, and dropping a tensor that has a Python object takes the GIL. A main thread
+    that runs on to interpreter teardown without letting go of the GIL leaves such a drop for teardown, where
+    taking the GIL ends the worker thread and the process with `terminate called without an active exception`
+    (SIGABRT; seen about 1 run in 12 of `llama-fast generate --tp 2` on a 2-core machine, core dump:
+    ProcessGroupGloo::runLoop -> ~AsyncAllgatherWork -> decref -> take_gil -> pthread_exit; pytorch issue
+    190489). Sleeping releases the GIL so those drops finish; then the process group this module started (under
+    torchrun nobody else owns it) is destroyed."""
+    time.sleep(_EXIT_GRACE_S)
+    if own_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -67,8 +83,9 @@ class ShardedLoad:
                         "tp_plan='auto' needs a torch.distributed process group: run under torchrun (which sets "
                         "RANK and WORLD_SIZE) or call torch.distributed.init_process_group first")
                 dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-                atexit.register(_destroy_own_process_group)
+                _register_exit(own_group=True)
             group = dist.group.WORLD
+        _register_exit(own_group=False)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank(group))))
         if device.type == "cuda":
