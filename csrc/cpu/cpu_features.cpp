@@ -86,6 +86,22 @@ bool has_avx_vnni() {
 #endif
 }
 
+bool fp32_fma_gemv() {
+#if defined(__x86_64__) || defined(_M_X64)
+  // -1: off, 0: the hardware decides, 1: forced
+  static const int mode = [] {
+    const char* env = std::getenv("LLAMA_FAST_FMA_GEMV");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return -1;
+    if (env != nullptr && std::strcmp(env, "1") == 0) return 1;
+    return 0;
+  }();
+  if (isa() != Isa::kAvx2 || mode < 0) return false;
+  return mode > 0 || (detected_isa() < Isa::kAvx512Vnni && !has_avx_vnni());
+#else
+  return false;
+#endif
+}
+
 CacheSizes cache_sizes() {
   static const CacheSizes sizes = [] {
     // sysconf reports 0 (or -1) where it does not know; clamp to what real x86 cores have

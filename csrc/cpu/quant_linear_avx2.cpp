@@ -73,12 +73,15 @@ bool supports(const QuantWeight& w) {
 
 #ifdef LF_VNNI256_X86
 bool prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t* xp, float* xsum, float* xscale) {
+  if (fp32_fma_gemv()) return madd::fma_prepare(bf16, x, m, w, xp, xsum, xscale);
   return madd::prepare(bf16, x, m, w, xp, xsum, xscale);
 }
 
 void rows(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t m, bool two_limbs,
           int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  if (uses_avx_vnni())
+  if (fp32_fma_gemv())
+    madd::fma_rows(w, xp, xsum, m, n0, n1, out, ldo);
+  else if (uses_avx_vnni())
     avx_vnni::rows(w, xp, xsum, xscale, m, two_limbs, n0, n1, out, ldo);
   else
     madd::rows(w, xp, xsum, xscale, m, two_limbs, n0, n1, out, ldo);
@@ -363,6 +366,79 @@ void rows_limbs(const QuantWeight& w, const int16_t* xp, const float* xsum, cons
   }
 }
 
+#if !LF_VNNI256_DPWSSD
+// The fp32-FMA kernel (file header): R weight rows x M activation rows, x the fp32 activations as fma_prepare
+// lays them out. Per 32 weights (a chunk) the codes become four vectors of 8 fp32 values (exact: small integers),
+// dotted with the activations by one vmulps and three FMAs into a chunk sum, which one FMA with the chunk's scale
+// adds to one of two accumulators (chunks alternate: the FMA latency). The accumulators take row_scales' offset
+// lanes at the end (finish, xscale 1), as the integer kernel's do.
+template <int R, int M>
+void fma_block(const QuantWeight& w, const float* x, const float* xsum, int64_t row, float* out, int64_t ldo,
+               float* sc) {
+  const int64_t k = w.k, halves = k / 32;
+  const int64_t ahead = tuning().prefetch_bytes;
+  const bool int4 = w.bits == 4;
+  const int64_t row_bytes = int4 ? k / 2 : k;
+  const uint8_t* q = static_cast<const uint8_t*>(w.q);
+  alignas(32) float off[R][M][16];
+  row_scales<R, M>(w, xsum, row, sc, off);
+  __m256 acc[R][M][2];
+  for (int r = 0; r < R; ++r)
+    for (int mm = 0; mm < M; ++mm) acc[r][mm][0] = acc[r][mm][1] = _mm256_setzero_ps();
+  const __m256i nibble = _mm256_set1_epi32(0x0f);
+  auto chunk = [&](int64_t c, auto hc) {
+    constexpr int h = decltype(hc)::value;
+    for (int r = 0; r < R; ++r) {
+      __m256 wv[4];
+      if (int4) {  // 16 bytes: byte j holds elements 2j (low nibble) and 2j + 1; vector 2i + 1 the odd ones of 2i
+        const uint8_t* qc = q + (row + r) * row_bytes + c / 2;
+        if (h == 0) _mm_prefetch(reinterpret_cast<const char*>(qc + ahead), _MM_HINT_T0);
+        for (int i = 0; i < 2; ++i) {
+          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qc + 8 * i)));
+          wv[2 * i] = _mm256_cvtepi32_ps(_mm256_and_si256(b, nibble));
+          wv[2 * i + 1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+        }
+      } else {  // vpmovsxbd straight from the row, 8 codes each
+        const uint8_t* qc = q + (row + r) * row_bytes + c;
+        if (h == 0) _mm_prefetch(reinterpret_cast<const char*>(qc + ahead), _MM_HINT_T0);
+        for (int e = 0; e < 4; ++e)
+          wv[e] =
+              _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qc + 8 * e))));
+      }
+      const __m256 s = _mm256_broadcast_ss(sc + r * halves + c / 32);
+      for (int mm = 0; mm < M; ++mm) {
+        const float* xc = x + mm * k + c;
+        __m256 t = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xc));
+        t = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xc + 8), t);
+        t = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xc + 16), t);
+        t = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xc + 24), t);
+        acc[r][mm][h] = _mm256_fmadd_ps(t, s, acc[r][mm][h]);
+      }
+    }
+  };
+  int64_t c = 0;
+  for (; c + 64 <= k; c += 64) {
+    chunk(c, std::integral_constant<int, 0>{});
+    chunk(c + 32, std::integral_constant<int, 1>{});
+  }
+  if (c < k) chunk(c, std::integral_constant<int, 0>{});
+  float one[M];
+  for (int mm = 0; mm < M; ++mm) one[mm] = 1.f;
+  finish<R, M>(acc, off, one, row, out, ldo);
+}
+
+template <int M>
+void fma_rows_m(const QuantWeight& w, const float* x, const float* xsum, int64_t n0, int64_t n1, float* out,
+                int64_t ldo) {
+  constexpr int R = M == 1 ? 2 : 1;  // as rows_m: 2 accumulators per weight row and activation row
+  thread_local std::vector<float> sc;
+  sc.resize(static_cast<size_t>(R * (w.k / 32) + 8));  // + 8: row_scales stores a row's last scales whole
+  int64_t row = n0;
+  for (; row + R <= n1; row += R) fma_block<R, M>(w, x, xsum, row, out, ldo, sc.data());
+  for (; row < n1; ++row) fma_block<1, M>(w, x, xsum, row, out, ldo, sc.data());
+}
+#endif
+
 }  // namespace
 
 #if !LF_VNNI256_DPWSSD
@@ -413,6 +489,66 @@ bool prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t*
     for (int64_t g = 0; g < groups; ++g) sr[g] *= xscale[r];
   }
   return true;
+}
+
+// The fp32-FMA kernel's preparation, into vnni::prepare's buffers (file header): xp (2K int16 per row) holds the
+// activations as K fp32, per 16 elements [even 8 | odd 8] for int4 (the nibbles' order), in order for int8; xsum
+// their fp32 sums per group (for the offsets; order-free); xscale 1. False (the exact portable path) for inf / NaN
+// activations or sums, as prepare.
+bool fma_prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t* xp, float* xsum, float* xscale) {
+  const int64_t k = w.k, gs = w.group_size, groups = k / gs;
+  __m256 bad = _mm256_setzero_ps();
+  for (int64_t r = 0; r < m; ++r) {
+    const void* xr = bf16 ? static_cast<const void*>(static_cast<const uint16_t*>(x) + r * k)
+                          : static_cast<const void*>(static_cast<const float*>(x) + r * k);
+    float* dst = reinterpret_cast<float*>(xp) + r * k;
+    float* sr = xsum + r * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t i = g * gs; i < (g + 1) * gs; i += 16) {
+        __m256 a = load_x8(bf16, xr, i), b = load_x8(bf16, xr, i + 8);
+        sum = _mm256_add_ps(sum, _mm256_add_ps(a, b));
+        if (w.bits == 4) {
+          const __m256 even = _mm256_castsi256_ps(pick_lanes<false>(_mm256_castps_si256(a), _mm256_castps_si256(b)));
+          const __m256 odd = _mm256_castsi256_ps(pick_lanes<true>(_mm256_castps_si256(a), _mm256_castps_si256(b)));
+          a = even, b = odd;
+        }
+        _mm256_storeu_ps(dst + i, a);
+        _mm256_storeu_ps(dst + i + 8, b);
+      }
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, sum);
+      float t = 0.f;
+      for (float v : lanes) t += v;
+      sr[g] = t;
+    }
+    // inf / NaN anywhere in the row makes some group's sum inf or NaN, and so do sums that overflow: t - t is NaN
+    for (int64_t g = 0; g + 8 <= groups; g += 8) {
+      const __m256 v = _mm256_loadu_ps(sr + g);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    }
+    for (int64_t g = groups / 8 * 8; g < groups; ++g)
+      if (!std::isfinite(sr[g])) return false;
+    xscale[r] = 1.f;
+  }
+  return _mm256_movemask_ps(bad) == 0;
+}
+
+void fma_rows(const QuantWeight& w, const int16_t* xp, const float* xsum, int64_t m, int64_t n0, int64_t n1, float* out,
+              int64_t ldo) {
+  const int64_t groups = w.k / w.group_size;
+  const float* xf = reinterpret_cast<const float*>(xp);
+  for (int64_t m0 = 0; m0 < m; m0 += 4) {
+    const float* x = xf + m0 * w.k;
+    const float* s = xsum + m0 * groups;
+    float* o = out + m0 * ldo;
+    switch (std::min<int64_t>(4, m - m0)) {
+      case 1: fma_rows_m<1>(w, x, s, n0, n1, o, ldo); break;
+      case 2: fma_rows_m<2>(w, x, s, n0, n1, o, ldo); break;
+      case 3: fma_rows_m<3>(w, x, s, n0, n1, o, ldo); break;
+      default: fma_rows_m<4>(w, x, s, n0, n1, o, ldo); break;
+    }
+  }
 }
 #endif
 
