@@ -30,6 +30,9 @@ bool has_avx_vnni();
 // LLAMA_FAST_FMA_GEMV=1 forces them at the avx2 level on any CPU (so VNNI machines test these paths too); read
 // once. Follows set_isa (the level is read on each call).
 bool fp32_fma_gemv();
+// Whether LLAMA_FAST_FMA_GEMV=1 forces them (and fp32_fma_gemv() holds): kernels that use them only where they
+// measured faster (quant_linear_avx2.cpp) take them for every call.
+bool fp32_fma_gemv_forced();
 
 // This CPU's per-core data caches in bytes, for the blocking of the prefill GEMM (gemm.cpp): tile sizes follow
 // from them instead of from one machine's measurements. Read once (sysconf); 32 KiB / 1 MiB where unknown.

@@ -72,14 +72,19 @@ bool supports(const QuantWeight& w) {
 }
 
 #ifdef LF_VNNI256_X86
+// Where the fp32-FMA kernel runs (file header): int8 with fp32 activations from this many rows on CPUs where
+// cpu::fp32_fma_gemv() holds, every int4 / int8 call when LLAMA_FAST_FMA_GEMV=1 forces it.
+constexpr int64_t kFmaFromRows = 3;
+
 bool prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t* xp, float* xsum, float* xscale) {
-  if (fp32_fma_gemv()) return madd::fma_prepare(bf16, x, m, w, xp, xsum, xscale);
+  if (fp32_fma_gemv() && (fp32_fma_gemv_forced() || (w.bits == 8 && !bf16 && m >= kFmaFromRows)))
+    return madd::fma_prepare(bf16, x, m, w, xp, xsum, xscale);
   return madd::prepare(bf16, x, m, w, xp, xsum, xscale);
 }
 
 void rows(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t m, bool two_limbs,
           int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  if (fp32_fma_gemv())
+  if (xscale[0] < 0.f)  // fma_prepare's layout
     madd::fma_rows(w, xp, xsum, m, n0, n1, out, ldo);
   else if (uses_avx_vnni())
     avx_vnni::rows(w, xp, xsum, xscale, m, two_limbs, n0, n1, out, ldo);
@@ -370,27 +375,48 @@ void rows_limbs(const QuantWeight& w, const int16_t* xp, const float* xsum, cons
 // The fp32-FMA kernel (file header): R weight rows x M activation rows, x the fp32 activations as fma_prepare
 // lays them out. Per 32 weights (a chunk) the codes become four vectors of 8 fp32 values (exact: small integers),
 // dotted with the activations by one vmulps and three FMAs into a chunk sum, which one FMA with the chunk's scale
-// adds to one of two accumulators (chunks alternate: the FMA latency). The accumulators take row_scales' offset
-// lanes at the end (finish, xscale 1), as the integer kernel's do.
-template <int R, int M>
-void fma_block(const QuantWeight& w, const float* x, const float* xsum, int64_t row, float* out, int64_t ldo,
-               float* sc) {
-  const int64_t k = w.k, halves = k / 32;
+// adds to one of two accumulators (chunks alternate: the FMA latency). The group's scale is read where its first
+// chunk starts (one scalar conversion; no per-row table of scales: with K = 576 a row is 18 chunks, and
+// row_scales' pass cost more than the conversions), its offset times the activations' group sum goes to a scalar.
+template <ScaleType ST>
+inline float scale_f32(const void* p, int64_t i) {
+  if constexpr (ST == ScaleType::kF32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  if constexpr (ST == ScaleType::kF16) return _cvtsh_ss(h);
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <int R, int M, int kBits, ScaleType ST>
+void fma_block(const QuantWeight& w, const float* x, const float* xsum, int64_t row, float* out, int64_t ldo) {
+  const int64_t k = w.k, gs = w.group_size, groups = k / gs;
   const int64_t ahead = tuning().prefetch_bytes;
-  const bool int4 = w.bits == 4;
+  constexpr bool int4 = kBits == 4;
   const int64_t row_bytes = int4 ? k / 2 : k;
   const uint8_t* q = static_cast<const uint8_t*>(w.q);
-  alignas(32) float off[R][M][16];
-  row_scales<R, M>(w, xsum, row, sc, off);
   __m256 acc[R][M][2];
+  float offs[R][M];
   for (int r = 0; r < R; ++r)
-    for (int mm = 0; mm < M; ++mm) acc[r][mm][0] = acc[r][mm][1] = _mm256_setzero_ps();
+    for (int mm = 0; mm < M; ++mm) acc[r][mm][0] = acc[r][mm][1] = _mm256_setzero_ps(), offs[r][mm] = 0.f;
+  __m256 s[R];
   const __m256i nibble = _mm256_set1_epi32(0x0f);
   auto chunk = [&](int64_t c, auto hc) {
     constexpr int h = decltype(hc)::value;
+    const bool new_group = gs == 32 || c % gs == 0;
     for (int r = 0; r < R; ++r) {
+      if (new_group) {
+        const int64_t gi = (row + r) * groups + c / gs;
+        s[r] = _mm256_set1_ps(scale_f32<ST>(w.scale, gi));
+        if (w.offset) {
+          const float o = scale_f32<ST>(w.offset, gi);
+          for (int mm = 0; mm < M; ++mm) offs[r][mm] = std::fma(o, xsum[mm * groups + c / gs], offs[r][mm]);
+        }
+      }
       __m256 wv[4];
-      if (int4) {  // 16 bytes: byte j holds elements 2j (low nibble) and 2j + 1; vector 2i + 1 the odd ones of 2i
+      if constexpr (int4) {  // 16 bytes: byte j holds elements 2j (low nibble) and 2j + 1; vector 2i + 1 the odd ones
+                             // of 2i
         const uint8_t* qc = q + (row + r) * row_bytes + c / 2;
         if (h == 0) _mm_prefetch(reinterpret_cast<const char*>(qc + ahead), _MM_HINT_T0);
         for (int i = 0; i < 2; ++i) {
@@ -400,19 +426,18 @@ void fma_block(const QuantWeight& w, const float* x, const float* xsum, int64_t 
         }
       } else {  // vpmovsxbd straight from the row, 8 codes each
         const uint8_t* qc = q + (row + r) * row_bytes + c;
-        if (h == 0) _mm_prefetch(reinterpret_cast<const char*>(qc + ahead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(qc + ahead), _MM_HINT_T0);
         for (int e = 0; e < 4; ++e)
           wv[e] =
               _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qc + 8 * e))));
       }
-      const __m256 s = _mm256_broadcast_ss(sc + r * halves + c / 32);
       for (int mm = 0; mm < M; ++mm) {
         const float* xc = x + mm * k + c;
         __m256 t = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xc));
         t = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xc + 8), t);
         t = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xc + 16), t);
         t = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xc + 24), t);
-        acc[r][mm][h] = _mm256_fmadd_ps(t, s, acc[r][mm][h]);
+        acc[r][mm][h] = _mm256_fmadd_ps(t, s[r], acc[r][mm][h]);
       }
     }
   };
@@ -422,20 +447,36 @@ void fma_block(const QuantWeight& w, const float* x, const float* xsum, int64_t 
     chunk(c + 32, std::integral_constant<int, 1>{});
   }
   if (c < k) chunk(c, std::integral_constant<int, 0>{});
-  float one[M];
-  for (int mm = 0; mm < M; ++mm) one[mm] = 1.f;
-  finish<R, M>(acc, off, one, row, out, ldo);
+  for (int r = 0; r < R; ++r)
+    for (int mm = 0; mm < M; ++mm) out[mm * ldo + row + r] = sum16(acc[r][mm][0], acc[r][mm][1]) + offs[r][mm];
+}
+
+template <int M, int R, int kBits, ScaleType ST>
+void fma_rows_mr(const QuantWeight& w, const float* x, const float* xsum, int64_t n0, int64_t n1, float* out,
+                 int64_t ldo) {
+  int64_t row = n0;
+  for (; row + R <= n1; row += R) fma_block<R, M, kBits, ST>(w, x, xsum, row, out, ldo);
+  for (; row < n1; ++row) fma_block<1, M, kBits, ST>(w, x, xsum, row, out, ldo);
+}
+
+template <int M, int kBits>
+void fma_rows_mb(const QuantWeight& w, const float* x, const float* xsum, int64_t n0, int64_t n1, float* out,
+                 int64_t ldo) {
+  constexpr int R = M == 1 ? 2 : 1;  // as rows_m (one row at a time measured no faster for M = 1)
+  switch (w.scale_type) {
+    case ScaleType::kF32: return fma_rows_mr<M, R, kBits, ScaleType::kF32>(w, x, xsum, n0, n1, out, ldo);
+    case ScaleType::kF16: return fma_rows_mr<M, R, kBits, ScaleType::kF16>(w, x, xsum, n0, n1, out, ldo);
+    default: return fma_rows_mr<M, R, kBits, ScaleType::kBF16>(w, x, xsum, n0, n1, out, ldo);
+  }
 }
 
 template <int M>
 void fma_rows_m(const QuantWeight& w, const float* x, const float* xsum, int64_t n0, int64_t n1, float* out,
                 int64_t ldo) {
-  constexpr int R = M == 1 ? 2 : 1;  // as rows_m: 2 accumulators per weight row and activation row
-  thread_local std::vector<float> sc;
-  sc.resize(static_cast<size_t>(R * (w.k / 32) + 8));  // + 8: row_scales stores a row's last scales whole
-  int64_t row = n0;
-  for (; row + R <= n1; row += R) fma_block<R, M>(w, x, xsum, row, out, ldo, sc.data());
-  for (; row < n1; ++row) fma_block<1, M>(w, x, xsum, row, out, ldo, sc.data());
+  if (w.bits == 8)
+    fma_rows_mb<M, 8>(w, x, xsum, n0, n1, out, ldo);
+  else
+    fma_rows_mb<M, 4>(w, x, xsum, n0, n1, out, ldo);
 }
 #endif
 
@@ -493,8 +534,9 @@ bool prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t*
 
 // The fp32-FMA kernel's preparation, into vnni::prepare's buffers (file header): xp (2K int16 per row) holds the
 // activations as K fp32, per 16 elements [even 8 | odd 8] for int4 (the nibbles' order), in order for int8; xsum
-// their fp32 sums per group (for the offsets; order-free); xscale 1. False (the exact portable path) for inf / NaN
-// activations or sums, as prepare.
+// their fp32 sums per group (for the offsets; order-free); xscale -1, which prepare never writes (2^-e > 0;
+// a negative marker, not 0, survives denormals-are-zero), so that rows() knows the layout whatever m it is handed.
+// False (the exact portable path) for inf / NaN activations or sums, as prepare.
 bool fma_prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t* xp, float* xsum, float* xscale) {
   const int64_t k = w.k, gs = w.group_size, groups = k / gs;
   __m256 bad = _mm256_setzero_ps();
@@ -529,7 +571,7 @@ bool fma_prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int1
     }
     for (int64_t g = groups / 8 * 8; g < groups; ++g)
       if (!std::isfinite(sr[g])) return false;
-    xscale[r] = 1.f;
+    xscale[r] = -1.f;
   }
   return _mm256_movemask_ps(bad) == 0;
 }
