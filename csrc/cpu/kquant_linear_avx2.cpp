@@ -88,7 +88,7 @@ bool kquant_linear(bool bf16, const void* x, int64_t m, const std::vector<kquant
   xsum16.resize(m * (k / 16));
   xscale.resize(m);
   const QuantWeight as_int8{nullptr, nullptr, nullptr, ScaleType::kF32, 8, 0, k, 32};  // in-order layout
-  if (!prepare(bf16, x, m, as_int8, xp.data(), xsum32.data(), xscale.data())) return false;
+  if (!prepare_fixed_point(bf16, x, m, as_int8, xp.data(), xsum32.data(), xscale.data())) return false;
   // The sums per 16 elements, for Q2_K's mins (one per 16 weights): those per 32 of the others come with prepare
   const bool need16 =
       std::any_of(segs.begin(), segs.end(), [](const kquant::Segment& s) { return s.type == ggml::BlockType::kQ2K; });

@@ -82,6 +82,11 @@ bool prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t*
   return madd::prepare(bf16, x, m, w, xp, xsum, xscale);
 }
 
+bool prepare_fixed_point(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t* xp, float* xsum,
+                         float* xscale) {
+  return madd::prepare(bf16, x, m, w, xp, xsum, xscale);
+}
+
 void rows(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t m, bool two_limbs,
           int64_t n0, int64_t n1, float* out, int64_t ldo) {
   if (xscale[0] < 0.f)  // fma_prepare's layout
@@ -93,6 +98,7 @@ void rows(const QuantWeight& w, const int16_t* xp, const float* xsum, const floa
 }
 #else
 bool prepare(bool, const void*, int64_t, const QuantWeight&, int16_t*, float*, float*) { return false; }
+bool prepare_fixed_point(bool, const void*, int64_t, const QuantWeight&, int16_t*, float*, float*) { return false; }
 void rows(const QuantWeight&, const int16_t*, const float*, const float*, int64_t, bool, int64_t, int64_t, float*,
           int64_t) {}
 #endif
