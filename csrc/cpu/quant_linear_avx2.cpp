@@ -11,6 +11,19 @@
 //
 // Compiled twice (the file includes itself, like cpu/foreach_isa.h): namespace madd with vpmaddwd + vpaddd for
 // AVX2, namespace avx_vnni with AVX-VNNI's vpdpwssd; rows() picks one at run time.
+//
+// fp32-FMA kernel (madd::fma_*, as kquant_linear_fma.cpp does for ggml blocks): on AVX2 cores without VNNI
+// (cpu::fp32_fma_gemv) prepare() may lay the activations out as fp32 in the same xp buffer (2K int16 = K fp32 per
+// row; int4 permuted per 16 to [even 8 | odd 8], the nibbles' order), their fp32 sums per group in xsum (offsets),
+// and xscale -1, the mark rows() reads (the fixed point's xscale is 2^-e > 0), so quant_linear.cpp's calls need no
+// change. Per 32 weights the codes become four fp32 vectors (int8: vpmovsxbd from the row; int4: vpmovzxbd of 8
+// bytes, mask / shift), one vmulps + three FMAs per activation row, one FMA with the group's scale. Measured on
+// Zen 3 (docs/KERNELS.md) it loses at one row to the integer kernel here (whose int8 work is one vpmovsxbw per 16
+// codes and no fp16 per block, unlike the ggml integer kernel) and wins for int8 from 2 fp32 rows, where the
+// conversion is shared: the default takes it only there; LLAMA_FAST_FMA_GEMV=1 forces it for every int4 / int8
+// call (tests/ops/test_fma_gemv_forced.py), 0 never. The error is an fp32 dot product's in another order (the
+// reference comparison's tolerance, not the VNNI kernels' bits). kquant_linear_avx2.cpp, which reads only the
+// fixed point, prepares with prepare_fixed_point().
 #ifndef LF_VNNI256
 #include <algorithm>
 #include <cmath>
@@ -74,7 +87,7 @@ bool supports(const QuantWeight& w) {
 #ifdef LF_VNNI256_X86
 // Where the fp32-FMA kernel runs (file header): int8 with fp32 activations from this many rows on CPUs where
 // cpu::fp32_fma_gemv() holds, every int4 / int8 call when LLAMA_FAST_FMA_GEMV=1 forces it.
-constexpr int64_t kFmaFromRows = 3;
+constexpr int64_t kFmaFromRows = 2;
 
 bool prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t* xp, float* xsum, float* xscale) {
   if (fp32_fma_gemv() && (fp32_fma_gemv_forced() || (w.bits == 8 && !bf16 && m >= kFmaFromRows)))

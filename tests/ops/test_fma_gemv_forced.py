@@ -1,6 +1,6 @@
 """The fp32-FMA GEMVs (kquant_linear_fma.cpp for ggml blocks, quant_linear_avx2.cpp's fma_* for int4 / int8)
 forced by LLAMA_FAST_FMA_GEMV=1 at LLAMA_FAST_CPU_ISA=avx2, against the fp64 product with the exact dequantized
-weight. By default they run only on AVX2 CPUs without VNNI (and int4 / int8 only for int8 with 3+ fp32 rows), so
+weight. By default they run only on AVX2 CPUs without VNNI (and int4 / int8 only for int8 with 2+ fp32 rows), so
 CI's AVX-512 machines would never reach them; both variables are read once per process, hence the subprocess,
 which runs this file's _check_all()."""
 import os
