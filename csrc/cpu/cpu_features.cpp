@@ -86,6 +86,31 @@ bool has_avx_vnni() {
 #endif
 }
 
+namespace {
+// LLAMA_FAST_FMA_GEMV: -1 off (0), 1 forced (1), 0 the hardware decides (unset, anything else); read once.
+int fma_gemv_mode() {
+  static const int mode = [] {
+    const char* env = std::getenv("LLAMA_FAST_FMA_GEMV");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return -1;
+    if (env != nullptr && std::strcmp(env, "1") == 0) return 1;
+    return 0;
+  }();
+  return mode;
+}
+}  // namespace
+
+bool fp32_fma_gemv() {
+#if defined(__x86_64__) || defined(_M_X64)
+  const int mode = fma_gemv_mode();
+  if (isa() != Isa::kAvx2 || mode < 0) return false;
+  return mode > 0 || (detected_isa() < Isa::kAvx512Vnni && !has_avx_vnni());
+#else
+  return false;
+#endif
+}
+
+bool fp32_fma_gemv_forced() { return fp32_fma_gemv() && fma_gemv_mode() > 0; }
+
 CacheSizes cache_sizes() {
   static const CacheSizes sizes = [] {
     // sysconf reports 0 (or -1) where it does not know; clamp to what real x86 cores have

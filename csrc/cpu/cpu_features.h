@@ -24,6 +24,15 @@ void set_isa(const char* name);
 // levels above (Zen 4 has AVX512-VNNI without it); the 256-bit integer GEMVs (cpu/vnni256.h) use it when the
 // level has no AVX512-VNNI.
 bool has_avx_vnni();
+// Whether the GEMVs of quantized weights take their fp32-FMA kernels (kquant_linear_fma.cpp for ggml blocks,
+// quant_linear_fma.cpp for int4 / int8): at the avx2 level on a CPU without AVX512-VNNI or AVX-VNNI, where the
+// integer kernels' two limbs cost more than widening the codes to fp32. LLAMA_FAST_FMA_GEMV=0 turns them off,
+// LLAMA_FAST_FMA_GEMV=1 forces them at the avx2 level on any CPU (so VNNI machines test these paths too); read
+// once. Follows set_isa (the level is read on each call).
+bool fp32_fma_gemv();
+// Whether LLAMA_FAST_FMA_GEMV=1 forces them (and fp32_fma_gemv() holds): kernels that use them only where they
+// measured faster (quant_linear_avx2.cpp) take them for every call.
+bool fp32_fma_gemv_forced();
 
 // This CPU's per-core data caches in bytes, for the blocking of the prefill GEMM (gemm.cpp): tile sizes follow
 // from them instead of from one machine's measurements. Read once (sysconf); 32 KiB / 1 MiB where unknown.

@@ -1,7 +1,7 @@
 // The ggml block GEMV (K-quants, Q5_0, Q5_1, Q8_0) on 256-bit integer dot products (cpu/vnni256.h): the VNNI
 // kernels rows_k and rows_b32 of kquant_linear.cpp for CPUs without AVX512-VNNI. Read that file first: this one
 // repeats their arithmetic with each 512-bit vector held as two 256-bit halves [lanes 0-7 | lanes 8-15]. The
-// activations are prepared by vnni256::prepare as the int8 GEMV's (elements in order, [hi 32 | lo 32] per 32),
+// activations are prepared by vnni256::prepare_fixed_point as the int8 GEMV's (elements in order, [hi 32 | lo 32] per 32),
 // so half h of 32 weights is 16 codes in element order against words 16h..16h+15 of each limb: the VNNI kernels'
 // lanes 8h..8h+7, with the same int32 sums, converted and scaled by the same fp32 operations in the same order.
 // (The int32 super-block sums of rows_k are exact, so how they are split over accumulators does not matter.)
@@ -88,7 +88,7 @@ bool kquant_linear(bool bf16, const void* x, int64_t m, const std::vector<kquant
   xsum16.resize(m * (k / 16));
   xscale.resize(m);
   const QuantWeight as_int8{nullptr, nullptr, nullptr, ScaleType::kF32, 8, 0, k, 32};  // in-order layout
-  if (!prepare(bf16, x, m, as_int8, xp.data(), xsum32.data(), xscale.data())) return false;
+  if (!prepare_fixed_point(bf16, x, m, as_int8, xp.data(), xsum32.data(), xscale.data())) return false;
   // The sums per 16 elements, for Q2_K's mins (one per 16 weights): those per 32 of the others come with prepare
   const bool need16 =
       std::any_of(segs.begin(), segs.end(), [](const kquant::Segment& s) { return s.type == ggml::BlockType::kQ2K; });

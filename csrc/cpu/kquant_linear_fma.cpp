@@ -29,10 +29,11 @@
 // exact portable path. Q5_K (its fifth bits cost as much as the integer kernel's whole unpacking: 8.1 against
 // 9.2), Q2_K and Q3_K stay on kquant_linear_avx2.cpp, and so does a fused weight with any part in them.
 //
-// Used (fma_gemv::use_for) at the avx2 dispatch level on CPUs without AVX512-VNNI and AVX-VNNI, unless
-// LLAMA_FAST_FMA_GEMV=0: AVX-512 and AVX-VNNI machines keep their integer kernels (not measured against this
-// one), and an AVX512-VNNI machine forced to the avx2 level keeps kquant_linear_avx2.cpp, which its tests compare
-// bit for bit with the VNNI kernels.
+// Used (fma_gemv::use_for, cpu::fp32_fma_gemv) at the avx2 dispatch level on CPUs without AVX512-VNNI and
+// AVX-VNNI, unless LLAMA_FAST_FMA_GEMV=0: AVX-512 and AVX-VNNI machines keep their integer kernels (not measured
+// against this one), and an AVX512-VNNI machine forced to the avx2 level keeps kquant_linear_avx2.cpp, which its
+// tests compare bit for bit with the VNNI kernels. LLAMA_FAST_FMA_GEMV=1 forces this kernel at the avx2 level on
+// any CPU: tests/ops/test_fma_gemv_forced.py runs it so on CI's AVX-512 machines.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -71,19 +72,11 @@ bool type_supported(BlockType t) {
   }
 }
 
-bool enabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("LLAMA_FAST_FMA_GEMV");
-    return !(env != nullptr && std::strcmp(env, "0") == 0);
-  }();
-  return on;
-}
-
 }  // namespace
 
 bool use_for(const std::vector<Segment>& segs) {
 #ifdef LF_KQUANT_FMA_X86
-  return isa() == Isa::kAvx2 && detected_isa() < Isa::kAvx512Vnni && !has_avx_vnni() && enabled() &&
+  return fp32_fma_gemv() &&
          std::all_of(segs.begin(), segs.end(), [](const Segment& s) { return type_supported(s.type); });
 #else
   (void)segs;

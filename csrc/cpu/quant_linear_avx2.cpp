@@ -11,6 +11,19 @@
 //
 // Compiled twice (the file includes itself, like cpu/foreach_isa.h): namespace madd with vpmaddwd + vpaddd for
 // AVX2, namespace avx_vnni with AVX-VNNI's vpdpwssd; rows() picks one at run time.
+//
+// fp32-FMA kernel (madd::fma_*, as kquant_linear_fma.cpp does for ggml blocks): on AVX2 cores without VNNI
+// (cpu::fp32_fma_gemv) prepare() may lay the activations out as fp32 in the same xp buffer (2K int16 = K fp32 per
+// row; int4 permuted per 16 to [even 8 | odd 8], the nibbles' order), their fp32 sums per group in xsum (offsets),
+// and xscale -1, the mark rows() reads (the fixed point's xscale is 2^-e > 0), so quant_linear.cpp's calls need no
+// change. Per 32 weights the codes become four fp32 vectors (int8: vpmovsxbd from the row; int4: vpmovzxbd of 8
+// bytes, mask / shift), one vmulps + three FMAs per activation row, one FMA with the group's scale. Measured on
+// Zen 3 (docs/KERNELS.md) it loses at one row to the integer kernel here (whose int8 work is one vpmovsxbw per 16
+// codes and no fp16 per block, unlike the ggml integer kernel) and wins for int8 from 2 fp32 rows, where the
+// conversion is shared: the default takes it only there; LLAMA_FAST_FMA_GEMV=1 forces it for every int4 / int8
+// call (tests/ops/test_fma_gemv_forced.py), 0 never. The error is an fp32 dot product's in another order (the
+// reference comparison's tolerance, not the VNNI kernels' bits). kquant_linear_avx2.cpp, which reads only the
+// fixed point, prepares with prepare_fixed_point().
 #ifndef LF_VNNI256
 #include <algorithm>
 #include <cmath>
@@ -72,19 +85,33 @@ bool supports(const QuantWeight& w) {
 }
 
 #ifdef LF_VNNI256_X86
+// Where the fp32-FMA kernel runs (file header): int8 with fp32 activations from this many rows on CPUs where
+// cpu::fp32_fma_gemv() holds, every int4 / int8 call when LLAMA_FAST_FMA_GEMV=1 forces it.
+constexpr int64_t kFmaFromRows = 2;
+
 bool prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t* xp, float* xsum, float* xscale) {
+  if (fp32_fma_gemv() && (fp32_fma_gemv_forced() || (w.bits == 8 && !bf16 && m >= kFmaFromRows)))
+    return madd::fma_prepare(bf16, x, m, w, xp, xsum, xscale);
+  return madd::prepare(bf16, x, m, w, xp, xsum, xscale);
+}
+
+bool prepare_fixed_point(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t* xp, float* xsum,
+                         float* xscale) {
   return madd::prepare(bf16, x, m, w, xp, xsum, xscale);
 }
 
 void rows(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t m, bool two_limbs,
           int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  if (uses_avx_vnni())
+  if (xscale[0] < 0.f)  // fma_prepare's layout
+    madd::fma_rows(w, xp, xsum, m, n0, n1, out, ldo);
+  else if (uses_avx_vnni())
     avx_vnni::rows(w, xp, xsum, xscale, m, two_limbs, n0, n1, out, ldo);
   else
     madd::rows(w, xp, xsum, xscale, m, two_limbs, n0, n1, out, ldo);
 }
 #else
 bool prepare(bool, const void*, int64_t, const QuantWeight&, int16_t*, float*, float*) { return false; }
+bool prepare_fixed_point(bool, const void*, int64_t, const QuantWeight&, int16_t*, float*, float*) { return false; }
 void rows(const QuantWeight&, const int16_t*, const float*, const float*, int64_t, bool, int64_t, int64_t, float*,
           int64_t) {}
 #endif
@@ -363,6 +390,115 @@ void rows_limbs(const QuantWeight& w, const int16_t* xp, const float* xsum, cons
   }
 }
 
+#if !LF_VNNI256_DPWSSD
+// The fp32-FMA kernel (file header): R weight rows x M activation rows, x the fp32 activations as fma_prepare
+// lays them out. Per 32 weights (a chunk) the codes become four vectors of 8 fp32 values (exact: small integers),
+// dotted with the activations by one vmulps and three FMAs into a chunk sum, which one FMA with the chunk's scale
+// adds to one of two accumulators (chunks alternate: the FMA latency). The group's scale is read where its first
+// chunk starts (one scalar conversion; no per-row table of scales: with K = 576 a row is 18 chunks, and
+// row_scales' pass cost more than the conversions), its offset times the activations' group sum goes to a scalar.
+template <ScaleType ST>
+inline float scale_f32(const void* p, int64_t i) {
+  if constexpr (ST == ScaleType::kF32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  if constexpr (ST == ScaleType::kF16) return _cvtsh_ss(h);
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <int R, int M, int kBits, ScaleType ST>
+void fma_block(const QuantWeight& w, const float* x, const float* xsum, int64_t row, float* out, int64_t ldo) {
+  const int64_t k = w.k, gs = w.group_size, groups = k / gs;
+  const int64_t ahead = tuning().prefetch_bytes;
+  constexpr bool int4 = kBits == 4;
+  const int64_t row_bytes = int4 ? k / 2 : k;
+  const uint8_t* q = static_cast<const uint8_t*>(w.q);
+  __m256 acc[R][M][2];
+  float offs[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int mm = 0; mm < M; ++mm) acc[r][mm][0] = acc[r][mm][1] = _mm256_setzero_ps(), offs[r][mm] = 0.f;
+  __m256 s[R];
+  const __m256i nibble = _mm256_set1_epi32(0x0f);
+  auto chunk = [&](int64_t c, auto hc) {
+    constexpr int h = decltype(hc)::value;
+    const bool new_group = gs == 32 || c % gs == 0;
+    for (int r = 0; r < R; ++r) {
+      if (new_group) {
+        const int64_t gi = (row + r) * groups + c / gs;
+        s[r] = _mm256_set1_ps(scale_f32<ST>(w.scale, gi));
+        if (w.offset) {
+          const float o = scale_f32<ST>(w.offset, gi);
+          for (int mm = 0; mm < M; ++mm) offs[r][mm] = std::fma(o, xsum[mm * groups + c / gs], offs[r][mm]);
+        }
+      }
+      __m256 wv[4];
+      if constexpr (int4) {  // 16 bytes: byte j holds elements 2j (low nibble) and 2j + 1; vector 2i + 1 the odd ones
+                             // of 2i
+        const uint8_t* qc = q + (row + r) * row_bytes + c / 2;
+        if (h == 0) _mm_prefetch(reinterpret_cast<const char*>(qc + ahead), _MM_HINT_T0);
+        for (int i = 0; i < 2; ++i) {
+          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qc + 8 * i)));
+          wv[2 * i] = _mm256_cvtepi32_ps(_mm256_and_si256(b, nibble));
+          wv[2 * i + 1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+        }
+      } else {  // vpmovsxbd straight from the row, 8 codes each
+        const uint8_t* qc = q + (row + r) * row_bytes + c;
+        _mm_prefetch(reinterpret_cast<const char*>(qc + ahead), _MM_HINT_T0);
+        for (int e = 0; e < 4; ++e)
+          wv[e] =
+              _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qc + 8 * e))));
+      }
+      for (int mm = 0; mm < M; ++mm) {
+        const float* xc = x + mm * k + c;
+        __m256 t = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xc));
+        t = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xc + 8), t);
+        t = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xc + 16), t);
+        t = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xc + 24), t);
+        acc[r][mm][h] = _mm256_fmadd_ps(t, s[r], acc[r][mm][h]);
+      }
+    }
+  };
+  int64_t c = 0;
+  for (; c + 64 <= k; c += 64) {
+    chunk(c, std::integral_constant<int, 0>{});
+    chunk(c + 32, std::integral_constant<int, 1>{});
+  }
+  if (c < k) chunk(c, std::integral_constant<int, 0>{});
+  for (int r = 0; r < R; ++r)
+    for (int mm = 0; mm < M; ++mm) out[mm * ldo + row + r] = sum16(acc[r][mm][0], acc[r][mm][1]) + offs[r][mm];
+}
+
+template <int M, int R, int kBits, ScaleType ST>
+void fma_rows_mr(const QuantWeight& w, const float* x, const float* xsum, int64_t n0, int64_t n1, float* out,
+                 int64_t ldo) {
+  int64_t row = n0;
+  for (; row + R <= n1; row += R) fma_block<R, M, kBits, ST>(w, x, xsum, row, out, ldo);
+  for (; row < n1; ++row) fma_block<1, M, kBits, ST>(w, x, xsum, row, out, ldo);
+}
+
+template <int M, int kBits>
+void fma_rows_mb(const QuantWeight& w, const float* x, const float* xsum, int64_t n0, int64_t n1, float* out,
+                 int64_t ldo) {
+  constexpr int R = M == 1 ? 2 : 1;  // as rows_m (one row at a time measured no faster for M = 1)
+  switch (w.scale_type) {
+    case ScaleType::kF32: return fma_rows_mr<M, R, kBits, ScaleType::kF32>(w, x, xsum, n0, n1, out, ldo);
+    case ScaleType::kF16: return fma_rows_mr<M, R, kBits, ScaleType::kF16>(w, x, xsum, n0, n1, out, ldo);
+    default: return fma_rows_mr<M, R, kBits, ScaleType::kBF16>(w, x, xsum, n0, n1, out, ldo);
+  }
+}
+
+template <int M>
+void fma_rows_m(const QuantWeight& w, const float* x, const float* xsum, int64_t n0, int64_t n1, float* out,
+                int64_t ldo) {
+  if (w.bits == 8)
+    fma_rows_mb<M, 8>(w, x, xsum, n0, n1, out, ldo);
+  else
+    fma_rows_mb<M, 4>(w, x, xsum, n0, n1, out, ldo);
+}
+#endif
+
 }  // namespace
 
 #if !LF_VNNI256_DPWSSD
@@ -413,6 +549,67 @@ bool prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t*
     for (int64_t g = 0; g < groups; ++g) sr[g] *= xscale[r];
   }
   return true;
+}
+
+// The fp32-FMA kernel's preparation, into vnni::prepare's buffers (file header): xp (2K int16 per row) holds the
+// activations as K fp32, per 16 elements [even 8 | odd 8] for int4 (the nibbles' order), in order for int8; xsum
+// their fp32 sums per group (for the offsets; order-free); xscale -1, which prepare never writes (2^-e > 0;
+// a negative marker, not 0, survives denormals-are-zero), so that rows() knows the layout whatever m it is handed.
+// False (the exact portable path) for inf / NaN activations or sums, as prepare.
+bool fma_prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t* xp, float* xsum, float* xscale) {
+  const int64_t k = w.k, gs = w.group_size, groups = k / gs;
+  __m256 bad = _mm256_setzero_ps();
+  for (int64_t r = 0; r < m; ++r) {
+    const void* xr = bf16 ? static_cast<const void*>(static_cast<const uint16_t*>(x) + r * k)
+                          : static_cast<const void*>(static_cast<const float*>(x) + r * k);
+    float* dst = reinterpret_cast<float*>(xp) + r * k;
+    float* sr = xsum + r * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t i = g * gs; i < (g + 1) * gs; i += 16) {
+        __m256 a = load_x8(bf16, xr, i), b = load_x8(bf16, xr, i + 8);
+        sum = _mm256_add_ps(sum, _mm256_add_ps(a, b));
+        if (w.bits == 4) {
+          const __m256 even = _mm256_castsi256_ps(pick_lanes<false>(_mm256_castps_si256(a), _mm256_castps_si256(b)));
+          const __m256 odd = _mm256_castsi256_ps(pick_lanes<true>(_mm256_castps_si256(a), _mm256_castps_si256(b)));
+          a = even, b = odd;
+        }
+        _mm256_storeu_ps(dst + i, a);
+        _mm256_storeu_ps(dst + i + 8, b);
+      }
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, sum);
+      float t = 0.f;
+      for (float v : lanes) t += v;
+      sr[g] = t;
+    }
+    // inf / NaN anywhere in the row makes some group's sum inf or NaN, and so do sums that overflow: t - t is NaN
+    for (int64_t g = 0; g + 8 <= groups; g += 8) {
+      const __m256 v = _mm256_loadu_ps(sr + g);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    }
+    for (int64_t g = groups / 8 * 8; g < groups; ++g)
+      if (!std::isfinite(sr[g])) return false;
+    xscale[r] = -1.f;
+  }
+  return _mm256_movemask_ps(bad) == 0;
+}
+
+void fma_rows(const QuantWeight& w, const int16_t* xp, const float* xsum, int64_t m, int64_t n0, int64_t n1, float* out,
+              int64_t ldo) {
+  const int64_t groups = w.k / w.group_size;
+  const float* xf = reinterpret_cast<const float*>(xp);
+  for (int64_t m0 = 0; m0 < m; m0 += 4) {
+    const float* x = xf + m0 * w.k;
+    const float* s = xsum + m0 * groups;
+    float* o = out + m0 * ldo;
+    switch (std::min<int64_t>(4, m - m0)) {
+      case 1: fma_rows_m<1>(w, x, s, n0, n1, o, ldo); break;
+      case 2: fma_rows_m<2>(w, x, s, n0, n1, o, ldo); break;
+      case 3: fma_rows_m<3>(w, x, s, n0, n1, o, ldo); break;
+      default: fma_rows_m<4>(w, x, s, n0, n1, o, ldo); break;
+    }
+  }
 }
 #endif
 

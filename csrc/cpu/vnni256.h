@@ -30,7 +30,12 @@ bool uses_avx_vnni();
 // this dispatch level; prepare and rows have the contracts of vnni::prepare and vnni::rows
 // (quant_linear_vnni.h), and prepare writes the same xp, xsum and xscale.
 bool supports(const QuantWeight& w);
+// On AVX2 cores without VNNI (cpu::fp32_fma_gemv) prepare may instead lay the activations out for the fp32-FMA
+// kernel (quant_linear_avx2.cpp's header), marked by xscale -1, which rows() recognizes.
 bool prepare(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t* xp, float* xsum, float* xscale);
+// vnni::prepare's fixed point always (kquant_linear_avx2.cpp's kernels read only that).
+bool prepare_fixed_point(bool bf16, const void* x, int64_t m, const QuantWeight& w, int16_t* xp, float* xsum,
+                         float* xscale);
 void rows(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t m, bool two_limbs,
           int64_t n0, int64_t n1, float* out, int64_t ldo);
 
