@@ -25,7 +25,7 @@ void set_isa(const char* name);
 // level has no AVX512-VNNI.
 bool has_avx_vnni();
 // Whether the GEMVs of quantized weights take their fp32-FMA kernels (kquant_linear_fma.cpp for ggml blocks,
-// quant_linear_fma.cpp for int4 / int8): at the avx2 level on a CPU without AVX512-VNNI or AVX-VNNI, where the
+// quant_linear_avx2.cpp for int4 / int8): at the avx2 level on a CPU without AVX512-VNNI or AVX-VNNI, where the
 // integer kernels' two limbs cost more than widening the codes to fp32. LLAMA_FAST_FMA_GEMV=0 turns them off,
 // LLAMA_FAST_FMA_GEMV=1 forces them at the avx2 level on any CPU (so VNNI machines test these paths too); read
 // once. Follows set_isa (the level is read on each call).
