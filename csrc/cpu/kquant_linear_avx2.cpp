@@ -2,8 +2,9 @@
 // kernels rows_k and rows_b32 of kquant_linear.cpp for CPUs without AVX512-VNNI. Read that file first: this one
 // repeats their arithmetic with each 512-bit vector held as two 256-bit halves [lanes 0-7 | lanes 8-15]. The
 // activations are prepared by vnni256::prepare_fixed_point as the int8 GEMV's (elements in order, [hi 32 | lo 32]
-// per 32), so half h of 32 weights is 16 codes in element order against words 16h..16h+15 of each limb: the VNNI kernels'
-// lanes 8h..8h+7, with the same int32 sums, converted and scaled by the same fp32 operations in the same order.
+// per 32), so half h of 32 weights is 16 codes in element order against words 16h..16h+15 of each limb: the VNNI
+// kernels' lanes 8h..8h+7, with the same int32 sums, converted and scaled by the same fp32 operations in the same
+// order.
 // (The int32 super-block sums of rows_k are exact, so how they are split over accumulators does not matter.)
 //
 // Compiled twice, like quant_linear_avx2.cpp: vpmaddwd + vpaddd (namespace madd) and AVX-VNNI (avx_vnni).
