@@ -89,7 +89,8 @@ def main() -> int:
         run_case(case, out, rank)
         while _RESTORE:
             _RESTORE.pop()()
-    # Neither rank tears down its gloo pairs while the other may still be sending or receiving on them.
+    # Waiting here lets go of the GIL, so gloo's worker threads drop the last collectives' tensors before the
+    # teardown (llama_fast.parallel.sharded_load._let_collectives_finish_at_exit says why that matters).
     dist.barrier()
     dist.destroy_process_group()
     return 0
