@@ -45,6 +45,10 @@ bool gemm_available(const std::vector<Segment>& segs);
 // The GEMV in fp32 FMAs for AVX2 cores without VNNI (kquant_linear_fma.cpp): whether linear() uses it for these
 // segments (the avx2 level on a CPU without AVX512-VNNI / AVX-VNNI, every type one it has, LLAMA_FAST_FMA_GEMV not
 // 0), and out[m, ldo] = x @ W^T over the segments; false (nothing written) when x holds inf / NaN.
+// The 256-bit ggml block GEMVs' software prefetch (kquant_linear_avx2.cpp, kquant_linear_fma.cpp): bytes ahead of
+// the current block into L1, and 4x further into L2 (as kquant_linear.cpp's kL2PrefetchFactor).
+constexpr int kBlockGemvPrefetchBytes = 8192, kBlockGemvL2PrefetchBytes = 4 * kBlockGemvPrefetchBytes;
+
 namespace fma_gemv {
 bool use_for(const std::vector<Segment>& segs);
 bool linear(bool bf16, const void* x, int64_t m, const std::vector<Segment>& segs, int64_t k, float* out, int64_t ldo);

@@ -136,9 +136,7 @@ namespace {
 using ggml::BlockType;
 using kquant::Segment;
 
-// Weights ahead of the current block to prefetch (bytes) into L1, and further ahead into L2, as kquant_linear.cpp
-// (whose L2 distance is 4x its L1 one).
-constexpr int kPrefetchBytes = 8192, kL2PrefetchBytes = 4 * kPrefetchBytes;
+constexpr int kPrefetchBytes = kquant::kBlockGemvPrefetchBytes, kL2PrefetchBytes = kquant::kBlockGemvL2PrefetchBytes;
 
 inline float f16_at(const uint8_t* p) {
   uint16_t h;

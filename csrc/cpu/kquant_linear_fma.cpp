@@ -90,8 +90,7 @@ bool use_for(const std::vector<Segment>& segs) {
 
 namespace {
 
-// Weights ahead of the current block to prefetch into L1, and 4x further into L2: kquant_linear_avx2.cpp's.
-constexpr int kPrefetchBytes = 8192, kL2PrefetchBytes = 4 * kPrefetchBytes;
+constexpr int kPrefetchBytes = kBlockGemvPrefetchBytes, kL2PrefetchBytes = kBlockGemvL2PrefetchBytes;
 
 inline float f16_at(const uint8_t* p) {
   uint16_t h;

@@ -32,13 +32,14 @@ TP_PLANS = ("auto",)
 _MESSAGE_BYTES = 1024
 _FINGERPRINT_BYTES = 32      # sha256
 _EXIT_GRACE_S = 0.05         # GIL released at exit for gloo's threads (_let_collectives_finish_at_exit)
-_exit_registered: list[bool] = []   # [own_group] once registered
+_exit_registered = False
 
 
 def _register_exit(own_group: bool) -> None:
     """One exit handler per process (a second load in the same process registers none)."""
+    global _exit_registered
     if not _exit_registered:
-        _exit_registered.append(own_group)
+        _exit_registered = True
         atexit.register(_let_collectives_finish_at_exit, own_group)
 
 
