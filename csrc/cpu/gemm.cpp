@@ -192,6 +192,61 @@ inline void micro_tile(const float* a, const float* b, int64_t kcp, float* c, in
   }
 }
 
+// v[j] <- the column j of the W x W block whose rows are v[0..W): a square transpose in registers. Moving W x W
+// blocks between the row-major activations / output and the panels' column order this way costs 4 shuffles per
+// vector, where a gather per column cost ~24 cycles on an Intel Ice Lake guest (~9 ns whether 8 or 16 lanes:
+// gathers there run slowly, as under the microcode mitigation of Gather Data Sampling) and was ~11% of a prefill
+// GEMM's time in write_transposed alone.
+// (GCC 12 warns, wherever the shuffles are inlined, that their _mm512_undefined_ps() "may be used uninitialized": its
+// bug 105593, a false positive fixed in GCC 13. Silenced from here to the end of the ISA pass.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline void transpose_square(VecF (&v)[W]) {
+#if LF_ISA_LEVEL == 2
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {  // lane L of t[i]: rows i, i + 1 at 4L, 4L + 1; of t[i + 1]: at 4L + 2, 4L + 3
+    t[i] = _mm512_unpacklo_ps(v[i].v, v[i + 1].v);
+    t[i + 1] = _mm512_unpackhi_ps(v[i].v, v[i + 1].v);
+  }
+  for (int i = 0; i < 16; i += 4) {  // lane L of u[i + c]: rows i..i+3 at column 4L + c
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 2]);
+    const __m512d c = _mm512_castps_pd(t[i + 1]), d = _mm512_castps_pd(t[i + 3]);
+    u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int c = 0; c < 4; ++c) {  // column 4L + c = lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
+    const __m512 even01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88),
+                 odd01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+    const __m512 even23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 odd23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    v[c] = _mm512_shuffle_f32x4(even01, even23, 0x88);
+    v[8 + c] = _mm512_shuffle_f32x4(even01, even23, 0xdd);
+    v[4 + c] = _mm512_shuffle_f32x4(odd01, odd23, 0x88);
+    v[12 + c] = _mm512_shuffle_f32x4(odd01, odd23, 0xdd);
+  }
+#elif LF_ISA_LEVEL == 1
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(v[i].v, v[i + 1].v);
+    t[i + 1] = _mm256_unpackhi_ps(v[i].v, v[i + 1].v);
+  }
+  for (int i = 0; i < 8; i += 4) {  // lane L of u[i + c]: rows i..i+3 at column 4L + c
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  for (int c = 0; c < 4; ++c) {
+    v[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    v[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+#else
+  (void)v;  // W = 1
+#endif
+}
+
 // W elements p[0], p[ld], p[2 ld], ... as one fp32 vector (a column of a row-major matrix). bf16: each lane loads
 // the 32-bit word at its element, whose low half the element is; so p[(W - 1) ld + 1] must be readable too.
 inline VecF gather_column(const float* p, int64_t ld) {
@@ -234,6 +289,14 @@ void pack_activations(const T* x, int64_t m, int64_t k, int64_t kp, int64_t p0, 
       // (bf16: the last element of x is read one element past by the gather, so it is done below)
       const int64_t vector_end = std::is_same<T, float>::value || (p + 1) * kMr < m ? k : k - 1;
       int64_t kk = 0;
+      for (; kk + W <= k; kk += W) {  // W x W blocks transposed in registers
+        for (int v = 0; v < kMv; ++v) {
+          VecF block[W];
+          for (int j = 0; j < W; ++j) block[j] = VecF::load(src + (v * W + j) * k + kk);
+          transpose_square(block);
+          for (int t = 0; t < W; ++t) block[t].store(dst + (kk + t) * kMr + v * W);
+        }
+      }
       for (; kk < vector_end; ++kk)
         for (int v = 0; v < kMv; ++v) gather_column(src + v * W * k + kk, k).store(dst + kk * kMr + v * W);
       for (; kk < kp; ++kk)
@@ -443,8 +506,8 @@ Blocking blocking(int64_t n, int64_t k) {
   return b;
 }
 
-// out[i][r] = ct[r - r0][i] (+ bias[r]) for i0 <= i < i1, r0 <= r < r1, rounded once to T: W outputs of a row of out
-// gathered from W rows of ct at a time (ldct is no multiple of 4 KiB, so those rows do not share a cache set).
+// out[i][r] = ct[r - r0][i - i0] (+ bias[r]) for i0 <= i < i1, r0 <= r < r1, rounded once to T: W outputs of a row of
+// out gathered from W rows of ct at a time (ldct is no multiple of 4 KiB, so those rows do not share a cache set).
 // n: the row stride of out.
 template <typename T>
 void write_transposed(const float* ct, int64_t ldct, int64_t i0, int64_t i1, int64_t r0, int64_t r1, const T* bias,
@@ -453,12 +516,19 @@ void write_transposed(const float* ct, int64_t ldct, int64_t i0, int64_t i1, int
   for (; r + W <= r1; r += W) {
     const float* col = ct + (r - r0) * ldct;
     const VecF b = bias != nullptr ? VecF::load(bias + r) : VecF::zero();
-    for (int64_t i = i0; i < i1; ++i) (gather_column(col + i, ldct) + b).store(out + i * n + r);
+    int64_t i = i0;
+    for (; i + W <= i1; i += W) {  // W x W blocks transposed in registers
+      VecF block[W];
+      for (int j = 0; j < W; ++j) block[j] = VecF::load(col + j * ldct + (i - i0));
+      transpose_square(block);
+      for (int t = 0; t < W; ++t) (block[t] + b).store(out + (i + t) * n + r);
+    }
+    for (; i < i1; ++i) (gather_column(col + (i - i0), ldct) + b).store(out + i * n + r);
   }
   for (; r < r1; ++r) {
     const float* col = ct + (r - r0) * ldct;
     const float b = bias != nullptr ? to_f32(bias[r]) : 0.f;
-    for (int64_t i = i0; i < i1; ++i) out[i * n + r] = from_f32<T>(col[i] + b);
+    for (int64_t i = i0; i < i1; ++i) out[i * n + r] = from_f32<T>(col[i - i0] + b);
   }
 }
 
@@ -468,7 +538,7 @@ void gemm_tiles(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows, d
                 To* out) {
   LF_GEMM_TILE(kMv);
   const Blocking blk = blocking<kMv>(n, k);
-  const int64_t kp = round_up(k, W), panels = (m + kMr - 1) / kMr, mp = panels * kMr;
+  const int64_t kp = round_up(k, W), panels = (m + kMr - 1) / kMr;
   // the activations packed: as large as x in fp32
   thread_local std::vector<float> apack_reuse;
   const Scratch apack(apack_reuse, panels * kp * kMr);
@@ -484,11 +554,14 @@ void gemm_tiles(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows, d
     tile_storage.resize(blk.nc * kp + 64 / sizeof(float));
     float* const tile =
         reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tile_storage.data()) + 63) & ~uintptr_t{63});
-    // this chunk's output, transposed [nc][ldct]: as large as the output's share of this chunk. One
-    // cache line more than the panels (ldct * 4 bytes is then no multiple of 4 KiB: see write_transposed).
-    const int64_t ldct = mp + 64 / sizeof(float);
-    thread_local std::vector<float> ct_reuse;
-    const Scratch ct(ct_reuse, blk.nc * ldct);
+    // one panel's output for this chunk, transposed [nc][ldct], complete after the panel's last K block and then
+    // written out: small enough to stay in L1 / L2 across the K blocks (the whole chunk's output, kept until the last
+    // K block, outgrew L2 on long prompts and came back from L3 once per K block). One cache line more than the
+    // panel's rows, so that the rows of ct do not share a cache set (see write_transposed).
+    const int64_t ldct = kMr + 64 / sizeof(float);
+    thread_local std::vector<float> ct_storage;
+    ct_storage.resize(blk.nc * ldct);
+    float* const ct = ct_storage.data();
     thread_local std::vector<float> rows_fp32_storage;  // a strip's rows, kSegment elements of each
     rows_fp32_storage.resize(kNr * kSegmentStride + 64 / sizeof(float));
     float* const rows_fp32 =
@@ -526,21 +599,18 @@ void gemm_tiles(const T* x, int64_t m, int64_t n, int64_t k, const Rows& rows, d
       const int64_t row_lines = static_cast<int64_t>(k * bytes_per_weight) / 64 + 2;
       const int64_t tiles = (k + blk.kc - 1) / blk.kc * panels * strips;
       const int lines_per_tile = static_cast<int>((next_r1 - r1) * row_lines / tiles + 1);
-      for (int64_t pc = 0; pc < k; pc += blk.kc) {
-        const int64_t kc = std::min(blk.kc, k - pc), kcp = round_up(kc, W);
-        const float* block = tile + strips * pc * kNr;
-        const bool last = pc + kc == k;
-        for (int64_t p = 0; p < panels; ++p) {
+      for (int64_t p = 0; p < panels; ++p) {
+        for (int64_t pc = 0; pc < k; pc += blk.kc) {
+          const int64_t kc = std::min(blk.kc, k - pc), kcp = round_up(kc, W);
+          const float* block = tile + strips * pc * kNr;
           const float* a = ap + (p * kp + pc) * kMr;
           for (int64_t s = 0; s < strips; ++s) {
             ahead.step(lines_per_tile);
-            float* o = ct.get() + s * kNr * ldct + p * kMr;
-            const float* o_next = s + 1 < strips ? o + kNr * ldct : ct.get() + (p + 1 < panels ? p + 1 : 0) * kMr;
-            micro_tile<kMv>(a, block + s * kcp * kNr, kcp, o, ldct, pc > 0, o_next);
+            float* o = ct + s * kNr * ldct;
+            micro_tile<kMv>(a, block + s * kcp * kNr, kcp, o, ldct, pc > 0, s + 1 < strips ? o + kNr * ldct : ct);
           }
-          // this panel's outputs are complete and still in cache
-          if (last) write_transposed(ct.get(), ldct, p * kMr, std::min(m, (p + 1) * kMr), r0, r1, bias, out, n);
         }
+        write_transposed(ct, ldct, p * kMr, std::min(m, (p + 1) * kMr), r0, r1, bias, out, n);
       }
     }
   });
@@ -572,6 +642,7 @@ void gemm_kquant_weights(const T* x, int64_t m, const std::vector<kquant::Segmen
   gemm_blocked(x, m, rows.n(), k, rows, rows.bytes_per_weight(), static_cast<const float*>(nullptr), out);
 }
 
+#pragma GCC diagnostic pop
 #undef LF_GEMM_TILE
 
 }  // namespace LF_ISA
