@@ -9,8 +9,9 @@
 //   dequantize_rows does: code * scale + offset; ggml blocks a row at a time as kquant::dequantize_rows does,
 //   cpu/ggml_dequant.h), reading each row from start to end, into a tile of nc x K floats
 //   in half of L2 cut into K blocks of kc, while its next chunk's weights are prefetched into L2;
-// - per K block, every panel of activations (kc x kMr floats, a quarter of L1: the rest holds the weights
-//   streaming through) is multiplied with the chunk's block of the tile;
+// - panel by panel of activations, per K block (kc x kMr floats, half of L1: the rest holds the weights streaming
+//   through and the output tile), the panel's block is multiplied with the chunk's block of the tile; the panel's
+//   outputs for the chunk, complete after its last K block, are then written out;
 // - the micro-kernel keeps a kMr x kNr tile of the output in registers (AVX-512: 32 x 12 in 24 zmm accumulators,
 //   AVX2: 16 x 6 in 12 ymm; for at most one vector of rows, a batched decode step: 16 x 24 / 8 x 12), vectors
 //   along the activation rows, each weight broadcast.
@@ -491,8 +492,11 @@ Blocking blocking(int64_t n, int64_t k) {
   LF_GEMM_TILE(kMv);
   const CacheSizes caches = cache_sizes();
   Blocking b;
-  // an activation panel (kc x kMr floats) in a quarter of L1: 96 on a 48 KiB L1, 64 on 32 KiB (AVX-512)
-  b.kc = std::max<int64_t>(W, caches.l1d / 4 / (kMr * int64_t{sizeof(float)}) / W * W);
+  // an activation panel (kc x kMr floats) in half of L1: 192 on a 48 KiB L1, 128 on 32 KiB (AVX-512). A quarter (96
+  // on the Ice Lake guest) left the micro-kernel's per-call work (the output tile loaded, added, stored) and the
+  // strip switches a larger share: 1 thread, ours / torch.mm at 512 x 1536 x 576 0.67-0.69 -> 0.68-0.75, 2048 x 576
+  // x 1536 0.69-0.75 -> 0.80 (alternating runs of the two builds, each against torch.mm in the same process)
+  b.kc = std::max<int64_t>(W, caches.l1d / 2 / (kMr * int64_t{sizeof(float)}) / W * W);
   b.kc = std::min(b.kc, round_up(k, W));
   // a chunk's weight tile (nc x K floats, all of its K blocks) in half of L2
   const int64_t nc_cache =
