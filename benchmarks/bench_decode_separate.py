@@ -13,6 +13,7 @@ comparison.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_decode_separate.py [--models smollm2,llama-1b]
         [--formats F32,F16,Q8_0,Q4_0,Q4_1] [--contexts 128,4096] [--steps 32] [--rounds 3] [--threads 2]
+        [--kv-cache-dtype float16]
 
 Files: the demo model (SmolLM2-135M, Q4_1 as shipped; F32 / F16 dense copies; Q8_0 / Q4_0 made from the F32 copy by
 llama.cpp's quantizer), a random 1B-shaped Llama (benchmarks/_random_gguf.py; F16, quantized by llama.cpp) and a
@@ -50,13 +51,13 @@ def prompt_ids(n: int) -> list[int]:
     return [rng.randrange(100, 20000) for _ in range(n)]
 
 
-def measure_llama_fast(path: str, fmt: str, context: int, steps: int) -> dict:
+def measure_llama_fast(path: str, fmt: str, context: int, steps: int, kv_cache_dtype: str | None = None) -> dict:
     import torch
 
     import llama_fast
     dtype = {"F32": torch.float32, "F16": torch.bfloat16}.get(fmt, torch.float32)
     t0 = time.perf_counter()
-    model = llama_fast.LlamaForCausalLM.from_pretrained(path, dtype=dtype, device="cpu")
+    model = llama_fast.LlamaForCausalLM.from_pretrained(path, dtype=dtype, device="cpu", kv_cache_dtype=kv_cache_dtype)
     load_s = time.perf_counter() - t0
     ids = torch.tensor([prompt_ids(context)])
     with torch.inference_mode():
@@ -130,7 +131,8 @@ def worker(spec: dict) -> dict:
     if "ids" in spec:
         return next_token_ids(spec)
     if spec["engine"] == "llama_fast":
-        return measure_llama_fast(spec["path"], spec["format"], spec["context"], spec["steps"])
+        return measure_llama_fast(spec["path"], spec["format"], spec["context"], spec["steps"],
+                                  spec.get("kv_cache_dtype"))
     return measure_llama_cpp(spec["path"], spec["format"], spec["context"], spec["steps"], spec["threads"])
 
 
@@ -274,6 +276,9 @@ def main():
     p.add_argument("--agreement-tokens", type=int, default=0,
                    help="also: top-1 agreement of each file with the same engine's F32 file over this many tokens of "
                         "tests/data/public_domain_english.txt (SmolLM2 only: the random model's is meaningless)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=["bfloat16", "float16", "float32", "int8"],
+                   help="llama_fast's KV cache storage (default: the model dtype, as transformers). llama.cpp keeps "
+                        "F16 keys and values whatever the weights, so at long contexts float16 compares the same bytes")
     p.add_argument("--out", default=os.path.join(RESULTS, "decode_separate.json"))
     args = p.parse_args()
     if args.worker:
@@ -296,7 +301,9 @@ def main():
     from _machine import cpu_record, write_result
     machine = cpu_record()
     results = {"cpu": cpu_description(), "isa": machine.get("isa"), "kernel_tuning": machine.get("kernel_tuning"),
-               "threads": args.threads, "steps": args.steps, "rounds": args.rounds, "read_bandwidth_GBps": [],
+               "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
+               "kv_cache": {"llama_fast": args.kv_cache_dtype or "model dtype", "llama.cpp": "f16 (its default)"},
+               "read_bandwidth_GBps": [],
                "load_average": [], "cases": []}
     runs = {(c["model"], c["format"], c["context"], e): [] for c in cases for e in ENGINES}
     for r in range(args.rounds):
@@ -305,7 +312,8 @@ def main():
         for i, case in enumerate(cases):
             order = ENGINES if (r + i) % 2 == 0 else ENGINES[::-1]     # alternate which engine goes first
             for engine in order:
-                spec = dict(case, engine=engine, steps=args.steps, threads=args.threads)
+                spec = dict(case, engine=engine, steps=args.steps, threads=args.threads,
+                            kv_cache_dtype=args.kv_cache_dtype)
                 out = run_in_process(spec, args.timeout)
                 out["context"] = case["context"]
                 runs[(case["model"], case["format"], case["context"], engine)].append(out)
