@@ -349,7 +349,8 @@ void attention_task(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, in
   VecF S[4];
   for (int64_t j0 = k0; j0 < kend; j0 += W) {
     const int64_t jn = std::min<int64_t>(W, kend - j0);
-    if (jn == W && D % W == 0) {  // a whole block: W keys x W dimensions at a time, transposed in registers
+    const bool whole_block = jn == W && D % W == 0;
+    if (whole_block) {  // W keys x W dimensions at a time, transposed in registers
       for (int64_t d0 = 0; d0 < D; d0 += W) {
         VecF block[W];
         for (int64_t j = 0; j < W; ++j) {
@@ -365,7 +366,7 @@ void attention_task(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, in
         for (int64_t d = 0; d < W; ++d) block[d].store(kt.data() + (d0 + d) * W);
       }
     }
-    for (int64_t j = 0; j < W && !(jn == W && D % W == 0); ++j) {
+    for (int64_t j = 0; j < W && !whole_block; ++j) {  // element by element
       if (j < jn) {
         const char* kr = k + (j0 + j) * a.k_st * kv_bytes<KV>();
         const char* vr = v + (j0 + j) * a.v_st * kv_bytes<KV>();

@@ -148,8 +148,9 @@ class Scratch {
 
 // c[j * ldc + i] (+)= sum_{kk < kcp} a[kk * kMr + i] * b[kk / W][j][kk % W] for j < kNr, i < kMr.
 // a: a packed activation panel [kcp][kMr]; b: a packed weight strip [kcp / W][kNr][W]. `c_next`: the tile of the
-// next call, fetched into cache meanwhile (the output tiles of a chunk outgrow L2 on long prompts, and waiting for
-// them from L3 cost ~15% of the time).
+// next call, fetched into L1 meanwhile (when the whole chunk's output tiles were kept across the K blocks they
+// outgrew L2 on long prompts, and waiting for them from L3 cost ~15% of the time; a panel's are now kept, which fit
+// L2, but the next tile still has to come into L1).
 template <int kMv>
 inline void micro_tile(const float* a, const float* b, int64_t kcp, float* c, int64_t ldc, bool accumulate,
                        const float* c_next) {
