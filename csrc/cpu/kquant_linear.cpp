@@ -154,10 +154,7 @@ struct HardF16 {
 // of its share of the bandwidth on a stream read once (as in quant_linear_vnni.cpp). cpu::tuning().prefetch_bytes
 // (from the L1d size; LLAMA_FAST_PREFETCH_BYTES overrides it).
 inline int64_t prefetch_bytes() { return tuning().prefetch_bytes; }
-// A second prefetch, into L2, this many times further ahead: a core has only as many misses to L1 in flight as it
-// has fill buffers, which the L1 prefetches fill; the L2 ones keep more lines coming from DRAM. SmolLM2's Q8_0 token
-// table (30 MB, lm_head) on two threads: 17 -> 19 GB/s of 28 (Xeon, family 6 model 167); 2x-4x measured alike.
-constexpr int64_t kL2PrefetchFactor = 4;
+// A second prefetch goes kL2PrefetchFactor (kquant_linear.h) times further, into L2.
 
 // M activation rows x weight rows [n0, n1) of a Q5_0 / Q5_1 / Q8_0 segment: blocks of 32 weights, each with its
 // own fp16 scale d (and Q5_1's fp16 offset m), so there is no integer scale to fold into the codes: every block's

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/kquant_linear.h"
 #include "cpu/tuning.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -202,7 +203,7 @@ void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const flo
 }
 
 // The int8 counterpart of block(): R weight rows x M activation rows, 32 codes per step. Besides the L1
-// prefetch, one into L2 4x further ahead (as kquant_linear.cpp's kL2PrefetchFactor: the L1 prefetches alone fill
+// prefetch, one into L2 kquant::kL2PrefetchFactor times further ahead (kquant_linear.h: the L1 prefetches alone fill
 // the core's fill buffers).
 template <int R, int M, bool kTwoLimbs>
 void block8(const QuantWeight& w, const int16_t* xp, const float* xsum, const float* xscale, int64_t row, float* out,
@@ -221,7 +222,7 @@ void block8(const QuantWeight& w, const int16_t* xp, const float* xsum, const fl
       const __m512 s = _mm512_set1_ps(sc[r * halves + c / 32]);
       const int8_t* qc = q + (row + r) * k + c;
       _mm_prefetch(reinterpret_cast<const char*>(qc + ahead), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(qc + 4 * ahead), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(qc + kquant::kL2PrefetchFactor * ahead), _MM_HINT_T1);
       const __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc)));
       for (int mm = 0; mm < M; ++mm) {
         const int16_t* xc = xp + mm * 2 * k + 2 * c;
