@@ -51,15 +51,18 @@ def load(variant: str):
 def step_times(model, batch: int, steps: int, clock=time.perf_counter) -> list[float]:
     """Seconds of each of `steps` decode steps (after 3 unmeasured ones) of `batch` rows, by `clock` (wall
     time, or time.process_time: the CPU time of this process, which on a shared machine counts the work done
-    rather than the waits for a core; meaningful with one thread)."""
+    rather than the waits for a core; meaningful with one thread). The pick is generate()'s (greedy_choice: on the
+    CPU llama_fast's argmax kernel; ATen's argmax took ~1 ms of an 8-row step and left its OpenMP threads spinning
+    into the next one)."""
+    from llama_fast.cuda_graphs import greedy_choice
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(100, 10000, (batch, PROMPT_TOKENS), generator=gen)
     cache = model.model.new_cache(batch, PROMPT_TOKENS + steps + 4)
-    tok = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    tok = greedy_choice(model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1])[:, None]
     times = []
     for i in range(steps + 3):
         t0 = clock()
-        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        tok = greedy_choice(model(tok, past_key_values=cache, use_cache=True).logits[:, -1])[:, None]
         if i >= 3:
             times.append(clock() - t0)
     return times

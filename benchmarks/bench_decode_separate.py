@@ -55,6 +55,7 @@ def measure_llama_fast(path: str, fmt: str, context: int, steps: int, kv_cache_d
     import torch
 
     import llama_fast
+    from llama_fast.cuda_graphs import greedy_choice  # generate()'s greedy pick (the CPU argmax kernel)
     dtype = {"F32": torch.float32, "F16": torch.bfloat16}.get(fmt, torch.float32)
     t0 = time.perf_counter()
     model = llama_fast.LlamaForCausalLM.from_pretrained(path, dtype=dtype, device="cpu", kv_cache_dtype=kv_cache_dtype)
@@ -65,12 +66,12 @@ def measure_llama_fast(path: str, fmt: str, context: int, steps: int, kv_cache_d
         t0 = time.perf_counter()
         out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         prefill_s = time.perf_counter() - t0
-        tok = out.logits[:, -1:].argmax(-1)
+        tok = greedy_choice(out.logits[:, -1])[:, None]
         step_s, step_cpu_s = [], []
         for _ in range(steps):
             t0, c0 = time.perf_counter(), time.process_time()
             out = model(tok, past_key_values=cache, use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
+            tok = greedy_choice(out.logits[:, -1])[:, None]
             step_s.append(time.perf_counter() - t0)
             step_cpu_s.append(time.process_time() - c0)
     return {"load_s": load_s, "prefill_s": prefill_s, "step_s": step_s, "step_cpu_s": step_cpu_s,

@@ -104,6 +104,11 @@ inline AttentionArgs with_kv_cache(AttentionArgs a, KvType kv, const float* k_sc
   return a;
 }
 
+// ---- greedy choice (argmax.cpp) -----------------------------------------------------------------------------
+// out[r] = the first index of the maximum of scores[r * ld .. r * ld + n - 1] (n >= 1), a NaN counting as the
+// maximum: torch.argmax(scores, -1).
+void argmax_rows(bool bf16, const void* scores, int64_t rows, int64_t n, int64_t ld, int64_t* out);
+
 // ---- elementwise (silu_and_mul.cpp) --------------------------------------------------------------------------
 // gate_up [rows, 2I] = [gate | up] -> out [rows, I] = silu(gate) * up.
 void silu_and_mul(bool bf16, const void* gate_up, void* out, int64_t rows, int64_t inter);

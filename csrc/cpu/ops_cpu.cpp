@@ -350,6 +350,18 @@ void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int6
   check_bias_shape(*bias, x, n, op);
 }
 
+// scores [B, V] fp32 / bf16 -> int64 [B]: torch.argmax(scores, -1) (first maximal index, NaN the maximum).
+at::Tensor argmax(const at::Tensor& scores) {
+  const char* op = "cpu_argmax";
+  check_activation(scores, op, "scores");
+  TORCH_CHECK(scores.dim() == 2, op, ": scores must be 2-D [B, V], got shape ", scores.sizes());
+  TORCH_CHECK(scores.size(1) > 0, op, ": scores has no columns (an argmax over nothing)");
+  const auto s = scores.stride(1) == 1 ? scores : scores.contiguous();
+  auto out = at::empty({s.size(0)}, s.options().dtype(at::kLong));
+  cpu::argmax_rows(is_bf16(s), s.data_ptr(), s.size(0), s.size(1), s.stride(0), out.data_ptr<int64_t>());
+  return out;
+}
+
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const char* op = "cpu_linear";
   check_activation(x, op, "x");
@@ -484,6 +496,8 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
   // Dense x @ weight^T (+ bias): GEMV kernels for decode-sized batches (<= 8 rows), GEMM beyond.
   m.def("cpu_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // The most activation rows the GEMV kernels (and so a CPU decode step) take: cpu::kMaxGemvRows.
+  // Greedy decoding's choice: torch.argmax(scores, -1) for scores [B, V] fp32 / bf16, without ATen's OpenMP team.
+  m.def("cpu_argmax(Tensor scores) -> Tensor");
   m.def("cpu_max_gemv_rows() -> int", []() -> int64_t { return cpu::kMaxGemvRows; });
   // attention / store_kv_ over a KV cache of any kv_cache_dtype: k/v caches fp32, bf16, fp16, or int8 with
   // fp32 scales [B, S, Hkv] (llama_fast.cache.StaticCache; the reference: llama_fast/ops/reference.py).
@@ -550,6 +564,7 @@ TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {
   m.impl("quant_linear", &quant_linear);
   m.impl("store_kv_", &store_kv_);
   m.impl("cpu_linear", &dense_linear);
+  m.impl("cpu_argmax", &argmax);
   m.impl("cpu_attention", &cpu_attention);
   m.impl("cpu_store_kv_", &cpu_store_kv_);
   m.impl("cpu_quant_linear_amx", &cpu_quant_linear_amx);

@@ -104,6 +104,10 @@ if _native.extension() is not None:
     def _cpu_linear_fake(x, weight, bias):
         return x.new_empty(x.shape[:-1] + (weight.shape[0],))
 
+    @torch.library.register_fake("llama_fast::cpu_argmax")
+    def _cpu_argmax_fake(scores):
+        return scores.new_empty(scores.shape[:1], dtype=torch.long)
+
     @torch.library.register_fake("llama_fast::cpu_attention")
     def _cpu_attention_fake(q, k, v, causal, kv_lens, scale, k_scale, v_scale):
         return q.new_empty(q.shape)

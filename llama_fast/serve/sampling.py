@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llama_fast import logits_process
+from llama_fast.cuda_graphs import greedy_choice
 
 
 @dataclass
@@ -101,7 +102,7 @@ def choose_rows(samplers: list[RowSampler], logits: torch.Tensor, rows: list[int
     tokens = [0] * len(samplers)
     plain = [i for i, sampler in enumerate(samplers) if sampler.plain_greedy]
     if plain:
-        argmax = logits.max(dim=-1).indices.tolist()
+        argmax = greedy_choice(logits).tolist()
         for i in plain:
             tokens[i] = argmax[rows[i]]
     for i, sampler in enumerate(samplers):
