@@ -2,8 +2,8 @@
 
 AVX-512 / AVX2 / portable code paths are picked at run time (LLAMA_FAST_CPU_ISA lowers the choice, `set_isa`
 does the same within a process, for tests). Besides the core ops of csrc/bindings.cpp this backend declares
-CPU-only extra ops (cpu_linear, cpu_isa, cpu_max_gemv_rows, cpu_attention / cpu_store_kv_ for a KV cache of any
-kv_cache_dtype; the decode step in cpu_decode.py).
+CPU-only extra ops (cpu_linear, cpu_argmax, cpu_isa, cpu_max_gemv_rows, cpu_attention / cpu_store_kv_ for a KV
+cache of any kv_cache_dtype; the decode step in cpu_decode.py).
 """
 from __future__ import annotations
 
