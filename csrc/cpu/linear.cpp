@@ -67,10 +67,10 @@ void dense_linear(bool bf16, const void* x, const void* w, const void* bias, voi
   // bf16 weights are software-prefetched unless they lie on huge pages and the CPU is not one that gains from it
   // there (tuning.h prefetch_on_huge_pages). fp32 rows only where it gains: elsewhere (Zen 4) they streamed at ~90%
   // of the bandwidth without it and 3% slower with it; on the Intel Xeon SmolLM2's fp32 decode went from 48.6-50 to
-  // 52-55 tok/s with it (2 threads, huge pages). More than one row always prefetches: each weight line then takes m
-  // times the work, and without the prefetch the Zen 4 guest's bf16 GEMV at 8 rows waited on the weight loads (58%
-  // of its samples on the instruction after them) and streamed at ~9 GB/s; SmolLM2 bf16 batch 8, 2 threads, runs
-  // alternated: 189-217 tok/s without, 275-326 with it.
+  // 52-55 tok/s with it (2 threads, huge pages). More than one row always prefetches (into L2: row_tiles.h
+  // prefetch_gemv_weights): each weight line then takes m times the work, and without the prefetch the Zen 4 guest's
+  // bf16 GEMV at 8 rows waited on the weight loads (58% of its samples on the instruction after them) and streamed at
+  // ~9 GB/s (SmolLM2 bf16 batch 8, 2 threads, runs alternated: 189-217 tok/s without, 275-326 with it into L1).
   const int64_t ahead = m > 1                                     ? tuning().prefetch_bytes
                         : bf16 || tuning().prefetch_on_huge_pages ? dense_prefetch_bytes(w)
                                                                   : 0;
@@ -107,7 +107,7 @@ void gemv_block_dpbf16(const uint16_t* x, const uint16_t* w, const uint16_t* bia
     __m512bh xv[M];
     for (int mm = 0; mm < M; ++mm) xv[mm] = (__m512bh)_mm512_loadu_si512(x + mm * k + kk);
     for (int r = 0; r < R; ++r) {
-      if (ahead > 0) prefetch_ahead(w + (row + r) * k + kk, ahead);
+      if (ahead > 0) prefetch_gemv_weights<M>(w + (row + r) * k + kk, ahead);
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (row + r) * k + kk);
       for (int mm = 0; mm < M; ++mm) acc[r][mm] = _mm512_dpbf16_ps(acc[r][mm], wv, xv[mm]);
     }

@@ -35,14 +35,34 @@ static_assert(kTileWeightRows * kTileActRows + std::min(kTileWeightRows, kTileAc
 // The weight rows of a tiled call come in blocks of this many rows (callers align the threads' row ranges to it).
 inline void tile_weight_rows_into(int64_t& rows) { rows = kTileWeightRows; }
 
-// The weights are read once per call: ask for them cpu::tuning().prefetch_bytes ahead of use (from the L1d size).
-// The hardware prefetcher alone left the int4/int8 kernels at half a core's DRAM share (see
-// quant_linear_vnni.cpp), and bf16 decode at 70% of the bandwidth (61 -> 68-72 tok/s on the demo model with 8 KiB).
-// `ahead` is read from tuning() once per kernel call by the caller: tuning() is an out-of-line call (a function-local
-// static behind a guard), which once per cache line held the bf16 GEMV at ~15 GB/s of compute on a Zen 4 core.
-inline void prefetch_ahead(const void* p, int64_t ahead) {
+// The weights are read once per call: the kernels ask for them ahead of use. The hardware prefetcher alone left the
+// int4/int8 kernels at half a core's DRAM share (see quant_linear_vnni.cpp), and bf16 decode at 70% of the bandwidth
+// (61 -> 68-72 tok/s on the demo model with 8 KiB ahead). The GEMVs' `ahead` (cpu::tuning().prefetch_bytes, from the
+// L1d size) is read from tuning() once per kernel call by the caller: tuning() is an out-of-line call (a
+// function-local static behind a guard), which once per cache line held the bf16 GEMV at ~15 GB/s of compute on a
+// Zen 4 core.
+
+// One line into L2 (the tiled kernel's next block: it waits a whole block of tiles for its use, see tiled_rows).
+inline void prefetch_into_l2(const void* p) {
 #ifdef LF_HAVE_X86
-  _mm_prefetch(static_cast<const char*>(p) + ahead, _MM_HINT_T0);
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+#else
+  (void)p;
+#endif
+}
+
+// The dense GEMVs' weight prefetch for M activation rows: into L1 for one row (as measured on the Intel Xeon and
+// Zen 4), into L2 for more. With M rows each weight line takes M times the work, so the lines prefetched ahead wait
+// longer for their use, and into L1 they hold its few fill buffers all that time: on the Zen 4 guest (2 threads,
+// weights on huge pages, SmolLM2's 3072 x 576 bf16) the vdpbf16ps GEMV streamed 19-23 GB/s at 4 rows and 17-19 at 8
+// with the prefetch into L1, 30-31 and 20-22 into L2 (one row: ~32 either way, the bandwidth).
+template <int M>
+inline void prefetch_gemv_weights(const void* p, int64_t ahead) {
+#ifdef LF_HAVE_X86
+  if constexpr (M == 1)
+    _mm_prefetch(static_cast<const char*>(p) + ahead, _MM_HINT_T0);
+  else
+    _mm_prefetch(static_cast<const char*>(p) + ahead, _MM_HINT_T1);
 #else
   (void)p, (void)ahead;
 #endif
@@ -83,7 +103,7 @@ void tile_dot(const Tin* w, const Tin* x, int64_t k, const T* bias, T* out, int6
     if constexpr (kPrefetch) {
       if (--countdown == 0) {
         countdown = every;
-        for (int r = 0; r < R; ++r) prefetch_ahead(pf + r * row_bytes, 0);
+        for (int r = 0; r < R; ++r) prefetch_into_l2(pf + r * row_bytes);
         pf += 64;
       }
     }
@@ -99,7 +119,7 @@ void tile_dot(const Tin* w, const Tin* x, int64_t k, const T* bias, T* out, int6
       for (int mm = 0; mm < M; ++mm) xv[mm] = VecF::load(x + mm * k + kk);
       for (int r = 0; r < R; ++r) {
         // ahead: from the caller (linear.cpp's GEMVs, tuning.h), 0 = no software prefetch
-        if (ahead > 0 && (kk * sizeof(Tin)) % 64 == 0) prefetch_ahead(w + r * k + kk, ahead);  // once per line
+        if (ahead > 0 && (kk * sizeof(Tin)) % 64 == 0) prefetch_gemv_weights<M>(w + r * k + kk, ahead);  // per line
         const VecF wv = VecF::load(w + r * k + kk);
         for (int mm = 0; mm < M; ++mm) acc[r][mm] = VecF::fma(wv, xv[mm], acc[r][mm]);
       }
@@ -162,8 +182,10 @@ void tile_rows(const float* w, const float* x, int64_t m, int64_t k, const T* bi
 // int8) is read whole before its first tile, so its lines are all asked for during the first tile. The tiled kernel
 // alone, SmolLM2's 3072 x 576 from memory, G multiply-adds/s, none / all in the first tile / spread: fp32 at 8 rows
 // 16.7 / 22.6 / 28.8, 16 rows 23 / 27 / 33; int4 at 8 rows 25 with either (the spread version cost int4 / int8 ~5%
-// op by op and in batched decode). Fetching two or more blocks ahead, or into L2 instead of L1, changed nothing
-// measurable.
+// op by op and in batched decode). Fetching two or more blocks ahead changed nothing measurable there, nor did
+// fetching into L2 instead of L1; on the Zen 4 guest L2 is much better (2 threads, weights on huge pages, the same
+// 3072 x 576 fp32, GB/s into L1 / into L2: 4 rows 17-18 / 26, 8 rows 17 / 26, 16 rows 13 / 15): lines fetched into L1
+// a block ahead hold its few fill buffers until they are read, which caps the lines in flight.
 template <typename T, typename Fp32Rows>
 void tiled_rows(const float* x, int64_t m, int64_t k, const T* bias, T* out, int64_t ldo, int64_t n0, int64_t n1,
                 const void* weights, int64_t row_bytes, Fp32Rows fp32_rows) {
