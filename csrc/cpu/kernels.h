@@ -17,6 +17,9 @@ constexpr int64_t kMaxGemvRows = 64;
 // registers: memory bound). linear.cpp and quant_linear.cpp pick them or the tiled multi-row kernel of
 // cpu/row_tiles.h (compute bound) by the number of rows.
 constexpr int64_t kGemvBlockRows = 8;
+// The most rows the vdpbf16ps GEMV of linear.cpp takes (bf16 weights and activations, AVX512-BF16): its activation
+// vectors are operands straight from L1, so 16 rows' accumulators still fit the registers.
+constexpr int64_t kDpbf16GemvRows = 16;
 
 // LF_CPU_DISPATCH_DTYPE(bf16, T, body...): runs `body` with T = uint16_t (bf16 bit patterns) when bf16 is true,
 // else with T = float: the one place the kernels turn their `bool bf16` into an element type.

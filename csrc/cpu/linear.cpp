@@ -36,11 +36,12 @@ void dense_linear(bool bf16, const void* x, const void* w, const void* bias, voi
   const bool dp = bf16 && isa() == Isa::kAvx512Bf16;
   // From this many rows the tiled kernel beats the GEMV (demo model's shapes): 4, where the GEMV spends an FMA per
   // weight and row as the tiles do but also loads every activation vector again per weight row (and widens it, bf16),
-  // the tiles only per block of rows. The vdpbf16ps GEMV (bf16 products in pairs, no widening) holds up to
-  // kGemvBlockRows rows against tiles that first widen the weights. Zen 3 (AVX2, 1 thread), G multiply-adds/s
-  // GEMV / tiles, bf16 at 4 rows 15.7-17.0 / 15.6-17.5, 6 rows 16.6-18.2 / 18.5-24.3, 8 rows 17.8-18.2 / 22.0-24.3
-  // (docs/KERNELS.md).
-  const int64_t tiled_from = dp ? kGemvBlockRows + 1 : 4;
+  // the tiles only per block of rows. Zen 3 (AVX2, 1 thread), G multiply-adds/s GEMV / tiles, bf16 at 4 rows
+  // 15.7-17.0 / 15.6-17.5, 6 rows 16.6-18.2 / 18.5-24.3, 8 rows 17.8-18.2 / 22.0-24.3 (docs/KERNELS.md). The
+  // vdpbf16ps GEMV (32 bf16 products per instruction, no widening) holds up to kDpbf16GemvRows rows against tiles
+  // that first widen the weights and then do 16 per FMA: on the Zen 4 guest (2 threads, huge pages, 3072 x 576) the
+  // tiles took 509 us at 16 rows, the GEMV at 8 rows 164.
+  const int64_t tiled_from = dp ? kDpbf16GemvRows + 1 : 4;
   if (m >= tiled_from) {
     // fp32 activation rows for the tiled kernel (bf16 widened here once, exactly)
     const float* xf = static_cast<const float*>(x);
@@ -95,68 +96,74 @@ namespace cpu {
 namespace LF_ISA {
 
 #if LF_ISA_LEVEL == 2
-// bf16 x bf16 with vdpbf16ps: 32 products per instruction, fp32 accumulation.
-template <int R, int M>
-void gemv_block_dpbf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t n, int64_t k,
-                       int64_t row, int64_t ahead) {
-  __m512 acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int mm = 0; mm < M; ++mm) acc[r][mm] = _mm512_setzero_ps();
+// bf16 x bf16 with vdpbf16ps: 32 products per instruction, fp32 accumulation. One weight row against M activation
+// rows: each activation vector is an operand of its dot product straight from L1 (no registers held for them, so M
+// up to 16 keeps its 16 accumulators in registers).
+template <int M>
+void gemv_row_dpbf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t n, int64_t k,
+                     int64_t row, int64_t ahead) {
+  __m512 acc[M];
+  for (int mm = 0; mm < M; ++mm) acc[mm] = _mm512_setzero_ps();
+  const uint16_t* wr = w + row * k;
   int64_t kk = 0;
   for (; kk + 32 <= k; kk += 32) {
-    __m512bh xv[M];
-    for (int mm = 0; mm < M; ++mm) xv[mm] = (__m512bh)_mm512_loadu_si512(x + mm * k + kk);
-    for (int r = 0; r < R; ++r) {
-      if (ahead > 0) prefetch_gemv_weights<M>(w + (row + r) * k + kk, ahead);
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (row + r) * k + kk);
-      for (int mm = 0; mm < M; ++mm) acc[r][mm] = _mm512_dpbf16_ps(acc[r][mm], wv, xv[mm]);
-    }
+    if (ahead > 0) prefetch_gemv_weights<M>(wr + kk, ahead);
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + kk);
+    for (int mm = 0; mm < M; ++mm)
+      acc[mm] = _mm512_dpbf16_ps(acc[mm], wv, (__m512bh)_mm512_loadu_si512(x + mm * k + kk));
   }
-  for (int r = 0; r < R; ++r) {
-    for (int mm = 0; mm < M; ++mm) {
-      float s = _mm512_reduce_add_ps(acc[r][mm]);
-      for (int64_t t = kk; t < k; ++t) s += to_f32(w[(row + r) * k + t]) * to_f32(x[mm * k + t]);
-      if (bias != nullptr) s += to_f32(bias[row + r]);
-      out[mm * n + row + r] = from_f32<uint16_t>(s);
-    }
+  for (int mm = 0; mm < M; ++mm) {
+    float s = _mm512_reduce_add_ps(acc[mm]);
+    for (int64_t t = kk; t < k; ++t) s += to_f32(wr[t]) * to_f32(x[mm * k + t]);
+    if (bias != nullptr) s += to_f32(bias[row]);
+    out[mm * n + row] = from_f32<uint16_t>(s);
   }
+}
+
+// Weight rows n0..n1-1 against m (1..M) activation rows, M a compile-time bound (one instantiation per row count).
+template <int M>
+void dpbf16_rows(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t m, int64_t n,
+                 int64_t k, int64_t n0, int64_t n1, int64_t ahead) {
+  if constexpr (M > 1) {
+    if (m < M) return dpbf16_rows<M - 1>(x, w, bias, out, m, n, k, n0, n1, ahead);
+  }
+  // One weight row at a time, all rows against it: the weights stream strictly sequentially (see gemv_rows_m).
+  for (int64_t row = n0; row < n1; ++row) gemv_row_dpbf16<M>(x, w, bias, out, n, k, row, ahead);
 }
 #endif
 
 template <typename T, int M>
 void gemv_rows_m(const T* x, const T* w, const T* bias, T* out, int64_t n, int64_t k, int64_t n0, int64_t n1,
-                 bool dpbf16, int64_t ahead) {
+                 int64_t ahead) {
   // One weight row at a time, all M activation rows against it: the weights stream strictly sequentially. Several
   // rows interleaved (4 here before) are several short streams K elements apart, which an AMD Zen 4 core's
   // prefetchers followed at 13.5 GB/s against 23-24 for one stream (SmolLM2 fp32, one thread, decode profile);
   // llama.cpp's GEMV reads rows one after another too.
-#if LF_ISA_LEVEL == 2
-  if constexpr (std::is_same<T, uint16_t>::value) {
-    if (dpbf16) {
-      for (int64_t row = n0; row < n1; ++row) gemv_block_dpbf16<1, M>(x, w, bias, out, n, k, row, ahead);
-      return;
-    }
-  }
-#endif
-  (void)dpbf16;
   for (int64_t row = n0; row < n1; ++row)
     tile_dot<1, M>(w + row * k, x, k, bias ? bias + row : nullptr, out + row, n, ahead);
 }
 
 static_assert(kGemvBlockRows == 8, "gemv_rows has one case per row count up to kGemvBlockRows");
 
+// dpbf16: bf16 weights and activations on a CPU with AVX512-BF16 (the vdpbf16ps GEMV, up to kDpbf16GemvRows rows).
 template <typename T>
 void gemv_rows(const T* x, const T* w, const T* bias, T* out, int64_t m, int64_t n, int64_t k, int64_t n0, int64_t n1,
                bool dpbf16, int64_t ahead) {
+#if LF_ISA_LEVEL == 2
+  if constexpr (std::is_same<T, uint16_t>::value) {
+    if (dpbf16) return dpbf16_rows<kDpbf16GemvRows>(x, w, bias, out, m, n, k, n0, n1, ahead);
+  }
+#endif
+  (void)dpbf16;
   switch (m) {
-    case 1: return gemv_rows_m<T, 1>(x, w, bias, out, n, k, n0, n1, dpbf16, ahead);
-    case 2: return gemv_rows_m<T, 2>(x, w, bias, out, n, k, n0, n1, dpbf16, ahead);
-    case 3: return gemv_rows_m<T, 3>(x, w, bias, out, n, k, n0, n1, dpbf16, ahead);
-    case 4: return gemv_rows_m<T, 4>(x, w, bias, out, n, k, n0, n1, dpbf16, ahead);
-    case 5: return gemv_rows_m<T, 5>(x, w, bias, out, n, k, n0, n1, dpbf16, ahead);
-    case 6: return gemv_rows_m<T, 6>(x, w, bias, out, n, k, n0, n1, dpbf16, ahead);
-    case 7: return gemv_rows_m<T, 7>(x, w, bias, out, n, k, n0, n1, dpbf16, ahead);
-    default: return gemv_rows_m<T, 8>(x, w, bias, out, n, k, n0, n1, dpbf16, ahead);
+    case 1: return gemv_rows_m<T, 1>(x, w, bias, out, n, k, n0, n1, ahead);
+    case 2: return gemv_rows_m<T, 2>(x, w, bias, out, n, k, n0, n1, ahead);
+    case 3: return gemv_rows_m<T, 3>(x, w, bias, out, n, k, n0, n1, ahead);
+    case 4: return gemv_rows_m<T, 4>(x, w, bias, out, n, k, n0, n1, ahead);
+    case 5: return gemv_rows_m<T, 5>(x, w, bias, out, n, k, n0, n1, ahead);
+    case 6: return gemv_rows_m<T, 6>(x, w, bias, out, n, k, n0, n1, ahead);
+    case 7: return gemv_rows_m<T, 7>(x, w, bias, out, n, k, n0, n1, ahead);
+    default: return gemv_rows_m<T, 8>(x, w, bias, out, n, k, n0, n1, ahead);
   }
 }
 
