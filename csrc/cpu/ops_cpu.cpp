@@ -526,7 +526,8 @@ TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
             cpu::quant_gemm_from_rows(cpu::QuantGemm::kInt8),
             cpu::quant_gemm_from_rows(cpu::QuantGemm::kGgmlSuper),
             cpu::quant_gemm_from_rows(cpu::QuantGemm::kGgmlBlock32),
-            t.prefetch_on_huge_pages ? 1 : 0};
+            t.prefetch_on_huge_pages ? 1 : 0,
+            t.int4_prefetch_into_l2 ? 1 : 0};
   });
   // From how many activation rows a bf16 dense linear runs the AMX GEMM (cpu::amx_bf16_from_rows), 0 where it never
   // does (no AMX, or a lower ISA level in effect).

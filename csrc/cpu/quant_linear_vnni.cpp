@@ -142,6 +142,7 @@ void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const flo
   const int64_t k = w.k, halves = k / 32;
   const uint8_t* q = static_cast<const uint8_t*>(w.q);
   const int64_t ahead = tuning().prefetch_bytes;
+  const bool into_l2 = tuning().int4_prefetch_into_l2;
   __m512 off[R][M];
   row_scales<R, M>(w, xsum, row, sc, off);
   const __m512i nibble = _mm512_set1_epi16(0x0f);
@@ -157,7 +158,10 @@ void block(const QuantWeight& w, const int16_t* xp, const float* xsum, const flo
           _mm512_insertf32x8(_mm512_set1_ps(sc[r * halves + c / 32]), _mm256_set1_ps(sc[r * halves + c / 32 + 1]), 1);
     for (int r = 0; r < R; ++r) {
       const uint8_t* qc = q + (row + r) * (k / 2) + c / 2;
-      _mm_prefetch(reinterpret_cast<const char*>(qc + ahead), _MM_HINT_T0);
+      if (into_l2)
+        _mm_prefetch(reinterpret_cast<const char*>(qc + ahead), _MM_HINT_T1);
+      else
+        _mm_prefetch(reinterpret_cast<const char*>(qc + ahead), _MM_HINT_T0);
       const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc)));
       const __m512i wl = _mm512_and_si512(b, nibble);
       const __m512i wh = _mm512_srli_epi16(b, 4);

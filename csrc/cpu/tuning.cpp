@@ -78,6 +78,9 @@ Tuning measure() {
   t.prefetch_on_huge_pages = intel_cpu();
   if (const char* env = std::getenv("LLAMA_FAST_HUGE_PAGE_PREFETCH"); env != nullptr && *env != '\0')
     t.prefetch_on_huge_pages = std::strtoll(env, nullptr, 10) != 0;
+  t.int4_prefetch_into_l2 = !intel_cpu();
+  if (const char* env = std::getenv("LLAMA_FAST_INT4_PREFETCH_L2"); env != nullptr && *env != '\0')
+    t.int4_prefetch_into_l2 = std::strtoll(env, nullptr, 10) != 0;
   return t;
 }
 

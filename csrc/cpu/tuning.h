@@ -27,6 +27,12 @@ struct Tuning {
   // against 30-34). Chosen by CPU vendor, true on Intel, false elsewhere, from those two measurements.
   // LLAMA_FAST_HUGE_PAGE_PREFETCH=0 / 1 overrides it.
   bool prefetch_on_huge_pages;
+  // Whether the int4 VNNI GEMV (quant_linear_vnni.cpp) prefetches its weight stream into L2 instead of L1. On the AMD
+  // Zen 4 guest into L2 was faster (SmolLM2 int4 decode, 2 threads, runs alternated: batch 1 149-185 -> 180-188
+  // tok/s, batch 4 249-283 -> 294-315): a line fetched into L1 holds one of its few fill buffers until it is read.
+  // The Intel Xeons' measurements were made with L1 (2, 8 and 16 KiB ahead alike), so there it stays: chosen by CPU
+  // vendor, false on Intel, true elsewhere. LLAMA_FAST_INT4_PREFETCH_L2=0 / 1 overrides it.
+  bool int4_prefetch_into_l2;
 };
 
 // Read once (sysfs / sysconf), then fixed for the process.

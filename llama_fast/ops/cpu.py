@@ -83,15 +83,16 @@ def set_isa(name: str = "") -> str:
 def tuning() -> dict:
     """The CPU kernels' machine-dependent choices, made at run time from this CPU's caches (csrc/cpu/tuning.h):
     the cache sizes they were derived from, the weight streams' software prefetch distance in bytes and whether the
-    dense GEMVs prefetch weights on huge pages too (by CPU vendor, tuning.h); and from
+    dense GEMVs prefetch weights on huge pages too and whether the int4 GEMV prefetches into L2 (by CPU vendor,
+    tuning.h); and from
     how many activation rows the quantized linears run the prefill GEMM instead of their GEMV kernels, at the
     instruction set in effect (int4, int8, ggml K-quant super-blocks, ggml blocks of 32); and from how many rows a
     bf16 dense linear runs the AMX GEMM, and the quantized ones the exact quantized AMX GEMM (0: never, no AMX or a
     lower instruction set in effect)."""
     (l1d, l2, l3, prefetch, int4_rows, int8_rows, super_rows, block32_rows,
-     huge_page_prefetch) = torch.ops.llama_fast.cpu_tuning()
+     huge_page_prefetch, int4_prefetch_l2) = torch.ops.llama_fast.cpu_tuning()
     return {"l1d_bytes": l1d, "l2_bytes": l2, "l3_bytes": l3, "prefetch_bytes": prefetch,
-            "prefetch_on_huge_pages": bool(huge_page_prefetch),
+            "prefetch_on_huge_pages": bool(huge_page_prefetch), "int4_prefetch_into_l2": bool(int4_prefetch_l2),
             "gemm_from_rows": {"int4": int4_rows, "int8": int8_rows, "ggml_super_blocks": super_rows,
                                "ggml_blocks_of_32": block32_rows},
             "amx_bf16_from_rows": torch.ops.llama_fast.cpu_amx_bf16_rows(),

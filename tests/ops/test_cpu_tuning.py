@@ -157,3 +157,38 @@ def test_huge_page_prefetch_follows_the_vendor_or_the_override(value):
         assert t["prefetch_on_huge_pages"] == (value == "1")
     # a registered huge-page buffer gets the distance only where the choice says so
     assert out["on_huge"] == (t["prefetch_bytes"] if t["prefetch_on_huge_pages"] else 0)
+
+
+_INT4_PREFETCH = """
+import json, torch
+from llama_fast.ops import cpu
+g = torch.Generator().manual_seed(0)
+q = torch.randint(0, 256, (300, 288), generator=g, dtype=torch.uint8)
+scale = torch.rand(300, 18, generator=g).half() * 0.01
+offset = -torch.rand(300, 18, generator=g).half() * 0.01
+x = torch.randn(3, 576, generator=g)
+y = torch.ops.llama_fast.quant_linear(x, q, scale, offset, 4, 32, None)
+print(json.dumps({"tuning": cpu.tuning(), "y": y.flatten().tolist()}))
+"""
+
+
+def test_int4_prefetch_level_follows_the_vendor_or_the_override():
+    """Where the int4 GEMV prefetches (L1 on Intel, L2 elsewhere; LLAMA_FAST_INT4_PREFETCH_L2 overrides) changes
+    its speed only: both choices give the same bits."""
+    import json
+    outs = {}
+    for value in (None, "0", "1"):
+        env = dict(os.environ)
+        env.pop("LLAMA_FAST_INT4_PREFETCH_L2", None)
+        if value is not None:
+            env["LLAMA_FAST_INT4_PREFETCH_L2"] = value
+        r = subprocess.run([sys.executable, "-c", _INT4_PREFETCH], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[value] = json.loads(r.stdout.strip().splitlines()[-1])
+    with open("/proc/cpuinfo") as f:
+        intel = "GenuineIntel" in f.read()
+    assert outs[None]["tuning"]["int4_prefetch_into_l2"] == (not intel)
+    assert outs["0"]["tuning"]["int4_prefetch_into_l2"] is False
+    assert outs["1"]["tuning"]["int4_prefetch_into_l2"] is True
+    assert outs["0"]["y"] == outs["1"]["y"] == outs[None]["y"]
