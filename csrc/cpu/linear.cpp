@@ -4,9 +4,9 @@
 // (sequential streams for the prefetcher): one range per thread for the GEMVs, ~64 KiB chunks for the tiled kernel. For
 // a few rows (memory bound) the GEMV kernels below keep all rows' accumulators of a few weight rows in registers; bf16
 // weights with bf16 activations use AVX512-BF16 dot products (vdpbf16ps, exact products, fp32 sums) where the CPU has
-// them. More rows (a batched decode step: compute bound) go to the register-tiled multi-row kernel of cpu/row_tiles.h,
-// on fp32 activations (bf16 widened once per call, weights widened per block of rows: exact, like vdpbf16ps's
-// products).
+// them, up to kDpbf16GemvRows rows. More rows (a batched decode step: compute bound) go to the register-tiled multi-row
+// kernel of cpu/row_tiles.h, on fp32 activations (bf16 widened once per call, weights widened per block of rows: exact,
+// like vdpbf16ps's products).
 #ifndef LF_ISA
 #include "cpu/gemm_amx.h"
 #include "cpu/kernels.h"
