@@ -96,6 +96,32 @@ namespace cpu {
 namespace LF_ISA {
 
 #if LF_ISA_LEVEL == 2
+// Lane j: _mm512_reduce_add_ps(v[j]) for j < M, bit for bit. A row of the GEMV below ends in M horizontal sums, which
+// one at a time cost as many instructions as its dot products at 16 rows (K = 576); here four rounds pair up the
+// vectors, each round adding the lanes the reduction adds at that step (lane i + lane i + 8, then + 4, + 2, + 1: GCC's
+// order), never lanes of two vectors, so each sum is the same; vectors past M are zeros that stay in their own lanes.
+// After the rounds, lane 4L + e holds v[4e + L]'s sum; one permute puts v[j]'s at lane j.
+template <int M>
+inline VecF lane_sums_as_reduce_add(const __m512* v) {
+  static_assert(M >= 1 && M <= 16, "16 lanes");
+  __m512 a[16];
+  for (int j = 0; j < 16; ++j) a[j] = j < M ? v[j] : _mm512_setzero_ps();
+  __m512 u[8], w[4], x[2];
+  for (int p = 0; p < 8; ++p)  // [A0 + A2 | A1 + A3 | B0 + B2 | B1 + B3] in 128-bit quarters: i + 8
+    u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int p = 0; p < 4; ++p)  // quarter q: one vector's 4 lanes i + 4
+    w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * p], u[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u[2 * p], u[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int p = 0; p < 2; ++p)  // i + 2
+    x[p] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * p], w[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(w[2 * p], w[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 y = _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),  // i + 1
+                                 _mm512_shuffle_ps(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i lane_of = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return VecF(_mm512_permutexvar_ps(lane_of, y));
+}
+
 // bf16 x bf16 with vdpbf16ps: 32 products per instruction, fp32 accumulation. One weight row against M activation
 // rows: each activation vector is an operand of its dot product straight from L1 (no registers held for them, so M
 // up to 16 keeps its 16 accumulators in registers).
@@ -111,6 +137,14 @@ void gemv_row_dpbf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias,
     const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + kk);
     for (int mm = 0; mm < M; ++mm)
       acc[mm] = _mm512_dpbf16_ps(acc[mm], wv, (__m512bh)_mm512_loadu_si512(x + mm * k + kk));
+  }
+  if (kk == k) {  // the usual case: all M sums at once, the bias, the rounding, then M scalar stores
+    alignas(64) uint16_t rounded[16];
+    VecF sums = lane_sums_as_reduce_add<M>(acc);
+    if (bias != nullptr) sums = sums + VecF::set1(to_f32(bias[row]));
+    sums.store(rounded);  // round to nearest even, as from_f32<uint16_t>
+    for (int mm = 0; mm < M; ++mm) out[mm * n + row] = rounded[mm];
+    return;
   }
   for (int mm = 0; mm < M; ++mm) {
     float s = _mm512_reduce_add_ps(acc[mm]);

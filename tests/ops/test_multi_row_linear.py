@@ -36,6 +36,25 @@ def test_dense_rows_match_reference(backend, m, n, k, dtype, bias, matches_refer
     matches_reference(out, want, torch.nn.functional.linear(x, w, b))
 
 
+@pytest.mark.parametrize("k", [576, 1536, 600])    # whole 32-element steps (the sums of all rows at once), a tail
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_dot_product_gemv_rows_do_not_depend_on_the_batch(k, bias):
+    """On AVX512-BF16 (without AMX) up to 16 bf16 rows run the vdpbf16ps GEMV, which finishes all rows' sums of a
+    weight row together in lanes: each must equal the row computed alone, bit for bit (the same dot products, the
+    same lane pairing as one horizontal sum), with any scale of rows next to it."""
+    pytest.importorskip("llama_fast._C")
+    from llama_fast.ops import cpu
+    if cpu.set_isa("") != "avx512_bf16" or torch.ops.llama_fast.cpu_amx_bf16_rows() > 0:
+        pytest.skip("the vdpbf16ps GEMV runs on AVX512-BF16 CPUs without AMX")
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randn(16, k, generator=g) * torch.logspace(-4, 4, 16)[:, None]).bfloat16()
+    w = torch.randn(77, k, generator=g).bfloat16()
+    b = torch.randn(77, generator=g).bfloat16() if bias else None
+    alone = torch.cat([torch.ops.llama_fast.cpu_linear(x[i:i + 1], w, b) for i in range(16)])
+    for m in range(1, 17):
+        assert torch.equal(torch.ops.llama_fast.cpu_linear(x[:m], w, b), alone[:m]), m
+
+
 # int4 groups of 32 (Q4_1-like) and 64, Q4_0-like symmetric, int8 (Q8_0-like), and a group size the vector
 # dequantization does not tile (the scalar path, natural element order).
 FORMATS = [(4, 32, False), (4, 64, False), (4, 32, True), (8, 32, True), (4, 8, False)]
