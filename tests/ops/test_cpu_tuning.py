@@ -136,18 +136,24 @@ print(json.dumps({"tuning": cpu.tuning(), "on_huge": torch.ops.llama_fast.cpu_de
 """
 
 
-@pytest.mark.parametrize("value", [None, "0", "1"])
-def test_huge_page_prefetch_follows_the_vendor_or_the_override(value):
+def _json_of_script(script: str, variable: str, value: str | None, unset=()) -> dict:
+    """The last stdout line (JSON) of `script` run in a fresh interpreter with the environment variable `variable`
+    set to `value` (None: unset), the variables in `unset` unset."""
     import json
     env = dict(os.environ)
-    env.pop("LLAMA_FAST_HUGE_PAGE_PREFETCH", None)
-    env.pop("LLAMA_FAST_PREFETCH_BYTES", None)
+    for name in (variable, *unset):
+        env.pop(name, None)
     if value is not None:
-        env["LLAMA_FAST_HUGE_PAGE_PREFETCH"] = value
-    r = subprocess.run([sys.executable, "-c", _HUGE_PAGE_PREFETCH], env=env, capture_output=True, text=True,
-                       timeout=300)
+        env[variable] = value
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("value", [None, "0", "1"])
+def test_huge_page_prefetch_follows_the_vendor_or_the_override(value):
+    out = _json_of_script(_HUGE_PAGE_PREFETCH, "LLAMA_FAST_HUGE_PAGE_PREFETCH", value,
+                          unset=("LLAMA_FAST_PREFETCH_BYTES",))
     t = out["tuning"]
     if value is None:
         with open("/proc/cpuinfo") as f:
@@ -175,17 +181,7 @@ print(json.dumps({"tuning": cpu.tuning(), "y": y.flatten().tolist()}))
 def test_int4_prefetch_level_follows_the_vendor_or_the_override():
     """Where the int4 GEMV prefetches (L1 on Intel, L2 elsewhere; LLAMA_FAST_INT4_PREFETCH_L2 overrides) changes
     its speed only: both choices give the same bits."""
-    import json
-    outs = {}
-    for value in (None, "0", "1"):
-        env = dict(os.environ)
-        env.pop("LLAMA_FAST_INT4_PREFETCH_L2", None)
-        if value is not None:
-            env["LLAMA_FAST_INT4_PREFETCH_L2"] = value
-        r = subprocess.run([sys.executable, "-c", _INT4_PREFETCH], env=env, capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        outs[value] = json.loads(r.stdout.strip().splitlines()[-1])
+    outs = {value: _json_of_script(_INT4_PREFETCH, "LLAMA_FAST_INT4_PREFETCH_L2", value) for value in (None, "0", "1")}
     with open("/proc/cpuinfo") as f:
         intel = "GenuineIntel" in f.read()
     assert outs[None]["tuning"]["int4_prefetch_into_l2"] == (not intel)
