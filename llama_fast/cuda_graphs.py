@@ -24,6 +24,7 @@ import weakref
 import torch
 
 from llama_fast import _native, weights_version
+from llama_fast.ops import cpu as _cpu_ops
 
 MIN_CAPACITY = 256
 
@@ -114,13 +115,10 @@ def greedy_choice(scores: torch.Tensor) -> torch.Tensor:
     goes element by element (~1 ms for 8 rows of a 49K vocabulary, Zen 4) and, over several rows, forks ATen's
     OpenMP team, whose threads then spin on the cores the next decode step needs. Elsewhere max().indices
     (the same index as argmax, ~3x faster)."""
-    if scores.device.type == "cpu" and scores.dim() == 2 and scores.dtype in _ARGMAX_KERNEL_DTYPES \
+    if scores.device.type == "cpu" and scores.dim() == 2 and scores.dtype in _cpu_ops.DTYPES \
             and _native.extension() is not None:
         return torch.ops.llama_fast.cpu_argmax(scores)
     return scores.max(dim=-1).indices
-
-
-_ARGMAX_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _backends(model) -> tuple:

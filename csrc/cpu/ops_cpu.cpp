@@ -493,11 +493,11 @@ std::string set_isa(const std::string& name) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llama_fast, m) {
-  // Dense x @ weight^T (+ bias): GEMV kernels for decode-sized batches (<= 8 rows), GEMM beyond.
+  // Dense x @ weight^T (+ bias): the decode kernels up to cpu_max_gemv_rows() rows, the prefill GEMM beyond.
   m.def("cpu_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  // The most activation rows the GEMV kernels (and so a CPU decode step) take: cpu::kMaxGemvRows.
   // Greedy decoding's choice: torch.argmax(scores, -1) for scores [B, V] fp32 / bf16, without ATen's OpenMP team.
   m.def("cpu_argmax(Tensor scores) -> Tensor");
+  // The most activation rows the GEMV kernels (and so a CPU decode step) take: cpu::kMaxGemvRows.
   m.def("cpu_max_gemv_rows() -> int", []() -> int64_t { return cpu::kMaxGemvRows; });
   // attention / store_kv_ over a KV cache of any kv_cache_dtype: k/v caches fp32, bf16, fp16, or int8 with
   // fp32 scales [B, S, Hkv] (llama_fast.cache.StaticCache; the reference: llama_fast/ops/reference.py).
